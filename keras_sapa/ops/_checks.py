@@ -1,0 +1,151 @@
+"""Argument and shape checks shared by the ops and the layer.
+
+Every check raises ``ValueError`` naming the argument and the value received, in the
+style of Keras's own layers. Shape checks run on static shapes (Python ints or
+``None``); dimensions that are unknown at trace time are checked at run time by
+:func:`runtime_shape_asserts`.
+"""
+
+IMPLEMENTATIONS = ("auto", "patches", "xla", "compiled")
+
+
+def check_kernel_size(kernel_size):
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
+        try:
+            as_int = int(kernel_size)
+        except (TypeError, ValueError):
+            as_int = None
+        if as_int is None or as_int != kernel_size or isinstance(kernel_size, bool):
+            raise ValueError(
+                "`kernel_size` must be a positive odd integer. "
+                f"Received: kernel_size={kernel_size!r}"
+            )
+        kernel_size = as_int
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(
+            "`kernel_size` must be a positive odd integer. "
+            f"Received: kernel_size={kernel_size}"
+        )
+    return kernel_size
+
+
+def check_up_factor(up_factor):
+    if isinstance(up_factor, bool) or not isinstance(up_factor, int):
+        try:
+            as_int = int(up_factor)
+        except (TypeError, ValueError):
+            as_int = None
+        if as_int is None or as_int != up_factor or isinstance(up_factor, bool):
+            raise ValueError(
+                "`up_factor` must be an integer >= 1. "
+                f"Received: up_factor={up_factor!r}"
+            )
+        up_factor = as_int
+    if up_factor < 1:
+        raise ValueError(
+            f"`up_factor` must be an integer >= 1. Received: up_factor={up_factor}"
+        )
+    return up_factor
+
+
+def check_implementation(implementation):
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"`implementation` must be one of {IMPLEMENTATIONS}. "
+            f"Received: implementation={implementation!r}"
+        )
+    return implementation
+
+
+def _dims(shape):
+    """Static shape as a tuple of ints/None, or None when the rank is unknown."""
+    if shape is None:
+        return None
+    try:
+        dims = tuple(shape)
+    except (TypeError, ValueError):  # tf.TensorShape of unknown rank
+        return None
+    return tuple(None if d is None else int(d) for d in dims)
+
+
+def check_rank4(name, shape):
+    dims = _dims(shape)
+    if dims is not None and len(dims) != 4:
+        raise ValueError(
+            f"`{name}` must be a rank-4 tensor (batch, height, width, channels). "
+            f"Received: {name}.shape={dims}"
+        )
+    return dims
+
+
+def _mismatch(what, expected, got):
+    return expected is not None and got is not None and expected != got
+
+
+def check_pair(high_name, high_shape, low_name, low_shape, up_factor, last_dim=None):
+    """Checks a (high-resolution, low-resolution) pair of channels-last shapes.
+
+    The high-resolution spatial size must be exactly ``up_factor`` times the low one
+    and the batch sizes must agree. With ``last_dim`` (``"equal"``), the channel counts
+    must agree as well (the query and key of the similarity).
+    """
+    high = check_rank4(high_name, high_shape)
+    low = check_rank4(low_name, low_shape)
+    if high is None or low is None:
+        return
+    if _mismatch("batch", high[0], low[0]):
+        raise ValueError(
+            f"`{high_name}` and `{low_name}` must have the same batch size. "
+            f"Received: {high_name}.shape={high}, {low_name}.shape={low}"
+        )
+    for axis, axis_name in ((1, "height"), (2, "width")):
+        if low[axis] is not None and high[axis] is not None:
+            if high[axis] != up_factor * low[axis]:
+                raise ValueError(
+                    f"The {axis_name} of `{high_name}` must be exactly up_factor={up_factor} "
+                    f"times the {axis_name} of `{low_name}` "
+                    f"(expected {up_factor * low[axis]}, no cropping or resizing is done). "
+                    f"Received: {high_name}.shape={high}, {low_name}.shape={low}"
+                )
+    if last_dim == "equal" and _mismatch("channels", high[3], low[3]):
+        raise ValueError(
+            f"`{high_name}` and `{low_name}` must have the same number of channels. "
+            f"Received: {high_name}.shape={high}, {low_name}.shape={low}"
+        )
+
+
+def check_weights_channels(weights_shape, kernel_size):
+    dims = _dims(weights_shape)
+    if dims is not None and dims[3] is not None and dims[3] != kernel_size * kernel_size:
+        raise ValueError(
+            f"`weights` must have kernel_size**2={kernel_size * kernel_size} channels "
+            f"for kernel_size={kernel_size}. Received: weights.shape={dims}"
+        )
+
+
+def runtime_shape_asserts(high, high_name, low, low_name, up_factor):
+    """Graph-mode assertions for dimensions unknown at trace time.
+
+    Returns a list of assert ops (empty when everything was checked statically).
+    They raise ``InvalidArgumentError`` with a message naming both arguments.
+    """
+    import tensorflow as tf
+
+    hs, ls = high.shape, low.shape
+    static_ok = all(d is not None for d in list(hs[:3]) + list(ls[:3]))
+    if static_ok:
+        return []
+    high_shape = tf.shape(high)
+    low_shape = tf.shape(low)
+    msg = (
+        f"`{high_name}` must have the batch size of `{low_name}` and exactly "
+        f"up_factor={up_factor} times its height and width"
+    )
+    expected = tf.stack(
+        [low_shape[0], low_shape[1] * up_factor, low_shape[2] * up_factor]
+    )
+    return [
+        tf.debugging.assert_equal(
+            high_shape[:3], expected, message=msg, summarize=4
+        )
+    ]

@@ -1,0 +1,101 @@
+"""Pure TensorFlow formulations of SAPA's two primitive ops.
+
+Both compute exactly the semantics of ``shared/SAPA_SPEC.md``: a K x K window of
+low-resolution points around the anchor ``(i // s, j // s)``, numbered row-major,
+zero padding outside the map. Shapes are channels last:
+
+    query  (B, sH, sW, d)   key   (B, H, W, d)   ->  similarity (B, sH, sW, K*K)
+    weights (B, sH, sW, K*K) value (B, H, W, C)  ->  aggregate  (B, sH, sW, C)
+
+``patches``: ``tf.image.extract_patches`` materialises the K*K windows of the key or
+value (K*K times their memory) and one einsum contracts them. Its gradient does not
+compile under XLA.
+
+``xla``: pads the low-resolution tensor once and takes one shifted slice per window
+offset, accumulating K*K broadcast products. Only slicing, multiplication and
+reductions: it compiles and trains under ``jit_compile=True`` (where XLA fuses the
+loop) and exports to SavedModel/TFLite with builtin ops only.
+
+The high-resolution tensors are viewed as ``(B, H, s, W, s, .)`` so that every group
+of s x s output points shares one anchor; no upsampled copy of the key is made.
+"""
+
+import tensorflow as tf
+
+
+def _split_high(t, up_factor):
+    """(B, sH, sW, C) -> (B, H, s, W, s, C), with dynamic sizes."""
+    shape = tf.shape(t)
+    s = up_factor
+    return tf.reshape(
+        t, tf.stack([shape[0], shape[1] // s, s, shape[2] // s, s, shape[3]])
+    )
+
+
+def _merge_high(t6):
+    """(B, H, s, W, s, C) -> (B, sH, sW, C)."""
+    shape = tf.shape(t6)
+    return tf.reshape(
+        t6,
+        tf.stack([shape[0], shape[1] * shape[2], shape[3] * shape[4], shape[5]]),
+    )
+
+
+def _patches(t, kernel_size):
+    """(B, H, W, C) -> (B, H, W, K*K, C), windows in row-major order, zero padded."""
+    k = kernel_size
+    patches = tf.image.extract_patches(
+        t, sizes=[1, k, k, 1], strides=[1, 1, 1, 1], rates=[1, 1, 1, 1], padding="SAME"
+    )
+    shape = tf.shape(t)
+    # extract_patches orders each patch as (row, column, channel).
+    return tf.reshape(
+        patches, tf.stack([shape[0], shape[1], shape[2], k * k, shape[3]])
+    )
+
+
+def similarity_patches(query, key, kernel_size, up_factor):
+    q6 = _split_high(query, up_factor)
+    windows = _patches(key, kernel_size)
+    sim = tf.einsum("bhiwjd,bhwnd->bhiwjn", q6, windows)
+    return _merge_high(sim)
+
+
+def aggregate_patches(weights, value, kernel_size, up_factor):
+    w6 = _split_high(weights, up_factor)
+    windows = _patches(value, kernel_size)
+    out = tf.einsum("bhiwjn,bhwnc->bhiwjc", w6, windows)
+    return _merge_high(out)
+
+
+def _shifted_windows(t, kernel_size):
+    """Yields (n, window_n) with window_n[b, p, q] = t[b, p + a, q + b'] (zero outside)
+    for the offsets (a, b') in row-major order, n = (a + r) * K + (b' + r)."""
+    r = kernel_size // 2
+    shape = tf.shape(t)
+    height, width = shape[1], shape[2]
+    padded = tf.pad(t, [[0, 0], [r, r], [r, r], [0, 0]])
+    for row in range(kernel_size):
+        for col in range(kernel_size):
+            yield row * kernel_size + col, padded[
+                :, row : row + height, col : col + width, :
+            ]
+
+
+def similarity_xla(query, key, kernel_size, up_factor):
+    q6 = _split_high(query, up_factor)
+    columns = []
+    for _, window in _shifted_windows(key, kernel_size):
+        columns.append(
+            tf.reduce_sum(q6 * window[:, :, None, :, None, :], axis=-1)
+        )
+    return _merge_high(tf.stack(columns, axis=-1))
+
+
+def aggregate_xla(weights, value, kernel_size, up_factor):
+    w6 = _split_high(weights, up_factor)
+    out = None
+    for n, window in _shifted_windows(value, kernel_size):
+        term = w6[..., n : n + 1] * window[:, :, None, :, None, :]
+        out = term if out is None else out + term
+    return _merge_high(out)

@@ -1,0 +1,137 @@
+"""Independent NumPy reference of SAPA, written with plain loops from the spec.
+
+Nothing here is vectorised the way the package is: every output point walks its
+K x K window explicitly, computing in float64. Slow, so tests keep shapes small.
+"""
+
+import numpy as np
+
+LN_EPS = 1e-5
+
+
+def similarity(query, key, kernel_size, up_factor):
+    q = np.asarray(query, np.float64)
+    k = np.asarray(key, np.float64)
+    batch, height, width, _ = k.shape
+    s, r = up_factor, kernel_size // 2
+    out = np.zeros(q.shape[:3] + (kernel_size * kernel_size,))
+    for b in range(batch):
+        for i in range(s * height):
+            for j in range(s * width):
+                for a in range(-r, r + 1):
+                    for c in range(-r, r + 1):
+                        n = (a + r) * kernel_size + (c + r)
+                        p, t = i // s + a, j // s + c
+                        if 0 <= p < height and 0 <= t < width:
+                            out[b, i, j, n] = np.dot(q[b, i, j], k[b, p, t])
+    return out
+
+
+def aggregate(weights, value, kernel_size, up_factor):
+    w = np.asarray(weights, np.float64)
+    v = np.asarray(value, np.float64)
+    batch, height, width, channels = v.shape
+    s, r = up_factor, kernel_size // 2
+    out = np.zeros(w.shape[:3] + (channels,))
+    for b in range(batch):
+        for i in range(s * height):
+            for j in range(s * width):
+                acc = np.zeros(channels)
+                for a in range(-r, r + 1):
+                    for c in range(-r, r + 1):
+                        n = (a + r) * kernel_size + (c + r)
+                        p, t = i // s + a, j // s + c
+                        if 0 <= p < height and 0 <= t < width:
+                            acc += w[b, i, j, n] * v[b, p, t]
+                out[b, i, j] = acc
+    return out
+
+
+def softmax(logits):
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def sapa(query, key, value, kernel_size, up_factor):
+    weights = softmax(similarity(query, key, kernel_size, up_factor))
+    return aggregate(weights, value, kernel_size, up_factor)
+
+
+def layer_norm(t, gamma, beta, eps=LN_EPS):
+    t = np.asarray(t, np.float64)
+    mean = t.mean(axis=-1, keepdims=True)
+    var = ((t - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (t - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def group_norm(t, groups, gamma, beta, eps=LN_EPS):
+    """GroupNorm over channels-last ``t``: statistics per sample and group of
+    consecutive channels, over all spatial positions (torch.nn.GroupNorm)."""
+    t = np.asarray(t, np.float64)
+    out = np.empty_like(t)
+    channels = t.shape[-1]
+    per = channels // groups
+    for b in range(t.shape[0]):
+        for g in range(groups):
+            block = t[b, :, :, g * per : (g + 1) * per]
+            mean = block.mean()
+            var = ((block - mean) ** 2).mean()
+            out[b, :, :, g * per : (g + 1) * per] = (block - mean) / np.sqrt(var + eps)
+    return out * gamma + beta
+
+
+def dense(t, kernel, bias=None):
+    out = np.asarray(t, np.float64) @ np.asarray(kernel, np.float64)
+    return out if bias is None else out + bias
+
+
+def nearest_up(t, s):
+    t = np.asarray(t, np.float64)
+    out = np.empty((t.shape[0], t.shape[1] * s, t.shape[2] * s, t.shape[3]))
+    for i in range(out.shape[1]):
+        for j in range(out.shape[2]):
+            out[:, i, j] = t[:, i // s, j // s]
+    return out
+
+
+def sigmoid(t):
+    return 1.0 / (1.0 + np.exp(-np.asarray(t, np.float64)))
+
+
+def sapa_layer(x, y, params, variant, kernel_size, up_factor, norm="layer", groups=32,
+               value_projection=False):
+    """The SAPA module of the spec on channels-last ``x`` (low-res) and ``y`` (guide).
+
+    ``params`` maps official parameter names (``norm_x.weight``, ``q.weight`` with
+    the Keras (in, out) layout, ...) to arrays; biases may be absent.
+    """
+    def lin(name, t):
+        return dense(t, params[f"{name}.weight"], params.get(f"{name}.bias"))
+
+    def nrm(name, t):
+        if norm is None:
+            return np.asarray(t, np.float64)
+        gamma, beta = params[f"{name}.weight"], params[f"{name}.bias"]
+        if norm == "layer":
+            return layer_norm(t, gamma, beta)
+        return group_norm(t, groups, gamma, beta)
+
+    s = up_factor
+    x_n, y_n = nrm("norm_x", x), nrm("norm_y", y)
+    if variant == "identity":
+        q, k = y_n, x_n
+    else:
+        k = lin("k", x_n)
+        if variant == "bilinear":
+            q = lin("q", y_n)
+        elif variant == "gated":
+            g = nearest_up(sigmoid(lin("gate", x_n)), s)
+            q = g * lin("qy", y_n) + (1 - g) * lin("qx", nearest_up(x, s))
+        elif variant == "concat":
+            q = lin("q", np.concatenate([y_n, nearest_up(x, s)], axis=-1))
+        else:
+            raise ValueError(variant)
+    v = lin("v", x_n) if value_projection else np.asarray(x, np.float64)
+    return sapa(q, k, v, kernel_size, up_factor)
