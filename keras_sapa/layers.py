@@ -1,0 +1,311 @@
+"""The SAPA layer: similarity-aware point affiliation upsampling (Lu et al., 2022)."""
+
+import keras
+import tensorflow as tf
+
+from keras_sapa import ops as sapa_ops
+from keras_sapa.ops import _checks
+
+VARIANTS = ("identity", "bilinear", "gated", "concat")
+NORMS = ("layer", "group", None)
+# PyTorch's LayerNorm/GroupNorm default; Keras's 1e-3 would break parity with
+# checkpoints trained with the official code.
+NORM_EPSILON = 1e-5
+
+
+def _default_kernel_initializer():
+    return keras.initializers.TruncatedNormal(stddev=0.02)
+
+
+def _nearest_up(t, up_factor):
+    """Nearest-neighbour upsampling by an integer factor, channels last."""
+    if up_factor == 1:
+        return t
+    shape = tf.shape(t)
+    t6 = tf.broadcast_to(
+        t[:, :, None, :, None, :],
+        tf.stack([shape[0], shape[1], up_factor, shape[2], up_factor, shape[3]]),
+    )
+    return tf.reshape(
+        t6,
+        tf.stack([shape[0], shape[1] * up_factor, shape[2] * up_factor, shape[3]]),
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_sapa")
+class SAPA(keras.layers.Layer):
+    """Similarity-Aware Point Affiliation upsampling.
+
+    Upsamples a low-resolution decoder feature ``x`` by ``up_factor``, guided by a
+    high-resolution encoder feature ``guide``: every output point is a softmax-weighted
+    mix of the ``kernel_size x kernel_size`` points of ``x`` around it, the weights
+    being the similarity between the guide point (query) and those points (keys).
+    Semantics, parameter names and initialisation follow the official PyTorch module
+    (see ``shared/SAPA_SPEC.md``), so a model gives the same numbers with the same
+    weights.
+
+    Call it as ``layer(x, guide)``:
+
+    - ``x``: ``(B, H, W, Cx)`` (or ``(B, Cx, H, W)`` with ``channels_first``).
+    - ``guide``: ``(B, up_factor*H, up_factor*W, Cy)``; any other spatial size is an
+      error (no silent crop or resize).
+    - returns ``(B, up_factor*H, up_factor*W, output_dim or Cx)``.
+
+    Args:
+        up_factor: integer upsampling factor ``s >= 1``.
+        kernel_size: odd window size ``K`` over the low-resolution map.
+        embedding_dim: width ``d`` of query and key (unused by ``"identity"``).
+        variant: ``"identity"`` (SAPA-I: normalised features compared directly; needs
+            ``Cx == Cy``), ``"bilinear"`` (SAPA-B: ``Dense_q(norm(guide))`` against
+            ``Dense_k(norm(x))``), ``"gated"`` (SAPA-G: the query mixes the guide and
+            the upsampled raw ``x`` through a learned sigmoid gate) or ``"concat"``
+            (the official ablation: ``Dense_q`` of the concatenated guide and
+            upsampled ``x``).
+        norm: ``"layer"`` (LayerNorm over channels, epsilon 1e-5, the NeurIPS code),
+            ``"group"`` (GroupNorm, the extended code) or ``None``.
+        norm_groups: number of groups for ``norm="group"``; must divide both
+            channel counts.
+        use_bias: whether the projections have biases (official ``qkv_bias``).
+        output_dim: output channels; when set and different from ``Cx``, a value
+            projection ``Dense_v(norm(x))`` is added.
+        value_projection: add the value projection even when ``output_dim`` is
+            ``None`` or equals ``Cx`` (official ``v_embed``).
+        data_format: ``"channels_last"``, ``"channels_first"`` or ``None`` (Keras's
+            ``image_data_format``). With ``channels_first`` inputs and output are NCHW.
+        implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``; see
+            :mod:`keras_sapa.ops`. ``"auto"`` picks the compiled op when it is built,
+            and the XLA formulation inside ``jit_compile=True``.
+        kernel_initializer: initialiser of the projection kernels (official: truncated
+            normal, stddev 0.02).
+        bias_initializer: initialiser of the projection biases (official: zeros).
+        **kwargs: base ``keras.layers.Layer`` arguments (``name``, ``dtype``, ...).
+
+    Weights are sublayers named after the official parameters: ``norm_x``,
+    ``norm_y``, ``q``, ``k`` (bilinear, concat), ``qy``, ``qx``, ``gate`` (gated),
+    ``v`` (value projection).
+    """
+
+    def __init__(
+        self,
+        up_factor=2,
+        kernel_size=5,
+        embedding_dim=64,
+        variant="bilinear",
+        norm="layer",
+        norm_groups=32,
+        use_bias=True,
+        output_dim=None,
+        value_projection=False,
+        data_format=None,
+        implementation="auto",
+        kernel_initializer=None,
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if keras.backend.backend() != "tensorflow":
+            raise ValueError(
+                "keras_sapa.SAPA needs the TensorFlow backend of Keras. "
+                f"Received: keras.backend.backend()={keras.backend.backend()!r}"
+            )
+        self.up_factor = _checks.check_up_factor(up_factor)
+        self.kernel_size = _checks.check_kernel_size(kernel_size)
+        self.embedding_dim = self._positive_int("embedding_dim", embedding_dim)
+        if variant not in VARIANTS:
+            raise ValueError(
+                f"`variant` must be one of {VARIANTS}. Received: variant={variant!r}"
+            )
+        self.variant = variant
+        if norm not in NORMS:
+            raise ValueError(f"`norm` must be one of {NORMS}. Received: norm={norm!r}")
+        self.norm = norm
+        self.norm_groups = self._positive_int("norm_groups", norm_groups)
+        self.use_bias = bool(use_bias)
+        self.output_dim = (
+            None if output_dim is None else self._positive_int("output_dim", output_dim)
+        )
+        self.value_projection = bool(value_projection)
+        if data_format is None:
+            data_format = keras.config.image_data_format()
+        if data_format not in ("channels_last", "channels_first"):
+            raise ValueError(
+                "`data_format` must be 'channels_last' or 'channels_first'. "
+                f"Received: data_format={data_format!r}"
+            )
+        self.data_format = data_format
+        self.implementation = _checks.check_implementation(implementation)
+        self.kernel_initializer = keras.initializers.get(
+            kernel_initializer
+            if kernel_initializer is not None
+            else _default_kernel_initializer()
+        )
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        for name in ("norm_x", "norm_y", "q", "k", "qy", "qx", "gate", "v"):
+            setattr(self, name, None)
+
+    @staticmethod
+    def _positive_int(name, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+        return value
+
+    # ------------------------------------------------------------------ shapes
+    def _to_channels_last(self, shape):
+        shape = tuple(shape)
+        if self.data_format == "channels_first" and len(shape) == 4:
+            return (shape[0], shape[2], shape[3], shape[1])
+        return shape
+
+    def _check_shapes(self, x_shape, guide_shape):
+        x_shape = _checks.check_rank4("x", x_shape)
+        guide_shape = _checks.check_rank4("guide", guide_shape)
+        x_shape = self._to_channels_last(x_shape)
+        guide_shape = self._to_channels_last(guide_shape)
+        _checks.check_pair("guide", guide_shape, "x", x_shape, self.up_factor)
+        cx, cy = x_shape[3], guide_shape[3]
+        if cx is None or cy is None:
+            raise ValueError(
+                "The channel dimensions of `x` and `guide` must be known. "
+                f"Received: x.shape={x_shape}, guide.shape={guide_shape} "
+                f"(data_format={self.data_format!r})"
+            )
+        if self.variant == "identity" and cx != cy:
+            raise ValueError(
+                "variant='identity' compares `x` and `guide` directly, so they need the "
+                f"same number of channels. Received: x channels={cx}, guide channels={cy}"
+            )
+        if self.norm == "group":
+            for name, c in (("x", cx), ("guide", cy)):
+                if c % self.norm_groups:
+                    raise ValueError(
+                        f"norm='group' needs norm_groups to divide the channels of `{name}`. "
+                        f"Received: norm_groups={self.norm_groups}, {name} channels={c}"
+                    )
+        return x_shape, guide_shape
+
+    def _has_value_projection(self, cx):
+        return self.value_projection or (
+            self.output_dim is not None and self.output_dim != cx
+        )
+
+    # ------------------------------------------------------------------- build
+    def _make_norm(self, name, channels, shape):
+        if self.norm is None:
+            return None
+        if self.norm == "layer":
+            layer = keras.layers.LayerNormalization(
+                axis=-1, epsilon=NORM_EPSILON, dtype=self.dtype_policy, name=name
+            )
+        else:
+            layer = keras.layers.GroupNormalization(
+                groups=self.norm_groups, axis=-1, epsilon=NORM_EPSILON,
+                dtype=self.dtype_policy, name=name,
+            )
+        layer.build(shape)
+        return layer
+
+    def _make_dense(self, name, units, in_channels):
+        layer = keras.layers.Dense(
+            units,
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            dtype=self.dtype_policy,
+            name=name,
+        )
+        layer.build((None, None, None, in_channels))
+        return layer
+
+    def build(self, x_shape, guide_shape):
+        x_shape, guide_shape = self._check_shapes(x_shape, guide_shape)
+        cx, cy = x_shape[3], guide_shape[3]
+        d = self.embedding_dim
+        self.norm_x = self._make_norm("norm_x", cx, (None, None, None, cx))
+        self.norm_y = self._make_norm("norm_y", cy, (None, None, None, cy))
+        if self.variant == "bilinear":
+            self.q = self._make_dense("q", d, cy)
+        elif self.variant == "concat":
+            self.q = self._make_dense("q", d, cy + cx)
+        elif self.variant == "gated":
+            self.qy = self._make_dense("qy", d, cy)
+            self.qx = self._make_dense("qx", d, cx)
+            self.gate = self._make_dense("gate", 1, cx)
+        if self.variant != "identity":
+            self.k = self._make_dense("k", d, cx)
+        if self._has_value_projection(cx):
+            self.v = self._make_dense("v", self.output_dim or cx, cx)
+        self._channels = (cx, cy)
+        self.built = True
+
+    def compute_output_shape(self, x_shape, guide_shape):
+        x_shape, guide_shape = self._check_shapes(x_shape, guide_shape)
+        s = self.up_factor
+        height = guide_shape[1] if guide_shape[1] is not None else (
+            None if x_shape[1] is None else s * x_shape[1]
+        )
+        width = guide_shape[2] if guide_shape[2] is not None else (
+            None if x_shape[2] is None else s * x_shape[2]
+        )
+        batch = x_shape[0] if x_shape[0] is not None else guide_shape[0]
+        channels = self.output_dim or x_shape[3]
+        if self.data_format == "channels_first":
+            return (batch, channels, height, width)
+        return (batch, height, width, channels)
+
+    # -------------------------------------------------------------------- call
+    def call(self, x, guide):
+        if self.data_format == "channels_first":
+            x = tf.transpose(x, [0, 2, 3, 1])
+            guide = tf.transpose(guide, [0, 2, 3, 1])
+        # Static shapes are concrete in eager mode: bad sizes raise ValueError here.
+        _checks.check_pair("guide", tuple(guide.shape), "x", tuple(x.shape), self.up_factor)
+        asserts = _checks.runtime_shape_asserts(guide, "guide", x, "x", self.up_factor)
+        if asserts:
+            with tf.control_dependencies(asserts):
+                guide = tf.identity(guide)
+
+        s = self.up_factor
+        x_n = x if self.norm_x is None else self.norm_x(x)
+        y_n = guide if self.norm_y is None else self.norm_y(guide)
+        if self.variant == "identity":
+            query, key = y_n, x_n
+        else:
+            key = self.k(x_n)
+            if self.variant == "bilinear":
+                query = self.q(y_n)
+            elif self.variant == "concat":
+                # The official module concatenates the *raw* upsampled x.
+                query = self.q(tf.concat([y_n, _nearest_up(x, s)], axis=-1))
+            else:  # gated
+                gate = _nearest_up(tf.sigmoid(self.gate(x_n)), s)
+                query = gate * self.qy(y_n) + (1.0 - gate) * self.qx(_nearest_up(x, s))
+        value = x if self.v is None else self.v(x_n)
+        out = sapa_ops.sapa(
+            query, key, value, self.kernel_size, s, implementation=self.implementation
+        )
+        out = tf.cast(out, self.compute_dtype)
+        if self.data_format == "channels_first":
+            out = tf.transpose(out, [0, 3, 1, 2])
+        return out
+
+    # ------------------------------------------------------------------ config
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "up_factor": self.up_factor,
+                "kernel_size": self.kernel_size,
+                "embedding_dim": self.embedding_dim,
+                "variant": self.variant,
+                "norm": self.norm,
+                "norm_groups": self.norm_groups,
+                "use_bias": self.use_bias,
+                "output_dim": self.output_dim,
+                "value_projection": self.value_projection,
+                "data_format": self.data_format,
+                "implementation": self.implementation,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            }
+        )
+        return config
