@@ -1,0 +1,194 @@
+"""The functional ops against the NumPy loop reference, their gradients, and bad input."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import reference as ref
+from keras_sapa import ops
+
+PURE = ["patches", "xla"]
+ALL = PURE + [
+    pytest.param(
+        "compiled",
+        marks=pytest.mark.skipif(
+            not ops.compiled_available(), reason="compiled custom op library not built"
+        ),
+    )
+]
+
+
+def _inputs(rng, batch, height, width, s, d, c, dtype=np.float32):
+    query = rng.standard_normal((batch, s * height, s * width, d)).astype(dtype)
+    key = rng.standard_normal((batch, height, width, d)).astype(dtype)
+    value = rng.standard_normal((batch, height, width, c)).astype(dtype)
+    return query, key, value
+
+
+@pytest.mark.parametrize("implementation", ALL)
+@pytest.mark.parametrize(
+    "kernel_size,up_factor,height,width",
+    [(1, 1, 3, 4), (3, 2, 3, 5), (5, 2, 4, 3), (5, 3, 3, 3), (7, 2, 3, 5), (3, 4, 2, 3), (5, 1, 5, 7)],
+)
+def test_ops_match_reference(implementation, kernel_size, up_factor, height, width):
+    rng = np.random.default_rng(kernel_size * 10 + up_factor)
+    query, key, value = _inputs(rng, 2, height, width, up_factor, 4, 3)
+    expected_sim = ref.similarity(query, key, kernel_size, up_factor)
+    got_sim = ops.similarity(query, key, kernel_size, up_factor, implementation)
+    np.testing.assert_allclose(got_sim.numpy(), expected_sim, rtol=1e-5, atol=1e-5)
+
+    weights = rng.standard_normal(expected_sim.shape).astype(np.float32)
+    got_agg = ops.aggregate(weights, value, kernel_size, up_factor, implementation)
+    np.testing.assert_allclose(
+        got_agg.numpy(), ref.aggregate(weights, value, kernel_size, up_factor),
+        rtol=1e-5, atol=1e-5,
+    )
+
+    got = ops.sapa(query, key, value, kernel_size, up_factor, implementation)
+    np.testing.assert_allclose(
+        got.numpy(), ref.sapa(query, key, value, kernel_size, up_factor),
+        rtol=1e-5, atol=1e-5,
+    )
+
+
+def test_padding_enters_softmax_as_zero():
+    """At a corner, padded points take softmax mass: real weights sum below 1."""
+    query = np.ones((1, 2, 2, 1), np.float32)
+    key = np.ones((1, 1, 1, 1), np.float32)
+    value = np.ones((1, 1, 1, 1), np.float32)
+    out = ops.sapa(query, key, value, kernel_size=3, up_factor=2).numpy()
+    # One real point with logit 1 and eight padded points with logit 0.
+    expected = np.e / (np.e + 8.0)
+    np.testing.assert_allclose(out, np.full_like(out, expected), rtol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ALL)
+def test_gradients_match_numeric(implementation):
+    rng = np.random.default_rng(7)
+    query, key, value = _inputs(rng, 1, 3, 2, 2, 2, 2, dtype=np.float64)
+
+    def check(fn, args):
+        theoretical, numerical = tf.test.compute_gradient(fn, args, delta=1e-6)
+        for t, n in zip(theoretical, numerical):
+            np.testing.assert_allclose(t, n, rtol=1e-6, atol=1e-6)
+
+    check(lambda q, k: ops.similarity(q, k, 3, 2, implementation), [query, key])
+    weights = rng.standard_normal((1, 6, 4, 9))
+    check(lambda w, v: ops.aggregate(w, v, 3, 2, implementation), [weights, value])
+    check(lambda q, k, v: ops.sapa(q, k, v, 3, 2, implementation), [query, key, value])
+
+
+def test_xla_forward_and_gradient_compile():
+    rng = np.random.default_rng(3)
+    query, key, value = _inputs(rng, 2, 4, 3, 2, 4, 5)
+
+    @tf.function(jit_compile=True)
+    def step(q, k, v):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v])
+            out = ops.sapa(q, k, v, 5, 2)  # "auto" must pick a path XLA can compile
+            loss = tf.reduce_sum(out * out)
+        return out, tape.gradient(loss, [q, k, v])
+
+    out, grads = step(tf.constant(query), tf.constant(key), tf.constant(value))
+    np.testing.assert_allclose(out.numpy(), ref.sapa(query, key, value, 5, 2), rtol=1e-5, atol=1e-5)
+    eager_out, eager_grads = step.python_function(
+        tf.constant(query), tf.constant(key), tf.constant(value)
+    )
+    for g, e in zip(grads, eager_grads):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_resolves_to_xla_inside_jit_and_override_scope():
+    seen = {}
+
+    @tf.function(jit_compile=True)
+    def inside(x):
+        seen["jit"] = ops.resolve_implementation("auto")
+        return x
+
+    inside(tf.zeros(()))
+    assert seen["jit"] == "xla"
+    with ops.use_implementation("xla"):
+        assert ops.resolve_implementation("auto") == "xla"
+        assert ops.resolve_implementation("patches") == "patches"
+    assert ops.resolve_implementation("auto") in ("patches", "compiled")
+
+
+def test_float16_large_logits_no_nan():
+    rng = np.random.default_rng(0)
+    query, key, value = _inputs(rng, 1, 3, 3, 2, 8, 4)
+    # Logits around 1e6 overflow float16 if the similarity were computed in it.
+    out = ops.sapa(
+        tf.constant(query * 400, tf.float16), tf.constant(key * 400, tf.float16),
+        tf.constant(value, tf.float16), 3, 2,
+    )
+    assert out.dtype == tf.float16
+    assert np.isfinite(out.numpy()).all()
+    expected = ref.sapa(
+        query.astype(np.float16).astype(np.float64) * 400,
+        key.astype(np.float16).astype(np.float64) * 400,
+        value.astype(np.float16), 3, 2,
+    )
+    np.testing.assert_allclose(out.numpy().astype(np.float64), expected, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"kernel_size": 4}, "kernel_size=4"),
+        ({"kernel_size": 0}, "kernel_size=0"),
+        ({"kernel_size": -3}, "kernel_size=-3"),
+        ({"kernel_size": 2.5}, "kernel_size=2.5"),
+        ({"up_factor": 0}, "up_factor=0"),
+        ({"up_factor": "2"}, "up_factor='2'"),
+        ({"implementation": "cuda"}, "implementation='cuda'"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    query = tf.zeros((1, 4, 4, 2))
+    key = tf.zeros((1, 2, 2, 2))
+    with pytest.raises(ValueError, match=match):
+        ops.similarity(query, key, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "query_shape,key_shape,match",
+    [
+        ((1, 5, 4, 2), (1, 2, 2, 2), "height of `query`"),
+        ((1, 4, 3, 2), (1, 2, 2, 2), "width of `query`"),
+        ((2, 4, 4, 2), (1, 2, 2, 2), "same batch size"),
+        ((1, 4, 4, 3), (1, 2, 2, 2), "same number of channels"),
+        ((4, 4, 2), (1, 2, 2, 2), "rank-4"),
+        ((1, 4, 4, 2), (1, 2, 2, 2, 1), "rank-4"),
+    ],
+)
+def test_bad_shapes(query_shape, key_shape, match):
+    with pytest.raises(ValueError, match=match):
+        ops.similarity(tf.zeros(query_shape), tf.zeros(key_shape), 3, 2)
+
+
+def test_bad_weights_channels():
+    with pytest.raises(ValueError, match="kernel_size\\*\\*2=9"):
+        ops.aggregate(tf.zeros((1, 4, 4, 25)), tf.zeros((1, 2, 2, 3)), 3, 2)
+
+
+def test_unknown_shapes_checked_at_run_time():
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec((None, None, None, 2)), tf.TensorSpec((None, None, None, 2))
+        ]
+    )
+    def fn(q, k):
+        return ops.similarity(q, k, 3, 2)
+
+    assert fn(tf.zeros((1, 4, 6, 2)), tf.zeros((1, 2, 3, 2))).shape == (1, 4, 6, 9)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="up_factor=2"):
+        fn(tf.zeros((1, 5, 6, 2)), tf.zeros((1, 2, 3, 2)))
+
+
+def test_compiled_unavailable_raises_clearly(monkeypatch):
+    monkeypatch.setenv("KERAS_SAPA_DISABLE_COMPILED", "1")
+    assert not ops.compiled_available()
+    with pytest.raises(RuntimeError, match="compiled"):
+        ops.similarity(tf.zeros((1, 4, 4, 2)), tf.zeros((1, 2, 2, 2)), 3, 2, "compiled")
