@@ -1,20 +1,280 @@
-"""Loader and Python wrappers of the compiled SAPA custom op (see ``custom_ops/``).
+"""Loader and Python wrappers of the compiled SAPA custom ops (``custom_ops/``).
 
-Until the library is built this module reports it as unavailable.
+The library is loaded lazily, on the first call of :func:`available` (which the ops'
+dispatch makes on first use), never at import: importing ``keras_sapa`` or loading a
+model never requires it. Before loading, the TensorFlow version recorded by the build
+(``keras_sapa/_lib/build_info.json``) is compared with the running one, since a custom op
+library only works with the TensorFlow it was compiled against.
+
+A missing, stale or broken library gives exactly one ``RuntimeWarning`` and
+``available()`` is then False; :func:`unavailable_reason` says why, and the ops use a pure
+TensorFlow path (``implementation="auto"``) or raise (``implementation="compiled"``).
+
+Environment variables:
+
+- ``KERAS_SAPA_OPS_LIBRARY``: path of the CPU library to load instead of
+  ``keras_sapa/_lib/_sapa_ops.so``; its ``build_info.json`` is looked up beside it.
+- ``KERAS_SAPA_DISABLE_COMPILED=1``: never use the library (handled in
+  :mod:`keras_sapa.ops`).
+
+The GPU kernels live in a second library, ``_sapa_ops_gpu.so``, loaded after the CPU one
+when a GPU is visible. If it fails to load, one warning is given and the ops run on CPU.
+
+SavedModels: a SavedModel traced with the compiled ops contains ``KerasSapa>...`` nodes.
+To reload it, make the ops known first (``keras_sapa.ops._compiled.load_library()`` or any
+call that resolves ``implementation="compiled"``), then ``tf.saved_model.load``. For a
+portable SavedModel, export inside ``keras_sapa.ops.use_implementation("xla")``: it then
+holds builtin ops only.
 """
+
+import json
+import os
+import threading
+import warnings
+
+import tensorflow as tf
+
+ENV_LIBRARY = "KERAS_SAPA_OPS_LIBRARY"
+LIB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_lib")
+CPU_LIBRARY = "_sapa_ops.so"
+GPU_LIBRARY = "_sapa_ops_gpu.so"
+BUILD_INFO = "build_info.json"
+OP_NAMES = (
+    "KerasSapa>Similarity",
+    "KerasSapa>SimilarityGrad",
+    "KerasSapa>Aggregate",
+    "KerasSapa>AggregateGrad",
+)
+_WRAPPERS = (
+    "keras_sapa_similarity",
+    "keras_sapa_similarity_grad",
+    "keras_sapa_aggregate",
+    "keras_sapa_aggregate_grad",
+)
+
+_lock = threading.RLock()
+_state = {"tried": False, "module": None, "reason": None, "gpu": None}
+_loaded_modules = {}  # path -> module; a library is never dlopen'ed twice
+
+
+def library_path():
+    """Path of the CPU library that will be loaded."""
+    return os.environ.get(ENV_LIBRARY) or os.path.join(LIB_DIR, CPU_LIBRARY)
+
+
+def _read_build_info(lib_path):
+    info_path = os.path.join(os.path.dirname(lib_path), BUILD_INFO)
+    if not os.path.isfile(info_path):
+        return None, f"{info_path} is missing, so the TensorFlow version of the build is unknown"
+    try:
+        with open(info_path) as f:
+            info = json.load(f)
+        version = info["tensorflow_version"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, f"{info_path} is unreadable ({exc!r})"
+    return info, None if isinstance(version, str) else f"{info_path} is malformed"
+
+
+def _try_load(lib_path):
+    """Returns (module, None) or (None, reason)."""
+    if not os.path.isfile(lib_path):
+        return None, (
+            f"no library at {lib_path} (build it with `python custom_ops/build.py`)"
+        )
+    info, problem = _read_build_info(lib_path)
+    if problem:
+        return None, problem
+    if info["tensorflow_version"] != tf.__version__:
+        return None, (
+            f"the library was built for TensorFlow {info['tensorflow_version']} but "
+            f"TensorFlow {tf.__version__} is running (rebuild with "
+            "`python custom_ops/build.py`)"
+        )
+    real = os.path.realpath(lib_path)
+    if real in _loaded_modules:
+        return _loaded_modules[real], None
+    try:
+        module = tf.load_op_library(real)
+    except Exception as exc:  # noqa: BLE001 - any load failure means fall back
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        return None, f"loading {lib_path} failed: {first_line}"
+    missing = [name for name in _WRAPPERS if not hasattr(module, name)]
+    if missing:
+        return None, f"{lib_path} does not define the ops {missing}"
+    _loaded_modules[real] = module
+    return module, None
+
+
+def _try_load_gpu(lib_path):
+    gpu_path = os.path.join(os.path.dirname(lib_path), GPU_LIBRARY)
+    if not os.path.isfile(gpu_path):
+        return None
+    try:
+        if not tf.config.list_physical_devices("GPU"):
+            return None
+    except Exception:  # noqa: BLE001
+        return None
+    try:
+        tf.load_library(os.path.realpath(gpu_path))
+        return "loaded"
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(
+            f"keras_sapa: the GPU kernels ({gpu_path}) failed to load ({exc}); the "
+            "compiled ops will run on CPU.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return f"failed: {exc}"
+
+
+def load_library():
+    """Loads the library once (thread-safe) and returns its op module or None.
+
+    The first failure emits one ``RuntimeWarning``; later calls return None silently.
+    """
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            lib_path = library_path()
+            module, reason = _try_load(lib_path)
+            _state["module"], _state["reason"] = module, reason
+            if module is None:
+                warnings.warn(
+                    f"keras_sapa: the compiled SAPA ops are unavailable ({reason}); "
+                    "using the pure TensorFlow implementation.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            else:
+                _state["gpu"] = _try_load_gpu(lib_path)
+        return _state["module"]
 
 
 def available():
-    return False
+    """True when the custom op library is loaded (loading it on first call)."""
+    return load_library() is not None
 
 
 def unavailable_reason():
-    return "the custom op library has not been built"
+    """Why the library is unavailable (None when it is available)."""
+    load_library()
+    return _state["reason"]
 
 
-def similarity(query, key, kernel_size, up_factor):  # pragma: no cover
-    raise RuntimeError(unavailable_reason())
+def gpu_status():
+    """None (no GPU library or no GPU), ``"loaded"``, or ``"failed: ..."``."""
+    load_library()
+    return _state["gpu"]
 
 
-def aggregate(weights, value, kernel_size, up_factor):  # pragma: no cover
-    raise RuntimeError(unavailable_reason())
+def _reset():
+    """Forgets the load attempt, so the next call reloads (honouring the environment
+    variables again). For tests; already-loaded libraries stay loaded."""
+    with _lock:
+        _state.update(tried=False, module=None, reason=None, gpu=None)
+
+
+def _ops():
+    module = load_library()
+    if module is None:
+        raise RuntimeError(
+            f"the keras_sapa custom op library is not available ({_state['reason']})"
+        )
+    return module
+
+
+def similarity(query, key, kernel_size, up_factor):
+    """``KerasSapa>Similarity``: (B,sH,sW,d), (B,H,W,d) -> (B,sH,sW,K*K)."""
+    return _ops().keras_sapa_similarity(
+        query, key, kernel_size=int(kernel_size), up_factor=int(up_factor)
+    )
+
+
+def aggregate(weights, value, kernel_size, up_factor):
+    """``KerasSapa>Aggregate``: (B,sH,sW,K*K), (B,H,W,C) -> (B,sH,sW,C)."""
+    return _ops().keras_sapa_aggregate(
+        weights, value, kernel_size=int(kernel_size), up_factor=int(up_factor)
+    )
+
+
+def similarity_grad(grad, query, key, kernel_size, up_factor):
+    """``KerasSapa>SimilarityGrad`` -> (grad_query, grad_key)."""
+    return _ops().keras_sapa_similarity_grad(
+        grad, query, key, kernel_size=int(kernel_size), up_factor=int(up_factor)
+    )
+
+
+def aggregate_grad(grad, weights, value, kernel_size, up_factor):
+    """``KerasSapa>AggregateGrad`` -> (grad_weights, grad_value)."""
+    return _ops().keras_sapa_aggregate_grad(
+        grad, weights, value, kernel_size=int(kernel_size), up_factor=int(up_factor)
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Gradients. The ops are built from three mutually adjoint window primitives (see
+# custom_ops/sapa/cc/kernels/sapa_kernels.h): Dot, Gather and Scatter, with
+#   Similarity(q, k) = Dot(q, k)           SimilarityGrad(g, q, k) = (Gather(g, k), Scatter(g, q))
+#   Aggregate(w, v)  = Gather(w, v)        AggregateGrad(g, w, v)  = (Dot(g, v), Scatter(w, g))
+# so the gradients of the gradient ops (second order) are compositions of the four ops.
+# Registered at import (the registry only records names; no library is needed).
+
+
+def _attrs(op):
+    return op.get_attr("kernel_size"), op.get_attr("up_factor")
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+@tf.RegisterGradient("KerasSapa>Similarity")
+def _similarity_grad(op, grad):
+    kernel_size, up_factor = _attrs(op)
+    query, key = op.inputs
+    grad_query, grad_key = similarity_grad(grad, query, key, kernel_size, up_factor)
+    return grad_query, grad_key
+
+
+@tf.RegisterGradient("KerasSapa>Aggregate")
+def _aggregate_grad(op, grad):
+    kernel_size, up_factor = _attrs(op)
+    weights, value = op.inputs
+    grad_weights, grad_value = aggregate_grad(grad, weights, value, kernel_size, up_factor)
+    return grad_weights, grad_value
+
+
+@tf.RegisterGradient("KerasSapa>SimilarityGrad")
+def _similarity_grad_grad(op, up_query, up_key):
+    # Outputs: grad_query = Gather(g, k), grad_key = Scatter(g, q).
+    kernel_size, up_factor = _attrs(op)
+    g, query, key = op.inputs
+    d_g = d_query = d_key = None
+    if up_query is not None:
+        # Gather(g, k) is bilinear: d g = Dot(up_q, k), d k = Scatter(g, up_q).
+        d_g, d_key = aggregate_grad(up_query, g, key, kernel_size, up_factor)
+    if up_key is not None:
+        # Scatter(g, q): d g = Dot(q, up_k), d q = Gather(g, up_k).
+        d_g = _add(d_g, similarity(query, up_key, kernel_size, up_factor))
+        d_query = aggregate(g, up_key, kernel_size, up_factor)
+    return d_g, d_query, d_key
+
+
+@tf.RegisterGradient("KerasSapa>AggregateGrad")
+def _aggregate_grad_grad(op, up_weights, up_value):
+    # Outputs: grad_weights = Dot(g, v), grad_value = Scatter(w, g).
+    kernel_size, up_factor = _attrs(op)
+    g, weights, value = op.inputs
+    d_g = d_weights = d_value = None
+    if up_weights is not None:
+        # Dot(g, v): d g = Gather(up_w, v), d v = Scatter(up_w, g).
+        d_g, d_value = similarity_grad(up_weights, g, value, kernel_size, up_factor)
+    if up_value is not None:
+        # Scatter(w, g): d w = Dot(g, up_v), d g = Gather(w, up_v).
+        d_weights = similarity(g, up_value, kernel_size, up_factor)
+        d_g = _add(d_g, aggregate(weights, up_value, kernel_size, up_factor))
+    return d_g, d_weights, d_value

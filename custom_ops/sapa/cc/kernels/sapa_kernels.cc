@@ -1,0 +1,379 @@
+// CPU kernels of the keras_sapa ops, and their registration for DEVICE_CPU.
+//
+// Work is split over TensorFlow's intra-op thread pool (ParallelFor with a cost
+// estimate). WindowDot and WindowGather take one low-resolution anchor per work unit
+// (its s x s children share the same K x K window rows, which stay in L1); WindowScatter
+// takes one low-resolution point per unit and gathers over every output point whose
+// window contains it. No K*K window tensor is ever formed: a unit keeps a list of at
+// most K*K (or K*K*s*s) row pointers. The channel loops use 32-byte vectors (GCC/Clang
+// vector extensions, lowered to AVX2/FMA when built with those flags, to SSE otherwise)
+// with several accumulators held in registers.
+//
+// float and double compute in their own type; half and bfloat16 are converted to float,
+// computed in float, and the result is rounded once.
+
+#define EIGEN_USE_THREADS
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "sapa_kernels.h"
+#include "sapa_op_kernels.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/register_types.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/types.h"
+#include "tensorflow/core/platform/threadpool.h"
+#include "unsupported/Eigen/CXX11/Tensor"
+
+namespace keras_sapa {
+
+using CPUDevice = Eigen::ThreadPoolDevice;
+
+namespace cpu {
+
+// A 32-byte vector of T with unaligned loads and stores.
+template <typename T>
+struct Simd;
+
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(32)));
+  static constexpr int kLanes = 8;
+};
+
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(32)));
+  static constexpr int kLanes = 4;
+};
+
+template <typename T>
+inline typename Simd<T>::V Load(const T* p) {
+  typename Simd<T>::V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void Store(T* p, typename Simd<T>::V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+inline typename Simd<T>::V Broadcast(T x) {
+  typename Simd<T>::V v;
+  for (int l = 0; l < Simd<T>::kLanes; ++l) v[l] = x;
+  return v;
+}
+
+template <typename T>
+inline T HorizontalSum(typename Simd<T>::V v) {
+  T s = 0;
+  for (int l = 0; l < Simd<T>::kLanes; ++l) s += v[l];
+  return s;
+}
+
+// out[k] = <x, rows[k]> for k < m, vectors of length d.
+template <typename T>
+void DotRows(const T* __restrict x, const T* const* rows, int64_t m, int64_t d,
+             T* __restrict out) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::kLanes;
+  const int64_t dv = d - d % L;
+  int64_t k = 0;
+  for (; k + 4 <= m; k += 4) {
+    const T* r0 = rows[k];
+    const T* r1 = rows[k + 1];
+    const T* r2 = rows[k + 2];
+    const T* r3 = rows[k + 3];
+    V s0 = Broadcast<T>(0), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t c = 0; c < dv; c += L) {
+      const V xv = Load(x + c);
+      s0 += xv * Load(r0 + c);
+      s1 += xv * Load(r1 + c);
+      s2 += xv * Load(r2 + c);
+      s3 += xv * Load(r3 + c);
+    }
+    T t0 = HorizontalSum<T>(s0), t1 = HorizontalSum<T>(s1);
+    T t2 = HorizontalSum<T>(s2), t3 = HorizontalSum<T>(s3);
+    for (int64_t c = dv; c < d; ++c) {
+      t0 += x[c] * r0[c];
+      t1 += x[c] * r1[c];
+      t2 += x[c] * r2[c];
+      t3 += x[c] * r3[c];
+    }
+    out[k] = t0;
+    out[k + 1] = t1;
+    out[k + 2] = t2;
+    out[k + 3] = t3;
+  }
+  for (; k < m; ++k) {
+    const T* r0 = rows[k];
+    V s0 = Broadcast<T>(0);
+    for (int64_t c = 0; c < dv; c += L) s0 += Load(x + c) * Load(r0 + c);
+    T t0 = HorizontalSum<T>(s0);
+    for (int64_t c = dv; c < d; ++c) t0 += x[c] * r0[c];
+    out[k] = t0;
+  }
+}
+
+// out[c] = sum_k w[k] * rows[k][c] for c < d. The channel axis is processed in blocks of
+// four vectors whose accumulators stay in registers across the k loop.
+template <typename T>
+void WeightedRowSum(const T* __restrict w, const T* const* rows, int64_t m, int64_t d,
+                    T* __restrict out) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::kLanes;
+  int64_t c = 0;
+  for (; c + 4 * L <= d; c += 4 * L) {
+    V a0 = Broadcast<T>(0), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < m; ++k) {
+      const V wk = Broadcast<T>(w[k]);
+      const T* r = rows[k] + c;
+      a0 += wk * Load(r);
+      a1 += wk * Load(r + L);
+      a2 += wk * Load(r + 2 * L);
+      a3 += wk * Load(r + 3 * L);
+    }
+    Store(out + c, a0);
+    Store(out + c + L, a1);
+    Store(out + c + 2 * L, a2);
+    Store(out + c + 3 * L, a3);
+  }
+  for (; c + L <= d; c += L) {
+    V a0 = Broadcast<T>(0);
+    for (int64_t k = 0; k < m; ++k) a0 += Broadcast<T>(w[k]) * Load(rows[k] + c);
+    Store(out + c, a0);
+  }
+  for (; c < d; ++c) {
+    T a = 0;
+    for (int64_t k = 0; k < m; ++k) a += w[k] * rows[k][c];
+    out[c] = a;
+  }
+}
+
+// Runs fn(begin, end) over [0, units) on the intra-op pool; cost in rough cycles per unit.
+inline void ParallelFor(OpKernelContext* ctx, int64_t units, int64_t cost_per_unit,
+                        const std::function<void(int64_t, int64_t)>& fn) {
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  workers->ParallelFor(units, std::max<int64_t>(cost_per_unit, 1), fn);
+}
+
+// Collects the window rows of the anchor (b, h, w) that lie inside the map:
+// index[k] is the window position n of rows[k].
+template <typename T>
+inline int64_t WindowRows(const WindowDims& d, const T* lo, int64_t b, int64_t h, int64_t w,
+                          const T** rows, int64_t* index) {
+  const int64_t r = d.radius();
+  int64_t m = 0;
+  for (int64_t a = -r; a <= r; ++a) {
+    const int64_t p = h + a;
+    if (p < 0 || p >= d.height) continue;
+    for (int64_t c = -r; c <= r; ++c) {
+      const int64_t q = w + c;
+      if (q < 0 || q >= d.width) continue;
+      rows[m] = lo + ((b * d.height + p) * d.width + q) * d.channels;
+      index[m] = (a + r) * d.kernel + (c + r);
+      ++m;
+    }
+  }
+  return m;
+}
+
+template <typename T>
+void Dot(OpKernelContext* ctx, const WindowDims& d, const T* hi, const T* lo, T* out) {
+  const int64_t s = d.up, kk = d.window(), hh = d.high_height(), hw = d.high_width();
+  const int64_t cost = s * s * kk * (d.channels + 4);
+  ParallelFor(ctx, d.low_points(), cost, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> rows(kk);
+    std::vector<int64_t> index(kk);
+    std::vector<T> dots(kk);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t w = u % d.width;
+      const int64_t h = (u / d.width) % d.height;
+      const int64_t b = u / (d.width * d.height);
+      const int64_t m = WindowRows(d, lo, b, h, w, rows.data(), index.data());
+      for (int64_t ci = 0; ci < s; ++ci) {
+        for (int64_t cj = 0; cj < s; ++cj) {
+          const int64_t point = (b * hh + h * s + ci) * hw + w * s + cj;
+          DotRows(hi + point * d.channels, rows.data(), m, d.channels, dots.data());
+          T* o = out + point * kk;
+          if (m < kk) std::fill(o, o + kk, T(0));
+          for (int64_t k = 0; k < m; ++k) o[index[k]] = dots[k];
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void Gather(OpKernelContext* ctx, const WindowDims& d, const T* wt, const T* lo, T* out) {
+  const int64_t s = d.up, kk = d.window(), hh = d.high_height(), hw = d.high_width();
+  const int64_t cost = s * s * kk * (d.channels + 4);
+  ParallelFor(ctx, d.low_points(), cost, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> rows(kk);
+    std::vector<int64_t> index(kk);
+    std::vector<T> weights(kk);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t w = u % d.width;
+      const int64_t h = (u / d.width) % d.height;
+      const int64_t b = u / (d.width * d.height);
+      const int64_t m = WindowRows(d, lo, b, h, w, rows.data(), index.data());
+      for (int64_t ci = 0; ci < s; ++ci) {
+        for (int64_t cj = 0; cj < s; ++cj) {
+          const int64_t point = (b * hh + h * s + ci) * hw + w * s + cj;
+          const T* wp = wt + point * kk;
+          for (int64_t k = 0; k < m; ++k) weights[k] = wp[index[k]];
+          WeightedRowSum(weights.data(), rows.data(), m, d.channels,
+                         out + point * d.channels);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void Scatter(OpKernelContext* ctx, const WindowDims& d, const T* wt, const T* hi, T* out) {
+  const int64_t s = d.up, kk = d.window(), hh = d.high_height(), hw = d.high_width();
+  const int64_t r = d.radius();
+  const int64_t cost = s * s * kk * (d.channels + 6);
+  ParallelFor(ctx, d.low_points(), cost, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> rows(kk * s * s);
+    std::vector<T> weights(kk * s * s);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t q = u % d.width;
+      const int64_t p = (u / d.width) % d.height;
+      const int64_t b = u / (d.width * d.height);
+      int64_t m = 0;
+      // (p, q) is the window point n = (a+r)*K + (c+r) of the anchor (p - a, q - c).
+      for (int64_t a = -r; a <= r; ++a) {
+        const int64_t h = p - a;
+        if (h < 0 || h >= d.height) continue;
+        for (int64_t c = -r; c <= r; ++c) {
+          const int64_t w = q - c;
+          if (w < 0 || w >= d.width) continue;
+          const int64_t n = (a + r) * d.kernel + (c + r);
+          for (int64_t ci = 0; ci < s; ++ci) {
+            const int64_t row_start = (b * hh + h * s + ci) * hw + w * s;
+            for (int64_t cj = 0; cj < s; ++cj) {
+              const int64_t point = row_start + cj;
+              weights[m] = wt[point * kk + n];
+              rows[m] = hi + point * d.channels;
+              ++m;
+            }
+          }
+        }
+      }
+      WeightedRowSum(weights.data(), rows.data(), m, d.channels, out + u * d.channels);
+    }
+  });
+}
+
+// float and double compute directly; half and bfloat16 through float copies.
+template <typename T>
+struct Compute {
+  static constexpr bool kNative = std::is_same<T, float>::value || std::is_same<T, double>::value;
+};
+
+// Converts `n` elements of `src` to float in a temporary tensor (on the pool).
+template <typename T>
+Status ToFloat(OpKernelContext* ctx, const T* src, int64_t n, Tensor* tmp) {
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({n}), tmp));
+  if (n > 0) {
+    const auto& device = ctx->eigen_device<CPUDevice>();
+    Eigen::TensorMap<Eigen::Tensor<const T, 1, Eigen::RowMajor>> in(src, n);
+    tmp->flat<float>().device(device) = in.template cast<float>();
+  }
+  return absl::OkStatus();
+}
+
+template <typename T>
+void FromFloat(OpKernelContext* ctx, const Tensor& tmp, int64_t n, T* dst) {
+  if (n == 0) return;
+  const auto& device = ctx->eigen_device<CPUDevice>();
+  Eigen::TensorMap<Eigen::Tensor<T, 1, Eigen::RowMajor>> out(dst, n);
+  out.device(device) = tmp.flat<float>().template cast<T>();
+}
+
+// Calls fn(float_a, float_b, float_out) on float copies of a (na elements), b (nb) and
+// a float output of nout elements, then rounds the output into out.
+template <typename T, typename Fn>
+Status ViaFloat(OpKernelContext* ctx, const T* a, int64_t na, const T* b, int64_t nb, T* out,
+                int64_t nout, Fn fn) {
+  Tensor fa, fb, fout;
+  TF_RETURN_IF_ERROR(ToFloat(ctx, a, na, &fa));
+  TF_RETURN_IF_ERROR(ToFloat(ctx, b, nb, &fb));
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({nout}), &fout));
+  fn(fa.flat<float>().data(), fb.flat<float>().data(), fout.flat<float>().data());
+  FromFloat(ctx, fout, nout, out);
+  return absl::OkStatus();
+}
+
+}  // namespace cpu
+
+namespace functor {
+
+template <typename T>
+struct WindowDot<CPUDevice, T> {
+  Status operator()(OpKernelContext* ctx, const WindowDims& d, const T* hi, const T* lo,
+                    T* out) const {
+    if constexpr (cpu::Compute<T>::kNative) {
+      cpu::Dot<T>(ctx, d, hi, lo, out);
+      return absl::OkStatus();
+    } else {
+      return cpu::ViaFloat<T>(ctx, hi, d.high_points() * d.channels, lo,
+                              d.low_points() * d.channels, out, d.high_points() * d.window(),
+                              [&](const float* fh, const float* fl, float* fo) {
+                                cpu::Dot<float>(ctx, d, fh, fl, fo);
+                              });
+    }
+  }
+};
+
+template <typename T>
+struct WindowGather<CPUDevice, T> {
+  Status operator()(OpKernelContext* ctx, const WindowDims& d, const T* w, const T* lo,
+                    T* out) const {
+    if constexpr (cpu::Compute<T>::kNative) {
+      cpu::Gather<T>(ctx, d, w, lo, out);
+      return absl::OkStatus();
+    } else {
+      return cpu::ViaFloat<T>(ctx, w, d.high_points() * d.window(), lo,
+                              d.low_points() * d.channels, out, d.high_points() * d.channels,
+                              [&](const float* fw, const float* fl, float* fo) {
+                                cpu::Gather<float>(ctx, d, fw, fl, fo);
+                              });
+    }
+  }
+};
+
+template <typename T>
+struct WindowScatter<CPUDevice, T> {
+  Status operator()(OpKernelContext* ctx, const WindowDims& d, const T* w, const T* hi,
+                    T* out) const {
+    if constexpr (cpu::Compute<T>::kNative) {
+      cpu::Scatter<T>(ctx, d, w, hi, out);
+      return absl::OkStatus();
+    } else {
+      return cpu::ViaFloat<T>(ctx, w, d.high_points() * d.window(), hi,
+                              d.high_points() * d.channels, out, d.low_points() * d.channels,
+                              [&](const float* fw, const float* fh, float* fo) {
+                                cpu::Scatter<float>(ctx, d, fw, fh, fo);
+                              });
+    }
+  }
+};
+
+}  // namespace functor
+
+#define KERAS_SAPA_REGISTER_CPU(T) KERAS_SAPA_REGISTER_KERNELS(tensorflow::DEVICE_CPU, CPUDevice, T)
+KERAS_SAPA_REGISTER_CPU(float);
+KERAS_SAPA_REGISTER_CPU(double);
+KERAS_SAPA_REGISTER_CPU(Eigen::half);
+KERAS_SAPA_REGISTER_CPU(Eigen::bfloat16);
+#undef KERAS_SAPA_REGISTER_CPU
+
+}  // namespace keras_sapa
