@@ -1,0 +1,245 @@
+"""Reliability: property-based tests over shapes, dtypes and implementations against the
+NumPy reference (forward and gradient), determinism, odd inputs, threads.
+
+The number of generated cases is set by the hypothesis profile: ``ci`` (default,
+several hundred cases in all) or ``nightly`` (``HYPOTHESIS_PROFILE=nightly``, ten times
+more).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import reference as ref
+from keras_sapa import ops
+
+settings.register_profile(
+    "ci", max_examples=300, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "nightly", max_examples=3000, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+IMPLEMENTATIONS = ["patches", "xla"] + (["compiled"] if ops.compiled_available() else [])
+TOLERANCE = {"float64": 1e-9, "float32": 2e-5, "float16": 3e-2, "bfloat16": 2e-1}
+
+
+@st.composite
+def problems(draw, dtypes=("float32", "float64", "float16")):
+    """A random SAPA problem: sizes including 1 and an empty batch."""
+    up_factor = draw(st.integers(1, 3))
+    kernel_size = draw(st.sampled_from([1, 3, 5]))
+    batch = draw(st.integers(0, 2))
+    height, width = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    d, c = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dtype = draw(st.sampled_from(dtypes))
+    implementation = draw(st.sampled_from(IMPLEMENTATIONS))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    query = rng.standard_normal((batch, up_factor * height, up_factor * width, d))
+    key = rng.standard_normal((batch, height, width, d))
+    value = rng.standard_normal((batch, height, width, c))
+    return dict(query=query, key=key, value=value, kernel_size=kernel_size,
+                up_factor=up_factor, dtype=dtype, implementation=implementation)
+
+
+def _cast(array, dtype):
+    return tf.constant(array.astype(np.float32), tf.float32) if dtype == "bfloat16" \
+        else tf.constant(array.astype(dtype))
+
+
+@given(problems(dtypes=("float32", "float64", "float16", "bfloat16")))
+def test_forward_property(p):
+    k, s, impl, dtype = p["kernel_size"], p["up_factor"], p["implementation"], p["dtype"]
+    tf_dtype = tf.as_dtype(dtype)
+    q, key, v = (tf.cast(_cast(p[n], dtype), tf_dtype) for n in ("query", "key", "value"))
+    # The reference sees exactly the rounded inputs the op sees.
+    q64, k64, v64 = (t.numpy().astype(np.float64) for t in (q, key, v))
+    tol = TOLERANCE[dtype]
+
+    sim = ops.similarity(q, key, k, s, impl)
+    assert sim.dtype == tf_dtype and sim.shape == q.shape[:3] + (k * k,)
+    expected = ref.similarity(q64, k64, k, s)
+    np.testing.assert_allclose(sim.numpy().astype(np.float64), expected,
+                               rtol=tol, atol=tol * (1 + np.abs(expected).max(initial=0)))
+
+    out = ops.sapa(q, key, v, k, s, impl)
+    assert out.dtype == tf_dtype and out.shape == q.shape[:3] + v.shape[3:]
+    expected = ref.sapa(q64, k64, v64, k, s)
+    np.testing.assert_allclose(out.numpy().astype(np.float64), expected, rtol=tol, atol=tol * 4)
+
+
+def _numeric_vjp(fn, args, cotangent, eps=1e-6):
+    """Central differences of sum(fn(*args) * cotangent) with respect to every arg."""
+    grads = []
+    for index, arg in enumerate(args):
+        grad = np.zeros_like(arg)
+        for flat in range(arg.size):
+            pos = np.unravel_index(flat, arg.shape)
+            shifted = [a.copy() for a in args]
+            shifted[index][pos] += eps
+            plus = np.sum(fn(*shifted) * cotangent)
+            shifted[index][pos] -= 2 * eps
+            minus = np.sum(fn(*shifted) * cotangent)
+            grad[pos] = (plus - minus) / (2 * eps)
+        grads.append(grad)
+    return grads
+
+
+@settings(max_examples=max(20, settings().max_examples // 3))
+@given(problems(dtypes=("float64",)))
+def test_gradient_property(p):
+    """Gradients of every implementation against finite differences of the reference."""
+    k, s, impl = p["kernel_size"], p["up_factor"], p["implementation"]
+    args = [p["query"], p["key"], p["value"]]
+    rng = np.random.default_rng(0)
+    cotangent = rng.standard_normal(p["query"].shape[:3] + p["value"].shape[3:])
+    tensors = [tf.constant(a) for a in args]
+    with tf.GradientTape() as tape:
+        tape.watch(tensors)
+        out = ops.sapa(*tensors, k, s, impl)
+        loss = tf.reduce_sum(out * cotangent)
+    got = tape.gradient(loss, tensors)
+    expected = _numeric_vjp(lambda *a: ref.sapa(*a, k, s), args, cotangent)
+    for g, e in zip(got, expected):
+        g = np.zeros_like(e) if g is None else g.numpy()
+        np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_nan_and_inf_propagate_without_crash(implementation):
+    rng = np.random.default_rng(1)
+    query = rng.standard_normal((1, 8, 8, 2)).astype(np.float32)
+    key = rng.standard_normal((1, 4, 4, 2)).astype(np.float32)
+    value = rng.standard_normal((1, 4, 4, 3)).astype(np.float32)
+    value[0, 0, 0, 1] = np.nan
+    value[0, 3, 3, 2] = np.inf
+    out = ops.sapa(query, key, value, 3, 2, implementation).numpy()
+    expected = ref.sapa(query, key, value, 3, 2)
+    # Same non-finite pattern as the reference: exactly the windows that hold them.
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    np.testing.assert_array_equal(np.isposinf(out), np.isposinf(expected))
+    finite = np.isfinite(expected)
+    assert finite.any() and (~finite).any()
+    np.testing.assert_allclose(out[finite], expected[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_concurrent_calls_from_threads(implementation):
+    rng = np.random.default_rng(2)
+    cases = []
+    for i in range(6):
+        h, w = 2 + i % 3, 3 + i % 2
+        cases.append((rng.standard_normal((1, 2 * h, 2 * w, 3)).astype(np.float32),
+                      rng.standard_normal((1, h, w, 3)).astype(np.float32),
+                      rng.standard_normal((1, h, w, 4)).astype(np.float32)))
+    results, errors = [None] * len(cases), []
+
+    def work(index):
+        try:
+            for _ in range(3):
+                results[index] = ops.sapa(*cases[index], 3, 2, implementation).numpy()
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for case, result in zip(cases, results):
+        np.testing.assert_allclose(result, ref.sapa(*case, 3, 2), rtol=1e-5, atol=1e-5)
+
+
+def _run_script(script, timeout=300, env=None):
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+        timeout=timeout, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return completed.stdout
+
+
+def test_op_determinism_bitwise():
+    """With op determinism on, repeated runs give bitwise-equal outputs and gradients."""
+    out = _run_script(
+        f"""
+        import numpy as np, tensorflow as tf
+        tf.config.experimental.enable_op_determinism()
+        from keras_sapa import ops
+        rng = np.random.default_rng(0)
+        q = tf.constant(rng.standard_normal((2, 16, 12, 8)), tf.float32)
+        k = tf.constant(rng.standard_normal((2, 8, 6, 8)), tf.float32)
+        v = tf.constant(rng.standard_normal((2, 8, 6, 16)), tf.float32)
+        for impl in {IMPLEMENTATIONS!r}:
+            runs = []
+            for _ in range(3):
+                with tf.GradientTape() as tape:
+                    tape.watch([q, k, v])
+                    out = ops.sapa(q, k, v, 5, 2, impl)
+                    loss = tf.reduce_sum(tf.sin(out))
+                grads = tape.gradient(loss, [q, k, v])
+                runs.append([out.numpy()] + [g.numpy() for g in grads])
+            for run in runs[1:]:
+                for a, b in zip(runs[0], run):
+                    assert a.tobytes() == b.tobytes(), impl
+            print("deterministic", impl)
+        """
+    )
+    for impl in IMPLEMENTATIONS:
+        assert f"deterministic {impl}" in out
+
+
+def test_mirrored_strategy_matches_single_device():
+    """Two logical CPU replicas reach the weights of one device on the same global
+    batch."""
+    out = _run_script(
+        """
+        import numpy as np, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import keras, keras_sapa
+
+        def build():
+            keras.utils.set_random_seed(0)
+            x_in = keras.Input((4, 4, 8)); g_in = keras.Input((8, 8, 6))
+            h = keras_sapa.SAPA(kernel_size=3, embedding_dim=4, variant="gated")(x_in, g_in)
+            model = keras.Model([x_in, g_in], keras.layers.Conv2D(2, 1)(h))
+            model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+            return model
+
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((8, 4, 4, 8)).astype("float32")
+        g = rng.standard_normal((8, 8, 8, 6)).astype("float32")
+        y = rng.standard_normal((8, 8, 8, 2)).astype("float32")
+        single = build()
+        single.fit([x, g], y, batch_size=4, epochs=3, shuffle=False, verbose=0)
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        assert strategy.num_replicas_in_sync == 2
+        with strategy.scope():
+            mirrored = build()
+        mirrored.fit([x, g], y, batch_size=4, epochs=3, shuffle=False, verbose=0)
+        initial = build()
+        moved = max(np.abs(a - b).max() for a, b in
+                    zip(single.get_weights(), initial.get_weights()))
+        assert moved > 1e-4, moved
+        diff = max(np.abs(a - b).max() for a, b in
+                   zip(single.get_weights(), mirrored.get_weights()))
+        print("max weight difference", diff, "moved", moved)
+        assert diff < 1e-5, diff
+        """
+    )
+    assert "max weight difference" in out
