@@ -558,12 +558,17 @@ def from_torch_checkpoint(path, prefix="", x_channels=None, guide_channels=None,
     checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
     state_dict = _unwrap(checkpoint)
     prefix = _normalise_prefix(prefix)
-    entries = _entries_under(state_dict, prefix)
+    # Only the module's own entries (official names right under the prefix) tell its
+    # settings; anything else under the prefix is reported by the loader.
+    entries = {
+        name: value for name, value in _entries_under(state_dict, prefix).items()
+        if name in _KNOWN_ENTRIES
+    }
     if not entries:
         found = find_sapa_prefixes(state_dict)
         raise ValueError(
-            f"No entry of the checkpoint {_describe_path(path)} starts with the "
-            f"prefix {prefix!r}. "
+            f"The checkpoint {_describe_path(path)} has no SAPA entries (norm_x, k, "
+            f"q, ... weights) right under the prefix {prefix!r}. "
             + (f"SAPA modules found at prefixes: {found}." if found
                else "No SAPA module was found in it.")
         )
