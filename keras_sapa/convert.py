@@ -19,16 +19,15 @@ Naming map
 Each sublayer of :class:`keras_sapa.SAPA` is named after the official module
 attribute, so a PyTorch entry ``<prefix><name>.<param>`` maps to one Keras variable:
 
-==========================  ==============================  ==========================
-PyTorch entry               Keras variable                  Layout change
-==========================  ==============================  ==========================
-``norm_y.weight``/``.bias`` ``layer.norm_y.gamma``/``.beta``  none, ``(C,)``
-``norm_x.weight``/``.bias`` ``layer.norm_x.gamma``/``.beta``  none, ``(C,)``
-``q.weight``                ``layer.q.kernel``              ``(out, in)`` -> ``(in, out)``
-``k``, ``qy``, ``qx``,      same name, ``.kernel``          as ``q.weight``
-``gate``, ``v`` ``.weight``
-``<name>.bias``             ``layer.<name>.bias``           none, ``(out,)``
-==========================  ==============================  ==========================
+- ``norm_x.weight``, ``norm_x.bias`` -> ``layer.norm_x.gamma``, ``layer.norm_x.beta``
+  (likewise ``norm_y``); shape ``(C,)`` on both sides.
+- ``<name>.weight`` -> ``layer.<name>.kernel`` for the projections ``q``, ``k``,
+  ``qy``, ``qx``, ``gate`` and ``v``: torch ``(out, in)`` (Linear) or
+  ``(out, in, 1, 1)`` (1x1 Conv2d) becomes the Keras ``(in, out)``, a transpose.
+- ``<name>.bias`` -> ``layer.<name>.bias``, ``(out,)`` on both sides; absent when the
+  module has ``qkv_bias=False`` (``use_bias=False`` here).
+
+Which official module maps to which layer settings:
 
 - The NeurIPS module ``SAPA`` (``SAPA.py``) has ``norm_y``, ``norm_x`` (LayerNorm),
   ``q``, ``k`` (Linear): ``variant="bilinear"``, ``norm="layer"``.
@@ -43,8 +42,6 @@ PyTorch entry               Keras variable                  Layout change
   layouts are accepted on import, whatever the layer's ``data_format``: the layer's
   weights do not depend on it. Its deformable module ``SAPADeform`` (an ``offset``
   projection) has no Keras counterpart and is rejected.
-- A torch ``Linear`` weight is ``(out, in)``, the transpose of a Keras ``Dense``
-  kernel; a ``Conv2d`` 1x1 weight is that with two trailing unit axes.
 - A norm without affine parameters (``elementwise_affine=False``) has no entries; the
   Keras norm's scale 1 and offset 0 are the same thing, so load such a dict with
   ``strict=False`` into a freshly built layer.
@@ -71,10 +68,10 @@ import warnings
 import numpy as np
 
 __all__ = [
-    "load_torch_state_dict",
-    "from_torch_checkpoint",
-    "to_torch_state_dict",
     "find_sapa_prefixes",
+    "from_torch_checkpoint",
+    "load_torch_state_dict",
+    "to_torch_state_dict",
 ]
 
 # Registration order of the official modules (SAPA.py, SAPAExp.py, sapa_base.py), so
@@ -427,7 +424,8 @@ def _unwrap(checkpoint):
             break
         checkpoint = inner
     if not isinstance(checkpoint, collections.abc.Mapping):
-        raise ValueError(
+        # ValueError, not TypeError: the argument was a path; its file's content is bad.
+        raise ValueError(  # noqa: TRY004
             "The checkpoint is not a state dict (a mapping of names to tensors) nor a "
             "dict wrapping one under 'state_dict' or 'model'. Received: an object of "
             f"type {type(checkpoint).__name__}"

@@ -115,7 +115,7 @@ CASES = {
 
 
 def layer_kwargs(case):
-    variant, cx, _, norm, groups, _, use_bias, v_out, up, ks, data_format = case
+    variant, _, _, norm, groups, _, use_bias, v_out, up, ks, data_format = case
     kwargs = dict(variant=variant, norm=norm, norm_groups=groups, use_bias=use_bias,
                   embedding_dim=8, up_factor=up, kernel_size=ks, data_format=data_format)
     if v_out is not None:
