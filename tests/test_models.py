@@ -1,0 +1,364 @@
+"""keras_sapa.models: SAPA inside KerasCV's DeepLabV3Plus and RetinaNet.
+
+Tiny backbones (64x64 images, few filters) keep the suite fast. Models are built once
+per module and shared: the training test runs before the save/load and export tests
+in file order, and those do not depend on it (they check outputs against the model
+as it is, whatever its weights).
+"""
+
+import math
+
+import keras
+import keras_cv
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_sapa
+import keras_sapa.models as sapa_models
+from keras_sapa import ops as sapa_ops
+
+IMAGE = 64
+NUM_CLASSES = 3
+EMBED = 16
+KERNEL = 5
+
+
+def tiny_backbone(image=IMAGE):
+    # Stacks of two bottleneck blocks ("block": 4 x filters out): P2..P5 have
+    # 32, 64, 128, 256 channels at strides 4, 8, 16, 32.
+    return keras_cv.models.ResNetV2Backbone(
+        stackwise_filters=[8, 16, 32, 64],
+        stackwise_blocks=[2, 2, 2, 2],
+        stackwise_strides=[1, 2, 2, 2],
+        include_rescaling=False,
+        input_shape=(image, image, 3),
+    )
+
+
+def tiny_spp():
+    return keras_cv.layers.SpatialPyramidPooling(dilation_rates=[1, 2, 3], num_channels=32)
+
+
+def images(batch=2, seed=0):
+    return np.random.default_rng(seed).uniform(size=(batch, IMAGE, IMAGE, 3)).astype("float32")
+
+
+def sapa_layers_of(model):
+    return [layer for layer in model._flatten_layers() if isinstance(layer, keras_sapa.SAPA)]
+
+
+def upsampling_layers_of(model):
+    return [
+        layer for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.UpSampling2D)
+    ]
+
+
+def expected_macs(variant, low_hw, cx, cy, d=EMBED, k=KERNEL, s=2):
+    """The cost model of shared/SAPA_SPEC.md, written out independently."""
+    n_lo = low_hw[0] * low_hw[1]
+    n_hi = n_lo * s * s
+    total = n_hi * k * k * d + n_hi * k * k * cx  # similarity + aggregation
+    total += n_lo * cx * d  # key
+    if variant == "bilinear":
+        total += n_hi * cy * d
+    elif variant == "gated":
+        total += n_hi * cy * d + n_hi * cx * d + n_lo * cx + 2 * n_hi * d
+    else:
+        raise AssertionError(variant)
+    return total
+
+
+def assert_close(a, b, atol=1e-5):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=atol)
+
+
+# --------------------------------------------------------------------------- DeepLab
+@pytest.fixture(scope="module")
+def deeplab():
+    keras.utils.set_random_seed(1)
+    return sapa_models.SAPADeepLabV3Plus(
+        tiny_backbone(), NUM_CLASSES, embedding_dim=EMBED, kernel_size=KERNEL,
+        spatial_pyramid_pooling=tiny_spp(),
+    )
+
+
+def test_deeplab_structure(deeplab):
+    x = images()
+    y = np.asarray(deeplab(x))
+    assert y.shape == (2, IMAGE, IMAGE, NUM_CLASSES)
+    assert_close(y.sum(-1), np.ones((2, IMAGE, IMAGE)))
+
+    names = [layer.name for layer in deeplab._flatten_layers()]
+    assert "encoder_output_upsampling" not in names
+    # The only fixed upsampling left is the head's 4x to image size.
+    assert [tuple(u.size) for u in upsampling_layers_of(deeplab)] == [(4, 4)]
+
+    sapa = sapa_layers_of(deeplab)
+    assert [layer.name for layer in sapa] == [
+        "sapa_upsampling_P4", "sapa_upsampling_P3", "sapa_upsampling_P2"
+    ]
+    assert all(layer.variant == "gated" and layer.up_factor == 2 for layer in sapa)
+    # Each stage doubles the size and keeps the ASPP's 32 channels; guides are the
+    # backbone levels (128, 64, 32 channels).
+    for layer, size, guide_channels in zip(sapa, (4, 8, 16), (128, 64, 32)):
+        assert tuple(layer.output.shape) == (None, size, size, 32)
+        assert layer.qy.kernel.shape == (guide_channels, EMBED)
+
+
+def test_deeplab_other_backbone_and_bad_backbone():
+    keras.utils.set_random_seed(2)
+    backbone = keras_cv.models.ResNetBackbone(
+        stackwise_filters=[8, 8, 16, 16],
+        stackwise_blocks=[2, 2, 2, 2],
+        stackwise_strides=[1, 2, 2, 2],
+        include_rescaling=True,
+        input_shape=(IMAGE, IMAGE, 3),
+    )
+    model = sapa_models.SAPADeepLabV3Plus(
+        backbone, 2, variant="bilinear", embedding_dim=8, spatial_pyramid_pooling=tiny_spp()
+    )
+    assert tuple(model(images(1)).shape) == (1, IMAGE, IMAGE, 2)
+
+    inputs = keras.Input((IMAGE, IMAGE, 3))
+    plain = keras.Model(inputs, keras.layers.Conv2D(4, 3, strides=4, name="c")(inputs))
+    with pytest.raises(ValueError, match="pyramid_level_inputs"):
+        sapa_models.SAPADeepLabV3Plus(plain, 2)
+    plain.pyramid_level_inputs = {"P2": "c"}
+    with pytest.raises(ValueError, match="P3"):
+        sapa_models.SAPADeepLabV3Plus(plain, 2)
+
+
+def test_deeplab_overhead_against_stock(deeplab):
+    keras.utils.set_random_seed(1)
+    stock = keras_cv.models.DeepLabV3Plus(
+        tiny_backbone(), NUM_CLASSES, spatial_pyramid_pooling=tiny_spp()
+    )
+    assert "encoder_output_upsampling" in [layer.name for layer in stock.layers]
+    report = sapa_models.sapa_overhead(deeplab)
+    # Everything but SAPA is the stock model, parameter for parameter.
+    assert report["params"] > 0
+    assert report["params"] == deeplab.count_params() - stock.count_params()
+    assert report["stock_params"] == stock.count_params()
+    want = (
+        expected_macs("gated", (2, 2), 32, 128)
+        + expected_macs("gated", (4, 4), 32, 64)
+        + expected_macs("gated", (8, 8), 32, 32)
+    )
+    assert report["macs"] == want
+    assert report["replaced_macs"] == 4 * 16 * 16 * 32
+    assert report["net_macs"] == want - 4 * 16 * 16 * 32
+    assert [stage["level"] for stage in report["stages"]] == [4, 3, 2]
+    # Larger images: every stage has 4x the points, so 4x the multiply-adds.
+    bigger = sapa_models.sapa_overhead(deeplab, input_shape=(2 * IMAGE, 2 * IMAGE, 3))
+    assert bigger["macs"] == 4 * report["macs"]
+    assert bigger["params"] == report["params"]
+
+
+def test_deeplab_fit_loss_falls(deeplab):
+    x = images()
+    y = np.random.default_rng(3).integers(0, NUM_CLASSES, size=(2, IMAGE, IMAGE, 1))
+    deeplab.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        # Eager: tracing the train function costs ~30 s on a loaded 2-core machine,
+        # stock DeepLabV3Plus as much as this one. RetinaNet's fit below runs traced.
+        run_eagerly=True,
+    )
+    sapa_kernel = deeplab.get_layer("sapa_upsampling_P3").k.kernel
+    before = np.array(sapa_kernel.numpy())
+    history = deeplab.fit(x, y, epochs=10, batch_size=2, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < losses[0]
+    # Gradients reach SAPA's projections.
+    assert not np.allclose(before, sapa_kernel.numpy())
+
+
+def test_deeplab_keras_round_trip(deeplab, tmp_path):
+    x = images(seed=5)
+    path = str(tmp_path / "deeplab.keras")
+    deeplab.save(path)
+    restored = keras.models.load_model(path)
+    assert type(restored) is sapa_models.SAPADeepLabV3Plus
+    assert [layer.name for layer in sapa_layers_of(restored)] == [
+        layer.name for layer in sapa_layers_of(deeplab)
+    ]
+    assert_close(restored(x), deeplab(x), atol=1e-6)
+
+    config = deeplab.get_config()
+    clone = sapa_models.SAPADeepLabV3Plus.from_config(config)
+    assert clone.get_config() == config
+
+
+def test_deeplab_savedmodel_export(deeplab, tmp_path):
+    x = images(seed=6)
+    path = str(tmp_path / "deeplab_savedmodel")
+    # Builtin ops only, so the SavedModel reloads without the compiled library.
+    with sapa_ops.use_implementation("xla"):
+        deeplab.export(path, verbose=False)
+    reloaded = tf.saved_model.load(path)
+    assert_close(reloaded.serve(tf.constant(x)), deeplab(x))
+
+
+# ------------------------------------------------------------------------- RetinaNet
+def detection_batch():
+    x = images(seed=7)
+    boxes = np.array([[[4, 4, 36, 36], [24, 16, 32, 44]]] * 2, "float32")  # xywh
+    classes = np.array([[0, 2], [1, 2]], "float32")
+    return x, {"boxes": boxes, "classes": classes}
+
+
+@pytest.fixture(scope="module")
+def retinanet():
+    keras.utils.set_random_seed(4)
+    return sapa_models.SAPARetinaNet(
+        tiny_backbone(), NUM_CLASSES, "xywh", embedding_dim=EMBED, kernel_size=KERNEL
+    )
+
+
+def test_feature_pyramid_standalone():
+    keras.utils.set_random_seed(5)
+    rng = np.random.default_rng(8)
+    feats = {
+        f"P{level}": rng.normal(size=(2, IMAGE // 2**level, IMAGE // 2**level, c)).astype("float32")
+        for level, c in ((3, 64), (4, 128), (5, 256))
+    }
+    pyramid = sapa_models.SAPAFeaturePyramid(num_channels=32, embedding_dim=EMBED)
+    outputs = pyramid(feats)
+    sizes = (8, 4, 2, 1, 1)
+    assert [tuple(o.shape) for o in outputs] == [(2, s, s, 32) for s in sizes]
+    assert [tuple(s) for s in pyramid.compute_output_shape(
+        {k: v.shape for k, v in feats.items()}
+    )] == [(2, s, s, 32) for s in sizes]
+    as_list = pyramid([feats["P3"], feats["P4"], feats["P5"]])
+    for a, b in zip(outputs, as_list):
+        assert_close(a, b, atol=0)
+    assert [layer.name for layer in pyramid.upsamplers] == ["sapa_P4_to_P3", "sapa_P5_to_P4"]
+    # The top-down path really uses SAPA: the merged P4 is lateral + SAPA(P5 lateral).
+    lat4 = pyramid.lateral_convs[1](feats["P4"])
+    lat5 = pyramid.lateral_convs[2](feats["P5"])
+    merged4 = lat4 + pyramid.upsamplers[1](lat5, lat4)
+    assert_close(outputs[1], pyramid.output_convs[1](merged4))
+
+    clone = sapa_models.SAPAFeaturePyramid.from_config(pyramid.get_config())
+    assert clone.get_config() == pyramid.get_config()
+    with pytest.raises(ValueError, match="P3"):
+        pyramid({"P4": feats["P4"], "P5": feats["P5"]})
+    with pytest.raises(ValueError, match="max_level"):
+        sapa_models.SAPAFeaturePyramid(min_level=5, max_level=4)
+
+
+def test_retinanet_structure_and_overhead(retinanet):
+    x = images()
+    keras.utils.set_random_seed(4)
+    stock = keras_cv.models.RetinaNet(tiny_backbone(), NUM_CLASSES, "xywh")
+    ours, theirs = retinanet({"images": x}), stock({"images": x})
+    for key in ("box", "classification"):
+        assert tuple(ours[key].shape) == tuple(theirs[key].shape)
+    assert tuple(ours["classification"].shape)[-1] == NUM_CLASSES
+
+    pyramid = retinanet.feature_pyramid
+    assert isinstance(pyramid, sapa_models.SAPAFeaturePyramid)
+    assert pyramid.variant == "bilinear"
+    assert len(sapa_layers_of(retinanet)) == 2
+    assert upsampling_layers_of(retinanet) == []
+    assert len(upsampling_layers_of(stock)) == 1
+
+    report = sapa_models.sapa_overhead(retinanet)
+    assert report["params"] > 0
+    assert report["params"] == retinanet.count_params() - stock.count_params()
+    assert report["replaced_macs"] == 0
+    # P5 (2x2) -> P4, then P4 (4x4) -> P3, both 256 channels.
+    assert report["macs"] == expected_macs("bilinear", (2, 2), 256, 256) + expected_macs(
+        "bilinear", (4, 4), 256, 256
+    )
+
+
+def test_retinanet_fit_loss_falls(retinanet):
+    x, y = detection_batch()
+    retinanet.compile(
+        classification_loss="focal",
+        box_loss="smoothl1",
+        optimizer=keras.optimizers.Adam(1e-3),
+        jit_compile=False,
+    )
+    sapa_kernel = retinanet.feature_pyramid.upsamplers[0].q.kernel
+    before = np.array(sapa_kernel.numpy())
+    history = retinanet.fit(x, y, epochs=10, batch_size=2, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < losses[0]
+    assert not np.allclose(before, sapa_kernel.numpy())
+
+
+def test_retinanet_keras_round_trip_keeps_pyramid(retinanet, tmp_path):
+    x = images(seed=9)
+    path = str(tmp_path / "retinanet.keras")
+    retinanet.save(path)
+    restored = keras.models.load_model(path)
+    assert type(restored) is sapa_models.SAPARetinaNet
+    assert isinstance(restored.feature_pyramid, sapa_models.SAPAFeaturePyramid)
+    assert restored.feature_pyramid.get_config() == retinanet.feature_pyramid.get_config()
+    ours, theirs = restored({"images": x}), retinanet({"images": x})
+    for key in ("box", "classification"):
+        assert_close(ours[key], theirs[key], atol=1e-6)
+
+
+def test_retinanet_config_keeps_pyramid_where_stock_drops_it(retinanet):
+    pyramid_config = dict(
+        num_channels=32, variant="gated", kernel_size=3, embedding_dim=8, name="my_pyramid"
+    )
+    # Stock RetinaNet: the custom pyramid is dropped from the config and comes back as
+    # the nearest-neighbour FeaturePyramid.
+    keras.utils.set_random_seed(6)
+    stock = keras_cv.models.RetinaNet(
+        tiny_backbone(), NUM_CLASSES, "xywh",
+        feature_pyramid=sapa_models.SAPAFeaturePyramid(**pyramid_config),
+    )
+    assert "feature_pyramid" not in stock.get_config()
+    stock_clone = keras_cv.models.RetinaNet.from_config(stock.get_config())
+    assert not isinstance(stock_clone.feature_pyramid, sapa_models.SAPAFeaturePyramid)
+
+    # SAPARetinaNet keeps it, whatever its configuration.
+    ours = sapa_models.SAPARetinaNet(
+        tiny_backbone(), NUM_CLASSES, "xywh",
+        feature_pyramid=sapa_models.SAPAFeaturePyramid(**pyramid_config),
+    )
+    config = ours.get_config()
+    clone = sapa_models.SAPARetinaNet.from_config(config)
+    assert isinstance(clone.feature_pyramid, sapa_models.SAPAFeaturePyramid)
+    assert clone.feature_pyramid.get_config() == ours.feature_pyramid.get_config()
+    assert [layer.variant for layer in clone.feature_pyramid.upsamplers] == ["gated", "gated"]
+    assert [layer.kernel_size for layer in clone.feature_pyramid.upsamplers] == [3, 3]
+    # Serialising through Keras (as .keras files do) reloads the same class.
+    revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(ours))
+    assert type(revived) is sapa_models.SAPARetinaNet
+    assert isinstance(revived.feature_pyramid, sapa_models.SAPAFeaturePyramid)
+
+    with pytest.raises(ValueError, match="feature_pyramid"):
+        sapa_models.SAPARetinaNet(
+            tiny_backbone(), NUM_CLASSES, "xywh",
+            feature_pyramid=sapa_models.SAPAFeaturePyramid(), variant="gated",
+        )
+
+
+def test_retinanet_savedmodel_export(retinanet, tmp_path):
+    x = images(seed=10)
+    path = str(tmp_path / "retinanet_savedmodel")
+    with sapa_ops.use_implementation("xla"):
+        retinanet.export(path, verbose=False)
+    reloaded = tf.saved_model.load(path)
+    ours = reloaded.serve({"images": tf.constant(x)})
+    theirs = retinanet({"images": x})
+    for key in ("box", "classification"):
+        assert_close(ours[key], theirs[key])
+
+
+def test_overhead_rejects_stock_models():
+    inputs = keras.Input((IMAGE, IMAGE, 3))
+    plain = keras.Model(inputs, keras.layers.Conv2D(4, 3)(inputs))
+    with pytest.raises(ValueError, match="SAPADeepLabV3Plus"):
+        sapa_models.sapa_overhead(plain)
+    assert math.isclose(1.0, 1.0)
