@@ -28,6 +28,10 @@
 #include "tensorflow/core/platform/threadpool.h"
 #include "unsupported/Eigen/CXX11/Tensor"
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace keras_sapa {
 
 using CPUDevice = Eigen::ThreadPoolDevice;
@@ -74,6 +78,34 @@ inline T HorizontalSum(typename Simd<T>::V v) {
   T s = 0;
   for (int l = 0; l < Simd<T>::kLanes; ++l) s += v[l];
   return s;
+}
+
+
+// sums[i] = horizontal sum of the i-th vector, i < 8 (a transpose-add tree for AVX floats).
+template <typename T, typename V>
+inline void HorizontalSum8(V a0, V a1, V a2, V a3, V a4, V a5, V a6, V a7, T* sums) {
+#if defined(__AVX__)
+  if constexpr (std::is_same<T, float>::value) {
+    const __m256 t0 = _mm256_hadd_ps(a0, a1);
+    const __m256 t1 = _mm256_hadd_ps(a2, a3);
+    const __m256 t2 = _mm256_hadd_ps(a4, a5);
+    const __m256 t3 = _mm256_hadd_ps(a6, a7);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1);  // a0..a3 partial sums, low and high halves
+    const __m256 u1 = _mm256_hadd_ps(t2, t3);  // a4..a7
+    const __m256 lo = _mm256_permute2f128_ps(u0, u1, 0x20);
+    const __m256 hi = _mm256_permute2f128_ps(u0, u1, 0x31);
+    _mm256_storeu_ps(sums, _mm256_add_ps(lo, hi));
+    return;
+  }
+#endif
+  sums[0] = HorizontalSum<T>(a0);
+  sums[1] = HorizontalSum<T>(a1);
+  sums[2] = HorizontalSum<T>(a2);
+  sums[3] = HorizontalSum<T>(a3);
+  sums[4] = HorizontalSum<T>(a4);
+  sums[5] = HorizontalSum<T>(a5);
+  sums[6] = HorizontalSum<T>(a6);
+  sums[7] = HorizontalSum<T>(a7);
 }
 
 // out[k] = <x, rows[k]> for k < m, vectors of length d.
@@ -155,6 +187,112 @@ void WeightedRowSum(const T* __restrict w, const T* const* rows, int64_t m, int6
   }
 }
 
+
+// Register-blocked kernels over G high-resolution points that share one window (the s x s
+// children of an anchor): every row loaded from the window feeds G accumulators.
+
+// outs[g][c] += ... : outs[g][c0 : c0 + NV*L] = sum_k w[k*G + g] * rows[k][c0 : ...].
+template <typename T, int G, int NV>
+inline void GatherBlock(const T* __restrict w, const T* const* rows, int64_t m, int64_t c0,
+                        T* const* outs) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::kLanes;
+  V acc[G][NV];
+#pragma GCC unroll 16
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[g][v] = Broadcast<T>(0);
+  for (int64_t k = 0; k < m; ++k) {
+    const T* r = rows[k] + c0;
+    V rv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) rv[v] = Load(r + v * L);
+#pragma GCC unroll 16
+    for (int g = 0; g < G; ++g) {
+      const V wg = Broadcast<T>(w[k * G + g]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[g][v] += wg * rv[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) Store(outs[g] + c0 + v * L, acc[g][v]);
+}
+
+// outs[g][c] = sum_k w[k*G + g] * rows[k][c] for g < G, c < d.
+template <typename T, int G>
+void MultiWeightedRowSum(const T* __restrict w, const T* const* rows, int64_t m, int64_t d,
+                         T* const* outs) {
+  constexpr int L = Simd<T>::kLanes;
+  constexpr int NV = G >= 3 ? 2 : 4;
+  int64_t c = 0;
+  for (; c + NV * L <= d; c += NV * L) GatherBlock<T, G, NV>(w, rows, m, c, outs);
+  for (; c + L <= d; c += L) GatherBlock<T, G, 1>(w, rows, m, c, outs);
+  for (; c < d; ++c) {
+    for (int g = 0; g < G; ++g) {
+      T a = 0;
+      for (int64_t k = 0; k < m; ++k) a += w[k * G + g] * rows[k][c];
+      outs[g][c] = a;
+    }
+  }
+}
+
+// out[g * m + k] = <xs[g], rows[k]> for g < G, k < m, vectors of length d.
+template <typename T, int G>
+void MultiDotRows(const T* const* xs, const T* const* rows, int64_t m, int64_t d,
+                  T* __restrict out) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::kLanes;
+  constexpr int R = G >= 3 ? 2 : 4;
+  const int64_t dv = d - d % L;
+  int64_t k = 0;
+  auto block = [&](auto rcount) {
+    constexpr int RC = decltype(rcount)::value;
+    V acc[G][RC];
+#pragma GCC unroll 16
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 16
+      for (int r = 0; r < RC; ++r) acc[g][r] = Broadcast<T>(0);
+    for (int64_t c = 0; c < dv; c += L) {
+      V rv[RC];
+#pragma GCC unroll 16
+      for (int r = 0; r < RC; ++r) rv[r] = Load(rows[k + r] + c);
+#pragma GCC unroll 16
+      for (int g = 0; g < G; ++g) {
+        const V xv = Load(xs[g] + c);
+#pragma GCC unroll 16
+        for (int r = 0; r < RC; ++r) acc[g][r] += xv * rv[r];
+      }
+    }
+    T sums[G * RC];
+    if constexpr (G * RC == 8) {
+      HorizontalSum8<T>(acc[0 / RC][0 % RC], acc[1 / RC][1 % RC], acc[2 / RC][2 % RC], acc[3 / RC][3 % RC], acc[4 / RC][4 % RC], acc[5 / RC][5 % RC], acc[6 / RC][6 % RC], acc[7 / RC][7 % RC], sums);
+    } else {
+      for (int g = 0; g < G; ++g)
+        for (int r = 0; r < RC; ++r) sums[g * RC + r] = HorizontalSum<T>(acc[g][r]);
+    }
+    for (int g = 0; g < G; ++g) {
+      for (int r = 0; r < RC; ++r) {
+        T t = sums[g * RC + r];
+        for (int64_t c = dv; c < d; ++c) t += xs[g][c] * rows[k + r][c];
+        out[g * m + k + r] = t;
+      }
+    }
+  };
+  for (; k + R <= m; k += R) block(std::integral_constant<int, R>());
+  for (; k < m; ++k) block(std::integral_constant<int, 1>());
+}
+
+// Runs fn<G>(first) over `count` items in groups of 4, then 2, then 1.
+template <typename Fn>
+inline void ForGroups(int64_t count, Fn fn) {
+  int64_t i = 0;
+  for (; i + 4 <= count; i += 4) fn(std::integral_constant<int, 4>(), i);
+  for (; i + 2 <= count; i += 2) fn(std::integral_constant<int, 2>(), i);
+  for (; i < count; ++i) fn(std::integral_constant<int, 1>(), i);
+}
+
 // Runs fn(begin, end) over [0, units) on the intra-op pool; cost in rough cycles per unit.
 inline void ParallelFor(OpKernelContext* ctx, int64_t units, int64_t cost_per_unit,
                         const std::function<void(int64_t, int64_t)>& fn) {
@@ -190,21 +328,27 @@ void Dot(OpKernelContext* ctx, const WindowDims& d, const T* hi, const T* lo, T*
   ParallelFor(ctx, d.low_points(), cost, [&](int64_t begin, int64_t end) {
     std::vector<const T*> rows(kk);
     std::vector<int64_t> index(kk);
-    std::vector<T> dots(kk);
+    std::vector<T> dots(4 * kk);
+    std::vector<int64_t> points(s * s);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t w = u % d.width;
       const int64_t h = (u / d.width) % d.height;
       const int64_t b = u / (d.width * d.height);
       const int64_t m = WindowRows(d, lo, b, h, w, rows.data(), index.data());
-      for (int64_t ci = 0; ci < s; ++ci) {
-        for (int64_t cj = 0; cj < s; ++cj) {
-          const int64_t point = (b * hh + h * s + ci) * hw + w * s + cj;
-          DotRows(hi + point * d.channels, rows.data(), m, d.channels, dots.data());
-          T* o = out + point * kk;
+      for (int64_t ci = 0; ci < s; ++ci)
+        for (int64_t cj = 0; cj < s; ++cj)
+          points[ci * s + cj] = (b * hh + h * s + ci) * hw + w * s + cj;
+      ForGroups(s * s, [&](auto group, int64_t first) {
+        constexpr int G = decltype(group)::value;
+        const T* xs[G];
+        for (int g = 0; g < G; ++g) xs[g] = hi + points[first + g] * d.channels;
+        MultiDotRows<T, G>(xs, rows.data(), m, d.channels, dots.data());
+        for (int g = 0; g < G; ++g) {
+          T* o = out + points[first + g] * kk;
           if (m < kk) std::fill(o, o + kk, T(0));
-          for (int64_t k = 0; k < m; ++k) o[index[k]] = dots[k];
+          for (int64_t k = 0; k < m; ++k) o[index[k]] = dots[g * m + k];
         }
-      }
+      });
     }
   });
 }
@@ -216,21 +360,26 @@ void Gather(OpKernelContext* ctx, const WindowDims& d, const T* wt, const T* lo,
   ParallelFor(ctx, d.low_points(), cost, [&](int64_t begin, int64_t end) {
     std::vector<const T*> rows(kk);
     std::vector<int64_t> index(kk);
-    std::vector<T> weights(kk);
+    std::vector<T> weights(4 * kk);
+    std::vector<int64_t> points(s * s);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t w = u % d.width;
       const int64_t h = (u / d.width) % d.height;
       const int64_t b = u / (d.width * d.height);
       const int64_t m = WindowRows(d, lo, b, h, w, rows.data(), index.data());
-      for (int64_t ci = 0; ci < s; ++ci) {
-        for (int64_t cj = 0; cj < s; ++cj) {
-          const int64_t point = (b * hh + h * s + ci) * hw + w * s + cj;
-          const T* wp = wt + point * kk;
-          for (int64_t k = 0; k < m; ++k) weights[k] = wp[index[k]];
-          WeightedRowSum(weights.data(), rows.data(), m, d.channels,
-                         out + point * d.channels);
+      for (int64_t ci = 0; ci < s; ++ci)
+        for (int64_t cj = 0; cj < s; ++cj)
+          points[ci * s + cj] = (b * hh + h * s + ci) * hw + w * s + cj;
+      ForGroups(s * s, [&](auto group, int64_t first) {
+        constexpr int G = decltype(group)::value;
+        T* outs[G];
+        for (int g = 0; g < G; ++g) {
+          const T* wp = wt + points[first + g] * kk;
+          for (int64_t k = 0; k < m; ++k) weights[k * G + g] = wp[index[k]];
+          outs[g] = out + points[first + g] * d.channels;
         }
-      }
+        MultiWeightedRowSum<T, G>(weights.data(), rows.data(), m, d.channels, outs);
+      });
     }
   });
 }
