@@ -1,0 +1,215 @@
+"""A built-in segmentation task generated in code, and its metrics.
+
+``make_shapes(num_images, image_size, seed)`` draws textured shapes (ellipses,
+rectangles, triangles) on a textured background, with a per-pixel class mask. It is
+small enough to train a segmentation network on a CPU in minutes, and built so that
+the boundaries are what a model gets wrong:
+
+- boundaries are exact (no anti-aliasing): every pixel belongs to one class;
+- the class is the *texture*, never the colour: every region draws its colour from
+  the same distribution, so no pixel-wise colour rule solves it. Class 1 is stripes,
+  2 checkers, 3 fine noise (random period, orientation and amplitude), and the
+  background (0) is a smooth field of blobs; the shape of a region is random and says
+  nothing about its class. Telling a class needs a neighbourhood of several pixels,
+  which is exactly what blurs a low-resolution decoder's boundaries;
+- shapes overlap (later ones on top) and may leave the frame; Gaussian pixel noise
+  is added everywhere.
+
+Everything is NumPy and deterministic: the same ``seed`` gives the same arrays on any
+machine. ``mean_iou`` and ``boundary_f_score`` are the metrics the demo and the
+segmentation notebook report.
+"""
+
+import numpy as np
+
+CLASS_NAMES = ("background", "stripes", "checkers", "noise")
+NUM_CLASSES = len(CLASS_NAMES)
+# Texture kind of each class (see _texture): the background is smooth blobs.
+_CLASS_TEXTURES = {0: 2, 1: 0, 2: 1, 3: 3}
+
+
+def _texture(rng, height, width, kind):
+    """A random texture in about [-1, 1]: ``kind`` 0 stripes, 1 checkers, 2 smooth
+    blobs, 3 fine noise; frequency, orientation and phase are random."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    if kind == 0:  # stripes
+        theta = rng.uniform(0, np.pi)
+        period = rng.uniform(3.0, 10.0)
+        phase = rng.uniform(0, 2 * np.pi)
+        u = xx * np.cos(theta) + yy * np.sin(theta)
+        return np.sin(2 * np.pi * u / period + phase)
+    if kind == 1:  # checkers
+        period = rng.uniform(3.0, 10.0)
+        theta = rng.uniform(0, np.pi / 2)
+        u = xx * np.cos(theta) + yy * np.sin(theta)
+        v = -xx * np.sin(theta) + yy * np.cos(theta)
+        return np.where((np.floor(u / period) + np.floor(v / period)) % 2 == 0, 1.0, -1.0)
+    if kind == 2:  # smooth blobs: a few random sinusoids summed
+        out = np.zeros((height, width), np.float32)
+        for _ in range(3):
+            theta = rng.uniform(0, 2 * np.pi)
+            period = rng.uniform(8.0, 24.0)
+            u = xx * np.cos(theta) + yy * np.sin(theta)
+            out += np.sin(2 * np.pi * u / period + rng.uniform(0, 2 * np.pi))
+        return out / 3.0
+    return rng.uniform(-1.0, 1.0, size=(height, width))  # fine noise
+
+
+def _fill(rng, height, width, kind):
+    """A textured colour field (H, W, 3) in [0, 255]."""
+    base = rng.uniform(40.0, 215.0, size=3)
+    amplitude = rng.uniform(25.0, 60.0)
+    tint = rng.uniform(0.3, 1.0, size=3)
+    field = base + amplitude * _texture(rng, height, width, kind)[..., None] * tint
+    return field.astype(np.float32)
+
+
+def _shape_mask(rng, kind, height, width):
+    """Boolean mask of one random shape: ``kind`` 0 ellipse, 1 rectangle, 2 triangle."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    size = min(height, width)
+    cy, cx = rng.uniform(0.1, 0.9, size=2) * (height, width)
+    theta = rng.uniform(0, np.pi)
+    u = (xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)
+    v = -(xx - cx) * np.sin(theta) + (yy - cy) * np.cos(theta)
+    if kind == 0:  # ellipse
+        a, b = rng.uniform(0.1, 0.28, size=2) * size
+        return (u / a) ** 2 + (v / b) ** 2 <= 1.0
+    if kind == 1:  # rectangle
+        a, b = rng.uniform(0.1, 0.25, size=2) * size
+        return (np.abs(u) <= a) & (np.abs(v) <= b)
+    # triangle: three vertices at random angles around the centre
+    radius = rng.uniform(0.15, 0.35) * size
+    angles = theta + np.array([0.0, 2.1, 4.2]) + rng.uniform(-0.4, 0.4, size=3)
+    vy = cy + radius * np.sin(angles)
+    vx = cx + radius * np.cos(angles)
+    inside = np.ones((height, width), bool)
+    sign = None
+    for i in range(3):
+        j = (i + 1) % 3
+        cross = (vx[j] - vx[i]) * (yy - vy[i]) - (vy[j] - vy[i]) * (xx - vx[i])
+        if sign is None:
+            # orientation of the triangle: the sign every interior point shares
+            k = (i + 2) % 3
+            sign = np.sign((vx[j] - vx[i]) * (vy[k] - vy[i]) - (vy[j] - vy[i]) * (vx[k] - vx[i]))
+        inside &= cross * sign >= 0
+    return inside
+
+
+def make_shapes(num_images, image_size=64, seed=0, max_shapes=4, noise=6.0):
+    """Images of textured shapes on a textured background, and their class masks.
+
+    Args:
+        num_images: number of images.
+        image_size: side of the square images (an int), or ``(height, width)``.
+        seed: the random seed; the output depends on nothing else.
+        max_shapes: each image has between 1 and ``max_shapes`` shapes.
+        noise: standard deviation of the Gaussian pixel noise, in 0-255 units.
+
+    Returns:
+        ``(images, masks)``: ``images`` float32 ``(N, H, W, 3)`` in [0, 255],
+        ``masks`` int32 ``(N, H, W)`` with values in ``range(NUM_CLASSES)``
+        (:data:`CLASS_NAMES`).
+    """
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
+        raise ValueError(
+            f"`num_images` must be a non-negative integer. Received: num_images={num_images!r}"
+        )
+    if isinstance(image_size, int):
+        height = width = image_size
+    else:
+        height, width = (int(v) for v in image_size)
+    if height < 8 or width < 8:
+        raise ValueError(f"`image_size` must be at least 8. Received: image_size={image_size!r}")
+    if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
+        raise ValueError(
+            f"`max_shapes` must be a positive integer. Received: max_shapes={max_shapes!r}"
+        )
+    rng = np.random.default_rng(seed)
+    images = np.empty((num_images, height, width, 3), np.float32)
+    masks = np.empty((num_images, height, width), np.int32)
+    for n in range(num_images):
+        image = _fill(rng, height, width, _CLASS_TEXTURES[0])
+        mask = np.zeros((height, width), np.int32)
+        for _ in range(rng.integers(1, max_shapes + 1)):
+            label = int(rng.integers(1, NUM_CLASSES))
+            inside = _shape_mask(rng, int(rng.integers(3)), height, width)
+            image[inside] = _fill(rng, height, width, _CLASS_TEXTURES[label])[inside]
+            mask[inside] = label
+        image += rng.normal(0.0, noise, size=image.shape).astype(np.float32)
+        images[n] = np.clip(image, 0.0, 255.0)
+        masks[n] = mask
+    return images, masks
+
+
+# ----------------------------------------------------------------------- metrics
+def confusion_matrix(y_true, y_pred, num_classes=NUM_CLASSES):
+    """``(num_classes, num_classes)`` counts, rows the true class."""
+    y_true = np.asarray(y_true).reshape(-1).astype(np.int64)
+    y_pred = np.asarray(y_pred).reshape(-1).astype(np.int64)
+    return np.bincount(
+        y_true * num_classes + y_pred, minlength=num_classes * num_classes
+    ).reshape(num_classes, num_classes)
+
+
+def mean_iou(y_true, y_pred, num_classes=NUM_CLASSES):
+    """Mean intersection over union over the classes present in ``y_true`` or
+    ``y_pred`` (classes absent from both are left out, as in most benchmarks).
+
+    Returns ``(miou, per_class)``; ``per_class`` holds NaN for the absent classes.
+    """
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    inter = np.diag(cm).astype(np.float64)
+    union = cm.sum(0) + cm.sum(1) - np.diag(cm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(union > 0, inter / union, np.nan)
+    return float(np.nanmean(per_class)), per_class
+
+
+def boundaries(mask):
+    """Boolean map of the pixels whose label differs from their right or lower
+    neighbour (or that neighbour's), i.e. both sides of every label boundary."""
+    mask = np.asarray(mask)
+    edge = np.zeros(mask.shape, bool)
+    dy = mask[..., 1:, :] != mask[..., :-1, :]
+    dx = mask[..., :, 1:] != mask[..., :, :-1]
+    edge[..., 1:, :] |= dy
+    edge[..., :-1, :] |= dy
+    edge[..., :, 1:] |= dx
+    edge[..., :, :-1] |= dx
+    return edge
+
+
+def _dilate(edge, radius):
+    """Binary dilation by a (2 * radius + 1) square, over the last two axes."""
+    if radius <= 0:
+        return edge
+    out = edge.copy()
+    height, width = edge.shape[-2:]
+    padded = np.pad(edge, [(0, 0)] * (edge.ndim - 2) + [(radius, radius)] * 2)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out |= padded[..., dy : dy + height, dx : dx + width]
+    return out
+
+
+def boundary_f_score(y_true, y_pred, tolerance=1):
+    """Boundary F-score (as in the DAVIS and Cityscapes boundary metrics).
+
+    A predicted boundary pixel is correct when a true boundary pixel lies within
+    ``tolerance`` pixels (chessboard distance), and conversely for recall.
+    Boundaries are those of :func:`boundaries`. Counts are pooled over the batch.
+
+    Returns ``(f_score, precision, recall)``; 1.0 for both empty.
+    """
+    true_edge = boundaries(y_true)
+    pred_edge = boundaries(y_pred)
+    n_pred, n_true = pred_edge.sum(), true_edge.sum()
+    if n_pred == 0 and n_true == 0:
+        return 1.0, 1.0, 1.0
+    precision = (pred_edge & _dilate(true_edge, tolerance)).sum() / max(n_pred, 1)
+    recall = (true_edge & _dilate(pred_edge, tolerance)).sum() / max(n_true, 1)
+    if precision + recall == 0:
+        return 0.0, float(precision), float(recall)
+    f = 2 * precision * recall / (precision + recall)
+    return float(f), float(precision), float(recall)
