@@ -9,43 +9,36 @@ style of Keras's own layers. Shape checks run on static shapes (Python ints or
 IMPLEMENTATIONS = ("auto", "patches", "xla", "compiled")
 
 
-def check_kernel_size(kernel_size):
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
+def _integer(name, value, requirement):
+    """``value`` as an int if it is integral (not a bool), else a ValueError."""
+    if isinstance(value, bool):
+        as_int = None
+    elif isinstance(value, int):
+        as_int = value
+    else:
         try:
-            as_int = int(kernel_size)
+            as_int = int(value) if int(value) == value else None
         except (TypeError, ValueError):
             as_int = None
-        if as_int is None or as_int != kernel_size or isinstance(kernel_size, bool):
-            raise ValueError(
-                "`kernel_size` must be a positive odd integer. "
-                f"Received: kernel_size={kernel_size!r}"
-            )
-        kernel_size = as_int
-    if kernel_size < 1 or kernel_size % 2 == 0:
+    if as_int is None:
+        raise ValueError(f"`{name}` must be {requirement}. Received: {name}={value!r}")
+    return as_int
+
+
+def check_kernel_size(kernel_size):
+    value = _integer("kernel_size", kernel_size, "a positive odd integer")
+    if value < 1 or value % 2 == 0:
         raise ValueError(
-            "`kernel_size` must be a positive odd integer. "
-            f"Received: kernel_size={kernel_size}"
+            f"`kernel_size` must be a positive odd integer. Received: kernel_size={value}"
         )
-    return kernel_size
+    return value
 
 
 def check_up_factor(up_factor):
-    if isinstance(up_factor, bool) or not isinstance(up_factor, int):
-        try:
-            as_int = int(up_factor)
-        except (TypeError, ValueError):
-            as_int = None
-        if as_int is None or as_int != up_factor or isinstance(up_factor, bool):
-            raise ValueError(
-                "`up_factor` must be an integer >= 1. "
-                f"Received: up_factor={up_factor!r}"
-            )
-        up_factor = as_int
-    if up_factor < 1:
-        raise ValueError(
-            f"`up_factor` must be an integer >= 1. Received: up_factor={up_factor}"
-        )
-    return up_factor
+    value = _integer("up_factor", up_factor, "an integer >= 1")
+    if value < 1:
+        raise ValueError(f"`up_factor` must be an integer >= 1. Received: up_factor={value}")
+    return value
 
 
 def check_implementation(implementation):
