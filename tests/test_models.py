@@ -6,8 +6,6 @@ in file order, and those do not depend on it (they check outputs against the mod
 as it is, whatever its weights).
 """
 
-import math
-
 import keras
 import keras_cv
 import numpy as np
@@ -281,7 +279,9 @@ def test_retinanet_fit_loss_falls(retinanet):
     retinanet.compile(
         classification_loss="focal",
         box_loss="smoothl1",
-        optimizer=keras.optimizers.Adam(1e-3),
+        # With lr 1e-3 the focal loss of this tiny model spikes (the stock RetinaNet's
+        # too); 3e-4 with clipping falls steadily (~1.8 -> ~0.4 in 10 steps).
+        optimizer=keras.optimizers.Adam(3e-4, global_clipnorm=1.0),
         jit_compile=False,
     )
     sapa_kernel = retinanet.feature_pyramid.upsamplers[0].q.kernel
@@ -289,7 +289,7 @@ def test_retinanet_fit_loss_falls(retinanet):
     history = retinanet.fit(x, y, epochs=10, batch_size=2, verbose=0)
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses))
-    assert losses[-1] < losses[0]
+    assert losses[-1] < 0.8 * losses[0]
     assert not np.allclose(before, sapa_kernel.numpy())
 
 
@@ -361,4 +361,3 @@ def test_overhead_rejects_stock_models():
     plain = keras.Model(inputs, keras.layers.Conv2D(4, 3)(inputs))
     with pytest.raises(ValueError, match="SAPADeepLabV3Plus"):
         sapa_models.sapa_overhead(plain)
-    assert math.isclose(1.0, 1.0)

@@ -96,7 +96,10 @@ class SAPAFeaturePyramid(keras.layers.Layer):
         top = self.top_backbone_level
         self.input_levels = tuple(range(self.min_level, top + 1))
         self.lateral_convs = [
-            keras.layers.Conv2D(num_channels, 1, padding="same", name=f"lateral_P{level}")
+            keras.layers.Conv2D(
+                num_channels, 1, padding="same", dtype=self.dtype_policy,
+                name=f"lateral_P{level}",
+            )
             for level in self.input_levels
         ]
         # upsamplers[i] brings merged level input_levels[i] + 1 to input_levels[i].
@@ -114,12 +117,16 @@ class SAPAFeaturePyramid(keras.layers.Layer):
             for level in self.input_levels[:-1]
         ]
         self.output_convs = [
-            keras.layers.Conv2D(num_channels, 3, padding="same", name=f"output_P{level}")
+            keras.layers.Conv2D(
+                num_channels, 3, padding="same", dtype=self.dtype_policy,
+                name=f"output_P{level}",
+            )
             for level in self.input_levels
         ]
         self.extra_convs = [
             keras.layers.Conv2D(
-                num_channels, 3, strides=2, padding="same", name=f"output_P{level}"
+                num_channels, 3, strides=2, padding="same", dtype=self.dtype_policy,
+                name=f"output_P{level}",
             )
             for level in range(top + 1, self.max_level + 1)
         ]
