@@ -565,12 +565,13 @@ def train_and_evaluate(
     ``eval_images`` held-out images (another seed).
 
     Returns a dict: ``results`` (name -> ``{"miou", "boundary_f", "params",
-    "seconds"}``), ``history`` (name -> list of ``(step, loss, miou)``, filled every
-    ``history_every`` steps when > 0), ``models``, ``eval`` (images, masks) and
-    ``predictions`` (name -> masks).
+    "seconds"}``), ``history`` (name -> ``{"loss": [per step], "eval_step": [...],
+    "miou": [...], "boundary_f": [...]}``, evaluated every ``history_every`` steps
+    when > 0), ``models``, ``eval`` (images, masks) and ``predictions`` (name ->
+    masks). ``seconds`` is training time only (evaluations excluded).
     """
     import keras
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from keras_sapa import data
 
@@ -583,17 +584,21 @@ def train_and_evaluate(
             optimizer=keras.optimizers.Adam(learning_rate),
             loss="sparse_categorical_crossentropy",
         )
-        history[name] = []
-        start = time.perf_counter()
+        log = history[name] = {"loss": [], "eval_step": [], "miou": [], "boundary_f": []}
+        seconds = 0.0
         bar = tqdm(range(steps), desc=f"{name:>16}", unit="step", disable=not progress, leave=True)
         for step in bar:
             x, y = train_batch(step, batch_size, image_size, seed)
+            start = time.perf_counter()
             loss = float(model.train_on_batch(x, y))
+            seconds += time.perf_counter() - start
+            log["loss"].append(loss)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             if history_every and ((step + 1) % history_every == 0 or step + 1 == steps):
                 pred = model.predict(eval_x, batch_size=32, verbose=0).argmax(-1)
-                history[name].append((step + 1, loss, data.mean_iou(eval_y, pred)[0]))
-        seconds = time.perf_counter() - start
+                log["eval_step"].append(step + 1)
+                log["miou"].append(data.mean_iou(eval_y, pred)[0])
+                log["boundary_f"].append(data.boundary_f_score(eval_y, pred)[0])
         pred = model.predict(eval_x, batch_size=32, verbose=0).argmax(-1)
         predictions[name] = pred
         results[name] = {
