@@ -127,6 +127,7 @@ def _try_load_gpu(lib_path):
         return f"failed: {exc}"
 
 
+@tf.autograph.experimental.do_not_convert
 def load_library():
     """Loads the library once (thread-safe) and returns its op module or None.
 

@@ -152,14 +152,14 @@ void DotRows(const T* __restrict x, const T* const* rows, int64_t m, int64_t d,
   }
 }
 
-// out[c] = sum_k w[k] * rows[k][c] for c < d. The channel axis is processed in blocks of
+// out[c] = sum_k w[k] * rows[k][c] for c_begin <= c < d. The channel axis is processed in blocks of
 // four vectors whose accumulators stay in registers across the k loop.
 template <typename T>
-void WeightedRowSum(const T* __restrict w, const T* const* rows, int64_t m, int64_t d,
-                    T* __restrict out) {
+void WeightedRowSum(const T* __restrict w, const T* const* rows, int64_t m, int64_t c_begin,
+                    int64_t d, T* __restrict out) {
   using V = typename Simd<T>::V;
   constexpr int L = Simd<T>::kLanes;
-  int64_t c = 0;
+  int64_t c = c_begin;
   for (; c + 4 * L <= d; c += 4 * L) {
     V a0 = Broadcast<T>(0), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t k = 0; k < m; ++k) {
@@ -388,35 +388,63 @@ template <typename T>
 void Scatter(OpKernelContext* ctx, const WindowDims& d, const T* wt, const T* hi, T* out) {
   const int64_t s = d.up, kk = d.window(), hh = d.high_height(), hw = d.high_width();
   const int64_t r = d.radius();
-  const int64_t cost = s * s * kk * (d.channels + 6);
-  ParallelFor(ctx, d.low_points(), cost, [&](int64_t begin, int64_t end) {
-    std::vector<const T*> rows(kk * s * s);
-    std::vector<T> weights(kk * s * s);
+  // A unit is a tile of `tile` consecutive low-resolution points of one row; units run
+  // down the rows of a column tile, so the high-resolution rows they read (K anchor rows
+  // of s x s children, (tile + 2r) * s columns) stay in L2 from one unit to the next.
+  const int64_t row_bytes = std::max<int64_t>(1, d.channels * int64_t(sizeof(T)));
+  const int64_t budget = int64_t(256) << 10;
+  const int64_t tile = std::max<int64_t>(
+      1, std::min<int64_t>(d.width, budget / (d.kernel * s * s * row_bytes) - 2 * r));
+  const int64_t tiles = (d.width + tile - 1) / tile;
+  const int64_t units = d.batch * tiles * d.height;
+  const int64_t cost = tile * s * s * kk * (d.channels + 6);
+  // Whole rows per point: with C*sizeof(T) a multiple of 4 KiB / rows, channel blocks
+  // across many rows alias to few L1 sets, which measured slower.
+  const int64_t block = std::max<int64_t>(d.channels, 1);
+  ParallelFor(ctx, units, cost, [&](int64_t begin, int64_t end) {
+    const int64_t max_m = kk * s * s;
+    std::vector<const T*> rows_all(tile * max_m);
+    std::vector<T> weights_all(tile * max_m);
+    std::vector<int64_t> counts(tile);
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t q = u % d.width;
-      const int64_t p = (u / d.width) % d.height;
-      const int64_t b = u / (d.width * d.height);
-      int64_t m = 0;
-      // (p, q) is the window point n = (a+r)*K + (c+r) of the anchor (p - a, q - c).
-      for (int64_t a = -r; a <= r; ++a) {
-        const int64_t h = p - a;
-        if (h < 0 || h >= d.height) continue;
-        for (int64_t c = -r; c <= r; ++c) {
-          const int64_t w = q - c;
-          if (w < 0 || w >= d.width) continue;
-          const int64_t n = (a + r) * d.kernel + (c + r);
-          for (int64_t ci = 0; ci < s; ++ci) {
-            const int64_t row_start = (b * hh + h * s + ci) * hw + w * s;
-            for (int64_t cj = 0; cj < s; ++cj) {
-              const int64_t point = row_start + cj;
-              weights[m] = wt[point * kk + n];
-              rows[m] = hi + point * d.channels;
-              ++m;
+      const int64_t p = u % d.height;
+      const int64_t t = (u / d.height) % tiles;
+      const int64_t b = u / (d.height * tiles);
+      const int64_t q_end = std::min(d.width, (t + 1) * tile);
+      for (int64_t q = t * tile; q < q_end; ++q) {
+        const T** rows = rows_all.data() + (q - t * tile) * max_m;
+        T* weights = weights_all.data() + (q - t * tile) * max_m;
+        int64_t m = 0;
+        // (p, q) is the window point n = (a+r)*K + (c+r) of the anchor (p - a, q - c).
+        for (int64_t a = -r; a <= r; ++a) {
+          const int64_t h = p - a;
+          if (h < 0 || h >= d.height) continue;
+          for (int64_t c = -r; c <= r; ++c) {
+            const int64_t w = q - c;
+            if (w < 0 || w >= d.width) continue;
+            const int64_t n = (a + r) * d.kernel + (c + r);
+            for (int64_t ci = 0; ci < s; ++ci) {
+              const int64_t row_start = (b * hh + h * s + ci) * hw + w * s;
+              for (int64_t cj = 0; cj < s; ++cj) {
+                const int64_t point = row_start + cj;
+                weights[m] = wt[point * kk + n];
+                rows[m] = hi + point * d.channels;
+                ++m;
+              }
             }
           }
         }
+        counts[q - t * tile] = m;
       }
-      WeightedRowSum(weights.data(), rows.data(), m, d.channels, out + u * d.channels);
+      for (int64_t c0 = 0; c0 < d.channels; c0 += block) {
+        const int64_t c1 = std::min(d.channels, c0 + block);
+        for (int64_t q = t * tile; q < q_end; ++q) {
+          const int64_t i = q - t * tile;
+          T* o = out + ((b * d.height + p) * d.width + q) * d.channels;
+          WeightedRowSum(weights_all.data() + i * max_m, rows_all.data() + i * max_m,
+                         counts[i], c0, c1, o);
+        }
+      }
     }
   });
 }
