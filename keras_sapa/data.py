@@ -6,14 +6,14 @@ small enough to train a segmentation network on a CPU in minutes, and built so t
 the boundaries are what a model gets wrong:
 
 - boundaries are exact (no anti-aliasing): every pixel belongs to one class;
-- the class is the *texture*, never the colour: every region draws its colour from
-  the same distribution, so no pixel-wise colour rule solves it. Class 1 is stripes,
-  2 checkers, 3 fine noise (random period, orientation and amplitude), and the
-  background (0) is a smooth field of blobs; the shape of a region is random and says
-  nothing about its class. Telling a class needs a neighbourhood of several pixels,
-  which is exactly what blurs a low-resolution decoder's boundaries;
-- shapes overlap (later ones on top) and may leave the frame; Gaussian pixel noise
-  is added everywhere.
+- the class is the region's *mean* colour family (1 red, 2 green, 3 blue, 0 an
+  unsaturated background), but no single pixel tells it: every region carries a strong
+  texture (stripes, checkers, smooth blobs or fine noise, of random period,
+  orientation and amplitude) with a random tint per channel, plus pixel noise, so
+  deciding a pixel's class needs an average over its neighbourhood: the averaging
+  that blurs a low-resolution decoder's boundaries. The shape is random and says
+  nothing about the class;
+- shapes overlap (later ones on top) and may leave the frame.
 
 Everything is NumPy and deterministic: the same ``seed`` gives the same arrays on any
 machine. ``mean_iou`` and ``boundary_f_score`` are the metrics the demo and the
@@ -22,10 +22,10 @@ segmentation notebook report.
 
 import numpy as np
 
-CLASS_NAMES = ("background", "stripes", "checkers", "noise")
+CLASS_NAMES = ("background", "red", "green", "blue")
 NUM_CLASSES = len(CLASS_NAMES)
-# Texture kind of each class (see _texture): the background is smooth blobs.
-_CLASS_TEXTURES = {0: 2, 1: 0, 2: 1, 3: 3}
+# Hue (degrees) of each object class; the background is unsaturated.
+_CLASS_HUES = {1: 0.0, 2: 120.0, 3: 240.0}
 
 
 def _texture(rng, height, width, kind):
@@ -34,12 +34,12 @@ def _texture(rng, height, width, kind):
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     if kind == 0:  # stripes
         theta = rng.uniform(0, np.pi)
-        period = rng.uniform(3.0, 10.0)
+        period = rng.uniform(5.0, 12.0)
         phase = rng.uniform(0, 2 * np.pi)
         u = xx * np.cos(theta) + yy * np.sin(theta)
         return np.sin(2 * np.pi * u / period + phase)
     if kind == 1:  # checkers
-        period = rng.uniform(3.0, 10.0)
+        period = rng.uniform(5.0, 12.0)
         theta = rng.uniform(0, np.pi / 2)
         u = xx * np.cos(theta) + yy * np.sin(theta)
         v = -xx * np.sin(theta) + yy * np.cos(theta)
@@ -55,13 +55,27 @@ def _texture(rng, height, width, kind):
     return rng.uniform(-1.0, 1.0, size=(height, width))  # fine noise
 
 
-def _fill(rng, height, width, kind):
-    """A textured colour field (H, W, 3) in [0, 255]."""
-    base = rng.uniform(40.0, 215.0, size=3)
-    amplitude = rng.uniform(25.0, 60.0)
-    tint = rng.uniform(0.3, 1.0, size=3)
-    field = base + amplitude * _texture(rng, height, width, kind)[..., None] * tint
-    return field.astype(np.float32)
+def _fill(rng, height, width, label):
+    """A textured colour field (H, W, 3) in [0, 255] for class ``label``.
+
+    The mean colour carries the class (hue within 25 degrees of the class hue, or
+    low saturation for the background), brightness is random, and a strong texture
+    of a random kind with a random tint per channel perturbs both brightness and hue
+    from pixel to pixel.
+    """
+    import colorsys
+
+    if label == 0:
+        hue, saturation = rng.uniform(0.0, 360.0), rng.uniform(0.0, 0.15)
+    else:
+        hue = (_CLASS_HUES[label] + rng.uniform(-25.0, 25.0)) % 360.0
+        saturation = rng.uniform(0.45, 0.9)
+    value = rng.uniform(0.45, 0.85)
+    base = 255.0 * np.array(colorsys.hsv_to_rgb(hue / 360.0, saturation, value))
+    amplitude = rng.uniform(30.0, 70.0)
+    tint = rng.uniform(0.2, 1.0, size=3)
+    texture = _texture(rng, height, width, int(rng.integers(4)))
+    return (base + amplitude * texture[..., None] * tint).astype(np.float32)
 
 
 def _shape_mask(rng, kind, height, width):
@@ -96,7 +110,7 @@ def _shape_mask(rng, kind, height, width):
     return inside
 
 
-def make_shapes(num_images, image_size=64, seed=0, max_shapes=4, noise=6.0):
+def make_shapes(num_images, image_size=64, seed=0, max_shapes=5, noise=8.0):
     """Images of textured shapes on a textured background, and their class masks.
 
     Args:
@@ -129,12 +143,12 @@ def make_shapes(num_images, image_size=64, seed=0, max_shapes=4, noise=6.0):
     images = np.empty((num_images, height, width, 3), np.float32)
     masks = np.empty((num_images, height, width), np.int32)
     for n in range(num_images):
-        image = _fill(rng, height, width, _CLASS_TEXTURES[0])
+        image = _fill(rng, height, width, 0)
         mask = np.zeros((height, width), np.int32)
         for _ in range(rng.integers(1, max_shapes + 1)):
             label = int(rng.integers(1, NUM_CLASSES))
             inside = _shape_mask(rng, int(rng.integers(3)), height, width)
-            image[inside] = _fill(rng, height, width, _CLASS_TEXTURES[label])[inside]
+            image[inside] = _fill(rng, height, width, label)[inside]
             mask[inside] = label
         image += rng.normal(0.0, noise, size=image.shape).astype(np.float32)
         images[n] = np.clip(image, 0.0, 255.0)

@@ -218,8 +218,10 @@ KerasCV's `DeepLabV3Plus` upsamples its encoder output 8x with one fixed bilinea
 `UpSampling2D`. `keras_sapa.models.SAPADeepLabV3Plus` replaces that step by three SAPA-G
 2x stages guided by the backbone's P4, P3 and P2 features. Both are trained here from
 the same seed, on the same batches, for the same steps, on the built-in synthetic task
-of `keras_sapa.data`: textured shapes whose class is their texture (stripes, checkers,
-fine noise) on a smooth background, with exact boundaries.
+of `keras_sapa.data`: shapes with exact boundaries whose class is their mean colour
+family (red, green, blue; the background is grey), under textures and noise strong
+enough that no single pixel tells its class, so a model has to average over a
+neighbourhood, the averaging that blurs boundaries.
 
 This is a small CPU experiment (a tiny ResNetV2 backbone, 64 x 64 images, minutes of
 training): read the numbers as what they are, one seed of a toy task."""),
@@ -242,7 +244,7 @@ plt.show()"""),
 `demo.train_and_evaluate` builds both models (`demo.build_segmentation_models`: a
 ResNetV2 backbone with stacks of 8, 16, 32, 64 bottleneck filters, a 64-channel spatial
 pyramid pooling), trains each with Adam on identical batches and evaluates on held-out
-images every few steps."""),
+images every few steps. The learning rate follows a cosine decay to zero."""),
         new_code_cell("""\
 STEPS = 20 if QUICK else 400
 EVERY = 10 if QUICK else 50
