@@ -47,6 +47,9 @@ struct WindowDims {
   int64_t high_points() const { return batch * height * width * up * up; }
 };
 
+// Device tag of the CUDA functors (the host files never need Eigen's GPU headers).
+struct GpuTag {};
+
 namespace functor {
 
 template <typename Device, typename T>

@@ -1,0 +1,370 @@
+"""Speed and memory benchmark of the SAPA implementations (``python -m keras_sapa bench``).
+
+For every workload and implementation (``compiled``, ``patches``, ``xla``) it measures,
+in one run and one process:
+
+- ``fwd ms``: median wall time of ``ops.sapa(query, key, value)`` (similarity, softmax,
+  aggregation) in a ``tf.function`` (``jit_compile=True`` for ``xla``);
+- ``fwd+bwd ms``: the forward pass plus the gradients with respect to query, key and
+  value (a fixed random upstream gradient);
+- ratios against ``tf.image.resize(value, (sH, sW), "bilinear")`` of the same value
+  tensor (its forward, timed in the same rounds) and against the patches path;
+- ``peak MiB``: the peak extra memory of one forward, and of one forward+backward call:
+  TensorFlow's allocator statistics (``tf.config.experimental.get_memory_info``: the
+  ``peak`` after ``reset_memory_stats`` minus the bytes in use before the call; on CPU
+  this works with the oneDNN allocator of the x86 wheels). It counts every tensor the call
+  allocates (outputs, gradients, temporaries), not Python or code memory. Where the
+  allocator keeps no statistics, a fresh subprocess per case measures resident memory
+  instead: after a warm-up call ``/proc/self/clear_refs`` resets the high-water mark
+  (VmHWM), glibc maps every buffer of 64 KiB or more separately
+  (``MALLOC_MMAP_THRESHOLD_``) and the caching oneDNN allocator is off, so freed memory
+  leaves the process. ``xN out`` divides the forward+backward peak by the size of the
+  output tensor.
+
+Timings interleave the implementations round by round, so that load from other
+processes on a shared machine affects them alike. Everything runs on the default device
+(CPU here; GPU where TensorFlow sees one).
+
+Targets (issue 3, on workload W1 unless noted): compiled forward >= 10x faster than
+patches; <= 3x bilinear resize; forward+backward <= 3.5x forward; peak extra memory of
+forward+backward at B=4, 64x64 -> 128x128, C=256 (workload M1) <= 6x the output.
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+IMPLEMENTATIONS = ("compiled", "patches", "xla")
+
+# name: (batch, low height, low width, channels C, embedding d, kernel K, up factor s)
+W1 = ("W1", 2, 32, 32, 256, 64, 5, 2)
+M1 = ("M1", 4, 64, 64, 256, 64, 5, 2)
+SWEEP = (
+    ("res 16->32", 2, 16, 16, 256, 64, 5, 2),
+    ("res 64->128", 2, 64, 64, 256, 64, 5, 2),
+    ("res 128->256", 2, 128, 128, 256, 64, 5, 2),
+    ("C=64", 2, 32, 32, 64, 64, 5, 2),
+    ("C=512", 2, 32, 32, 512, 64, 5, 2),
+    ("K=3", 2, 32, 32, 256, 64, 3, 2),
+    ("K=7", 2, 32, 32, 256, 64, 7, 2),
+    ("s=4", 2, 16, 16, 256, 64, 5, 4),
+)
+# The patches path materialises K*K copies of key and value (and of their gradients):
+# skip it where that would exceed this many bytes.
+PATCHES_LIMIT_BYTES = 3 << 30
+
+
+def _workload_dict(spec):
+    name, b, h, w, c, d, k, s = spec
+    return dict(name=name, batch=b, height=h, width=w, channels=c, dim=d, kernel=k, up=s)
+
+
+def _patches_bytes(wl):
+    low = wl["batch"] * wl["height"] * wl["width"]
+    return 4 * low * wl["kernel"] ** 2 * (wl["channels"] + wl["dim"]) * 3
+
+
+def _make_inputs(wl, seed=0):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    b, h, w, s = wl["batch"], wl["height"], wl["width"], wl["up"]
+    f = lambda *shape: tf.constant(rng.standard_normal(shape).astype(np.float32))  # noqa
+    query = f(b, s * h, s * w, wl["dim"])
+    key = f(b, h, w, wl["dim"])
+    value = f(b, h, w, wl["channels"])
+    upstream = f(b, s * h, s * w, wl["channels"])
+    return query, key, value, upstream
+
+
+def _functions(impl, wl):
+    """(forward, forward+backward) tf.functions of (query, key, value, upstream)."""
+    import tensorflow as tf
+
+    from keras_sapa import ops
+
+    k, s = wl["kernel"], wl["up"]
+    size = (wl["height"] * s, wl["width"] * s)
+    jit = impl == "xla"
+    if impl == "bilinear":
+        def forward(query, key, value, upstream):
+            return tf.image.resize(value, size, "bilinear")
+    else:
+        def forward(query, key, value, upstream):
+            return ops.sapa(query, key, value, k, s, implementation=impl)
+
+    def forward_backward(query, key, value, upstream):
+        with tf.GradientTape() as tape:
+            tape.watch([query, key, value])
+            out = forward(query, key, value, upstream)
+        grads = tape.gradient(out, [query, key, value], output_gradients=upstream)
+        return [out] + [g for g in grads if g is not None]
+
+    return (tf.function(forward, jit_compile=jit),
+            tf.function(forward_backward, jit_compile=jit))
+
+
+def _time_rounds(cases, inputs, rounds, calls):
+    """cases: {label: fn}. Interleaved rounds; returns {label: median ms}."""
+    samples = {label: [] for label in cases}
+    per_case = {}
+    for label, fn in cases.items():  # warm-up: tracing, XLA compilation, first allocation
+        fn(*inputs)
+        start = time.perf_counter()
+        fn(*inputs)
+        # Slow cases get fewer calls per round (at least one), about 0.3 s per round.
+        per_case[label] = max(1, min(calls, int(0.3 / (time.perf_counter() - start))))
+    for _ in range(rounds):
+        for label, fn in cases.items():
+            for _ in range(per_case[label]):
+                start = time.perf_counter()
+                fn(*inputs)
+                samples[label].append(time.perf_counter() - start)
+    return {label: 1e3 * float(np.median(v)) for label, v in samples.items()}
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    return int(match.group(1))
+
+
+def _allocator_peak(fn, inputs):
+    """Peak bytes above the current use of TensorFlow's CPU/GPU allocator during one call,
+    or None where the allocator keeps no statistics."""
+    import tensorflow as tf
+
+    device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
+    try:
+        tf.config.experimental.reset_memory_stats(device)
+        before = tf.config.experimental.get_memory_info(device)["current"]
+    except (ValueError, RuntimeError, tf.errors.OpError):
+        return None
+    out = fn(*inputs)
+    peak = tf.config.experimental.get_memory_info(device)["peak"]
+    del out
+    return max(0, peak - before)
+
+
+def _memory_child(spec_json):
+    """Runs in a subprocess: prints the peak extra KiB of forward and forward+backward,
+    as resident memory (VmHWM after a reset through /proc/self/clear_refs)."""
+    spec = json.loads(spec_json)
+    wl, impl = spec["workload"], spec["implementation"]
+    inputs = _make_inputs(wl)
+    forward, forward_backward = _functions(impl, wl)
+    result = {}
+    for mode, fn in (("fwd", forward), ("fwdbwd", forward_backward)):
+        fn(*inputs)  # warm-up (tracing, compilation, one-time allocations)
+        gc.collect()
+        baseline = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        out = fn(*inputs)
+        peak = _status_kib("VmHWM")
+        del out
+        result[mode] = max(0, peak - baseline) * 1024
+    print("MEMORY_RESULT " + json.dumps(result))
+
+
+def _rss_supported():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_kib("VmHWM")
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory_rss(wl, impl, timeout=900):
+    """Peak extra resident bytes of one forward and one forward+backward call, in a fresh
+    subprocess with glibc mapping every buffer >= 64 KiB separately and oneDNN's caching
+    CPU allocator off, so that freed memory leaves the process (see the module doc)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TF_CPP_MIN_LOG_LEVEL="2",
+               TF_ENABLE_ONEDNN_OPTS="0")
+    spec = json.dumps({"workload": wl, "implementation": impl})
+    proc = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from keras_sapa.bench import _memory_child; _memory_child(sys.argv[1])",
+         spec],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("MEMORY_RESULT "):
+            return json.loads(line[len("MEMORY_RESULT "):])
+    raise RuntimeError(f"memory measurement of {impl} failed:\n{proc.stderr[-2000:]}")
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def machine_description():
+    """One line describing the machine, TensorFlow and the compiled library."""
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        if match:
+            cpu = match.group(1).strip()
+    except OSError:
+        pass
+    gpus = tf.config.list_physical_devices("GPU")
+    device = f"GPU: {', '.join(g.name for g in gpus)}" if gpus else "no GPU"
+    build = ""
+    info_path = os.path.join(os.path.dirname(__file__), "_lib", "build_info.json")
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+        build = f", compiled ops: {info.get('cxx')} {' '.join(info.get('cxx_flags', []))}"
+    return (f"{cpu}, {os.cpu_count()} logical cores, {device}; TensorFlow {tf.__version__}, "
+            f"Python {platform.python_version()}{build}")
+
+
+def run_benchmark(workloads=None, implementations=IMPLEMENTATIONS, rounds=5, calls=4,
+                  memory=True, memory_workloads=("W1", "M1"), print_table=True,
+                  sweep_implementations=("compiled", "patches")):
+    """Benchmarks ``implementations`` on ``workloads`` (tuples like :data:`W1`).
+
+    Returns a list of dict rows (one per workload and implementation, plus one
+    ``bilinear`` row per workload) with the keys ``workload``, ``implementation``,
+    ``fwd_ms``, ``fwdbwd_ms``, ``fwd_vs_bilinear``, ``speedup_vs_patches``,
+    ``fwdbwd_over_fwd``, ``peak_fwd_mib``, ``peak_fwdbwd_mib``, ``peak_fwdbwd_over_out``
+    (None where not measured). Prints a table unless ``print_table`` is False. Workloads
+    other than W1 and M1 (the sweep) run only ``sweep_implementations`` (the XLA CPU
+    backward takes seconds per call there), and patches only where its window tensors
+    stay under :data:`PATCHES_LIMIT_BYTES`.
+    """
+    from keras_sapa import ops
+
+    workloads = [W1, M1, *SWEEP] if workloads is None else workloads
+    impls = [i for i in implementations if i != "compiled" or ops.compiled_available()]
+    skipped = [i for i in implementations if i not in impls]
+    methods = set()
+    rows = []
+    for spec in workloads:
+        wl = _workload_dict(spec)
+        inputs = _make_inputs(wl)
+        main_workload = wl["name"] in ("W1", "M1")
+        here = ["bilinear"] + [
+            i for i in impls
+            if (i != "patches" or _patches_bytes(wl) <= PATCHES_LIMIT_BYTES)
+            and (main_workload or i in sweep_implementations)
+        ]
+        fns = {impl: _functions(impl, wl) for impl in here}
+        fwd = _time_rounds({i: f[0] for i, f in fns.items()}, inputs, rounds, calls)
+        fwdbwd = _time_rounds({i: f[1] for i, f in fns.items()}, inputs, rounds, calls)
+        out_bytes = 4 * wl["batch"] * wl["height"] * wl["width"] * wl["up"] ** 2 * wl["channels"]
+        for impl in here:
+            row = dict(workload=wl["name"], implementation=impl, fwd_ms=fwd[impl],
+                       fwdbwd_ms=fwdbwd[impl], fwd_vs_bilinear=fwd[impl] / fwd["bilinear"],
+                       speedup_vs_patches=(fwd["patches"] / fwd[impl]) if "patches" in fwd else None,
+                       fwdbwd_over_fwd=fwdbwd[impl] / fwd[impl], peak_fwd_mib=None,
+                       peak_fwdbwd_mib=None, peak_fwdbwd_over_out=None, shape=wl)
+            if memory and wl["name"] in memory_workloads:
+                peaks = {"fwd": _allocator_peak(fns[impl][0], inputs),
+                         "fwdbwd": _allocator_peak(fns[impl][1], inputs)}
+                method = "allocator"
+                if None in peaks.values() and _rss_supported():
+                    peaks, method = measure_memory_rss(wl, impl), "rss"
+                if None not in peaks.values():
+                    row["peak_fwd_mib"] = peaks["fwd"] / 2**20
+                    row["peak_fwdbwd_mib"] = peaks["fwdbwd"] / 2**20
+                    row["peak_fwdbwd_over_out"] = peaks["fwdbwd"] / out_bytes
+                    row["memory_method"] = method
+                    methods.add(method)
+            rows.append(row)
+        del fns, inputs
+        gc.collect()
+    if print_table:
+        print(format_table(rows, skipped=skipped, memory=methods))
+    return rows
+
+
+def _fmt(value, spec, suffix=""):
+    return "-" if value is None else format(value, spec) + suffix
+
+
+def format_table(rows, skipped=(), memory=()):
+    """A Markdown table of :func:`run_benchmark` rows, with the machine description."""
+    lines = [
+        f"Machine: {machine_description()}",
+        "Workloads (B, HxW -> sHxsW, C, d, K, s; float32): "
+        + "; ".join(
+            sorted({f"{r['workload']}: {r['shape']['batch']}, {r['shape']['height']}x"
+                    f"{r['shape']['width']} -> {r['shape']['height'] * r['shape']['up']}x"
+                    f"{r['shape']['width'] * r['shape']['up']}, {r['shape']['channels']}, "
+                    f"{r['shape']['dim']}, {r['shape']['kernel']}, {r['shape']['up']}"
+                    for r in rows}, key=lambda t: (t[:2] != "W1", t[:2] != "M1", t))),
+        "",
+        "| workload | implementation | fwd ms | fwd+bwd ms | fwd / bilinear | patches fwd / fwd "
+        "| fwd+bwd / fwd | peak fwd MiB | peak fwd+bwd MiB | fwd+bwd peak / output |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['workload']} | {r['implementation']} | {r['fwd_ms']:.2f} | "
+            f"{r['fwdbwd_ms']:.2f} | {r['fwd_vs_bilinear']:.2f}x | "
+            f"{_fmt(r['speedup_vs_patches'], '.1f', 'x')} | {r['fwdbwd_over_fwd']:.2f}x | "
+            f"{_fmt(r['peak_fwd_mib'], '.1f')} | {_fmt(r['peak_fwdbwd_mib'], '.1f')} | "
+            f"{_fmt(r['peak_fwdbwd_over_out'], '.2f', 'x')} |"
+        )
+    if skipped:
+        lines.append(f"\nNot available here: {', '.join(skipped)}.")
+    notes = {
+        "allocator": "peak memory: TensorFlow allocator statistics (get_memory_info 'peak' "
+                     "minus the bytes in use before the call; tensors only)",
+        "rss": "peak memory: resident set high-water mark in a fresh subprocess",
+    }
+    if memory:
+        lines.append("\n" + "; ".join(notes[m] for m in sorted(memory)) + ".")
+    else:
+        lines.append("\nPeak memory not measured here.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """``python -m keras_sapa bench [--quick] [--no-memory] [--json PATH] ...``"""
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_sapa bench",
+        description="Benchmark the SAPA implementations against bilinear resize.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="W1 and M1 only, fewer repetitions (about a minute)")
+    parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS),
+                        help="comma-separated subset of compiled,patches,xla")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
+    parser.add_argument("--calls", type=int, default=None, help="calls per round")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    impls = [i.strip() for i in args.implementations.split(",") if i.strip()]
+    bad = [i for i in impls if i not in IMPLEMENTATIONS]
+    if bad:
+        parser.error(f"unknown implementations {bad}; choose from {IMPLEMENTATIONS}")
+    workloads = [W1, M1] if args.quick else None
+    rounds = args.rounds or (3 if args.quick else 5)
+    calls = args.calls or (3 if args.quick else 4)
+    rows = run_benchmark(workloads, impls, rounds=rounds, calls=calls,
+                         memory=not args.no_memory)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
