@@ -24,6 +24,10 @@ import numpy as np
 
 CLASS_NAMES = ("background", "red", "green", "blue")
 NUM_CLASSES = len(CLASS_NAMES)
+# Display colour of each class, for plots of masks (see colorize).
+CLASS_COLORS = np.array(
+    [[0.55, 0.55, 0.55], [0.85, 0.15, 0.15], [0.15, 0.65, 0.15], [0.15, 0.3, 0.9]], np.float32
+)
 # Hue (degrees) of each object class; the background is unsaturated.
 _CLASS_HUES = {1: 0.0, 2: 120.0, 3: 240.0}
 
@@ -154,6 +158,11 @@ def make_shapes(num_images, image_size=64, seed=0, max_shapes=5, noise=8.0):
         images[n] = np.clip(image, 0.0, 255.0)
         masks[n] = mask
     return images, masks
+
+
+def colorize(mask):
+    """An RGB picture ``(..., 3)`` in [0, 1] of a class mask, for plots."""
+    return CLASS_COLORS[np.asarray(mask)]
 
 
 # ----------------------------------------------------------------------- metrics

@@ -637,15 +637,17 @@ def save_training_figure(run, path, count=4):
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    from keras_sapa import data
+
     images, masks = run["eval"]
     names = list(run["predictions"])
     count = min(count, len(images))
     fig, axes = plt.subplots(count, 2 + len(names), figsize=(2.4 * (2 + len(names)), 2.4 * count), squeeze=False)
     for i in range(count):
         axes[i, 0].imshow(images[i].astype(np.uint8))
-        axes[i, 1].imshow(masks[i], vmin=0, vmax=3, cmap="tab10", interpolation="nearest")
+        axes[i, 1].imshow(data.colorize(masks[i]), interpolation="nearest")
         for j, name in enumerate(names):
-            axes[i, 2 + j].imshow(run["predictions"][name][i], vmin=0, vmax=3, cmap="tab10", interpolation="nearest")
+            axes[i, 2 + j].imshow(data.colorize(run["predictions"][name][i]), interpolation="nearest")
     for j, title in enumerate(["image", "truth"] + names):
         axes[0, j].set_title(title, fontsize=10)
     for ax in axes.flat:
@@ -714,39 +716,42 @@ def build_parser():
         epilog=(
             "Columns: PSNR over the image and within 1 px of the original's edges (Canny, "
             "sigma 2); edge sharpness = mean gradient magnitude on the original's edge "
-            "pixels, relative to the original (100%% = as sharp); edge F1 = Canny edges "
+            "pixels, relative to the original (100% = as sharp); edge F1 = Canny edges "
             "of the result against those of the original, 1 px tolerance. SAPA sees the "
             "full-resolution photo and the resizers do not: a demonstration of what the "
             "guide does, not a fair super-resolution benchmark."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--image", default=DEFAULT_IMAGE,
-        help=f"a scikit-image sample ({', '.join(SAMPLE_IMAGES)}) or the path of an image file",
+        help=f"a scikit-image sample ({', '.join(SAMPLE_IMAGES)}) or the path of an image file (default: %(default)s)",
     )
     parser.add_argument(
         "--scale", type=_scale, default=DEFAULT_SCALE,
         help="integer downsampling factor >= 2 (any integer: SAPA upsamples in one step "
-        "with up_factor=scale); the low-resolution image must keep at least 8 pixels a side",
+        "with up_factor=scale); the low-resolution image must keep at least 8 pixels a side "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--kernel-size", type=_kernel_size, default=DEFAULT_KERNEL_SIZE,
-        help="SAPA window K (odd): each output pixel mixes K x K low-resolution pixels",
+        help="SAPA window K (odd): each output pixel mixes K x K low-resolution pixels "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--color-sigma", type=_positive_float, default=DEFAULT_COLOR_SIGMA,
-        help="colour temperature of the SAPA similarity (RGB in [0, 1]); smaller = sharper",
+        help="colour temperature of the SAPA similarity (RGB in [0, 1]); smaller = sharper "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--space-sigma", type=_positive_float, default=DEFAULT_SPACE_SIGMA,
-        help="spatial temperature of the SAPA similarity, in low-resolution pixels",
+        help="spatial temperature of the SAPA similarity, in low-resolution pixels "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--crop", type=_positive_int, default=None,
         help="use the centred CROP x CROP part of the image (default: the whole image)",
     )
-    parser.add_argument("--out", default=DEFAULT_OUT, help="directory for the figures")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="directory for the figures (default: %(default)s)")
     parser.add_argument(
         "--train", action="store_true",
         help="also train stock DeepLabV3Plus (bilinear) and SAPA DeepLabV3Plus (SAPA-G) on "
@@ -761,8 +766,8 @@ def build_parser():
         "--steps", type=_positive_int, default=None,
         help="with --train: training steps per model (default 400, --quick 15)",
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=16, help="with --train: batch size")
-    parser.add_argument("--seed", type=int, default=0, help="with --train: seed of data and weights")
+    parser.add_argument("--batch-size", type=_positive_int, default=16, help="with --train: batch size (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="with --train: seed of data and weights (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 

@@ -233,7 +233,7 @@ images, masks = data.make_shapes(6, 64, seed=0)
 fig, axes = plt.subplots(2, 6, figsize=(13, 4.5))
 for i in range(6):
     axes[0, i].imshow(images[i].astype("uint8"))
-    axes[1, i].imshow(masks[i], cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+    axes[1, i].imshow(data.colorize(masks[i]), interpolation="nearest")
     axes[0, i].axis("off")
     axes[1, i].axis("off")
 axes[1, 0].set_title("classes: " + ", ".join(f"{i} {n}" for i, n in enumerate(data.CLASS_NAMES)), loc="left", fontsize=9)
@@ -276,10 +276,10 @@ near_boundary = data._dilate(data.boundaries(eval_y), 1)
 fig, axes = plt.subplots(4, 2 + 2 * len(names), figsize=(2.2 * (2 + 2 * len(names)), 9))
 for row in range(4):
     axes[row, 0].imshow(eval_x[row].astype("uint8"))
-    axes[row, 1].imshow(eval_y[row], cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+    axes[row, 1].imshow(data.colorize(eval_y[row]), interpolation="nearest")
     for j, name in enumerate(names):
         pred = run["predictions"][name][row]
-        axes[row, 2 + 2 * j].imshow(pred, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+        axes[row, 2 + 2 * j].imshow(data.colorize(pred), interpolation="nearest")
         wrong = (pred != eval_y[row]) & near_boundary[row]
         axes[row, 3 + 2 * j].imshow(np.where(wrong[..., None], [1.0, 0, 0], [0.9, 0.9, 0.9]))
 for j, title in enumerate(["image", "truth"] + sum(([n, n + ": boundary errors"] for n in names), [])):
