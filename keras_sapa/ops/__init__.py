@@ -33,6 +33,7 @@ __all__ = [
     "aggregate",
     "sapa",
     "compiled_available",
+    "load_compiled_library",
     "resolve_implementation",
     "use_implementation",
 ]
@@ -57,6 +58,16 @@ def compiled_available():
     if os.environ.get("KERAS_SAPA_DISABLE_COMPILED", "") not in ("", "0"):
         return False
     return _compiled_module().available()
+
+
+def load_compiled_library():
+    """Loads the compiled custom op library now (it is otherwise loaded on first use)
+    and returns True when it is available.
+
+    Call it before ``tf.saved_model.load`` of a SavedModel that was exported with the
+    compiled op: TensorFlow must know the ``KerasSapa>...`` ops to rebuild its graph.
+    """
+    return compiled_available()
 
 
 def in_xla_context():
