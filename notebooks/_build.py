@@ -484,8 +484,8 @@ Without the context manager, `implementation="auto"` picks the compiled op when 
 built. The SavedModel then holds `KerasSapa>...` nodes, and a process that has not
 loaded the library cannot load it. Two ways out: export inside
 `use_implementation("xla")` as above, or load the library before
-`tf.saved_model.load` (`import keras_sapa.ops._compiled as c; c.load_library()`, which
-needs the same TensorFlow version the library was built for)."""),
+`tf.saved_model.load` with `keras_sapa.ops.load_compiled_library()` (which needs the
+TensorFlow version the library was built for)."""),
         new_code_cell("""\
 if not ops.compiled_available():
     print("The compiled op is not built here: every export is already portable.")
@@ -505,11 +505,12 @@ else:
     print("fresh process, library not loaded -> exit code", plain.returncode)
     print("  ", [line for line in plain.stderr.splitlines() if "KerasSapa" in line][-1:])
 
-    LOAD_FIRST = "import keras_sapa.ops._compiled as c; c.load_library()\\n" + FRESH
+    LOAD_FIRST = "import keras_sapa.ops; assert keras_sapa.ops.load_compiled_library()\\n" + FRESH
     loaded_first = subprocess.run([sys.executable, "-c", LOAD_FIRST, workdir, compiled_dir],
                                   capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     print("fresh process, library loaded first -> exit code", loaded_first.returncode)
-    print(loaded_first.stdout)"""),
+    print(loaded_first.stdout)
+    assert plain.returncode != 0 and loaded_first.returncode == 0"""),
     ]
 
 
