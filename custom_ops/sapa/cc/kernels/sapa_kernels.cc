@@ -66,11 +66,11 @@ inline void Store(T* p, typename Simd<T>::V v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// A vector of x in every lane: a scalar-vector operation, which GCC and Clang lower to one
-// broadcast instruction (a lane-by-lane fill compiled to chains of inserts).
 template <typename T>
 inline typename Simd<T>::V Broadcast(T x) {
-  return typename Simd<T>::V{} + x;
+  typename Simd<T>::V v;
+  for (int l = 0; l < Simd<T>::kLanes; ++l) v[l] = x;
+  return v;
 }
 
 template <typename T>
@@ -384,131 +384,65 @@ void Gather(OpKernelContext* ctx, const WindowDims& d, const T* wt, const T* lo,
   });
 }
 
-#ifndef KERAS_SAPA_SCATTER_VECTORS
-#define KERAS_SAPA_SCATTER_VECTORS 2
-#endif
-constexpr int kScatterVectors = KERAS_SAPA_SCATTER_VECTORS;
-
-// Anchor-stationary update of one channel chunk: the G children rows of an anchor (NR
-// vectors each, or one scalar when NR == 0) stay in registers while they are added into
-// each of the `cnt` outputs of their windows: outs[j][...] += sum_g wrows[g][nidx[j]] * g.
-template <typename T, int G, int NR>
-inline void ScatterChunk(const T* const* grows, const T* const* wrows, T* const* outs,
-                         const int64_t* nidx, int64_t cnt, int64_t c, int64_t ahead) {
-  if constexpr (NR == 0) {
-    T gv[G];
-#pragma GCC unroll 16
-    for (int g = 0; g < G; ++g) gv[g] = grows[g][c];
-    for (int64_t j = 0; j < cnt; ++j) {
-      T acc = outs[j][c];
-      const int64_t n = nidx[j];
-#pragma GCC unroll 16
-      for (int g = 0; g < G; ++g) acc += wrows[g][n] * gv[g];
-      outs[j][c] = acc;
-    }
-  } else {
-    using V = typename Simd<T>::V;
-    constexpr int L = Simd<T>::kLanes;
-    V gv[G][NR];
-#pragma GCC unroll 16
-    for (int g = 0; g < G; ++g)
-#pragma GCC unroll 16
-      for (int v = 0; v < NR; ++v) gv[g][v] = Load(grows[g] + c + v * L);
-    // The rows of the next anchor's children (`ahead` elements on) come from memory.
-#pragma GCC unroll 16
-    for (int g = 0; g < G; ++g) __builtin_prefetch(grows[g] + c + ahead);
-    for (int64_t j = 0; j < cnt; ++j) {
-      T* o = outs[j] + c;
-      const int64_t n = nidx[j];
-      V acc[NR];
-#pragma GCC unroll 16
-      for (int v = 0; v < NR; ++v) acc[v] = Load(o + v * L);
-#pragma GCC unroll 16
-      for (int g = 0; g < G; ++g) {
-        const V wg = Broadcast<T>(wrows[g][n]);
-#pragma GCC unroll 16
-        for (int v = 0; v < NR; ++v) acc[v] += wg * gv[g][v];
-      }
-#pragma GCC unroll 16
-      for (int v = 0; v < NR; ++v) Store(o + v * L, acc[v]);
-    }
-  }
-}
-
 template <typename T>
 void Scatter(OpKernelContext* ctx, const WindowDims& d, const T* wt, const T* hi, T* out) {
   const int64_t s = d.up, kk = d.window(), hh = d.high_height(), hw = d.high_width();
-  const int64_t r = d.radius(), K = d.kernel, C = d.channels, H = d.height, W = d.width;
-  constexpr int L = Simd<T>::kLanes;
-  constexpr int NR = kScatterVectors;
-  // A unit owns the outputs of `rows` low-resolution rows and a channel block of one image.
-  // It walks the anchors whose windows reach those rows (ascending row, then column) and
-  // adds each anchor's s x s children, held in registers, into the outputs of its window
-  // (kept in L1 by the channel block). Every output is owned by one unit and receives its
-  // terms in the same order (anchor row, anchor column, child) whatever the partition, so
-  // the result does not depend on the number of threads.
-  // Blocks of rows as tall as the work split allows (an anchor row is read from memory by
-  // every block its window reaches), at least K rows, enough blocks for every thread.
-  const int64_t cblock = std::max<int64_t>(
-      std::min<int64_t>(C, 512 / int64_t(sizeof(T))), 1);
-  const int64_t cblocks = (C + cblock - 1) / cblock;
-  const int64_t threads =
-      std::max<int64_t>(1, ctx->device()->tensorflow_cpu_worker_threads()->num_threads);
-  const int64_t wanted = std::max<int64_t>(
-      1, (8 * threads + d.batch * cblocks - 1) / std::max<int64_t>(1, d.batch * cblocks));
-  const int64_t rows = std::max<int64_t>(
-      1, std::min<int64_t>(H, std::max<int64_t>(K, (H + wanted - 1) / wanted)));
-  const int64_t row_blocks = (H + rows - 1) / rows;
-  const int64_t units = d.batch * row_blocks * cblocks;
-  const int64_t cost = rows * W * s * s * kk * (cblock + 4);
+  const int64_t r = d.radius();
+  // A unit is a tile of `tile` consecutive low-resolution points of one row; units run
+  // down the rows of a column tile, so the high-resolution rows they read (K anchor rows
+  // of s x s children, (tile + 2r) * s columns) stay in L2 from one unit to the next.
+  const int64_t row_bytes = std::max<int64_t>(1, d.channels * int64_t(sizeof(T)));
+  const int64_t budget = int64_t(256) << 10;
+  const int64_t tile = std::max<int64_t>(
+      1, std::min<int64_t>(d.width, budget / (d.kernel * s * s * row_bytes) - 2 * r));
+  const int64_t tiles = (d.width + tile - 1) / tile;
+  const int64_t units = d.batch * tiles * d.height;
+  const int64_t cost = tile * s * s * kk * (d.channels + 6);
+  // Whole rows per point: with C*sizeof(T) a multiple of 4 KiB / rows, channel blocks
+  // across many rows alias to few L1 sets, which measured slower.
+  const int64_t block = std::max<int64_t>(d.channels, 1);
   ParallelFor(ctx, units, cost, [&](int64_t begin, int64_t end) {
-    std::vector<T*> outs(kk);
-    std::vector<int64_t> nidx(kk);
-    std::vector<const T*> grows(s * s), wrows(s * s);
+    const int64_t max_m = kk * s * s;
+    std::vector<const T*> rows_all(tile * max_m);
+    std::vector<T> weights_all(tile * max_m);
+    std::vector<int64_t> counts(tile);
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t cb = u % cblocks;
-      const int64_t pb = (u / cblocks) % row_blocks;
-      const int64_t b = u / (cblocks * row_blocks);
-      const int64_t p0 = pb * rows, p1 = std::min(H, p0 + rows);
-      const int64_t c0 = cb * cblock, c1 = std::min(C, c0 + cblock);
-      for (int64_t p = p0; p < p1; ++p)
-        for (int64_t q = 0; q < W; ++q) {
-          T* o = out + ((b * H + p) * W + q) * C;
-          std::fill(o + c0, o + c1, T(0));
-        }
-      const int64_t h_begin = std::max<int64_t>(0, p0 - r);
-      const int64_t h_end = std::min<int64_t>(H, p1 + r);
-      for (int64_t h = h_begin; h < h_end; ++h) {
-        const int64_t a_lo = std::max<int64_t>(-r, p0 - h);
-        const int64_t a_hi = std::min<int64_t>(r, p1 - 1 - h);
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t cl = std::max<int64_t>(-r, -w), ch = std::min<int64_t>(r, W - 1 - w);
-          int64_t cnt = 0;
-          for (int64_t a = a_lo; a <= a_hi; ++a) {
-            T* orow = out + ((b * H + h + a) * W + w) * C;
-            for (int64_t c = cl; c <= ch; ++c) {
-              outs[cnt] = orow + c * C;
-              nidx[cnt] = (a + r) * K + (c + r);
-              ++cnt;
+      const int64_t p = u % d.height;
+      const int64_t t = (u / d.height) % tiles;
+      const int64_t b = u / (d.height * tiles);
+      const int64_t q_end = std::min(d.width, (t + 1) * tile);
+      for (int64_t q = t * tile; q < q_end; ++q) {
+        const T** rows = rows_all.data() + (q - t * tile) * max_m;
+        T* weights = weights_all.data() + (q - t * tile) * max_m;
+        int64_t m = 0;
+        // (p, q) is the window point n = (a+r)*K + (c+r) of the anchor (p - a, q - c).
+        for (int64_t a = -r; a <= r; ++a) {
+          const int64_t h = p - a;
+          if (h < 0 || h >= d.height) continue;
+          for (int64_t c = -r; c <= r; ++c) {
+            const int64_t w = q - c;
+            if (w < 0 || w >= d.width) continue;
+            const int64_t n = (a + r) * d.kernel + (c + r);
+            for (int64_t ci = 0; ci < s; ++ci) {
+              const int64_t row_start = (b * hh + h * s + ci) * hw + w * s;
+              for (int64_t cj = 0; cj < s; ++cj) {
+                const int64_t point = row_start + cj;
+                weights[m] = wt[point * kk + n];
+                rows[m] = hi + point * d.channels;
+                ++m;
+              }
             }
           }
-          for (int64_t ci = 0; ci < s; ++ci)
-            for (int64_t cj = 0; cj < s; ++cj) {
-              const int64_t point = (b * hh + h * s + ci) * hw + w * s + cj;
-              grows[ci * s + cj] = hi + point * C;
-              wrows[ci * s + cj] = wt + point * kk;
-            }
-          ForGroups(s * s, [&](auto group, int64_t first) {
-            constexpr int G = decltype(group)::value;
-            const T* const* gr = grows.data() + first;
-            const T* const* wr = wrows.data() + first;
-            int64_t c = c0;
-            for (; c + NR * L <= c1; c += NR * L)
-              ScatterChunk<T, G, NR>(gr, wr, outs.data(), nidx.data(), cnt, c, s * C);
-            for (; c + L <= c1; c += L)
-              ScatterChunk<T, G, 1>(gr, wr, outs.data(), nidx.data(), cnt, c, s * C);
-            for (; c < c1; ++c) ScatterChunk<T, G, 0>(gr, wr, outs.data(), nidx.data(), cnt, c, s * C);
-          });
+        }
+        counts[q - t * tile] = m;
+      }
+      for (int64_t c0 = 0; c0 < d.channels; c0 += block) {
+        const int64_t c1 = std::min(d.channels, c0 + block);
+        for (int64_t q = t * tile; q < q_end; ++q) {
+          const int64_t i = q - t * tile;
+          T* o = out + ((b * d.height + p) * d.width + q) * d.channels;
+          WeightedRowSum(weights_all.data() + i * max_m, rows_all.data() + i * max_m,
+                         counts[i], c0, c1, o);
         }
       }
     }
