@@ -189,7 +189,7 @@ class SAPA(keras.layers.Layer):
         )
 
     # ------------------------------------------------------------------- build
-    def _make_norm(self, name, channels, shape):
+    def _make_norm(self, name, channels):
         if self.norm is None:
             return None
         if self.norm == "layer":
@@ -201,7 +201,7 @@ class SAPA(keras.layers.Layer):
                 groups=self.norm_groups, axis=-1, epsilon=NORM_EPSILON,
                 dtype=self.dtype_policy, name=name,
             )
-        layer.build(shape)
+        layer.build((None, None, None, channels))
         return layer
 
     def _make_dense(self, name, units, in_channels):
@@ -220,8 +220,8 @@ class SAPA(keras.layers.Layer):
         x_shape, guide_shape = self._check_shapes(x_shape, guide_shape)
         cx, cy = x_shape[3], guide_shape[3]
         d = self.embedding_dim
-        self.norm_x = self._make_norm("norm_x", cx, (None, None, None, cx))
-        self.norm_y = self._make_norm("norm_y", cy, (None, None, None, cy))
+        self.norm_x = self._make_norm("norm_x", cx)
+        self.norm_y = self._make_norm("norm_y", cy)
         if self.variant == "bilinear":
             self.q = self._make_dense("q", d, cy)
         elif self.variant == "concat":
