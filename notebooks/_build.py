@@ -423,9 +423,9 @@ def export():
   TensorFlow runtime, reloaded here in a fresh Python process that never imports
   `keras_sapa`.
 - The compiled-op caveat: when the compiled SAPA op is built, `implementation="auto"`
-  uses it, and a SavedModel traced with it contains `KerasSapa>...` custom ops that only
-  load where the library is loaded. Export inside
-  `keras_sapa.ops.use_implementation("xla")` for a portable SavedModel of builtin ops."""),
+  uses it for training and inference, but not while a SavedModel is traced: exports
+  hold builtin ops only. A SavedModel made with the compiled op on purpose contains
+  `KerasSapa>...` custom ops that only load where the library is loaded."""),
         new_code_cell(SETUP),
         new_code_cell("""\
 import subprocess
@@ -453,12 +453,12 @@ print("max |difference|:", float(np.max(np.abs(reloaded(images).numpy() - expect
 ## SavedModel, portable
 
 `model.export` writes a SavedModel with a `serve` endpoint (and the `serving_default`
-signature). Inside `use_implementation("xla")` every SAPA layer traces its pure
-TensorFlow formulation, so the SavedModel needs nothing but TensorFlow."""),
+signature). While a SavedModel is traced, every SAPA layer with
+`implementation="auto"` uses its pure TensorFlow formulation, so the SavedModel needs
+nothing but TensorFlow, whether or not the compiled op is built here."""),
         new_code_cell("""\
 portable = os.path.join(workdir, "portable_savedmodel")
-with ops.use_implementation("xla"):
-    model.export(portable, verbose=False)
+model.export(portable, verbose=False)
 np.save(os.path.join(workdir, "images.npy"), images)
 np.save(os.path.join(workdir, "expected.npy"), expected)
 
@@ -480,18 +480,19 @@ assert result.returncode == 0"""),
         new_markdown_cell("""\
 ## SavedModel with the compiled op
 
-Without the context manager, `implementation="auto"` picks the compiled op when it is
-built. The SavedModel then holds `KerasSapa>...` nodes, and a process that has not
-loaded the library cannot load it. Two ways out: export inside
-`use_implementation("xla")` as above, or load the library before
-`tf.saved_model.load` with `keras_sapa.ops.load_compiled_library()` (which needs the
-TensorFlow version the library was built for)."""),
+To serve with the compiled op, export inside `use_implementation("compiled")` (or
+build the layers with `implementation="compiled"`). The SavedModel then holds
+`KerasSapa>...` nodes, and a process that has not loaded the library cannot load it:
+load the library before `tf.saved_model.load` with
+`keras_sapa.ops.load_compiled_library()` (which needs the TensorFlow version the
+library was built for)."""),
         new_code_cell("""\
 if not ops.compiled_available():
     print("The compiled op is not built here: every export is already portable.")
 else:
     compiled_dir = "compiled_savedmodel"
-    model.export(os.path.join(workdir, compiled_dir), verbose=False)
+    with ops.use_implementation("compiled"):
+        model.export(os.path.join(workdir, compiled_dir), verbose=False)
     graph_ops = set()
     loaded = tf.saved_model.load(os.path.join(workdir, compiled_dir))
     for function in loaded.signatures.values():

@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 import reference as ref
+from savedmodel_utils import saved_op_types
 from keras_sapa import ops
 from keras_sapa.ops import _compiled
 
@@ -345,20 +346,6 @@ class _Upsampler(tf.Module):
         return ops.sapa(query, key, value, 3, 2)
 
 
-def _saved_op_types(path):
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    proto = saved_model_pb2.SavedModel()
-    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
-        proto.ParseFromString(f.read())
-    types = set()
-    for meta in proto.meta_graphs:
-        types.update(node.op for node in meta.graph_def.node)
-        for function in meta.graph_def.library.function:
-            types.update(node.op for node in function.node_def)
-    return types
-
-
 def _export_inputs():
     rng = np.random.default_rng(0)
     return (_rand(rng, (2, 8, 8, 4), np.float32), _rand(rng, (2, 4, 4, 4), np.float32),
@@ -367,12 +354,14 @@ def _export_inputs():
 
 @needs_compiled
 def test_savedmodel_with_compiled_op_reloads(tmp_path):
-    """A SavedModel traced with the compiled op holds KerasSapa>* nodes: it reloads once
-    the library is loaded (here it is: this process loaded it). A fresh process without
-    the library fails to load it, and succeeds after ``_compiled.load_library()``."""
+    """A SavedModel traced with the compiled op (asked for explicitly: exports default
+    to builtin ops) holds KerasSapa>* nodes: it reloads once the library is loaded
+    (here it is: this process loaded it). A fresh process without the library fails to
+    load it, and succeeds after ``_compiled.load_library()``."""
     path = str(tmp_path / "compiled")
-    tf.saved_model.save(_Upsampler(), path)
-    assert {"KerasSapa>Similarity", "KerasSapa>Aggregate"} <= _saved_op_types(path)
+    with ops.use_implementation("compiled"):
+        tf.saved_model.save(_Upsampler(), path)
+    assert {"KerasSapa>Similarity", "KerasSapa>Aggregate"} <= saved_op_types(path)
     inputs = _export_inputs()
     restored = tf.saved_model.load(path)
     np.testing.assert_allclose(restored(*inputs), ref.sapa(*inputs, 3, 2),
@@ -396,11 +385,14 @@ def test_savedmodel_with_compiled_op_reloads(tmp_path):
     assert "LOADED_WITH_LIBRARY" in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
 
-def test_savedmodel_exported_through_xla_has_builtin_ops_only(tmp_path):
+@pytest.mark.parametrize("scope", ["default", "xla"])
+def test_savedmodel_export_has_builtin_ops_only(tmp_path, scope):
+    """``tf.saved_model.save`` traces "auto" as the builtin-op path by itself, even
+    where the compiled op is available."""
     path = str(tmp_path / "portable")
-    with ops.use_implementation("xla"):
+    with ops.use_implementation("xla" if scope == "xla" else "auto"):
         tf.saved_model.save(_Upsampler(), path)
-    assert not [t for t in _saved_op_types(path) if t.startswith("KerasSapa")]
+    assert not [t for t in saved_op_types(path) if t.startswith("KerasSapa")]
     inputs = _export_inputs()
     np.testing.assert_allclose(tf.saved_model.load(path)(*inputs), ref.sapa(*inputs, 3, 2),
                                rtol=1e-4, atol=1e-4)

@@ -8,8 +8,9 @@
   pyramid through ``get_config``/``from_config`` and ``.keras`` files.
 - :func:`sapa_overhead`: parameters and multiply-adds SAPA adds over the stock model.
 
-For a SavedModel that reloads without the compiled op's library, export inside
-``keras_sapa.ops.use_implementation("xla")``.
+``model.export`` of these models writes builtin ops only (``implementation="auto"``
+traces the pure path for exports), so the SavedModel reloads without the compiled
+op's library.
 """
 
 from keras_sapa.models._counting import sapa_layer_macs

@@ -64,9 +64,9 @@ class SAPADeepLabV3Plus(keras_cv.models.Task):
         embedding_dim: SAPA query/key width ``d`` (64, the official NeurIPS default).
         norm: SAPA norm, ``"layer"``, ``"group"`` or ``None``.
         implementation: SAPA implementation (``"auto"``, ``"patches"``, ``"xla"``,
-            ``"compiled"``). For a portable SavedModel export inside
-            ``keras_sapa.ops.use_implementation("xla")``: a SavedModel traced with
-            the compiled custom op needs its library loaded to reload.
+            ``"compiled"``). With ``"auto"``, ``model.export`` writes builtin ops
+            only; a SavedModel traced with the compiled custom op (asked for
+            explicitly) needs its library loaded to reload.
         projection_filters: filters of the 1x1 projection of P2.
         spatial_pyramid_pooling: optional layer applied to P5; defaults to
             ``keras_cv.layers.SpatialPyramidPooling(dilation_rates=[6, 12, 18])``.

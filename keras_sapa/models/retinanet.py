@@ -50,9 +50,8 @@ class SAPAFeaturePyramid(keras.layers.Layer):
         kernel_size: SAPA window size ``K``.
         embedding_dim: SAPA query/key width ``d``.
         norm: SAPA norm, ``"layer"``, ``"group"`` or ``None``.
-        implementation: SAPA implementation; export inside
-            ``keras_sapa.ops.use_implementation("xla")`` for a SavedModel that does not
-            need the compiled op's library.
+        implementation: SAPA implementation; with ``"auto"`` a SavedModel export
+            holds builtin ops only and does not need the compiled op's library.
         **kwargs: ``keras.layers.Layer`` arguments.
 
     Input sizes must be multiples of the largest backbone stride, so that every
@@ -262,7 +261,7 @@ class SAPARetinaNet(keras_cv.models.RetinaNet):
             ``label_encoder``, ``prediction_decoder``, ``classification_head``,
             ``box_head``, ``name``).
 
-    For a portable SavedModel, export inside ``keras_sapa.ops.use_implementation("xla")``.
+    ``model.export`` gives a portable SavedModel (builtin ops only) by default.
     """
 
     def __init__(

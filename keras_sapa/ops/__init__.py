@@ -14,13 +14,15 @@ around ``(i // s, j // s)``, row-major, zero padding *inside* the softmax.
   ``jit_compile=True`` and exports portable SavedModels.
 - ``"compiled"``: the fused C++/CUDA custom op from ``custom_ops/`` (no window
   tensors); raises ``RuntimeError`` when the library is not available.
-- ``"auto"``: ``"xla"`` inside an XLA-compiled function or under
-  :func:`use_implementation`; otherwise ``"compiled"`` when the library loaded, else
-  ``"patches"``.
+- ``"auto"``: what :func:`use_implementation` set, if anything; else ``"xla"`` inside
+  an XLA-compiled function and while a SavedModel is being traced (``model.export``,
+  ``tf.saved_model.save``), so that exports hold builtin ops only and load without the
+  library; else ``"compiled"`` when the library loaded, else ``"patches"``.
 """
 
 import contextlib
 import os
+import sys
 import threading
 
 import tensorflow as tf
@@ -82,12 +84,36 @@ def in_xla_context():
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph()))
 
 
+_EXPORT_MODULE_PREFIX = "keras.src.export"
+
+
+def in_export_trace():
+    """True while a function is traced to be written to a SavedModel: inside
+    ``tf.saved_model.save``, or called from Keras's export code (``model.export``
+    traces its endpoints before it saves them)."""
+    if tf.executing_eagerly():
+        return False
+    try:
+        from tensorflow.python.saved_model import save_context
+    except ImportError:  # pragma: no cover - private API moved
+        save_context = None
+    if save_context is not None and save_context.in_save_context():
+        return True
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(_EXPORT_MODULE_PREFIX):
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextlib.contextmanager
 def use_implementation(implementation):
     """Within this context, ``implementation="auto"`` resolves to ``implementation``.
 
-    Use ``use_implementation("xla")`` around an export to get a SavedModel made only of
-    builtin ops, which reloads where the compiled library is absent.
+    Exports already use the builtin-op ``"xla"`` path by themselves; use
+    ``use_implementation("compiled")`` around an export to keep the compiled op in the
+    SavedModel (it then loads only after :func:`load_compiled_library`).
     """
     _checks.check_implementation(implementation)
     previous = getattr(_override, "value", None)
@@ -106,7 +132,7 @@ def resolve_implementation(implementation="auto"):
         override = getattr(_override, "value", None)
         if override is not None:
             implementation = override
-        elif in_xla_context():
+        elif in_xla_context() or in_export_trace():
             return "xla"
         elif compiled_available():
             return "compiled"

@@ -22,9 +22,9 @@ when a GPU is visible. If it fails to load, one warning is given and the ops run
 
 SavedModels: a SavedModel traced with the compiled ops contains ``KerasSapa>...`` nodes.
 To reload it, make the ops known first (``keras_sapa.ops._compiled.load_library()`` or any
-call that resolves ``implementation="compiled"``), then ``tf.saved_model.load``. For a
-portable SavedModel, export inside ``keras_sapa.ops.use_implementation("xla")``: it then
-holds builtin ops only.
+call that resolves ``implementation="compiled"``), then ``tf.saved_model.load``. Exports
+get the compiled ops only when asked for (``use_implementation("compiled")`` or
+``implementation="compiled"``): ``"auto"`` traces builtin ops for a SavedModel.
 """
 
 import json
