@@ -114,6 +114,9 @@ def use_implementation(implementation):
     Exports already use the builtin-op ``"xla"`` path by themselves; use
     ``use_implementation("compiled")`` around an export to keep the compiled op in the
     SavedModel (it then loads only after :func:`load_compiled_library`).
+
+    The setting is per thread: functions traced in other threads (the replicas of a
+    ``tf.distribute`` strategy, for example) do not see it.
     """
     _checks.check_implementation(implementation)
     previous = getattr(_override, "value", None)
