@@ -14,7 +14,6 @@ import tensorflow as tf
 
 import reference as ref
 from savedmodel_utils import custom_op_types
-import keras_sapa
 from keras_sapa import SAPA
 
 PARAM_NAMES = ("norm_x", "norm_y", "q", "k", "qy", "qx", "gate", "v")
