@@ -317,3 +317,24 @@ def test_bad_shapes_at_call_time():
 
     with pytest.raises(tf.errors.InvalidArgumentError, match="`guide`"):
         graph_call(x, np.zeros((1, 5, 6, 8), np.float32))
+
+
+def test_every_implementation_gives_the_reference(implementation):
+    rng = np.random.default_rng(31)
+    x, guide = _pair(rng, cx=6, cy=4)
+    layer = SAPA(kernel_size=5, embedding_dim=4, variant="gated", implementation=implementation)
+    layer(x, guide)
+    params = randomise(layer, rng)
+    expected = ref.sapa_layer(x, guide, params, "gated", 5, 2)
+    np.testing.assert_allclose(layer(x, guide).numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_implementation_unavailable_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("KERAS_SAPA_DISABLE_COMPILED", "1")
+    layer = SAPA(kernel_size=3, embedding_dim=4, implementation="compiled")
+    x = np.zeros((1, 2, 2, 4), np.float32)
+    with pytest.raises(RuntimeError, match="implementation='compiled'.*not available"):
+        layer(x, np.zeros((1, 4, 4, 4), np.float32))
+    # "auto" falls back to a pure path without complaint.
+    auto = SAPA(kernel_size=3, embedding_dim=4)
+    assert auto(x, np.zeros((1, 4, 4, 4), np.float32)).shape == (1, 4, 4, 4)
