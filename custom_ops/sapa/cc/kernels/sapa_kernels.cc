@@ -321,14 +321,18 @@ inline int64_t WindowRows(const WindowDims& d, const T* lo, int64_t b, int64_t h
   return m;
 }
 
-template <typename T>
-void Dot(OpKernelContext* ctx, const WindowDims& d, const T* hi, const T* lo, T* out) {
+// Runs fn(rows, index, m, points, scratch) for every low-resolution anchor (b, h, w), on
+// the pool: rows[k] / index[k] (k < m) are its in-map window rows and their window
+// positions (WindowRows), points the flat indices of its s x s high-resolution children,
+// scratch room for 4 * K * K values of T.
+template <typename T, typename Fn>
+void ForEachAnchor(OpKernelContext* ctx, const WindowDims& d, const T* lo, Fn fn) {
   const int64_t s = d.up, kk = d.window(), hh = d.high_height(), hw = d.high_width();
   const int64_t cost = s * s * kk * (d.channels + 4);
   ParallelFor(ctx, d.low_points(), cost, [&](int64_t begin, int64_t end) {
     std::vector<const T*> rows(kk);
     std::vector<int64_t> index(kk);
-    std::vector<T> dots(4 * kk);
+    std::vector<T> scratch(4 * kk);
     std::vector<int64_t> points(s * s);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t w = u % d.width;
@@ -338,49 +342,45 @@ void Dot(OpKernelContext* ctx, const WindowDims& d, const T* hi, const T* lo, T*
       for (int64_t ci = 0; ci < s; ++ci)
         for (int64_t cj = 0; cj < s; ++cj)
           points[ci * s + cj] = (b * hh + h * s + ci) * hw + w * s + cj;
-      ForGroups(s * s, [&](auto group, int64_t first) {
-        constexpr int G = decltype(group)::value;
-        const T* xs[G];
-        for (int g = 0; g < G; ++g) xs[g] = hi + points[first + g] * d.channels;
-        MultiDotRows<T, G>(xs, rows.data(), m, d.channels, dots.data());
-        for (int g = 0; g < G; ++g) {
-          T* o = out + points[first + g] * kk;
-          if (m < kk) std::fill(o, o + kk, T(0));
-          for (int64_t k = 0; k < m; ++k) o[index[k]] = dots[g * m + k];
-        }
-      });
+      fn(rows.data(), index.data(), m, points.data(), scratch.data());
     }
   });
 }
 
 template <typename T>
+void Dot(OpKernelContext* ctx, const WindowDims& d, const T* hi, const T* lo, T* out) {
+  const int64_t s = d.up, kk = d.window();
+  ForEachAnchor<T>(ctx, d, lo, [&](const T* const* rows, const int64_t* index, int64_t m,
+                                   const int64_t* points, T* dots) {
+    ForGroups(s * s, [&](auto group, int64_t first) {
+      constexpr int G = decltype(group)::value;
+      const T* xs[G];
+      for (int g = 0; g < G; ++g) xs[g] = hi + points[first + g] * d.channels;
+      MultiDotRows<T, G>(xs, rows, m, d.channels, dots);
+      for (int g = 0; g < G; ++g) {
+        T* o = out + points[first + g] * kk;
+        if (m < kk) std::fill(o, o + kk, T(0));
+        for (int64_t k = 0; k < m; ++k) o[index[k]] = dots[g * m + k];
+      }
+    });
+  });
+}
+
+template <typename T>
 void Gather(OpKernelContext* ctx, const WindowDims& d, const T* wt, const T* lo, T* out) {
-  const int64_t s = d.up, kk = d.window(), hh = d.high_height(), hw = d.high_width();
-  const int64_t cost = s * s * kk * (d.channels + 4);
-  ParallelFor(ctx, d.low_points(), cost, [&](int64_t begin, int64_t end) {
-    std::vector<const T*> rows(kk);
-    std::vector<int64_t> index(kk);
-    std::vector<T> weights(4 * kk);
-    std::vector<int64_t> points(s * s);
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t w = u % d.width;
-      const int64_t h = (u / d.width) % d.height;
-      const int64_t b = u / (d.width * d.height);
-      const int64_t m = WindowRows(d, lo, b, h, w, rows.data(), index.data());
-      for (int64_t ci = 0; ci < s; ++ci)
-        for (int64_t cj = 0; cj < s; ++cj)
-          points[ci * s + cj] = (b * hh + h * s + ci) * hw + w * s + cj;
-      ForGroups(s * s, [&](auto group, int64_t first) {
-        constexpr int G = decltype(group)::value;
-        T* outs[G];
-        for (int g = 0; g < G; ++g) {
-          const T* wp = wt + points[first + g] * kk;
-          for (int64_t k = 0; k < m; ++k) weights[k * G + g] = wp[index[k]];
-          outs[g] = out + points[first + g] * d.channels;
-        }
-        MultiWeightedRowSum<T, G>(weights.data(), rows.data(), m, d.channels, outs);
-      });
-    }
+  const int64_t s = d.up, kk = d.window();
+  ForEachAnchor<T>(ctx, d, lo, [&](const T* const* rows, const int64_t* index, int64_t m,
+                                   const int64_t* points, T* weights) {
+    ForGroups(s * s, [&](auto group, int64_t first) {
+      constexpr int G = decltype(group)::value;
+      T* outs[G];
+      for (int g = 0; g < G; ++g) {
+        const T* wp = wt + points[first + g] * kk;
+        for (int64_t k = 0; k < m; ++k) weights[k * G + g] = wp[index[k]];
+        outs[g] = out + points[first + g] * d.channels;
+      }
+      MultiWeightedRowSum<T, G>(weights, rows, m, d.channels, outs);
+    });
   });
 }
 

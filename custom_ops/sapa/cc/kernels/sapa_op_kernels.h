@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "../sapa_attrs.h"
 #include "sapa_kernels.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -21,21 +22,6 @@ using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 
 namespace internal {
-
-inline Status ReadWindowAttrs(OpKernelConstruction* ctx, int64_t* kernel_size,
-                              int64_t* up_factor) {
-  TF_RETURN_IF_ERROR(ctx->GetAttr("kernel_size", kernel_size));
-  TF_RETURN_IF_ERROR(ctx->GetAttr("up_factor", up_factor));
-  if (*kernel_size < 1 || *kernel_size % 2 == 0) {
-    return tsl::errors::InvalidArgument(
-        "kernel_size must be a positive odd integer. Received: kernel_size=", *kernel_size);
-  }
-  if (*up_factor < 1) {
-    return tsl::errors::InvalidArgument("up_factor must be >= 1. Received: up_factor=",
-                                        *up_factor);
-  }
-  return absl::OkStatus();
-}
 
 // Checks that `high` is (B, s*H, s*W, *) for `low` (B, H, W, *) and fills dims
 // (channels excluded).
@@ -106,7 +92,7 @@ template <typename Device, typename T>
 class SimilarityOp : public OpKernel {
  public:
   explicit SimilarityOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, internal::ReadWindowAttrs(ctx, &kernel_size_, &up_factor_));
+    OP_REQUIRES_OK(ctx, ReadWindowAttrs(ctx, &kernel_size_, &up_factor_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -135,7 +121,7 @@ template <typename Device, typename T>
 class SimilarityGradOp : public OpKernel {
  public:
   explicit SimilarityGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, internal::ReadWindowAttrs(ctx, &kernel_size_, &up_factor_));
+    OP_REQUIRES_OK(ctx, ReadWindowAttrs(ctx, &kernel_size_, &up_factor_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -176,7 +162,7 @@ template <typename Device, typename T>
 class AggregateOp : public OpKernel {
  public:
   explicit AggregateOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, internal::ReadWindowAttrs(ctx, &kernel_size_, &up_factor_));
+    OP_REQUIRES_OK(ctx, ReadWindowAttrs(ctx, &kernel_size_, &up_factor_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -205,7 +191,7 @@ template <typename Device, typename T>
 class AggregateGradOp : public OpKernel {
  public:
   explicit AggregateGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, internal::ReadWindowAttrs(ctx, &kernel_size_, &up_factor_));
+    OP_REQUIRES_OK(ctx, ReadWindowAttrs(ctx, &kernel_size_, &up_factor_));
   }
 
   void Compute(OpKernelContext* ctx) override {

@@ -12,6 +12,7 @@
 // The shape functions check ranks, merge the batch and channel dimensions, and check that
 // the high-resolution size is exactly up_factor times the low-resolution one.
 
+#include "../sapa_attrs.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -24,21 +25,6 @@ using ::tensorflow::shape_inference::InferenceContext;
 using ::tensorflow::shape_inference::ShapeHandle;
 
 namespace {
-
-// Reads and validates the kernel_size / up_factor attributes.
-Status GetWindowAttrs(InferenceContext* c, int64_t* kernel_size, int64_t* up_factor) {
-  TF_RETURN_IF_ERROR(c->GetAttr("kernel_size", kernel_size));
-  TF_RETURN_IF_ERROR(c->GetAttr("up_factor", up_factor));
-  if (*kernel_size < 1 || *kernel_size % 2 == 0) {
-    return tsl::errors::InvalidArgument(
-        "kernel_size must be a positive odd integer. Received: kernel_size=", *kernel_size);
-  }
-  if (*up_factor < 1) {
-    return tsl::errors::InvalidArgument("up_factor must be >= 1. Received: up_factor=",
-                                        *up_factor);
-  }
-  return absl::OkStatus();
-}
 
 // Checks a (high, low) pair: same batch, high spatial = up_factor * low spatial.
 // Returns the merged high-resolution (batch, height, width) and the low-resolution shape.
@@ -80,7 +66,7 @@ struct Merged {
 Status MergeAll(InferenceContext* c, int weights_input, int high_input, int low_input,
                 bool high_low_same_channels, Merged* m) {
   int64_t kernel_size, up_factor;
-  TF_RETURN_IF_ERROR(GetWindowAttrs(c, &kernel_size, &up_factor));
+  TF_RETURN_IF_ERROR(ReadWindowAttrs(c, &kernel_size, &up_factor));
   ShapeHandle low;
   TF_RETURN_IF_ERROR(c->WithRank(c->input(low_input), 4, &low));
   ShapeHandle high = c->UnknownShapeOfRank(4);
