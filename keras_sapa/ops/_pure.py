@@ -129,43 +129,39 @@ def _aggregate_slices(weights, value, kernel_size, up_factor):
 # which contract stacked windows with one einsum each.
 
 
-def similarity_xla(query, key, kernel_size, up_factor):
-    @tf.custom_gradient
-    def forward(query, key):
-        def grad(upstream):
-            g6 = _split_high(upstream, up_factor)
-            d_query = tf.einsum(
-                "bhiwjn,bhwnd->bhiwjd", g6, _stacked_windows(key, kernel_size)
-            )
-            d_windows = tf.einsum(
-                "bhiwjn,bhiwjd->bhwnd", g6, _split_high(query, up_factor)
-            )
-            return (
-                _merge_high(d_query),
-                _stacked_windows_adjoint(d_windows, kernel_size),
-            )
+def _xla_window_op(forward, grad_high_equation, grad_windows_equation):
+    """Wraps a forward(high, low, kernel_size, up_factor) in the explicit gradient:
+    d_high = einsum(grad_high_equation, upstream6, windows(low)) and
+    d_low = adjoint(einsum(grad_windows_equation, upstream6, high6))."""
 
-        return _similarity_slices(query, key, kernel_size, up_factor), grad
+    def op(high, low, kernel_size, up_factor):
+        @tf.custom_gradient
+        def fn(high, low):
+            def grad(upstream):
+                g6 = _split_high(upstream, up_factor)
+                d_high = tf.einsum(
+                    grad_high_equation, g6, _stacked_windows(low, kernel_size)
+                )
+                d_windows = tf.einsum(
+                    grad_windows_equation, g6, _split_high(high, up_factor)
+                )
+                return (
+                    _merge_high(d_high),
+                    _stacked_windows_adjoint(d_windows, kernel_size),
+                )
 
-    return forward(query, key)
+            return forward(high, low, kernel_size, up_factor), grad
+
+        return fn(high, low)
+
+    return op
 
 
-def aggregate_xla(weights, value, kernel_size, up_factor):
-    @tf.custom_gradient
-    def forward(weights, value):
-        def grad(upstream):
-            g6 = _split_high(upstream, up_factor)
-            d_weights = tf.einsum(
-                "bhiwjc,bhwnc->bhiwjn", g6, _stacked_windows(value, kernel_size)
-            )
-            d_windows = tf.einsum(
-                "bhiwjn,bhiwjc->bhwnc", _split_high(weights, up_factor), g6
-            )
-            return (
-                _merge_high(d_weights),
-                _stacked_windows_adjoint(d_windows, kernel_size),
-            )
-
-        return _aggregate_slices(weights, value, kernel_size, up_factor), grad
-
-    return forward(weights, value)
+# query (d channels) against key windows: upstream has n = K*K channels.
+similarity_xla = _xla_window_op(
+    _similarity_slices, "bhiwjn,bhwnd->bhiwjd", "bhiwjn,bhiwjd->bhwnd"
+)
+# weights (n channels) over value windows: upstream has C channels.
+aggregate_xla = _xla_window_op(
+    _aggregate_slices, "bhiwjc,bhwnc->bhiwjn", "bhiwjc,bhiwjn->bhwnc"
+)
