@@ -660,34 +660,25 @@ def save_training_figure(run, path, count=4):
 
 
 # -------------------------------------------------------------------------- CLI
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _integer_type(requirement, accept):
+    """An argparse type: an integer for which ``accept(value)`` holds, else a usage
+    error saying it ``must be {requirement}``."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {value}")
+        return value
+
+    return parse
 
 
-def _scale(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {text!r}") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {value}")
-    return value
-
-
-def _kernel_size(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an odd integer >= 1, got {text!r}") from None
-    if value < 1 or value % 2 == 0:
-        raise argparse.ArgumentTypeError(f"must be an odd integer >= 1, got {value}")
-    return value
+_positive_int = _integer_type("a positive integer", lambda v: v >= 1)
+_scale = _integer_type("an integer >= 2", lambda v: v >= 2)
+_kernel_size = _integer_type("an odd integer >= 1", lambda v: v >= 1 and v % 2 == 1)
 
 
 def _positive_float(text):
