@@ -110,7 +110,7 @@ class SAPA(keras.layers.Layer):
             )
         self.up_factor = _checks.check_up_factor(up_factor)
         self.kernel_size = _checks.check_kernel_size(kernel_size)
-        self.embedding_dim = self._positive_int("embedding_dim", embedding_dim)
+        self.embedding_dim = _checks.positive_int("embedding_dim", embedding_dim)
         if variant not in VARIANTS:
             raise ValueError(
                 f"`variant` must be one of {VARIANTS}. Received: variant={variant!r}"
@@ -119,10 +119,10 @@ class SAPA(keras.layers.Layer):
         if norm not in NORMS:
             raise ValueError(f"`norm` must be one of {NORMS}. Received: norm={norm!r}")
         self.norm = norm
-        self.norm_groups = self._positive_int("norm_groups", norm_groups)
+        self.norm_groups = _checks.positive_int("norm_groups", norm_groups)
         self.use_bias = bool(use_bias)
         self.output_dim = (
-            None if output_dim is None else self._positive_int("output_dim", output_dim)
+            None if output_dim is None else _checks.positive_int("output_dim", output_dim)
         )
         self.value_projection = bool(value_projection)
         if data_format is None:
@@ -142,12 +142,6 @@ class SAPA(keras.layers.Layer):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         for name in ("norm_x", "norm_y", "q", "k", "qy", "qx", "gate", "v"):
             setattr(self, name, None)
-
-    @staticmethod
-    def _positive_int(name, value):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-        return value
 
     # ------------------------------------------------------------------ shapes
     def _to_channels_last(self, shape):

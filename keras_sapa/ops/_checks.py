@@ -6,27 +6,37 @@ style of Keras's own layers. Shape checks run on static shapes (Python ints or
 :func:`runtime_shape_asserts`.
 """
 
+import operator
+
 IMPLEMENTATIONS = ("auto", "patches", "xla", "compiled")
 
 
-def _integer(name, value, requirement):
-    """``value`` as an int if it is integral (not a bool), else a ValueError."""
-    if isinstance(value, bool):
-        as_int = None
-    elif isinstance(value, int):
-        as_int = value
-    else:
+def integer(name, value, requirement="an integer", minimum=None):
+    """``value`` as a Python int, or a ``ValueError`` naming ``name`` and the value.
+
+    The one integer validator of the package (the layer, the ops, the models and the
+    demo's command line all use it): Python ints and NumPy integer scalars are
+    accepted (``np.int64(5)`` is 5); bools, floats (even ``5.0``), strings and
+    ``None`` are not. With ``minimum``, smaller values are rejected too.
+    """
+    as_int = None
+    if not isinstance(value, bool):
         try:
-            as_int = int(value) if int(value) == value else None
-        except (TypeError, ValueError):
+            as_int = operator.index(value)
+        except TypeError:
             as_int = None
-    if as_int is None:
+    if as_int is None or (minimum is not None and as_int < minimum):
         raise ValueError(f"`{name}` must be {requirement}. Received: {name}={value!r}")
     return as_int
 
 
+def positive_int(name, value):
+    """An integer >= 1 (``embedding_dim``, ``num_classes``, ``--steps``, ...)."""
+    return integer(name, value, "a positive integer", minimum=1)
+
+
 def check_kernel_size(kernel_size):
-    value = _integer("kernel_size", kernel_size, "a positive odd integer")
+    value = integer("kernel_size", kernel_size, "a positive odd integer")
     if value < 1 or value % 2 == 0:
         raise ValueError(
             f"`kernel_size` must be a positive odd integer. Received: kernel_size={value}"
@@ -35,10 +45,7 @@ def check_kernel_size(kernel_size):
 
 
 def check_up_factor(up_factor):
-    value = _integer("up_factor", up_factor, "an integer >= 1")
-    if value < 1:
-        raise ValueError(f"`up_factor` must be an integer >= 1. Received: up_factor={value}")
-    return value
+    return integer("up_factor", up_factor, "an integer >= 1", minimum=1)
 
 
 def check_implementation(implementation):
