@@ -1,8 +1,7 @@
 """keras_sapa: SAPA (Similarity-Aware Point Affiliation) feature upsampling for Keras 3.
 
-The compiled custom op is optional and built separately by ``custom_ops/build.py``
-(``scripts/setup_env.sh`` runs it); without it the package uses its pure TensorFlow
-paths.
+The compiled kernels are optional and built separately by ``custom_ops/build.py``
+(``scripts/setup_env.sh`` runs it); without them the package uses its pure paths.
 """
 
 import os
@@ -22,22 +21,37 @@ def _version():
 setup(
     name="keras_sapa",
     version=_version(),
-    description="SAPA content-aware feature upsampling for Keras 3 and TensorFlow",
+    description="SAPA content-aware feature upsampling for Keras 3 (TensorFlow, JAX, PyTorch)",
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["keras_sapa", "keras_sapa.*"]),
-    package_data={"keras_sapa": ["_lib/*.so", "_lib/*.json"]},
+    # Native files stay out of distributions: the compiled libraries in keras_sapa/_lib
+    # are tied to one TensorFlow version and one CPU architecture, so a wheel that
+    # carried them could not honestly be tagged py3-none-any. They are built in place by
+    # `python custom_ops/build.py` (scripts/setup_env.sh runs it); without them the
+    # package runs on its pure paths. tests/test_packaging.py checks the wheel.
+    exclude_package_data={"keras_sapa": ["_lib/*"]},
+    # The layer needs only Keras and NumPy; each backend and integration is an extra.
     install_requires=[
-        "tensorflow>=2.16",
-        "keras>=3.0",
-        "keras-cv>=0.9",
+        "keras>=3.5",
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "nbclient", "nbformat", "ipykernel"],
+        "tensorflow": ["tensorflow>=2.16"],
+        "jax": ["jax>=0.4.30"],
+        "torch": ["torch>=2.1"],
+        # KerasCV 0.9 is TensorFlow-only in practice (its models import tf).
+        "keras-cv": ["keras-cv>=0.9", "tensorflow>=2.16"],
+        "keras-hub": ["keras-hub>=0.20"],
+        # Export checks: onnxruntime runs the ONNX export (tf2onnx writes it on the
+        # TensorFlow backend), ai-edge-litert is the LiteRT interpreter.
+        "export": ["onnx", "onnxruntime", "tf2onnx", "ai-edge-litert"],
+        # NVRTC and the CUDA headers from the same wheels tensorflow[and-cuda] installs:
+        # the CUDA kernel images are compiled with them, no CUDA toolkit needed.
+        "cuda-build": ["nvidia-cuda-nvrtc-cu12", "nvidia-cuda-runtime-cu12"],
+        "test": ["pytest", "hypothesis", "nbclient", "nbformat", "ipykernel", "jupytext"],
         "demo": ["scikit-image", "matplotlib", "tqdm"],
-        "torch": ["torch"],
     },
     entry_points={"console_scripts": ["keras-sapa=keras_sapa.__main__:main"]},
 )

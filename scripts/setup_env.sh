@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Sets up everything on a fresh machine (Python, pip and a C++ compiler are enough):
-# a virtual environment in .venv, the package with its test and demo extras, and the
-# compiled SAPA custom op where a compiler (and, for the GPU library, nvcc) exists.
-# Idempotent: a second run only re-checks.
+# a virtual environment in .venv; the package with every backend (TensorFlow, JAX,
+# PyTorch), KerasCV, KerasHub and its test, demo, export and CUDA-build extras; and the
+# compiled SAPA kernels where a compiler exists (custom_ops/build.py).
+# Idempotent: a second run re-checks the installs and skips the build when its inputs
+# are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -10,8 +12,11 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[test,demo]"
+# PyTorch's CPU build, pinned: an unpinned `torch` resolves to a CUDA build of several GB.
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -e \
+    ".[tensorflow,jax,torch,keras-cv,keras-hub,export,cuda-build,test,demo]"
 if [ -f custom_ops/build.py ]; then
-    # Never fatal: without the library the package falls back to pure TensorFlow.
-    .venv/bin/python custom_ops/build.py || echo "setup_env: custom op build failed; the pure TensorFlow path will be used" >&2
+    # Never fatal: without the libraries the package falls back to its pure paths.
+    .venv/bin/python custom_ops/build.py || echo "setup_env: custom op build failed; the pure paths will be used" >&2
 fi
