@@ -2,6 +2,24 @@
 
 import keras
 
+class _Default:
+    """Marks an argument left to its default (where ``None`` has a meaning of its own)."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self):
+        return "DEFAULT"
+
+
+#: "Left out": the default of model arguments whose ``None`` means something
+#: (``norm=None`` is "no norm").
+DEFAULT = _Default()
+
 # SAPA arguments a model forwards to each of its SAPA layers.
 SAPA_ARGS = ("variant", "kernel_size", "embedding_dim", "norm", "implementation")
 
@@ -36,3 +54,32 @@ def pyramid_extractor(backbone, levels, name=None):
         for level in levels
     }
     return keras.Model(inputs=backbone.inputs, outputs=outputs, name=name)
+
+
+def sapa_kwargs(variant, kernel_size, embedding_dim, norm, implementation):
+    """The SAPA arguments a model forwards to its layers, checked once up front."""
+    from keras_sapa.layers import NORMS
+    from keras_sapa.layers import VARIANTS
+    from keras_sapa.ops import _checks
+
+    if variant not in VARIANTS:
+        raise ValueError(f"`variant` must be one of {VARIANTS}. Received: variant={variant!r}")
+    if norm not in NORMS:
+        raise ValueError(f"`norm` must be one of {NORMS}. Received: norm={norm!r}")
+    return {
+        "variant": variant,
+        "kernel_size": _checks.check_kernel_size(kernel_size),
+        "embedding_dim": _checks.positive_int("embedding_dim", embedding_dim),
+        "norm": norm,
+        "implementation": _checks.check_implementation(implementation),
+    }
+
+
+def power_of_two_log(name, value):
+    """``log2(value)`` for a power of two >= 2, else a ``ValueError`` naming ``name``."""
+    from keras_sapa.ops import _checks
+
+    value = _checks.integer(name, value, "a power of two >= 2", minimum=2)
+    if value & (value - 1):
+        raise ValueError(f"`{name}` must be a power of two >= 2. Received: {name}={value}")
+    return value.bit_length() - 1

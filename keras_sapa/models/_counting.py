@@ -85,20 +85,27 @@ def _image_hw(model, input_shape):
 
 
 def _find_stage_owner(model):
-    if hasattr(model, "sapa_stages"):
-        return model
-    pyramid = getattr(model, "feature_pyramid", None)
-    if pyramid is not None and hasattr(pyramid, "sapa_stages"):
-        return pyramid
+    # The model itself, its feature pyramid, its backbone (KerasHub tasks) or the
+    # backbone's pyramid (KerasHub RetinaNet).
+    backbone = getattr(model, "backbone", None)
+    candidates = [
+        model,
+        getattr(model, "feature_pyramid", None),
+        backbone,
+        getattr(backbone, "feature_pyramid", None),
+    ]
+    for candidate in candidates:
+        if candidate is not None and hasattr(candidate, "sapa_stages"):
+            return candidate
     raise ValueError(
-        "sapa_overhead takes a keras_sapa model (SAPADeepLabV3Plus, SAPARetinaNet) or "
-        "a model whose `feature_pyramid` is a SAPAFeaturePyramid. "
-        f"Received: {type(model).__name__}"
+        "sapa_overhead takes a keras_sapa model (SAPADeepLabV3Plus, SAPARetinaNet, "
+        "SAPASegFormer, a SAPA KerasHub backbone) or a model whose `feature_pyramid` "
+        f"or `backbone` is one. Received: {type(model).__name__}"
     )
 
 
 def sapa_overhead(model, input_shape=None):
-    """Parameters and multiply-adds that SAPA adds over the stock KerasCV model.
+    """Parameters and multiply-adds that SAPA adds over the stock KerasCV or KerasHub model.
 
     The keras_sapa models keep every stock part (backbone, spatial pyramid pooling,
     projections, heads, lateral and output convolutions) and change only the
@@ -107,8 +114,9 @@ def sapa_overhead(model, input_shape=None):
     4 multiply-adds per output value, nearest: 0).
 
     Args:
-        model: a :class:`SAPADeepLabV3Plus`, a :class:`SAPARetinaNet`, or any model
-            whose ``feature_pyramid`` is a :class:`SAPAFeaturePyramid`.
+        model: a :class:`SAPADeepLabV3Plus`, a :class:`SAPARetinaNet`, a
+            :class:`SAPASegFormer`, a SAPA KerasHub backbone, a KerasHub task holding
+            one, or any model whose ``feature_pyramid`` is a SAPA pyramid.
         input_shape: ``(height, width, channels)`` of one image; defaults to the
             model's input shape (needed when that has unknown height or width).
 

@@ -1,0 +1,236 @@
+"""DeepLabV3+ with SAPA in place of the 8x bilinear upsampling of the encoder output."""
+
+import keras
+import keras_cv
+
+from keras_sapa.layers import SAPA
+from keras_sapa.ops import _checks
+from keras_sapa.models._common import check_backbone
+from keras_sapa.models._common import pyramid_extractor
+
+_LEVELS = ("P2", "P3", "P4", "P5")
+# Encoder output (P5 resolution) is brought to P2 by one SAPA 2x stage per level, each
+# guided by the backbone feature of the level it produces.
+_GUIDE_LEVELS = (4, 3, 2)
+
+
+@keras.saving.register_keras_serializable(package="keras_sapa")
+class SAPADeepLabV3Plus(keras_cv.models.Task):
+    """DeepLabV3+ (Chen et al., ECCV 2018) with SAPA upsampling in the decoder.
+
+    The graph is KerasCV's ``DeepLabV3Plus`` except for one step. The stock model
+    upsamples the spatial-pyramid-pooling output from P5 (stride 32) to P2 (stride 4)
+    with one fixed ``UpSampling2D(8, "bilinear", name="encoder_output_upsampling")``.
+    Here that step is three SAPA 2x stages, as the SAPA paper places its upsampler:
+
+        x = ASPP(P5)
+        x = SAPA(x, guide=P4)   # named "sapa_upsampling_P4"
+        x = SAPA(x, guide=P3)   # "sapa_upsampling_P3"
+        x = SAPA(x, guide=P2)   # "sapa_upsampling_P2"
+
+    Each guide is the raw backbone feature at the level the stage produces (SAPA
+    normalises it itself); each stage keeps the ASPP's channel count, so the rest of
+    the decoder sees the shapes it sees in the stock model.
+
+    Choices, to stay faithful to DeepLabV3+:
+
+    - The low-level branch is unchanged: P2 is projected by a 1x1 convolution to
+      ``projection_filters`` channels (48, as in the reference DeepLab), batch norm and
+      ReLU, then concatenated with the upsampled encoder output. SAPA's last stage is
+      guided by the *unprojected* P2, so the guide keeps all the detail of the
+      backbone, while the decoder's fusion stays DeepLabV3+'s concatenation.
+    - The default head is the stock one: 1x1 convolution to 256 channels, batch norm,
+      ReLU, 4x bilinear upsampling to the input size (P2 is stride 4 in KerasCV's
+      pyramid convention) and a 1x1 softmax classifier kept in float32. Only the 8x
+      step is replaced; the final 4x upsampling to image size stays bilinear, as in
+      the stock model (the image has no feature to guide it).
+    - Parameters other than SAPA's are exactly those of the stock model with the same
+      backbone, pooling and head; :func:`keras_sapa.models.sapa_overhead` reports
+      the difference.
+    - Every layer SAPA does not replace keeps KerasCV's name and place in the model
+      (``low_level_feature_conv``, ``segmentation_head_norm``, ...), so a stock
+      ``DeepLabV3Plus``'s weights load into all of it:
+      :func:`keras_sapa.models.load_stock_weights`.
+
+    Args:
+        backbone: a KerasCV backbone (``keras.Model`` with ``pyramid_level_inputs``
+            holding ``"P2"`` to ``"P5"``), for example
+            ``keras_cv.models.ResNetV2Backbone(stackwise_filters=[64, 128, 256, 512],
+            stackwise_blocks=[3, 4, 6, 3], stackwise_strides=[1, 2, 2, 2],
+            include_rescaling=True, input_shape=(512, 512, 3))``. Pretrained weights
+            are an option where the network is reachable:
+            ``keras_cv.models.ResNet50V2Backbone.from_preset("resnet50_v2_imagenet",
+            input_shape=(512, 512, 3))``; nothing here downloads anything.
+        num_classes: number of classes, background included.
+        variant: SAPA variant (``"gated"``, SAPA-G, the paper's best; ``"bilinear"``,
+            ``"identity"`` or ``"concat"``). ``"identity"`` needs the encoder output
+            and every guide to have the same width.
+        kernel_size: SAPA window size ``K`` (odd).
+        embedding_dim: SAPA query/key width ``d`` (64, the official NeurIPS default).
+        norm: SAPA norm, ``"layer"``, ``"group"`` or ``None``.
+        implementation: SAPA implementation (``"auto"``, ``"patches"``, ``"xla"``,
+            ``"compiled"``). With ``"auto"``, ``model.export`` writes builtin ops
+            only; a SavedModel traced with the compiled custom op (asked for
+            explicitly) needs its library loaded to reload.
+        projection_filters: filters of the 1x1 projection of P2.
+        spatial_pyramid_pooling: optional layer applied to P5; defaults to
+            ``keras_cv.layers.SpatialPyramidPooling(dilation_rates=[6, 12, 18])``.
+        segmentation_head: optional layer mapping the concatenated decoder features
+            (at P2 resolution) to the output; defaults to the stock head above.
+        **kwargs: ``keras.Model`` arguments (``name``, ...).
+    """
+
+    def __init__(
+        self,
+        backbone,
+        num_classes,
+        variant="gated",
+        kernel_size=5,
+        embedding_dim=64,
+        norm="layer",
+        implementation="auto",
+        projection_filters=48,
+        spatial_pyramid_pooling=None,
+        segmentation_head=None,
+        **kwargs,
+    ):
+        check_backbone(backbone, _LEVELS, "SAPADeepLabV3Plus")
+        num_classes = _checks.positive_int("num_classes", num_classes)
+        projection_filters = _checks.positive_int("projection_filters", projection_filters)
+
+        inputs = backbone.input
+        features = pyramid_extractor(backbone, _LEVELS)(inputs)
+
+        if spatial_pyramid_pooling is None:
+            spatial_pyramid_pooling = keras_cv.layers.SpatialPyramidPooling(
+                dilation_rates=[6, 12, 18]
+            )
+        x = spatial_pyramid_pooling(features["P5"])
+
+        # The low-level branch exactly as KerasCV builds it (unnamed Sequential, layer
+        # names and call order kept), so stock weights load into it.
+        low_level_feature_projector = keras.Sequential(
+            [
+                keras.layers.Conv2D(
+                    name="low_level_feature_conv",
+                    filters=projection_filters,
+                    kernel_size=1,
+                    padding="same",
+                    use_bias=False,
+                ),
+                keras.layers.BatchNormalization(name="low_level_feature_norm"),
+                keras.layers.ReLU(name="low_level_feature_relu"),
+            ]
+        )
+        low_level = low_level_feature_projector(features["P2"])
+
+        sapa_layers = []
+        stages = []  # what sapa_overhead needs to know of each stage
+        for level in _GUIDE_LEVELS:
+            guide = features[f"P{level}"]
+            layer = SAPA(
+                up_factor=2,
+                kernel_size=kernel_size,
+                embedding_dim=embedding_dim,
+                variant=variant,
+                norm=norm,
+                implementation=implementation,
+                name=f"sapa_upsampling_P{level}",
+            )
+            stages.append(
+                {"level": level, "x_channels": int(x.shape[-1]), "guide_channels": int(guide.shape[-1])}
+            )
+            x = layer(x, guide)
+            sapa_layers.append(layer)
+
+        combined = keras.layers.Concatenate(axis=-1)([x, low_level])
+
+        if segmentation_head is None:
+            segmentation_head = keras.Sequential(
+                [
+                    keras.layers.Conv2D(
+                        name="segmentation_head_conv",
+                        filters=256,
+                        kernel_size=1,
+                        padding="same",
+                        use_bias=False,
+                    ),
+                    keras.layers.BatchNormalization(name="segmentation_head_norm"),
+                    keras.layers.ReLU(name="segmentation_head_relu"),
+                    keras.layers.UpSampling2D(size=(4, 4), interpolation="bilinear"),
+                    # float32 classifier: a softmax in float16 loses the small classes.
+                    keras.layers.Conv2D(
+                        name="segmentation_output",
+                        filters=num_classes,
+                        kernel_size=1,
+                        use_bias=False,
+                        padding="same",
+                        activation="softmax",
+                        dtype="float32",
+                    ),
+                ]
+            )
+        outputs = segmentation_head(combined)
+
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.variant = variant
+        self.kernel_size = kernel_size
+        self.embedding_dim = embedding_dim
+        self.norm = norm
+        self.implementation = implementation
+        self.projection_filters = projection_filters
+        self.spatial_pyramid_pooling = spatial_pyramid_pooling
+        self.segmentation_head = segmentation_head
+        # Names, not layers: the layers belong to the functional graph already, and a
+        # second reference would give them a second path in saved files.
+        self._sapa_layer_names = tuple(layer.name for layer in sapa_layers)
+        self._stage_info = tuple(stages)
+
+    # ------------------------------------------------------------------ counting
+    def sapa_stages(self):
+        """The SAPA stages: dicts of ``layer``, output ``level``, ``x_channels`` and
+        ``guide_channels`` (read by :func:`keras_sapa.models.sapa_overhead`)."""
+        return [
+            dict(info, layer=self.get_layer(name))
+            for info, name in zip(self._stage_info, self._sapa_layer_names)
+        ]
+
+    def replaced_upsampling_macs(self, image_hw):
+        """Multiply-adds of the stock 8x bilinear step (4 per output value)."""
+        height, width = image_hw
+        p2 = (-(-height // 4), -(-width // 4))
+        return 4 * p2[0] * p2[1] * self._stage_info[0]["x_channels"]
+
+    # -------------------------------------------------------------------- config
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "backbone": keras.saving.serialize_keras_object(self.backbone),
+                "num_classes": self.num_classes,
+                "variant": self.variant,
+                "kernel_size": self.kernel_size,
+                "embedding_dim": self.embedding_dim,
+                "norm": self.norm,
+                "implementation": self.implementation,
+                "projection_filters": self.projection_filters,
+                "spatial_pyramid_pooling": keras.saving.serialize_keras_object(
+                    self.spatial_pyramid_pooling
+                ),
+                "segmentation_head": keras.saving.serialize_keras_object(
+                    self.segmentation_head
+                ),
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("backbone", "spatial_pyramid_pooling", "segmentation_head"):
+            if isinstance(config.get(key), dict):
+                config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)

@@ -1,0 +1,329 @@
+"""RetinaNet's feature pyramid with SAPA in the top-down path, and a RetinaNet that keeps it."""
+
+import math
+
+import keras
+import keras_cv
+
+from keras_sapa.layers import NORMS
+from keras_sapa.layers import SAPA
+from keras_sapa.models._common import DEFAULT
+from keras_sapa.ops import _checks
+
+_positive_int = _checks.positive_int
+
+
+#: Default of :class:`SAPARetinaNet`'s SAPA arguments: "use SAPAFeaturePyramid's
+#: default". ``norm=None`` then means what it means for the layer: no norm.
+PYRAMID_DEFAULT = DEFAULT
+
+
+@keras.saving.register_keras_serializable(package="keras_sapa")
+class SAPAFeaturePyramid(keras.layers.Layer):
+    """Feature pyramid network whose top-down upsampling is SAPA.
+
+    A drop-in for ``keras_cv.models.RetinaNet(feature_pyramid=...)``: called, as
+    RetinaNet calls its pyramid, on the backbone levels, either a dict
+    ``{"P3": c3, "P4": c4, "P5": c5}`` or a list ``[c3, c4, c5]`` (levels
+    ``min_level`` to ``backbone_max_level``), and returns a tuple of
+    ``max_level - min_level + 1`` maps of ``num_channels`` channels, finest first.
+    With the defaults it has the structure and the parameters of KerasCV's stock
+    ``FeaturePyramid`` plus SAPA's, the stock model's shared nearest
+    ``UpSampling2D(2)`` being replaced by one SAPA per top-down step:
+
+        lateral_l = Conv1x1(C_l)                              (l = 3, 4, 5)
+        merged_5  = lateral_5
+        merged_l  = lateral_l + SAPA_l(merged_{l+1}, guide=lateral_l)
+        P_l       = Conv3x3(merged_l)
+        P6        = Conv3x3/2(C_5);   P7 = Conv3x3/2(relu(P6))
+
+    Each SAPA is guided by the lateral feature of the finer level, the map it is
+    added to, so the guide and the upsampled feature both have ``num_channels``
+    channels.
+
+    Args:
+        min_level: finest level, the first backbone level used.
+        max_level: coarsest level returned. Levels above ``backbone_max_level`` are
+            made by stride-2 3x3 convolutions (from the top backbone feature, then
+            from the ReLU of the previous extra level), as in RetinaNet.
+        num_channels: width of every output map (256 in RetinaNet).
+        backbone_max_level: coarsest backbone level given as input (RetinaNet passes
+            P3 to P5).
+        variant: SAPA variant; ``"bilinear"`` (SAPA-B) by default, the variant the
+            paper reports for detection (COCO Faster R-CNN: 37.4 -> 37.8 box AP).
+        kernel_size: SAPA window size ``K``.
+        embedding_dim: SAPA query/key width ``d``.
+        norm: SAPA norm, ``"layer"``, ``"group"`` or ``None``.
+        implementation: SAPA implementation; with ``"auto"`` a SavedModel export
+            holds builtin ops only and does not need the compiled op's library.
+        **kwargs: ``keras.layers.Layer`` arguments.
+
+    Input sizes must be multiples of the largest backbone stride, so that every
+    level is exactly twice the next (SAPA rejects anything else).
+    """
+
+    def __init__(
+        self,
+        min_level=3,
+        max_level=7,
+        num_channels=256,
+        backbone_max_level=5,
+        variant="bilinear",
+        kernel_size=5,
+        embedding_dim=64,
+        norm="layer",
+        implementation="auto",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.min_level = _positive_int("min_level", min_level)
+        self.max_level = _positive_int("max_level", max_level)
+        self.num_channels = _positive_int("num_channels", num_channels)
+        self.backbone_max_level = _positive_int("backbone_max_level", backbone_max_level)
+        if max_level < min_level:
+            raise ValueError(
+                "`max_level` must be >= `min_level`. "
+                f"Received: min_level={min_level}, max_level={max_level}"
+            )
+        if backbone_max_level < min_level:
+            raise ValueError(
+                "`backbone_max_level` must be >= `min_level`. Received: "
+                f"min_level={min_level}, backbone_max_level={backbone_max_level}"
+            )
+        self.variant = variant
+        self.kernel_size = kernel_size
+        self.embedding_dim = embedding_dim
+        self.norm = norm
+        self.implementation = implementation
+
+        top = self.top_backbone_level
+        self.input_levels = tuple(range(self.min_level, top + 1))
+        self.lateral_convs = [
+            keras.layers.Conv2D(
+                num_channels, 1, padding="same", dtype=self.dtype_policy,
+                name=f"lateral_P{level}",
+            )
+            for level in self.input_levels
+        ]
+        # upsamplers[i] brings merged level input_levels[i] + 1 to input_levels[i].
+        self.upsamplers = [
+            SAPA(
+                up_factor=2,
+                kernel_size=kernel_size,
+                embedding_dim=embedding_dim,
+                variant=variant,
+                norm=norm,
+                implementation=implementation,
+                dtype=self.dtype_policy,
+                name=f"sapa_P{level + 1}_to_P{level}",
+            )
+            for level in self.input_levels[:-1]
+        ]
+        self.output_convs = [
+            keras.layers.Conv2D(
+                num_channels, 3, padding="same", dtype=self.dtype_policy,
+                name=f"output_P{level}",
+            )
+            for level in self.input_levels
+        ]
+        self.extra_convs = [
+            keras.layers.Conv2D(
+                num_channels, 3, strides=2, padding="same", dtype=self.dtype_policy,
+                name=f"output_P{level}",
+            )
+            for level in range(top + 1, self.max_level + 1)
+        ]
+
+    @property
+    def top_backbone_level(self):
+        """Coarsest backbone level used (``min(backbone_max_level, max_level)``)."""
+        return min(self.backbone_max_level, self.max_level)
+
+    # ------------------------------------------------------------------ inputs
+    def _as_list(self, inputs, what="inputs"):
+        levels = self.input_levels
+        if isinstance(inputs, dict):
+            missing = [f"P{level}" for level in levels if f"P{level}" not in inputs]
+            if missing:
+                raise ValueError(
+                    f"SAPAFeaturePyramid needs backbone levels P{levels[0]} to "
+                    f"P{levels[-1]}; {what} lack {missing}. Received keys: "
+                    f"{sorted(inputs)}"
+                )
+            return [inputs[f"P{level}"] for level in levels]
+        inputs = list(inputs)
+        if len(inputs) < len(levels):
+            raise ValueError(
+                f"SAPAFeaturePyramid needs {len(levels)} backbone maps (P{levels[0]} to "
+                f"P{levels[-1]}), finest first. Received {len(inputs)}."
+            )
+        return inputs[: len(levels)]
+
+    # ------------------------------------------------------------------- build
+    def build(self, input_shape):
+        shapes = self._as_list(input_shape, "input shapes")
+        c = self.num_channels
+        for conv, shape in zip(self.lateral_convs, shapes):
+            conv.build((None, None, None, shape[-1]))
+        for layer in self.upsamplers:
+            layer.build((None, None, None, c), (None, None, None, c))
+        for conv in self.output_convs:
+            conv.build((None, None, None, c))
+        for i, conv in enumerate(self.extra_convs):
+            conv.build((None, None, None, shapes[-1][-1] if i == 0 else c))
+        self.built = True
+
+    def call(self, inputs, training=None):
+        features = self._as_list(inputs)
+        laterals = [conv(f) for conv, f in zip(self.lateral_convs, features)]
+        merged = laterals[-1]
+        merged_levels = [merged]
+        for i in range(len(laterals) - 2, -1, -1):
+            merged = laterals[i] + self.upsamplers[i](merged, laterals[i])
+            merged_levels.insert(0, merged)
+        outputs = [conv(m) for conv, m in zip(self.output_convs, merged_levels)]
+        x = features[-1]
+        for i, conv in enumerate(self.extra_convs):
+            x = conv(x if i == 0 else keras.ops.relu(x))
+            outputs.append(x)
+        return tuple(outputs)
+
+    def compute_output_shape(self, input_shape):
+        shapes = self._as_list(input_shape, "input shapes")
+        c = self.num_channels
+        out = [tuple(shape[:-1]) + (c,) for shape in shapes]
+        batch, h, w = tuple(shapes[-1][:3])
+        for _ in self.extra_convs:
+            h = None if h is None else math.ceil(h / 2)
+            w = None if w is None else math.ceil(w / 2)
+            out.append((batch, h, w, c))
+        return tuple(out)
+
+    # ---------------------------------------------------------------- counting
+    def sapa_stages(self):
+        """The SAPA stages: dicts of ``layer``, output ``level``, ``x_channels`` and
+        ``guide_channels`` (read by :func:`keras_sapa.models.sapa_overhead`)."""
+        return [
+            {
+                "layer": layer,
+                "level": level,
+                "x_channels": self.num_channels,
+                "guide_channels": self.num_channels,
+            }
+            for layer, level in zip(self.upsamplers, self.input_levels[:-1])
+        ]
+
+    def replaced_upsampling_macs(self, image_hw):
+        """The stock nearest upsampling does no multiply-adds."""
+        return 0
+
+    # ------------------------------------------------------------------ config
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "min_level": self.min_level,
+                "max_level": self.max_level,
+                "num_channels": self.num_channels,
+                "backbone_max_level": self.backbone_max_level,
+                "variant": self.variant,
+                "kernel_size": self.kernel_size,
+                "embedding_dim": self.embedding_dim,
+                "norm": self.norm,
+                "implementation": self.implementation,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_sapa")
+class SAPARetinaNet(keras_cv.models.RetinaNet):
+    """KerasCV's RetinaNet with a :class:`SAPAFeaturePyramid` by default, kept on reload.
+
+    Everything is ``keras_cv.models.RetinaNet`` (training, losses, decoding, presets),
+    with two differences:
+
+    - ``feature_pyramid`` defaults to ``SAPAFeaturePyramid(...)`` built from the SAPA
+      arguments below; an argument left out takes the pyramid's own default
+      (``PYRAMID_DEFAULT``), and ``norm=None`` asks for no norm.
+    - ``get_config`` includes ``feature_pyramid`` and ``from_config`` rebuilds it. The
+      stock ``RetinaNet.get_config`` leaves it out, so a stock RetinaNet given a
+      custom pyramid silently comes back from a ``.keras`` file or a config with the
+      nearest-neighbour ``FeaturePyramid``.
+
+    Args:
+        backbone: a KerasCV backbone exposing ``"P3"`` to ``"P5"`` in
+            ``pyramid_level_inputs``. Build it from its constructor; a preset such as
+            ``keras_cv.models.ResNet50Backbone.from_preset("resnet50_imagenet")`` is
+            an option where the network is reachable.
+        num_classes: number of classes (background excluded).
+        bounding_box_format: format of the boxes, as for RetinaNet.
+        feature_pyramid: a pyramid layer; when given, the SAPA arguments must be left
+            out.
+        variant, kernel_size, embedding_dim, norm, implementation: arguments of the
+            default :class:`SAPAFeaturePyramid`.
+        **kwargs: the other ``keras_cv.models.RetinaNet`` arguments (``anchor_generator``,
+            ``label_encoder``, ``prediction_decoder``, ``classification_head``,
+            ``box_head``, ``name``).
+
+    ``model.export`` gives a portable SavedModel (builtin ops only) by default.
+    """
+
+    def __init__(
+        self,
+        backbone,
+        num_classes,
+        bounding_box_format,
+        feature_pyramid=None,
+        variant=PYRAMID_DEFAULT,
+        kernel_size=PYRAMID_DEFAULT,
+        embedding_dim=PYRAMID_DEFAULT,
+        norm=PYRAMID_DEFAULT,
+        implementation=PYRAMID_DEFAULT,
+        **kwargs,
+    ):
+        if norm is not PYRAMID_DEFAULT and norm not in NORMS:
+            raise ValueError(
+                f"`norm` must be one of {NORMS} (None: no norm), or left out for the "
+                f"pyramid's default. Received: norm={norm!r}"
+            )
+        pyramid_args = {
+            key: value
+            for key, value in (
+                ("variant", variant),
+                ("kernel_size", kernel_size),
+                ("embedding_dim", embedding_dim),
+                ("norm", norm),
+                ("implementation", implementation),
+            )
+            if value is not PYRAMID_DEFAULT
+        }
+        if feature_pyramid is None:
+            feature_pyramid = SAPAFeaturePyramid(**pyramid_args)
+        elif pyramid_args:
+            raise ValueError(
+                "Pass either `feature_pyramid` or the arguments of the default "
+                f"SAPAFeaturePyramid, not both. Received: feature_pyramid={feature_pyramid!r} "
+                f"and {pyramid_args}"
+            )
+        super().__init__(
+            backbone=backbone,
+            num_classes=num_classes,
+            bounding_box_format=bounding_box_format,
+            feature_pyramid=feature_pyramid,
+            **kwargs,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config["feature_pyramid"] = keras.saving.serialize_keras_object(self.feature_pyramid)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("feature_pyramid"), dict):
+            config["feature_pyramid"] = keras.saving.deserialize_keras_object(
+                config["feature_pyramid"]
+            )
+        return super().from_config(config)

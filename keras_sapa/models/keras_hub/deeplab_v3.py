@@ -1,0 +1,234 @@
+"""A DeepLabV3 backbone (KerasHub) whose encoder-output upsampling is SAPA."""
+
+import keras
+import keras_hub
+
+from keras_sapa.layers import SAPA
+from keras_sapa.models._common import power_of_two_log
+from keras_sapa.models._common import sapa_kwargs
+from keras_sapa.models.keras_hub._upstream import SpatialPyramidPooling
+from keras_sapa.ops import _checks
+
+
+@keras.saving.register_keras_serializable(package="keras_sapa")
+class SAPADeepLabV3Backbone(keras_hub.models.Backbone):
+    """KerasHub's ``DeepLabV3Backbone`` with SAPA where its decoder upsamples.
+
+    The stock backbone pools the encoder level ``spatial_pyramid_pooling_key`` (ASPP),
+    upsamples it by ``upsampling_size`` with one bilinear ``UpSampling2D`` named
+    ``encoder_output_upsampling``, optionally concatenates the projected
+    ``low_level_feature_key`` level (DeepLabV3+), applies a 1x1 convolution, batch
+    norm and ReLU, and upsamples bilinearly to the image (``backbone_output_upsampling``).
+    Here the ``encoder_output_upsampling`` step is ``log2(upsampling_size)`` SAPA 2x
+    stages, each guided by the encoder level it produces (for ``"P5"`` and 8:
+    ``sapa_upsampling_P4``, ``_P3``, ``_P2`` guided by P4, P3, P2). The last upsampling
+    to the image stays bilinear: no feature guides it. Every other layer is the stock
+    one with the stock name and place, so a stock ``DeepLabV3Backbone``'s weights load
+    into all but the SAPA layers (:func:`keras_sapa.models.load_stock_weights`).
+
+    Use it as the ``backbone`` of ``keras_hub.models.DeepLabV3ImageSegmenter``.
+
+    Args:
+        image_encoder: a KerasHub backbone with ``pyramid_outputs`` (for example
+            ``keras_hub.models.ResNetBackbone``), holding every level from
+            ``spatial_pyramid_pooling_key`` down to the level ``upsampling_size``
+            brings it to.
+        spatial_pyramid_pooling_key: encoder level pooled by the ASPP (``"P5"``).
+        upsampling_size: factor of the replaced upsampling, a power of two (8 for
+            DeepLabV3+ from P5 to P2).
+        dilation_rates: ASPP dilation rates, as for the stock backbone.
+        low_level_feature_key: encoder level concatenated after the upsampling
+            (``"P2"`` for DeepLabV3+), or ``None``.
+        projection_filters: filters of the low-level projection.
+        image_shape: input shape.
+        variant, kernel_size, embedding_dim, norm, implementation: SAPA arguments
+            (defaults: SAPA-G, K=5, d=64, LayerNorm, ``"auto"``).
+        **kwargs: ``keras_hub.models.Backbone`` arguments (``name``, ``dtype``).
+    """
+
+    def __init__(
+        self,
+        image_encoder,
+        spatial_pyramid_pooling_key,
+        upsampling_size,
+        dilation_rates,
+        low_level_feature_key=None,
+        projection_filters=48,
+        image_shape=(None, None, 3),
+        variant="gated",
+        kernel_size=5,
+        embedding_dim=64,
+        norm="layer",
+        implementation="auto",
+        **kwargs,
+    ):
+        if not isinstance(image_encoder, keras.Model) or not isinstance(
+            getattr(image_encoder, "pyramid_outputs", None), dict
+        ):
+            raise ValueError(
+                "`image_encoder` must be a `keras.Model` with a `pyramid_outputs` dict "
+                "(a KerasHub backbone). Received: "
+                f"image_encoder={image_encoder!r} (of type {type(image_encoder).__name__})"
+            )
+        if isinstance(upsampling_size, (tuple, list)):
+            if len(set(upsampling_size)) != 1:
+                raise ValueError(
+                    "`upsampling_size` must be the same along height and width. "
+                    f"Received: upsampling_size={upsampling_size!r}"
+                )
+            factor = upsampling_size[0]
+        else:
+            factor = upsampling_size
+        steps = power_of_two_log("upsampling_size", factor)
+        projection_filters = _checks.positive_int("projection_filters", projection_filters)
+        sapa_args = sapa_kwargs(variant, kernel_size, embedding_dim, norm, implementation)
+        pyramid = image_encoder.pyramid_outputs
+        try:
+            top = int(str(spatial_pyramid_pooling_key)[1:])
+        except ValueError:
+            top = None
+        if spatial_pyramid_pooling_key not in pyramid or top is None:
+            raise ValueError(
+                "`spatial_pyramid_pooling_key` must be one of the encoder's levels "
+                f"{sorted(pyramid)}. Received: "
+                f"spatial_pyramid_pooling_key={spatial_pyramid_pooling_key!r}"
+            )
+        guide_keys = [f"P{top - i}" for i in range(1, steps + 1)]
+        missing = [key for key in guide_keys if key not in pyramid]
+        if missing:
+            raise ValueError(
+                f"SAPA upsampling {spatial_pyramid_pooling_key} by {factor} is guided by "
+                f"the encoder levels {guide_keys}; the encoder lacks {missing}. "
+                f"Received: upsampling_size={upsampling_size!r}, encoder levels "
+                f"{sorted(pyramid)}"
+            )
+        if low_level_feature_key and low_level_feature_key not in pyramid:
+            raise ValueError(
+                f"`low_level_feature_key` must be one of the encoder's levels "
+                f"{sorted(pyramid)} or None. Received: "
+                f"low_level_feature_key={low_level_feature_key!r}"
+            )
+        if keras.config.image_data_format() != "channels_last":
+            raise ValueError(
+                "SAPADeepLabV3Backbone supports channels_last only. Received: "
+                f"keras.config.image_data_format()={keras.config.image_data_format()!r}"
+            )
+        data_format = "channels_last"
+        channel_axis = -1
+
+        # === Layers and graph, in the stock model's order ===
+        inputs = keras.layers.Input(image_shape, name="inputs")
+        fpn_model = keras.Model(image_encoder.inputs, image_encoder.pyramid_outputs)
+        fpn_outputs = fpn_model(inputs)
+
+        spatial_pyramid_pooling = SpatialPyramidPooling(dilation_rates=dilation_rates)
+        x = spatial_pyramid_pooling(fpn_outputs[spatial_pyramid_pooling_key])
+
+        stages = []
+        for key in guide_keys:
+            guide = fpn_outputs[key]
+            stages.append(
+                {
+                    "level": int(key[1:]),
+                    "x_channels": int(x.shape[-1]),
+                    "guide_channels": int(guide.shape[-1]),
+                }
+            )
+            x = SAPA(up_factor=2, name=f"sapa_upsampling_{key}", **sapa_args)(x, guide)
+        encoder_outputs = x
+
+        if low_level_feature_key:
+            low = keras.layers.Conv2D(
+                name="decoder_conv",
+                filters=projection_filters,
+                kernel_size=1,
+                padding="same",
+                use_bias=False,
+                data_format=data_format,
+            )(fpn_outputs[low_level_feature_key])
+            low = keras.layers.BatchNormalization(name="decoder_norm", axis=channel_axis)(low)
+            low = keras.layers.ReLU(name="decoder_relu")(low)
+            encoder_outputs = keras.layers.Concatenate(
+                axis=channel_axis, name="encoder_decoder_concat"
+            )([encoder_outputs, low])
+        upsampling = (2**top) // factor
+        x = keras.layers.Conv2D(
+            name="segmentation_head_conv",
+            filters=256,
+            kernel_size=1,
+            padding="same",
+            use_bias=False,
+            data_format=data_format,
+        )(encoder_outputs)
+        x = keras.layers.BatchNormalization(name="segmentation_head_norm", axis=channel_axis)(x)
+        x = keras.layers.ReLU(name="segmentation_head_relu")(x)
+        x = keras.layers.UpSampling2D(
+            size=upsampling,
+            interpolation="bilinear",
+            data_format=data_format,
+            name="backbone_output_upsampling",
+        )(x)
+
+        super().__init__(inputs=inputs, outputs=x, **kwargs)
+
+        # === Config ===
+        self.image_shape = image_shape
+        self.image_encoder = image_encoder
+        self.projection_filters = projection_filters
+        self.upsampling_size = upsampling_size
+        self.dilation_rates = dilation_rates
+        self.low_level_feature_key = low_level_feature_key
+        self.spatial_pyramid_pooling_key = spatial_pyramid_pooling_key
+        self.variant = sapa_args["variant"]
+        self.kernel_size = sapa_args["kernel_size"]
+        self.embedding_dim = sapa_args["embedding_dim"]
+        self.norm = sapa_args["norm"]
+        self.implementation = sapa_args["implementation"]
+        self._stage_info = tuple(stages)
+        self._sapa_layer_names = tuple(f"sapa_upsampling_{key}" for key in guide_keys)
+
+    # ------------------------------------------------------------------ counting
+    def sapa_stages(self):
+        """The SAPA stages: dicts of ``layer``, output ``level``, ``x_channels`` and
+        ``guide_channels`` (read by :func:`keras_sapa.models.sapa_overhead`)."""
+        return [
+            dict(info, layer=self.get_layer(name))
+            for info, name in zip(self._stage_info, self._sapa_layer_names)
+        ]
+
+    def replaced_upsampling_macs(self, image_hw):
+        """Multiply-adds of the stock bilinear ``encoder_output_upsampling`` (4 per
+        output value)."""
+        s = 2 ** self._stage_info[-1]["level"]
+        height, width = -(-image_hw[0] // s), -(-image_hw[1] // s)
+        return 4 * height * width * self._stage_info[0]["x_channels"]
+
+    # -------------------------------------------------------------------- config
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "image_encoder": keras.saving.serialize_keras_object(self.image_encoder),
+                "projection_filters": self.projection_filters,
+                "dilation_rates": self.dilation_rates,
+                "upsampling_size": self.upsampling_size,
+                "low_level_feature_key": self.low_level_feature_key,
+                "spatial_pyramid_pooling_key": self.spatial_pyramid_pooling_key,
+                "image_shape": self.image_shape,
+                "variant": self.variant,
+                "kernel_size": self.kernel_size,
+                "embedding_dim": self.embedding_dim,
+                "norm": self.norm,
+                "implementation": self.implementation,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("image_encoder"), dict):
+            config["image_encoder"] = keras.saving.deserialize_keras_object(
+                config["image_encoder"]
+            )
+        return super().from_config(config)

@@ -1,0 +1,281 @@
+"""KerasHub's RetinaNet feature pyramid with SAPA in its top-down path, and its backbone."""
+
+import keras
+import keras_hub
+
+from keras_sapa.layers import SAPA
+from keras_sapa.models._common import sapa_kwargs
+from keras_sapa.models.keras_hub._upstream import FeaturePyramid
+
+
+def _backbone_max_level(levels, max_level):
+    return min(max(int(str(level)[1:]) for level in levels), max_level)
+
+
+@keras.saving.register_keras_serializable(package="keras_sapa")
+class SAPAKerasHubFeaturePyramid(FeaturePyramid):
+    """KerasHub's RetinaNet ``FeaturePyramid`` whose top-down upsampling is SAPA.
+
+    The stock pyramid adds to each lateral 1x1 convolution the nearest 2x upsampling
+    (one ``UpSampling2D`` named ``upsampling``) of the merged level above. Here that
+    upsampling is a SAPA 2x layer per level, ``sapa_P{l+1}_to_P{l}``, guided by the
+    lateral feature it is added to::
+
+        merged_l = lateral_l + SAPA_l(merged_{l+1}, guide=lateral_l)
+
+    Everything else (lateral and output convolutions, optional batch norms, the
+    coarser levels, names, the dict of outputs) is the stock pyramid, so its weights
+    load into all but the SAPA layers. ``channels_last`` only.
+
+    Args:
+        min_level, max_level, use_p5, num_filters, activation, kernel_initializer,
+            bias_initializer, batch_norm_momentum, batch_norm_epsilon,
+            kernel_regularizer, bias_regularizer, use_batch_norm, data_format: as
+            for KerasHub's pyramid.
+        variant, kernel_size, embedding_dim, norm, implementation: SAPA arguments
+            (default SAPA-B, the paper's detection variant, K=5, d=64, LayerNorm).
+        **kwargs: ``keras.layers.Layer`` arguments.
+    """
+
+    def __init__(
+        self,
+        min_level,
+        max_level,
+        use_p5,
+        num_filters=256,
+        variant="bilinear",
+        kernel_size=5,
+        embedding_dim=64,
+        norm="layer",
+        implementation="auto",
+        data_format=None,
+        **kwargs,
+    ):
+        super().__init__(
+            min_level=min_level,
+            max_level=max_level,
+            use_p5=use_p5,
+            num_filters=num_filters,
+            data_format=data_format,
+            **kwargs,
+        )
+        if self.data_format != "channels_last":
+            raise ValueError(
+                "SAPAKerasHubFeaturePyramid supports channels_last only. "
+                f"Received: data_format={self.data_format!r}"
+            )
+        args = sapa_kwargs(variant, kernel_size, embedding_dim, norm, implementation)
+        self.variant = args["variant"]
+        self.kernel_size = args["kernel_size"]
+        self.embedding_dim = args["embedding_dim"]
+        self.norm = args["norm"]
+        self.implementation = args["implementation"]
+
+    def _sapa_args(self):
+        return {
+            "variant": self.variant,
+            "kernel_size": self.kernel_size,
+            "embedding_dim": self.embedding_dim,
+            "norm": self.norm,
+            "implementation": self.implementation,
+        }
+
+    def build(self, input_shapes):
+        super().build(input_shapes)
+        levels = [key.split("_")[0] if "shape" in key else key for key in input_shapes]
+        top = _backbone_max_level(levels, self.max_level)
+        c = self.num_filters
+        self.sapa_layers = {}
+        for i in range(self.min_level, top):
+            layer = SAPA(
+                up_factor=2, dtype=self.dtype_policy, name=f"sapa_P{i + 1}_to_P{i}",
+                **self._sapa_args(),
+            )
+            layer.build((None, None, None, c), (None, None, None, c))
+            self.sapa_layers[f"P{i}"] = layer
+        # The stock nearest upsampling is not used: SAPA replaces it.
+        self.top_down_op = None
+        self._backbone_max_level = top
+
+    def call(self, inputs):
+        top = _backbone_max_level(inputs, self.max_level)
+        merged = {}
+        for i in range(top, self.min_level - 1, -1):
+            level = f"P{i}"
+            lateral = self.lateral_conv_layers[level](inputs[level])
+            if i < top:
+                upper = self.sapa_layers[level](merged[f"P{i + 1}"], lateral)
+                lateral = self.merge_op([lateral, upper])
+            merged[level] = (
+                self.lateral_batch_norm_layers[level](lateral)
+                if self.use_batch_norm
+                else lateral
+            )
+        outputs = {
+            f"P{i}": self.output_conv_layers[f"P{i}"](merged[f"P{i}"])
+            for i in range(self.min_level, top + 1)
+        }
+        for i in range(top + 1, self.max_level + 1):
+            level = f"P{i}"
+            if i == top + 1 and self.use_p5:
+                source = inputs[f"P{i - 1}"]
+            else:
+                source = outputs[f"P{i - 1}"]
+            if i > top + 1:
+                source = self.activation(source)
+            out = self.output_conv_layers[level](source)
+            if self.use_batch_norm:
+                out = self.output_batch_norms[level](out)
+            outputs[level] = out
+        return {f"P{i}": outputs[f"P{i}"] for i in range(self.min_level, self.max_level + 1)}
+
+    # ------------------------------------------------------------------ counting
+    def sapa_stages(self):
+        """The SAPA stages: dicts of ``layer``, output ``level``, ``x_channels`` and
+        ``guide_channels`` (read by :func:`keras_sapa.models.sapa_overhead`)."""
+        return [
+            {
+                "layer": self.sapa_layers[f"P{i}"],
+                "level": i,
+                "x_channels": self.num_filters,
+                "guide_channels": self.num_filters,
+            }
+            for i in range(self.min_level, self._backbone_max_level)
+        ]
+
+    def replaced_upsampling_macs(self, image_hw):
+        """The stock nearest upsampling does no multiply-adds."""
+        return 0
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self._sapa_args())
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_sapa")
+class SAPARetinaNetBackbone(keras_hub.models.Backbone):
+    """KerasHub's ``RetinaNetBackbone`` with a :class:`SAPAKerasHubFeaturePyramid`.
+
+    Same graph, names and attributes as the stock backbone (feature extractor
+    ``backbone``, pyramid ``fpn``), so it is a drop-in ``backbone`` for
+    ``keras_hub.models.RetinaNetObjectDetector``, and a stock ``RetinaNetBackbone``'s
+    weights load into all but the SAPA layers
+    (:func:`keras_sapa.models.load_stock_weights`).
+
+    Args:
+        image_encoder, min_level, max_level, use_p5, use_fpn_batch_norm, image_shape,
+            data_format, dtype: as for ``keras_hub.models.RetinaNetBackbone``.
+        variant, kernel_size, embedding_dim, norm, implementation: SAPA arguments of
+            the pyramid (default SAPA-B, K=5, d=64, LayerNorm, ``"auto"``).
+        **kwargs: ``keras_hub.models.Backbone`` arguments (``name``).
+    """
+
+    def __init__(
+        self,
+        image_encoder,
+        min_level,
+        max_level,
+        use_p5,
+        use_fpn_batch_norm=False,
+        image_shape=(None, None, 3),
+        variant="bilinear",
+        kernel_size=5,
+        embedding_dim=64,
+        norm="layer",
+        implementation="auto",
+        data_format=None,
+        dtype=None,
+        **kwargs,
+    ):
+        if not isinstance(image_encoder, keras.Model) or not isinstance(
+            getattr(image_encoder, "pyramid_outputs", None), dict
+        ):
+            raise ValueError(
+                "`image_encoder` must be a `keras.Model` with a `pyramid_outputs` dict "
+                "(a KerasHub backbone). Received: "
+                f"image_encoder={image_encoder!r} (of type {type(image_encoder).__name__})"
+            )
+        if min_level > max_level:
+            raise ValueError(
+                "`min_level` must be <= `max_level`. "
+                f"Received: min_level={min_level}, max_level={max_level}"
+            )
+        top = _backbone_max_level(image_encoder.pyramid_outputs, max_level)
+        if top < 5 and max_level >= 5:
+            raise ValueError(
+                f"The encoder's levels reach P{top}, below the pyramid's max_level="
+                f"{max_level}. Received encoder levels {sorted(image_encoder.pyramid_outputs)}"
+            )
+        missing = [
+            f"P{level}" for level in range(min_level, top + 1)
+            if f"P{level}" not in image_encoder.pyramid_outputs
+        ]
+        if missing:
+            raise ValueError(
+                f"SAPARetinaNetBackbone needs the encoder levels P{min_level} to P{top}; "
+                f"the encoder lacks {missing}."
+            )
+
+        feature_extractor = keras.Model(
+            inputs=image_encoder.inputs,
+            outputs={
+                f"P{level}": image_encoder.pyramid_outputs[f"P{level}"]
+                for level in range(min_level, top + 1)
+            },
+            name="backbone",
+        )
+        feature_pyramid = SAPAKerasHubFeaturePyramid(
+            min_level=min_level,
+            max_level=max_level,
+            use_p5=use_p5,
+            name="fpn",
+            dtype=dtype,
+            data_format=data_format,
+            use_batch_norm=use_fpn_batch_norm,
+            variant=variant,
+            kernel_size=kernel_size,
+            embedding_dim=embedding_dim,
+            norm=norm,
+            implementation=implementation,
+        )
+        image_input = keras.layers.Input(image_shape, name="inputs")
+        pyramid_outputs = feature_pyramid(feature_extractor(image_input))
+        super().__init__(inputs=image_input, outputs=pyramid_outputs, dtype=dtype, **kwargs)
+
+        self.min_level = min_level
+        self.max_level = max_level
+        self.use_p5 = use_p5
+        self.use_fpn_batch_norm = use_fpn_batch_norm
+        self.image_encoder = image_encoder
+        self.feature_pyramid = feature_pyramid
+        self.image_shape = image_shape
+        self.pyramid_outputs = pyramid_outputs
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "image_encoder": keras.saving.serialize_keras_object(self.image_encoder),
+                "min_level": self.min_level,
+                "max_level": self.max_level,
+                "use_p5": self.use_p5,
+                "use_fpn_batch_norm": self.use_fpn_batch_norm,
+                "image_shape": self.image_shape,
+                "variant": self.feature_pyramid.variant,
+                "kernel_size": self.feature_pyramid.kernel_size,
+                "embedding_dim": self.feature_pyramid.embedding_dim,
+                "norm": self.feature_pyramid.norm,
+                "implementation": self.feature_pyramid.implementation,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("image_encoder"), dict):
+            config["image_encoder"] = keras.saving.deserialize_keras_object(
+                config["image_encoder"]
+            )
+        return super().from_config(config)
