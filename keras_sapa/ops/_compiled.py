@@ -198,6 +198,53 @@ def aggregate(weights, value, kernel_size, up_factor):
     )
 
 
+def fused_available():
+    """True when the loaded library has the fused ``KerasSapa>Sapa`` op (libraries built
+    before it existed still serve the four window ops)."""
+    module = load_library()
+    return module is not None and hasattr(module, "keras_sapa_sapa")
+
+
+def fused_usable(query, key, value):
+    """Whether :func:`sapa` (the fused op) can serve these tensors: the library has it,
+    the three dtypes agree, and no GPU kernel library is loaded (the fused op has CPU
+    kernels only; on a GPU the window ops run there instead)."""
+    return (
+        fused_available()
+        and query.dtype == key.dtype == value.dtype
+        and gpu_status() != "loaded"
+    )
+
+
+def _weights_dtype(dtype):
+    return tf.float64 if dtype == tf.float64 else tf.float32
+
+
+def sapa_with_weights(query, key, value, kernel_size, up_factor):
+    """``KerasSapa>Sapa`` -> (output, weights): the fused forward and its softmax
+    ``(B, sH, sW, K*K)`` (float32 for half, bfloat16 and float32 inputs, float64 for
+    float64), which its gradient reuses. ``weights`` is not differentiable."""
+    return _ops().keras_sapa_sapa(
+        query, key, value, kernel_size=int(kernel_size), up_factor=int(up_factor),
+        Tweights=_weights_dtype(tf.as_dtype(query.dtype)),
+    )
+
+
+def sapa(query, key, value, kernel_size, up_factor):
+    """``KerasSapa>Sapa``: ``aggregate(softmax(similarity(query, key)), value)`` in one
+    fused CPU pass; (B,sH,sW,d), (B,H,W,d), (B,H,W,C) -> (B,sH,sW,C). The logits and the
+    softmax are computed in float32 for half and bfloat16 inputs."""
+    return sapa_with_weights(query, key, value, kernel_size, up_factor)[0]
+
+
+def sapa_grad(grad, query, key, value, weights, kernel_size, up_factor):
+    """``KerasSapa>SapaGrad`` -> (grad_query, grad_key, grad_value)."""
+    return _ops().keras_sapa_sapa_grad(
+        grad, query, key, value, weights, kernel_size=int(kernel_size),
+        up_factor=int(up_factor),
+    )
+
+
 def similarity_grad(grad, query, key, kernel_size, up_factor):
     """``KerasSapa>SimilarityGrad`` -> (grad_query, grad_key)."""
     return _ops().keras_sapa_similarity_grad(
@@ -279,3 +326,42 @@ def _aggregate_grad_grad(op, up_weights, up_value):
         d_weights = similarity(g, up_value, kernel_size, up_factor)
         d_g = _add(d_g, aggregate(weights, up_value, kernel_size, up_factor))
     return d_g, d_weights, d_value
+
+
+@tf.RegisterGradient("KerasSapa>Sapa")
+def _sapa_grad(op, grad, unused_grad_weights):
+    # The weights output is the saved softmax, not a differentiable result.
+    del unused_grad_weights
+    kernel_size, up_factor = _attrs(op)
+    query, key, value = op.inputs
+    return sapa_grad(grad, query, key, value, op.outputs[1], kernel_size, up_factor)
+
+
+def _unfused_sapa(query, key, value, kernel_size, up_factor):
+    logits = similarity(query, key, kernel_size, up_factor)
+    weights = tf.cast(tf.nn.softmax(tf.cast(logits, _weights_dtype(logits.dtype)), axis=-1),
+                      value.dtype)
+    return aggregate(weights, value, kernel_size, up_factor)
+
+
+@tf.RegisterGradient("KerasSapa>SapaGrad")
+def _sapa_grad_grad(op, up_query, up_key, up_value):
+    # Second order: SapaGrad(g, q, k, v, w) is the vector-Jacobian product of the
+    # composition of the window ops (whose gradients of gradients are registered above),
+    # so differentiate that composition's first-order gradient. w depends on (q, k) only
+    # through the forward, so it gets no gradient of its own.
+    kernel_size, up_factor = _attrs(op)
+    grad, query, key, value, _ = op.inputs
+    compute = _weights_dtype(grad.dtype)
+    inputs = [tf.cast(t, compute) for t in (grad, query, key, value)]
+    ups = [tf.zeros_like(t) if u is None else tf.cast(u, compute)
+           for t, u in zip(inputs[1:], (up_query, up_key, up_value))]
+    with tf.GradientTape() as outer:
+        outer.watch(inputs)
+        with tf.GradientTape() as inner:
+            inner.watch(inputs[1:])
+            out = _unfused_sapa(*inputs[1:], kernel_size, up_factor)
+        first = inner.gradient(out, inputs[1:], output_gradients=inputs[0])
+    second = outer.gradient(first, inputs, output_gradients=ups)
+    second = [tf.zeros_like(t) if d is None else d for t, d in zip(inputs, second)]
+    return [tf.cast(d, t.dtype) for d, t in zip(second, op.inputs[:4])] + [None]

@@ -4,6 +4,14 @@
 //   KerasSapa>SimilarityGrad (grad (B,sH,sW,K*K), query, key)           -> grad_query, grad_key
 //   KerasSapa>Aggregate      (weights (B,sH,sW,K*K), value (B,H,W,C))   -> (B,sH,sW,C)
 //   KerasSapa>AggregateGrad  (grad (B,sH,sW,C), weights, value)         -> grad_weights, grad_value
+//   KerasSapa>Sapa           (query, key, value (B,H,W,C))              -> output (B,sH,sW,C),
+//                                                                          weights (B,sH,sW,K*K)
+//   KerasSapa>SapaGrad       (grad (B,sH,sW,C), query, key, value, weights)
+//                                                                       -> grad_query, grad_key, grad_value
+//
+// Sapa is the fused aggregate(softmax(similarity(query, key)), value); its second output
+// is the softmax, kept for SapaGrad (float32 for half and bfloat16 inputs, selected by
+// the Tweights attribute). The four window ops stay as the composable reference path.
 //
 // The output point (i, j) is anchored at the low-resolution point (i / s, j / s); its
 // window holds (i / s + a, j / s + b) for a, b in [-r, r], r = (K - 1) / 2, numbered
@@ -176,5 +184,89 @@ REGISTER_OP("KerasSapa>AggregateGrad")
       return absl::OkStatus();
     })
     .Doc("Gradient of KerasSapa>Aggregate with respect to weights and value.");
+
+namespace {
+
+// Shapes of the fused ops: query (B,sH,sW,d), key (B,H,W,d), value (B,H,W,C).
+Status MergeTriple(InferenceContext* c, int query_input, Merged* m) {
+  TF_RETURN_IF_ERROR(MergeAll(c, /*weights=*/-1, /*high=*/query_input,
+                              /*low=*/query_input + 1, true, m));
+  ShapeHandle key, value;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(query_input + 1), 4, &key));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(query_input + 2), 4, &value));
+  ShapeHandle key3, value3, merged3;
+  TF_RETURN_IF_ERROR(c->Subshape(key, 0, 3, &key3));
+  TF_RETURN_IF_ERROR(c->Subshape(value, 0, 3, &value3));
+  TF_RETURN_IF_ERROR(c->Merge(key3, value3, &merged3));
+  TF_RETURN_IF_ERROR(c->Merge(m->batch, c->Dim(merged3, 0), &m->batch));
+  TF_RETURN_IF_ERROR(c->Merge(m->low_h, c->Dim(merged3, 1), &m->low_h));
+  TF_RETURN_IF_ERROR(c->Merge(m->low_w, c->Dim(merged3, 2), &m->low_w));
+  int64_t kernel_size, up_factor;
+  TF_RETURN_IF_ERROR(ReadWindowAttrs(c, &kernel_size, &up_factor));
+  DimensionHandle scaled;
+  TF_RETURN_IF_ERROR(c->Multiply(m->low_h, up_factor, &scaled));
+  TF_RETURN_IF_ERROR(c->Merge(m->high_h, scaled, &m->high_h));
+  TF_RETURN_IF_ERROR(c->Multiply(m->low_w, up_factor, &scaled));
+  TF_RETURN_IF_ERROR(c->Merge(m->high_w, scaled, &m->high_w));
+  m->window = c->MakeDim(kernel_size * kernel_size);
+  m->low_c = c->Dim(value, 3);  // C (the value's channels); high_c stays d
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+REGISTER_OP("KerasSapa>Sapa")
+    .Input("query: T")
+    .Input("key: T")
+    .Input("value: T")
+    .Output("output: T")
+    .Output("weights: Tweights")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("Tweights: {float, double}")
+    .Attr("kernel_size: int")
+    .Attr("up_factor: int")
+    .SetShapeFn([](InferenceContext* c) {
+      Merged m;
+      TF_RETURN_IF_ERROR(MergeTriple(c, 0, &m));
+      c->set_output(0, c->MakeShape({m.batch, m.high_h, m.high_w, m.low_c}));
+      c->set_output(1, c->MakeShape({m.batch, m.high_h, m.high_w, m.window}));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Fused SAPA: output = aggregate(softmax(similarity(query, key)), value) in one pass over the
+low-resolution anchors, padded window points entering the softmax with logit 0. weights is
+that softmax (B, sH, sW, K*K), computed in Tweights (float for half and bfloat16 inputs,
+double for double, float for float), kept for the gradient; it is not differentiable.
+)doc");
+
+REGISTER_OP("KerasSapa>SapaGrad")
+    .Input("grad: T")
+    .Input("query: T")
+    .Input("key: T")
+    .Input("value: T")
+    .Input("weights: Tweights")
+    .Output("grad_query: T")
+    .Output("grad_key: T")
+    .Output("grad_value: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("Tweights: {float, double}")
+    .Attr("kernel_size: int")
+    .Attr("up_factor: int")
+    .SetShapeFn([](InferenceContext* c) {
+      Merged m;
+      TF_RETURN_IF_ERROR(MergeTriple(c, 1, &m));
+      ShapeHandle grad, weights;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &grad));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(4), 4, &weights));
+      ShapeHandle out_shape = c->MakeShape({m.batch, m.high_h, m.high_w, m.low_c});
+      TF_RETURN_IF_ERROR(c->Merge(grad, out_shape, &out_shape));
+      ShapeHandle w_shape = c->MakeShape({m.batch, m.high_h, m.high_w, m.window});
+      TF_RETURN_IF_ERROR(c->Merge(weights, w_shape, &w_shape));
+      c->set_output(0, c->input(1));
+      c->set_output(1, c->input(2));
+      c->set_output(2, c->input(3));
+      return absl::OkStatus();
+    })
+    .Doc("Gradient of KerasSapa>Sapa with respect to query, key and value.");
 
 }  // namespace keras_sapa
