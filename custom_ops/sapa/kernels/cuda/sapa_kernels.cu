@@ -1,0 +1,73 @@
+// Entry points of the SAPA CUDA kernels (sapa_kernels.cuh), one extern "C" __global__
+// function per instantiation so that the driver API finds them by a plain name:
+//
+//   sapa_dot_<t>_k<K>        tiled dot, K in {3, 5, 7}
+//   sapa_dsoftmax_<t>_k<K>   tiled dot with the softmax-backward epilogue
+//   sapa_fused_<t>_k<K>      tiled fused forward (softmax(dot) then gather)
+//   sapa_gather_<t>[_wacc]   tiled gather (any K)
+//   sapa_scatter_<t>[_wacc]  tiled scatter (any K)
+//   sapa_dot_<t>_any, sapa_dsoftmax_<t>_any, sapa_fused_<t>_any, sapa_gather_<t>[_wacc]_any,
+//   sapa_scatter_<t>[_wacc]_any   untiled, any K and s
+//
+// <t> is f32, f16, bf16 or f64. The weights of the fused kernels (attn) and the logits
+// gradient of dsoftmax are in the accumulation type (float; double for f64); the _wacc
+// gather/scatter (f16, bf16) read such weights, the plain ones read weights of type <t>. The list is mirrored in launcher/sapa_launcher.cc and
+// checked by tests/test_cuda_build.py against the compiled images.
+
+#include "sapa_kernels.cuh"
+
+#define SAPA_ARGS ::sapa::Args g
+#define SAPA_ACC(T) typename ::sapa::Acc<T>::type
+#define SAPA_KERNEL extern "C" __global__ void __launch_bounds__(1024)
+
+#define SAPA_TILED_K(TN, T, A, K)                                                           \
+  SAPA_KERNEL sapa_dot_##TN##_k##K(SAPA_ARGS, const T* hi, const T* lo, T* out) {           \
+    ::sapa::dot_tiled<T, K, 0, T>(g, hi, lo, nullptr, out);                                 \
+  }                                                                                         \
+  SAPA_KERNEL sapa_dsoftmax_##TN##_k##K(SAPA_ARGS, const T* hi, const T* lo, const A* attn, \
+                                        A* out) {                                           \
+    ::sapa::dot_tiled<T, K, 1, A>(g, hi, lo, attn, out);                                    \
+  }                                                                                         \
+  SAPA_KERNEL sapa_fused_##TN##_k##K(SAPA_ARGS, const T* q, const T* k, const T* v, T* out, \
+                                     A* attn) {                                             \
+    ::sapa::fused_tiled<T, K>(g, q, k, v, out, attn);                                       \
+  }
+
+// Gather and scatter reading weights of type W; SUFFIX is "" (W = T) or _wacc (W = A).
+#define SAPA_WINDOW(TN, T, W, SUFFIX)                                                       \
+  SAPA_KERNEL sapa_gather_##TN##SUFFIX(SAPA_ARGS, const W* w, const T* lo, T* out) {        \
+    ::sapa::gather_tiled<T, W>(g, w, lo, out);                                              \
+  }                                                                                         \
+  SAPA_KERNEL sapa_scatter_##TN##SUFFIX(SAPA_ARGS, const W* w, const T* hi, T* out) {       \
+    ::sapa::scatter_tiled<T, W>(g, w, hi, out);                                             \
+  }                                                                                         \
+  SAPA_KERNEL sapa_gather_##TN##SUFFIX##_any(SAPA_ARGS, const W* w, const T* lo, T* out) {  \
+    ::sapa::gather_any<T, W>(g, w, lo, out);                                                \
+  }                                                                                         \
+  SAPA_KERNEL sapa_scatter_##TN##SUFFIX##_any(SAPA_ARGS, const W* w, const T* hi, T* out) { \
+    ::sapa::scatter_any<T, W>(g, w, hi, out);                                               \
+  }
+
+#define SAPA_TYPE(TN, T, A)                                                                 \
+  SAPA_TILED_K(TN, T, A, 3)                                                                 \
+  SAPA_TILED_K(TN, T, A, 5)                                                                 \
+  SAPA_TILED_K(TN, T, A, 7)                                                                 \
+  SAPA_WINDOW(TN, T, T, )                                                                   \
+  SAPA_KERNEL sapa_dot_##TN##_any(SAPA_ARGS, const T* hi, const T* lo, T* out) {            \
+    ::sapa::dot_any<T>(g, hi, lo, out);                                                     \
+  }                                                                                         \
+  SAPA_KERNEL sapa_dsoftmax_##TN##_any(SAPA_ARGS, const T* hi, const T* lo, const A* attn,  \
+                                       A* out) {                                            \
+    ::sapa::softmax_grad_any<T>(g, hi, lo, attn, out);                                      \
+  }                                                                                         \
+  SAPA_KERNEL sapa_fused_##TN##_any(SAPA_ARGS, const T* q, const T* k, const T* v, T* out,  \
+                                    A* attn) {                                              \
+    ::sapa::fused_any<T>(g, q, k, v, out, attn);                                            \
+  }
+
+SAPA_TYPE(f32, float, float)
+SAPA_TYPE(f64, double, double)
+SAPA_TYPE(f16, __half, float)
+SAPA_TYPE(bf16, __nv_bfloat16, float)
+SAPA_WINDOW(f16, __half, float, _wacc)
+SAPA_WINDOW(bf16, __nv_bfloat16, float, _wacc)

@@ -1,0 +1,92 @@
+// C interface of the SAPA kernel launcher: loads the NVRTC-built kernel images
+// (keras_sapa/_lib/sapa_kernels.<target>.{cubin,ptx}) and launches them on a caller's
+// CUDA stream through the driver API, which it opens with dlopen("libcuda.so.1"). No
+// framework, no CUDA runtime, no CUDA headers: callers are the TensorFlow GPU adapter
+// (custom_ops/sapa/cc/kernels/sapa_kernels_gpu.cc) and, through ctypes,
+// scripts/gpu_harness.py.
+//
+// Every function returns a SapaStatus; on failure sapa_last_error() (per thread) says
+// what went wrong. Tensors are contiguous, channels last; pointers are device pointers;
+// `stream` is a CUstream (NULL: the legacy default stream of the current context).
+
+#ifndef KERAS_SAPA_LAUNCHER_SAPA_LAUNCHER_H_
+#define KERAS_SAPA_LAUNCHER_SAPA_LAUNCHER_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum SapaStatus {
+  SAPA_OK = 0,
+  SAPA_ERR_NO_DRIVER = 1,   // libcuda.so.1 cannot be loaded or lacks a symbol
+  SAPA_ERR_DRIVER = 2,      // a driver call failed (cuInit, context, attributes)
+  SAPA_ERR_NO_IMAGE = 3,    // no kernel image for this GPU's architecture
+  SAPA_ERR_LAUNCH = 4,      // cuLaunchKernel failed
+  SAPA_ERR_INVALID = 5,     // bad arguments (dtype, sizes)
+  SAPA_ERR_IO = 6,          // an image file cannot be read
+};
+
+enum SapaDtype { SAPA_F32 = 0, SAPA_F16 = 1, SAPA_BF16 = 2, SAPA_F64 = 3 };
+
+// Sizes of one call. hi = (batch, up*height, up*width, channels), lo = (batch, height,
+// width, channels), weights = (batch, up*height, up*width, kernel*kernel); the fused
+// forward's value and output have channels_v channels.
+typedef struct SapaDims {
+  int64_t batch, height, width, up, kernel, channels, channels_v;
+} SapaDims;
+
+const char* sapa_last_error(void);
+
+// Opens the driver (driver_path NULL: "libcuda.so.1") and calls cuInit. Idempotent;
+// called by every launch. SAPA_ERR_NO_DRIVER when the library cannot be opened.
+int sapa_init(const char* driver_path);
+
+// Registers a kernel image: target "sm_XY" (cubin) or "compute_XY" (PTX, NUL-terminated
+// text). The data are copied.
+int sapa_add_image(const char* target, const void* data, size_t size);
+// Registers every sapa_kernels.<target>.cubin / .ptx file in dir; sets *count.
+int sapa_load_image_dir(const char* dir, int* count);
+// Forgets every image (not the modules already loaded). For tests.
+void sapa_clear_images(void);
+// The image chosen for compute capability major.minor: the newest cubin of the same
+// major and minor <= the device's, else the newest PTX not newer than the device.
+// Needs no GPU. SAPA_ERR_NO_IMAGE when none fits.
+int sapa_select_image(int major, int minor, char* target, size_t target_size);
+// The compute capability of the stream's device and the image chosen for it.
+int sapa_device_info(void* stream, int* major, int* minor, char* target, size_t target_size);
+// 1: use only the untiled kernels (for tests); 0: choose (default).
+void sapa_set_untiled(int untiled);
+// Name, grid, block and dynamic shared memory of the last launch on this thread.
+int sapa_last_launch(char* name, size_t name_size, int64_t* grid, int* block, int* smem);
+
+// out (B,sH,sW,K*K) = dot(hi, lo)
+int sapa_dot(void* stream, int dtype, const SapaDims* dims, const void* hi, const void* lo,
+             void* out);
+// out (B,sH,sW,D) = gather(w, lo)
+int sapa_gather(void* stream, int dtype, const SapaDims* dims, const void* w, const void* lo,
+                void* out);
+// out (B,H,W,D) = scatter(w, hi)
+int sapa_scatter(void* stream, int dtype, const SapaDims* dims, const void* w, const void* hi,
+                 void* out);
+// gather / scatter whose weights are in the accumulation type (float; double for F64).
+int sapa_gather_acc(void* stream, int dtype, const SapaDims* dims, const void* w,
+                    const void* lo, void* out);
+int sapa_scatter_acc(void* stream, int dtype, const SapaDims* dims, const void* w,
+                     const void* hi, void* out);
+// Fused forward: attn = softmax(dot(q, k)) (B,sH,sW,K*K) in the accumulation type;
+// out = gather(attn, v) (B,sH,sW,channels_v). q and k have `channels` channels.
+int sapa_forward(void* stream, int dtype, const SapaDims* dims, const void* q, const void* k,
+                 const void* v, void* out, void* attn);
+// Gradient of the logits, in the accumulation type: out = attn * (dot(grad, v) -
+// <attn, dot(grad, v)>); grad and v have `channels` channels, attn is the forward's.
+int sapa_softmax_backward(void* stream, int dtype, const SapaDims* dims, const void* grad,
+                          const void* v, const void* attn, void* out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif  // KERAS_SAPA_LAUNCHER_SAPA_LAUNCHER_H_
