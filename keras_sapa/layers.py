@@ -1,7 +1,9 @@
 """The SAPA layer: similarity-aware point affiliation upsampling (Lu et al., 2022)."""
 
+import warnings
+
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_sapa import ops as sapa_ops
 from keras_sapa.ops import _checks
@@ -21,20 +23,15 @@ def _nearest_up(t, up_factor):
     """Nearest-neighbour upsampling by an integer factor, channels last."""
     if up_factor == 1:
         return t
-    shape = tf.shape(t)
-    t6 = tf.broadcast_to(
-        t[:, :, None, :, None, :],
-        tf.stack([shape[0], shape[1], up_factor, shape[2], up_factor, shape[3]]),
-    )
-    return tf.reshape(
-        t6,
-        tf.stack([shape[0], shape[1] * up_factor, shape[2] * up_factor, shape[3]]),
-    )
+    return ops.repeat(ops.repeat(t, up_factor, axis=1), up_factor, axis=2)
 
 
 @keras.saving.register_keras_serializable(package="keras_sapa")
 class SAPA(keras.layers.Layer):
     """Similarity-Aware Point Affiliation upsampling.
+
+    Written with ``keras.ops``: the same class, config and weights work with
+    ``KERAS_BACKEND=tensorflow``, ``jax`` and ``torch``.
 
     Upsamples a low-resolution decoder feature ``x`` by ``up_factor``, guided by a
     high-resolution encoder feature ``guide``: every output point is a softmax-weighted
@@ -73,8 +70,10 @@ class SAPA(keras.layers.Layer):
         data_format: ``"channels_last"``, ``"channels_first"`` or ``None`` (Keras's
             ``image_data_format``). With ``channels_first`` inputs and output are NCHW.
         implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``; see
-            :mod:`keras_sapa.ops`. ``"auto"`` picks the compiled op when it is built,
-            and the XLA formulation inside ``jit_compile=True``.
+            :mod:`keras_sapa.ops` for their meaning on each backend. On TensorFlow
+            ``"auto"`` picks the compiled op when it is built, and the XLA
+            formulation inside ``jit_compile=True``; on JAX and PyTorch it is the
+            formulation with hand-written gradients (``"xla"``).
         kernel_initializer: initialiser of the projection kernels (official: truncated
             normal, stddev 0.02).
         bias_initializer: initialiser of the projection biases (official: zeros).
@@ -103,11 +102,6 @@ class SAPA(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if keras.backend.backend() != "tensorflow":
-            raise ValueError(
-                "keras_sapa.SAPA needs the TensorFlow backend of Keras. "
-                f"Received: keras.backend.backend()={keras.backend.backend()!r}"
-            )
         self.up_factor = _checks.check_up_factor(up_factor)
         self.kernel_size = _checks.check_kernel_size(kernel_size)
         self.embedding_dim = _checks.positive_int("embedding_dim", embedding_dim)
@@ -249,14 +243,12 @@ class SAPA(keras.layers.Layer):
     # -------------------------------------------------------------------- call
     def call(self, x, guide):
         if self.data_format == "channels_first":
-            x = tf.transpose(x, [0, 2, 3, 1])
-            guide = tf.transpose(guide, [0, 2, 3, 1])
-        # Static shapes are concrete in eager mode: bad sizes raise ValueError here.
+            x = ops.transpose(x, (0, 2, 3, 1))
+            guide = ops.transpose(guide, (0, 2, 3, 1))
+        # Static shapes are concrete in eager mode and under jax.jit: bad sizes raise
+        # ValueError here. Sizes unknown in a TensorFlow graph are checked at run time.
         _checks.check_pair("guide", tuple(guide.shape), "x", tuple(x.shape), self.up_factor)
-        asserts = _checks.runtime_shape_asserts(guide, "guide", x, "x", self.up_factor)
-        if asserts:
-            with tf.control_dependencies(asserts):
-                guide = tf.identity(guide)
+        guide = sapa_ops._checked_at_run_time(guide, "guide", x, "x", self.up_factor)
 
         s = self.up_factor
         x_n = x if self.norm_x is None else self.norm_x(x)
@@ -269,20 +261,43 @@ class SAPA(keras.layers.Layer):
                 query = self.q(y_n)
             elif self.variant == "concat":
                 # The official module concatenates the *raw* upsampled x.
-                query = self.q(tf.concat([y_n, _nearest_up(x, s)], axis=-1))
+                query = self.q(ops.concatenate([y_n, _nearest_up(x, s)], axis=-1))
             else:  # gated
-                gate = _nearest_up(tf.sigmoid(self.gate(x_n)), s)
+                gate = _nearest_up(ops.sigmoid(self.gate(x_n)), s)
                 query = gate * self.qy(y_n) + (1.0 - gate) * self.qx(_nearest_up(x, s))
         value = x if self.v is None else self.v(x_n)
         out = sapa_ops.sapa(
             query, key, value, self.kernel_size, s, implementation=self.implementation
         )
-        out = tf.cast(out, self.compute_dtype)
+        out = ops.cast(out, self.compute_dtype)
         if self.data_format == "channels_first":
-            out = tf.transpose(out, [0, 3, 1, 2])
+            out = ops.transpose(out, (0, 3, 1, 2))
         return out
 
     # ------------------------------------------------------------------ config
+    @classmethod
+    def from_config(cls, config):
+        """Rebuilds a layer from :meth:`get_config`, on any backend.
+
+        A config saved with ``implementation="compiled"`` (on TensorFlow, with the
+        compiled op built) still loads where that op is missing, or on a backend
+        that has none: the layer then runs on ``"auto"``, the backend's pure path,
+        and one warning says so. Constructing ``SAPA(implementation="compiled")``
+        directly keeps the request, and calling it without the op raises
+        ``RuntimeError``.
+        """
+        config = dict(config)
+        if config.get("implementation") == "compiled" and not sapa_ops.compiled_available():
+            warnings.warn(
+                f"SAPA layer {config.get('name')!r} was saved with "
+                "implementation='compiled', but the keras_sapa compiled op is not "
+                f"available on the {keras.config.backend()!r} backend here: it runs "
+                "with implementation='auto' (same numbers, pure path).",
+                stacklevel=2,
+            )
+            config["implementation"] = "auto"
+        return super().from_config(config)
+
     def get_config(self):
         config = super().get_config()
         config.update(

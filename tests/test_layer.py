@@ -47,7 +47,9 @@ def _pair(rng, batch=2, height=3, width=5, s=2, cx=8, cy=8, dtype=np.float32):
 @pytest.mark.parametrize("variant", ["identity", "bilinear", "gated", "concat"])
 @pytest.mark.parametrize("norm", ["layer", "group", None])
 def test_layer_matches_reference(variant, norm):
-    rng = np.random.default_rng(hash((variant, str(norm))) % 2**32)
+    # A fixed seed per case (str hashes are salted per process, so hash() is not one).
+    seed = 100 * ["identity", "bilinear", "gated", "concat"].index(variant)
+    rng = np.random.default_rng(seed + ["layer", "group", None].index(norm))
     x, guide = _pair(rng, cx=8, cy=8)
     layer = SAPA(kernel_size=3, embedding_dim=6, variant=variant, norm=norm, norm_groups=4)
     layer(x, guide)

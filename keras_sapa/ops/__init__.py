@@ -1,24 +1,42 @@
-"""Functional SAPA ops (channels last), with a choice of implementation.
+"""Functional SAPA ops (channels last) on every Keras backend.
 
     similarity(query, key)      -> (B, sH, sW, K*K)
     aggregate(weights, value)   -> (B, sH, sW, C)
     sapa(query, key, value)     -> aggregate(softmax(similarity(query, key)), value)
 
-Semantics are those of ``shared/SAPA_SPEC.md``. The TensorFlow implementations and
-their dispatch live in :mod:`keras_sapa.ops._tensorflow`.
+Semantics are those of ``shared/SAPA_SPEC.md``: a window of K x K low-resolution
+points around ``(i // s, j // s)``, row-major, zero padding *inside* the softmax.
+
+This module is the one dispatch point on ``keras.config.backend()``; each backend's
+module is imported on first use, so importing ``keras_sapa.ops`` imports no
+framework besides Keras. What ``implementation`` means on each backend:
+
+============  ==============================  ==============================  ============================
+              TensorFlow                      JAX                             PyTorch
+============  ==============================  ==============================  ============================
+``patches``   ``tf.image.extract_patches`` +  stacked windows + einsum        stacked windows + einsum
+              einsum                          (``keras.ops``, autodiff)       (``keras.ops``, autodiff)
+``xla``       shifted slices, builtin ops;    shifted slices + einsum,        stacked windows + ``bmm``,
+              compiles with                   hand-written gradient           hand-written gradient
+              ``jit_compile=True``            (``jax.custom_vjp``), jit-able  (``autograd.Function``),
+                                                                              eager and ``torch.compile``
+``compiled``  the fused C++/CUDA custom op    not available: ``RuntimeError``  not available: ``RuntimeError``
+``auto``      see :mod:`._tensorflow`         ``xla``                         ``xla``
+============  ==============================  ==============================  ============================
+
+So ``"xla"`` names the formulation with hand-written gradients that each backend
+compiles well, and ``"patches"`` the plain one that the backend's autodiff
+differentiates. A layer saved with ``"auto"``, ``"patches"`` or ``"xla"`` loads on
+every backend; one saved with ``"compiled"`` loads with a warning where the compiled
+op is missing and runs on ``"auto"`` (see :meth:`keras_sapa.SAPA.from_config`).
 """
 
-from keras_sapa.ops._tensorflow import (  # noqa: F401
-    aggregate,
-    compiled_available,
-    in_export_trace,
-    in_xla_context,
-    load_compiled_library,
-    resolve_implementation,
-    sapa,
-    similarity,
-    use_implementation,
-)
+import contextlib
+import threading
+
+import keras
+
+from keras_sapa.ops import _checks
 
 __all__ = [
     "similarity",
@@ -29,3 +47,204 @@ __all__ = [
     "resolve_implementation",
     "use_implementation",
 ]
+
+_HALF_DTYPES = ("float16", "bfloat16")
+_override = threading.local()
+
+
+def _on_tensorflow():
+    return keras.config.backend() == "tensorflow"
+
+
+def _tf():
+    from keras_sapa.ops import _tensorflow
+
+    return _tensorflow
+
+
+def _formulation(implementation):
+    """The module holding ``similarity`` / ``aggregate`` for a resolved
+    implementation on a backend other than TensorFlow."""
+    backend = keras.config.backend()
+    if implementation == "xla" and backend == "jax":
+        from keras_sapa.ops import _jax
+
+        return _jax
+    if implementation == "xla" and backend == "torch":
+        from keras_sapa.ops import _torch
+
+        return _torch
+    from keras_sapa.ops import _pure
+
+    return _pure
+
+
+def compiled_available():
+    """True when the compiled custom op library is loaded and usable.
+
+    Always False outside the TensorFlow backend (the custom op is a TensorFlow op).
+    On TensorFlow, False when it was not built, was built for another TensorFlow
+    version, failed to load, or ``KERAS_SAPA_DISABLE_COMPILED=1`` is set.
+    """
+    if not _on_tensorflow():
+        return False
+    return _tf().compiled_available()
+
+
+def load_compiled_library():
+    """Loads the compiled custom op library now (it is otherwise loaded on first use)
+    and returns True when it is available (always False outside TensorFlow).
+
+    Call it before ``tf.saved_model.load`` of a SavedModel that was exported with the
+    compiled op: TensorFlow must know the ``KerasSapa>...`` ops to rebuild its graph.
+    """
+    if not _on_tensorflow():
+        return False
+    return _tf().load_compiled_library()
+
+
+@contextlib.contextmanager
+def use_implementation(implementation):
+    """Within this context, ``implementation="auto"`` resolves to ``implementation``
+    (on every backend). The setting is per thread.
+
+    On TensorFlow, exports already use the builtin-op ``"xla"`` path by themselves;
+    use ``use_implementation("compiled")`` around an export to keep the compiled op
+    in the SavedModel (it then loads only after :func:`load_compiled_library`).
+    """
+    if _on_tensorflow():
+        with _tf().use_implementation(implementation):
+            yield
+        return
+    _checks.check_implementation(implementation)
+    previous = getattr(_override, "value", None)
+    _override.value = None if implementation == "auto" else implementation
+    try:
+        yield
+    finally:
+        _override.value = previous
+
+
+def resolve_implementation(implementation="auto"):
+    """The concrete implementation (``"patches"``, ``"xla"`` or ``"compiled"``) that
+    ``implementation`` stands for on the current backend and in the current context.
+
+    Raises ``RuntimeError`` for ``"compiled"`` where the compiled op is not available
+    (always, outside TensorFlow).
+    """
+    if _on_tensorflow():
+        return _tf().resolve_implementation(implementation)
+    _checks.check_implementation(implementation)
+    if implementation == "auto":
+        implementation = getattr(_override, "value", None) or "xla"
+    if implementation == "compiled":
+        raise RuntimeError(
+            "implementation='compiled' was requested but the keras_sapa compiled op "
+            "exists only on the TensorFlow backend of Keras (Received: "
+            f"keras.config.backend()={keras.config.backend()!r}). Use "
+            "implementation='auto'."
+        )
+    return implementation
+
+
+def _prepare(high, high_name, low, low_name, kernel_size, up_factor, equal_last):
+    """Validated tensors and window sizes (backends other than TensorFlow)."""
+    kernel_size = _checks.check_kernel_size(kernel_size)
+    up_factor = _checks.check_up_factor(up_factor)
+    high = keras.ops.convert_to_tensor(high)
+    low = keras.ops.convert_to_tensor(low)
+    _checks.check_pair(
+        high_name, tuple(high.shape), low_name, tuple(low.shape), up_factor,
+        last_dim="equal" if equal_last else None,
+    )
+    high_dtype = keras.backend.standardize_dtype(high.dtype)
+    low_dtype = keras.backend.standardize_dtype(low.dtype)
+    if high_dtype != low_dtype:
+        raise ValueError(
+            f"`{high_name}` and `{low_name}` must have the same dtype. Received: "
+            f"{high_name}.dtype={high_dtype}, {low_name}.dtype={low_dtype}"
+        )
+    return high, low, kernel_size, up_factor
+
+
+def similarity(query, key, kernel_size=5, up_factor=2, implementation="auto"):
+    """Window similarity ``S[b, i, j, n] = <query[b, i, j], key[b, i//s + a, j//s + b']>``.
+
+    Args:
+        query: ``(B, s*H, s*W, d)`` high-resolution query.
+        key: ``(B, H, W, d)`` low-resolution key.
+        kernel_size: odd window size K.
+        up_factor: integer upsampling factor s.
+        implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"`` (see
+            the module docs for their meaning on each backend).
+
+    Returns:
+        ``(B, s*H, s*W, K*K)``; points outside the map contribute 0.
+    """
+    if _on_tensorflow():
+        return _tf().similarity(query, key, kernel_size, up_factor, implementation)
+    _checks.check_implementation(implementation)
+    query, key, kernel_size, up_factor = _prepare(
+        query, "query", key, "key", kernel_size, up_factor, equal_last=True
+    )
+    module = _formulation(resolve_implementation(implementation))
+    return module.similarity(query, key, kernel_size, up_factor)
+
+
+def aggregate(weights, value, kernel_size=5, up_factor=2, implementation="auto"):
+    """Window aggregation ``out[b, i, j] = sum_n weights[b, i, j, n] * value[b, window_n]``.
+
+    Args:
+        weights: ``(B, s*H, s*W, K*K)`` mixing weights (usually a softmax).
+        value: ``(B, H, W, C)`` low-resolution feature.
+        kernel_size: odd window size K.
+        up_factor: integer upsampling factor s.
+        implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``.
+
+    Returns:
+        ``(B, s*H, s*W, C)``; points outside the map contribute 0.
+    """
+    if _on_tensorflow():
+        return _tf().aggregate(weights, value, kernel_size, up_factor, implementation)
+    _checks.check_implementation(implementation)
+    weights, value, kernel_size, up_factor = _prepare(
+        weights, "weights", value, "value", kernel_size, up_factor, equal_last=False
+    )
+    _checks.check_weights_channels(tuple(weights.shape), kernel_size)
+    module = _formulation(resolve_implementation(implementation))
+    return module.aggregate(weights, value, kernel_size, up_factor)
+
+
+def sapa(query, key, value, kernel_size=5, up_factor=2, implementation="auto"):
+    """``aggregate(softmax(similarity(query, key)), value)``.
+
+    The similarity and the softmax run in float32 when the inputs are float16 or
+    bfloat16 (so large logits cannot overflow); the result has ``value``'s dtype.
+    Padded window points take part in the softmax with similarity 0, as in the
+    official implementation.
+    """
+    if _on_tensorflow():
+        return _tf().sapa(query, key, value, kernel_size, up_factor, implementation)
+    _checks.check_implementation(implementation)
+    query, key, kernel_size, up_factor = _prepare(
+        query, "query", key, "key", kernel_size, up_factor, equal_last=True
+    )
+    value = keras.ops.convert_to_tensor(value)
+    _checks.check_pair("query", tuple(query.shape), "value", tuple(value.shape), up_factor)
+    if keras.backend.standardize_dtype(query.dtype) in _HALF_DTYPES:
+        query = keras.ops.cast(query, "float32")
+        key = keras.ops.cast(key, "float32")
+    module = _formulation(resolve_implementation(implementation))
+    logits = module.similarity(query, key, kernel_size, up_factor)
+    weights = keras.ops.softmax(logits, axis=-1)
+    weights = keras.ops.cast(weights, value.dtype)
+    return module.aggregate(weights, value, kernel_size, up_factor)
+
+
+def _checked_at_run_time(high, high_name, low, low_name, up_factor):
+    """``high``, made to fail at run time when its batch and spatial sizes are not
+    those of ``low`` (times ``up_factor``) and were unknown when it was traced. Only
+    TensorFlow graphs have such sizes; elsewhere ``high`` is returned unchanged."""
+    if not _on_tensorflow():
+        return high
+    return _tf()._with_runtime_checks(high, high_name, low, low_name, up_factor)

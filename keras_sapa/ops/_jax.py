@@ -1,0 +1,123 @@
+"""JAX formulation of SAPA's primitive ops (the ``"xla"`` implementation on JAX).
+
+The low-resolution tensor is padded once and read through K*K shifted slices; the
+high-resolution tensor is viewed as ``(B, H, s, W, s, .)`` so that the s x s output
+points of one anchor share its window, and no upsampled or K*K-stacked copy is made.
+The only Python loop is over the K*K window offsets (fixed by ``kernel_size``), so the
+traced program does not grow with the image, and XLA fuses each loop into a few
+kernels.
+
+Gradients are written by hand with :func:`jax.custom_vjp`. Both ops are bilinear in
+their two inputs, and their gradients are three window primitives:
+
+- ``_similarity(hi, lo)``: ``S[i, j, n] = <hi[i, j], lo[window_n(i, j)]>``;
+- ``_aggregate(w, lo)``: ``out[i, j] = sum_n w[i, j, n] * lo[window_n(i, j)]``;
+- ``_scatter(w, hi)``: the adjoint of both with respect to ``lo``:
+  ``d_lo[p] = sum over (i, j, n) whose window point n is p of w[i, j, n] * hi[i, j]``.
+
+so that ``d similarity = (aggregate(g, key), scatter(g, query))`` and
+``d aggregate = (similarity(g, value), scatter(weights, g))``. Differentiating the
+slice loops automatically would give the same numbers with K*K broadcast temporaries
+kept alive for the backward pass.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _split_high(t, s):
+    batch, height, width, channels = t.shape
+    return t.reshape(batch, height // s, s, width // s, s, channels)
+
+
+def _merge_high(t6):
+    batch, height, s1, width, s2, channels = t6.shape
+    return t6.reshape(batch, height * s1, width * s2, channels)
+
+
+def _shifted(lo, kernel_size):
+    """Yields (n, slice_n): slice_n[:, p, q] = lo[:, p + a, q + b] (0 outside the map),
+    for the window offsets in row-major order."""
+    r = kernel_size // 2
+    height, width = lo.shape[1], lo.shape[2]
+    padded = jnp.pad(lo, ((0, 0), (r, r), (r, r), (0, 0)))
+    for row in range(kernel_size):
+        for col in range(kernel_size):
+            yield row * kernel_size + col, padded[:, row : row + height, col : col + width, :]
+
+
+def _similarity(hi, lo, kernel_size, s):
+    # One einsum against the stacked windows (K*K copies of ``lo``): XLA's CPU
+    # reductions over the minor channel axis, one per window offset, ran 2x slower.
+    windows = jnp.stack([window for _, window in _shifted(lo, kernel_size)], axis=3)
+    return _merge_high(jnp.einsum("bhiwjd,bhwnd->bhiwjn", _split_high(hi, s), windows))
+
+
+def _aggregate(w, lo, kernel_size, s):
+    w6 = _split_high(w, s)
+    out = None
+    for n, window in _shifted(lo, kernel_size):
+        term = w6[..., n : n + 1] * window[:, :, None, :, None, :]
+        out = term if out is None else out + term
+    return _merge_high(out)
+
+
+def _scatter(w, hi, kernel_size, s):
+    w6 = _split_high(w, s)
+    hi6 = _split_high(hi, s)
+    r = kernel_size // 2
+    height, width = w6.shape[1], w6.shape[3]
+    acc = None
+    for row in range(kernel_size):
+        for col in range(kernel_size):
+            n = row * kernel_size + col
+            term = jnp.sum(w6[..., n : n + 1] * hi6, axis=(2, 4))
+            term = jnp.pad(
+                term, ((0, 0), (row, 2 * r - row), (col, 2 * r - col), (0, 0))
+            )
+            acc = term if acc is None else acc + term
+    return acc[:, r : r + height, r : r + width, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def similarity(query, key, kernel_size, up_factor):
+    """``(B, sH, sW, d) x (B, H, W, d) -> (B, sH, sW, K*K)``."""
+    return _similarity(query, key, kernel_size, up_factor)
+
+
+def _similarity_fwd(query, key, kernel_size, up_factor):
+    return _similarity(query, key, kernel_size, up_factor), (query, key)
+
+
+def _similarity_bwd(kernel_size, up_factor, residuals, grad):
+    query, key = residuals
+    return (
+        _aggregate(grad, key, kernel_size, up_factor).astype(query.dtype),
+        _scatter(grad, query, kernel_size, up_factor).astype(key.dtype),
+    )
+
+
+similarity.defvjp(_similarity_fwd, _similarity_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def aggregate(weights, value, kernel_size, up_factor):
+    """``(B, sH, sW, K*K) x (B, H, W, C) -> (B, sH, sW, C)``."""
+    return _aggregate(weights, value, kernel_size, up_factor)
+
+
+def _aggregate_fwd(weights, value, kernel_size, up_factor):
+    return _aggregate(weights, value, kernel_size, up_factor), (weights, value)
+
+
+def _aggregate_bwd(kernel_size, up_factor, residuals, grad):
+    weights, value = residuals
+    return (
+        _similarity(grad, value, kernel_size, up_factor).astype(weights.dtype),
+        _scatter(weights, grad, kernel_size, up_factor).astype(value.dtype),
+    )
+
+
+aggregate.defvjp(_aggregate_fwd, _aggregate_bwd)
