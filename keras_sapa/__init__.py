@@ -4,7 +4,9 @@
   ablation of the official code).
 - :mod:`keras_sapa.ops`: the functional ops ``similarity``, ``aggregate`` and ``sapa``
   with pure TensorFlow and compiled implementations.
-- :mod:`keras_sapa.models`: SAPA in KerasCV's DeepLabV3Plus and RetinaNet.
+- :mod:`keras_sapa.models`: SAPA in KerasHub's SegFormer, DeepLabV3 and RetinaNet, and
+  in KerasCV's DeepLabV3Plus and RetinaNet (KerasHub and KerasCV are imported when a
+  model of theirs is first used, not by ``import keras_sapa``).
 - :mod:`keras_sapa.convert`: weights to and from the official PyTorch modules.
 """
 
@@ -13,9 +15,8 @@ from keras_sapa import ops
 from keras_sapa.layers import SAPA
 from keras_sapa.version import __version__
 
-# Imported eagerly (it costs the KerasCV import) so that `.keras` files holding these
-# models reload after a plain `import keras_sapa`: Keras finds custom classes only
-# through their registration, which happens when the module is imported.
+# Cheap: imports neither KerasCV nor KerasHub. It registers a loading stand-in for each
+# model class, so `.keras` files holding them reload after a plain `import keras_sapa`.
 from keras_sapa import models  # noqa: E402  isort: skip
 
 __all__ = ["SAPA", "ops", "models", "convert", "__version__"]

@@ -154,6 +154,43 @@ def test_deeplab_overhead_against_stock(deeplab):
     assert bigger["params"] == report["params"]
 
 
+def test_deeplab_keeps_stock_names_and_loads_stock_weights():
+    keras.utils.set_random_seed(7)
+    stock = keras_cv.models.DeepLabV3Plus(
+        tiny_backbone(), NUM_CLASSES, spatial_pyramid_pooling=tiny_spp()
+    )
+    ours = sapa_models.SAPADeepLabV3Plus(
+        tiny_backbone(), NUM_CLASSES, embedding_dim=EMBED, spatial_pyramid_pooling=tiny_spp()
+    )
+    # Every explicitly named stock layer is in ours, under the same name.
+    def named(model):
+        return {
+            layer.name for layer in model._flatten_layers()
+            if not any(layer.name.startswith(p) for p in (
+                "sequential", "concatenate", "up_sampling2d", "functional", "input_layer",
+                "spatial_pyramid_pooling", "res_net", "conv2d", "batch_normalization",
+                "dropout", "re_lu", "activation", "global_average_pooling2d", "reshape",
+            ))
+        }
+    stock_names = named(stock)
+    assert {"low_level_feature_conv", "segmentation_head_norm", "segmentation_output"} <= stock_names
+    assert stock_names - {"encoder_output_upsampling", stock.name} <= named(ours)
+
+    # Scramble the stock weights, transfer, and compare variable by variable.
+    rng = np.random.default_rng(12)
+    for variable in stock.weights:
+        variable.assign(rng.normal(size=variable.shape).astype(variable.dtype))
+    kept = [v for v in ours.weights if "sapa_" not in v.path]
+    sapa_before = [np.array(v) for v in ours.weights if "sapa_" in v.path]
+    assert len(kept) == len(stock.weights)
+    sapa_models.load_stock_weights(ours, stock)
+    for mine, theirs in zip(kept, stock.weights):
+        assert tuple(mine.shape) == tuple(theirs.shape), (mine.path, theirs.path)
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs), err_msg=mine.path)
+    for a, b in zip(sapa_before, [v for v in ours.weights if "sapa_" in v.path]):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
 def test_deeplab_fit_loss_falls(deeplab):
     x = images()
     y = np.random.default_rng(3).integers(0, NUM_CLASSES, size=(2, IMAGE, IMAGE, 1))
@@ -341,6 +378,26 @@ def test_retinanet_config_keeps_pyramid_where_stock_drops_it(retinanet):
         sapa_models.SAPARetinaNet(
             tiny_backbone(), NUM_CLASSES, "xywh",
             feature_pyramid=sapa_models.SAPAFeaturePyramid(), variant="gated",
+        )
+
+
+def test_retinanet_norm_argument_is_unambiguous():
+    keras.utils.set_random_seed(8)
+    default = sapa_models.SAPARetinaNet(tiny_backbone(), NUM_CLASSES, "xywh", embedding_dim=EMBED)
+    assert default.feature_pyramid.norm == "layer"
+    no_norm = sapa_models.SAPARetinaNet(
+        tiny_backbone(), NUM_CLASSES, "xywh", embedding_dim=EMBED, norm=None
+    )
+    assert no_norm.feature_pyramid.norm is None
+    assert all(layer.norm is None for layer in no_norm.feature_pyramid.upsamplers)
+    clone = sapa_models.SAPARetinaNet.from_config(no_norm.get_config())
+    assert clone.feature_pyramid.norm is None
+    with pytest.raises(ValueError, match="norm"):
+        sapa_models.SAPARetinaNet(tiny_backbone(), NUM_CLASSES, "xywh", norm="batch")
+    with pytest.raises(ValueError, match="feature_pyramid"):
+        sapa_models.SAPARetinaNet(
+            tiny_backbone(), NUM_CLASSES, "xywh",
+            feature_pyramid=sapa_models.SAPAFeaturePyramid(), norm=None,
         )
 
 

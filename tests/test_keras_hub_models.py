@@ -1,0 +1,484 @@
+"""keras_sapa.models.keras_hub: SAPA in KerasHub's SegFormer, DeepLabV3 and RetinaNet.
+
+Backend-neutral (no TensorFlow import): it runs on whichever Keras backend the process
+uses, and is skipped where the SAPA layer does not run on that backend. Tiny encoders
+(64x64 images, a few channels) built from KerasHub's constructors keep it fast; no
+downloads. Each check compares against something independent of the code under test:
+the stock KerasHub model (shapes, parameters, weights), a written-out cost model, and
+the model before saving.
+"""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+keras_hub = pytest.importorskip("keras_hub")
+
+import keras_sapa  # noqa: E402
+import keras_sapa.models as sapa_models  # noqa: E402
+from keras_sapa.models.keras_hub import _upstream  # noqa: E402
+
+IMAGE = 64
+NUM_CLASSES = 3
+FILTERS = 32
+EMBED = 8
+
+
+def _layer_runs_here():
+    try:
+        layer = keras_sapa.SAPA(up_factor=2, embedding_dim=4)
+        layer(np.zeros((1, 2, 2, 4), "float32"), np.zeros((1, 4, 4, 4), "float32"))
+    except Exception as error:  # noqa: BLE001 - the reason is reported in the skip
+        return f"SAPA layer does not run on {keras.config.backend()}: {error}"
+    return None
+
+
+_SKIP = _layer_runs_here()
+pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+
+
+# ----------------------------------------------------------------------- helpers
+def mit_encoder():
+    # Strides 4, 8, 16, 32: stages of 16, 8, 4, 2 points on a side.
+    return keras_hub.models.MiTBackbone(
+        image_shape=(IMAGE, IMAGE, 3),
+        num_layers=4,
+        hidden_dims=[8, 16, 32, 64],
+        layerwise_depths=[1, 1, 1, 1],
+        layerwise_num_heads=[1, 1, 2, 2],
+        layerwise_sr_ratios=[8, 4, 2, 1],
+        layerwise_patch_sizes=[7, 3, 3, 3],
+        layerwise_strides=[4, 2, 2, 2],
+        max_drop_path_rate=0.0,
+    )
+
+
+def resnet_encoder():
+    # Basic blocks: P2..P5 with 64 (KerasHub requires it), 16, 16, 32 channels at
+    # strides 4..32.
+    return keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64],
+        input_conv_kernel_sizes=[7],
+        stackwise_num_filters=[64, 16, 16, 32],
+        stackwise_num_blocks=[1, 1, 1, 1],
+        stackwise_num_strides=[1, 2, 2, 2],
+        block_type="basic_block",
+        image_shape=(IMAGE, IMAGE, 3),
+    )
+
+
+def images(batch=2, seed=0):
+    return np.random.default_rng(seed).uniform(size=(batch, IMAGE, IMAGE, 3)).astype("float32")
+
+
+def all_layers(model):
+    return list(model._flatten_layers())
+
+
+def sapa_layers_of(model):
+    return [layer for layer in all_layers(model) if isinstance(layer, keras_sapa.SAPA)]
+
+
+def is_sapa_variable(variable):
+    return "sapa_" in variable.path
+
+
+def expected_macs(variant, low_hw, cx, cy, d, k=5, s=2):
+    """Cost model of shared/SAPA_SPEC.md, written out independently of _counting.py."""
+    n_lo = low_hw[0] * low_hw[1]
+    n_hi = n_lo * s * s
+    total = n_hi * k * k * d + n_hi * k * k * cx + n_lo * cx * d  # sim + agg + key
+    if variant == "bilinear":
+        total += n_hi * cy * d
+    elif variant == "gated":
+        total += n_hi * cy * d + n_hi * cx * d + n_lo * cx + 2 * n_hi * d
+    else:
+        raise AssertionError(variant)
+    return total
+
+
+def check_stock_weights_load(ours, stock):
+    """Scramble the stock model's variables, transfer, and check every non-SAPA
+    variable of ours equals its stock counterpart while SAPA's are untouched."""
+    rng = np.random.default_rng(11)
+    for variable in stock.weights:
+        variable.assign(rng.normal(size=variable.shape).astype(variable.dtype))
+    kept = [v for v in ours.weights if not is_sapa_variable(v)]
+    sapa_before = [np.array(v) for v in ours.weights if is_sapa_variable(v)]
+    assert sapa_before, "the model has no SAPA variables"
+    assert len(kept) == len(stock.weights)
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(kept, stock.weights))
+
+    sapa_models.load_stock_weights(ours, stock)
+
+    for mine, theirs in zip(kept, stock.weights):
+        assert tuple(mine.shape) == tuple(theirs.shape), (mine.path, theirs.path)
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs), err_msg=mine.path)
+    sapa_after = [np.array(v) for v in ours.weights if is_sapa_variable(v)]
+    for a, b in zip(sapa_before, sapa_after):
+        np.testing.assert_array_equal(a, b)
+
+
+def check_fit_lowers_loss(model, x, y, loss, lr=3e-3, epochs=6):
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss)
+    sapa = sapa_layers_of(model)[0]
+    before = [np.array(w) for w in sapa.trainable_weights]
+    history = model.fit(x, y, epochs=epochs, batch_size=len(x), verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < losses[0], losses
+    after = [np.array(w) for w in sapa.trainable_weights]
+    assert any(not np.allclose(a, b) for a, b in zip(before, after)), "SAPA got no gradient"
+
+
+def without_encoder(config):
+    return {key: value for key, value in config.items() if key != "image_encoder"}
+
+
+def check_keras_round_trip(model, tmp_path, x, name):
+    path = str(tmp_path / f"{name}.keras")
+    expected = np.asarray(model.predict(x, verbose=0))
+    model.save(path)
+    restored = keras.models.load_model(path)
+    assert type(restored) is type(model)
+    assert type(restored.backbone) is type(model.backbone)
+    assert [layer.name for layer in sapa_layers_of(restored)] == [
+        layer.name for layer in sapa_layers_of(model)
+    ]
+    np.testing.assert_allclose(
+        np.asarray(restored.predict(x, verbose=0)), expected, rtol=1e-5, atol=1e-5
+    )
+    return restored
+
+
+# -------------------------------------------------------------- upstream classes
+def test_upstream_private_classes_are_the_stock_ones():
+    """KerasHub does not export these two classes; fail loudly if they move."""
+    stock = keras_hub.models.DeepLabV3Backbone(
+        image_encoder=resnet_encoder(),
+        spatial_pyramid_pooling_key="P5",
+        upsampling_size=8,
+        dilation_rates=[1, 2],
+        low_level_feature_key="P2",
+        image_shape=(IMAGE, IMAGE, 3),
+    )
+    assert any(type(layer) is _upstream.SpatialPyramidPooling for layer in stock.layers)
+    retina = keras_hub.models.RetinaNetBackbone(
+        image_encoder=resnet_encoder(), min_level=3, max_level=5, use_p5=False,
+        image_shape=(IMAGE, IMAGE, 3),
+    )
+    assert type(retina.feature_pyramid) is _upstream.FeaturePyramid
+
+
+# ---------------------------------------------------------------------- SegFormer
+@pytest.fixture(scope="module")
+def segformer_pair():
+    keras.utils.set_random_seed(1)
+    stock = keras_hub.models.SegFormerImageSegmenter(
+        backbone=keras_hub.models.SegFormerBackbone(
+            image_encoder=mit_encoder(), projection_filters=FILTERS
+        ),
+        num_classes=NUM_CLASSES,
+    )
+    ours = sapa_models.SAPASegFormer(
+        backbone=mit_encoder(), num_classes=NUM_CLASSES,
+        projection_filters=FILTERS, embedding_dim=EMBED,
+    )
+    return ours, stock
+
+
+def test_segformer_structure(segformer_pair):
+    ours, stock = segformer_pair
+    x = images()
+    assert isinstance(ours, keras_hub.models.SegFormerImageSegmenter)
+    assert isinstance(ours.backbone, sapa_models.SAPASegFormerBackbone)
+    assert tuple(ours(x).shape) == tuple(stock(x).shape) == (2, IMAGE, IMAGE, NUM_CLASSES)
+
+    # The stock decoder resizes stages 2-4 with one bilinear Resizing; ours has none.
+    def resizings(model):
+        return [layer for layer in all_layers(model) if isinstance(layer, keras.layers.Resizing)]
+
+    assert len(resizings(stock.backbone)) == 1
+    assert resizings(ours.backbone) == []
+    sapa = sapa_layers_of(ours.backbone)
+    assert sorted(layer.name for layer in sapa) == sorted(
+        ["sapa_P4_to_P3", "sapa_P4_to_P2", "sapa_P4_to_P1",
+         "sapa_P3_to_P2", "sapa_P3_to_P1", "sapa_P2_to_P1"]
+    )
+    # Paper defaults: SAPA-B, K=5; d as asked; every stage 2x on the decoder width.
+    for layer in sapa:
+        assert (layer.variant, layer.kernel_size, layer.embedding_dim) == ("bilinear", 5, EMBED)
+        assert layer.up_factor == 2
+        assert tuple(layer.q.kernel.shape) == (FILTERS, EMBED)
+    # The stock decoder's named layers are all there.
+    names = {layer.name for layer in ours.backbone.layers}
+    assert {"linear_8", "linear_16", "linear_32", "linear_64"} <= names
+
+
+def test_segformer_defaults_are_the_papers():
+    backbone = sapa_models.SAPASegFormerBackbone(image_encoder=mit_encoder(), projection_filters=16)
+    assert (backbone.variant, backbone.kernel_size, backbone.embedding_dim) == ("bilinear", 5, 32)
+    model = sapa_models.SAPASegFormer(backbone=mit_encoder(), num_classes=2)
+    assert model.backbone.projection_filters == 256
+    gated = sapa_models.SAPASegFormer(
+        backbone=mit_encoder(), num_classes=2, projection_filters=16, variant="gated", norm=None
+    )
+    assert {layer.variant for layer in sapa_layers_of(gated)} == {"gated"}
+    assert {layer.norm for layer in sapa_layers_of(gated)} == {None}
+
+
+def test_segformer_bad_arguments():
+    with pytest.raises(ValueError, match="kernel_size"):
+        sapa_models.SAPASegFormerBackbone(image_encoder=mit_encoder(), projection_filters=8, kernel_size=4)
+    with pytest.raises(ValueError, match="variant"):
+        sapa_models.SAPASegFormerBackbone(image_encoder=mit_encoder(), projection_filters=8, variant="x")
+    with pytest.raises(ValueError, match="projection_filters"):
+        sapa_models.SAPASegFormerBackbone(image_encoder=mit_encoder(), projection_filters=0)
+    with pytest.raises(ValueError, match="image_encoder"):
+        sapa_models.SAPASegFormerBackbone(image_encoder="mit", projection_filters=8)
+    backbone = sapa_models.SAPASegFormerBackbone(image_encoder=mit_encoder(), projection_filters=8)
+    with pytest.raises(ValueError, match="not both"):
+        sapa_models.SAPASegFormer(backbone=backbone, num_classes=2, variant="gated")
+    with pytest.raises(ValueError, match="num_classes"):
+        sapa_models.SAPASegFormer(backbone=backbone, num_classes=0)
+
+
+def test_segformer_overhead_against_stock(segformer_pair):
+    ours, stock = segformer_pair
+    report = sapa_models.sapa_overhead(ours)
+    assert report["params"] > 0
+    assert report["params"] == ours.count_params() - stock.count_params()
+    assert report["stock_params"] == stock.count_params()
+    # Stage sizes 2, 4, 8 -> finest 16: streams P4 (2->4->8->16), P3 (4->8->16), P2 (8->16).
+    lows = [(2, 2), (4, 4), (8, 8), (4, 4), (8, 8), (8, 8)]
+    want = sum(expected_macs("bilinear", hw, FILTERS, FILTERS, EMBED) for hw in lows)
+    assert report["macs"] == want
+    # Stock: three bilinear resizes to 16x16 at 4 multiply-adds per output value.
+    assert report["replaced_macs"] == 3 * 4 * 16 * 16 * FILTERS
+    assert report["net_macs"] == want - report["replaced_macs"]
+
+
+def test_segformer_stock_weights_load(segformer_pair):
+    ours, stock = segformer_pair
+    keras.utils.set_random_seed(3)
+    fresh = sapa_models.SAPASegFormer(
+        backbone=mit_encoder(), num_classes=NUM_CLASSES,
+        projection_filters=FILTERS, embedding_dim=EMBED,
+    )
+    check_stock_weights_load(fresh, stock)
+
+
+def test_segformer_fit_and_round_trip(segformer_pair, tmp_path):
+    ours, _ = segformer_pair
+    x = images(seed=4)
+    y = np.random.default_rng(5).integers(0, NUM_CLASSES, size=(2, IMAGE, IMAGE, 1))
+    check_fit_lowers_loss(ours, x, y, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    restored = check_keras_round_trip(ours, tmp_path, x, "segformer")
+    assert without_encoder(restored.backbone.get_config()) == without_encoder(
+        ours.backbone.get_config()
+    )
+    config = ours.backbone.get_config()
+    clone = sapa_models.SAPASegFormerBackbone.from_config(config)
+    assert without_encoder(clone.get_config()) == without_encoder(config)
+
+
+# ---------------------------------------------------------------------- DeepLabV3
+DEEPLAB_ARGS = dict(
+    spatial_pyramid_pooling_key="P5",
+    upsampling_size=8,
+    dilation_rates=[1, 2],
+    low_level_feature_key="P2",
+    image_shape=(IMAGE, IMAGE, 3),
+)
+
+
+@pytest.fixture(scope="module")
+def deeplab_pair():
+    keras.utils.set_random_seed(2)
+    stock = keras_hub.models.DeepLabV3ImageSegmenter(
+        backbone=keras_hub.models.DeepLabV3Backbone(image_encoder=resnet_encoder(), **DEEPLAB_ARGS),
+        num_classes=NUM_CLASSES,
+    )
+    ours = keras_hub.models.DeepLabV3ImageSegmenter(
+        backbone=sapa_models.SAPADeepLabV3Backbone(
+            image_encoder=resnet_encoder(), embedding_dim=EMBED, **DEEPLAB_ARGS
+        ),
+        num_classes=NUM_CLASSES,
+    )
+    return ours, stock
+
+
+def test_deeplab_v3_structure_and_overhead(deeplab_pair):
+    ours, stock = deeplab_pair
+    x = images()
+    assert tuple(ours(x).shape) == tuple(stock(x).shape) == (2, IMAGE, IMAGE, NUM_CLASSES)
+    stock_names = {layer.name for layer in stock.backbone.layers}
+    our_names = {layer.name for layer in ours.backbone.layers}
+    assert "encoder_output_upsampling" in stock_names
+    assert "encoder_output_upsampling" not in our_names
+    # Every other stock name is kept; SAPA stages are added.
+    unnamed = {name for name in stock_names if name.split("_")[0] in ("functional", "spatial")}
+    assert stock_names - {"encoder_output_upsampling"} - unnamed <= our_names
+    sapa = sapa_layers_of(ours.backbone)
+    assert [layer.name for layer in sapa] == [
+        "sapa_upsampling_P4", "sapa_upsampling_P3", "sapa_upsampling_P2"
+    ]
+    assert all(layer.variant == "gated" for layer in sapa)
+    ups = [layer for layer in ours.backbone.layers if isinstance(layer, keras.layers.UpSampling2D)]
+    assert [layer.name for layer in ups] == ["backbone_output_upsampling"]
+
+    report = sapa_models.sapa_overhead(ours)
+    assert report["params"] == ours.count_params() - stock.count_params() > 0
+    # ASPP gives 256 channels at P5 (2x2); guides P4, P3, P2 have 16, 16, 64 channels.
+    want = (
+        expected_macs("gated", (2, 2), 256, 16, EMBED)
+        + expected_macs("gated", (4, 4), 256, 16, EMBED)
+        + expected_macs("gated", (8, 8), 256, 64, EMBED)
+    )
+    assert report["macs"] == want
+    assert report["replaced_macs"] == 4 * 16 * 16 * 256
+
+
+def test_deeplab_v3_bad_arguments():
+    with pytest.raises(ValueError, match="upsampling_size"):
+        sapa_models.SAPADeepLabV3Backbone(
+            image_encoder=resnet_encoder(), **dict(DEEPLAB_ARGS, upsampling_size=6)
+        )
+    with pytest.raises(ValueError, match="lacks"):
+        sapa_models.SAPADeepLabV3Backbone(
+            image_encoder=resnet_encoder(), **dict(DEEPLAB_ARGS, upsampling_size=16)
+        )
+    with pytest.raises(ValueError, match="spatial_pyramid_pooling_key"):
+        sapa_models.SAPADeepLabV3Backbone(
+            image_encoder=resnet_encoder(), **dict(DEEPLAB_ARGS, spatial_pyramid_pooling_key="P9")
+        )
+
+
+def test_deeplab_v3_stock_weights_load(deeplab_pair):
+    _, stock = deeplab_pair
+    keras.utils.set_random_seed(4)
+    fresh = keras_hub.models.DeepLabV3ImageSegmenter(
+        backbone=sapa_models.SAPADeepLabV3Backbone(
+            image_encoder=resnet_encoder(), embedding_dim=EMBED, **DEEPLAB_ARGS
+        ),
+        num_classes=NUM_CLASSES,
+    )
+    check_stock_weights_load(fresh, stock)
+
+
+def test_deeplab_v3_fit_and_round_trip(deeplab_pair, tmp_path):
+    ours, _ = deeplab_pair
+    x = images(seed=6)
+    y = np.random.default_rng(7).integers(0, NUM_CLASSES, size=(2, IMAGE, IMAGE, 1))
+    check_fit_lowers_loss(ours, x, y, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    restored = check_keras_round_trip(ours, tmp_path, x, "deeplab_v3")
+    assert without_encoder(restored.backbone.get_config()) == without_encoder(
+        ours.backbone.get_config()
+    )
+
+
+# ---------------------------------------------------------------------- RetinaNet
+RETINA_ARGS = dict(min_level=3, max_level=5, use_p5=False, image_shape=(IMAGE, IMAGE, 3))
+
+
+@pytest.fixture(scope="module")
+def retinanet_pair():
+    keras.utils.set_random_seed(5)
+    stock = keras_hub.models.RetinaNetBackbone(image_encoder=resnet_encoder(), **RETINA_ARGS)
+    ours = sapa_models.SAPARetinaNetBackbone(
+        image_encoder=resnet_encoder(), embedding_dim=EMBED, **RETINA_ARGS
+    )
+    return ours, stock
+
+
+def test_retinanet_pyramid_structure_and_overhead(retinanet_pair):
+    ours, stock = retinanet_pair
+    x = images()
+    mine, theirs = ours(x), stock(x)
+    assert sorted(mine) == sorted(theirs) == ["P3", "P4", "P5"]
+    for key in mine:
+        assert tuple(mine[key].shape) == tuple(theirs[key].shape)
+    pyramid = ours.feature_pyramid
+    assert isinstance(pyramid, sapa_models.SAPAKerasHubFeaturePyramid)
+    assert pyramid.name == "fpn" and ours.get_layer("backbone") is not None
+    assert pyramid.top_down_op is None
+    assert [layer.name for layer in sapa_layers_of(pyramid)] == ["sapa_P4_to_P3", "sapa_P5_to_P4"]
+
+    # The top-down path is SAPA: P4 = output_conv(lateral_4 + SAPA(lateral_5, lateral_4)).
+    feats = ours.get_layer("backbone")(x)
+    lat4 = pyramid.lateral_conv_layers["P4"](feats["P4"])
+    lat5 = pyramid.lateral_conv_layers["P5"](feats["P5"])
+    p4 = pyramid.output_conv_layers["P4"](lat4 + pyramid.sapa_layers["P4"](lat5, lat4))
+    np.testing.assert_allclose(np.asarray(mine["P4"]), np.asarray(p4), rtol=1e-5, atol=1e-5)
+
+    report = sapa_models.sapa_overhead(ours)
+    assert report["params"] == ours.count_params() - stock.count_params() > 0
+    assert report["replaced_macs"] == 0
+    assert report["macs"] == expected_macs("bilinear", (2, 2), 256, 256, EMBED) + expected_macs(
+        "bilinear", (4, 4), 256, 256, EMBED
+    )
+
+
+def test_retinanet_stock_weights_load(retinanet_pair):
+    _, stock = retinanet_pair
+    keras.utils.set_random_seed(6)
+    fresh = sapa_models.SAPARetinaNetBackbone(
+        image_encoder=resnet_encoder(), embedding_dim=EMBED, **RETINA_ARGS
+    )
+    check_stock_weights_load(fresh, stock)
+
+
+def test_retinanet_detector_fit_and_round_trip(retinanet_pair, tmp_path):
+    ours, _ = retinanet_pair
+    detector = keras_hub.models.RetinaNetObjectDetector(
+        backbone=ours, num_classes=NUM_CLASSES, bounding_box_format="yxyx"
+    )
+    x = images(seed=8)
+    boxes = np.array([[[4, 4, 36, 36], [16, 24, 44, 40]]] * 2, "float32")
+    classes = np.array([[0, 2], [1, 2]], "float32")
+    detector.compile(optimizer=keras.optimizers.Adam(3e-4, global_clipnorm=1.0))
+    sapa = sapa_layers_of(ours)[0]
+    before = [np.array(w) for w in sapa.trainable_weights]
+    history = detector.fit(
+        x, {"boxes": boxes, "labels": classes}, epochs=6, batch_size=2, verbose=0
+    )
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert any(
+        not np.allclose(a, np.array(b)) for a, b in zip(before, sapa.trainable_weights)
+    )
+
+    path = str(tmp_path / "retinanet.keras")
+    detector.save(path)
+    restored = keras.models.load_model(path)
+    assert type(restored.backbone) is sapa_models.SAPARetinaNetBackbone
+    assert isinstance(restored.backbone.feature_pyramid, sapa_models.SAPAKerasHubFeaturePyramid)
+    ours_out = ours(x)
+    back_out = restored.backbone(x)
+    for key in ours_out:
+        np.testing.assert_allclose(
+            np.asarray(back_out[key]), np.asarray(ours_out[key]), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_overhead_of_a_segformer_b1_is_computed_without_weights():
+    """SegFormer-B1's hyperparameters (MiT-B1: widths 64-128-320-512), decoder width 256,
+    at 512x512: parameters are counted from the layers, multiply-adds checked against
+    the cost model written out here."""
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("one backend is enough for a count")
+    encoder = keras_hub.models.MiTBackbone(
+        image_shape=(512, 512, 3), num_layers=4, hidden_dims=[64, 128, 320, 512],
+        layerwise_depths=[2, 2, 2, 2], layerwise_num_heads=[1, 2, 5, 8],
+        layerwise_sr_ratios=[8, 4, 2, 1], layerwise_patch_sizes=[7, 3, 3, 3],
+        layerwise_strides=[4, 2, 2, 2], max_drop_path_rate=0.1,
+    )
+    model = sapa_models.SAPASegFormerBackbone(image_encoder=encoder, projection_filters=256)
+    report = sapa_models.sapa_overhead(model)
+    # SAPA-B, d=32 per layer: LayerNorms 2*(2*256), q and k 2*(256*32 + 32).
+    assert report["params"] == 6 * (2 * 2 * 256 + 2 * (256 * 32 + 32))
+    lows = [(16, 16), (32, 32), (64, 64), (32, 32), (64, 64), (64, 64)]
+    assert report["macs"] == sum(expected_macs("bilinear", hw, 256, 256, 32) for hw in lows)
+    assert math.isclose(report["replaced_macs"], 3 * 4 * 128 * 128 * 256)
