@@ -1,0 +1,196 @@
+"""SAPA's compiled CPU kernels on PyTorch: ``torch.library`` custom ops over ctypes.
+
+:func:`sapa` computes ``aggregate(softmax(similarity(query, key)), value)`` (SAPA_SPEC.md)
+with the fused kernels of ``custom_ops/sapa/kernels/cpu/``, through the C entry points of
+``keras_sapa/_lib/_sapa_core.so`` (built by ``custom_ops/build_bindings.py``). Two ops:
+
+- ``torch.ops.keras_sapa.sapa_forward(query, key, value, kernel_size, up_factor)
+  -> (out, weights)``, the window softmax ``weights`` kept for the backward;
+- ``torch.ops.keras_sapa.sapa_backward(grad, query, key, value, weights, kernel_size,
+  up_factor) -> (dquery, dkey, dvalue)``,
+
+with ``register_autograd`` (first-order gradients in all three inputs) and fake
+implementations, so they run eagerly and inside ``torch.compile(fullgraph=True)`` graphs
+as single opaque nodes. CPU tensors of float32 or float64; :func:`sapa` computes float16 /
+bfloat16 in float32 and rounds the result once to ``value``'s dtype.
+
+The library is loaded on the first call of :func:`available` (or :func:`sapa`), never at
+import (importing this module only registers the op schemas). A missing, stale or broken
+library gives one ``RuntimeWarning``; ``available()`` is then False and
+:func:`unavailable_reason` says why, so callers use the pure path.
+"""
+
+import threading
+import warnings
+
+import torch
+
+from keras_sapa.ops import _checks
+from keras_sapa.ops import _native
+
+_lock = threading.RLock()
+_state = {"tried": False, "ok": False, "reason": None, "lib": None}
+_NATIVE = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def available():
+    """True when the compiled kernels are loaded (loads them on first call).
+
+    False, after one ``RuntimeWarning``, when the library is missing, stale, built for
+    another CPU or fails to load; False without a warning when
+    ``KERAS_SAPA_DISABLE_COMPILED=1``. The kernels take CPU tensors only.
+    """
+    if _state["tried"]:
+        return _state["ok"]
+    with _lock:
+        if not _state["tried"]:
+            lib, _ = _native.load_core()
+            _state.update(tried=True, ok=lib is not None, lib=lib,
+                          reason=None if lib is not None else _native.unavailable_reason())
+            if lib is None and not _native.disabled():
+                warnings.warn(
+                    "keras_sapa: the compiled SAPA kernels for PyTorch are unavailable, the "
+                    f"pure PyTorch path is used instead: {_state['reason']}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return _state["ok"]
+
+
+def unavailable_reason():
+    """Why :func:`available` is False (None when it is True or was not called)."""
+    return _state["reason"]
+
+
+def _reset():
+    """Forgets the load attempt (tests only)."""
+    with _lock:
+        _state.update(tried=False, ok=False, reason=None, lib=None)
+        _native._reset()
+
+
+def _library():
+    if not available():
+        raise RuntimeError(
+            "keras_sapa: the compiled SAPA kernels for PyTorch are unavailable: "
+            f"{unavailable_reason()}"
+        )
+    return _state["lib"]
+
+
+def _sizes(key, value, kernel_size, up_factor):
+    batch, height, width, dim = key.shape
+    return (batch, height, width, up_factor, kernel_size, dim, value.shape[-1])
+
+
+def _check_native(*tensors):
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in _NATIVE or t.dtype != tensors[0].dtype:
+            raise ValueError(
+                "keras_sapa.sapa_forward/backward take CPU tensors of one dtype, float32 or "
+                f"float64. Received: {[(str(x.dtype), x.device.type) for x in tensors]}"
+            )
+
+
+@torch.library.custom_op("keras_sapa::sapa_forward", mutates_args=(), device_types="cpu")
+def sapa_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 kernel_size: int, up_factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused SAPA forward on CPU: ``(out, weights)`` (see the module docs)."""
+    _check_native(query, key, value)
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    high = tuple(query.shape[:-1])
+    out = query.new_empty(high + (value.shape[-1],))
+    weights = query.new_empty(high + (kernel_size * kernel_size,))
+    fn = getattr(_library(), "keras_sapa_forward_" + _NATIVE[query.dtype])
+    rc = fn(query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
+            weights.data_ptr(), *_sizes(key, value, kernel_size, up_factor))
+    if rc != 0:
+        raise RuntimeError(f"keras_sapa_forward failed (code {rc})")
+    return out, weights
+
+
+@sapa_forward.register_fake
+def _(query, key, value, kernel_size, up_factor):
+    high = tuple(query.shape[:-1])
+    return (query.new_empty(high + (value.shape[-1],)),
+            query.new_empty(high + (kernel_size * kernel_size,)))
+
+
+@torch.library.custom_op("keras_sapa::sapa_backward", mutates_args=(), device_types="cpu")
+def sapa_backward(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, weights: torch.Tensor, kernel_size: int,
+                  up_factor: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused SAPA backward on CPU: ``(dquery, dkey, dvalue)`` (see the module docs)."""
+    _check_native(grad, query, key, value, weights)
+    grad, query, key, value, weights = (
+        t.contiguous() for t in (grad, query, key, value, weights))
+    dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    fn = getattr(_library(), "keras_sapa_backward_" + _NATIVE[query.dtype])
+    rc = fn(grad.data_ptr(), query.data_ptr(), key.data_ptr(), value.data_ptr(),
+            weights.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+            *_sizes(key, value, kernel_size, up_factor))
+    if rc != 0:
+        raise RuntimeError(f"keras_sapa_backward failed (code {rc})")
+    return dq, dk, dv
+
+
+@sapa_backward.register_fake
+def _(grad, query, key, value, weights, kernel_size, up_factor):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, kernel_size, up_factor = inputs
+    ctx.save_for_backward(query, key, value, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.kernel_size, ctx.up_factor = kernel_size, up_factor
+
+
+def _backward(ctx, grad_out, grad_weights):
+    query, key, value, weights = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None
+    dq, dk, dv = sapa_backward(grad_out, query, key, value, weights, ctx.kernel_size,
+                               ctx.up_factor)
+    return dq, dk, dv, None, None
+
+
+sapa_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sapa(query, key, value, kernel_size=5, up_factor=2):
+    """``aggregate(softmax(similarity(query, key)), value)`` on the compiled kernels.
+
+    Args:
+        query: ``(B, s*H, s*W, d)`` high-resolution query (CPU tensor).
+        key: ``(B, H, W, d)`` low-resolution key.
+        value: ``(B, H, W, C)`` low-resolution value.
+        kernel_size: odd window size K.
+        up_factor: integer upsampling factor s.
+
+    Returns:
+        ``(B, s*H, s*W, C)`` in ``value``'s dtype, differentiable in all three inputs
+        (first order); eager or inside ``torch.compile(fullgraph=True)``.
+
+    Raises:
+        ValueError: bad ``kernel_size`` / ``up_factor``, mismatched shapes, or tensors
+            not on the CPU.
+        RuntimeError: the compiled kernels are unavailable (see :func:`available`).
+    """
+    kernel_size = _checks.check_kernel_size(kernel_size)
+    up_factor = _checks.check_up_factor(up_factor)
+    _checks.check_pair("query", tuple(query.shape), "key", tuple(key.shape), up_factor,
+                       last_dim="equal")
+    _checks.check_pair("query", tuple(query.shape), "value", tuple(value.shape), up_factor)
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.device.type != "cpu":
+            raise ValueError(
+                f"The compiled SAPA kernels for PyTorch take CPU tensors. Received: "
+                f"{name}.device={t.device}"
+            )
+    _library()
+    compute = torch.float64 if torch.float64 in (query.dtype, key.dtype, value.dtype) else (
+        torch.float32)
+    out, _ = sapa_forward(query.to(compute), key.to(compute), value.to(compute), kernel_size,
+                          up_factor)
+    return out.to(value.dtype)
