@@ -116,10 +116,10 @@ class AnchorWindow {
 };
 
 // Per-range scratch of the anchor walks: two row-pointer lists of K*K entries and two
-// value buffers of 4 * K*K entries (a group of up to four children).
+// value buffers of 5 * K*K and 4 * K*K entries (a group of up to four children).
 template <typename T>
 struct AnchorScratch {
-  explicit AnchorScratch(int64_t kk) : rows_a(kk), rows_b(kk), buf_a(4 * kk), buf_b(4 * kk) {}
+  explicit AnchorScratch(int64_t kk) : rows_a(kk), rows_b(kk), buf_a(5 * kk), buf_b(4 * kk) {}
   std::vector<const T*> rows_a, rows_b;
   std::vector<T> buf_a, buf_b;
 };
@@ -251,7 +251,7 @@ void ScatterMany(const ParallelFor& pool, const Shape& d, const int64_t* chans,
             rows[k] = his[i] + points[k] * ch;
           }
           T* o = outs[i] + ((b * d.height + p) * d.width + q) * ch;
-          WeightedRowSum(weights.data(), rows.data(), m, 0, ch, o);
+          StreamRowSum(weights.data(), rows.data(), m, ch, o);
         }
       }
     }
@@ -267,24 +267,22 @@ void Scatter(const ParallelFor& pool, const Shape& d, int64_t channels, const T*
 
 // Softmax over the K*K window of G points, of which m are in the map (logits
 // dots[g * m + k]) and K*K - m padded (logit 0). Writes weights[k * G + g] for the
-// in-map points and, where full is non-null, the whole row full[g][n] (padded n included).
+// in-map points and, where full is non-null, the whole row full[g][n] (padded n
+// included). `exps` is room for m values.
 template <typename T, int G>
 inline void WindowSoftmax(const T* dots, int64_t m, int64_t kk, const int64_t* index,
-                          T* weights, T* const* full) {
+                          T* exps, T* weights, T* const* full) {
   for (int g = 0; g < G; ++g) {
     const T* l = dots + g * m;
     T mx = m < kk ? T(0) : -std::numeric_limits<T>::infinity();
     for (int64_t k = 0; k < m; ++k) mx = std::max(mx, l[k]);
+    ExpShifted<T>(l, m, mx, exps);
     T total = 0;
-    for (int64_t k = 0; k < m; ++k) {
-      const T e = std::exp(l[k] - mx);
-      weights[k * G + g] = e;
-      total += e;
-    }
+    for (int64_t k = 0; k < m; ++k) total += exps[k];
     const T pad = m < kk ? std::exp(-mx) : T(0);
     total += T(kk - m) * pad;
     const T inv = T(1) / total;
-    for (int64_t k = 0; k < m; ++k) weights[k * G + g] *= inv;
+    for (int64_t k = 0; k < m; ++k) weights[k * G + g] = exps[k] * inv;
     if (full != nullptr) {
       T* row = full[g];
       if (m < kk) std::fill(row, row + kk, pad * inv);
@@ -293,40 +291,58 @@ inline void WindowSoftmax(const T* dots, int64_t m, int64_t kk, const int64_t* i
   }
 }
 
-// out = Gather(softmax(Dot(q, k)), v) in one pass over the anchors: for each anchor, the
-// logits of its s x s children (they share the window), their softmax on the stack, and
-// the aggregation of the window's value rows. q (B,sH,sW,dim), k (B,H,W,dim),
-// v (B,H,W,channels) -> out (B,sH,sW,channels); weights (B,sH,sW,K*K), the softmax the
-// backward needs, written unless null.
+// out = Gather(softmax(Dot(q, k)), v) in one pass over tiles of low-resolution anchors:
+// for each anchor of a tile, the logits of its s x s children (they share the window)
+// and their softmax, kept on the stack; then, for each anchor of the tile, the
+// aggregation of the window's value rows. (Two phases per tile rather than per anchor:
+// the key rows and the value rows of one window together overflow L1 at d=64, C=256.)
+// q (B,sH,sW,dim), k (B,H,W,dim), v (B,H,W,channels) -> out (B,sH,sW,channels);
+// weights (B,sH,sW,K*K), the softmax that the backward needs, written unless null.
 template <typename T>
 void SapaForward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t channels,
                  const T* q, const T* k, const T* v, T* out, T* weights) {
-  const int64_t s = d.up, kk = d.window();
-  ForEachAnchor<T>(pool, d, s * s * kk * (dim + channels + 12), [&](const AnchorWindow& win,
-                                                                     AnchorScratch<T>& scratch) {
-    std::vector<const T*>& krows = scratch.rows_a;
-    std::vector<const T*>& vrows = scratch.rows_b;
-    std::vector<T>& dots = scratch.buf_a;
-    std::vector<T>& wt = scratch.buf_b;
-    const int64_t m = win.m();
-    win.Rows(k, dim, krows.data());
-    win.Rows(v, channels, vrows.data());
-    ForGroups(s * s, [&](auto group, int64_t first) {
-      constexpr int G = decltype(group)::value;
-      const T* xs[G];
-      T* outs[G];
-      T* full[G];
-      for (int g = 0; g < G; ++g) {
-        const int64_t point = win.points()[first + g];
-        xs[g] = q + point * dim;
-        outs[g] = out + point * channels;
-        full[g] = weights == nullptr ? nullptr : weights + point * kk;
+  const int64_t s = d.up, kk = d.window(), ss = s * s;
+  constexpr int64_t kTile = 8;
+  const int64_t units = d.low_points();
+  pool(units, ss * kk * (dim + channels + 12), [&](int64_t begin, int64_t end) {
+    AnchorWindow win(d);
+    std::vector<const T*> rows(kk);
+    std::vector<T> dots(5 * kk);
+    std::vector<T> tile_weights(kTile * ss * kk);
+    for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+      const int64_t t1 = std::min(end, t0 + kTile);
+      for (int64_t u = t0; u < t1; ++u) {  // logits and softmax
+        win.Set(u);
+        const int64_t m = win.m();
+        T* wt = tile_weights.data() + (u - t0) * ss * kk;
+        win.Rows(k, dim, rows.data());
+        ForGroups(ss, [&](auto group, int64_t first) {
+          constexpr int G = decltype(group)::value;
+          const T* xs[G];
+          T* full[G];
+          for (int g = 0; g < G; ++g) {
+            const int64_t point = win.points()[first + g];
+            xs[g] = q + point * dim;
+            full[g] = weights == nullptr ? nullptr : weights + point * kk;
+          }
+          MultiDotRows<T, G>(xs, rows.data(), m, dim, dots.data());
+          WindowSoftmax<T, G>(dots.data(), m, kk, win.index(), dots.data() + 4 * kk,
+                              wt + first * m, weights == nullptr ? nullptr : full);
+        });
       }
-      MultiDotRows<T, G>(xs, krows.data(), m, dim, dots.data());
-      WindowSoftmax<T, G>(dots.data(), m, kk, win.index(), wt.data(),
-                          weights == nullptr ? nullptr : full);
-      MultiWeightedRowSum<T, G>(wt.data(), vrows.data(), m, channels, outs);
-    });
+      for (int64_t u = t0; u < t1; ++u) {  // aggregation
+        win.Set(u);
+        const int64_t m = win.m();
+        const T* wt = tile_weights.data() + (u - t0) * ss * kk;
+        win.Rows(v, channels, rows.data());
+        ForGroups(ss, [&](auto group, int64_t first) {
+          constexpr int G = decltype(group)::value;
+          T* outs[G];
+          for (int g = 0; g < G; ++g) outs[g] = out + win.points()[first + g] * channels;
+          MultiWeightedRowSum<T, G>(wt + first * m, rows.data(), m, channels, outs);
+        });
+      }
+    }
   });
 }
 
@@ -335,7 +351,7 @@ void SapaForward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t c
 //  1. per anchor: dw = Dot(g, v) on the window, the softmax backward
 //     dlogits = w * (dw - <w, dw>) (padded points have no logit to differentiate), and
 //     dq = Gather(dlogits, k); dlogits is kept (B,sH,sW,K*K) in `dlogits`.
-//  2. per low-resolution point: dk = Scatter(dlogits, q) and dv = Scatter(w, g), in one walk.
+//  2. per low-resolution point: dk = Scatter(dlogits, q), then dv = Scatter(w, g).
 template <typename T>
 void SapaBackward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t channels,
                   const T* grad, const T* q, const T* k, const T* v, const T* weights,
@@ -378,11 +394,10 @@ void SapaBackward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t 
       MultiWeightedRowSum<T, G>(dl.data(), krows.data(), m, dim, dqs);
     });
   });
-  const int64_t chans[2] = {dim, channels};
-  const T* ws[2] = {dlogits, weights};
-  const T* his[2] = {q, grad};
-  T* outs[2] = {dk, dv};
-  ScatterMany<T, 2>(pool, d, chans, ws, his, outs);
+  // Separate walks measured no slower than one walk over both (whose tiles must be
+  // smaller, to hold the rows of both tensors).
+  Scatter<T>(pool, d, dim, dlogits, q, dk);
+  Scatter<T>(pool, d, channels, weights, grad, dv);
 }
 
 }  // namespace cpu

@@ -8,6 +8,7 @@
 #ifndef KERAS_SAPA_KERNELS_CPU_SIMD_H_
 #define KERAS_SAPA_KERNELS_CPU_SIMD_H_
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -88,6 +89,51 @@ inline void HorizontalSum8(V a0, V a1, V a2, V a3, V a4, V a5, V a6, V a7, T* su
   sums[7] = HorizontalSum<T>(a7);
 }
 
+// exp of 8 floats (Cephes' expf polynomial, within 2 ulp of std::exp for x in [-87, 88];
+// inputs are clamped to that range: below it the result is exp(-87) ~ 1.6e-38 instead
+// of a smaller number, which no softmax can tell apart).
+inline Simd<float>::V ExpV(Simd<float>::V x) {
+  typedef int32_t VI __attribute__((vector_size(32)));
+  using V = Simd<float>::V;
+  x = x < Broadcast<float>(-87.0f) ? Broadcast<float>(-87.0f) : x;
+  x = x > Broadcast<float>(88.0f) ? Broadcast<float>(88.0f) : x;
+  const V magic = Broadcast<float>(12582912.0f);  // 1.5 * 2^23: rounds to nearest
+  const V n = (x * Broadcast<float>(1.44269504088896341f) + magic) - magic;
+  const V r = (x - n * Broadcast<float>(0.693359375f)) - n * Broadcast<float>(-2.12194440e-4f);
+  V p = Broadcast<float>(1.9875691500e-4f);
+  p = p * r + Broadcast<float>(1.3981999507e-3f);
+  p = p * r + Broadcast<float>(8.3334519073e-3f);
+  p = p * r + Broadcast<float>(4.1665795894e-2f);
+  p = p * r + Broadcast<float>(1.6666665459e-1f);
+  p = p * r + Broadcast<float>(5.0000001201e-1f);
+  p = p * (r * r) + r + Broadcast<float>(1.0f);
+  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// out[i] = exp(x[i] - shift) for i < n: vectorised for float, std::exp for double.
+template <typename T>
+inline void ExpShifted(const T* x, int64_t n, T shift, T* out) {
+  if constexpr (std::is_same<T, float>::value) {
+    constexpr int L = Simd<float>::kLanes;
+    const auto sv = Broadcast<float>(shift);
+    int64_t i = 0;
+    for (; i + L <= n; i += L) Store(out + i, ExpV(Load(x + i) - sv));
+    if (i < n) {
+      float tmp[L] = {0};
+      for (int64_t j = i; j < n; ++j) tmp[j - i] = x[j];
+      const auto e = ExpV(Load(tmp) - sv);
+      float res[L];
+      Store(res, e);
+      for (int64_t j = i; j < n; ++j) out[j] = res[j - i];
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = std::exp(x[i] - shift);
+  }
+}
+
 // out[c] = sum_k w[k] * rows[k][c] for c_begin <= c < d. The channel axis is processed in blocks of
 // four vectors whose accumulators stay in registers across the k loop.
 template <typename T>
@@ -121,6 +167,54 @@ void WeightedRowSum(const T* __restrict w, const T* const* rows, int64_t m, int6
     for (int64_t k = 0; k < m; ++k) a += w[k] * rows[k][c];
     out[c] = a;
   }
+}
+
+// out[c] = sum_k w[k] * rows[k][c] for c < d, streaming the rows four at a time through
+// `out` (which stays in L1). Used where the rows come from many distant points (the
+// scatter): reading a block of every row in turn there makes the rows' cache lines
+// collide in a few cache sets when the row stride is a multiple of 4 KiB (C = 256 float
+// rows 64 KiB apart), while four streams plus the output do not.
+template <typename T>
+void StreamRowSum(const T* __restrict w, const T* const* rows, int64_t m, int64_t d,
+                  T* __restrict out) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::kLanes;
+  const int64_t dv = d - d % L;
+  if (m == 0) {
+    std::memset(out, 0, sizeof(T) * d);
+    return;
+  }
+  int64_t k = 0;
+  bool first = true;
+  auto group = [&](auto count) {
+    constexpr int R = decltype(count)::value;
+    const T* r[R];
+    V wv[R];
+    T ws[R];
+#pragma GCC unroll 4
+    for (int j = 0; j < R; ++j) {
+      r[j] = rows[k + j];
+      ws[j] = w[k + j];
+      wv[j] = Broadcast<T>(w[k + j]);
+    }
+    for (int64_t c = 0; c < dv; c += L) {
+      V acc = first ? Broadcast<T>(0) : Load(out + c);
+#pragma GCC unroll 4
+      for (int j = 0; j < R; ++j) acc += wv[j] * Load(r[j] + c);
+      Store(out + c, acc);
+    }
+    for (int64_t c = dv; c < d; ++c) {
+      T acc = first ? T(0) : out[c];
+      for (int j = 0; j < R; ++j) acc += ws[j] * r[j][c];
+      out[c] = acc;
+    }
+    first = false;
+    k += R;
+  };
+  while (k + 4 <= m) group(std::integral_constant<int, 4>());
+  if (m - k == 3) group(std::integral_constant<int, 3>());
+  if (m - k == 2) group(std::integral_constant<int, 2>());
+  if (m - k == 1) group(std::integral_constant<int, 1>());
 }
 
 // Register-blocked kernels over G high-resolution points that share one window (the s x s
