@@ -10,9 +10,12 @@ handlers of ``keras_sapa/_lib/_sapa_jax.so`` (built by ``custom_ops/build_bindin
 
 It works under ``jax.jit``, ``jax.grad`` (:func:`jax.custom_vjp`), ``jax.vmap`` (the
 handlers treat every leading dimension as batch, so the calls are declared
-``vmap_method="broadcast_all"``) and sharding along the batch (the targets are registered
-batch-partitionable, so ``keras.distribution.DataParallel`` runs each shard on its own
-device). CPU only: on other platforms :func:`available` is False.
+``vmap_method="broadcast_all"``) and sharding (``keras.distribution.DataParallel``). XLA
+does not partition an opaque custom call: with sharded inputs it gathers the whole batch
+on every device before the call (the FFI tutorial's "sharding" section), so the results
+are right but each device computes the whole batch; splitting the work per shard needs
+``jax.shard_map`` or ``custom_partitioning`` around :func:`sapa` (not done yet). CPU only:
+on other platforms :func:`available` is False.
 
 The library is loaded on the first call of :func:`available` (or :func:`sapa`), never at
 import. A missing, stale or broken library gives one ``RuntimeWarning``; ``available()``
@@ -59,7 +62,6 @@ def _load():
     try:
         for name, handler in zip((FORWARD_TARGET, BACKWARD_TARGET), handlers):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
-            jax.ffi.register_ffi_target_as_batch_partitionable(name)
     except Exception as exc:  # a JAX without these APIs, or a rejected registration
         return False, f"registering the XLA FFI targets failed ({exc!r})"
     return True, None
