@@ -135,3 +135,57 @@ def sapa_layer(x, y, params, variant, kernel_size, up_factor, norm="layer", grou
             raise ValueError(variant)
     v = lin("v", x_n) if value_projection else np.asarray(x, np.float64)
     return sapa(q, k, v, kernel_size, up_factor)
+
+
+# ------------------------------------------------------------------ reference gradients
+# Vector-Jacobian products of the three ops, written from the chain rule with the same
+# explicit window loops (not by differentiating the functions above): given the
+# cotangent ``grad`` of the output, the gradients with respect to every input.
+
+
+def _windows(kernel_size, up_factor, height, width, i, j):
+    """(n, p, t) for the points of (i, j)'s window that lie inside the map."""
+    s, r = up_factor, kernel_size // 2
+    for a in range(-r, r + 1):
+        for c in range(-r, r + 1):
+            p, t = i // s + a, j // s + c
+            if 0 <= p < height and 0 <= t < width:
+                yield (a + r) * kernel_size + (c + r), p, t
+
+
+def similarity_vjp(query, key, grad, kernel_size, up_factor):
+    """(d query, d key) of ``similarity`` for the cotangent ``grad`` (B, sH, sW, K*K)."""
+    q, k, g = (np.asarray(t, np.float64) for t in (query, key, grad))
+    batch, height, width, _ = k.shape
+    d_query, d_key = np.zeros_like(q), np.zeros_like(k)
+    for b in range(batch):
+        for i in range(q.shape[1]):
+            for j in range(q.shape[2]):
+                for n, p, t in _windows(kernel_size, up_factor, height, width, i, j):
+                    d_query[b, i, j] += g[b, i, j, n] * k[b, p, t]
+                    d_key[b, p, t] += g[b, i, j, n] * q[b, i, j]
+    return d_query, d_key
+
+
+def aggregate_vjp(weights, value, grad, kernel_size, up_factor):
+    """(d weights, d value) of ``aggregate`` for the cotangent ``grad`` (B, sH, sW, C)."""
+    w, v, g = (np.asarray(t, np.float64) for t in (weights, value, grad))
+    batch, height, width, _ = v.shape
+    d_weights, d_value = np.zeros_like(w), np.zeros_like(v)
+    for b in range(batch):
+        for i in range(w.shape[1]):
+            for j in range(w.shape[2]):
+                for n, p, t in _windows(kernel_size, up_factor, height, width, i, j):
+                    d_weights[b, i, j, n] = np.dot(g[b, i, j], v[b, p, t])
+                    d_value[b, p, t] += w[b, i, j, n] * g[b, i, j]
+    return d_weights, d_value
+
+
+def sapa_vjp(query, key, value, grad, kernel_size, up_factor):
+    """(d query, d key, d value) of ``sapa``: through the aggregation, the softmax
+    (d logits = w * (d w - sum(w * d w))) and the similarity."""
+    weights = softmax(similarity(query, key, kernel_size, up_factor))
+    d_weights, d_value = aggregate_vjp(weights, value, grad, kernel_size, up_factor)
+    d_logits = weights * (d_weights - (weights * d_weights).sum(axis=-1, keepdims=True))
+    d_query, d_key = similarity_vjp(query, key, d_logits, kernel_size, up_factor)
+    return d_query, d_key, d_value
