@@ -1,0 +1,479 @@
+"""The CUDA path on every machine: NVRTC compiles every kernel for every target, the
+launcher's paths that need no GPU, and the GPU library's build.
+
+- Every kernel instantiation is compiled with NVRTC for every target architecture (a real
+  compile: an error fails the test); skipped, saying so, only when the
+  nvidia-cuda-nvrtc-cu12 wheel is absent.
+- The launcher (built here with g++) is driven through ctypes: no driver found, no image
+  for an architecture, image selection, and, against a stand-in libcuda
+  (custom_ops/sapa/launcher/testing/fake_libcuda.c) that computes nothing, the kernel it
+  picks, launch sizes within the device limits, and a failing launch.
+- On a machine with a GPU, the compiled ops run there (soft placement off, the result's
+  device asserted) and match the float64 reference; elsewhere those tests skip and say so.
+"""
+
+import ctypes
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER_DIR = os.path.join(ROOT, "custom_ops", "sapa", "launcher")
+LIB_DIR = os.path.join(ROOT, "keras_sapa", "_lib")
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load("keras_sapa_build", os.path.join(ROOT, "custom_ops", "build.py"))
+harness = _load("keras_sapa_gpu_harness", os.path.join(ROOT, "scripts", "gpu_harness.py"))
+
+def _targets():
+    try:
+        import tensorflow as tf
+    except ImportError:
+        tf = None
+    return build.cuda_targets(tf)
+
+
+# ---------------------------------------------------------------------------------------
+# NVRTC
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """Kernel images compiled here for every target (a real NVRTC compile)."""
+    if build.find_nvrtc() is None:
+        pytest.skip("the nvidia-cuda-nvrtc-cu12 wheel is not installed: no NVRTC to compile with")
+    if build.find_cuda_include() is None:
+        pytest.skip("the nvidia-cuda-runtime-cu12 wheel (cuda_fp16.h) is not installed")
+    out = tmp_path_factory.mktemp("cuda_images")
+    targets = _targets()
+    result = build.compile_kernels(targets, str(out), jobs=2)
+    return str(out), targets, result
+
+
+def test_targets_cover_tensorflow_and_end_with_ptx():
+    targets = _targets()
+    assert targets[-1].startswith("compute_"), targets
+    cubins = [t for t in targets if t.startswith("sm_")]
+    assert cubins and len(cubins) == len(set(cubins))
+    newest = max(int(t[3:]) for t in cubins)
+    assert targets[-1] == f"compute_{newest}"
+    try:
+        import tensorflow as tf
+
+        caps = tf.sysconfig.get_build_info().get("cuda_compute_capabilities") or []
+    except (ImportError, AttributeError):
+        caps = []
+    for cap in caps:
+        assert "sm_" + cap.split("_")[1] in targets, (cap, targets)
+
+
+def test_default_targets_without_tensorflow(monkeypatch):
+    monkeypatch.delenv("KERAS_SAPA_CUDA_TARGETS", raising=False)
+    assert build.cuda_targets(None) == build.DEFAULT_TARGETS
+    monkeypatch.setenv("KERAS_SAPA_CUDA_TARGETS", "sm_75, compute_75")
+    assert build.cuda_targets(None) == ["sm_75", "compute_75"]
+
+
+def test_every_kernel_compiles_for_every_target(images):
+    out, targets, result = images
+    assert result["targets"] == targets
+    assert re.fullmatch(r"12\.\d+", result["nvrtc"]), result["nvrtc"]
+    names = build.kernel_names()
+    assert len(names) == len(set(names)) == 4 * 16 + 2 * 4
+    for target in targets:
+        with open(os.path.join(out, build.image_name(target)), "rb") as f:
+            data = f.read()
+        if target.startswith("sm_"):
+            assert data[:4] == b"\x7fELF", target
+        else:
+            text = data.decode()
+            assert f".target {target.replace('compute_', 'sm_')}" in text
+            entries = set(re.findall(r"\.entry\s+(\w+)\s*\(", text))
+            assert entries == set(names), sorted(entries ^ set(names))
+        for name in names:
+            assert name.encode() in data, (target, name)
+
+
+def test_nvrtc_reports_a_compile_error():
+    if build.find_nvrtc() is None:
+        pytest.skip("the nvidia-cuda-nvrtc-cu12 wheel is not installed")
+    nvrtc = build.Nvrtc(build.find_nvrtc())
+    with pytest.raises(build.BuildError, match="undefined_thing"):
+        nvrtc.compile('extern "C" __global__ void k(float* x) { x[0] = undefined_thing; }',
+                      "broken.cu", "compute_70", [])
+
+
+def test_kernel_sources_have_no_framework_or_runtime_api():
+    cuda_dir = os.path.join(ROOT, "custom_ops", "sapa", "kernels", "cuda")
+    for name in os.listdir(cuda_dir):
+        with open(os.path.join(cuda_dir, name)) as f:
+            text = f.read()
+        includes = re.findall(r"#include\s+[<\"]([^>\"]+)", text)
+        assert set(includes) <= {"cuda_fp16.h", "cuda_bf16.h", "sapa_kernels.cuh"}, includes
+        assert not re.search(r"\bcuda[A-Z]\w*\(", text), "CUDA runtime API call in " + name
+        assert "tensorflow" not in text.lower() and "Eigen" not in text
+
+
+# ---------------------------------------------------------------------------------------
+# Launcher
+
+
+@pytest.fixture(scope="session")
+def launcher_so(tmp_path_factory):
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ to build the launcher")
+    out = tmp_path_factory.mktemp("launcher") / "libsapa_launcher.so"
+    subprocess.run(["g++", "-shared", "-fPIC", "-O1", "-std=c++17", "-Wall", "-Werror",
+                    os.path.join(LAUNCHER_DIR, "sapa_launcher.cc"), "-o", str(out), "-ldl"],
+                   check=True)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def fake_driver_so(tmp_path_factory):
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler for the stand-in driver")
+    out = tmp_path_factory.mktemp("fake_driver") / "libcuda_fake.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-O1",
+                    os.path.join(LAUNCHER_DIR, "testing", "fake_libcuda.c"), "-o", str(out)],
+                   check=True)
+    return str(out)
+
+
+@pytest.fixture
+def fresh_launcher(launcher_so, tmp_path):
+    """A launcher with its own globals (a copy of the library under a new path)."""
+    path = tmp_path / "libsapa_launcher_copy.so"
+    shutil.copy(launcher_so, path)
+    return harness.Launcher(str(path))
+
+
+@pytest.fixture
+def fake(fake_driver_so, fresh_launcher):
+    """(launcher, fake driver) with the launcher initialised on the stand-in driver."""
+    driver = ctypes.CDLL(fake_driver_so)
+    driver.fake_loaded_image.restype = ctypes.c_char_p
+    driver.fake_last_kernel.restype = ctypes.c_char_p
+    driver.fake_configure(8, 0, 0, 0, 0)
+    fresh_launcher.init(fake_driver_so)
+    return fresh_launcher, driver
+
+
+def test_no_driver(fresh_launcher, tmp_path):
+    with pytest.raises(harness.LauncherError, match="no NVIDIA driver") as info:
+        fresh_launcher.init(str(tmp_path / "libcuda.so.1"))
+    assert info.value.status == harness.SAPA_ERR_NO_DRIVER
+    # Launches report the same instead of crashing.
+    with pytest.raises(harness.LauncherError) as info:
+        fresh_launcher.call("dot", None, "float32", harness.dims(1, 2, 2, 1, 3, 4),
+                            None, None, None)
+    assert info.value.status in (harness.SAPA_ERR_NO_DRIVER, harness.SAPA_ERR_DRIVER)
+
+
+def test_no_driver_on_this_machine(fresh_launcher):
+    import ctypes.util
+
+    if ctypes.util.find_library("cuda"):
+        pytest.skip("this machine has an NVIDIA driver")
+    with pytest.raises(harness.LauncherError, match="no NVIDIA driver: cannot load libcuda.so.1"):
+        fresh_launcher.init(None)
+
+
+def test_image_selection_needs_no_gpu(fresh_launcher):
+    L = fresh_launcher
+    for target in ("sm_60", "sm_70", "sm_80", "sm_89", "sm_90", "compute_90"):
+        L.add_image(target, b"image of " + target.encode())
+    assert L.select_image(8, 0) == "sm_80"
+    assert L.select_image(8, 6) == "sm_80"  # same major, older minor: binary compatible
+    assert L.select_image(8, 9) == "sm_89"
+    assert L.select_image(7, 5) == "sm_70"
+    assert L.select_image(9, 0) == "sm_90"
+    assert L.select_image(10, 0) == "compute_90"  # newer GPU: the driver JITs the PTX
+    assert L.select_image(12, 0) == "compute_90"
+    with pytest.raises(harness.LauncherError, match=r"no kernel image for this GPU \(sm_52\)") as info:
+        L.select_image(5, 2)
+    assert info.value.status == harness.SAPA_ERR_NO_IMAGE
+    assert "sm_60, sm_70" in str(info.value)
+    L.clear_images()
+    L.add_image("sm_80", b"x")
+    with pytest.raises(harness.LauncherError, match="sm_90"):
+        L.select_image(9, 0)
+    with pytest.raises(harness.LauncherError, match="sm_XY or compute_XY"):
+        L.add_image("sm_90a", b"x")
+
+
+def test_launcher_loads_the_built_images(fresh_launcher, images):
+    out, targets, _ = images
+    assert fresh_launcher.load_image_dir(out) == len(targets)
+
+
+def _m1():
+    return harness.dims(4, 64, 64, 2, 5, 64, 256)
+
+
+def _launch(L, op, dtype, d, n):
+    L.call(op, None, dtype, d, *([ctypes.c_void_p(0x10000)] * n))
+    return L.last_launch()
+
+
+def test_fake_driver_tiled_launch_sizes(fake, images):
+    L, driver = fake
+    L.load_image_dir(images[0])
+    name, grid, block, smem = _launch(L, "forward", "float32", _m1(), 5)
+    assert name == "sapa_fused_f32_k5"
+    assert driver.fake_last_kernel().decode() == name
+    assert driver.fake_loaded_image().decode() == "cubin"
+    assert 0 < smem <= 48 * 1024 and 32 <= block <= 1024 and block % 32 == 0
+    # The grid covers every anchor with tiles of T x T, one thread per high-res point.
+    tiles = [t for t in range(1, 33) if (t * 2) ** 2 <= block < (t * 2) ** 2 + 32]
+    assert len(tiles) == 1
+    t = tiles[0]
+    assert grid == 4 * (-(-64 // t)) ** 2
+    for op, dtype, n, want in (("dot", "float16", 3, "sapa_dot_f16_k5"),
+                               ("softmax_backward", "bfloat16", 4, "sapa_dsoftmax_bf16_k5"),
+                               ("gather", "float64", 3, "sapa_gather_f64"),
+                               ("scatter", "float32", 3, "sapa_scatter_f32"),
+                               ("gather_acc", "float16", 3, "sapa_gather_f16_wacc"),
+                               ("scatter_acc", "bfloat16", 3, "sapa_scatter_bf16_wacc"),
+                               ("gather_acc", "float32", 3, "sapa_gather_f32")):
+        name, grid, block, smem = _launch(L, op, dtype, _m1(), n)
+        assert name == want
+        assert 0 < grid < 2 ** 31 and 0 < block <= 1024 and smem <= 48 * 1024
+
+
+def test_fake_driver_untiled_fallbacks(fake, images):
+    L, _ = fake
+    L.load_image_dir(images[0])
+    # K outside {3, 5, 7}: the untiled dot/fused; gather/scatter stay tiled (any K).
+    d9 = harness.dims(1, 8, 8, 2, 9, 16, 16)
+    assert _launch(L, "forward", "float32", d9, 5)[0] == "sapa_fused_f32_any"
+    assert _launch(L, "dot", "float32", d9, 3)[0] == "sapa_dot_f32_any"
+    assert _launch(L, "gather", "float32", d9, 3)[0] == "sapa_gather_f32"
+    # s so large that a tile's high-res points exceed a block: untiled.
+    big_s = harness.dims(1, 4, 4, 40, 3, 8, 8)
+    assert _launch(L, "dot", "float32", big_s, 3)[0] == "sapa_dot_f32_any"
+    L.set_untiled(True)
+    assert _launch(L, "forward", "float16", _m1(), 5)[0] == "sapa_fused_f16_any"
+    assert _launch(L, "scatter_acc", "float16", _m1(), 3)[0] == "sapa_scatter_f16_wacc_any"
+    # Past 2**31 elements: a bounded grid-stride grid.
+    huge = harness.dims(1, 512, 512, 4, 3, 8, 520)
+    name, grid, block, _ = _launch(L, "gather", "float16", huge, 3)
+    assert name == "sapa_gather_f16_any" and 0 < grid <= 108 * 32 and block == 256
+    L.set_untiled(False)
+
+
+def test_fake_driver_no_image_for_the_architecture(fake, images):
+    L, driver = fake
+    L.load_image_dir(images[0])
+    driver.fake_configure(5, 0, 0, 0, 0)  # Maxwell: older than every image
+    with pytest.raises(harness.LauncherError, match=r"no kernel image for this GPU \(sm_50\)") as info:
+        _launch(L, "dot", "float32", _m1(), 3)
+    assert info.value.status == harness.SAPA_ERR_NO_IMAGE
+    driver.fake_configure(12, 0, 0, 0, 0)  # newer than every cubin: the PTX is JIT-compiled
+    assert L.device_info()[2] == "compute_90"
+    assert driver.fake_loaded_image().decode() == "ptx"
+
+
+def test_fake_driver_launch_failure(fake, images):
+    L, driver = fake
+    L.load_image_dir(images[0])
+    driver.fake_configure(8, 6, 0, 0, 719)
+    with pytest.raises(harness.LauncherError, match="launching sapa_fused_f32_k5") as info:
+        _launch(L, "forward", "float32", _m1(), 5)
+    assert info.value.status == harness.SAPA_ERR_LAUNCH
+    assert "FAKE_CUDA_ERROR_719" in str(info.value)
+
+
+def test_fake_driver_old_driver_rejects_the_ptx(fake):
+    L, driver = fake
+    L.add_image("compute_90", b"// ptx text")
+    driver.fake_configure(9, 1, 0, 222, 0)
+    with pytest.raises(harness.LauncherError, match="older than the NVRTC"):
+        L.device_info()
+
+
+def test_fake_driver_init_failure(fake_driver_so, fresh_launcher):
+    driver = ctypes.CDLL(fake_driver_so)
+    driver.fake_configure(8, 0, 100, 0, 0)
+    try:
+        with pytest.raises(harness.LauncherError, match="cuInit failed: FAKE_CUDA_ERROR_100") as info:
+            fresh_launcher.init(fake_driver_so)
+        assert info.value.status == harness.SAPA_ERR_DRIVER
+    finally:
+        driver.fake_configure(8, 0, 0, 0, 0)
+
+
+def test_bad_arguments(fake):
+    L, _ = fake
+    with pytest.raises(harness.LauncherError, match="dtype"):
+        L._check(L.lib.sapa_dot(None, 7, ctypes.byref(_m1()), None, None, None))
+    with pytest.raises(harness.LauncherError, match="kernel odd"):
+        L.call("dot", None, "float32", harness.dims(1, 2, 2, 1, 4, 3), None, None, None)
+
+
+def test_driver_constants_match_cuda_h(tmp_path):
+    """The launcher declares the few driver API values it uses itself (no CUDA headers):
+    check them against cuda.h where the wheel provides it."""
+    include = build.find_cuda_include()
+    if include is None or not os.path.isfile(os.path.join(include, "cuda.h")):
+        pytest.skip("cuda.h (nvidia-cuda-runtime-cu12 wheel) not installed")
+    with open(os.path.join(LAUNCHER_DIR, "sapa_launcher.cc")) as f:
+        source = f.read()
+    checks = []
+    for name, value in re.findall(r"const int ATTR_(\w+) = (\d+);", source):
+        checks.append(f"static_assert(CU_DEVICE_ATTRIBUTE_{name} == {value}, \"{name}\");")
+    for name, value in re.findall(r"const CUresult (CUDA_\w+) = (\d+);", source):
+        checks.append(f"static_assert({name} == {value}, \"{name}\");")
+    for symbol in re.findall(r'Sym\(handle, "(\w+)"', source):
+        checks.append(f"static_assert(sizeof(&{symbol}) > 0, \"{symbol}\");")
+    assert len(checks) >= 20
+    probe = tmp_path / "probe.cc"
+    probe.write_text("#include <cuda.h>\n" + "\n".join(checks) + "\nint main() { return 0; }\n")
+    subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-I" + include, str(probe)], check=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The GPU library
+
+
+def _built(name):
+    path = os.path.join(LIB_DIR, name)
+    if not os.path.isfile(path):
+        pytest.skip(f"{name} not built (python custom_ops/build.py)")
+    return path
+
+
+def test_gpu_library_links_no_cuda_runtime():
+    for name in ("_sapa_ops_gpu.so", "libsapa_launcher.so"):
+        path = _built(name)
+        undefined = subprocess.run(["nm", "-D", "--undefined-only", path], capture_output=True,
+                                   text=True, check=True).stdout
+        cuda = [line for line in undefined.split() if re.match(r"_?_?cu(da)?[A-Z]", line)]
+        assert not cuda, (name, cuda)
+        needed = subprocess.run(["readelf", "-d", path], capture_output=True, text=True,
+                                check=True).stdout
+        assert "libcudart" not in needed and "libcuda.so" not in needed
+
+
+def test_gpu_library_loads_into_tensorflow():
+    """Built with g++ against this TensorFlow: it loads (registering DEVICE_GPU kernels)
+    even where no GPU exists."""
+    _built("_sapa_ops_gpu.so")
+    code = (
+        "import os, tensorflow as tf\n"
+        "lib = os.path.join(%r, '_sapa_ops.so')\n"
+        "tf.load_op_library(lib)\n"
+        "tf.load_library(os.path.join(%r, '_sapa_ops_gpu.so'))\n"
+        "print('loaded')\n"
+    ) % (LIB_DIR, LIB_DIR)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_harness_without_a_driver_exits_clearly(tmp_path):
+    """The harness's no-GPU path: a clear message and exit status 2."""
+    _built("libsapa_launcher.so")
+    log = tmp_path / "harness.log"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_harness.py"),
+                           "--driver", str(tmp_path / "libcuda.so.1"), "--log", str(log)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "cannot run: no driver: no NVIDIA driver" in proc.stdout
+    assert "cannot run" in log.read_text()
+
+
+def test_harness_without_a_gpu_backend_exits_clearly(tmp_path, fake_driver_so):
+    """With a driver (the stand-in) but no GPU for PyTorch/CuPy: exit status 2."""
+    _built("libsapa_launcher.so")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_harness.py"),
+                           "--driver", fake_driver_so, "--log", str(tmp_path / "h.log")],
+                          capture_output=True, text=True, timeout=300)
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU for PyTorch")
+    except ImportError:
+        pass
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no usable PyTorch or CuPy GPU backend" in proc.stdout or "sees no CUDA GPU" in proc.stdout
+
+
+def test_harness_references_agree_with_tests_reference():
+    """The harness's own loops (scatter, single point) against tests/reference.py through
+    adjointness and a direct evaluation, so a harness bug cannot pass a wrong kernel."""
+    import reference
+
+    rng = np.random.default_rng(3)
+    k, s = 3, 2
+    q = rng.standard_normal((1, 6, 4, 5))
+    key = rng.standard_normal((1, 3, 2, 5))
+    v = rng.standard_normal((1, 3, 2, 4))
+    w = rng.standard_normal((1, 6, 4, 9))
+    hi = rng.standard_normal((1, 6, 4, 5))
+    lo = rng.standard_normal((1, 3, 2, 5))
+    # <Scatter(w, hi), lo> == <w, Dot(hi, lo)>
+    left = np.sum(harness.scatter_reference(w, hi, k, s, (1, 3, 2)) * lo)
+    right = np.sum(w * reference.similarity(hi, lo, k, s))
+    assert np.isclose(left, right, rtol=1e-12)
+    full = reference.sapa(q, key, v, k, s)
+    for i, j in ((0, 0), (5, 3), (2, 1)):
+        point, weights = harness.sapa_point(q, key, v, 0, i, j, k, s)
+        np.testing.assert_allclose(point, full[0, i, j], rtol=1e-12)
+        assert np.isclose(weights.sum(), 1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# On a GPU (skipped here when none exists)
+
+
+def _gpu_or_skip():
+    tf = pytest.importorskip("tensorflow")
+    if not tf.config.list_physical_devices("GPU"):
+        pytest.skip("no GPU on this machine: the compiled GPU kernels cannot run here")
+    from keras_sapa.ops import _compiled
+
+    if not _compiled.gpu_op_usable():
+        pytest.fail(f"a GPU exists but the GPU kernels are not usable: {_compiled.gpu_status()}")
+    return tf, _compiled
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_gpu_ops_match_reference_on_the_gpu(dtype):
+    tf, compiled = _gpu_or_skip()
+    import reference
+
+    rng = np.random.default_rng(11)
+    k, s = 5, 2
+    q = rng.standard_normal((2, 10, 14, 64)).astype(np.float32) * 0.3
+    key = rng.standard_normal((2, 5, 7, 64)).astype(np.float32) * 0.3
+    v = rng.standard_normal((2, 5, 7, 256)).astype(np.float32)
+    tol = {"float32": 1e-4, "float64": 1e-10, "float16": 1e-2, "bfloat16": 5e-2}[dtype]
+    soft = tf.config.get_soft_device_placement()
+    tf.config.set_soft_device_placement(False)
+    try:
+        with tf.device("/GPU:0"):
+            tq, tk, tv = (tf.cast(x, dtype) for x in (q, key, v))
+            out, _ = compiled.sapa_with_weights(tq, tk, tv, k, s)
+            sim = compiled.similarity(tq, tk, k, s)
+    finally:
+        tf.config.set_soft_device_placement(soft)
+    assert "GPU" in out.device and "GPU" in sim.device
+    qr, kr, vr = (np.asarray(tf.cast(tf.cast(x, dtype), tf.float64)) for x in (q, key, v))
+    np.testing.assert_allclose(np.asarray(tf.cast(out, tf.float64)),
+                               reference.sapa(qr, kr, vr, k, s), atol=tol, rtol=tol)
