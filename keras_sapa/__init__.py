@@ -10,7 +10,13 @@
 - :mod:`keras_sapa.convert`: weights to and from the official PyTorch modules.
 """
 
-from keras_sapa import convert
+# First, before anything imports Keras (and so TensorFlow): under `python -m keras_sapa`
+# or `keras-sapa` (only there), hide TensorFlow's start-up log lines unless --verbose.
+from keras_sapa import _startup
+
+_startup.quiet_command_line()
+
+from keras_sapa import convert  # noqa: E402
 from keras_sapa import ops
 from keras_sapa.layers import SAPA
 from keras_sapa.version import __version__

@@ -129,20 +129,19 @@ def make_shapes(num_images, image_size=64, seed=0, max_shapes=5, noise=8.0):
         ``masks`` int32 ``(N, H, W)`` with values in ``range(NUM_CLASSES)``
         (:data:`CLASS_NAMES`).
     """
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
-        raise ValueError(
-            f"`num_images` must be a non-negative integer. Received: num_images={num_images!r}"
+    from keras_sapa.ops import _checks
+
+    num_images = _checks.integer("num_images", num_images, "a non-negative integer", minimum=0)
+    if isinstance(image_size, (tuple, list)) and len(image_size) == 2:
+        height, width = (
+            _checks.integer("image_size", v, "an integer >= 8 or a pair of them", minimum=8)
+            for v in image_size
         )
-    if isinstance(image_size, int):
-        height = width = image_size
     else:
-        height, width = (int(v) for v in image_size)
-    if height < 8 or width < 8:
-        raise ValueError(f"`image_size` must be at least 8. Received: image_size={image_size!r}")
-    if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
-        raise ValueError(
-            f"`max_shapes` must be a positive integer. Received: max_shapes={max_shapes!r}"
+        height = width = _checks.integer(
+            "image_size", image_size, "an integer >= 8 or a pair of them", minimum=8
         )
+    max_shapes = _checks.positive_int("max_shapes", max_shapes)
     rng = np.random.default_rng(seed)
     images = np.empty((num_images, height, width, 3), np.float32)
     masks = np.empty((num_images, height, width), np.int32)
@@ -214,6 +213,13 @@ def _dilate(edge, radius):
         for dx in range(2 * radius + 1):
             out |= padded[..., dy : dy + height, dx : dx + width]
     return out
+
+
+def boundary_band(mask, tolerance=1):
+    """Boolean map of the pixels within ``tolerance`` pixels (chessboard distance) of a
+    label boundary of ``mask`` (:func:`boundaries`), over the last two axes: the pixels
+    :func:`boundary_f_score` looks at."""
+    return _dilate(boundaries(mask), tolerance)
 
 
 def boundary_f_score(y_true, y_pred, tolerance=1):

@@ -1,12 +1,17 @@
-"""The demo command (``python -m keras_sapa demo``) and the built-in shapes task.
+"""The demo package (``keras_sapa.demo``), its command line and the built-in shapes task.
 
-Only what holds by construction, or by a wide margin on any natural photo, is asserted:
-the embedding identity, exactness on constant images, convexity of the SAPA mix, PSNR
-ordering nearest < bilinear < SAPA on a real photo crop (margins of about 1 dB and
-5 dB), sane metric ranges, the figure written, and clean usage errors.
+Checked against independent computations: the guided SAPA path against a float64 NumPy
+joint bilateral upsampling written from the formula; PSNR against
+``skimage.metrics.peak_signal_noise_ratio``; the edge measures, mIoU and boundary
+F-score against distance transforms and per-class set counts; the per-step training loss
+of the ``fit`` callback against the loss computed in NumPy. Beyond that, only what holds
+by construction or by a wide margin on any natural photo is asserted (PSNR ordering
+nearest < bilinear < SAPA). The command line: usage errors, TensorFlow's start-up logs
+hidden by default and shown with ``--verbose``.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -16,8 +21,15 @@ import pytest
 pytest.importorskip("skimage")
 pytest.importorskip("matplotlib")
 
+from scipy import ndimage  # noqa: E402
+from skimage import metrics as sk_metrics  # noqa: E402
+
+from keras_sapa import _startup  # noqa: E402
 from keras_sapa import data  # noqa: E402
 from keras_sapa import demo  # noqa: E402
+from keras_sapa.demo import guided  # noqa: E402
+from keras_sapa.demo import metrics  # noqa: E402
+from keras_sapa.demo import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,16 +47,73 @@ def test_colour_embedding_is_a_gaussian_log_kernel():
     for (i, j), (a, b) in [((0, 0), (0, 0)), ((7, 11), (2, 4)), ((5, 2), (1, 0))]:
         py, px = (i + 0.5) / scale - 0.5, (j + 0.5) / scale - 0.5
         expected = (
-            demo._BORDER_OFFSET
+            guided.BORDER_OFFSET
             - ((guide[i, j] - low[a, b]) ** 2).sum() / (2 * cs**2)
             - ((py - a) ** 2 + (px - b) ** 2) / (2 * ss**2)
         )
         assert np.dot(query[0, i, j], key[0, a, b]) == pytest.approx(expected, abs=2e-3)
 
 
+def _joint_bilateral(low, guide, guide_low, scale, k, cs, ss):
+    """Joint bilateral upsampling in float64 loops, from the formula: output pixel
+    (i, j) averages the in-image pixels of the K x K low-resolution window centred on
+    (i // s, j // s), weighted by exp(-|colour diff|^2 / 2cs^2 - |position diff|^2 / 2ss^2)."""
+    height, width = low.shape[:2]
+    r = k // 2
+    out = np.zeros((height * scale, width * scale, low.shape[-1]))
+    weights = np.zeros((height * scale, width * scale, k * k))
+    for i in range(height * scale):
+        for j in range(width * scale):
+            py, px = (i + 0.5) / scale - 0.5, (j + 0.5) / scale - 0.5
+            logits = np.full(k * k, -np.inf)
+            for n, (a, b) in enumerate(
+                (i // scale + dy, j // scale + dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)
+            ):
+                if 0 <= a < height and 0 <= b < width:
+                    logits[n] = (
+                        -((guide[i, j] - guide_low[a, b]) ** 2).sum() / (2 * cs**2)
+                        - ((py - a) ** 2 + (px - b) ** 2) / (2 * ss**2)
+                    )
+            w = np.exp(logits - logits.max())
+            w /= w.sum()
+            weights[i, j] = w
+            for n, (a, b) in enumerate(
+                (i // scale + dy, j // scale + dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)
+            ):
+                if w[n] > 0:
+                    out[i, j] += w[n] * low[a, b]
+    return out, weights
+
+
+@pytest.mark.parametrize("scale, k, gray", [(2, 3, False), (3, 5, True)])
+def test_sapa_upsample_is_joint_bilateral_upsampling(scale, k, gray):
+    rng = np.random.default_rng(1)
+    low = rng.uniform(size=(5, 6, 3)).astype(np.float32)
+    guide = np.clip(
+        np.repeat(np.repeat(low, scale, 0), scale, 1) + rng.normal(0, 0.05, (5 * scale, 6 * scale, 3)), 0, 1
+    )
+    cs, ss = 0.15, 1.2
+    guide_low = None
+    if gray:
+        guide, guide_low = guide.mean(-1, keepdims=True), low.mean(-1, keepdims=True)
+    out, weights = demo.sapa_upsample(
+        low, guide, scale, kernel_size=k, color_sigma=cs, space_sigma=ss, guide_low=guide_low,
+        return_weights=True,
+    )
+    expected, expected_w = _joint_bilateral(
+        low.astype(np.float64), np.asarray(guide, np.float64),
+        np.asarray(low if guide_low is None else guide_low, np.float64), scale, k, cs, ss,
+    )
+    np.testing.assert_allclose(weights, expected_w, atol=2e-4)
+    np.testing.assert_allclose(out, np.clip(expected, 0, 1), atol=2e-4)
+    plain = demo.sapa_upsample(low, guide, scale, k, cs, ss, guide_low=guide_low)
+    np.testing.assert_allclose(plain, out, atol=1e-5)
+
+
 def test_constant_image_is_reproduced_exactly_by_every_method():
     image = np.full((48, 40, 3), 0.3, np.float32)
     result = demo.guided_upsampling(image, scale=4, kernel_size=5)
+    assert list(result["outputs"]) == list(guided.METHODS)
     for name, out in result["outputs"].items():
         np.testing.assert_allclose(out, result["reference"], atol=1e-5, err_msg=name)
     # The border points (zero-padded by SAPA) get no weight: weights sum to 1.
@@ -61,7 +130,6 @@ def test_guided_upsampling_metrics_are_sane(astronaut_result):
     result = astronaut_result
     assert result["low"].shape == (32, 32, 3)
     assert result["reference"].shape == (128, 128, 3)
-    assert set(result["outputs"]) == {"nearest", "bilinear", "bicubic", "SAPA, gray guide", "SAPA"}
     for name, m in result["metrics"].items():
         assert all(np.isfinite(v) for v in m.values()), (name, m)
         assert 12.0 < m["psnr"] < 60.0, (name, m)
@@ -83,11 +151,16 @@ def test_guided_upsampling_metrics_are_sane(astronaut_result):
     assert "SAPA" in table and "bilinear" in table and "PSNR" in table
 
 
-def test_figure_is_written(astronaut_result, tmp_path):
+def test_figures_are_written(astronaut_result, tmp_path):
     path = demo.save_figure(astronaut_result, str(tmp_path / "figure.png"), crop=96)
     assert os.path.getsize(path) > 10_000
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    picked = demo.boundary_points(astronaut_result, crop=96)
+    assert picked is not None
+    (ey, ex), points = picked
+    assert astronaut_result["edges"].edges[ey, ex]
+    assert len(points) == 4 and len(set(points)) == 4
 
 
 def test_load_image_forms(tmp_path):
@@ -110,56 +183,106 @@ def test_load_image_forms(tmp_path):
         demo.load_image(str(bad))
 
 
-# ------------------------------------------------------------------------- CLI
-def test_main_writes_table_and_figure(tmp_path, capsys):
-    out = tmp_path / "out"
-    code = demo.main(["--image", "coffee", "--crop", "96", "--scale", "3", "--out", str(out), "--kernel-size", "3"])
-    assert code == 0
-    printed = capsys.readouterr().out
-    for name in ("nearest", "bilinear", "bicubic", "SAPA"):
-        assert name in printed
-    assert "not a fair super-resolution benchmark" in printed
-    assert (out / "guided_coffee_x3.png").is_file()
+def test_check_scale():
+    assert demo.check_scale(np.int64(4), (64, 64, 3)) == 4
+    for bad in (1, 2.0, True, "4"):
+        with pytest.raises(demo.DemoError, match="--scale"):
+            demo.check_scale(bad, (64, 64, 3))
+    with pytest.raises(demo.DemoError, match="too large"):
+        demo.check_scale(9, (64, 64, 3))
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--image", "/no/such/photo.png"], "neither a file nor a sample"),
-        (["--scale", "1"], "--scale"),
-        (["--scale", "two"], "--scale"),
-        (["--scale", "2.5"], "--scale"),
-        (["--crop", "64", "--scale", "9"], "too large"),
-        (["--kernel-size", "4"], "--kernel-size"),
-        (["--color-sigma", "0"], "--color-sigma"),
-        (["--bogus"], "unrecognized"),
-    ],
-)
-def test_bad_arguments_are_usage_errors(argv, message, capsys, tmp_path):
-    code = demo.main(argv + ["--out", str(tmp_path)])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "usage:" in err and message in err
-    assert "Traceback" not in err
-
-
-def test_help(capsys):
-    assert demo.main(["--help"]) == 0
-    text = capsys.readouterr().out
-    for option in ("--image", "--scale", "--out", "--kernel-size", "--train", "--quick", "astronaut"):
-        assert option in text
-
-
-def test_command_line_entry_point(tmp_path):
-    """``python -m keras_sapa demo`` exits 2 with a one-line error, no traceback."""
-    result = subprocess.run(
-        [sys.executable, "-m", "keras_sapa", "demo", "--image", str(tmp_path / "nope.jpg")],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+# --------------------------------------------------------------------- metrics
+def test_psnr_matches_skimage():
+    rng = np.random.default_rng(2)
+    reference = rng.uniform(size=(20, 24, 3))
+    image = np.clip(reference + rng.normal(0, 0.05, reference.shape), 0, 1)
+    assert demo.psnr(image, reference) == pytest.approx(
+        sk_metrics.peak_signal_noise_ratio(reference, image, data_range=1.0), rel=1e-9
     )
-    assert result.returncode == 2
-    assert "neither a file nor a sample" in result.stderr
-    assert "Traceback" not in result.stderr
+    mask = rng.uniform(size=(20, 24)) < 0.3
+    assert demo.psnr(image, reference, mask) == pytest.approx(
+        sk_metrics.peak_signal_noise_ratio(reference[mask], image[mask], data_range=1.0), rel=1e-9
+    )
+    assert demo.psnr(reference, reference) == float("inf")
+
+
+def test_edge_measures_match_distance_transforms(astronaut_result):
+    from skimage import feature
+
+    edges = astronaut_result["edges"]
+    reference = astronaut_result["reference"]
+    image = astronaut_result["outputs"]["bilinear"]
+    measured = edges.measure(image)
+
+    def luminance(x):
+        return x @ np.array([0.2125, 0.7154, 0.0721])
+
+    true_edges = feature.canny(luminance(reference), sigma=2.0)
+    found = feature.canny(luminance(image), sigma=2.0)
+    # Within 1 px: city-block distance <= 1 (a 3 x 3 cross).
+    near_true = ndimage.distance_transform_cdt(~true_edges, metric="taxicab") <= 1
+    near_found = ndimage.distance_transform_cdt(~found, metric="taxicab") <= 1
+    precision = (found & near_true).sum() / found.sum()
+    recall = (true_edges & near_found).sum() / true_edges.sum()
+    assert measured["edge_f1"] == pytest.approx(2 * precision * recall / (precision + recall), abs=1e-9)
+    assert measured["psnr_edges"] == pytest.approx(
+        sk_metrics.peak_signal_noise_ratio(reference[near_true], image[near_true], data_range=1.0)
+    )
+    assert edges.measure(reference)["sharpness"] == pytest.approx(1.0)
+    assert edges.measure(reference)["edge_f1"] == 1.0
+
+
+def test_kernel_spread():
+    from scipy import stats
+
+    uniform = np.full((2, 3, 25), 1 / 25)
+    np.testing.assert_allclose(demo.kernel_spread(uniform), 25.0)
+    one_hot = np.eye(9)[[0, 4, 8]]
+    np.testing.assert_allclose(demo.kernel_spread(one_hot), 1.0, atol=1e-6)
+    w = np.random.default_rng(3).dirichlet(np.ones(9), size=5)
+    np.testing.assert_allclose(demo.kernel_spread(w), np.exp(stats.entropy(w, axis=-1)), rtol=1e-9)
+
+
+def test_mean_iou_matches_per_class_sets():
+    rng = np.random.default_rng(4)
+    y_true = rng.integers(0, 3, size=(3, 12, 12))  # class 3 absent from both
+    y_pred = np.where(rng.uniform(size=y_true.shape) < 0.7, y_true, rng.integers(0, 3, size=y_true.shape))
+    miou, per_class = demo.mean_iou(y_true, y_pred, num_classes=4)
+    expected = [
+        np.logical_and(y_true == c, y_pred == c).sum() / np.logical_or(y_true == c, y_pred == c).sum()
+        for c in range(3)
+    ]
+    np.testing.assert_allclose(per_class[:3], expected)
+    assert np.isnan(per_class[3])
+    assert miou == pytest.approx(np.mean(expected))
+
+
+def test_boundary_f_score_matches_distance_transforms():
+    _, masks = data.make_shapes(3, 32, seed=5)
+    pred = np.roll(masks, (1, 2), axis=(1, 2))
+    pred[:, 5:9, 5:9] = 3
+    for tolerance in (0, 1, 2):
+        f, precision, recall = demo.boundary_f_score(masks, pred, tolerance=tolerance)
+        hits_p = hits_r = n_p = n_r = 0
+        for truth, guess in zip(masks, pred):
+            # Both sides of every label change (4-neighbours), as the docstring says.
+            def edge(m):
+                e = np.zeros(m.shape, bool)
+                e[1:] |= m[1:] != m[:-1]
+                e[:-1] |= m[1:] != m[:-1]
+                e[:, 1:] |= m[:, 1:] != m[:, :-1]
+                e[:, :-1] |= m[:, 1:] != m[:, :-1]
+                return e
+
+            te, pe = edge(truth), edge(guess)
+            near_t = ndimage.distance_transform_cdt(~te, metric="chessboard") <= tolerance
+            near_p = ndimage.distance_transform_cdt(~pe, metric="chessboard") <= tolerance
+            hits_p, n_p = hits_p + (pe & near_t).sum(), n_p + pe.sum()
+            hits_r, n_r = hits_r + (te & near_p).sum(), n_r + te.sum()
+        assert precision == pytest.approx(hits_p / n_p)
+        assert recall == pytest.approx(hits_r / n_r)
+        assert f == pytest.approx(2 * precision * recall / (precision + recall))
 
 
 # ------------------------------------------------------------------ shapes task
@@ -183,9 +306,12 @@ def test_shapes_are_deterministic_and_well_formed():
         assert pixels.std(0).min() > 25
     with pytest.raises(ValueError, match="num_images"):
         data.make_shapes(-1)
+    assert data.make_shapes(np.int64(2), 16)[0].shape == (2, 16, 16, 3)
+    with pytest.raises(ValueError, match="max_shapes"):
+        data.make_shapes(1, 16, max_shapes=0)
 
 
-def test_metrics():
+def test_metrics_small_cases():
     y = np.zeros((1, 8, 8), np.int32)
     y[0, 2:6, 2:6] = 1
     assert data.mean_iou(y, y)[0] == 1.0
@@ -198,6 +324,161 @@ def test_metrics():
     shifted = np.roll(y, 1, axis=2)
     assert data.boundary_f_score(y, shifted, tolerance=1)[0] == 1.0
     assert data.boundary_f_score(y, shifted, tolerance=0)[0] < 1.0
+    big = np.zeros((1, 12, 12), np.int32)
+    big[0, 2:10, 2:10] = 2
+    band = data.boundary_band(big, 1)  # boundary rows/columns 1, 2, 9, 10, widened by 1
+    assert band.shape == big.shape and band.dtype == bool
+    assert band[0, 0, 5] and band[0, 3, 5] and band[0, 0, 1] and not band[0, 0, 0]
+    assert not band[0, 4, 5] and not band[0, 5, 5] and not band[0, 5, 4]
+
+
+# ------------------------------------------------------------------- training
+def test_training_batches_are_the_same_for_every_model():
+    batches = demo.ShapesBatches(4, batch_size=3, image_size=32, seed=7)
+    assert len(batches) == 4
+    x2, y2 = batches[2]
+    np.testing.assert_array_equal(x2, train.train_batch(2, 3, 32, 7)[0])
+    np.testing.assert_array_equal(batches[2][1], y2)  # on demand, same every time
+    assert not np.array_equal(batches[1][0], x2)
+
+
+def test_step_log_records_each_steps_loss():
+    """With a zero learning rate the weights never change, so the loss of step i is the
+    model's loss on batch i, computed here in NumPy."""
+    import keras
+
+    rng = np.random.default_rng(8)
+    xs = rng.normal(size=(5, 4, 6)).astype("float32")
+    ys = rng.integers(0, 3, size=(5, 4))
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return xs[i], ys[i]
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="sparse_categorical_crossentropy")
+    log = demo.StepLog()
+    model.fit(Batches(), shuffle=False, verbose=0, callbacks=[log])
+    probs = model.predict(xs.reshape(-1, 6), verbose=0).reshape(5, 4, 3)
+    expected = [-np.log(probs[i, np.arange(4), ys[i]]).mean() for i in range(5)]
+    np.testing.assert_allclose(log.log["loss"], expected, rtol=1e-4)
+    assert log.seconds > 0 and log.log["eval_step"] == []
+
+
+def test_train_and_evaluate_checks_its_integers():
+    with pytest.raises(ValueError, match="steps"):
+        demo.train_and_evaluate(steps=0)
+    with pytest.raises(ValueError, match="history_every"):
+        demo.train_and_evaluate(steps=1, history_every=-1)
+
+
+# ------------------------------------------------------------------------- CLI
+def test_main_writes_table_and_figure(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = demo.main(["--image", "coffee", "--crop", "96", "--scale", "3", "--out", str(out), "--kernel-size", "3"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for name in ("nearest", "bilinear", "bicubic", "SAPA"):
+        assert name in printed
+    assert "not a fair super-resolution benchmark" in printed
+    assert (out / "guided_coffee_x3.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--image", "/no/such/photo.png"], "neither a file nor a sample"),
+        (["--scale", "1"], "`--scale` must be an integer >= 2. Received: --scale=1"),
+        (["--scale", "two"], "--scale"),
+        (["--scale", "2.5"], "--scale"),
+        (["--crop", "64", "--scale", "9"], "too large"),
+        (["--crop", "0"], "`--crop` must be a positive integer. Received: --crop=0"),
+        (["--steps", "-3"], "--steps"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--seed", "-1"], "--seed"),
+        (["--kernel-size", "4"], "--kernel-size"),
+        (["--color-sigma", "0"], "--color-sigma"),
+        (["--bogus"], "unrecognized"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(argv, message, capsys, tmp_path):
+    code = demo.main(argv + ["--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and message in err
+    assert "Traceback" not in err
+
+
+def test_help(capsys):
+    assert demo.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for option in ("--image", "--scale", "--out", "--kernel-size", "--train", "--quick", "--verbose", "astronaut"):
+        assert option in text
+
+
+def test_startup_helpers(capfd):
+    assert _startup.is_command_line(["-m", "demo"])
+    assert _startup.is_command_line(["/usr/bin/keras-sapa", "demo"])
+    assert not _startup.is_command_line(["/usr/bin/pytest", "-q"])
+    assert not _startup.is_command_line([])
+    assert _startup.is_log_line("I0000 00:00:1796183794.455377    6661 port.cc:153] oneDNN custom ops\n")
+    assert _startup.is_log_line("E0000 00:00:1796183817.211031 6864 cuda_platform.cc:52] failed call\n")
+    assert not _startup.is_log_line("Traceback (most recent call last):\n")
+    capfd.readouterr()
+    with _startup.filtered_stderr():
+        os.write(2, b"W0000 00:00:12.5 77 x.cc:1] noise\nkept line\n")
+    assert capfd.readouterr().err == "kept line\n"
+
+
+def _command_line(args, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP_")}
+    return subprocess.run(
+        [sys.executable, "-m", "keras_sapa", *args], capture_output=True, text=True,
+        cwd=str(tmp_path), timeout=600, env=dict(env, PYTHONPATH=ROOT),
+    )
+
+
+# TensorFlow's and absl's C++ log lines (I0000 ..., E0000 ... cuInit) and their header.
+_TF_LOG = re.compile(r"^[IWEF]\d{4} |absl::InitializeLog|cuInit|oneDNN", re.M)
+
+
+def test_command_line_hides_tensorflow_start_up_logs(tmp_path):
+    result = _command_line(
+        ["demo", "--image", "camera", "--crop", "64", "--kernel-size", "3", "--out", str(tmp_path)],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SAPA" in result.stdout and (tmp_path / "guided_camera_x4.png").is_file()
+    assert not _TF_LOG.search(result.stderr), result.stderr[-3000:]
+
+
+def test_command_line_verbose_keeps_logs_and_errors_are_one_line(tmp_path):
+    """``--verbose`` leaves TensorFlow's logging alone; a bad image is a usage error
+    (exit 2, no traceback)."""
+    result = _command_line(["demo", "--verbose", "--image", str(tmp_path / "nope.jpg")], tmp_path)
+    assert result.returncode == 2
+    assert "neither a file nor a sample" in result.stderr
+    assert "Traceback" not in result.stderr
+    if not _TF_LOG.search(result.stderr):
+        # Some TensorFlow builds log nothing at import: then neither may --verbose.
+        plain = subprocess.run(
+            [sys.executable, "-c", "import tensorflow"], capture_output=True, text=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("TF_CPP_")}, timeout=600,
+        )
+        assert not _TF_LOG.search(plain.stderr), "--verbose hid logs that TensorFlow prints"
+
+
+def test_top_level_usage(capsys):
+    from keras_sapa import __main__ as entry
+
+    assert entry.main([]) == 0
+    assert "demo" in capsys.readouterr().out
+    assert entry.main(["nope"]) == 2
+    assert "unknown command" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------- train
