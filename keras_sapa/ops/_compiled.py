@@ -17,8 +17,17 @@ Environment variables:
 - ``KERAS_SAPA_DISABLE_COMPILED=1``: never use the library (handled in
   :mod:`keras_sapa.ops`).
 
-The GPU kernels live in a second library, ``_sapa_ops_gpu.so``, loaded after the CPU one
-when a GPU is visible. If it fails to load, one warning is given and the ops run on CPU.
+The library also records the CPU features its build used (``cpu_features`` in
+``build_info.json``, e.g. ``avx2``, ``fma``); a library copied to a CPU that lacks one is
+not loaded (it would die with SIGILL): one warning, and the pure path.
+
+The GPU kernels live in a second library, ``_sapa_ops_gpu.so`` (a thin TensorFlow adapter
+over the driver-API launcher and the NVRTC-built kernel images beside it), loaded after
+the CPU one when a GPU is visible. At that first use a tiny case runs on the GPU and on
+the CPU and must agree (and must have run on the GPU); a load failure or any
+disagreement gives one warning, and the compiled ops are then not used at all (the pure
+TensorFlow path runs), since TensorFlow would otherwise place them on the GPU.
+:func:`gpu_op_usable` says whether the GPU kernels passed.
 
 SavedModels: a SavedModel traced with the compiled ops contains ``KerasSapa>...`` nodes.
 To reload it, make the ops known first (``keras_sapa.ops._compiled.load_library()`` or any
@@ -54,6 +63,7 @@ _WRAPPERS = (
 
 _lock = threading.RLock()
 _state = {"tried": False, "module": None, "reason": None, "gpu": None}
+CPUINFO = "/proc/cpuinfo"  # where the running CPU's features are read (Linux)
 _loaded_modules = {}  # path -> module; a library is never dlopen'ed twice
 
 
@@ -90,6 +100,13 @@ def _try_load(lib_path):
             f"TensorFlow {tf.__version__} is running (rebuild with "
             "`python custom_ops/build.py`)"
         )
+    lacking = missing_cpu_features(info.get("cpu_features") or [])
+    if lacking:
+        return None, (
+            f"the library was built for CPU features {sorted(lacking)} that this CPU "
+            "lacks (rebuild here with `python custom_ops/build.py`, or build a portable "
+            'library with KERAS_SAPA_CPU_FLAGS="")'
+        )
     real = os.path.realpath(lib_path)
     if real in _loaded_modules:
         return _loaded_modules[real], None
@@ -103,6 +120,32 @@ def _try_load(lib_path):
         return None, f"{lib_path} does not define the ops {missing}"
     _loaded_modules[real] = module
     return module, None
+
+
+def cpu_features():
+    """The running CPU's feature flags (``/proc/cpuinfo`` names such as ``avx2``), or
+    None where they cannot be read (not Linux)."""
+    try:
+        with open(CPUINFO) as f:
+            for line in f:
+                if line.split(":", 1)[0].strip() in ("flags", "Features"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def missing_cpu_features(required):
+    """The features in ``required`` (recorded by the build) that the running CPU lacks.
+    Where the CPU's features cannot be read, a library that needs any is not trusted:
+    the whole list is returned."""
+    required = [str(feature) for feature in required]
+    if not required:
+        return []
+    have = cpu_features()
+    if have is None:
+        return required
+    return [feature for feature in required if feature not in have]
 
 
 def _try_load_gpu(lib_path):
@@ -148,7 +191,101 @@ def load_library():
                 )
             else:
                 _state["gpu"] = _try_load_gpu(lib_path)
+                if _state["gpu"] == "loaded":
+                    problem = _gpu_self_test(module)
+                    if problem is not None:
+                        _state["gpu"] = f"failed: {problem}"
+                        _state["module"] = None
+                        _state["reason"] = (
+                            f"the GPU kernels failed their first-use check: {problem}"
+                        )
+                        warnings.warn(
+                            f"keras_sapa: {_state['reason']}; the compiled ops are disabled "
+                            "and the pure TensorFlow implementation is used.",
+                            RuntimeWarning,
+                            stacklevel=3,
+                        )
         return _state["module"]
+
+
+def _self_test_results(module, device):
+    """Every compiled op on a tiny case (B=1, 3x3 -> 6x6, d=5, C=4, K=3, s=2) placed on
+    ``device``; returns a list of (name, tensor)."""
+    import numpy as np
+
+    rng = np.random.default_rng(1234)
+    q, k, v, g = (tf.constant(rng.standard_normal(shape).astype(np.float32))
+                  for shape in ((1, 6, 6, 5), (1, 3, 3, 5), (1, 3, 3, 4), (1, 6, 6, 4)))
+    attrs = {"kernel_size": 3, "up_factor": 2}
+    with tf.init_scope(), tf.device(device):
+        sim = module.keras_sapa_similarity(q, k, **attrs)
+        w = tf.nn.softmax(sim, axis=-1)
+        out = module.keras_sapa_aggregate(w, v, **attrs)
+        gw, gv = module.keras_sapa_aggregate_grad(g, w, v, **attrs)
+        gq, gk = module.keras_sapa_similarity_grad(gw, q, k, **attrs)
+        results = [("similarity", sim), ("aggregate", out), ("aggregate_grad.weights", gw),
+                   ("aggregate_grad.value", gv), ("similarity_grad.query", gq),
+                   ("similarity_grad.key", gk)]
+        if hasattr(module, "keras_sapa_sapa"):
+            fused, weights = module.keras_sapa_sapa(q, k, v, Tweights=tf.float32, **attrs)
+            fq, fk, fv = module.keras_sapa_sapa_grad(g, q, k, v, weights, **attrs)
+            results += [("sapa", fused), ("sapa.weights", weights), ("sapa_grad.query", fq),
+                        ("sapa_grad.key", fk), ("sapa_grad.value", fv)]
+    return results
+
+
+def compare_self_test(gpu_results, cpu_results, rtol=1e-4, atol=1e-4):
+    """None when every GPU result ran on a GPU and matches the CPU one, else why."""
+    import numpy as np
+
+    if len(gpu_results) != len(cpu_results):
+        return "the GPU and CPU runs returned different numbers of results"
+    for (name, got), (_, want) in zip(gpu_results, cpu_results):
+        device = getattr(got, "device", "") or ""
+        if "GPU" not in device.upper():
+            return f"{name} ran on {device or 'an unknown device'}, not on the GPU"
+        got, want = np.asarray(got), np.asarray(want)
+        if got.shape != want.shape:
+            return f"{name} has shape {got.shape} on the GPU, {want.shape} on the CPU"
+        if not np.allclose(got, want, rtol=rtol, atol=atol):
+            error = float(np.max(np.abs(got.astype(np.float64) - want)))
+            return f"{name} differs from the CPU kernel (max abs error {error:.3g})"
+    return None
+
+
+def _gpu_self_test(module):
+    """Runs the tiny case on the first GPU and on the CPU; None when they agree."""
+    try:
+        gpu = _self_test_results(module, "/GPU:0")
+        cpu = _self_test_results(module, "/CPU:0")
+        return compare_self_test(gpu, cpu)
+    except Exception as exc:  # noqa: BLE001 - any failure means the GPU path is unsafe
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else repr(exc)
+
+
+def gpu_op_usable():
+    """True when the compiled ops run on a GPU here: a GPU is visible and the GPU kernel
+    library loaded and passed its first-use check against the CPU kernels."""
+    return load_library() is not None and _state["gpu"] == "loaded"
+
+
+def layer_supports_jit(implementation="auto"):
+    """The value for a SAPA layer's ``supports_jit``.
+
+    Keras's ``compile(jit_compile="auto")`` turns XLA on whenever a GPU is visible and
+    every layer's ``supports_jit`` is True; inside XLA the layer must use its ``xla``
+    formulation (the custom op cannot be compiled), whose backward holds K*K window
+    stacks. So this is False when the layer would run the compiled GPU op
+    (``implementation`` ``"auto"`` or ``"compiled"`` and :func:`gpu_op_usable`): the
+    default ``fit`` then runs without XLA and reaches the fused kernels. Trade-off: the
+    rest of the model loses XLA fusion as well, and an explicit ``jit_compile=True`` is
+    turned off by Keras with a warning. True everywhere else."""
+    if implementation not in ("auto", "compiled"):
+        return True
+    if os.environ.get("KERAS_SAPA_DISABLE_COMPILED", "") not in ("", "0"):
+        return True
+    return not gpu_op_usable()
 
 
 def available():
