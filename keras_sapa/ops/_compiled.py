@@ -343,14 +343,10 @@ def fused_available():
 
 
 def fused_usable(query, key, value):
-    """Whether :func:`sapa` (the fused op) can serve these tensors: the library has it,
-    the three dtypes agree, and no GPU kernel library is loaded (the fused op has CPU
-    kernels only; on a GPU the window ops run there instead)."""
-    return (
-        fused_available()
-        and query.dtype == key.dtype == value.dtype
-        and gpu_status() != "loaded"
-    )
+    """Whether :func:`sapa` (the fused op) can serve these tensors: the library has it
+    and the three dtypes agree. The GPU library registers GPU kernels for it as well
+    (``custom_ops/sapa/cc/kernels/sapa_kernels_gpu.cc``)."""
+    return fused_available() and query.dtype == key.dtype == value.dtype
 
 
 def _weights_dtype(dtype):
