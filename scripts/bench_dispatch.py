@@ -5,7 +5,7 @@ uses a builtin-op formulation; eagerly and in training graphs it uses the compil
 This script measures, in one process and interleaved round by round, the forward pass of
 ``ops.sapa`` in a ``tf.function`` with each implementation, and ``model.predict`` of a
 one-layer SAPA model whose layers are set to each implementation with
-``ops.set_implementation``. It prints median milliseconds and the ratio of each builtin
+``set_implementation``. It prints median milliseconds and the ratio of each builtin
 path to the compiled op (the price of portable inference graphs).
 """
 
@@ -44,7 +44,7 @@ def main(argv=None):
     import keras
 
     import keras_sapa
-    from keras_sapa import ops
+    from keras_sapa.ops import _tensorflow as ops  # the TensorFlow dispatch
 
     implementations = ["patches", "xla"]
     if ops.compiled_available():

@@ -1,11 +1,14 @@
 """The functional ops against the NumPy loop reference, their gradients, and bad input."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import keras_sapa
 import reference as ref
 from keras_sapa import ops
+from keras_sapa.ops import _tensorflow as tf_ops
 
 PURE = ["patches", "xla"]
 ALL = PURE + [
@@ -99,20 +102,160 @@ def test_xla_forward_and_gradient_compile():
         np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_auto_resolves_to_xla_inside_jit_and_override_scope():
+def _custom_op_types(fn, *specs):
+    """The KerasSapa op types in the graph that tracing ``fn`` at ``specs`` makes."""
+    graph = tf.function(fn).get_concrete_function(*specs).graph
+    return sorted({op.type for op in graph.get_operations() if op.type.startswith("KerasSapa")})
+
+
+SPECS = (tf.TensorSpec((1, 8, 6, 4)), tf.TensorSpec((1, 4, 3, 4)), tf.TensorSpec((1, 4, 3, 5)))
+
+
+def test_in_xla_context_tracks_tensorflow():
+    """Pins the one non-public TensorFlow API of the package: if TensorFlow renames or
+    changes ``tf.__internal__.get_enclosing_xla_context``, this fails."""
+    assert callable(tf.__internal__.get_enclosing_xla_context)
     seen = {}
 
-    @tf.function(jit_compile=True)
-    def inside(x):
-        seen["jit"] = ops.resolve_implementation("auto")
-        return x
+    def probe(name):
+        def fn(x):
+            seen[name] = tf_ops.in_xla_context()
+            return x
+        return fn
 
-    inside(tf.zeros(()))
-    assert seen["jit"] == "xla"
-    with ops.use_implementation("xla"):
-        assert ops.resolve_implementation("auto") == "xla"
-        assert ops.resolve_implementation("patches") == "patches"
-    assert ops.resolve_implementation("auto") in ("patches", "compiled")
+    assert tf_ops.in_xla_context() is False  # eager
+    tf.function(probe("graph"))(tf.zeros(()))
+    tf.function(probe("jit"), jit_compile=True)(tf.zeros(()))
+    nested = tf.function(probe("nested"))
+    tf.function(lambda x: nested(x), jit_compile=True)(tf.zeros(()))
+    assert seen == {"graph": False, "jit": True, "nested": True}
+
+
+def test_auto_rule():
+    """Eager calls and training graphs use the compiled op (when built); graphs that do
+    not train, and XLA-compiled ones, use builtin ops; use_implementation wins."""
+    eager = "compiled" if ops.compiled_available() else "patches"
+    assert tf_ops.resolve_implementation("auto") == eager
+    assert tf_ops.resolve_implementation("auto", training=True) == eager
+    seen = {}
+
+    def probe(name, training):
+        def fn(x):
+            seen[name] = tf_ops.resolve_implementation("auto", training=training)
+            return x
+        return fn
+
+    for training in (None, False, np.bool_(False), tf.constant(True)):
+        tf.function(probe(f"inference {training!r}", training))(tf.zeros(()))
+    tf.function(probe("training", True))(tf.zeros(()))
+    tf.function(probe("jit training", True), jit_compile=True)(tf.zeros(()))
+    assert {v for k, v in seen.items() if k.startswith("inference")} == {"xla"}
+    assert seen["training"] == ("compiled" if ops.compiled_available() else "xla")
+    assert seen["jit training"] == "xla"
+    with tf_ops.use_implementation("patches"):
+        assert tf_ops.resolve_implementation("auto") == "patches"
+        assert tf_ops.resolve_implementation("xla") == "xla"
+        tf.function(probe("scoped", None))(tf.zeros(()))
+    assert seen["scoped"] == "patches"
+
+
+def test_auto_graphs_hold_custom_ops_only_when_training():
+    def infer(q, k, v):
+        return tf_ops.sapa(q, k, v, 3, 2)
+
+    def train(q, k, v):
+        return tf_ops.sapa(q, k, v, 3, 2, training=True)
+
+    assert _custom_op_types(infer, *SPECS) == []
+    trained = _custom_op_types(train, *SPECS)
+    if ops.compiled_available():
+        assert trained, "a training graph should use the compiled op"
+        with tf_ops.use_implementation("compiled"):  # asked for: kept in inference too
+            assert _custom_op_types(infer, *SPECS)
+    else:
+        assert trained == []
+
+
+def test_environment_variable_read_at_trace_time(monkeypatch):
+    def train(q, k, v):
+        return tf_ops.sapa(q, k, v, 3, 2, training=True)
+
+    monkeypatch.setenv("KERAS_SAPA_DISABLE_COMPILED", "1")
+    assert _custom_op_types(train, *SPECS) == []
+    assert tf_ops.resolve_implementation("auto") == "patches"
+
+
+class _Holder(keras.layers.Layer):
+    """A custom layer holding a SAPA layer as an attribute (as a decoder would)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.up = keras_sapa.SAPA(kernel_size=3, embedding_dim=4, implementation="xla")
+
+    def call(self, x, guide):
+        return self.up(x, guide)
+
+
+def _two_level_model():
+    x_in, g_in = keras.Input((4, 3, 6)), keras.Input((8, 6, 5))
+    direct = keras_sapa.SAPA(kernel_size=3, embedding_dim=4)(x_in, g_in)
+    nested = _Holder()(x_in, g_in)
+    return keras.Model([x_in, g_in], keras.layers.Add()([direct, nested]))
+
+
+def test_set_implementation_finds_nested_layers():
+    """Also pins the one non-public Keras API used (``Layer._flatten_layers``)."""
+    model = _two_level_model()
+    layers = [l for l in model._flatten_layers() if isinstance(l, keras_sapa.SAPA)]
+    assert len(layers) == 2
+    assert tf_ops.set_implementation(model, "patches") == 2
+    assert [l.implementation for l in layers] == ["patches", "patches"]
+    with pytest.raises(ValueError, match="implementation='cuda'"):
+        tf_ops.set_implementation(model, "cuda")
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="no SAPA layer"):
+        tf_ops.set_implementation(plain, "xla")
+
+
+def test_set_implementation_retraces_keras_functions(monkeypatch):
+    """Keras traces predict/train functions once; the choice made then sticks (even a
+    later use_implementation scope does not change it) until set_implementation."""
+    chosen = []
+    resolve = tf_ops.resolve_implementation
+
+    def recording(implementation="auto", training=None):
+        result = resolve(implementation, training)
+        if not tf.executing_eagerly():
+            chosen.append(result)
+        return result
+
+    monkeypatch.setattr(tf_ops, "resolve_implementation", recording)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 4, 3, 6)).astype("float32")
+    g = rng.standard_normal((2, 8, 6, 5)).astype("float32")
+    model = _two_level_model()
+    tf_ops.set_implementation(model, "auto")
+    first = model.predict([x, g], verbose=0)
+    assert chosen and set(chosen) == {"xla"}  # inference graph: builtin ops
+    chosen.clear()
+    with tf_ops.use_implementation("patches"):
+        model.predict([x, g], verbose=0)
+    assert chosen == []  # not traced again
+    tf_ops.set_implementation(model, "patches")
+    assert model.predict_function is None and model.train_function is None
+    second = model.predict([x, g], verbose=0)
+    assert chosen and set(chosen) == {"patches"}
+    np.testing.assert_allclose(second, first, rtol=1e-5, atol=1e-5)
+    chosen.clear()
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit([x, g], first, epochs=1, verbose=0)
+    assert chosen and set(chosen) == {"patches"}
+
+
+def test_set_implementation_compiled_without_library(monkeypatch):
+    monkeypatch.setenv("KERAS_SAPA_DISABLE_COMPILED", "1")
+    with pytest.raises(RuntimeError, match="KERAS_SAPA_DISABLE_COMPILED"):
+        tf_ops.set_implementation(_two_level_model(), "compiled")
 
 
 def test_float16_large_logits_no_nan():

@@ -1,7 +1,5 @@
-"""TensorFlow implementations of the SAPA ops and their dispatch (moved from
-``keras_sapa/ops/__init__.py``; the public docs live there).
-
-Functional SAPA ops (channels last), with a choice of implementation.
+"""TensorFlow implementations of the SAPA ops and their dispatch (the public docs of
+the ops live in :mod:`keras_sapa.ops`).
 
     similarity(query, key)      -> (B, sH, sW, K*K)
     aggregate(weights, value)   -> (B, sH, sW, C)
@@ -14,20 +12,33 @@ around ``(i // s, j // s)``, row-major, zero padding *inside* the softmax.
 
 - ``"patches"``: ``tf.image.extract_patches`` + einsum (K*K copies of key/value).
 - ``"xla"``: pad and shifted slices, builtin ops only; compiles and trains under
-  ``jit_compile=True`` and exports portable SavedModels.
+  ``jit_compile=True`` and converts to ONNX and LiteRT builtins.
 - ``"compiled"``: the fused C++/CUDA custom op from ``custom_ops/`` (no window
   tensors); raises ``RuntimeError`` when the library is not available.
-- ``"auto"``: what :func:`use_implementation` set, if anything; else ``"xla"`` inside
-  an XLA-compiled function and while a SavedModel is being traced (``model.export``,
-  ``tf.saved_model.save``), so that exports hold builtin ops only and load without the
-  library; else ``"compiled"`` when the library loaded, else ``"patches"``.
+- ``"auto"``: chosen when the op is called (for a traced function: when it is traced),
+  by :func:`resolve_implementation`:
+
+  1. what :func:`use_implementation` set in this thread, if anything;
+  2. in a traced graph (``tf.function``, Keras's ``predict_function``, an export) that
+     does not train (``training`` is not ``True``): ``"xla"``, builtin ops only. Such a
+     graph may be written to a SavedModel by any route (``model.export``,
+     ``tf.saved_model.save(model)``, or a concrete function traced earlier and passed
+     as a signature), and then loads without the library;
+  3. in a training graph compiled by XLA (``jit_compile=True``): ``"xla"``;
+  4. otherwise (eager calls, training graphs): ``"compiled"`` when the library loaded,
+     else ``"patches"`` eagerly and ``"xla"`` in a graph.
+
+  So ``model.fit`` uses the compiled op's fast backward, ``model.predict`` and every
+  export use builtin ops. A graph that has been traced keeps its choice: after changing
+  the implementation (or ``KERAS_SAPA_DISABLE_COMPILED``) for a model Keras has already
+  run, call :func:`set_implementation`, which drops Keras's traced functions.
 """
 
 import contextlib
 import os
-import sys
 import threading
 
+import numpy as np
 import tensorflow as tf
 
 from keras_sapa.ops import _checks
@@ -40,6 +51,7 @@ __all__ = [
     "compiled_available",
     "load_compiled_library",
     "resolve_implementation",
+    "set_implementation",
     "use_implementation",
 ]
 
@@ -58,7 +70,8 @@ def compiled_available():
     """True when the compiled custom op library is loaded and usable.
 
     False when it was not built, was built for another TensorFlow version, failed to
-    load, or the environment variable ``KERAS_SAPA_DISABLE_COMPILED=1`` is set.
+    load, or the environment variable ``KERAS_SAPA_DISABLE_COMPILED=1`` is set (read at
+    every call, so at the next trace).
     """
     if os.environ.get("KERAS_SAPA_DISABLE_COMPILED", "") not in ("", "0"):
         return False
@@ -76,47 +89,40 @@ def load_compiled_library():
 
 
 def in_xla_context():
-    """True while tracing inside ``tf.function(jit_compile=True)`` (or XLA rewrite)."""
+    """True while tracing a function that XLA compiles (``tf.function(jit_compile=True)``,
+    including functions nested in one), where the compiled custom op cannot run.
+
+    TensorFlow has no public API for this; ``tf.__internal__.get_enclosing_xla_context``
+    (exported for Keras's own use) is the one non-public call of the package, confined
+    to this function and pinned by ``tests/test_ops.py::test_in_xla_context_tracks_tensorflow``.
+    Should TensorFlow remove it, every graph counts as XLA-compiled: the builtin path,
+    which is always correct.
+    """
     if tf.executing_eagerly():
         return False
-    try:
-        from tensorflow.python.framework import ops as tf_ops
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - private API moved
-        return False
-    return bool(control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph()))
-
-
-_EXPORT_MODULE_PREFIX = "keras.src.export"
-
-
-def in_export_trace():
-    """True while a function is traced to be written to a SavedModel: inside
-    ``tf.saved_model.save``, or called from Keras's export code (``model.export``
-    traces its endpoints before it saves them)."""
-    if tf.executing_eagerly():
-        return False
-    try:
-        from tensorflow.python.saved_model import save_context
-    except ImportError:  # pragma: no cover - private API moved
-        save_context = None
-    if save_context is not None and save_context.in_save_context():
+    internal = getattr(tf, "__internal__", None)
+    get_context = getattr(internal, "get_enclosing_xla_context", None)
+    if get_context is None:  # pragma: no cover - depends on the TensorFlow version
         return True
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_globals.get("__name__", "").startswith(_EXPORT_MODULE_PREFIX):
-            return True
-        frame = frame.f_back
-    return False
+    return get_context() is not None
+
+
+def _is_training(training):
+    """Only a Python or NumPy ``True`` counts; ``None`` and tensors do not."""
+    return isinstance(training, (bool, np.bool_)) and bool(training)
 
 
 @contextlib.contextmanager
 def use_implementation(implementation):
     """Within this context, ``implementation="auto"`` resolves to ``implementation``.
 
-    Exports already use the builtin-op ``"xla"`` path by themselves; use
-    ``use_implementation("compiled")`` around an export to keep the compiled op in the
-    SavedModel (it then loads only after :func:`load_compiled_library`).
+    The choice is made when an op is called, which for a traced function is when it
+    is traced: functions traced before the context keep their choice. For a Keras model
+    that has already run ``fit``/``predict``/``evaluate``, use :func:`set_implementation`.
+
+    Use ``use_implementation("compiled")`` around an export (``model.export``,
+    ``tf.saved_model.save``, or the tracing of a concrete function) to keep the compiled
+    op in the SavedModel: it then loads only after :func:`load_compiled_library`.
 
     The setting is per thread: functions traced in other threads (the replicas of a
     ``tf.distribute`` strategy, for example) do not see it.
@@ -130,20 +136,34 @@ def use_implementation(implementation):
         _override.value = previous
 
 
-def resolve_implementation(implementation="auto"):
+def resolve_implementation(implementation="auto", training=None):
     """The concrete implementation (``"patches"``, ``"xla"`` or ``"compiled"``) that
-    ``implementation`` stands for in the current context."""
+    ``implementation`` stands for in the current context.
+
+    Args:
+        implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``.
+        training: whether the caller trains (a Keras layer's ``training`` argument).
+            In a traced graph, ``"auto"`` uses the compiled op only when it is
+            ``True``; eagerly it makes no difference.
+
+    Raises:
+        RuntimeError: ``"compiled"`` is asked for (directly or through
+            :func:`use_implementation`) and the library is not available.
+    """
     _checks.check_implementation(implementation)
     if implementation == "auto":
         override = getattr(_override, "value", None)
         if override is not None:
             implementation = override
-        elif in_xla_context() or in_export_trace():
-            return "xla"
-        elif compiled_available():
-            return "compiled"
         else:
-            return "patches"
+            eager = tf.executing_eagerly()
+            if not eager and not _is_training(training):
+                return "xla"
+            if not eager and in_xla_context():
+                return "xla"
+            if compiled_available():
+                return "compiled"
+            return "patches" if eager else "xla"
     if implementation == "compiled" and not compiled_available():
         reason = "disabled by KERAS_SAPA_DISABLE_COMPILED"
         if os.environ.get("KERAS_SAPA_DISABLE_COMPILED", "") in ("", "0"):
@@ -154,6 +174,59 @@ def resolve_implementation(implementation="auto"):
             "`python custom_ops/build.py`, or use implementation='auto'."
         )
     return implementation
+
+
+def _sapa_layers(model):
+    """Every keras_sapa layer (one with an ``implementation`` setting) in ``model``,
+    nested layers included.
+
+    Keras 3 has no public way to list the layers nested in a layer; this uses
+    ``Layer._flatten_layers`` (what Keras's own ``quantize`` and jit checks use), pinned
+    by ``tests/test_ops.py::test_set_implementation_finds_nested_layers``.
+    """
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if type(layer).__module__.split(".")[0] == "keras_sapa"
+        and isinstance(getattr(layer, "implementation", None), str)
+        and layer.implementation in _checks.IMPLEMENTATIONS
+    ]
+
+
+def set_implementation(model, implementation):
+    """Sets ``implementation`` on every SAPA layer of a Keras ``model`` (nested layers
+    included) and drops the functions Keras has traced for it, so that the next
+    ``fit``, ``evaluate`` or ``predict`` traces them again with the new choice.
+
+    The implementation is chosen when a function is traced; Keras traces
+    ``model.predict_function`` (and the train and test functions) once and reuses them.
+    Call ``set_implementation(model, "auto")`` after changing
+    ``KERAS_SAPA_DISABLE_COMPILED`` or a :func:`use_implementation` scope, too.
+
+    Args:
+        model: a Keras model (or layer) holding SAPA layers.
+        implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``.
+
+    Returns:
+        The number of SAPA layers set.
+
+    Raises:
+        ValueError: bad ``implementation``, or no SAPA layer in ``model``.
+        RuntimeError: ``"compiled"`` without the library.
+    """
+    _checks.check_implementation(implementation)
+    if implementation == "compiled":
+        resolve_implementation("compiled")  # raises now rather than at the next trace
+    layers = _sapa_layers(model)
+    if not layers:
+        raise ValueError(f"`model` holds no SAPA layer. Received: model={model!r}")
+    for layer in layers:
+        layer.implementation = implementation
+    # Keras's public attributes; make_*_function() traces them again when None.
+    for attribute in ("train_function", "test_function", "predict_function"):
+        if hasattr(model, attribute):
+            setattr(model, attribute, None)
+    return len(layers)
 
 
 def _static_checks(high_name, high, low_name, low, kernel_size, up_factor, equal_last):
@@ -189,7 +262,8 @@ def _prepare(high, high_name, low, low_name, kernel_size, up_factor, equal_last)
     return high, low, kernel_size, up_factor
 
 
-def similarity(query, key, kernel_size=5, up_factor=2, implementation="auto"):
+def similarity(query, key, kernel_size=5, up_factor=2, implementation="auto",
+               training=None):
     """Window similarity ``S[b, i, j, n] = <query[b, i, j], key[b, i//s + a, j//s + b']>``.
 
     Args:
@@ -198,6 +272,9 @@ def similarity(query, key, kernel_size=5, up_factor=2, implementation="auto"):
         kernel_size: odd window size K.
         up_factor: integer upsampling factor s.
         implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``.
+        training: whether the caller trains (a Keras layer passes its ``training``
+            argument). In a traced graph, ``"auto"`` uses the compiled op only when
+            it is ``True``; see :func:`resolve_implementation`.
 
     Returns:
         ``(B, s*H, s*W, K*K)``; points outside the map contribute 0.
@@ -206,15 +283,18 @@ def similarity(query, key, kernel_size=5, up_factor=2, implementation="auto"):
     query, key, kernel_size, up_factor = _prepare(
         query, "query", key, "key", kernel_size, up_factor, equal_last=True
     )
-    impl = resolve_implementation(implementation)
+    impl = resolve_implementation(implementation, training)
     if impl == "compiled":
         return _compiled_module().similarity(query, key, kernel_size, up_factor)
     if impl == "xla":
-        return _tf_formulations.similarity_xla(query, key, kernel_size, up_factor)
+        return _tf_formulations.similarity_xla(
+            query, key, kernel_size, up_factor, fused=in_xla_context()
+        )
     return _tf_formulations.similarity_patches(query, key, kernel_size, up_factor)
 
 
-def aggregate(weights, value, kernel_size=5, up_factor=2, implementation="auto"):
+def aggregate(weights, value, kernel_size=5, up_factor=2, implementation="auto",
+              training=None):
     """Window aggregation ``out[b, i, j] = sum_n weights[b, i, j, n] * value[b, window_n]``.
 
     Args:
@@ -223,6 +303,9 @@ def aggregate(weights, value, kernel_size=5, up_factor=2, implementation="auto")
         kernel_size: odd window size K.
         up_factor: integer upsampling factor s.
         implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``.
+        training: whether the caller trains (a Keras layer passes its ``training``
+            argument). In a traced graph, ``"auto"`` uses the compiled op only when
+            it is ``True``; see :func:`resolve_implementation`.
 
     Returns:
         ``(B, s*H, s*W, C)``; points outside the map contribute 0.
@@ -232,34 +315,55 @@ def aggregate(weights, value, kernel_size=5, up_factor=2, implementation="auto")
         weights, "weights", value, "value", kernel_size, up_factor, equal_last=False
     )
     _checks.check_weights_channels(weights.shape, kernel_size)
-    impl = resolve_implementation(implementation)
+    impl = resolve_implementation(implementation, training)
     if impl == "compiled":
         return _compiled_module().aggregate(weights, value, kernel_size, up_factor)
     if impl == "xla":
-        return _tf_formulations.aggregate_xla(weights, value, kernel_size, up_factor)
+        return _tf_formulations.aggregate_xla(
+            weights, value, kernel_size, up_factor, fused=in_xla_context()
+        )
     return _tf_formulations.aggregate_patches(weights, value, kernel_size, up_factor)
 
 
-def sapa(query, key, value, kernel_size=5, up_factor=2, implementation="auto"):
+def sapa(query, key, value, kernel_size=5, up_factor=2, implementation="auto",
+         training=None):
     """``aggregate(softmax(similarity(query, key)), value)``.
 
     The similarity and the softmax run in float32 when the inputs are float16 or
     bfloat16 (so large logits cannot overflow); the result has ``value``'s dtype.
     Padded window points take part in the softmax with similarity 0, as in the
     official implementation.
+
+    Args:
+        query: ``(B, s*H, s*W, d)``; key: ``(B, H, W, d)``; value: ``(B, H, W, C)``.
+        kernel_size: odd window size K.
+        up_factor: integer upsampling factor s.
+        implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``.
+        training: whether the caller trains (a Keras layer passes its ``training``
+            argument). In a traced graph, ``"auto"`` uses the compiled op only when
+            it is ``True``; see :func:`resolve_implementation`.
+
+    Returns:
+        ``(B, s*H, s*W, C)`` with ``value``'s dtype.
     """
     implementation = _checks.check_implementation(implementation)
     query = tf.convert_to_tensor(query)
     key = tf.convert_to_tensor(key, dtype_hint=query.dtype)
     value = tf.convert_to_tensor(value)
-    _static_checks("query", query, "key", key, kernel_size, up_factor, True)
-    _checks.check_pair(
-        "query", query.shape, "value", value.shape, _checks.check_up_factor(up_factor)
+    kernel_size, up_factor = _static_checks(
+        "query", query, "key", key, kernel_size, up_factor, True
     )
+    _checks.check_pair("query", query.shape, "value", value.shape, up_factor)
+    # One choice for both halves (similarity and aggregation).
+    impl = resolve_implementation(implementation, training)
+    if impl == "compiled" and _compiled_module().fused_usable(query, key, value):
+        # One fused CPU pass (float32 logits and softmax for half inputs).
+        return _compiled_module().sapa(query, key, value, kernel_size, up_factor)
     if query.dtype in _HALF_DTYPES:
         query = tf.cast(query, tf.float32)
         key = tf.cast(key, tf.float32)
-    logits = similarity(query, key, kernel_size, up_factor, implementation)
+    logits = similarity(query, key, kernel_size, up_factor, impl)
     weights = tf.nn.softmax(logits, axis=-1)
     weights = tf.cast(weights, value.dtype)
-    return aggregate(weights, value, kernel_size, up_factor, implementation)
+    return aggregate(weights, value, kernel_size, up_factor, impl)
+

@@ -12,9 +12,13 @@ value (K*K times their memory) and one einsum contracts them. Its gradient does 
 compile under XLA.
 
 ``xla``: pads the low-resolution tensor once and takes one shifted slice per window
-offset, accumulating K*K broadcast products. Only slicing, multiplication and
-reductions: it compiles and trains under ``jit_compile=True`` (where XLA fuses the
-loop) and exports to SavedModel/TFLite with builtin ops only.
+offset. Inside an XLA-compiled function (``fused=True``) it accumulates K*K broadcast
+products, a loop XLA fuses without materialising the windows; elsewhere (TensorFlow's
+graph executor, SavedModel serving, converters) it stacks the K*K slices and contracts
+them with one einsum, about twice as fast there as the accumulation (measured by
+``scripts/bench_dispatch.py``), at the memory cost of the patches path. Only slicing,
+stacking, multiplication and contractions: it compiles and trains under
+``jit_compile=True`` and exports to SavedModel, ONNX and LiteRT with builtin ops only.
 
 The high-resolution tensors are viewed as ``(B, H, s, W, s, .)`` so that every group
 of s x s output points shares one anchor; no upsampled copy of the key is made.
@@ -123,18 +127,36 @@ def _aggregate_slices(weights, value, kernel_size, up_factor):
     return _merge_high(out)
 
 
-# The forward passes accumulate one window offset at a time, which XLA fuses into a
-# single loop. Differentiating that loop directly gives K*K broadcast reductions that
-# XLA's CPU backend runs about ten times slower than the explicit gradients below,
+def _similarity_stacked(query, key, kernel_size, up_factor):
+    return _merge_high(tf.einsum(
+        "bhiwjd,bhwnd->bhiwjn", _split_high(query, up_factor),
+        _stacked_windows(key, kernel_size),
+    ))
+
+
+def _aggregate_stacked(weights, value, kernel_size, up_factor):
+    return _merge_high(tf.einsum(
+        "bhiwjn,bhwnc->bhiwjc", _split_high(weights, up_factor),
+        _stacked_windows(value, kernel_size),
+    ))
+
+
+# Under XLA the forward passes accumulate one window offset at a time, which XLA fuses
+# into a single loop. Differentiating that loop directly gives K*K broadcast reductions
+# that XLA's CPU backend runs about ten times slower than the explicit gradients below,
 # which contract stacked windows with one einsum each.
 
 
-def _xla_window_op(forward, grad_high_equation, grad_windows_equation):
-    """Wraps a forward(high, low, kernel_size, up_factor) in the explicit gradient:
+def _xla_window_op(fused_forward, stacked_forward, grad_high_equation,
+                   grad_windows_equation):
+    """Wraps a forward(high, low, kernel_size, up_factor) (``fused_forward`` under XLA,
+    ``stacked_forward`` elsewhere) in the explicit gradient:
     d_high = einsum(grad_high_equation, upstream6, windows(low)) and
     d_low = adjoint(einsum(grad_windows_equation, upstream6, high6))."""
 
-    def op(high, low, kernel_size, up_factor):
+    def op(high, low, kernel_size, up_factor, fused):
+        forward = fused_forward if fused else stacked_forward
+
         @tf.custom_gradient
         def fn(high, low):
             def grad(upstream):
@@ -159,9 +181,9 @@ def _xla_window_op(forward, grad_high_equation, grad_windows_equation):
 
 # query (d channels) against key windows: upstream has n = K*K channels.
 similarity_xla = _xla_window_op(
-    _similarity_slices, "bhiwjn,bhwnd->bhiwjd", "bhiwjn,bhiwjd->bhwnd"
+    _similarity_slices, _similarity_stacked, "bhiwjn,bhwnd->bhiwjd", "bhiwjn,bhiwjd->bhwnd"
 )
 # weights (n channels) over value windows: upstream has C channels.
 aggregate_xla = _xla_window_op(
-    _aggregate_slices, "bhiwjc,bhwnc->bhiwjn", "bhiwjc,bhiwjn->bhwnc"
+    _aggregate_slices, _aggregate_stacked, "bhiwjc,bhwnc->bhiwjn", "bhiwjc,bhiwjn->bhwnc"
 )
