@@ -166,8 +166,10 @@ def sapa(query, key, value, kernel_size=5, up_factor=2):
     kernel_size = _checks.check_kernel_size(kernel_size)
     up_factor = _checks.check_up_factor(up_factor)
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    _checks.check_pair("query", query.shape, "key", key.shape, up_factor, last_dim="equal")
-    _checks.check_pair("query", query.shape, "value", value.shape, up_factor)
+    # Sizes that are not ints (symbolic, as in Keras's shape inference) are not checked.
+    shapes = [tuple(d if isinstance(d, int) else None for d in t.shape) for t in (query, key, value)]
+    _checks.check_pair("query", shapes[0], "key", shapes[1], up_factor, last_dim="equal")
+    _checks.check_pair("query", shapes[0], "value", shapes[2], up_factor)
     if not available():
         raise RuntimeError(
             "keras_sapa: the compiled SAPA kernels for JAX are unavailable: "
