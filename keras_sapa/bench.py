@@ -21,13 +21,16 @@ in one run and one process:
   leaves the process. ``xN out`` divides the forward+backward peak by the size of the
   output tensor.
 
-Timings interleave the implementations round by round, so that load from other
-processes on a shared machine affects them alike. Everything runs on the default device
+Timings interleave the implementations (forward and forward+backward) round by round,
+so that load from other processes on a shared machine affects them alike; the table gives
+the median over rounds with the min-max spread, and every ratio is computed within each
+round before its median is taken. A last line times the compiled forward on W1 with
+TensorFlow's intra-op pool at 1, 2 and all cores (one subprocess each). Everything runs on the default device
 (CPU here; GPU where TensorFlow sees one).
 
-Targets (issue 3, on workload W1 unless noted): compiled forward >= 10x faster than
-patches; <= 3x bilinear resize; forward+backward <= 3.5x forward; peak extra memory of
-forward+backward at B=4, 64x64 -> 128x128, C=256 (workload M1) <= 6x the output.
+Targets (issue 16, on workload W1 unless noted): compiled forward >= 10x faster than
+patches; <= 2.5x bilinear resize; forward+backward <= 3.5x forward; peak extra memory of
+forward+backward at B=4, 64x64 -> 128x128, C=256 (workload M1) <= 2x the output.
 """
 
 import argparse
@@ -113,7 +116,8 @@ def _functions(impl, wl):
 
 
 def _time_rounds(cases, inputs, rounds, calls):
-    """cases: {label: fn}. Interleaved rounds; returns {label: median ms}."""
+    """cases: {label: fn}. Interleaved rounds; returns {label: [ms per round]}, each
+    round's value the median of that round's calls."""
     samples = {label: [] for label in cases}
     per_case = {}
     for label, fn in cases.items():  # warm-up: tracing, XLA compilation, first allocation
@@ -124,11 +128,24 @@ def _time_rounds(cases, inputs, rounds, calls):
         per_case[label] = max(1, min(calls, int(0.3 / (time.perf_counter() - start))))
     for _ in range(rounds):
         for label, fn in cases.items():
+            this_round = []
             for _ in range(per_case[label]):
                 start = time.perf_counter()
                 fn(*inputs)
-                samples[label].append(time.perf_counter() - start)
-    return {label: 1e3 * float(np.median(v)) for label, v in samples.items()}
+                this_round.append(time.perf_counter() - start)
+            samples[label].append(1e3 * float(np.median(this_round)))
+    return samples
+
+
+def _spread(values):
+    """(median, min, max) of per-round values."""
+    values = np.asarray(values, np.float64)
+    return float(np.median(values)), float(values.min()), float(values.max())
+
+
+def _ratio_spread(numerator, denominator):
+    """(median, min, max) over rounds of a ratio of two cases timed in the same rounds."""
+    return _spread(np.asarray(numerator) / np.asarray(denominator))
 
 
 # ---------------------------------------------------------------------------- memory
@@ -210,6 +227,65 @@ def measure_memory_rss(wl, impl, timeout=900):
 # ------------------------------------------------------------------------------ main
 
 
+# ------------------------------------------------------------------------- threads
+
+
+def _threads_child(spec_json):
+    """Runs in a subprocess: times the compiled forward and bilinear resize on one workload
+    with TensorFlow's intra-op pool limited to ``threads`` threads."""
+    import tensorflow as tf
+
+    spec = json.loads(spec_json)
+    tf.config.threading.set_intra_op_parallelism_threads(spec["threads"])
+    wl = spec["workload"]
+    inputs = _make_inputs(wl)
+    fns = {impl: _functions(impl, wl)[0] for impl in ("compiled", "bilinear")}
+    timed = _time_rounds(fns, inputs, spec["rounds"], spec["calls"])
+    result = {impl: _spread(v) for impl, v in timed.items()}
+    result["ratio"] = _ratio_spread(timed["compiled"], timed["bilinear"])
+    print("THREADS_RESULT " + json.dumps(result))
+
+
+def thread_scaling(workload=W1, counts=None, rounds=5, calls=4, timeout=600):
+    """The compiled forward (and bilinear resize) on ``workload`` with 1, 2 and all cores:
+    {threads: {"compiled": (median, min, max) ms, "bilinear": ..., "ratio": ...}}, one fresh
+    subprocess per thread count (TensorFlow fixes its pool size at start-up)."""
+    cores = os.cpu_count() or 1
+    counts = counts or sorted({1, min(2, cores), cores})
+    wl = _workload_dict(workload)
+    results = {}
+    for threads in counts:
+        spec = json.dumps({"workload": wl, "threads": threads, "rounds": rounds,
+                           "calls": calls})
+        proc = subprocess.run(
+            [sys.executable, "-c",
+             "import sys; from keras_sapa.bench import _threads_child; "
+             "_threads_child(sys.argv[1])", spec],
+            capture_output=True, text=True, timeout=timeout,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        )
+        for line in proc.stdout.splitlines():
+            if line.startswith("THREADS_RESULT "):
+                results[threads] = json.loads(line[len("THREADS_RESULT "):])
+                break
+        else:
+            raise RuntimeError(f"thread scaling run ({threads} threads) failed:\n"
+                               f"{proc.stderr[-2000:]}")
+    return {"workload": wl["name"], "results": results}
+
+
+def format_scaling(scaling):
+    """One line: the compiled forward at 1, 2 and all threads (median, min-max)."""
+    parts = []
+    for threads, res in sorted(scaling["results"].items(), key=lambda kv: int(kv[0])):
+        median, low, high = res["compiled"]
+        ratio = res["ratio"][0]
+        parts.append(f"{threads} thread{'s' if int(threads) > 1 else ''}: {median:.2f} ms "
+                     f"({low:.2f}-{high:.2f}), {ratio:.2f}x bilinear")
+    return (f"Compiled forward, {scaling['workload']}, by intra-op threads: "
+            + "; ".join(parts) + ".")
+
+
 def machine_description():
     """One line describing the machine, TensorFlow and the compiled library."""
     import tensorflow as tf
@@ -236,7 +312,7 @@ def machine_description():
 
 def run_benchmark(workloads=None, implementations=IMPLEMENTATIONS, rounds=5, calls=4,
                   memory=True, memory_workloads=("W1", "M1"), print_table=True,
-                  sweep_implementations=("compiled", "patches")):
+                  sweep_implementations=("compiled", "patches"), threads=True):
     """Benchmarks ``implementations`` on ``workloads`` (tuples like :data:`W1`).
 
     Returns a list of dict rows (one per workload and implementation, plus one
@@ -265,15 +341,31 @@ def run_benchmark(workloads=None, implementations=IMPLEMENTATIONS, rounds=5, cal
             and (main_workload or i in sweep_implementations)
         ]
         fns = {impl: _functions(impl, wl) for impl in here}
-        fwd = _time_rounds({i: f[0] for i, f in fns.items()}, inputs, rounds, calls)
-        fwdbwd = _time_rounds({i: f[1] for i, f in fns.items()}, inputs, rounds, calls)
+        # Forward and forward+backward of every implementation interleaved in the same
+        # rounds, so that every ratio is also taken per round (its spread is reported).
+        timed = _time_rounds({(i, mode): f[j] for i, f in fns.items()
+                              for j, mode in enumerate(("fwd", "fwdbwd"))},
+                             inputs, rounds, calls)
+        fwd_rounds = {i: timed[(i, "fwd")] for i in fns}
+        fwdbwd_rounds = {i: timed[(i, "fwdbwd")] for i in fns}
+        fwd = {i: _spread(v)[0] for i, v in fwd_rounds.items()}
+        fwdbwd = {i: _spread(v)[0] for i, v in fwdbwd_rounds.items()}
         out_bytes = 4 * wl["batch"] * wl["height"] * wl["width"] * wl["up"] ** 2 * wl["channels"]
         for impl in here:
-            row = dict(workload=wl["name"], implementation=impl, fwd_ms=fwd[impl],
-                       fwdbwd_ms=fwdbwd[impl], fwd_vs_bilinear=fwd[impl] / fwd["bilinear"],
-                       speedup_vs_patches=(fwd["patches"] / fwd[impl]) if "patches" in fwd else None,
-                       fwdbwd_over_fwd=fwdbwd[impl] / fwd[impl], peak_fwd_mib=None,
+            # Medians over rounds; the *_spread keys hold (median, min, max) over rounds.
+            spreads = dict(
+                fwd_ms=_spread(fwd_rounds[impl]),
+                fwdbwd_ms=_spread(fwdbwd_rounds[impl]),
+                fwd_vs_bilinear=_ratio_spread(fwd_rounds[impl], fwd_rounds["bilinear"]),
+                speedup_vs_patches=(_ratio_spread(fwd_rounds["patches"], fwd_rounds[impl])
+                                    if "patches" in fwd_rounds else None),
+                fwdbwd_over_fwd=_ratio_spread(fwdbwd_rounds[impl], fwd_rounds[impl]),
+            )
+            row = dict(workload=wl["name"], implementation=impl, peak_fwd_mib=None,
                        peak_fwdbwd_mib=None, peak_fwdbwd_over_out=None, shape=wl)
+            for key, value in spreads.items():
+                row[key] = None if value is None else value[0]
+                row[key + "_spread"] = value
             if memory and wl["name"] in memory_workloads:
                 peaks = {"fwd": _allocator_peak(fns[impl][0], inputs),
                          "fwdbwd": _allocator_peak(fns[impl][1], inputs)}
@@ -289,8 +381,13 @@ def run_benchmark(workloads=None, implementations=IMPLEMENTATIONS, rounds=5, cal
             rows.append(row)
         del fns, inputs
         gc.collect()
+    scaling = None
+    if threads and "compiled" in impls:
+        scaling = thread_scaling(rounds=rounds, calls=calls)
+        for row in rows:
+            row["thread_scaling"] = scaling
     if print_table:
-        print(format_table(rows, skipped=skipped, memory=methods))
+        print(format_table(rows, skipped=skipped, memory=methods, scaling=scaling))
     return rows
 
 
@@ -298,8 +395,17 @@ def _fmt(value, spec, suffix=""):
     return "-" if value is None else format(value, spec) + suffix
 
 
-def format_table(rows, skipped=(), memory=()):
-    """A Markdown table of :func:`run_benchmark` rows, with the machine description."""
+def _fmt_spread(row, key, spec, suffix=""):
+    spread = row.get(key + "_spread")
+    if spread is None:
+        return _fmt(row.get(key), spec, suffix)
+    median, low, high = spread
+    return (f"{format(median, spec)}{suffix} ({format(low, spec)}-{format(high, spec)})")
+
+
+def format_table(rows, skipped=(), memory=(), scaling=None):
+    """A Markdown table of :func:`run_benchmark` rows, with the machine description (and
+    the thread scaling line of :func:`thread_scaling`, when given)."""
     lines = [
         f"Machine: {machine_description()}",
         "Workloads (B, HxW -> sHxsW, C, d, K, s; float32): "
@@ -316,12 +422,18 @@ def format_table(rows, skipped=(), memory=()):
     ]
     for r in rows:
         lines.append(
-            f"| {r['workload']} | {r['implementation']} | {r['fwd_ms']:.2f} | "
-            f"{r['fwdbwd_ms']:.2f} | {r['fwd_vs_bilinear']:.2f}x | "
-            f"{_fmt(r['speedup_vs_patches'], '.1f', 'x')} | {r['fwdbwd_over_fwd']:.2f}x | "
+            f"| {r['workload']} | {r['implementation']} | {_fmt_spread(r, 'fwd_ms', '.2f')} | "
+            f"{_fmt_spread(r, 'fwdbwd_ms', '.2f')} | "
+            f"{_fmt_spread(r, 'fwd_vs_bilinear', '.2f', 'x')} | "
+            f"{_fmt_spread(r, 'speedup_vs_patches', '.1f', 'x')} | "
+            f"{_fmt_spread(r, 'fwdbwd_over_fwd', '.2f', 'x')} | "
             f"{_fmt(r['peak_fwd_mib'], '.1f')} | {_fmt(r['peak_fwdbwd_mib'], '.1f')} | "
             f"{_fmt(r['peak_fwdbwd_over_out'], '.2f', 'x')} |"
         )
+    lines.append("\nTimes and ratios: median over interleaved rounds (min-max over rounds in "
+                 "brackets); every ratio is taken within each round.")
+    if scaling:
+        lines.append(format_scaling(scaling))
     if skipped:
         lines.append(f"\nNot available here: {', '.join(skipped)}.")
     notes = {
@@ -349,6 +461,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--calls", type=int, default=None, help="calls per round")
     parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
+    parser.add_argument("--no-threads", action="store_true",
+                        help="skip the 1 / 2 / all-thread runs of the compiled forward")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     impls = [i.strip() for i in args.implementations.split(",") if i.strip()]
@@ -359,7 +473,7 @@ def main(argv=None):
     rounds = args.rounds or (3 if args.quick else 5)
     calls = args.calls or (3 if args.quick else 4)
     rows = run_benchmark(workloads, impls, rounds=rounds, calls=calls,
-                         memory=not args.no_memory)
+                         memory=not args.no_memory, threads=not args.no_threads)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
