@@ -1,0 +1,345 @@
+"""The fused compiled op (KerasSapa>Sapa / SapaGrad) and its framework-free CPU core.
+
+References are independent of the code under test: ``tests/reference.py`` (float64 loops
+over the spec) for the forward and the saved softmax, and for the gradients the chain
+rule written out over the spec's primitives (softmax backward, the window adjoints as
+plain loops), itself checked against central differences of ``reference.sapa``. The
+core is also compiled and run without TensorFlow (g++ only), with a serial pool and a
+threaded one.
+"""
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import reference as ref
+from keras_sapa import ops
+from keras_sapa.ops import _compiled
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORE_DIR = os.path.join(ROOT, "custom_ops", "sapa", "kernels", "cpu")
+
+needs_fused = pytest.mark.skipif(
+    not (ops.compiled_available() and _compiled.fused_available()),
+    reason="compiled library with the fused op unavailable (build custom_ops/build.py)",
+)
+
+
+def _scatter(weights, high, kernel_size, up_factor, low_hw):
+    """Adjoint of the window gather by plain loops: every output point adds
+    weight * its high-resolution row into each in-map point of its window."""
+    w = np.asarray(weights, np.float64)
+    h = np.asarray(high, np.float64)
+    height, width = low_hw
+    s, r = up_factor, kernel_size // 2
+    out = np.zeros((h.shape[0], height, width, h.shape[3]))
+    for b in range(h.shape[0]):
+        for i in range(s * height):
+            for j in range(s * width):
+                for a in range(-r, r + 1):
+                    for c in range(-r, r + 1):
+                        p, t = i // s + a, j // s + c
+                        if 0 <= p < height and 0 <= t < width:
+                            out[b, p, t] += w[b, i, j, (a + r) * kernel_size + c + r] * h[b, i, j]
+    return out
+
+
+def _reference_grads(query, key, value, grad, kernel_size, up_factor):
+    """(d query, d key, d value) of <sapa(query, key, value), grad>, float64."""
+    k, s = kernel_size, up_factor
+    low_hw = np.shape(key)[1:3]
+    weights = ref.softmax(ref.similarity(query, key, k, s))
+    d_weights = ref.similarity(grad, value, k, s)  # <grad, value row>; 0 where padded
+    d_logits = weights * (d_weights - np.sum(weights * d_weights, -1, keepdims=True))
+    return (ref.aggregate(d_logits, key, k, s), _scatter(d_logits, query, k, s, low_hw),
+            _scatter(weights, grad, k, s, low_hw))
+
+
+def _inputs(rng, batch, height, width, dim, channels, up_factor, scale=1.0):
+    s = up_factor
+    return (rng.standard_normal((batch, s * height, s * width, dim)) * scale,
+            rng.standard_normal((batch, height, width, dim)) * scale,
+            rng.standard_normal((batch, height, width, channels)),
+            rng.standard_normal((batch, s * height, s * width, channels)))
+
+
+def _fused_grads(query, key, value, grad, kernel_size, up_factor):
+    args = [tf.constant(t) for t in (query, key, value)]
+    with tf.GradientTape() as tape:
+        tape.watch(args)
+        out = _compiled.sapa(*args, kernel_size, up_factor)
+    return out, tape.gradient(out, args, output_gradients=tf.constant(grad))
+
+
+def test_reference_gradients_match_central_differences():
+    """The chain-rule reference against directional derivatives of reference.sapa."""
+    rng = np.random.default_rng(0)
+    k, s = 3, 2
+    query, key, value, grad = _inputs(rng, 1, 3, 4, 3, 4, s)
+    grads = _reference_grads(query, key, value, grad, k, s)
+    eps = 1e-6
+    for index, analytic in enumerate(grads):
+        direction = rng.standard_normal(analytic.shape)
+        plus = [query, key, value]
+        minus = [query, key, value]
+        plus[index] = plus[index] + eps * direction
+        minus[index] = minus[index] - eps * direction
+        numeric = (np.sum(ref.sapa(*plus, k, s) * grad)
+                   - np.sum(ref.sapa(*minus, k, s) * grad)) / (2 * eps)
+        np.testing.assert_allclose(np.sum(analytic * direction), numeric, rtol=1e-7)
+
+
+CASES = [
+    # kernel_size, up_factor, batch, height, width, dim d, channels C
+    (5, 2, 1, 6, 7, 64, 256),   # the real channel sizes (vector paths, no tails)
+    (5, 2, 1, 5, 6, 65, 257),   # odd sizes: vector tails
+    (1, 1, 2, 3, 4, 3, 5),      # K=1, s=1: the softmax of one point and no padding
+    (3, 3, 1, 3, 5, 4, 7),
+    (7, 2, 1, 4, 3, 5, 3),      # window larger than the map
+    (5, 4, 1, 2, 3, 3, 9),
+    (3, 2, 2, 1, 1, 2, 3),      # a 1x1 map
+    (7, 1, 1, 1, 5, 4, 6),      # one row
+    (3, 4, 1, 5, 1, 3, 4),      # one column
+    (3, 3, 1, 2, 2, 0, 4),      # d=0: uniform weights over the window
+]
+
+
+@needs_fused
+@pytest.mark.parametrize("kernel_size,up_factor,batch,height,width,dim,channels", CASES)
+def test_fused_matches_reference_float64(kernel_size, up_factor, batch, height, width, dim,
+                                         channels):
+    rng = np.random.default_rng(kernel_size * 1000 + up_factor * 100 + channels)
+    k, s = kernel_size, up_factor
+    query, key, value, grad = _inputs(rng, batch, height, width, dim, channels, s,
+                                      scale=0.3)
+    out, weights = _compiled.sapa_with_weights(query, key, value, k, s)
+    assert out.dtype == tf.float64 and weights.dtype == tf.float64
+    np.testing.assert_allclose(out, ref.sapa(query, key, value, k, s), rtol=1e-10,
+                               atol=1e-10)
+    # The saved softmax, padded window points included.
+    np.testing.assert_allclose(weights, ref.softmax(ref.similarity(query, key, k, s)),
+                               rtol=1e-10, atol=1e-12)
+    _, grads = _fused_grads(query, key, value, grad, k, s)
+    for got, want in zip(grads, _reference_grads(query, key, value, grad, k, s)):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype,tol", [(tf.float32, 2e-5), (tf.float16, 2e-2),
+                                       (tf.bfloat16, 1e-1)])
+@pytest.mark.parametrize("kernel_size,up_factor,height,width,dim,channels",
+                         [(5, 2, 6, 7, 64, 256), (3, 3, 3, 5, 65, 257)])
+def test_fused_dtypes(dtype, tol, kernel_size, up_factor, height, width, dim, channels):
+    """float32 / half / bfloat16 against the float64 reference of the rounded inputs;
+    the softmax is kept in float32 for all three."""
+    rng = np.random.default_rng(4)
+    k, s = kernel_size, up_factor
+    inputs = _inputs(rng, 1, height, width, dim, channels, s, scale=1.0 / np.sqrt(dim))
+    # The reference sees exactly the values the op sees.
+    query, key, value, grad = (tf.cast(tf.cast(t, dtype), tf.float64).numpy()
+                               for t in inputs)
+    args = [tf.cast(t, dtype) for t in (query, key, value)]
+    with tf.GradientTape() as tape:
+        tape.watch(args)
+        out, weights = _compiled.sapa_with_weights(*args, k, s)
+    grads = tape.gradient(out, args, output_gradients=tf.cast(grad, dtype))
+    assert out.dtype == dtype and weights.dtype == tf.float32
+    assert [g.dtype for g in grads] == [dtype] * 3
+    np.testing.assert_allclose(tf.cast(out, tf.float64), ref.sapa(query, key, value, k, s),
+                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(weights, ref.softmax(ref.similarity(query, key, k, s)),
+                               rtol=tol, atol=tol)
+    for got, want in zip(grads, _reference_grads(query, key, value, grad, k, s)):
+        scale = max(1.0, float(np.max(np.abs(want))))
+        np.testing.assert_allclose(tf.cast(got, tf.float64) / scale, want / scale,
+                                   rtol=tol, atol=tol)
+
+
+@needs_fused
+def test_large_logits_are_stable():
+    """Logits of +-1e4: the softmax is shifted by its maximum, padding included."""
+    rng = np.random.default_rng(8)
+    query, key, value, _ = _inputs(rng, 1, 3, 3, 4, 5, 2, scale=60.0)
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+        args = [t.astype(dtype) for t in (query, key, value)]
+        out = _compiled.sapa(*args, 3, 2)
+        assert np.all(np.isfinite(out))
+        np.testing.assert_allclose(out, ref.sapa(*args, 3, 2), rtol=tol, atol=tol)
+
+
+@needs_fused
+def test_ops_sapa_compiled_uses_the_fused_op():
+    rng = np.random.default_rng(1)
+    query, key, value, _ = (tf.constant(t, tf.float32)
+                            for t in _inputs(rng, 2, 4, 5, 8, 16, 2))
+    fn = tf.function(lambda q, k, v: ops.sapa(q, k, v, 3, 2, implementation="compiled"))
+    graph = fn.get_concrete_function(query, key, value).graph
+    types = {op.type for op in graph.get_operations()}
+    assert "KerasSapa>Sapa" in types and "KerasSapa>Similarity" not in types
+    np.testing.assert_allclose(fn(query, key, value),
+                               ref.sapa(query.numpy(), key.numpy(), value.numpy(), 3, 2),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_fused
+def test_mixed_dtypes_take_the_window_ops():
+    """float32 query/key with a float16 value: the fused op needs one dtype, so ops.sapa
+    composes the window ops (float32 softmax) and returns the value's dtype."""
+    rng = np.random.default_rng(2)
+    query, key, value, _ = _inputs(rng, 1, 3, 4, 6, 8, 2, scale=0.3)
+    out = ops.sapa(query.astype(np.float32), key.astype(np.float32),
+                   value.astype(np.float16), 3, 2, implementation="compiled")
+    assert out.dtype == tf.float16
+    np.testing.assert_allclose(tf.cast(out, tf.float64),
+                               ref.sapa(query, key, value.astype(np.float16), 3, 2),
+                               rtol=1e-2, atol=1e-2)
+
+
+@needs_fused
+def test_fused_backward_is_deterministic():
+    rng = np.random.default_rng(3)
+    inputs = [t.astype(np.float32) for t in _inputs(rng, 2, 9, 11, 64, 256, 2)]
+    first = _fused_grads(*inputs, 5, 2)[1]
+    second = _fused_grads(*inputs, 5, 2)[1]
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_fused
+def test_second_order_directional_float64():
+    """The registered gradient of SapaGrad: d/de <first_order(x + e a), u> against
+    central differences of the fused first-order gradient (itself checked above)."""
+    rng = np.random.default_rng(6)
+    k, s = 3, 2
+    query, key, value, grad = _inputs(rng, 1, 2, 3, 3, 4, s, scale=0.5)
+    ups = [rng.standard_normal(t.shape) for t in (query, key, value)]
+    directions = [rng.standard_normal(t.shape) for t in (query, key, value, grad)]
+
+    def inner(q, key_, v, g):
+        return float(sum(np.sum(d.numpy() * u)
+                         for d, u in zip(_fused_grads(q, key_, v, g, k, s)[1], ups)))
+
+    args = [tf.constant(t) for t in (query, key, value, grad)]
+    with tf.GradientTape() as tape:
+        tape.watch(args)
+        with tf.GradientTape() as inner_tape:
+            inner_tape.watch(args[:3])
+            out = _compiled.sapa(*args[:3], k, s)
+        first = inner_tape.gradient(out, args[:3], output_gradients=args[3])
+        total = tf.add_n([tf.reduce_sum(f * u) for f, u in zip(first, ups)])
+    second = tape.gradient(total, args)
+    eps = 1e-6
+    base = [query, key, value, grad]
+    for index in range(4):
+        plus, minus = list(base), list(base)
+        plus[index] = plus[index] + eps * directions[index]
+        minus[index] = minus[index] - eps * directions[index]
+        numeric = (inner(*plus) - inner(*minus)) / (2 * eps)
+        analytic = float(np.sum(second[index].numpy() * directions[index]))
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
+
+
+@needs_fused
+def test_bad_shapes_raise():
+    q = tf.zeros((1, 6, 8, 4))
+    k = tf.zeros((1, 3, 4, 4))
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match="value"):
+        _compiled.sapa(q, k, tf.zeros((1, 3, 5, 2)), 3, 2)
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match="channels"):
+        _compiled.sapa(q, tf.zeros((1, 3, 4, 5)), tf.zeros((1, 3, 4, 2)), 3, 2)
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match="odd"):
+        _compiled.sapa(q, k, tf.zeros((1, 3, 4, 2)), 4, 2)
+
+
+@needs_fused
+def test_empty_batch():
+    out, weights = _compiled.sapa_with_weights(tf.zeros((0, 4, 4, 3)), tf.zeros((0, 2, 2, 3)),
+                                               tf.zeros((0, 2, 2, 5)), 3, 2)
+    assert out.shape == (0, 4, 4, 5) and weights.shape == (0, 4, 4, 9)
+
+
+# ------------------------------------------------------------ the core, without TensorFlow
+
+_CORE_DRIVER = r"""
+// Runs the framework-free core on float64 inputs read from files, with a serial pool and
+// with a threaded pool that hands out small ranges in reverse order; writes both results.
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <thread>
+#include <vector>
+#include "sapa_cpu.h"
+using namespace keras_sapa::cpu;
+
+static std::vector<double> Read(const char* path, size_t n) {
+  std::vector<double> v(n);
+  FILE* f = std::fopen(path, "rb");
+  if (!f || std::fread(v.data(), sizeof(double), n, f) != n) std::exit(2);
+  std::fclose(f);
+  return v;
+}
+
+int main(int argc, char** argv) {
+  Shape d;
+  d.batch = std::atol(argv[1]); d.height = std::atol(argv[2]); d.width = std::atol(argv[3]);
+  d.up = std::atol(argv[4]); d.kernel = std::atol(argv[5]);
+  const long dim = std::atol(argv[6]), channels = std::atol(argv[7]);
+  const char* dir = argv[8];
+  std::string base(dir);
+  auto q = Read((base + "/q").c_str(), d.high_points() * dim);
+  auto k = Read((base + "/k").c_str(), d.low_points() * dim);
+  auto v = Read((base + "/v").c_str(), d.low_points() * channels);
+  auto g = Read((base + "/g").c_str(), d.high_points() * channels);
+  ParallelFor threaded = [](int64_t units, int64_t, const Range& fn) {
+    std::vector<std::thread> threads;
+    for (int64_t begin = units - (units > 3 ? 3 : units), end = units; end > 0;
+         end = begin, begin = begin > 3 ? begin - 3 : 0) {
+      threads.emplace_back([=, &fn] { fn(begin, end); });
+    }
+    for (auto& t : threads) t.join();
+  };
+  FILE* out = std::fopen((base + "/result").c_str(), "wb");
+  for (const ParallelFor& pool : {Serial(), threaded}) {
+    std::vector<double> o(d.high_points() * channels), w(d.high_points() * d.window()),
+        dl(w.size()), dq(q.size()), dk(k.size()), dv(v.size());
+    SapaForward<double>(pool, d, dim, channels, q.data(), k.data(), v.data(), o.data(), w.data());
+    SapaBackward<double>(pool, d, dim, channels, g.data(), q.data(), k.data(), v.data(),
+                         w.data(), dl.data(), dq.data(), dk.data(), dv.data());
+    for (auto* t : {&o, &w, &dq, &dk, &dv}) std::fwrite(t->data(), sizeof(double), t->size(), out);
+  }
+  std::fclose(out);
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no g++")
+def test_core_builds_and_runs_without_tensorflow(tmp_path):
+    """The CPU core compiles with nothing but the C++ standard library (no TensorFlow or
+    Eigen include path) and matches the reference with a serial and a threaded pool."""
+    (tmp_path / "driver.cc").write_text(_CORE_DRIVER)
+    exe = tmp_path / "driver"
+    subprocess.run([os.environ.get("CXX", "g++"), "-std=c++17", "-O1", "-pthread",
+                    "-I" + CORE_DIR, str(tmp_path / "driver.cc"), "-o", str(exe)],
+                   check=True, capture_output=True, timeout=300)
+    rng = np.random.default_rng(9)
+    batch, height, width, s, k, dim, channels = 2, 4, 5, 2, 5, 9, 11
+    query, key, value, grad = _inputs(rng, batch, height, width, dim, channels, s, 0.5)
+    for name, t in zip("qkvg", (query, key, value, grad)):
+        t.astype(np.float64).tofile(tmp_path / name)
+    subprocess.run([str(exe), *map(str, (batch, height, width, s, k, dim, channels)),
+                    str(tmp_path)], check=True, timeout=120)
+    result = np.fromfile(tmp_path / "result", np.float64)
+    want = [ref.sapa(query, key, value, k, s), ref.softmax(ref.similarity(query, key, k, s)),
+            *_reference_grads(query, key, value, grad, k, s)]
+    sizes = [w.size for w in want]
+    assert result.size == 2 * sum(sizes)
+    serial, threaded = result[: sum(sizes)], result[sum(sizes):]
+    np.testing.assert_array_equal(serial, threaded)  # the split into ranges changes nothing
+    for got, expected in zip(np.split(serial, np.cumsum(sizes)[:-1]), want):
+        np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=1e-10,
+                                   atol=1e-10)
