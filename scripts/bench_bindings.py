@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""SAPA's compiled CPU kernels on JAX and PyTorch against their baselines, in one process.
+
+    python scripts/bench_bindings.py [--rounds 7] [--calls 3] [--skip tf,torch,jax,pure]
+
+At W1 (B=2, 32x32 -> 64x64, C=256, d=64, K=5, s=2, float32) by default, it times, for
+each framework that imports:
+
+- JAX: the compiled kernels (``keras_sapa.ops._jax_kernels.sapa`` under ``jax.jit``), the
+  pure JAX formulation (``keras_sapa.ops._jax``: similarity, softmax, aggregate) and
+  ``jax.image.resize`` bilinear of the value tensor;
+- PyTorch: the compiled kernels (``keras_sapa.ops._torch_kernels.sapa``, eager), the pure
+  formulation (``keras_sapa.ops._torch``) and ``torch.nn.functional.interpolate``
+  bilinear (channels-last memory);
+- TensorFlow: the compiled fused op (``KerasSapa>Sapa``, what ``keras_sapa.ops.sapa(...,
+  implementation="compiled")`` runs on the TensorFlow backend, in a ``tf.function``) and
+  ``tf.image.resize`` bilinear.
+
+``fwd`` is the forward; ``fwd+bwd`` the forward and the gradients with respect to every
+input, given a fixed upstream gradient. Rounds interleave every case; a round's value is
+the median of ``--calls`` calls, the table gives the median over rounds with the min-max
+spread, and every ratio is computed within each round before its median is taken, so the
+ratios compare cases measured under the same load. Targets (issue 17): JAX and PyTorch
+compiled within 1.3x of TensorFlow's compiled op, fwd+bwd <= 3.5x fwd.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _inputs(b, h, w, s, k, d, c, seed=0):
+    rng = np.random.default_rng(seed)
+    q = (rng.normal(size=(b, h * s, w * s, d)) / np.sqrt(np.sqrt(d))).astype(np.float32)
+    key = (rng.normal(size=(b, h, w, d)) / np.sqrt(np.sqrt(d))).astype(np.float32)
+    v = rng.normal(size=(b, h, w, c)).astype(np.float32)
+    g = rng.normal(size=(b, h * s, w * s, c)).astype(np.float32)
+    return q, key, v, g
+
+
+def jax_cases(arrays, k, s, skip_pure):
+    import jax
+    import jax.numpy as jnp
+
+    from keras_sapa.ops import _jax_kernels
+
+    q, key, v, g = (jnp.asarray(a) for a in arrays)
+    high = g.shape
+    cases = {}
+
+    def add(label, fwd, loss_args, args):
+        f = jax.jit(fwd)
+        fb = jax.jit(jax.grad(lambda *a: jnp.vdot(fwd(*a), g), argnums=loss_args))
+        cases[label] = (lambda: jax.block_until_ready(f(*args)),
+                        lambda: jax.block_until_ready(fb(*args)))
+
+    if _jax_kernels.available():
+        add("jax compiled", lambda a, b, c: _jax_kernels.sapa(a, b, c, k, s), (0, 1, 2),
+            (q, key, v))
+    if not skip_pure:
+        try:
+            from keras_sapa.ops import _jax
+        except ImportError as exc:
+            print(f"# pure JAX path unavailable: {exc}")
+        else:
+            def pure(a, b, c):
+                w = jax.nn.softmax(_jax.similarity(a, b, k, s), axis=-1)
+                return _jax.aggregate(w, c, k, s)
+
+            add("jax pure", pure, (0, 1, 2), (q, key, v))
+    add("jax bilinear", lambda c: jax.image.resize(c, high, "bilinear"), (0,), (v,))
+    return cases
+
+
+def torch_cases(arrays, k, s, skip_pure):
+    import torch
+
+    from keras_sapa.ops import _torch_kernels
+
+    q, key, v, g = (torch.from_numpy(a) for a in arrays)
+    grads = [t.clone().requires_grad_(True) for t in (q, key, v)]
+    cases = {}
+
+    def add(label, fwd, args, grad_args):
+        def f():
+            with torch.no_grad():
+                fwd(*args)
+
+        def fb():
+            for t in grad_args:
+                t.grad = None
+            fwd(*grad_args).backward(g)
+
+        cases[label] = (f, fb)
+
+    if _torch_kernels.available():
+        add("torch compiled", lambda a, b, c: _torch_kernels.sapa(a, b, c, k, s), (q, key, v),
+            grads)
+    if not skip_pure:
+        try:
+            from keras_sapa.ops import _torch
+        except ImportError as exc:
+            print(f"# pure PyTorch path unavailable: {exc}")
+        else:
+            def pure(a, b, c):
+                w = torch.softmax(_torch.similarity(a, b, k, s), dim=-1)
+                return _torch.aggregate(w, c, k, s)
+
+            add("torch pure", pure, (q, key, v), grads)
+
+    def bilinear(c):  # NHWC in, NHWC out; the NCHW view is channels-last in memory
+        up = torch.nn.functional.interpolate(c.permute(0, 3, 1, 2), scale_factor=s,
+                                             mode="bilinear", align_corners=False)
+        return up.permute(0, 2, 3, 1)
+
+    add("torch bilinear", bilinear, (v,), grads[2:])
+    return cases
+
+
+def tf_cases(arrays, k, s):
+    import tensorflow as tf
+
+    from keras_sapa.ops import _compiled
+
+    q, key, v, g = (tf.constant(a) for a in arrays)
+    cases = {}
+
+    def add(label, fwd, args):
+        f = tf.function(fwd)
+
+        @tf.function
+        def fb(*a):
+            with tf.GradientTape() as tape:
+                tape.watch(a)
+                out = fwd(*a)
+            return tape.gradient(out, a, output_gradients=g)
+
+        cases[label] = (lambda: f(*args).numpy(), lambda: [t.numpy() for t in fb(*args)])
+
+    if _compiled.available() and _compiled.fused_available():
+        add("tf compiled", lambda a, b, c: _compiled.sapa(a, b, c, k, s), (q, key, v))
+    else:
+        print(f"# TensorFlow's compiled op unavailable: {_compiled.unavailable_reason()}")
+    add("tf bilinear", lambda c: tf.image.resize(c, g.shape[1:3], "bilinear"), (v,))
+    return cases
+
+
+def time_rounds(cases, rounds, calls):
+    """{(label, phase): [per-round median ms]} with phases 'fwd' and 'fb'."""
+    for fwd, fb in cases.values():  # compile and warm up
+        fwd(), fb(), fwd(), fb()
+    samples = {(label, phase): [] for label in cases for phase in ("fwd", "fb")}
+    labels = list(cases)
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            for phase, fn in zip(("fwd", "fb"), cases[label]):
+                times = []
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    fn()
+                    times.append(1e3 * (time.perf_counter() - start))
+                samples[(label, phase)].append(float(np.median(times)))
+    return samples
+
+
+def spread(values):
+    values = np.asarray(values)
+    return float(np.median(values)), float(values.min()), float(values.max())
+
+
+def fmt(stats, unit=""):
+    med, lo, hi = stats
+    return f"{med:7.2f}{unit} ({lo:.2f}-{hi:.2f})"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--size", default="2,32,32,2,5,64,256",
+                        help="B,H,W,s,K,d,C (low-resolution H x W); default W1")
+    parser.add_argument("--skip", default="", help="comma list of: jax, torch, tf, pure")
+    args = parser.parse_args(argv)
+    b, h, w, s, k, d, c = (int(x) for x in args.size.split(","))
+    skip = set(filter(None, args.skip.split(",")))
+    arrays = _inputs(b, h, w, s, k, d, c)
+
+    cases = {}
+    for name, build in (("jax", lambda: jax_cases(arrays, k, s, "pure" in skip)),
+                        ("torch", lambda: torch_cases(arrays, k, s, "pure" in skip)),
+                        ("tf", lambda: tf_cases(arrays, k, s))):
+        if name in skip:
+            continue
+        try:
+            cases.update(build())
+        except ImportError as exc:
+            print(f"# {name} skipped: {exc}")
+    from keras_sapa.ops import _native
+
+    lib, info = _native.load_core()
+    print(f"# B={b} {h}x{w} -> {h * s}x{w * s}, C={c}, d={d}, K={k}, s={s}, float32; "
+          f"{args.rounds} rounds x {args.calls} calls; os.cpu_count()={os.cpu_count()}; "
+          f"kernel pool threads: {lib.keras_sapa_num_threads() if lib else 'n/a'}"
+          f" ({' '.join(info['cxx_flags']) if info else 'library not built'})")
+    samples = time_rounds(cases, args.rounds, args.calls)
+
+    def ratio(num, den):
+        return spread(np.asarray(samples[num]) / np.asarray(samples[den]))
+
+    print(f"{'case':<16} {'fwd ms (min-max)':>24} {'fwd+bwd ms (min-max)':>24} "
+          f"{'fwd+bwd/fwd':>22}")
+    for label in cases:
+        print(f"{label:<16} {fmt(spread(samples[(label, 'fwd')])):>24} "
+              f"{fmt(spread(samples[(label, 'fb')])):>24} "
+              f"{fmt(ratio((label, 'fb'), (label, 'fwd')), 'x'):>22}")
+    print("\nratios (per round, median (min-max)):")
+    for fw in ("jax", "torch", "tf"):
+        comp, bil, pure = f"{fw} compiled", f"{fw} bilinear", f"{fw} pure"
+        for other, what in ((bil, "bilinear"), (pure, "pure"), ("tf compiled", "TF compiled")):
+            if comp in cases and other in cases and other != comp:
+                print(f"  {comp} / {what:<12} fwd {fmt(ratio((comp, 'fwd'), (other, 'fwd')), 'x')}"
+                      f"   fwd+bwd {fmt(ratio((comp, 'fb'), (other, 'fb')), 'x')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
