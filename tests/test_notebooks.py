@@ -4,12 +4,18 @@ Each notebook runs in a fresh temporary working directory with
 ``KERAS_SAPA_NOTEBOOK_QUICK=1`` (shorter training, same code), on the ``python3``
 kernel. jupyter_client starts that kernel with the interpreter running the tests (it
 replaces the kernelspec's bare ``python`` by ``sys.executable``), which
-``test_kernel_is_this_interpreter`` checks (same ``sys.prefix``). The notebooks must also match their
-generator, ``notebooks/_build.py``, and be committed without outputs.
+``test_kernel_is_this_interpreter`` checks (same ``sys.prefix``).
+
+The notebooks are generated from plain Python sources (``notebooks/src/*.py``, jupytext
+percent format) by ``notebooks/build.py``: the committed ``.ipynb`` must match their
+sources and carry no outputs, the sources must compile, and they may use only the
+public API of ``keras_sapa`` (no ``module._private`` names).
 """
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,7 +27,9 @@ nbclient = pytest.importorskip("nbclient")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(ROOT, "notebooks")
+SOURCE_DIR = os.path.join(NOTEBOOK_DIR, "src")
 NOTEBOOKS = sorted(n for n in os.listdir(NOTEBOOK_DIR) if n.endswith(".ipynb"))
+SOURCES = sorted(n for n in os.listdir(SOURCE_DIR) if n.endswith(".py"))
 # Per-notebook wall-clock limit (seconds) on a 2-core CPU machine shared with others.
 CELL_TIMEOUT = 600
 
@@ -50,19 +58,57 @@ def _execute(nb, cwd):
     return nb
 
 
-def test_notebooks_match_generator_and_have_no_outputs():
+def test_notebooks_match_their_sources_and_have_no_outputs():
     result = subprocess.run(
-        [sys.executable, os.path.join(NOTEBOOK_DIR, "_build.py"), "--check"],
+        [sys.executable, os.path.join(NOTEBOOK_DIR, "build.py"), "--check"],
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert NOTEBOOKS == ["01_quickstart.ipynb", "02_segmentation.ipynb", "03_detection.ipynb", "04_export.ipynb"]
+    assert [n[:-3] for n in SOURCES] == [n[:-6] for n in NOTEBOOKS]
     for name in NOTEBOOKS:
         with open(os.path.join(NOTEBOOK_DIR, name)) as f:
             nb = json.load(f)
         for cell in nb["cells"]:
             if cell["cell_type"] == "code":
                 assert cell["outputs"] == [] and cell["execution_count"] is None, name
+
+
+def test_build_check_sees_an_edited_source(tmp_path):
+    """``build.py --check`` fails when a notebook differs from its source."""
+    import shutil
+
+    copy = tmp_path / "notebooks"
+    shutil.copytree(NOTEBOOK_DIR, copy, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    source = copy / "src" / SOURCES[0]
+    source.write_text(source.read_text() + "\n# %%\nprint('an extra cell')\n")
+    check = [sys.executable, str(copy / "build.py"), "--check"]
+    result = subprocess.run(check, capture_output=True, text=True)
+    assert result.returncode == 1 and NOTEBOOKS[0] in result.stdout
+    assert subprocess.run([sys.executable, str(copy / "build.py")], capture_output=True).returncode == 0
+    assert subprocess.run(check, capture_output=True).returncode == 0
+    assert "an extra cell" in (copy / NOTEBOOKS[0]).read_text()
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_sources_compile_and_use_public_api_only(name):
+    with open(os.path.join(SOURCE_DIR, name)) as f:
+        source = f.read()
+    tree = ast.parse(source, filename=name)  # a SyntaxError fails here
+    private = sorted(
+        f"{node.value.id}.{node.attr}" for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+        and node.attr.startswith("_") and not node.attr.startswith("__")
+    )
+    private += sorted(
+        node.module for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and "._" in node.module
+    )
+    assert not private, f"{name} uses private names: {private}"
+    # Every notebook says which Keras backend it runs on, before Keras is imported.
+    first_import = re.search(r"^(import keras|from keras)\b", source, re.M)
+    setting = re.search(r'^os\.environ(\["KERAS_BACKEND"\] = |\.setdefault\("KERAS_BACKEND")', source, re.M)
+    assert setting and first_import and setting.start() < first_import.start(), name
 
 
 def test_kernel_is_this_interpreter(tmp_path):
