@@ -13,6 +13,34 @@ def _is_model(obj):
     return isinstance(obj, keras.Model)
 
 
+def _relative_paths(layer):
+    """Variables of ``layer`` by their path below the layer (``lateral_conv_P3/kernel``)."""
+    marker = f"{layer.name}/"
+    out = {}
+    for variable in layer.weights:
+        path = variable.path
+        index = path.find(marker)
+        out[path[index + len(marker):] if index >= 0 else path] = variable
+    return out
+
+
+def _load_renamed_classes(target, source):
+    """Top-level sublayers with one name in both models but different classes (a SAPA
+    pyramid in place of the stock one): Keras files them under different keys, so copy
+    their variables by path below the layer, which holds the stock layer names."""
+    for layer in target.layers:
+        try:
+            stock_layer = source.get_layer(layer.name)
+        except ValueError:
+            continue
+        if type(stock_layer) is type(layer) or stock_layer is layer:
+            continue
+        mine = _relative_paths(layer)
+        for path, variable in _relative_paths(stock_layer).items():
+            if path in mine and tuple(mine[path].shape) == tuple(variable.shape):
+                mine[path].assign(variable)
+
+
 def load_stock_weights(model, stock):
     """Load a stock model's weights into a keras_sapa model, SAPA layers excepted.
 
@@ -25,7 +53,9 @@ def load_stock_weights(model, stock):
     and leaves the SAPA layers as they are. This function does that for a stock model
     in memory or a ``.weights.h5`` file, and also loads backbone into backbone when
     both models have one (a KerasHub task holding a SAPA backbone files it under
-    another class name than the stock backbone).
+    another class name than the stock backbone). Given a model in memory, sublayers of
+    the same name but another class (the SAPA feature pyramid ``fpn``) get their
+    variables by name (path below the layer).
 
     Args:
         model: a keras_sapa model (or a KerasHub task holding a keras_sapa backbone).
@@ -70,4 +100,6 @@ def load_stock_weights(model, stock):
                 # another class name) have no counterpart: expected, not a failure.
                 warnings.simplefilter("ignore")
                 target.load_weights(path, skip_mismatch=True)
+            if _is_model(source):
+                _load_renamed_classes(target, source)
     return model
