@@ -1,0 +1,103 @@
+"""Small backend-neutral helpers for the tests in this folder: NumPy conversion,
+gradients through each backend's own autodiff, float64 finite differences, and the
+layer-weight randomisation shared with ``tests/test_layer.py``."""
+
+import keras
+import numpy as np
+
+PARAM_NAMES = ("norm_x", "norm_y", "q", "k", "qy", "qx", "gate", "v")
+
+
+def to_numpy(t):
+    return keras.ops.convert_to_numpy(t)
+
+
+def randomise(layer, rng, scale=0.5):
+    """Gives every weight of a built SAPA layer a random value and returns them as
+    reference params in the official naming, Keras layouts."""
+    params = {}
+    for name in PARAM_NAMES:
+        sub = getattr(layer, name)
+        if sub is None:
+            continue
+        new = []
+        for weight, suffix in zip(sub.weights, ("weight", "bias")):
+            value = rng.standard_normal(weight.shape) * scale
+            if name.startswith("norm") and suffix == "weight":
+                value += 1.0
+            new.append(value.astype(weight.dtype))
+            params[f"{name}.{suffix}"] = value
+        sub.set_weights(new)
+    return params
+
+
+def vjp(fn, args, cotangent):
+    """Gradients of ``sum(fn(*args) * cotangent)`` with respect to every array in
+    ``args``, through the running backend's autodiff, as NumPy arrays."""
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        @jax.jit
+        def grads(arrays, cot):
+            return jax.vjp(fn, *arrays)[1](cot)
+
+        arrays = [jax.numpy.asarray(a) for a in args]
+        return [np.asarray(g) for g in grads(arrays, jax.numpy.asarray(cotangent))]
+    if backend == "torch":
+        import torch
+
+        tensors = [torch.tensor(a, requires_grad=True) for a in args]
+        out = fn(*tensors)
+        grads = torch.autograd.grad(out, tensors, torch.as_tensor(cotangent))
+        return [g.detach().cpu().numpy() for g in grads]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tensors = [tf.constant(a) for a in args]
+        with tf.GradientTape() as tape:
+            tape.watch(tensors)
+            out = fn(*tensors)
+        return [g.numpy() for g in tape.gradient(out, tensors, tf.constant(cotangent))]
+    raise NotImplementedError(f"no autodiff on the {backend!r} backend")
+
+
+def _compiled(fn):
+    """``fn`` jitted on JAX, where op-by-op dispatch makes the many calls of a finite
+    difference slow; unchanged elsewhere."""
+    if keras.config.backend() == "jax":
+        import jax
+
+        return jax.jit(fn)
+    return fn
+
+
+def numeric_vjp(fn, args, cotangent, eps=1e-6):
+    """Central differences of ``sum(fn(*args) * cotangent)``, element by element, in
+    float64 (small arrays only)."""
+    fn = _compiled(fn)
+
+    def scalar(*a):
+        return float(np.sum(to_numpy(fn(*a)) * cotangent))
+
+    grads = []
+    for index, arg in enumerate(args):
+        grad = np.zeros_like(arg)
+        for position in np.ndindex(arg.shape):
+            plus, minus = [a.copy() for a in args], [a.copy() for a in args]
+            plus[index][position] += eps
+            minus[index][position] -= eps
+            grad[position] = (scalar(*plus) - scalar(*minus)) / (2 * eps)
+        grads.append(grad)
+    return grads
+
+
+def directional_derivative(fn, args, directions, cotangent, eps=1e-5):
+    """``d/dt sum(fn(args + t * directions) * cotangent)`` at 0 by central
+    differences in float64: the check for tensors too big for element-wise ones."""
+    fn = _compiled(fn)
+    plus = [a + eps * d for a, d in zip(args, directions)]
+    minus = [a - eps * d for a, d in zip(args, directions)]
+    return float(
+        np.sum((to_numpy(fn(*plus)) - to_numpy(fn(*minus))) * cotangent) / (2 * eps)
+    )

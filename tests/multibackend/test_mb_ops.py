@@ -1,0 +1,154 @@
+"""keras_sapa.ops on the running backend: every implementation against the NumPy
+loop reference (tiny sizes and the real C=256, d=64 sizes), gradients against float64
+finite differences, mixed dtypes, bad input."""
+
+import keras
+import numpy as np
+import pytest
+
+import reference as ref
+from backend_utils import directional_derivative, numeric_vjp, to_numpy, vjp
+from keras_sapa import ops as sapa_ops
+
+IMPLEMENTATIONS = ("patches", "xla")
+
+
+def _inputs(rng, batch, height, width, d, channels, s, dtype=np.float32):
+    f = lambda *shape: rng.standard_normal(shape).astype(dtype)  # noqa: E731
+    return (f(batch, s * height, s * width, d), f(batch, height, width, d),
+            f(batch, height, width, channels))
+
+
+@pytest.mark.filterwarnings("ignore:You are using a softmax over axis -1")  # K=1
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("kernel_size,up_factor", [(1, 1), (3, 2), (5, 2), (3, 3)])
+def test_ops_match_reference(implementation, kernel_size, up_factor):
+    rng = np.random.default_rng(kernel_size * 10 + up_factor)
+    query, key, value = _inputs(rng, 2, 3, 4, 5, 6, up_factor)
+    weights = rng.standard_normal(query.shape[:3] + (kernel_size**2,)).astype(np.float32)
+    kw = dict(kernel_size=kernel_size, up_factor=up_factor, implementation=implementation)
+    np.testing.assert_allclose(
+        to_numpy(sapa_ops.similarity(query, key, **kw)),
+        ref.similarity(query, key, kernel_size, up_factor), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(sapa_ops.aggregate(weights, value, **kw)),
+        ref.aggregate(weights, value, kernel_size, up_factor), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(sapa_ops.sapa(query, key, value, **kw)),
+        ref.sapa(query, key, value, kernel_size, up_factor), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_real_sizes_match_reference(implementation):
+    """C=256, d=64, K=5, s=2: the vectorised paths at the sizes they are used at."""
+    rng = np.random.default_rng(7)
+    query, key, value = _inputs(rng, 1, 6, 7, 64, 256, 2)
+    query *= 0.2  # logits of order 1: a softmax that is not one-hot
+    out = sapa_ops.sapa(query, key, value, 5, 2, implementation=implementation)
+    np.testing.assert_allclose(to_numpy(out), ref.sapa(query, key, value, 5, 2),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _op(name, implementation, kernel_size, up_factor):
+    def fn(*args):
+        return getattr(sapa_ops, name)(*args, kernel_size=kernel_size, up_factor=up_factor,
+                                        implementation=implementation)
+    return fn
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", ["similarity", "aggregate", "sapa"])
+def test_gradients_match_float64_numeric(implementation, name):
+    rng = np.random.default_rng(3)
+    k, s = 3, 2
+    query, key, value = _inputs(rng, 1, 2, 3, 3, 2, s, dtype=np.float64)
+    if name == "similarity":
+        args = [query, key]
+    elif name == "aggregate":
+        args = [rng.standard_normal(query.shape[:3] + (k * k,)), value]
+    else:
+        args = [query, key, value]
+    fn = _op(name, implementation, k, s)
+    cotangent = rng.standard_normal(to_numpy(fn(*args)).shape)
+    theoretical = vjp(fn, args, cotangent)
+    numerical = numeric_vjp(fn, args, cotangent)
+    for t, n in zip(theoretical, numerical):
+        assert t.dtype == np.float64
+        np.testing.assert_allclose(t, n, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_gradients_at_real_sizes_directional(implementation):
+    """<grad, v> against a float64 central difference along v, at C=256, d=64."""
+    rng = np.random.default_rng(8)
+    args = list(_inputs(rng, 1, 5, 6, 64, 256, 2, dtype=np.float64))
+    args[0] *= 0.2
+    fn = _op("sapa", implementation, 5, 2)
+    cotangent = rng.standard_normal(to_numpy(fn(*args)).shape)
+    grads = vjp(fn, args, cotangent)
+    for index in range(3):
+        directions = [np.zeros_like(a) for a in args]
+        directions[index] = rng.standard_normal(args[index].shape)
+        expected = directional_derivative(fn, args, directions, cotangent)
+        got = float(np.sum(grads[index] * directions[index]))
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_inputs_softmax_in_float32(dtype):
+    rng = np.random.default_rng(9)
+    query, key, value = _inputs(rng, 1, 3, 3, 4, 5, 2)
+    # Logits up to ~1e5: they overflow float16 unless the softmax runs in float32.
+    big_q, big_k = query * 150.0, key * 150.0
+    cast = lambda t: keras.ops.cast(t, dtype)  # noqa: E731
+    out = sapa_ops.sapa(cast(big_q), cast(big_k), cast(value), 3, 2)
+    assert keras.backend.standardize_dtype(out.dtype) == dtype
+    out = to_numpy(keras.ops.cast(out, "float32"))
+    assert np.isfinite(out).all()
+    q32 = to_numpy(keras.ops.cast(cast(big_q), "float32"))
+    k32 = to_numpy(keras.ops.cast(cast(big_k), "float32"))
+    v32 = to_numpy(keras.ops.cast(cast(value), "float32"))
+    tol = 5e-2 if dtype == "bfloat16" else 1e-2
+    np.testing.assert_allclose(out, ref.sapa(q32, k32, v32, 3, 2), rtol=tol, atol=tol)
+
+
+def test_resolve_and_use_implementation():
+    backend = keras.config.backend()
+    if backend != "tensorflow":
+        assert sapa_ops.resolve_implementation("auto") == "xla"
+        assert not sapa_ops.compiled_available()
+        assert not sapa_ops.load_compiled_library()
+        with pytest.raises(RuntimeError, match="only on the TensorFlow backend"):
+            sapa_ops.resolve_implementation("compiled")
+    with sapa_ops.use_implementation("patches"):
+        assert sapa_ops.resolve_implementation("auto") == "patches"
+        assert sapa_ops.resolve_implementation("xla") == "xla"
+    with pytest.raises(ValueError, match="implementation='triton'"):
+        sapa_ops.resolve_implementation("triton")
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda q, k, v, w: sapa_ops.similarity(q, k, kernel_size=4), "kernel_size=4"),
+        (lambda q, k, v, w: sapa_ops.similarity(q, k, up_factor=0), "up_factor=0"),
+        (lambda q, k, v, w: sapa_ops.similarity(q, k, up_factor=2.0), "up_factor=2.0"),
+        (lambda q, k, v, w: sapa_ops.similarity(q, k, up_factor=3), "up_factor=3"),
+        (lambda q, k, v, w: sapa_ops.similarity(q, v), "same number of channels"),
+        (lambda q, k, v, w: sapa_ops.similarity(q[:, :-1], k), "height of `query`"),
+        (lambda q, k, v, w: sapa_ops.similarity(q, k[:1]), "same batch size"),
+        (lambda q, k, v, w: sapa_ops.similarity(q, k.astype(np.float64)), "same dtype"),
+        (lambda q, k, v, w: sapa_ops.similarity(q[0], k), "rank-4"),
+        (lambda q, k, v, w: sapa_ops.aggregate(w[..., :8], v, kernel_size=3),
+         "kernel_size\\*\\*2=9"),
+        (lambda q, k, v, w: sapa_ops.sapa(q, k, v, implementation="cuda"),
+         "implementation='cuda'"),
+        (lambda q, k, v, w: sapa_ops.sapa(q, k, v[:, :-1]), "height of `query`"),
+    ],
+)
+def test_bad_input_is_a_value_error(call, match):
+    rng = np.random.default_rng(10)
+    query, key, value = _inputs(rng, 2, 3, 4, 5, 6, 2)
+    weights = rng.standard_normal(query.shape[:3] + (9,)).astype(np.float32)
+    with pytest.raises(ValueError, match=match):
+        call(query, key, value, weights)
