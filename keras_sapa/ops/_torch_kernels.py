@@ -143,6 +143,8 @@ def _setup_context(ctx, inputs, output):
     query, key, value, kernel_size, up_factor = inputs
     ctx.save_for_backward(query, key, value, output[1])
     ctx.mark_non_differentiable(output[1])
+    # No zero-filled gradient for `weights` (it is never differentiated): None instead.
+    ctx.set_materialize_grads(False)
     ctx.kernel_size, ctx.up_factor = kernel_size, up_factor
 
 
