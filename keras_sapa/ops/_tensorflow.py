@@ -357,7 +357,9 @@ def sapa(query, key, value, kernel_size=5, up_factor=2, implementation="auto",
     # One choice for both halves (similarity and aggregation).
     impl = resolve_implementation(implementation, training)
     if impl == "compiled" and _compiled_module().fused_usable(query, key, value):
-        # One fused CPU pass (float32 logits and softmax for half inputs).
+        # The fused op (KerasSapa>Sapa): one pass per tile of anchors on CPU, one launch
+        # on GPU; float32 logits and softmax for half inputs, the softmax kept for the
+        # backward.
         return _compiled_module().sapa(query, key, value, kernel_size, up_factor)
     if query.dtype in _HALF_DTYPES:
         query = tf.cast(query, tf.float32)

@@ -1,4 +1,6 @@
-// Functors of the keras_sapa custom ops, one template per device.
+// Functors of the keras_sapa custom ops, one template per device. The CPU functors are
+// thin adapters of the framework-free kernel core, custom_ops/sapa/kernels/cpu/sapa_cpu.h,
+// which also holds the fused SAPA forward and backward (KerasSapa>Sapa / SapaGrad).
 //
 // Three window primitives cover the forward and backward passes of both SAPA ops.
 // With hi (B, sH, sW, D) high resolution, lo (B, H, W, D) low resolution and
