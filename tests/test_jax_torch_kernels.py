@@ -125,6 +125,71 @@ def _worker_jax_numerics():
     return out
 
 
+def _keras_model(use_kernels):
+    """A functional model whose upsampler is SAPA on the compiled kernels of the running
+    backend (``use_kernels``) or on the pure ``"xla"`` formulation of keras_sapa.ops."""
+    import keras
+
+    from keras_sapa import ops
+    from keras_sapa.ops import _native
+
+    kernels = _native.backend_kernels()
+
+    class Upsample(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.q = keras.layers.Dense(8)
+            self.k = keras.layers.Dense(8)
+
+        def call(self, x, y):
+            q, k = self.q(y), self.k(x)
+            if use_kernels:
+                return kernels.sapa(q, k, x, 5, 2)
+            return ops.sapa(q, k, x, 5, 2, implementation="xla")
+
+        def compute_output_shape(self, x_shape, y_shape):
+            return tuple(y_shape[:3]) + (x_shape[-1],)
+
+    keras.utils.set_random_seed(1)
+    x = keras.Input((6, 6, 4))
+    y = keras.Input((12, 12, 4))
+    out = keras.layers.Dense(2)(Upsample()(x, y))
+    model = keras.Model([x, y], out)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    return model
+
+
+def _keras_batch():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 6, 6, 4)).astype("float32")
+    y = rng.normal(size=(4, 12, 12, 4)).astype("float32")
+    t = rng.normal(size=(4, 12, 12, 2)).astype("float32")
+    return [x, y], t
+
+
+def _worker_keras_step(framework):
+    """One training step of a Keras model through the compiled kernels equals the same
+    step through the pure formulation (same initial weights and batch)."""
+    from keras_sapa.ops import _native
+
+    if _native.backend_kernels() is None:
+        return {"skip": _native.unavailable_reason() or f"no kernels on {framework}"}
+    inputs, target = _keras_batch()
+    pure = _keras_model(use_kernels=False)
+    start = [w.copy() for w in pure.get_weights()]
+    loss_pure = float(pure.train_on_batch(inputs, target))
+    compiled = _keras_model(use_kernels=True)
+    compiled.set_weights(start)
+    loss = float(compiled.train_on_batch(inputs, target))
+    pred = compiled.predict(inputs, verbose=0)
+    return {
+        "loss": abs(loss - loss_pure) / max(1.0, abs(loss_pure)),
+        "weights": max(_err(a, b) for a, b in zip(compiled.get_weights(), pure.get_weights())),
+        "moved": max(_err(a, b) for a, b in zip(pure.get_weights(), start)),
+        "predict": _err(pred, pure.predict(inputs, verbose=0)),
+    }
+
+
 def _worker_jax_distributed():
     """keras.distribution.DataParallel on 2 host devices: one training step of a model
     whose upsampler runs the compiled kernels equals the same step on one device."""
@@ -135,37 +200,15 @@ def _worker_jax_distributed():
 
     if not jk.available():
         return {"skip": jk.unavailable_reason()}
-
-    class Upsample(keras.layers.Layer):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.q = keras.layers.Dense(8)
-            self.k = keras.layers.Dense(8)
-
-        def call(self, x, y):
-            return jk.sapa(self.q(y), self.k(x), x, 5, 2)
-
-    def build():
-        keras.utils.set_random_seed(1)
-        x = keras.Input((6, 6, 4))
-        y = keras.Input((12, 12, 4))
-        out = keras.layers.Dense(2)(Upsample()(x, y))
-        model = keras.Model([x, y], out)
-        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-        return model
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(4, 6, 6, 4)).astype("float32")
-    y = rng.normal(size=(4, 12, 12, 4)).astype("float32")
-    t = rng.normal(size=(4, 12, 12, 2)).astype("float32")
-    single = build()
+    inputs, target = _keras_batch()
+    single = _keras_model(use_kernels=True)
     start = [w.copy() for w in single.get_weights()]
-    loss_single = float(single.train_on_batch([x, y], t))
+    loss_single = float(single.train_on_batch(inputs, target))
     keras.distribution.set_distribution(
         keras.distribution.DataParallel(devices=keras.distribution.list_devices()))
-    dp = build()
+    dp = _keras_model(use_kernels=True)
     dp.set_weights(start)
-    loss_dp = float(dp.train_on_batch([x, y], t))
+    loss_dp = float(dp.train_on_batch(inputs, target))
     shards = len(dp.weights[0].value.sharding.device_set)
     return {
         "devices": len(jax.devices()),
@@ -301,6 +344,8 @@ WORKERS = {
     ("jax", "numerics"): _worker_jax_numerics,
     ("jax", "distributed"): _worker_jax_distributed,
     ("jax", "fallback"): lambda: _worker_fallback("jax"),
+    ("jax", "keras"): lambda: _worker_keras_step("jax"),
+    ("torch", "keras"): lambda: _worker_keras_step("torch"),
     ("torch", "numerics"): _worker_torch_numerics,
     ("torch", "fallback"): lambda: _worker_fallback("torch"),
 }
@@ -365,6 +410,13 @@ def test_jax_data_parallel_two_devices():
     assert r["devices"] == 2 and r["weight_devices"] == 2, r
     assert r["moved"] > 1e-4, r  # the step changed the weights
     assert r["loss"] <= 1e-5 and r["weights"] <= 1e-5, r
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_keras_model_trains_through_kernels(framework):
+    r = _run(framework, "keras")
+    assert r["moved"] > 1e-4, r
+    assert r["loss"] <= 1e-5 and r["weights"] <= 1e-5 and r["predict"] <= 1e-5, r
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])

@@ -72,13 +72,14 @@ def available():
 
     False, after one ``RuntimeWarning``, when the library is missing, stale, built for
     another CPU or fails to load; False without a warning when
-    ``KERAS_SAPA_DISABLE_COMPILED=1``.
+    ``KERAS_SAPA_DISABLE_COMPILED=1`` or when JAX's default backend is not the CPU.
     """
     with _lock:
         if not _state["tried"]:
             _state["tried"] = True
             _state["ok"], _state["reason"] = _load()
-            if not _state["ok"] and not _native.disabled():
+            # Disabled on purpose, or another platform: not a broken install, no warning.
+            if not _state["ok"] and not _native.disabled() and jax.default_backend() == "cpu":
                 warnings.warn(
                     "keras_sapa: the compiled SAPA kernels for JAX are unavailable, the pure "
                     f"JAX path is used instead: {_state['reason']}",
@@ -86,6 +87,13 @@ def available():
                     stacklevel=2,
                 )
         return _state["ok"]
+
+
+def usable(query, key, value):
+    """Whether :func:`sapa` can serve these tensors: the kernels are registered (JAX runs
+    them on its default backend, the CPU). The tensors may be tracers."""
+    del query, key, value  # placement is JAX's default backend, checked by available()
+    return available()
 
 
 def unavailable_reason():

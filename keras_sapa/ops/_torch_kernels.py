@@ -57,6 +57,12 @@ def available():
         return _state["ok"]
 
 
+def usable(query, key, value):
+    """Whether :func:`sapa` can serve these tensors: the kernels are loaded and all three
+    tensors are on the CPU (CUDA tensors need the pure path)."""
+    return available() and all(t.device.type == "cpu" for t in (query, key, value))
+
+
 def unavailable_reason():
     """Why :func:`available` is False (None when it is True or was not called)."""
     return _state["reason"]
