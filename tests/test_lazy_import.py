@@ -48,7 +48,7 @@ def test_saved_model_reloads_after_plain_import(kind, tmp_path):
         build = """
             import keras_cv
             backbone = keras_cv.models.ResNetV2Backbone(
-                stackwise_filters=[8, 8, 8, 8], stackwise_blocks=[1, 1, 1, 1],
+                stackwise_filters=[8, 8, 8, 8], stackwise_blocks=[2, 2, 2, 2],
                 stackwise_strides=[1, 2, 2, 2], include_rescaling=False,
                 input_shape=(32, 32, 3))
             model = keras_sapa.models.SAPADeepLabV3Plus(
