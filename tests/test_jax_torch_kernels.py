@@ -239,12 +239,26 @@ def _worker_fallback(framework):
         except RuntimeError as exc:
             raised = str(exc)
     warned = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    # A build record asking for a CPU feature this CPU lacks: refused before any dlopen.
+    import tempfile
+
+    stale = tempfile.mkdtemp()
+    with open(os.path.join(stale, "bindings_build_info.json"), "w") as f:
+        json.dump({"core_abi": 1, "cpu_features": ["no_such_cpu_feature"],
+                   "core_library": "_sapa_core.so", "jax_library": "_sapa_jax.so"}, f)
+    os.environ["KERAS_SAPA_BINDINGS_DIR"] = stale
+    mod._reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stale_available = mod.available()
+    stale_warnings = [str(w.message) for w in caught]
     os.environ["KERAS_SAPA_DISABLE_COMPILED"] = "1"
     mod._reset()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         disabled = mod.available()
     return {"available": [first, second], "warnings": warned, "raised": raised,
+            "stale_available": stale_available, "stale_warnings": stale_warnings,
             "disabled": disabled, "disabled_warnings": len(caught),
             "reason": mod.unavailable_reason()}
 
@@ -425,8 +439,22 @@ def test_fallback_when_library_missing(framework, tmp_path):
     assert r["available"] == [False, False]
     assert len(r["warnings"]) == 1 and "bindings_build_info.json" in r["warnings"][0], r
     assert r["raised"] is not None and "unavailable" in r["raised"]
+    assert r["stale_available"] is False and len(r["stale_warnings"]) == 1, r
+    assert "no_such_cpu_feature" in r["stale_warnings"][0]
     assert r["disabled"] is False and r["disabled_warnings"] == 0
     assert "KERAS_SAPA_DISABLE_COMPILED" in r["reason"]
+
+
+def test_build_script_is_never_fatal(tmp_path):
+    """Without a compiler nothing is built (and nothing removed): exit 0, or 1 with
+    --strict, and a message saying why."""
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"))
+    script = os.path.join(ROOT, "custom_ops", "build_bindings.py")
+    for extra, rc in (([], 0), (["--strict"], 1)):
+        proc = subprocess.run([sys.executable, script, *extra], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == rc, proc.stdout + proc.stderr
+        assert "nothing built" in proc.stdout and "no-such-compiler" in proc.stdout
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
