@@ -53,14 +53,20 @@ def is_log_line(line):
 def filtered_stderr():
     """Within the block, file descriptor 2 goes to a temporary file; on exit the lines
     that are not C++ log lines (:func:`is_log_line`) are written to stderr."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+    if sys.stderr is not None:
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to filter (a detached process)
+        yield
+        return
     with tempfile.TemporaryFile(mode="w+b") as captured:
         os.dup2(captured.fileno(), 2)
         try:
             yield
         finally:
-            sys.stderr.flush()
+            if sys.stderr is not None:
+                sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
@@ -68,7 +74,7 @@ def filtered_stderr():
                 line for line in captured.read().decode("utf-8", "replace").splitlines(True)
                 if not is_log_line(line)
             ]
-            if kept:
+            if kept and sys.stderr is not None:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
 

@@ -154,7 +154,9 @@ def run(args, parser=None):
         if args.crop is not None:
             image = images.center_crop(image, args.crop)
         images.check_scale(args.scale, image.shape)
-    except images.DemoError as error:
+        if args.train:
+            train.require_tensorflow()
+    except (images.DemoError, RuntimeError) as error:
         parser.error(str(error))
     name = images.image_name(args.image)
     os.makedirs(args.out, exist_ok=True)

@@ -19,6 +19,15 @@ from keras_sapa import data
 STOCK, SAPA = "bilinear (stock)", "SAPA"
 
 
+def require_tensorflow():
+    """Raises ``RuntimeError`` unless Keras runs on TensorFlow (KerasCV needs it)."""
+    if keras.config.backend() != "tensorflow":
+        raise RuntimeError(
+            "The segmentation comparison uses KerasCV models, which need the TensorFlow "
+            f"backend: set KERAS_BACKEND=tensorflow. Received: backend={keras.config.backend()!r}"
+        )
+
+
 def _backbone(image_size):
     import keras_cv
 
@@ -42,6 +51,7 @@ def build_segmentation_models(image_size=64, num_classes=None, seed=0, variant="
         and a 64-channel spatial pyramid pooling (dilations 1, 2, 3: at 64 x 64 the P5
         map is 2 x 2, so DeepLab's 6, 12, 18 would only see padding).
     """
+    require_tensorflow()
     import keras_cv
 
     from keras_sapa.models import SAPADeepLabV3Plus
