@@ -413,6 +413,17 @@ def test_bad_arguments_are_usage_errors(argv, message, capsys, tmp_path):
     assert "Traceback" not in err
 
 
+def test_train_needs_tensorflow_backend(monkeypatch, capsys, tmp_path):
+    import keras
+
+    monkeypatch.setattr(keras.config, "backend", lambda: "jax")
+    assert demo.main(["--train", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "KERAS_BACKEND=tensorflow" in err and "backend='jax'" in err
+    with pytest.raises(RuntimeError, match="TensorFlow backend"):
+        demo.build_segmentation_models()
+
+
 def test_help(capsys):
     assert demo.main(["--help"]) == 0
     text = capsys.readouterr().out
