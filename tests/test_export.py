@@ -1,0 +1,320 @@
+"""Exports of SAPA models in every format Keras offers, checked against the float64
+loop reference, and the promise that exports hold builtin ops only.
+
+- SavedModel, made three standard ways: ``model.export(path)``,
+  ``tf.saved_model.save(model, path)``, and ``tf.saved_model.save(model, path,
+  signatures=concrete)`` with a concrete function traced *before* saving (outside any
+  save context). All three hold no ``KerasSapa>*`` op, even where the compiled op is
+  available, and are run by a fresh Python process that never imports keras_sapa,
+  through one ``serving_default`` signature with dynamic height and width at two sizes.
+- ONNX (``format="onnx"``, run by onnxruntime) and LiteRT (``format="litert"``, run
+  by the plain ``ai_edge_litert`` interpreter, which has no TensorFlow ops to fall back
+  on): every variant, standard ONNX domains only.
+- The KerasCV models (``SAPADeepLabV3Plus``, ``SAPARetinaNet``, tiny backbones):
+  SavedModel in the same fresh process, against the Keras model run eagerly. Their ONNX
+  and LiteRT conversions take minutes on a small CI machine, so they are marked
+  ``benchmark`` (``python -m pytest -m benchmark tests/test_export.py``).
+
+One model holds every variant (one SAPA layer per output), so each format is converted
+once. Inputs and weights come from fixed seeds.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_sapa
+import reference as ref
+from savedmodel_utils import custom_op_types
+
+CX = CY = 8
+EMBED = 4
+# name: (variant, kernel_size, output_dim)
+VARIANTS = {
+    "identity": ("identity", 3, None),
+    "bilinear": ("bilinear", 5, None),
+    "gated": ("gated", 5, None),
+    "concat": ("concat", 3, None),
+    "gated_projected": ("gated", 5, 3),
+}
+PARAM_NAMES = ("norm_x", "norm_y", "q", "k", "qy", "qx", "gate", "v")
+STATIC = ((1, 4, 5, CX), (1, 8, 10, CY))
+# Two sizes through one dynamic signature.
+SIZES = {"a": ((1, 4, 5, CX), (1, 8, 10, CY)), "b": ((2, 3, 6, CX), (2, 6, 12, CY))}
+
+
+def _inputs(shapes, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype("float32") for shape in shapes]
+
+
+def _randomise(layer, rng):
+    """Random weights for every sublayer; returns them as reference params."""
+    params = {}
+    for name in PARAM_NAMES:
+        sub = getattr(layer, name, None)
+        if sub is None:
+            continue
+        values = []
+        for weight, suffix in zip(sub.weights, ("weight", "bias")):
+            value = rng.standard_normal(weight.shape) * 0.5
+            if name.startswith("norm") and suffix == "weight":
+                value += 1.0
+            values.append(value.astype("float32"))
+            params[f"{name}.{suffix}"] = value.astype("float32")
+        sub.set_weights(values)
+    return params
+
+
+@pytest.fixture(scope="module")
+def variants():
+    """(dynamic model, static model, reference function) sharing one set of layers."""
+    layers = {
+        name: keras_sapa.SAPA(kernel_size=k, embedding_dim=EMBED, variant=variant,
+                              output_dim=out, name=name)
+        for name, (variant, k, out) in VARIANTS.items()
+    }
+
+    def model(x_shape, g_shape):
+        x_in = keras.Input(x_shape, name="x")
+        g_in = keras.Input(g_shape, name="guide")
+        return keras.Model([x_in, g_in], [layer(x_in, g_in) for layer in layers.values()])
+
+    dynamic = model((None, None, CX), (None, None, CY))
+    static = model(STATIC[0][1:], STATIC[1][1:])
+    static(_inputs(STATIC, seed=0))  # Keras's ONNX and LiteRT exporters want a called model
+    rng = np.random.default_rng(2024)
+    params = {name: _randomise(layer, rng) for name, layer in layers.items()}
+
+    def reference(x, guide):
+        return [
+            ref.sapa_layer(x, guide, params[name], variant, k, 2,
+                           value_projection=out is not None)
+            for name, (variant, k, out) in VARIANTS.items()
+        ]
+
+    return dynamic, static, reference
+
+
+def _assert_outputs(got, expected, atol=2e-5):
+    assert len(got) == len(expected)
+    for name, g, e in zip(VARIANTS, got, expected):
+        assert g.shape == e.shape, name
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=atol, err_msg=name)
+
+
+# ---------------------------------------------------------------------- SavedModel
+# A fresh interpreter: TensorFlow only. Calls every SavedModel's serving_default
+# signature on the saved inputs and writes the outputs back.
+RUNNER = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+cases = json.load(open(sys.argv[1]))
+results = {}
+for case in cases:
+    signature = tf.saved_model.load(case["path"]).signatures["serving_default"]
+    names = sorted(signature.structured_input_signature[1])
+    if set(names) == {"x", "guide"}:
+        names = ["x", "guide"]
+    for size, files in case["inputs"].items():
+        arrays = [np.load(f) for f in files]
+        outputs = signature(**{n: tf.constant(a) for n, a in zip(names, arrays)})
+        for key, value in outputs.items():
+            results[f"{case['name']}/{size}/{key}"] = value.numpy()
+np.savez(sys.argv[2], **results)
+print("keras_sapa imported:", "keras_sapa" in sys.modules, "keras imported:", "keras" in sys.modules)
+"""
+
+
+def _tiny_backbone():
+    import keras_cv
+
+    return keras_cv.models.ResNetV2Backbone(
+        stackwise_filters=[8, 16, 32, 64], stackwise_blocks=[2, 2, 2, 2],
+        stackwise_strides=[1, 2, 2, 2], include_rescaling=False, input_shape=(64, 64, 3),
+    )
+
+
+@pytest.fixture(scope="module")
+def kerascv_models():
+    import keras_cv
+
+    from keras_sapa import models
+
+    keras.utils.set_random_seed(7)
+    deeplab = models.SAPADeepLabV3Plus(
+        _tiny_backbone(), 3, embedding_dim=8, kernel_size=3,
+        spatial_pyramid_pooling=keras_cv.layers.SpatialPyramidPooling(
+            dilation_rates=[1, 2], num_channels=16),
+    )
+    retinanet = models.SAPARetinaNet(_tiny_backbone(), 3, "xywh", embedding_dim=8,
+                                     kernel_size=3)
+    images = np.random.default_rng(8).uniform(size=(2, 64, 64, 3)).astype("float32")
+    return {"deeplab": deeplab, "retinanet": retinanet}, images
+
+
+@pytest.fixture(scope="module")
+def savedmodels(variants, kerascv_models, tmp_path_factory):
+    """Writes the SavedModels (three routes for the variants model, model.export for
+    the KerasCV models) and runs them all in one fresh process."""
+    dynamic, _, _ = variants
+    root = tmp_path_factory.mktemp("savedmodels")
+    paths = {route: str(root / route) for route in ("export", "save", "concrete")}
+    dynamic.export(paths["export"], verbose=False)
+    tf.saved_model.save(dynamic, paths["save"])
+    traced = tf.function(lambda x, guide: dynamic([x, guide]))
+    spec = tf.TensorSpec((None, None, None, CX))
+    concrete = traced.get_concrete_function(spec, spec)  # traced before saving
+    tf.saved_model.save(dynamic, paths["concrete"], signatures=concrete)
+
+    inputs = {size: _inputs(shapes, seed) for seed, (size, shapes) in enumerate(SIZES.items())}
+    files = {}
+    for size, arrays in inputs.items():
+        files[size] = []
+        for index, array in enumerate(arrays):
+            files[size].append(str(root / f"input_{size}_{index}.npy"))
+            np.save(files[size][-1], array)
+    cases = [{"name": route, "path": path, "inputs": files} for route, path in paths.items()]
+
+    models, images = kerascv_models
+    np.save(root / "images.npy", images)
+    for name, model in models.items():
+        paths[name] = str(root / name)
+        model.export(paths[name], verbose=False)
+        cases.append({"name": name, "path": paths[name],
+                      "inputs": {"a": [str(root / "images.npy")]}})
+    (root / "cases.json").write_text(json.dumps(cases))
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(RUNNER), str(root / "cases.json"),
+         str(root / "results.npz")],
+        capture_output=True, text=True, timeout=300, cwd=str(root), env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "keras_sapa imported: False" in proc.stdout, proc.stdout
+    results = dict(np.load(root / "results.npz"))
+    return paths, inputs, results
+
+
+@pytest.mark.parametrize("route", ["export", "save", "concrete", "deeplab", "retinanet"])
+def test_savedmodel_holds_builtin_ops_only(savedmodels, route):
+    paths, _, _ = savedmodels
+    assert custom_op_types(paths[route]) == []
+
+
+@pytest.mark.parametrize("route", ["export", "save", "concrete"])
+def test_savedmodel_dynamic_sizes_in_fresh_process(variants, savedmodels, route):
+    """Each route's serving_default signature, loaded once by a process without
+    keras_sapa, serves two sizes; both match the reference."""
+    _, _, reference = variants
+    _, inputs, results = savedmodels
+    for size, (x, guide) in inputs.items():
+        got = [results[f"{route}/{size}/output_{i}"] for i in range(len(VARIANTS))]
+        _assert_outputs(got, reference(x, guide))
+
+
+@pytest.mark.parametrize("name", ["deeplab", "retinanet"])
+def test_kerascv_savedmodel_in_fresh_process(kerascv_models, savedmodels, name):
+    models, images = kerascv_models
+    _, _, results = savedmodels
+    expected = models[name](images)  # eager Keras model: another implementation
+    if not isinstance(expected, dict):
+        expected = {"output_0": expected}
+    for key, value in expected.items():
+        np.testing.assert_allclose(results[f"{name}/a/{key}"], np.asarray(value),
+                                   rtol=1e-4, atol=1e-4, err_msg=key)
+
+
+def test_export_keeps_compiled_op_when_asked(variants, tmp_path):
+    from keras_sapa import ops
+
+    if not ops.compiled_available():
+        pytest.skip("compiled custom op library unavailable")
+    dynamic, _, _ = variants
+    with ops.use_implementation("compiled"):
+        dynamic.export(str(tmp_path / "compiled"), verbose=False)
+    assert custom_op_types(str(tmp_path / "compiled"))
+
+
+# ---------------------------------------------------------------------- ONNX, LiteRT
+def _run_onnx(path, arrays):
+    import onnx
+    import onnxruntime
+
+    graph = onnx.load(path).graph
+    domains = {node.domain for node in graph.node}
+    assert domains <= {"", "ai.onnx"}, domains
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    by_shape = {a.shape: a for a in arrays}
+    feeds = {}
+    for spec in session.get_inputs():
+        matches = [a for a in arrays
+                   if len(a.shape) == len(spec.shape)
+                   and all(not isinstance(d, int) or d == n for d, n in zip(spec.shape, a.shape))]
+        assert len(matches) == 1, (spec.name, spec.shape, list(by_shape))
+        feeds[spec.name] = matches[0]
+    return session.run(None, feeds)
+
+
+def _run_litert(path, arrays):
+    from ai_edge_litert.interpreter import Interpreter
+
+    # The plain interpreter: a model needing TensorFlow (Flex) ops fails to allocate.
+    interpreter = Interpreter(model_path=path)
+    runner = interpreter.get_signature_runner()
+    details = runner.get_input_details()
+    feeds = {}
+    for name, spec in details.items():
+        matches = [a for a in arrays if tuple(a.shape) == tuple(spec["shape"])]
+        assert len(matches) == 1, (name, spec["shape"])
+        feeds[name] = matches[0]
+    outputs = runner(**feeds)
+    return [outputs[f"output_{i}"] for i in range(len(outputs))]
+
+
+def test_onnx_every_variant(variants, tmp_path):
+    _, static, reference = variants
+    path = str(tmp_path / "sapa.onnx")
+    static.export(path, format="onnx", verbose=False)
+    x, guide = _inputs(STATIC, seed=5)
+    _assert_outputs(_run_onnx(path, [x, guide]), reference(x, guide))
+
+
+def test_litert_every_variant(variants, tmp_path):
+    _, static, reference = variants
+    path = str(tmp_path / "sapa.tflite")
+    static.export(path, format="litert", verbose=False)
+    x, guide = _inputs(STATIC, seed=6)
+    _assert_outputs(_run_litert(path, [x, guide]), reference(x, guide))
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("fmt", ["onnx", "litert"])
+@pytest.mark.parametrize("name", ["deeplab", "retinanet"])
+def test_kerascv_onnx_and_litert(kerascv_models, tmp_path, name, fmt):
+    models, images = kerascv_models
+    model = models[name]
+    path = str(tmp_path / f"{name}.{'onnx' if fmt == 'onnx' else 'tflite'}")
+    model.export(path, format=fmt, verbose=False)
+    batch = images[:1]
+    run = _run_onnx if fmt == "onnx" else _run_litert
+    got = run(path, [batch])
+    expected = model(batch)
+    expected = [expected] if not isinstance(expected, dict) else list(expected.values())
+    assert len(got) == len(expected)
+    # Match outputs by shape (ONNX keeps Keras's order, LiteRT names them output_i).
+    for value in expected:
+        value = np.asarray(value)
+        candidates = [g for g in got if g.shape == value.shape]
+        assert candidates, value.shape
+        err = min(np.abs(g - value).max() for g in candidates)
+        assert err < 1e-3, err
