@@ -243,6 +243,9 @@ def test_fake_driver_tiled_launch_sizes(fake, images):
     assert len(tiles) == 1
     t = tiles[0]
     assert grid == 4 * (-(-64 // t)) ** 2
+    # K = 7 kernels are limited to 256 threads (their registers hold 49 logits).
+    name, grid, block, smem = _launch(L, "forward", "float32", harness.dims(4, 64, 64, 2, 7, 64, 256), 5)
+    assert name == "sapa_fused_f32_k7" and block <= 256
     for op, dtype, n, want in (("dot", "float16", 3, "sapa_dot_f16_k5"),
                                ("softmax_backward", "bfloat16", 4, "sapa_dsoftmax_bf16_k5"),
                                ("gather", "float64", 3, "sapa_gather_f64"),
@@ -336,6 +339,8 @@ def test_driver_constants_match_cuda_h(tmp_path):
     checks = []
     for name, value in re.findall(r"const int ATTR_(\w+) = (\d+);", source):
         checks.append(f"static_assert(CU_DEVICE_ATTRIBUTE_{name} == {value}, \"{name}\");")
+    for name, value in re.findall(r"const int FUNC_ATTR_(\w+) = (\d+);", source):
+        checks.append(f"static_assert(CU_FUNC_ATTRIBUTE_{name} == {value}, \"{name}\");")
     for name, value in re.findall(r"const CUresult (CUDA_\w+) = (\d+);", source):
         checks.append(f"static_assert({name} == {value}, \"{name}\");")
     for symbol in re.findall(r'Sym\(handle, "(\w+)"', source):

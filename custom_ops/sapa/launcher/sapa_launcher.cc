@@ -39,6 +39,7 @@ const int ATTR_MAX_SHARED_MEMORY_PER_BLOCK = 8;
 const int ATTR_MULTIPROCESSOR_COUNT = 16;
 const int ATTR_COMPUTE_CAPABILITY_MAJOR = 75;
 const int ATTR_COMPUTE_CAPABILITY_MINOR = 76;
+const int FUNC_ATTR_MAX_THREADS_PER_BLOCK = 0;
 
 struct Driver {
   void* handle = nullptr;
@@ -57,6 +58,7 @@ struct Driver {
   CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
                              unsigned, unsigned, CUstream, void**, void**);
   CUresult (*cuOccupancyMaxActiveBlocksPerMultiprocessor)(int*, CUfunction, int, size_t);
+  CUresult (*cuFuncGetAttribute)(int*, int, CUfunction);
 };
 
 // Same layout as sapa::Args in kernels/cuda/sapa_kernels.cuh.
@@ -136,7 +138,8 @@ int InitLocked(const char* driver_path) {
         Sym(handle, "cuModuleGetFunction", &d.cuModuleGetFunction) &&
         Sym(handle, "cuLaunchKernel", &d.cuLaunchKernel) &&
         Sym(handle, "cuOccupancyMaxActiveBlocksPerMultiprocessor",
-            &d.cuOccupancyMaxActiveBlocksPerMultiprocessor);
+            &d.cuOccupancyMaxActiveBlocksPerMultiprocessor) &&
+        Sym(handle, "cuFuncGetAttribute", &d.cuFuncGetAttribute);
     if (!ok) {
       dlclose(handle);
       return Fail(SAPA_ERR_NO_DRIVER,
@@ -333,10 +336,17 @@ bool ChooseTile(DeviceState* dev, CUfunction fn, const std::string& name, Kind k
   }
   int best_tile = 0, best_block = 0, best_smem = 0;
   int64_t best_score = -1;
+  // The kernel's own limit (its __launch_bounds__, its registers) and the device's.
+  int max_threads = dev->max_threads;
+  if (g_driver.cuFuncGetAttribute(&max_threads, FUNC_ATTR_MAX_THREADS_PER_BLOCK, fn) != CUDA_SUCCESS ||
+      max_threads <= 0) {
+    max_threads = dev->max_threads;
+  }
+  max_threads = std::min(max_threads, dev->max_threads);
   for (int64_t t = 1; t <= 32; ++t) {
     const int b = BlockFor(kind, t, up);
     const int64_t bytes = SharedBytes(kind, dtype, t, up, kernel);
-    if (b > dev->max_threads || bytes > dev->max_smem) break;  // both grow with t
+    if (b > max_threads || bytes > dev->max_smem) break;  // both grow with t
     int blocks = 0;
     if (g_driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, fn, b, bytes) != CUDA_SUCCESS ||
         blocks <= 0) {

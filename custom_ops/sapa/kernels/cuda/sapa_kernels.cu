@@ -19,16 +19,23 @@
 #define SAPA_ARGS ::sapa::Args g
 #define SAPA_ACC(T) typename ::sapa::Acc<T>::type
 #define SAPA_KERNEL extern "C" __global__ void __launch_bounds__(1024)
+// The tiled kernels keep K*K logits in registers: fewer threads per block leave more
+// registers per thread (K=7: 49 logits, no spills at 256). The launcher reads each
+// kernel's limit (CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK) when it sizes the tiles.
+#define SAPA_BOUND_3 1024
+#define SAPA_BOUND_5 512
+#define SAPA_BOUND_7 256
+#define SAPA_KERNEL_K(K) extern "C" __global__ void __launch_bounds__(SAPA_BOUND_##K)
 
 #define SAPA_TILED_K(TN, T, A, K)                                                           \
-  SAPA_KERNEL sapa_dot_##TN##_k##K(SAPA_ARGS, const T* hi, const T* lo, T* out) {           \
+  SAPA_KERNEL_K(K) sapa_dot_##TN##_k##K(SAPA_ARGS, const T* hi, const T* lo, T* out) {           \
     ::sapa::dot_tiled<T, K, 0, T>(g, hi, lo, nullptr, out);                                 \
   }                                                                                         \
-  SAPA_KERNEL sapa_dsoftmax_##TN##_k##K(SAPA_ARGS, const T* hi, const T* lo, const A* attn, \
+  SAPA_KERNEL_K(K) sapa_dsoftmax_##TN##_k##K(SAPA_ARGS, const T* hi, const T* lo, const A* attn, \
                                         A* out) {                                           \
     ::sapa::dot_tiled<T, K, 1, A>(g, hi, lo, attn, out);                                    \
   }                                                                                         \
-  SAPA_KERNEL sapa_fused_##TN##_k##K(SAPA_ARGS, const T* q, const T* k, const T* v, T* out, \
+  SAPA_KERNEL_K(K) sapa_fused_##TN##_k##K(SAPA_ARGS, const T* q, const T* k, const T* v, T* out, \
                                      A* attn) {                                             \
     ::sapa::fused_tiled<T, K>(g, q, k, v, out, attn);                                       \
   }

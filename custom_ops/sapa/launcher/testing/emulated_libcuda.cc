@@ -94,6 +94,15 @@ int cuModuleGetFunction(void** fn, void* module, const char* name) {
   *fn = dlsym(module, name);
   return *fn ? 0 : 500;
 }
+// The limit a kernel's __launch_bounds__ sets (SAPA_BOUND_<K> in sapa_kernels.cu).
+int cuFuncGetAttribute(int* value, int attribute, void* fn) {
+  Dl_info info;
+  if (attribute != 0 || !dladdr(fn, &info) || !info.dli_sname) return 1;
+  const std::string name = info.dli_sname;
+  *value = name.find("_k7") != std::string::npos ? SAPA_BOUND_7
+           : name.find("_k5") != std::string::npos ? SAPA_BOUND_5 : 1024;
+  return 0;
+}
 int cuOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void*, int block, size_t smem) {
   int by_threads = 2048 / block;
   int by_smem = smem ? static_cast<int>((164 * 1024) / smem) : 32;
