@@ -16,13 +16,16 @@ NumPy and PyTorch or CuPy; no TensorFlow, no Keras, no CUDA toolkit.
    float64 NumPy reference of ``tests/reference.py`` (plus a float64 directional
    derivative of the reference for the gradients), and one case whose output is past
    2**31 elements (checked on sampled points, including the last ones).
-2. Benchmark M1 (B=4, 64x64 -> 128x128, C=256, d=64, K=5, s=2), float32 and float16:
+2. Benchmark M1 (B=4, 64x64 -> 128x128, C=256, d=64, K=5, s=2), float32 and float16
+   (PyTorch backend):
    a device copy (bandwidth ceiling), bilinear ``torch.nn.functional.interpolate`` of the
    same tensor, our fused forward and forward+backward, a PyTorch unfold
    implementation, and the official SAPA CUDA kernels when a copy of
    github.com/poppinace/sapa sits in ``--official`` (a git-ignored folder; built there
    with PyTorch's extension builder). Prints time, achieved bandwidth (bytes that must
-   move / time), the copy bandwidth, and ratios.
+   move / time), the copy bandwidth, and ratios. Then the same M1 through XLA with JAX
+   (the ``xla`` formulation that ``jit_compile=True`` runs): time and XLA's temporary
+   memory, forward and forward+backward (``--skip-jax`` to leave out).
 
 Everything printed also goes to ``--log``. Exit status: 0 all checks passed, 1 a check
 failed, 2 the harness could not run (no driver, no GPU, no image for it, no PyTorch/CuPy):
@@ -541,6 +544,84 @@ def torch_unfold_sapa(torch, q, k, v, kernel_size, s):
     return torch.einsum("bnhw,bcnhw->bchw", weights, vw)
 
 
+def jax_xla_sapa(jnp, q, k, v, kernel_size, s):
+    """SAPA the way the package's ``xla`` formulation computes it (pad, K*K shifted
+    slices, nearest upsampling), for XLA through JAX: what a Keras ``fit`` with
+    ``jit_compile=True`` runs instead of the custom op."""
+    r = kernel_size // 2
+    h, w = k.shape[1], k.shape[2]
+    pad = ((0, 0), (r, r), (r, r), (0, 0))
+    kp, vp = jnp.pad(k, pad), jnp.pad(v, pad)
+
+    def up(t):
+        return jnp.repeat(jnp.repeat(t, s, axis=1), s, axis=2)
+
+    logits = jnp.stack([jnp.sum(q * up(kp[:, a:a + h, b:b + w]), axis=-1)
+                        for a in range(kernel_size) for b in range(kernel_size)], axis=-1)
+    weights = jax_softmax(logits.astype(jnp.float32)).astype(q.dtype)
+    out = 0
+    for n in range(kernel_size * kernel_size):
+        a, b = divmod(n, kernel_size)
+        out = out + weights[..., n:n + 1] * up(vp[:, a:a + h, b:b + w])
+    return out
+
+
+def jax_softmax(x):
+    import jax
+
+    return jax.nn.softmax(x, axis=-1)
+
+
+def run_jax_bench(log, dtype_names=("float32", "float16"), forward_ms=None):
+    """M1 through XLA (JAX): forward and forward+backward time, and XLA's temporary
+    memory, the numbers behind the layer declining XLA where the GPU op is used."""
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError as exc:
+        log(f"JAX/XLA comparison skipped: {exc}")
+        return
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        log("JAX/XLA comparison skipped: JAX sees no GPU")
+        return
+    batch, height, width, s, k, d, c = 4, 64, 64, 2, 5, 64, 256
+    key = jax.random.PRNGKey(0)
+    for name in dtype_names:
+        dt = getattr(jnp, name)
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        q = jax.random.normal(k1, (batch, s * height, s * width, d), dt)
+        kk_ = jax.random.normal(k2, (batch, height, width, d), dt)
+        v = jax.random.normal(k3, (batch, height, width, c), dt)
+        g = jax.random.normal(k4, (batch, s * height, s * width, c), dt)
+        fwd = jax.jit(lambda a, b, c_: jax_xla_sapa(jnp, a, b, c_, k, s))
+
+        def loss(a, b, c_):
+            return jnp.sum((jax_xla_sapa(jnp, a, b, c_, k, s) * g).astype(jnp.float32))
+
+        both = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        times = {}
+        for label, fn in (("forward", fwd), ("fwd+bwd", both)):
+            compiled = fn.lower(q, kk_, v).compile()
+            temp = None
+            try:
+                temp = compiled.memory_analysis().temp_size_in_bytes
+            except Exception:  # noqa: BLE001 - not every backend reports it
+                pass
+            jax.block_until_ready(fn(q, kk_, v))
+            runs = []
+            for _ in range(20):
+                start = time.perf_counter()
+                jax.block_until_ready(fn(q, kk_, v))
+                runs.append((time.perf_counter() - start) * 1e3)
+            times[label] = float(np.median(runs))
+            mem = f", XLA temp memory {temp / 2 ** 20:.1f} MiB" if temp is not None else ""
+            log(f"[{name}] JAX/XLA {label:8s} {times[label]:8.3f} ms{mem}")
+        if forward_ms and name in forward_ms:
+            ours_fwd, ours_both = forward_ms[name]
+            log(f"[{name}] ours vs XLA: forward {times['forward'] / ours_fwd:.2f}x faster, "
+                f"fwd+bwd {times['fwd+bwd'] / ours_both:.2f}x faster")
+
+
 def load_official(path, log):
     """The official SAPA CUDA ops from a local copy (poppinace/sapa), or None."""
     if not path or not os.path.isdir(path):
@@ -585,9 +666,11 @@ def run_official(torch, module, q, k, v, kernel_size, s):
 
 
 def run_bench(launcher, backend, log, official_path):
+    """Returns {dtype: (forward ms, forward+backward ms)} of our kernels."""
     if backend.name != "torch":
         log("benchmark needs PyTorch (--backend torch); skipped")
-        return
+        return {}
+    results = {}
     torch = backend.torch
     batch, height, width, s, k, d, c = 4, 64, 64, 2, 5, 64, 256
     hs, ws, kk = s * height, s * width, k * k
@@ -662,8 +745,8 @@ def run_bench(launcher, backend, log, official_path):
             log(f"[{dtype}] targets: forward <= 3x bilinear: {t_fwd / t_bil <= 3}; "
                 f"fwd+bwd <= 3.5x forward: {t_both / t_fwd <= 3.5}; "
                 f">= 50% of copy bandwidth: {bw >= 0.5 * copy_gbs}")
-            for t in (q, key, v, g, out, attn, dl, gq, gk, gv):
-                del t
+            results[dtype] = (t_fwd, t_both)
+    return results
 
 
 def main(argv=None):
@@ -676,6 +759,7 @@ def main(argv=None):
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--skip-big", action="store_true", help="skip the > 2**31 case")
     parser.add_argument("--official", default=os.path.join(ROOT, "third_party_ref", "sapa"))
+    parser.add_argument("--skip-jax", action="store_true", help="skip the JAX/XLA comparison")
     parser.add_argument("--log", default="gpu_harness.log")
     args = parser.parse_args(argv)
 
@@ -708,7 +792,9 @@ def main(argv=None):
     if not args.skip_check:
         ok = run_checks(launcher, backend, log, args.skip_big)
     if not args.skip_bench:
-        run_bench(launcher, backend, log, args.official)
+        ours = run_bench(launcher, backend, log, args.official)
+        if not args.skip_jax:
+            run_jax_bench(log, forward_ms=ours)
     log("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -562,3 +562,17 @@ def test_kernels_match_reference_in_emulation(emulated, dtype, case):
     # tiled then untiled.
     assert checker.checks >= 18 and driver.emu_launches() - before == 16
     assert checker.failures == 0, "\n".join(lines)
+
+
+def test_harness_jax_formulation_matches_reference():
+    """The XLA formulation the harness times through JAX computes SAPA (on the CPU here)."""
+    jnp = pytest.importorskip("jax.numpy")
+    import reference
+
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 6, 8, 5)).astype(np.float32)
+    key = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    v = rng.standard_normal((2, 3, 4, 7)).astype(np.float32)
+    got = np.asarray(harness.jax_xla_sapa(jnp, jnp.asarray(q), jnp.asarray(key),
+                                          jnp.asarray(v), 3, 2))
+    np.testing.assert_allclose(got, reference.sapa(q, key, v, 3, 2), rtol=1e-5, atol=1e-5)
