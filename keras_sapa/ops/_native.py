@@ -146,3 +146,18 @@ def backend_kernels():
     else:
         return None
     return module if module.available() else None
+
+
+def backend_kernels_reason():
+    """Why :func:`backend_kernels` is None on the running Keras backend (a sentence)."""
+    import keras
+
+    backend = keras.config.backend()
+    if backend == "jax":
+        from keras_sapa.ops import _jax_kernels as module
+    elif backend == "torch":
+        from keras_sapa.ops import _torch_kernels as module
+    else:
+        return f"no compiled kernel bindings for the {backend!r} backend"
+    module.available()
+    return module.unavailable_reason() or "available"
