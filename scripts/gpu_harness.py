@@ -575,6 +575,14 @@ def jax_softmax(x):
 def run_jax_bench(log, dtype_names=("float32", "float16"), forward_ms=None):
     """M1 through XLA (JAX): forward and forward+backward time, and XLA's temporary
     memory, the numbers behind the layer declining XLA where the GPU op is used."""
+    # PyTorch holds GPU memory in this process: JAX must not try to take 75% of it.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    try:
+        import torch
+
+        torch.cuda.empty_cache()
+    except ImportError:
+        pass
     try:
         import jax
         import jax.numpy as jnp
