@@ -309,9 +309,23 @@ def nvrtc_options(include):
     return ["-I" + CUDA_DIR, "-I" + include, "--std=c++17", "-default-device"]
 
 
+def cuda_source_hash(include=None):
+    """Hash of what the kernel images are compiled from: every file under
+    ``kernels/cuda`` and the NVRTC options. Recorded in ``build_info.json`` so the tests
+    can verify the images this build compiled rather than compile them again."""
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(CUDA_DIR, "*"))):
+        digest.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(hashlib.sha256(f.read()).digest())
+    digest.update(json.dumps(nvrtc_options(include or find_cuda_include() or "")).encode())
+    return digest.hexdigest()
+
+
 def compile_kernels(targets, out_dir, jobs=2, verbose=False, nvrtc_path=None, include=None):
     """Compiles the CUDA kernels for every target into ``out_dir``; returns
-    {"nvrtc": "12.9", "targets": [...], "images": [...]}. Raises BuildError."""
+    {"nvrtc": "12.9", "targets": [...], "images": [...], "source_hash": ...}.
+    Raises BuildError."""
     nvrtc_path = nvrtc_path or find_nvrtc()
     if nvrtc_path is None:
         raise BuildError("NVRTC not found (install nvidia-cuda-nvrtc-cu12 or set "
@@ -347,7 +361,7 @@ def compile_kernels(targets, out_dir, jobs=2, verbose=False, nvrtc_path=None, in
             images.append(image_name(target))
     _log(f"CUDA kernels compiled in {time.time() - start:.0f}s")
     return {"nvrtc": f"{nvrtc.version[0]}.{nvrtc.version[1]}", "targets": list(targets),
-            "images": images}
+            "images": images, "source_hash": cuda_source_hash(include)}
 
 
 def build_launcher(cxx, verbose):
@@ -487,7 +501,8 @@ def main(argv=None):
         try:
             kernels = compile_kernels(targets, OUT_DIR, args.jobs, args.verbose, nvrtc_path)
             info.update(nvrtc=kernels["nvrtc"], cuda_targets=kernels["targets"],
-                        cuda_images=kernels["images"])
+                        cuda_images=kernels["images"],
+                        cuda_source_hash=kernels["source_hash"])
         except (BuildError, OSError) as exc:
             problems.append(f"CUDA kernels: {str(exc).splitlines()[0]}")
             _log(f"WARNING: CUDA kernels not built; the CPU library is unaffected.\n{exc}")

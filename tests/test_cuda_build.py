@@ -50,15 +50,39 @@ def _targets():
 # NVRTC
 
 
+def _images_of_this_build(targets):
+    """The images that `custom_ops/build.py` (run by scripts/setup_env.sh) compiled, when
+    they were compiled from the current kernel sources for these targets; else None."""
+    import json
+
+    try:
+        with open(os.path.join(LIB_DIR, build.BUILD_INFO)) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    images = info.get("cuda_images") or []
+    if (info.get("cuda_source_hash") != build.cuda_source_hash()
+            or info.get("cuda_targets") != targets
+            or not all(os.path.isfile(os.path.join(LIB_DIR, i)) for i in images)):
+        return None
+    return {"nvrtc": info.get("nvrtc"), "targets": targets, "images": images}
+
+
 @pytest.fixture(scope="session")
 def images(tmp_path_factory):
-    """Kernel images compiled here for every target (a real NVRTC compile)."""
+    """Kernel images for every target: a real NVRTC compile. The build run by
+    scripts/setup_env.sh already compiled every kernel for every target (a few minutes on
+    2 cores); when its images come from the current sources they are checked here as
+    they are, else everything is compiled again into a temporary folder."""
     if build.find_nvrtc() is None:
         pytest.skip("the nvidia-cuda-nvrtc-cu12 wheel is not installed: no NVRTC to compile with")
     if build.find_cuda_include() is None:
         pytest.skip("the nvidia-cuda-runtime-cu12 wheel (cuda_fp16.h) is not installed")
-    out = tmp_path_factory.mktemp("cuda_images")
     targets = _targets()
+    built = _images_of_this_build(targets)
+    if built is not None:
+        return LIB_DIR, targets, built
+    out = tmp_path_factory.mktemp("cuda_images")
     result = build.compile_kernels(targets, str(out), jobs=2)
     return str(out), targets, result
 
