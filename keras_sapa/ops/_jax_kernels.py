@@ -10,12 +10,10 @@ handlers of ``keras_sapa/_lib/_sapa_jax.so`` (built by ``custom_ops/build_bindin
 
 It works under ``jax.jit``, ``jax.grad`` (:func:`jax.custom_vjp`), ``jax.vmap`` (the
 handlers treat every leading dimension as batch, so the calls are declared
-``vmap_method="broadcast_all"``) and sharding (``keras.distribution.DataParallel``). XLA
-does not partition an opaque custom call: with sharded inputs it gathers the whole batch
-on every device before the call (the FFI tutorial's "sharding" section), so the results
-are right but each device computes the whole batch; splitting the work per shard needs
-``jax.shard_map`` or ``custom_partitioning`` around :func:`sapa` (not done yet). CPU only:
-on other platforms :func:`available` is False.
+``vmap_method="broadcast_all"``, and a ``custom_vmap`` rule folds vmapped axes into the
+batch) and sharding (``keras.distribution.DataParallel``): each call is a
+``custom_partitioning`` op that keeps the batch axis sharded, so every device runs the
+kernels on its own shard instead of XLA gathering the whole batch. CPU only: on other platforms :func:`available` is False.
 
 The library is loaded on the first call of :func:`available` (or :func:`sapa`), never at
 import. A missing, stale or broken library gives one ``RuntimeWarning``; ``available()``
@@ -33,6 +31,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
 
 from keras_sapa.ops import _checks
 from keras_sapa.ops import _native
@@ -112,7 +111,7 @@ def _attrs(kernel_size, up_factor):
     return {"kernel_size": np.int64(kernel_size), "up_factor": np.int64(up_factor)}
 
 
-def _forward(query, key, value, kernel_size, up_factor):
+def _forward_call(query, key, value, kernel_size, up_factor):
     high = query.shape[:-1]
     call = jax.ffi.ffi_call(
         FORWARD_TARGET,
@@ -122,7 +121,88 @@ def _forward(query, key, value, kernel_size, up_factor):
         ),
         vmap_method="broadcast_all",
     )
-    return call(query, key, value, **_attrs(kernel_size, up_factor))
+    return tuple(call(query, key, value, **_attrs(kernel_size, up_factor)))
+
+
+def _backward_call(grad, query, key, value, weights, kernel_size, up_factor):
+    call = jax.ffi.ffi_call(
+        BACKWARD_TARGET,
+        (
+            jax.ShapeDtypeStruct(query.shape, query.dtype),
+            jax.ShapeDtypeStruct(key.shape, key.dtype),
+            jax.ShapeDtypeStruct(value.shape, value.dtype),
+        ),
+        vmap_method="broadcast_all",
+    )
+    return tuple(call(grad, query, key, value, weights, **_attrs(kernel_size, up_factor)))
+
+
+# Sharding. XLA cannot look into a custom call, so by itself it gathers sharded operands
+# onto every device and runs the whole batch there. Each call is therefore wrapped in
+# ``custom_partitioning``: every operand and result keeps the sharding of the query's
+# batch axis, all other axes replicated, and each device runs the kernel on its shard.
+# ``custom_partitioning`` has no batching rule, so ``custom_vmap`` folds a vmapped axis
+# into the batch axis (broadcasting unbatched operands) before the call.
+_RULES = {
+    "forward": "b h w d, b x y d, b x y c -> b h w c, b h w n",
+    "backward": "b h w c, b h w d, b x y d, b x y c, b h w n -> b h w d, b x y d, b x y c",
+}
+
+
+def _batch_sharding(mesh, arg_shapes):
+    spec = arg_shapes[1].sharding.spec if len(arg_shapes) > 3 else arg_shapes[0].sharding.spec
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(spec[0] if spec else None))
+
+
+def _partitioned(body, rule, arrays):
+    """``body(*arrays, kernel_size, up_factor)`` as a batch-partitioned op."""
+    op = custom_partitioning(body, static_argnums=(arrays, arrays + 1))
+
+    def partition(kernel_size, up_factor, mesh, arg_shapes, result_shape):
+        sharding = _batch_sharding(mesh, arg_shapes)
+        return (mesh, lambda *arrays: body(*arrays, kernel_size, up_factor),
+                tuple(sharding for _ in result_shape), tuple(sharding for _ in arg_shapes))
+
+    def infer(kernel_size, up_factor, mesh, arg_shapes, result_shape):
+        sharding = _batch_sharding(mesh, arg_shapes)
+        return tuple(sharding for _ in result_shape)
+
+    # Every factor but the batch must stay whole, listed in order of first appearance.
+    factors = []
+    for name in rule.replace(",", " ").replace("->", " ").split():
+        if name != "b" and name not in factors:
+            factors.append(name)
+    op.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                     sharding_rule=rule, need_replication_factors=tuple(factors))
+    return op
+
+
+_forward_op = _partitioned(_forward_call, _RULES["forward"], 3)
+_backward_op = _partitioned(_backward_call, _RULES["backward"], 5)
+
+
+@functools.lru_cache(maxsize=None)
+def _batched(which, kernel_size, up_factor):
+    """The partitioned op for fixed sizes, with a vmap rule."""
+    op = _forward_op if which == "forward" else _backward_op
+
+    @jax.custom_batching.custom_vmap
+    def call(*arrays):
+        return op(*arrays, kernel_size, up_factor)
+
+    @call.def_vmap
+    def _rule(axis_size, in_batched, *arrays):
+        arrays = [a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                  for a, batched in zip(arrays, in_batched)]
+        outs = call(*(a.reshape((-1,) + a.shape[2:]) for a in arrays))
+        return (tuple(o.reshape((axis_size, -1) + o.shape[1:]) for o in outs),
+                tuple(True for _ in outs))
+
+    return call
+
+
+def _forward(query, key, value, kernel_size, up_factor):
+    return _batched("forward", kernel_size, up_factor)(query, key, value)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -137,17 +217,8 @@ def _fused_fwd(query, key, value, kernel_size, up_factor):
 
 def _fused_bwd(kernel_size, up_factor, residuals, grad):
     query, key, value, weights = residuals
-    call = jax.ffi.ffi_call(
-        BACKWARD_TARGET,
-        (
-            jax.ShapeDtypeStruct(query.shape, query.dtype),
-            jax.ShapeDtypeStruct(key.shape, key.dtype),
-            jax.ShapeDtypeStruct(value.shape, value.dtype),
-        ),
-        vmap_method="broadcast_all",
-    )
     grad = grad.astype(query.dtype)
-    return tuple(call(grad, query, key, value, weights, **_attrs(kernel_size, up_factor)))
+    return _batched("backward", kernel_size, up_factor)(grad, query, key, value, weights)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
