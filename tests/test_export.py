@@ -274,7 +274,8 @@ def _run_litert(path, arrays):
     details = runner.get_input_details()
     feeds = {}
     for name, spec in details.items():
-        matches = [a for a in arrays if tuple(a.shape) == tuple(spec["shape"])]
+        # Keras exports a dynamic batch (shape_signature -1): match the other axes.
+        matches = [a for a in arrays if tuple(a.shape[1:]) == tuple(spec["shape"][1:])]
         assert len(matches) == 1, (name, spec["shape"])
         feeds[name] = matches[0]
     outputs = runner(**feeds)
