@@ -13,7 +13,8 @@ handlers treat every leading dimension as batch, so the calls are declared
 ``vmap_method="broadcast_all"``, and a ``custom_vmap`` rule folds vmapped axes into the
 batch) and sharding (``keras.distribution.DataParallel``): each call is a
 ``custom_partitioning`` op that keeps the batch axis sharded, so every device runs the
-kernels on its own shard instead of XLA gathering the whole batch. CPU only: on other platforms :func:`available` is False.
+kernels on its own shard instead of XLA gathering the whole batch. CPU only: on other
+platforms :func:`available` is False.
 
 The library is loaded on the first call of :func:`available` (or :func:`sapa`), never at
 import. A missing, stale or broken library gives one ``RuntimeWarning``; ``available()``
