@@ -75,7 +75,15 @@ def _patches_bytes(wl):
     return 4 * low * wl["kernel"] ** 2 * (wl["channels"] + wl["dim"]) * 3
 
 
+def _backend():
+    import keras
+
+    return keras.config.backend()
+
+
 def _make_inputs(wl, seed=0):
+    if _backend() != "tensorflow":
+        return _make_inputs_other(wl, seed)
     import tensorflow as tf
 
     rng = np.random.default_rng(seed)
@@ -90,6 +98,8 @@ def _make_inputs(wl, seed=0):
 
 def _functions(impl, wl):
     """(forward, forward+backward) tf.functions of (query, key, value, upstream)."""
+    if _backend() != "tensorflow":
+        return _functions_other(impl, wl)
     import tensorflow as tf
 
     from keras_sapa import ops
@@ -113,6 +123,81 @@ def _functions(impl, wl):
 
     return (tf.function(forward, jit_compile=jit),
             tf.function(forward_backward, jit_compile=jit))
+
+
+# ----------------------------------------------------------- JAX and PyTorch backends
+
+
+def _make_inputs_other(wl, seed=0):
+    """The inputs of :func:`_make_inputs` as arrays of the running Keras backend."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    b, h, w, s = wl["batch"], wl["height"], wl["width"], wl["up"]
+    f = lambda *shape: keras.ops.convert_to_tensor(  # noqa: E731
+        rng.standard_normal(shape).astype(np.float32))
+    return (f(b, s * h, s * w, wl["dim"]), f(b, h, w, wl["dim"]),
+            f(b, h, w, wl["channels"]), f(b, s * h, s * w, wl["channels"]))
+
+
+def _functions_other(impl, wl):
+    """(forward, forward+backward) on JAX (``jax.jit``, results waited for) or
+    PyTorch (eager): SAPA through :mod:`keras_sapa.ops`, or the backend's own bilinear
+    resize of the same value tensor (``jax.image.resize``,
+    ``torch.nn.functional.interpolate`` on an NCHW view, ``align_corners=False``)."""
+    from keras_sapa import ops
+
+    k, s = wl["kernel"], wl["up"]
+    size = (wl["height"] * s, wl["width"] * s)
+    if _backend() == "jax":
+        import jax
+
+        if impl == "bilinear":
+            def forward(query, key, value, upstream):
+                return jax.image.resize(value, (value.shape[0], *size, value.shape[3]),
+                                        "bilinear")
+        else:
+            def forward(query, key, value, upstream):
+                return ops.sapa(query, key, value, k, s, implementation=impl)
+
+        def forward_backward(query, key, value, upstream):
+            argnums = (2,) if impl == "bilinear" else (0, 1, 2)
+            args = (query, key, value)
+            out, pullback = jax.vjp(
+                lambda *a: forward(*[a[argnums.index(i)] if i in argnums else args[i]
+                                     for i in range(3)], upstream),
+                *[args[i] for i in argnums])
+            return [out, *pullback(upstream)]
+
+        jitted = [jax.jit(forward), jax.jit(forward_backward)]
+        return tuple((lambda fn: lambda *a: jax.block_until_ready(fn(*a)))(fn)
+                     for fn in jitted)
+
+    import torch
+    import torch.nn.functional as F
+
+    if impl == "bilinear":
+        def forward(query, key, value, upstream):
+            # A permuted view: interpolate runs on channels_last memory, no copy.
+            return F.interpolate(value.permute(0, 3, 1, 2), size=size, mode="bilinear",
+                                 align_corners=False).permute(0, 2, 3, 1)
+    else:
+        def forward(query, key, value, upstream):
+            return ops.sapa(query, key, value, k, s, implementation=impl)
+
+    def forward_backward(query, key, value, upstream):
+        leaves = [t.detach().requires_grad_(True) for t in (query, key, value)]
+        out = forward(*leaves, upstream)
+        wanted = leaves[2:] if impl == "bilinear" else leaves
+        return [out, *torch.autograd.grad(out, wanted, upstream)]
+
+    def no_grad(fn):
+        def run(*args):
+            with torch.no_grad():
+                return fn(*args)
+        return run
+
+    return no_grad(forward), forward_backward
 
 
 def _time_rounds(cases, inputs, rounds, calls):
@@ -287,7 +372,10 @@ def format_scaling(scaling):
 
 
 def machine_description():
-    """One line describing the machine, TensorFlow and the compiled library."""
+    """One line describing the machine, TensorFlow and the compiled library (or,
+    on JAX and PyTorch, the backend's version and devices)."""
+    if _backend() != "tensorflow":
+        return _machine_description_other()
     import tensorflow as tf
 
     cpu = platform.processor() or platform.machine()
@@ -310,6 +398,31 @@ def machine_description():
             f"Python {platform.python_version()}{build}")
 
 
+def _machine_description_other():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        if match:
+            cpu = match.group(1).strip()
+    except OSError:
+        pass
+    backend = _backend()
+    if backend == "jax":
+        import jax
+
+        devices = ", ".join(sorted({str(d.device_kind) for d in jax.devices()}))
+        framework = f"JAX {jax.__version__} on {jax.default_backend()} ({devices})"
+    else:
+        import torch
+
+        device = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+        framework = (f"PyTorch {torch.__version__} ({device}, "
+                     f"{torch.get_num_threads()} threads)")
+    return (f"{cpu}, {os.cpu_count()} logical cores; Keras backend {backend}: {framework}, "
+            f"Python {platform.python_version()}")
+
+
 def run_benchmark(workloads=None, implementations=IMPLEMENTATIONS, rounds=5, calls=4,
                   memory=True, memory_workloads=("W1", "M1"), print_table=True,
                   sweep_implementations=("compiled", "patches"), threads=True):
@@ -326,6 +439,9 @@ def run_benchmark(workloads=None, implementations=IMPLEMENTATIONS, rounds=5, cal
     """
     from keras_sapa import ops
 
+    if _backend() != "tensorflow":
+        # Allocator statistics, the RSS child and the thread runs are TensorFlow's.
+        memory = threads = False
     workloads = [W1, M1, *SWEEP] if workloads is None else workloads
     impls = [i for i in implementations if i != "compiled" or ops.compiled_available()]
     skipped = [i for i in implementations if i not in impls]
@@ -464,7 +580,18 @@ def main(argv=None):
     parser.add_argument("--no-threads", action="store_true",
                         help="skip the 1 / 2 / all-thread runs of the compiled forward")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--backend", choices=("tensorflow", "jax", "torch"), default=None,
+                        help="Keras backend to run on (default: KERAS_BACKEND, else "
+                             "tensorflow); the baseline is that backend's bilinear resize")
     args = parser.parse_args(argv)
+    if args.backend and args.backend != _backend():
+        # Keras fixes its backend when first imported: run again under the one asked for.
+        sys.stdout.flush()
+        env = dict(os.environ, KERAS_BACKEND=args.backend)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if argv and argv[0] == "bench":
+            argv = argv[1:]
+        return subprocess.call([sys.executable, "-m", "keras_sapa", "bench", *argv], env=env)
     impls = [i.strip() for i in args.implementations.split(",") if i.strip()]
     bad = [i for i in impls if i not in IMPLEMENTATIONS]
     if bad:

@@ -152,3 +152,31 @@ def test_bad_input_is_a_value_error(call, match):
     weights = rng.standard_normal(query.shape[:3] + (9,)).astype(np.float32)
     with pytest.raises(ValueError, match=match):
         call(query, key, value, weights)
+
+
+def test_torch_compile_forward_and_backward():
+    """PyTorch only: the default implementation traced by ``torch.compile`` (one
+    graph, no graph breaks: ``fullgraph=True``) gives the reference and float64
+    numeric gradients."""
+    if keras.config.backend() != "torch":
+        pytest.skip("torch.compile exists on the torch backend only")
+    import torch
+
+    rng = np.random.default_rng(11)
+    query, key, value = _inputs(rng, 1, 3, 4, 4, 3, 2, dtype=np.float64)
+
+    def fn(q, k, v):
+        return sapa_ops.sapa(q, k, v, kernel_size=3, up_factor=2)
+
+    # "aot_eager": Dynamo's capture and AOTAutograd's tracing of the forward and the
+    # hand-written backward, without Inductor's C++ code generation (minutes on a
+    # loaded 2-core CI machine; the bench's torch rows can time it).
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(*[torch.tensor(a) for a in (query, key, value)])
+    np.testing.assert_allclose(to_numpy(out), ref.sapa(query, key, value, 3, 2),
+                               rtol=1e-10, atol=1e-12)
+    cotangent = rng.standard_normal(tuple(out.shape))
+    theoretical = vjp(compiled, [query, key, value], cotangent)
+    numerical = numeric_vjp(fn, [query, key, value], cotangent)
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, rtol=1e-6, atol=1e-8)
