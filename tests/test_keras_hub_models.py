@@ -147,8 +147,10 @@ def check_stock_weights_load(ours, stock):
 
 
 def check_fit_lowers_loss(model, x, y, loss, lr=3e-3, epochs=5):
-    # Eager: tracing the train step of these models costs more than a few steps.
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, run_eagerly=True)
+    # TensorFlow: eager, since tracing the train step of these models costs more than
+    # a few steps. JAX: jitted, since op-by-op dispatch is far slower there.
+    eager = keras.config.backend() == "tensorflow"
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, run_eagerly=eager)
     sapa = sapa_layers_of(model)[0]
     before = [np.array(w) for w in sapa.trainable_weights]
     history = model.fit(x, y, epochs=epochs, batch_size=len(x), verbose=0)
@@ -515,3 +517,64 @@ def test_overhead_of_a_segformer_b1_is_computed_without_weights():
     lows = [(16, 16), (32, 32), (64, 64), (32, 32), (64, 64), (64, 64)]
     assert report["macs"] == sum(expected_macs("bilinear", hw, 256, 256, 32) for hw in lows)
     assert math.isclose(report["replaced_macs"], 3 * 4 * 128 * 128 * 256)
+
+
+# ------------------------------------------------------------------------- on JAX
+JAX_SCRIPT = """
+import os, sys
+import numpy as np, keras
+sys.path.insert(0, {tests!r})
+import test_keras_hub_models as T
+assert keras.config.backend() == "jax"
+assert T._SKIP is None, T._SKIP
+import keras_hub
+import keras_sapa.models as M
+
+keras.utils.set_random_seed(0)
+model = M.SAPASegFormer(
+    backbone=T.mit_encoder(), num_classes=T.NUM_CLASSES,
+    projection_filters=T.FILTERS, embedding_dim=T.EMBED,
+)
+stock = keras_hub.models.SegFormerImageSegmenter(
+    backbone=keras_hub.models.SegFormerBackbone(
+        image_encoder=T.mit_encoder(), projection_filters=T.FILTERS),
+    num_classes=T.NUM_CLASSES,
+)
+T.check_stock_weights_load(model, stock)
+x = T.images(seed=1)
+y = np.random.default_rng(2).integers(0, T.NUM_CLASSES, size=(2, T.IMAGE, T.IMAGE, 1))
+T.check_fit_lowers_loss(
+    model, x, y, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+
+class Tmp:
+    def __truediv__(self, name):
+        return os.path.join({tmp!r}, name)
+
+
+T.check_keras_round_trip(model, Tmp(), x, "segformer_jax")
+assert "keras_cv" not in sys.modules
+print("JAX OK")
+"""
+
+
+def test_segformer_on_jax(tmp_path):
+    """The issue's promise: a SAPA SegFormer that builds, takes stock weights, fits,
+    saves and reloads on JAX (one subprocess, the SegFormer only, to keep it short)."""
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("run once, from the TensorFlow run of the suite")
+    pytest.importorskip("jax")
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.path.dirname(tests) + os.pathsep + env.get("PYTHONPATH", "")
+    script = JAX_SCRIPT.format(tests=tests, tmp=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert result.returncode == 0 and "JAX OK" in result.stdout, (
+        result.stdout[-3000:] + result.stderr[-5000:]
+    )
