@@ -20,3 +20,7 @@ if [ -f custom_ops/build.py ]; then
     # Never fatal: without the libraries the package falls back to its pure paths.
     .venv/bin/python custom_ops/build.py || echo "setup_env: custom op build failed; the pure paths will be used" >&2
 fi
+if [ -f custom_ops/build_bindings.py ]; then
+    # The same CPU kernels bound to JAX (XLA FFI) and PyTorch; g++ only, never fatal.
+    .venv/bin/python custom_ops/build_bindings.py || echo "setup_env: JAX/PyTorch kernel build failed; the pure paths will be used" >&2
+fi
