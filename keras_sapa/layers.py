@@ -241,7 +241,7 @@ class SAPA(keras.layers.Layer):
         return (batch, height, width, channels)
 
     # -------------------------------------------------------------------- call
-    def call(self, x, guide):
+    def call(self, x, guide, training=None):
         if self.data_format == "channels_first":
             x = ops.transpose(x, (0, 2, 3, 1))
             guide = ops.transpose(guide, (0, 2, 3, 1))
@@ -267,7 +267,8 @@ class SAPA(keras.layers.Layer):
                 query = gate * self.qy(y_n) + (1.0 - gate) * self.qx(_nearest_up(x, s))
         value = x if self.v is None else self.v(x_n)
         out = sapa_ops.sapa(
-            query, key, value, self.kernel_size, s, implementation=self.implementation
+            query, key, value, self.kernel_size, s, implementation=self.implementation,
+            training=training,
         )
         out = ops.cast(out, self.compute_dtype)
         if self.data_format == "channels_first":

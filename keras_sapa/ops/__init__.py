@@ -45,6 +45,7 @@ __all__ = [
     "compiled_available",
     "load_compiled_library",
     "resolve_implementation",
+    "set_implementation",
     "use_implementation",
 ]
 
@@ -125,15 +126,17 @@ def use_implementation(implementation):
         _override.value = previous
 
 
-def resolve_implementation(implementation="auto"):
+def resolve_implementation(implementation="auto", training=None):
     """The concrete implementation (``"patches"``, ``"xla"`` or ``"compiled"``) that
     ``implementation`` stands for on the current backend and in the current context.
 
     Raises ``RuntimeError`` for ``"compiled"`` where the compiled op is not available
-    (always, outside TensorFlow).
+    (always, outside TensorFlow). ``training`` (a Keras layer's argument) matters on
+    TensorFlow only: in a traced graph ``"auto"`` uses the compiled op only when it is
+    ``True`` (see :func:`keras_sapa.ops._tensorflow.resolve_implementation`).
     """
     if _on_tensorflow():
-        return _tf().resolve_implementation(implementation)
+        return _tf().resolve_implementation(implementation, training)
     _checks.check_implementation(implementation)
     if implementation == "auto":
         implementation = getattr(_override, "value", None) or "xla"
@@ -145,6 +148,36 @@ def resolve_implementation(implementation="auto"):
             "implementation='auto'."
         )
     return implementation
+
+
+def set_implementation(model, implementation):
+    """Sets ``implementation`` on every SAPA layer of a Keras ``model`` (nested layers
+    included) and drops the functions Keras has traced for it, so that the next
+    ``fit``, ``evaluate`` or ``predict`` traces them again with the new choice.
+    Returns the number of SAPA layers set; raises ``ValueError`` when there is none,
+    ``RuntimeError`` for ``"compiled"`` where the compiled op is not available.
+    """
+    if _on_tensorflow():
+        return _tf().set_implementation(model, implementation)
+    _checks.check_implementation(implementation)
+    if implementation == "compiled":
+        resolve_implementation("compiled")  # raises: no compiled op on this backend
+    # Keras has no public walk over nested layers; Layer._flatten_layers is what the
+    # TensorFlow path uses too (pinned by tests/test_ops.py).
+    layers = [
+        layer
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if type(layer).__module__.split(".")[0] == "keras_sapa"
+        and getattr(layer, "implementation", None) in _checks.IMPLEMENTATIONS
+    ]
+    if not layers:
+        raise ValueError(f"`model` holds no SAPA layer. Received: model={model!r}")
+    for layer in layers:
+        layer.implementation = implementation
+    for attribute in ("train_function", "test_function", "predict_function"):
+        if hasattr(model, attribute):
+            setattr(model, attribute, None)
+    return len(layers)
 
 
 def _prepare(high, high_name, low, low_name, kernel_size, up_factor, equal_last):
@@ -167,7 +200,8 @@ def _prepare(high, high_name, low, low_name, kernel_size, up_factor, equal_last)
     return high, low, kernel_size, up_factor
 
 
-def similarity(query, key, kernel_size=5, up_factor=2, implementation="auto"):
+def similarity(query, key, kernel_size=5, up_factor=2, implementation="auto",
+               training=None):
     """Window similarity ``S[b, i, j, n] = <query[b, i, j], key[b, i//s + a, j//s + b']>``.
 
     Args:
@@ -177,12 +211,14 @@ def similarity(query, key, kernel_size=5, up_factor=2, implementation="auto"):
         up_factor: integer upsampling factor s.
         implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"`` (see
             the module docs for their meaning on each backend).
+        training: whether the caller trains; used by TensorFlow's ``"auto"`` only.
 
     Returns:
         ``(B, s*H, s*W, K*K)``; points outside the map contribute 0.
     """
     if _on_tensorflow():
-        return _tf().similarity(query, key, kernel_size, up_factor, implementation)
+        return _tf().similarity(query, key, kernel_size, up_factor, implementation,
+                                training=training)
     _checks.check_implementation(implementation)
     query, key, kernel_size, up_factor = _prepare(
         query, "query", key, "key", kernel_size, up_factor, equal_last=True
@@ -191,7 +227,8 @@ def similarity(query, key, kernel_size=5, up_factor=2, implementation="auto"):
     return module.similarity(query, key, kernel_size, up_factor)
 
 
-def aggregate(weights, value, kernel_size=5, up_factor=2, implementation="auto"):
+def aggregate(weights, value, kernel_size=5, up_factor=2, implementation="auto",
+              training=None):
     """Window aggregation ``out[b, i, j] = sum_n weights[b, i, j, n] * value[b, window_n]``.
 
     Args:
@@ -205,7 +242,8 @@ def aggregate(weights, value, kernel_size=5, up_factor=2, implementation="auto")
         ``(B, s*H, s*W, C)``; points outside the map contribute 0.
     """
     if _on_tensorflow():
-        return _tf().aggregate(weights, value, kernel_size, up_factor, implementation)
+        return _tf().aggregate(weights, value, kernel_size, up_factor, implementation,
+                               training=training)
     _checks.check_implementation(implementation)
     weights, value, kernel_size, up_factor = _prepare(
         weights, "weights", value, "value", kernel_size, up_factor, equal_last=False
@@ -215,7 +253,8 @@ def aggregate(weights, value, kernel_size=5, up_factor=2, implementation="auto")
     return module.aggregate(weights, value, kernel_size, up_factor)
 
 
-def sapa(query, key, value, kernel_size=5, up_factor=2, implementation="auto"):
+def sapa(query, key, value, kernel_size=5, up_factor=2, implementation="auto",
+         training=None):
     """``aggregate(softmax(similarity(query, key)), value)``.
 
     The similarity and the softmax run in float32 when the inputs are float16 or
@@ -224,7 +263,8 @@ def sapa(query, key, value, kernel_size=5, up_factor=2, implementation="auto"):
     official implementation.
     """
     if _on_tensorflow():
-        return _tf().sapa(query, key, value, kernel_size, up_factor, implementation)
+        return _tf().sapa(query, key, value, kernel_size, up_factor, implementation,
+                          training=training)
     _checks.check_implementation(implementation)
     query, key, kernel_size, up_factor = _prepare(
         query, "query", key, "key", kernel_size, up_factor, equal_last=True

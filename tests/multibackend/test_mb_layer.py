@@ -196,3 +196,27 @@ def test_imports_stay_light():
     loaded = eval(result.stdout.strip().splitlines()[-1])
     expected = ["tensorflow"] if backend == "tensorflow" else []
     assert loaded == expected, f"{backend}: import keras_sapa loaded {loaded}"
+
+
+def test_set_implementation_and_training_argument():
+    from keras_sapa import ops as sapa_ops
+
+    model = _functional()
+    rng = np.random.default_rng(13)
+    params = randomise(model.get_layer("sapa"), rng)
+    x, guide = _pair(rng, cx=8, cy=6)
+    head = model.get_layer("head")
+    kernel, bias = (to_numpy(w).astype(np.float64) for w in head.weights)
+    expected = ref.sapa_layer(x, guide, params, "gated", 3, 2) @ kernel[0, 0] + bias
+    for implementation in ("patches", "xla"):
+        assert sapa_ops.set_implementation(model, implementation) == 1
+        assert model.get_layer("sapa").implementation == implementation
+        np.testing.assert_allclose(model.predict([x, guide], verbose=0), expected,
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(to_numpy(model([x, guide], training=True)), expected,
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no SAPA layer"):
+        sapa_ops.set_implementation(keras.Sequential([keras.layers.Dense(2)]), "auto")
+    if keras.config.backend() != "tensorflow":
+        with pytest.raises(RuntimeError, match="implementation='compiled'"):
+            sapa_ops.set_implementation(model, "compiled")

@@ -120,6 +120,8 @@ def test_resolve_and_use_implementation():
         assert not sapa_ops.load_compiled_library()
         with pytest.raises(RuntimeError, match="only on the TensorFlow backend"):
             sapa_ops.resolve_implementation("compiled")
+    # training= is accepted everywhere (TensorFlow's "auto" uses it in graphs).
+    assert sapa_ops.resolve_implementation("patches", training=True) == "patches"
     with sapa_ops.use_implementation("patches"):
         assert sapa_ops.resolve_implementation("auto") == "patches"
         assert sapa_ops.resolve_implementation("xla") == "xla"
@@ -137,7 +139,8 @@ def test_resolve_and_use_implementation():
         (lambda q, k, v, w: sapa_ops.similarity(q, v), "same number of channels"),
         (lambda q, k, v, w: sapa_ops.similarity(q[:, :-1], k), "height of `query`"),
         (lambda q, k, v, w: sapa_ops.similarity(q, k[:1]), "same batch size"),
-        (lambda q, k, v, w: sapa_ops.similarity(q, k.astype(np.float64)), "same dtype"),
+        (lambda q, k, v, w: sapa_ops.similarity(
+            q, keras.ops.convert_to_tensor(k.astype(np.float64))), "same dtype"),
         (lambda q, k, v, w: sapa_ops.similarity(q[0], k), "rank-4"),
         (lambda q, k, v, w: sapa_ops.aggregate(w[..., :8], v, kernel_size=3),
          "kernel_size\\*\\*2=9"),
