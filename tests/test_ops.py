@@ -335,3 +335,32 @@ def test_compiled_unavailable_raises_clearly(monkeypatch):
     assert not ops.compiled_available()
     with pytest.raises(RuntimeError, match="compiled"):
         ops.similarity(tf.zeros((1, 4, 4, 2)), tf.zeros((1, 2, 2, 2)), 3, 2, "compiled")
+
+
+@pytest.mark.skipif(not ops.compiled_available(), reason="compiled custom op library unavailable")
+def test_keras_fit_uses_compiled_op_and_predict_builtin_ops(monkeypatch):
+    """Through the layer's ``training`` argument: Keras's train function (training=True)
+    traces the compiled op, its predict and evaluate functions the builtin path."""
+    chosen = []
+    resolve = tf_ops.resolve_implementation
+
+    def recording(implementation="auto", training=None):
+        result = resolve(implementation, training)
+        if not tf.executing_eagerly():
+            chosen.append((implementation, training, result))
+        return result
+
+    monkeypatch.setattr(tf_ops, "resolve_implementation", recording)
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 4, 3, 6)).astype("float32")
+    g = rng.standard_normal((2, 8, 6, 5)).astype("float32")
+    y = rng.standard_normal((2, 8, 6, 6)).astype("float32")
+    model = _two_level_model()
+    tf_ops.set_implementation(model, "auto")
+    model.compile(optimizer="sgd", loss="mse", jit_compile=False)
+    model.fit([x, g], y, epochs=1, verbose=0)
+    assert {r for i, _, r in chosen if i == "auto"} == {"compiled"}
+    chosen.clear()
+    model.predict([x, g], verbose=0)
+    model.evaluate([x, g], y, verbose=0)
+    assert {r for i, _, r in chosen if i == "auto"} == {"xla"}
