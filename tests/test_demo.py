@@ -340,6 +340,12 @@ def test_training_batches_are_the_same_for_every_model():
     np.testing.assert_array_equal(x2, train.train_batch(2, 3, 32, 7)[0])
     np.testing.assert_array_equal(batches[2][1], y2)  # on demand, same every time
     assert not np.array_equal(batches[1][0], x2)
+    dataset = demo.static_dataset(batches)
+    assert int(dataset.cardinality()) == 4
+    assert [tuple(spec.shape) for spec in dataset.element_spec] == [(3, 32, 32, 3), (3, 32, 32)]
+    for i, (x, y) in enumerate(dataset):
+        np.testing.assert_array_equal(x.numpy(), batches[i][0])
+        np.testing.assert_array_equal(y.numpy(), batches[i][1])
 
 
 def test_step_log_records_each_steps_loss():

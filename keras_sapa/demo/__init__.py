@@ -31,7 +31,8 @@ KerasCV's DeepLabV3Plus (8x bilinear decoder upsampling) against
 data and steps, trained with ``model.fit`` on the shapes task of :mod:`keras_sapa.data`:
 :func:`build_segmentation_models`, :func:`train_and_evaluate`,
 :func:`format_training_table`, :class:`ShapesBatches` (the batches, a
-``keras.utils.PyDataset``), :class:`StepLog` (the callback recording per-step loss and
+``keras.utils.PyDataset``; :func:`static_dataset` feeds them to ``fit`` with static
+shapes), :class:`StepLog` (the callback recording per-step loss and
 held-out metrics).
 
 Command line (:mod:`keras_sapa.demo.cli`): :func:`main`, :func:`build_parser`.
@@ -67,6 +68,7 @@ from keras_sapa.demo.train import ShapesBatches
 from keras_sapa.demo.train import StepLog
 from keras_sapa.demo.train import build_segmentation_models
 from keras_sapa.demo.train import format_training_table
+from keras_sapa.demo.train import static_dataset
 from keras_sapa.demo.train import train_and_evaluate
 
 __all__ = [
@@ -97,6 +99,7 @@ __all__ = [
     "sapa_upsample",
     "save_figure",
     "save_training_figure",
+    "static_dataset",
     "train_and_evaluate",
     "training_figure",
     "upsample_nearest",

@@ -54,14 +54,15 @@ plt.show()
 # `demo.train_and_evaluate` builds both models (`demo.build_segmentation_models`: a
 # ResNetV2 backbone with stacks of 8, 16, 32, 64 bottleneck filters, a 64-channel spatial
 # pyramid pooling) and trains each with `model.fit` on identical batches
-# (`demo.ShapesBatches`, a `keras.utils.PyDataset`), Adam with a cosine decay of the
-# learning rate to zero. The `demo.StepLog` callback records every step's loss and
+# (`demo.ShapesBatches`, a `keras.utils.PyDataset`, handed to `fit` with static shapes by
+# `demo.static_dataset`), Adam with a cosine decay of the learning rate to zero. The
+# `demo.StepLog` callback records every step's loss and
 # evaluates on held-out images every few steps. With `KERAS_SAPA_NOTEBOOK_QUICK=1` (the
-# test suite) it is 60 steps of 8 images, too few for the comparison to mean much; the
+# test suite) it is 40 steps of 8 images, too few for the comparison to mean much; the
 # default, 400 steps of 16, takes a few minutes on two CPU cores.
 
 # %%
-STEPS = 60 if QUICK else 400
+STEPS = 40 if QUICK else 400
 EVERY = 20 if QUICK else 50
 run = demo.train_and_evaluate(
     steps=STEPS, batch_size=8 if QUICK else 16, seed=0, eval_images=32 if QUICK else 64,
