@@ -72,6 +72,11 @@ def resnet_encoder():
     )
 
 
+def to_np(value):
+    """A tensor or variable of any backend as a NumPy array (a copy)."""
+    return np.array(keras.ops.convert_to_numpy(value))
+
+
 def images(batch=2, seed=0):
     return np.random.default_rng(seed).uniform(size=(batch, IMAGE, IMAGE, 3)).astype("float32")
 
@@ -132,16 +137,16 @@ def check_stock_weights_load(ours, stock):
     for variable in stock.weights:
         variable.assign(rng.normal(size=variable.shape).astype(variable.dtype))
     pairs = counterparts(ours, stock)
-    sapa_before = [np.array(v) for v in ours.weights if is_sapa_variable(v)]
+    sapa_before = [to_np(v) for v in ours.weights if is_sapa_variable(v)]
     assert sapa_before, "the model has no SAPA variables"
-    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)
+    assert not all(np.array_equal(to_np(a), to_np(b)) for a, b in pairs)
 
     sapa_models.load_stock_weights(ours, stock)
 
     for mine, theirs in pairs:
         assert tuple(mine.shape) == tuple(theirs.shape), (mine.path, theirs.path)
-        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs), err_msg=mine.path)
-    sapa_after = [np.array(v) for v in ours.weights if is_sapa_variable(v)]
+        np.testing.assert_array_equal(to_np(mine), to_np(theirs), err_msg=mine.path)
+    sapa_after = [to_np(v) for v in ours.weights if is_sapa_variable(v)]
     for a, b in zip(sapa_before, sapa_after):
         np.testing.assert_array_equal(a, b)
 
@@ -152,12 +157,12 @@ def check_fit_lowers_loss(model, x, y, loss, lr=3e-3, epochs=5):
     eager = keras.config.backend() == "tensorflow"
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, run_eagerly=eager)
     sapa = sapa_layers_of(model)[0]
-    before = [np.array(w) for w in sapa.trainable_weights]
+    before = [to_np(w) for w in sapa.trainable_weights]
     history = model.fit(x, y, epochs=epochs, batch_size=len(x), verbose=0)
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses))
     assert losses[-1] < losses[0], losses
-    after = [np.array(w) for w in sapa.trainable_weights]
+    after = [to_np(w) for w in sapa.trainable_weights]
     assert any(not np.allclose(a, b) for a, b in zip(before, after)), "SAPA got no gradient"
 
 
@@ -171,7 +176,7 @@ def without_encoder(config):
 
 def check_keras_round_trip(model, tmp_path, x, name):
     path = str(tmp_path / f"{name}.keras")
-    expected = np.asarray(model(x))
+    expected = to_np(model(x))
     model.save(path)
     restored = keras.models.load_model(path)
     assert type(restored) is type(model)
@@ -180,7 +185,7 @@ def check_keras_round_trip(model, tmp_path, x, name):
         layer.name for layer in sapa_layers_of(model)
     ]
     np.testing.assert_allclose(
-        np.asarray(restored(x)), expected, rtol=1e-5, atol=1e-5
+        to_np(restored(x)), expected, rtol=1e-5, atol=1e-5
     )
     return restored
 
@@ -446,7 +451,7 @@ def test_retinanet_pyramid_structure_and_overhead(retinanet_pair):
     lat4 = pyramid.lateral_conv_layers["P4"](feats["P4"])
     lat5 = pyramid.lateral_conv_layers["P5"](feats["P5"])
     p4 = pyramid.output_conv_layers["P4"](lat4 + pyramid.sapa_layers["P4"](lat5, lat4))
-    np.testing.assert_allclose(np.asarray(mine["P4"]), np.asarray(p4), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_np(mine["P4"]), to_np(p4), rtol=1e-5, atol=1e-5)
 
     report = sapa_models.sapa_overhead(ours)
     assert report["params"] == ours.count_params() - stock.count_params() > 0
@@ -475,14 +480,14 @@ def test_retinanet_detector_fit_and_round_trip(retinanet_pair, tmp_path):
     classes = np.array([[0, 2], [1, 2]], "float32")
     detector.compile(optimizer=keras.optimizers.Adam(3e-4, global_clipnorm=1.0), run_eagerly=True)
     sapa = sapa_layers_of(ours)[0]
-    before = [np.array(w) for w in sapa.trainable_weights]
+    before = [to_np(w) for w in sapa.trainable_weights]
     history = detector.fit(
         x, {"boxes": boxes, "labels": classes}, epochs=6, batch_size=2, verbose=0
     )
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     assert any(
-        not np.allclose(a, np.array(b)) for a, b in zip(before, sapa.trainable_weights)
+        not np.allclose(a, to_np(b)) for a, b in zip(before, sapa.trainable_weights)
     )
 
     path = str(tmp_path / "retinanet.keras")
@@ -494,7 +499,7 @@ def test_retinanet_detector_fit_and_round_trip(retinanet_pair, tmp_path):
     back_out = restored.backbone(x)
     for key in ours_out:
         np.testing.assert_allclose(
-            np.asarray(back_out[key]), np.asarray(ours_out[key]), rtol=1e-5, atol=1e-5
+            to_np(back_out[key]), to_np(ours_out[key]), rtol=1e-5, atol=1e-5
         )
 
 
@@ -519,13 +524,13 @@ def test_overhead_of_a_segformer_b1_is_computed_without_weights():
     assert math.isclose(report["replaced_macs"], 3 * 4 * 128 * 128 * 256)
 
 
-# ------------------------------------------------------------------------- on JAX
-JAX_SCRIPT = """
+# ------------------------------------------------------------ on JAX and PyTorch
+OTHER_BACKEND_SCRIPT = """
 import os, sys
 import numpy as np, keras
 sys.path.insert(0, {tests!r})
 import test_keras_hub_models as T
-assert keras.config.backend() == "jax"
+assert keras.config.backend() == {backend!r}
 assert T._SKIP is None, T._SKIP
 import keras_hub
 import keras_sapa.models as M
@@ -552,29 +557,31 @@ class Tmp:
         return os.path.join({tmp!r}, name)
 
 
-T.check_keras_round_trip(model, Tmp(), x, "segformer_jax")
+T.check_keras_round_trip(model, Tmp(), x, "segformer")
 assert "keras_cv" not in sys.modules
-print("JAX OK")
+print("BACKEND OK")
 """
 
 
-def test_segformer_on_jax(tmp_path):
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_segformer_on_other_backends(backend, tmp_path):
     """The issue's promise: a SAPA SegFormer that builds, takes stock weights, fits,
-    saves and reloads on JAX (one subprocess, the SegFormer only, to keep it short)."""
+    saves and reloads on JAX (and PyTorch): one subprocess each, the SegFormer only,
+    to keep it short (the other models share every mechanism it exercises)."""
     if keras.config.backend() != "tensorflow":
-        pytest.skip("run once, from the TensorFlow run of the suite")
-    pytest.importorskip("jax")
+        pytest.skip("run once per backend, from the TensorFlow run of the suite")
+    pytest.importorskip(backend)
     import os
     import subprocess
     import sys
 
     tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     env["PYTHONPATH"] = os.path.dirname(tests) + os.pathsep + env.get("PYTHONPATH", "")
-    script = JAX_SCRIPT.format(tests=tests, tmp=str(tmp_path))
+    script = OTHER_BACKEND_SCRIPT.format(tests=tests, tmp=str(tmp_path), backend=backend)
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900
     )
-    assert result.returncode == 0 and "JAX OK" in result.stdout, (
+    assert result.returncode == 0 and "BACKEND OK" in result.stdout, (
         result.stdout[-3000:] + result.stderr[-5000:]
     )
