@@ -128,6 +128,10 @@ class SAPA(keras.layers.Layer):
             )
         self.data_format = data_format
         self.implementation = _checks.check_implementation(implementation)
+        # Keras's compile(jit_compile="auto") turns XLA on whenever a GPU is visible,
+        # and the compiled op cannot run inside XLA: where that op runs on the GPU, the
+        # layer declines XLA so that the default fit reaches it.
+        self.supports_jit = sapa_ops.layer_supports_jit(self.implementation)
         self.kernel_initializer = keras.initializers.get(
             kernel_initializer
             if kernel_initializer is not None
@@ -192,11 +196,28 @@ class SAPA(keras.layers.Layer):
         layer.build((None, None, None, channels))
         return layer
 
+    def _sublayer_initializer(self):
+        """A fresh copy of ``kernel_initializer`` for the next projection.
+
+        One Keras random initializer instance returns the same values at every call
+        (an unseeded one draws its seed once, when it is created), so sharing it would
+        start ``q``, ``k``, ``qy`` and ``qx`` with identical kernels. Each projection
+        gets its own copy; a seeded initializer stays reproducible, its seed offset by
+        the projection's index."""
+        initializer = keras.initializers.deserialize(
+            keras.initializers.serialize(self.kernel_initializer)
+        )
+        seed = getattr(initializer, "seed", None)
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            initializer.seed = seed + self._projections_made
+        self._projections_made += 1
+        return initializer
+
     def _make_dense(self, name, units, in_channels):
         layer = keras.layers.Dense(
             units,
             use_bias=self.use_bias,
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=self._sublayer_initializer(),
             bias_initializer=self.bias_initializer,
             dtype=self.dtype_policy,
             name=name,
@@ -208,6 +229,7 @@ class SAPA(keras.layers.Layer):
         x_shape, guide_shape = self._check_shapes(x_shape, guide_shape)
         cx, cy = x_shape[3], guide_shape[3]
         d = self.embedding_dim
+        self._projections_made = 0
         self.norm_x = self._make_norm("norm_x", cx)
         self.norm_y = self._make_norm("norm_y", cy)
         if self.variant == "bilinear":

@@ -340,3 +340,51 @@ def test_compiled_implementation_unavailable_is_a_clear_error(monkeypatch):
     # "auto" falls back to a pure path without complaint.
     auto = SAPA(kernel_size=3, embedding_dim=4)
     assert auto(x, np.zeros((1, 4, 4, 4), np.float32)).shape == (1, 4, 4, 4)
+
+
+@pytest.mark.parametrize("variant", ["bilinear", "gated", "concat"])
+def test_projections_start_from_different_kernels(variant):
+    # One Keras random initializer instance returns the same values at every call: shared
+    # by the projections, it would start q and k (qy, qx, v, ...) identical.
+    layer = SAPA(kernel_size=3, embedding_dim=8, variant=variant, output_dim=12)
+    layer.build((None, 4, 4, 16), (None, 8, 8, 16))
+    kernels = {name: getattr(layer, name).kernel.numpy()
+               for name in ("q", "k", "qy", "qx", "v") if getattr(layer, name) is not None}
+    assert len(kernels) >= 3
+    names = sorted(kernels)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            rows = min(kernels[a].shape[0], kernels[b].shape[0])
+            cols = min(kernels[a].shape[1], kernels[b].shape[1])
+            assert not np.allclose(kernels[a][:rows, :cols], kernels[b][:rows, :cols]), (a, b)
+        # Each still follows the official initialisation: truncated normal, stddev 0.02.
+        assert np.abs(kernels[a]).max() <= 2 * 0.02 + 1e-7
+        assert 0.01 < kernels[a].std() < 0.02
+
+
+def test_seeded_initializer_is_reproducible_and_still_distinct():
+    def build():
+        layer = SAPA(kernel_size=3, embedding_dim=8,
+                     kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02, seed=7))
+        layer.build((None, 4, 4, 16), (None, 8, 8, 16))
+        return layer.q.kernel.numpy(), layer.k.kernel.numpy()
+
+    (q1, k1), (q2, k2) = build(), build()
+    np.testing.assert_array_equal(q1, q2)
+    np.testing.assert_array_equal(k1, k2)
+    assert not np.allclose(q1, k1)
+
+
+def test_supports_jit_declines_xla_only_where_the_gpu_op_runs(monkeypatch):
+    from keras_sapa.ops import _compiled
+
+    # No GPU here (or no usable GPU op): XLA stays allowed.
+    assert SAPA().supports_jit is True
+    # Where the compiled GPU op is usable, jit_compile="auto" must not pick XLA.
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    monkeypatch.setattr(_compiled, "gpu_op_usable", lambda: True)
+    assert SAPA().supports_jit is False
+    assert SAPA(implementation="xla").supports_jit is True
+    monkeypatch.setenv("KERAS_SAPA_DISABLE_COMPILED", "1")
+    assert SAPA().supports_jit is True

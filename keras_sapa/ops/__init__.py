@@ -20,13 +20,22 @@ framework besides Keras. What ``implementation`` means on each backend:
               compiles with                   hand-written gradient           hand-written gradient
               ``jit_compile=True``            (``jax.custom_vjp``), jit-able  (``autograd.Function``),
                                                                               eager and ``torch.compile``
-``compiled``  the fused C++/CUDA custom op    not available: ``RuntimeError``  not available: ``RuntimeError``
-``auto``      see :mod:`._tensorflow`         ``xla``                         ``xla``
+``compiled``  the fused C++/CUDA custom op    the fused C++ CPU kernels as     the fused C++ CPU kernels as
+                                              XLA FFI custom calls            ``torch.library`` custom ops
+``auto``      see :mod:`._tensorflow`         ``compiled`` when training      ``compiled`` (``xla`` while
+                                              (``training=True``) and the     exporting, for CUDA tensors
+                                              kernels are built, else         or where the kernels are not
+                                              ``xla``                         built)
 ============  ==============================  ==============================  ============================
 
 So ``"xla"`` names the formulation with hand-written gradients that each backend
 compiles well, and ``"patches"`` the plain one that the backend's autodiff
-differentiates. A layer saved with ``"auto"``, ``"patches"`` or ``"xla"`` loads on
+differentiates. On JAX and PyTorch, ``"compiled"`` runs only the fused ``sapa`` (the
+JAX/PyTorch bindings of ``custom_ops/sapa/kernels/cpu``, built by
+``custom_ops/build_bindings.py``; :mod:`._native`); ``similarity`` and ``aggregate`` use
+``"xla"`` there. As on TensorFlow, ``"auto"`` keeps the kernels out of anything exported:
+on JAX it takes them for training calls only (a jitted function cannot tell that it is
+being exported), on PyTorch whenever ``torch.onnx`` / ``torch.export`` is not tracing. A layer saved with ``"auto"``, ``"patches"`` or ``"xla"`` loads on
 every backend; one saved with ``"compiled"`` loads with a warning where the compiled
 op is missing and runs on ``"auto"`` (see :meth:`keras_sapa.SAPA.from_config`).
 """
@@ -63,10 +72,39 @@ def _tf():
     return _tensorflow
 
 
+def _backend_kernels():
+    """The compiled-kernel module of the running backend (JAX or PyTorch) when its
+    kernels load, else None (:func:`keras_sapa.ops._native.backend_kernels`).
+    ``KERAS_SAPA_DISABLE_COMPILED`` is read at every call, as on TensorFlow."""
+    from keras_sapa.ops import _native
+
+    if _native.disabled():
+        return None
+    return _native.backend_kernels()
+
+
+def _torch_exporting():
+    import torch
+
+    return bool(torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting())
+
+
+def _auto_choice(training):
+    """What ``"auto"`` means on JAX and PyTorch (see the module docs)."""
+    if _backend_kernels() is None:
+        return "xla"
+    if keras.config.backend() == "jax":
+        return "compiled" if training is True else "xla"
+    return "xla" if _torch_exporting() else "compiled"
+
+
 def _formulation(implementation):
     """The module holding ``similarity`` / ``aggregate`` for a resolved
-    implementation on a backend other than TensorFlow."""
+    implementation on a backend other than TensorFlow (``"compiled"`` binds only the
+    fused ``sapa``: the window ops use ``"xla"``)."""
     backend = keras.config.backend()
+    if implementation == "compiled":
+        implementation = "xla"
     if implementation == "xla" and backend == "jax":
         from keras_sapa.ops import _jax
 
@@ -83,24 +121,24 @@ def _formulation(implementation):
 def compiled_available():
     """True when the compiled custom op library is loaded and usable.
 
-    Always False outside the TensorFlow backend (the custom op is a TensorFlow op).
-    On TensorFlow, False when it was not built, was built for another TensorFlow
-    version, failed to load, or ``KERAS_SAPA_DISABLE_COMPILED=1`` is set.
+    On TensorFlow the custom op library; on JAX and PyTorch the bindings of the same
+    CPU kernels. False when it was not built, was built for another framework version
+    or CPU, failed to load, or ``KERAS_SAPA_DISABLE_COMPILED=1`` is set.
     """
     if not _on_tensorflow():
-        return False
+        return _backend_kernels() is not None
     return _tf().compiled_available()
 
 
 def load_compiled_library():
     """Loads the compiled custom op library now (it is otherwise loaded on first use)
-    and returns True when it is available (always False outside TensorFlow).
+    and returns True when it is available (on JAX and PyTorch: their kernel bindings).
 
     Call it before ``tf.saved_model.load`` of a SavedModel that was exported with the
     compiled op: TensorFlow must know the ``KerasSapa>...`` ops to rebuild its graph.
     """
     if not _on_tensorflow():
-        return False
+        return compiled_available()
     return _tf().load_compiled_library()
 
 
@@ -130,24 +168,40 @@ def resolve_implementation(implementation="auto", training=None):
     """The concrete implementation (``"patches"``, ``"xla"`` or ``"compiled"``) that
     ``implementation`` stands for on the current backend and in the current context.
 
-    Raises ``RuntimeError`` for ``"compiled"`` where the compiled op is not available
-    (always, outside TensorFlow). ``training`` (a Keras layer's argument) matters on
-    TensorFlow only: in a traced graph ``"auto"`` uses the compiled op only when it is
-    ``True`` (see :func:`keras_sapa.ops._tensorflow.resolve_implementation`).
+    Raises ``RuntimeError`` for ``"compiled"`` where the compiled kernels are not
+    available. ``training`` (a Keras layer's argument) steers ``"auto"``: on TensorFlow,
+    in a traced graph, the compiled op is used only when it is ``True`` (see
+    :func:`keras_sapa.ops._tensorflow.resolve_implementation`); on JAX likewise.
     """
     if _on_tensorflow():
         return _tf().resolve_implementation(implementation, training)
     _checks.check_implementation(implementation)
     if implementation == "auto":
-        implementation = getattr(_override, "value", None) or "xla"
-    if implementation == "compiled":
+        implementation = getattr(_override, "value", None) or _auto_choice(training)
+    if implementation == "compiled" and _backend_kernels() is None:
+        from keras_sapa.ops import _native
+
         raise RuntimeError(
-            "implementation='compiled' was requested but the keras_sapa compiled op "
-            "exists only on the TensorFlow backend of Keras (Received: "
-            f"keras.config.backend()={keras.config.backend()!r}). Use "
-            "implementation='auto'."
+            "implementation='compiled' was requested but the keras_sapa compiled "
+            f"kernels are not available on the {keras.config.backend()!r} backend "
+            f"({_native.backend_kernels_reason()}). Build them with "
+            "`python custom_ops/build_bindings.py`, or use implementation='auto'."
         )
     return implementation
+
+
+def layer_supports_jit(implementation="auto"):
+    """The ``supports_jit`` of a SAPA layer with this ``implementation``.
+
+    False only on TensorFlow when a GPU is visible and the compiled GPU op is usable:
+    Keras's ``jit_compile="auto"`` then leaves XLA off, so that the default ``fit``
+    reaches the fused kernels instead of the builtin formulation XLA would compile
+    (see :func:`keras_sapa.ops._compiled.layer_supports_jit` for the trade-off)."""
+    if not _on_tensorflow():
+        return True
+    from keras_sapa.ops import _compiled
+
+    return _compiled.layer_supports_jit(implementation)
 
 
 def set_implementation(model, implementation):
@@ -223,7 +277,7 @@ def similarity(query, key, kernel_size=5, up_factor=2, implementation="auto",
     query, key, kernel_size, up_factor = _prepare(
         query, "query", key, "key", kernel_size, up_factor, equal_last=True
     )
-    module = _formulation(resolve_implementation(implementation))
+    module = _formulation(resolve_implementation(implementation, training))
     return module.similarity(query, key, kernel_size, up_factor)
 
 
@@ -249,7 +303,7 @@ def aggregate(weights, value, kernel_size=5, up_factor=2, implementation="auto",
         weights, "weights", value, "value", kernel_size, up_factor, equal_last=False
     )
     _checks.check_weights_channels(tuple(weights.shape), kernel_size)
-    module = _formulation(resolve_implementation(implementation))
+    module = _formulation(resolve_implementation(implementation, training))
     return module.aggregate(weights, value, kernel_size, up_factor)
 
 
@@ -274,7 +328,12 @@ def sapa(query, key, value, kernel_size=5, up_factor=2, implementation="auto",
     if keras.backend.standardize_dtype(query.dtype) in _HALF_DTYPES:
         query = keras.ops.cast(query, "float32")
         key = keras.ops.cast(key, "float32")
-    module = _formulation(resolve_implementation(implementation))
+    resolved = resolve_implementation(implementation, training)
+    if resolved == "compiled":
+        kernels = _backend_kernels()
+        if kernels is not None and kernels.usable(query, key, value):
+            return kernels.sapa(query, key, value, kernel_size, up_factor)
+    module = _formulation(resolved)
     logits = module.similarity(query, key, kernel_size, up_factor)
     weights = keras.ops.softmax(logits, axis=-1)
     weights = keras.ops.cast(weights, value.dtype)

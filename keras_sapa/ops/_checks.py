@@ -65,7 +65,20 @@ def _dims(shape):
         dims = tuple(shape)
     except (TypeError, ValueError):  # tf.TensorShape of unknown rank
         return None
-    return tuple(None if d is None else int(d) for d in dims)
+    return tuple(_static_dim(d) for d in dims)
+
+
+def _static_dim(dim):
+    """A dimension as an int, or None when it is not known statically: ``None``, a
+    TensorFlow ``Dimension`` of unknown value, or a symbolic size such as the batch
+    dimension JAX gives while Keras builds a functional model."""
+    if dim is None:
+        return None
+    try:
+        return operator.index(dim)
+    except TypeError:
+        value = getattr(dim, "value", None)  # tf.compat.v1 Dimension
+        return value if isinstance(value, int) else None
 
 
 def check_rank4(name, shape):

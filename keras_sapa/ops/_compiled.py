@@ -285,6 +285,8 @@ def layer_supports_jit(implementation="auto"):
         return True
     if os.environ.get("KERAS_SAPA_DISABLE_COMPILED", "") not in ("", "0"):
         return True
+    if not tf.config.list_physical_devices("GPU"):
+        return True  # no GPU: nothing to decide, and the library is not loaded for it
     return not gpu_op_usable()
 
 

@@ -2,6 +2,8 @@
 loop reference (tiny sizes and the real C=256, d=64 sizes), gradients against float64
 finite differences, mixed dtypes, bad input."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -10,7 +12,16 @@ import reference as ref
 from backend_utils import directional_derivative, numeric_vjp, to_numpy, vjp
 from keras_sapa import ops as sapa_ops
 
-IMPLEMENTATIONS = ("patches", "xla")
+# "compiled": TensorFlow's custom op, or on JAX/PyTorch the bindings of the same CPU
+# kernels (their fused `sapa`; the window ops run "xla" there). Skipped, saying why, where
+# they are not built.
+IMPLEMENTATIONS = (
+    "patches",
+    "xla",
+    pytest.param("compiled", marks=pytest.mark.skipif(
+        not sapa_ops.compiled_available(),
+        reason="the compiled kernels of this backend are not built or are disabled")),
+)
 
 
 def _inputs(rng, batch, height, width, d, channels, s, dtype=np.float32):
@@ -115,11 +126,26 @@ def test_half_inputs_softmax_in_float32(dtype):
 def test_resolve_and_use_implementation():
     backend = keras.config.backend()
     if backend != "tensorflow":
-        assert sapa_ops.resolve_implementation("auto") == "xla"
-        assert not sapa_ops.compiled_available()
-        assert not sapa_ops.load_compiled_library()
-        with pytest.raises(RuntimeError, match="only on the TensorFlow backend"):
-            sapa_ops.resolve_implementation("compiled")
+        kernels = sapa_ops.compiled_available()
+        assert sapa_ops.load_compiled_library() == kernels
+        # JAX takes the compiled kernels for training calls only (exports stay
+        # portable); PyTorch whenever it is not exporting.
+        expected_auto = "compiled" if kernels and backend == "torch" else "xla"
+        assert sapa_ops.resolve_implementation("auto") == expected_auto
+        expected_train = "compiled" if kernels else "xla"
+        assert sapa_ops.resolve_implementation("auto", training=True) == expected_train
+        if not kernels:
+            with pytest.raises(RuntimeError, match="implementation='compiled'"):
+                sapa_ops.resolve_implementation("compiled")
+    if backend != "tensorflow":
+        os.environ["KERAS_SAPA_DISABLE_COMPILED"] = "1"
+        try:
+            assert not sapa_ops.compiled_available()
+            assert sapa_ops.resolve_implementation("auto", training=True) == "xla"
+            with pytest.raises(RuntimeError, match="implementation='compiled'"):
+                sapa_ops.resolve_implementation("compiled")
+        finally:
+            del os.environ["KERAS_SAPA_DISABLE_COMPILED"]
     # training= is accepted everywhere (TensorFlow's "auto" uses it in graphs).
     assert sapa_ops.resolve_implementation("patches", training=True) == "patches"
     with sapa_ops.use_implementation("patches"):
