@@ -20,6 +20,16 @@ class _Default:
 #: (``norm=None`` is "no norm").
 DEFAULT = _Default()
 
+def deserialize_nested(config, *keys):
+    """A copy of ``config`` with the Keras objects serialized under ``keys`` (a
+    backbone, a pyramid, ...) deserialized, for the models' ``from_config``."""
+    config = dict(config)
+    for key in keys:
+        if isinstance(config.get(key), dict):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+    return config
+
+
 # SAPA arguments a model forwards to each of its SAPA layers.
 SAPA_ARGS = ("variant", "kernel_size", "embedding_dim", "norm", "implementation")
 

@@ -5,6 +5,7 @@ import keras_cv
 
 from keras_sapa.layers import SAPA
 from keras_sapa.ops import _checks
+from keras_sapa.models._common import deserialize_nested
 from keras_sapa.models._common import check_backbone
 from keras_sapa.models._common import pyramid_extractor
 
@@ -229,8 +230,5 @@ class SAPADeepLabV3Plus(keras_cv.models.Task):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        for key in ("backbone", "spatial_pyramid_pooling", "segmentation_head"):
-            if isinstance(config.get(key), dict):
-                config[key] = keras.saving.deserialize_keras_object(config[key])
-        return cls(**config)
+        return cls(**deserialize_nested(
+            config, "backbone", "spatial_pyramid_pooling", "segmentation_head"))

@@ -7,6 +7,7 @@ import keras_cv
 
 from keras_sapa.layers import NORMS
 from keras_sapa.layers import SAPA
+from keras_sapa.models._common import deserialize_nested
 from keras_sapa.models._common import DEFAULT
 from keras_sapa.ops import _checks
 
@@ -321,9 +322,4 @@ class SAPARetinaNet(keras_cv.models.RetinaNet):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        if isinstance(config.get("feature_pyramid"), dict):
-            config["feature_pyramid"] = keras.saving.deserialize_keras_object(
-                config["feature_pyramid"]
-            )
-        return super().from_config(config)
+        return super().from_config(deserialize_nested(config, "feature_pyramid"))

@@ -4,6 +4,7 @@ import keras
 import keras_hub
 
 from keras_sapa.layers import SAPA
+from keras_sapa.models._common import deserialize_nested
 from keras_sapa.models._common import power_of_two_log
 from keras_sapa.models._common import sapa_kwargs
 from keras_sapa.models.keras_hub._upstream import SpatialPyramidPooling
@@ -226,9 +227,4 @@ class SAPADeepLabV3Backbone(keras_hub.models.Backbone):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        if isinstance(config.get("image_encoder"), dict):
-            config["image_encoder"] = keras.saving.deserialize_keras_object(
-                config["image_encoder"]
-            )
-        return super().from_config(config)
+        return super().from_config(deserialize_nested(config, "image_encoder"))

@@ -4,6 +4,7 @@ import keras
 import keras_hub
 
 from keras_sapa.layers import SAPA
+from keras_sapa.models._common import deserialize_nested
 from keras_sapa.models._common import DEFAULT
 from keras_sapa.models._common import sapa_kwargs
 from keras_sapa.ops import _checks
@@ -211,12 +212,7 @@ class SAPASegFormerBackbone(keras_hub.models.Backbone):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
-        if isinstance(config.get("image_encoder"), dict):
-            config["image_encoder"] = keras.saving.deserialize_keras_object(
-                config["image_encoder"]
-            )
-        return super().from_config(config)
+        return super().from_config(deserialize_nested(config, "image_encoder"))
 
 
 @keras.saving.register_keras_serializable(package="keras_sapa")
