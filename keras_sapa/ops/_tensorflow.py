@@ -264,21 +264,9 @@ def _prepare(high, high_name, low, low_name, kernel_size, up_factor, equal_last)
 
 def similarity(query, key, kernel_size=5, up_factor=2, implementation="auto",
                training=None):
-    """Window similarity ``S[b, i, j, n] = <query[b, i, j], key[b, i//s + a, j//s + b']>``.
-
-    Args:
-        query: ``(B, s*H, s*W, d)`` high-resolution query.
-        key: ``(B, H, W, d)`` low-resolution key.
-        kernel_size: odd window size K.
-        up_factor: integer upsampling factor s.
-        implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``.
-        training: whether the caller trains (a Keras layer passes its ``training``
-            argument). In a traced graph, ``"auto"`` uses the compiled op only when
-            it is ``True``; see :func:`resolve_implementation`.
-
-    Returns:
-        ``(B, s*H, s*W, K*K)``; points outside the map contribute 0.
-    """
+    """TensorFlow side of :func:`keras_sapa.ops.similarity` (same arguments and
+    result). ``training``: in a traced graph, ``"auto"`` uses the compiled op only when
+    it is ``True``; see :func:`resolve_implementation`."""
     implementation = _checks.check_implementation(implementation)
     query, key, kernel_size, up_factor = _prepare(
         query, "query", key, "key", kernel_size, up_factor, equal_last=True
@@ -295,21 +283,9 @@ def similarity(query, key, kernel_size=5, up_factor=2, implementation="auto",
 
 def aggregate(weights, value, kernel_size=5, up_factor=2, implementation="auto",
               training=None):
-    """Window aggregation ``out[b, i, j] = sum_n weights[b, i, j, n] * value[b, window_n]``.
-
-    Args:
-        weights: ``(B, s*H, s*W, K*K)`` mixing weights (usually a softmax).
-        value: ``(B, H, W, C)`` low-resolution feature.
-        kernel_size: odd window size K.
-        up_factor: integer upsampling factor s.
-        implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``.
-        training: whether the caller trains (a Keras layer passes its ``training``
-            argument). In a traced graph, ``"auto"`` uses the compiled op only when
-            it is ``True``; see :func:`resolve_implementation`.
-
-    Returns:
-        ``(B, s*H, s*W, C)``; points outside the map contribute 0.
-    """
+    """TensorFlow side of :func:`keras_sapa.ops.aggregate` (same arguments and
+    result). ``training``: in a traced graph, ``"auto"`` uses the compiled op only when
+    it is ``True``; see :func:`resolve_implementation`."""
     implementation = _checks.check_implementation(implementation)
     weights, value, kernel_size, up_factor = _prepare(
         weights, "weights", value, "value", kernel_size, up_factor, equal_last=False
