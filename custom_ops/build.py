@@ -398,7 +398,10 @@ def _sources():
     for pattern in ("**/*.cc", "**/*.h", "**/*.cu", "**/*.cuh"):
         paths.update(glob.glob(os.path.join(SAPA, pattern), recursive=True))
     paths.add(os.path.abspath(__file__))
-    return sorted(p for p in paths if "testing" not in os.path.relpath(p, SAPA).split(os.sep))
+    # The launcher's test stand-ins and the JAX/PyTorch bindings (built by
+    # build_bindings.py, with their own stamp) are not inputs of this build.
+    skip = {"testing", "bindings"}
+    return sorted(p for p in paths if not skip & set(os.path.relpath(p, SAPA).split(os.sep)))
 
 
 def build_stamp(parts):
