@@ -131,9 +131,8 @@ def _keras_model(use_kernels):
     import keras
 
     from keras_sapa import ops
-    from keras_sapa.ops import _native
 
-    kernels = _native.backend_kernels()
+    kernels = ops._backend_kernels()
 
     class Upsample(keras.layers.Layer):
         def __init__(self, **kwargs):
@@ -170,9 +169,10 @@ def _keras_batch():
 def _worker_keras_step(framework):
     """One training step of a Keras model through the compiled kernels equals the same
     step through the pure formulation (same initial weights and batch)."""
+    from keras_sapa import ops
     from keras_sapa.ops import _native
 
-    if _native.backend_kernels() is None:
+    if ops._backend_kernels() is None:
         return {"skip": _native.unavailable_reason() or f"no kernels on {framework}"}
     inputs, target = _keras_batch()
     pure = _keras_model(use_kernels=False)

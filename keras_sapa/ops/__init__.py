@@ -72,15 +72,46 @@ def _tf():
     return _tensorflow
 
 
+def _kernel_module():
+    """The module binding the compiled CPU kernels to the running backend
+    (:mod:`._jax_kernels`, :mod:`._torch_kernels`), or None on TensorFlow (whose custom
+    op is dispatched by :mod:`._tensorflow`)."""
+    backend = keras.config.backend()
+    if backend == "jax":
+        from keras_sapa.ops import _jax_kernels
+
+        return _jax_kernels
+    if backend == "torch":
+        from keras_sapa.ops import _torch_kernels
+
+        return _torch_kernels
+    return None
+
+
 def _backend_kernels():
-    """The compiled-kernel module of the running backend (JAX or PyTorch) when its
-    kernels load, else None (:func:`keras_sapa.ops._native.backend_kernels`).
-    ``KERAS_SAPA_DISABLE_COMPILED`` is read at every call, as on TensorFlow."""
+    """The kernel module of the running backend (JAX or PyTorch) when its kernels load,
+    else None. Both offer ``usable(query, key, value)`` and ``sapa(query, key, value,
+    kernel_size, up_factor)``. ``KERAS_SAPA_DISABLE_COMPILED`` is read at every call, as
+    on TensorFlow."""
     from keras_sapa.ops import _native
 
-    if _native.disabled():
+    module = _kernel_module()
+    if _native.disabled() or module is None:
         return None
-    return _native.backend_kernels()
+    return module if module.available() else None
+
+
+def _backend_kernels_reason():
+    """Why :func:`_backend_kernels` is None (a sentence)."""
+    from keras_sapa.ops import _native
+
+    module = _kernel_module()
+    if module is None:
+        return f"no compiled kernel bindings for the {keras.config.backend()!r} backend"
+    if _native.disabled():
+        return f"{_native.ENV_DISABLE} is set"
+    module.available()
+    return module.unavailable_reason() or "available"
 
 
 def _torch_exporting():
@@ -179,12 +210,10 @@ def resolve_implementation(implementation="auto", training=None):
     if implementation == "auto":
         implementation = getattr(_override, "value", None) or _auto_choice(training)
     if implementation == "compiled" and _backend_kernels() is None:
-        from keras_sapa.ops import _native
-
         raise RuntimeError(
             "implementation='compiled' was requested but the keras_sapa compiled "
             f"kernels are not available on the {keras.config.backend()!r} backend "
-            f"({_native.backend_kernels_reason()}). Build them with "
+            f"({_backend_kernels_reason()}). Build them with "
             "`python custom_ops/build_bindings.py`, or use implementation='auto'."
         )
     return implementation

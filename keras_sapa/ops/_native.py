@@ -129,35 +129,3 @@ def _reset():
     """Forgets the load attempt (tests only; a loaded library stays mapped)."""
     with _lock:
         _state.update(tried=False, core=None, info=None, reason=None)
-
-
-def backend_kernels():
-    """The compiled-kernel module of the running Keras backend when its kernels load:
-    :mod:`._jax_kernels` on JAX, :mod:`._torch_kernels` on PyTorch; None otherwise (other
-    backends, library missing or disabled). Both modules offer ``usable(query, key,
-    value)`` and ``sapa(query, key, value, kernel_size, up_factor)``."""
-    import keras
-
-    backend = keras.config.backend()
-    if backend == "jax":
-        from keras_sapa.ops import _jax_kernels as module
-    elif backend == "torch":
-        from keras_sapa.ops import _torch_kernels as module
-    else:
-        return None
-    return module if module.available() else None
-
-
-def backend_kernels_reason():
-    """Why :func:`backend_kernels` is None on the running Keras backend (a sentence)."""
-    import keras
-
-    backend = keras.config.backend()
-    if backend == "jax":
-        from keras_sapa.ops import _jax_kernels as module
-    elif backend == "torch":
-        from keras_sapa.ops import _torch_kernels as module
-    else:
-        return f"no compiled kernel bindings for the {backend!r} backend"
-    module.available()
-    return module.unavailable_reason() or "available"
