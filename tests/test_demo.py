@@ -508,3 +508,81 @@ def test_train_quick_smoke(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "bilinear (stock)" in printed and "boundary F" in printed
     assert (tmp_path / "train_predictions.png").is_file()
+
+
+def _segformer_table_rows(printed):
+    """The two model rows of the training table: name -> (mIoU, boundary F)."""
+    rows = {}
+    for line in printed.splitlines():
+        for name in (train.STOCK, train.SAPA):
+            if line.startswith(name + " "):
+                fields = line[len(name):].split()
+                rows[name] = (float(fields[0]), float(fields[1]))
+    return rows
+
+
+def _check_segformer_run(printed, tmp_path):
+    assert "SAPA SegFormer (SAPA-B, K=5, d=32)" in printed
+    rows = _segformer_table_rows(printed)
+    assert set(rows) == {train.STOCK, train.SAPA}, printed
+    for miou, boundary_f in rows.values():
+        assert 0.0 <= miou <= 1.0 and 0.0 <= boundary_f <= 1.0
+    assert "mean" in printed and "SAPA higher on" in printed  # the several-seeds table
+    assert (tmp_path / "train_predictions_segformer.png").is_file()
+
+
+SEGFORMER_QUICK = ["--image", "chelsea", "--crop", "64", "--train", "--model", "segformer",
+                   "--quick", "--steps", "2", "--batch-size", "2", "--seeds", "0,1", "--no-progress"]
+
+
+def test_train_segformer_quick_tensorflow(tmp_path, capsys):
+    code = demo.main(SEGFORMER_QUICK + ["--out", str(tmp_path)])
+    assert code == 0
+    _check_segformer_run(capsys.readouterr().out, tmp_path)
+
+
+def test_train_segformer_quick_jax(tmp_path):
+    pytest.importorskip("jax")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_sapa", "demo", *SEGFORMER_QUICK, "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=str(tmp_path), timeout=600,
+        env=dict(env, PYTHONPATH=ROOT, KERAS_BACKEND="jax"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_segformer_run(result.stdout, tmp_path)
+
+
+def test_seed_table_reports_each_seed_mean_and_wins():
+    def results(stock, sapa):
+        return {train.STOCK: {"miou": stock, "boundary_f": stock / 2},
+                train.SAPA: {"miou": sapa, "boundary_f": sapa / 2}}
+
+    table = train.format_seed_table({0: results(0.5, 0.7), 3: results(0.6, 0.4)})
+    lines = table.splitlines()
+    seed_rows = [line.split() for line in lines if line.split()[:1] in (["0"], ["3"])]
+    assert [float(v) for v in seed_rows[0][1:]] == [0.5, 0.7, 0.2, 0.25, 0.35, 0.1]
+    mean = next(line.split() for line in lines if line.startswith("  mean"))
+    assert [float(v) for v in mean[1:]] == [0.55, 0.55, 0.0, 0.275, 0.275, 0.0]
+    assert "SAPA higher on 1/2 seeds (mIoU), 1/2 (boundary F)" in table
+    with pytest.raises(ValueError, match="seeds"):
+        train.train_seeds([])
+
+
+def test_segformer_pair_starts_from_the_same_encoder_weights():
+    models = train.build_segformer_models(seed=3)
+    encoders = [m.backbone.image_encoder for m in models.values()]
+    for a, b in zip(encoders[0].weights, encoders[1].weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    sapa_layers = [[type(layer).__name__ for layer in m.backbone.layers].count("SAPA") for m in models.values()]
+    assert sapa_layers == [0, 6]  # stock: bilinear resizing; SAPA: 6 layers for 4 stages
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train", "--model", "unet"], "invalid choice"),
+    (["--train", "--seeds", "0,x"], "--seeds"),
+    (["--train", "--seeds", "0,-1"], "--seeds"),
+])
+def test_bad_training_arguments_are_usage_errors(argv, message, capsys, tmp_path):
+    assert demo.main(argv + ["--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err

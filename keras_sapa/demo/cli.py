@@ -1,8 +1,9 @@
 """``python -m keras_sapa demo``: the command line of the demo.
 
 Guided upsampling of a photograph (:func:`keras_sapa.demo.guided_upsampling`), a table
-and a figure; with ``--train``, the segmentation comparison
-(:func:`keras_sapa.demo.train_and_evaluate`).
+and a figure; with ``--train``, a segmentation comparison, stock against SAPA
+(:func:`keras_sapa.demo.train_and_evaluate`; ``--model deeplab`` or ``segformer``,
+``--seeds`` for several seeds).
 """
 
 import argparse
@@ -15,6 +16,7 @@ from keras_sapa.demo import guided
 from keras_sapa.demo import images
 from keras_sapa.demo import metrics
 from keras_sapa.demo import train
+from keras_sapa.layers import VARIANTS
 from keras_sapa.ops import _checks
 
 DEFAULT_OUT = "sapa_demo_out"
@@ -59,6 +61,19 @@ def _positive_float(text):
     return value
 
 
+def _seed_list(text):
+    """An argparse ``type`` for ``--seeds``: comma-separated non-negative integers."""
+    seeds = []
+    for part in text.split(","):
+        try:
+            seeds.append(_checks.integer("--seeds", int(part), "non-negative integers", minimum=0))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"`--seeds` must be comma-separated non-negative integers. Received: --seeds={text!r}"
+            ) from None
+    return seeds
+
+
 def build_parser():
     """The ``argparse`` parser of ``python -m keras_sapa demo``."""
     parser = argparse.ArgumentParser(
@@ -70,8 +85,9 @@ def build_parser():
             "fixed colour-and-position embedding (each output pixel mixes the "
             "low-resolution pixels that look like it). Prints PSNR and edge measures "
             "against the original and writes a figure to --out. With --train, also "
-            "trains KerasCV's DeepLabV3Plus and the SAPA one on a synthetic shapes task "
-            "and prints mIoU and boundary F-score."
+            "trains a stock segmentation model and its SAPA version (--model: KerasCV's "
+            "DeepLabV3Plus or KerasHub's SegFormer) on a synthetic shapes task and prints "
+            "mIoU and boundary F-score."
         ),
         epilog=(
             "Columns: PSNR over the image and within 1 px of the original's edges (Canny, "
@@ -117,9 +133,10 @@ def build_parser():
     parser.add_argument("--out", default=DEFAULT_OUT, help="directory for the figures (default: %(default)s)")
     parser.add_argument(
         "--train", action="store_true",
-        help="also train stock DeepLabV3Plus (bilinear) and SAPA DeepLabV3Plus (SAPA-G) on "
-        "the built-in shapes task with Keras fit and report mIoU and boundary F-score (a "
-        "few minutes on 2 CPU cores; needs the TensorFlow backend)",
+        help="also train a stock model and its SAPA version (--model) on the built-in "
+        "shapes task with Keras fit, same seed and batches, and report mIoU and boundary "
+        "F-score (a few minutes on 2 CPU cores; --model deeplab needs the TensorFlow "
+        "backend, --model segformer runs on TensorFlow and JAX)",
     )
     parser.add_argument(
         "--quick", action="store_true",
@@ -138,6 +155,23 @@ def build_parser():
         type=_integer_option("--seed", _checks.integer, requirement="a non-negative integer", minimum=0),
         help="with --train: seed of data and weights (default: %(default)s)",
     )
+    parser.add_argument(
+        "--model", choices=train.MODELS, default="deeplab",
+        help="with --train: the pair to compare: 'deeplab' (KerasCV DeepLabV3Plus against "
+        "SAPADeepLabV3Plus, TensorFlow only) or 'segformer' (KerasHub "
+        "SegFormerImageSegmenter against SAPASegFormer on a tiny MiT encoder, any "
+        "backend) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--variant", choices=VARIANTS, default=None,
+        help="with --train: the SAPA variant (default: gated for deeplab, bilinear, the "
+        "paper's SegFormer setting, for segformer)",
+    )
+    parser.add_argument(
+        "--seeds", type=_seed_list, default=None,
+        help="with --train: several seeds, e.g. 0,1,2 (overrides --seed): one run per "
+        "seed and a table of every seed, the mean and the spread",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument(
         "--verbose", action="store_true",
@@ -154,7 +188,7 @@ def run(args, parser=None):
         if args.crop is not None:
             image = images.center_crop(image, args.crop)
         images.check_scale(args.scale, image.shape)
-        if args.train:
+        if args.train and args.model == "deeplab":
             train.require_tensorflow()
     except (images.DemoError, RuntimeError) as error:
         parser.error(str(error))
@@ -182,25 +216,48 @@ def run(args, parser=None):
     print(f"figure: {figure}  ({time.perf_counter() - start:.1f} s)")
 
     if args.train:
-        steps = args.steps or (15 if args.quick else 400)
-        batch = min(args.batch_size, 8) if args.quick else args.batch_size
-        print(
-            f"\nTraining DeepLabV3Plus (bilinear) and SAPA DeepLabV3Plus (SAPA-G) on the "
-            f"shapes task: {steps} steps of {batch} images (64 x 64), seed {args.seed}",
-            flush=True,
-        )
-        outcome = train.train_and_evaluate(
-            steps=steps, batch_size=batch, seed=args.seed, eval_images=32 if args.quick else 64,
-            progress=not args.no_progress,
-        )
-        print(train.format_training_table(outcome["results"]))
-        print(
-            "mIoU over the 4 classes and boundary F-score (1 px tolerance) on held-out images."
-            + (" --quick: too few steps for the numbers to mean anything." if args.quick else "")
-        )
-        figure = figures.save_training_figure(outcome, os.path.join(args.out, "train_predictions.png"))
-        print(f"figure: {figure}")
+        _run_training(args)
     return 0
+
+
+def _run_training(args):
+    steps = args.steps or (15 if args.quick else 400)
+    batch = min(args.batch_size, 8) if args.quick else args.batch_size
+    seeds = args.seeds or [args.seed]
+    variant = args.variant or train.DEFAULT_VARIANTS[args.model]
+    if args.model == "deeplab":
+        pair = f"DeepLabV3Plus (bilinear) and SAPA DeepLabV3Plus (SAPA-{variant[0].upper()})"
+    else:
+        pair = (
+            f"SegFormer (bilinear) and SAPA SegFormer (SAPA-{variant[0].upper()}, K=5, d=32), "
+            "tiny MiT encoder"
+        )
+    print(
+        f"\nTraining {pair} on the shapes task: {steps} steps of {batch} images (64 x 64), "
+        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}",
+        flush=True,
+    )
+    outcome = None
+    per_seed = {}
+    for seed in seeds:
+        if len(seeds) > 1:
+            print(f"seed {seed}:", flush=True)
+        outcome = train.train_and_evaluate(
+            steps=steps, batch_size=batch, seed=seed, eval_images=32 if args.quick else 64,
+            progress=not args.no_progress, model=args.model, variant=variant,
+        )
+        per_seed[seed] = outcome["results"]
+        print(train.format_training_table(outcome["results"]), flush=True)
+    if len(seeds) > 1:
+        print("\nEvery seed (same batches and initial weights for both models of a seed):")
+        print(train.format_seed_table(per_seed))
+    print(
+        "mIoU over the 4 classes and boundary F-score (1 px tolerance) on held-out images."
+        + (" --quick: too few steps for the numbers to mean anything." if args.quick else "")
+    )
+    name = "train_predictions.png" if args.model == "deeplab" else f"train_predictions_{args.model}.png"
+    figure = figures.save_training_figure(outcome, os.path.join(args.out, name))
+    print(f"figure: {figure}" + (f" (seed {seeds[-1]})" if len(seeds) > 1 else ""))
 
 
 def main(argv=None):

@@ -1,10 +1,19 @@
-"""The segmentation comparison of ``python -m keras_sapa demo --train``.
+"""The segmentation comparisons of ``python -m keras_sapa demo --train``.
 
-KerasCV's ``DeepLabV3Plus`` (one 8x bilinear decoder upsampling) against
-:class:`keras_sapa.models.SAPADeepLabV3Plus` (three SAPA-G 2x stages), built from the
-same seed on the same tiny backbone, trained with ``model.fit`` on identical batches of
-the synthetic shapes task (:mod:`keras_sapa.data`) and evaluated on held-out images
-(mIoU and boundary F-score). KerasCV needs the TensorFlow backend.
+Two pairs of models (``model=``), each pair built from the same seed on the same tiny
+backbone, trained with ``model.fit`` on identical batches of the synthetic shapes task
+(:mod:`keras_sapa.data`) and evaluated on held-out images (mIoU and boundary F-score):
+
+- ``"deeplab"``: KerasCV's ``DeepLabV3Plus`` (one 8x bilinear decoder upsampling)
+  against :class:`keras_sapa.models.SAPADeepLabV3Plus` (three SAPA-G 2x stages).
+  KerasCV needs the TensorFlow backend.
+- ``"segformer"``: KerasHub's ``SegFormerImageSegmenter`` (bilinear resizing in its
+  all-MLP decoder) against :class:`keras_sapa.models.SAPASegFormer` (SAPA-B, K=5, d=32
+  by default), on a tiny ``MiTBackbone``. Any Keras backend with KerasHub
+  (TensorFlow and JAX are tested).
+
+:func:`train_seeds` repeats a comparison over several seeds and
+:func:`format_seed_table` summarises it.
 """
 
 import time
@@ -17,6 +26,20 @@ from keras_sapa import data
 
 #: The names of the two models, in training order.
 STOCK, SAPA = "bilinear (stock)", "SAPA"
+
+#: The model pairs of :func:`train_and_evaluate` (``model=``).
+MODELS = ("deeplab", "segformer")
+
+#: The SAPA variant of each pair when none is given: SAPA-G for DeepLabV3Plus, SAPA-B
+#: (the paper's SegFormer configuration) for SegFormer.
+DEFAULT_VARIANTS = {"deeplab": "gated", "segformer": "bilinear"}
+
+
+def check_model(model):
+    """Returns ``model`` if it names a pair of :data:`MODELS`; raises ``ValueError``."""
+    if model not in MODELS:
+        raise ValueError(f"`model` must be one of {MODELS}. Received: model={model!r}")
+    return model
 
 
 def require_tensorflow():
@@ -72,6 +95,58 @@ def build_segmentation_models(image_size=64, num_classes=None, seed=0, variant="
     return {STOCK: stock, SAPA: sapa}
 
 
+def _mit_encoder(image_size):
+    import keras_hub
+
+    # A tiny MiT (SegFormer's encoder): stages of 16, 32, 64 and 128 channels at
+    # strides 4, 8, 16 and 32, one transformer block each.
+    return keras_hub.models.MiTBackbone(
+        image_shape=(image_size, image_size, 3),
+        num_layers=4,
+        hidden_dims=[16, 32, 64, 128],
+        layerwise_depths=[1, 1, 1, 1],
+        layerwise_num_heads=[1, 1, 2, 2],
+        layerwise_sr_ratios=[8, 4, 2, 1],
+        layerwise_patch_sizes=[7, 3, 3, 3],
+        layerwise_strides=[4, 2, 2, 2],
+        max_drop_path_rate=0.0,
+    )
+
+
+def build_segformer_models(
+    image_size=64, num_classes=None, seed=0, variant="bilinear", kernel_size=5,
+    embedding_dim=32, projection_filters=64,
+):
+    """The SegFormer pair, built from the same seed (runs on any Keras backend).
+
+    Returns:
+        ``{"bilinear (stock)": keras_hub SegFormerImageSegmenter, "SAPA": SAPASegFormer}``,
+        each on a freshly built tiny ``MiTBackbone`` (identical initial weights) with a
+        ``projection_filters``-wide all-MLP decoder; the SAPA one upsamples with
+        ``variant``, ``kernel_size`` and ``embedding_dim`` (SAPA-B, K=5, d=32 as in the
+        paper's SegFormer runs). Both return logits, for images scaled to [0, 1].
+    """
+    import keras_hub
+
+    from keras_sapa.models import SAPASegFormer
+
+    num_classes = num_classes or data.NUM_CLASSES
+    keras.utils.set_random_seed(seed)
+    stock = keras_hub.models.SegFormerImageSegmenter(
+        backbone=keras_hub.models.SegFormerBackbone(
+            image_encoder=_mit_encoder(image_size), projection_filters=projection_filters
+        ),
+        num_classes=num_classes,
+    )
+    keras.utils.set_random_seed(seed)
+    sapa = SAPASegFormer(
+        backbone=_mit_encoder(image_size), num_classes=num_classes,
+        projection_filters=projection_filters, variant=variant, kernel_size=kernel_size,
+        embedding_dim=embedding_dim,
+    )
+    return {STOCK: stock, SAPA: sapa}
+
+
 def train_batch(step, batch_size, image_size, seed):
     """The training batch of ``step``: ``(images, masks)``, the same for every model."""
     return data.make_shapes(batch_size, image_size, seed=[seed, 1, step])
@@ -80,17 +155,22 @@ def train_batch(step, batch_size, image_size, seed):
 class ShapesBatches(keras.utils.PyDataset):
     """``steps`` training batches of the shapes task, generated on demand: batch ``i``
     is :func:`train_batch` ``(i, batch_size, image_size, seed)`` (fit it with
-    ``shuffle=False`` so that every model sees them in the same order)."""
+    ``shuffle=False`` so that every model sees them in the same order), its images
+    multiplied by ``image_scale`` (1/255 for models without their own rescaling)."""
 
-    def __init__(self, steps, batch_size=16, image_size=64, seed=0, **kwargs):
+    def __init__(self, steps, batch_size=16, image_size=64, seed=0, image_scale=1.0, **kwargs):
         super().__init__(**kwargs)
         self.steps, self.batch_size, self.image_size, self.seed = steps, batch_size, image_size, seed
+        self.image_scale = image_scale
 
     def __len__(self):
         return self.steps
 
     def __getitem__(self, index):
-        return train_batch(index, self.batch_size, self.image_size, self.seed)
+        x, y = train_batch(index, self.batch_size, self.image_size, self.seed)
+        if self.image_scale != 1.0:
+            x = (x * self.image_scale).astype(np.float32)
+        return x, y
 
 
 def static_dataset(batches):
@@ -153,9 +233,25 @@ class StepLog(keras.callbacks.Callback):
         self.seconds += time.perf_counter() - self._start
 
 
+def _keras_method(model, name):
+    """``model``'s ``fit`` or ``predict`` (``name``), as ``keras.Model`` defines it when
+    ``model`` is a KerasHub task without a preprocessor.
+
+    KerasHub's ``Task.fit`` and ``predict`` turn every input that is not already a
+    ``tf.data`` or grain dataset (a ``PyDataset``, NumPy arrays) into a ``tf.data``
+    dataset, to map the preprocessor over it; that needs TensorFlow on every backend.
+    With no preprocessor that conversion is all they add, so ``keras.Model``'s own
+    method (which reads a ``PyDataset`` or arrays natively) does the same work.
+    """
+    if hasattr(model, "preprocessor") and model.preprocessor is None:
+        return getattr(keras.Model, name).__get__(model)
+    return getattr(model, name)
+
+
 def predict_masks(model, images, batch_size=32):
     """The class of every pixel (``argmax`` of the model's output), int ``(N, H, W)``."""
-    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0)).argmax(-1)
+    predict = _keras_method(model, "predict")
+    return np.asarray(predict(images, batch_size=batch_size, verbose=0)).argmax(-1)
 
 
 def train_and_evaluate(
@@ -167,11 +263,19 @@ def train_and_evaluate(
     learning_rate=3e-3,
     progress=True,
     history_every=0,
+    model="deeplab",
+    variant=None,
 ):
-    """Train both models of :func:`build_segmentation_models` with ``model.fit`` for
-    ``steps`` steps on identical batches (:class:`ShapesBatches`, fed through
-    :func:`static_dataset`) and evaluate them on ``eval_images`` held-out images
-    (another seed).
+    """Train both models of a pair for ``steps`` steps with ``model.fit`` on identical
+    batches (:class:`ShapesBatches`) and evaluate them on ``eval_images`` held-out
+    images (another seed).
+
+    ``model="deeplab"`` (:func:`build_segmentation_models`, TensorFlow only) or
+    ``"segformer"`` (:func:`build_segformer_models`, any backend; images scaled to
+    [0, 1], logits); ``variant`` is the SAPA variant (default
+    :data:`DEFAULT_VARIANTS`). On TensorFlow the batches reach ``fit`` through
+    :func:`static_dataset` (static shapes, faster); elsewhere ``fit`` reads the
+    ``PyDataset`` itself (no tf.data).
 
     Adam with a cosine decay of ``learning_rate`` to 0 (the last steps settle the
     weights and the batch-norm statistics, so the held-out numbers are not a snapshot of
@@ -191,39 +295,52 @@ def train_and_evaluate(
     batch_size = _checks.positive_int("batch_size", batch_size)
     eval_images = _checks.positive_int("eval_images", eval_images)
     history_every = _checks.integer("history_every", history_every, "an integer >= 0", minimum=0)
+    check_model(model)
+    variant = variant or DEFAULT_VARIANTS[model]
 
-    models = build_segmentation_models(image_size, seed=seed)
+    if model == "deeplab":
+        models = build_segmentation_models(image_size, seed=seed, variant=variant)
+        image_scale, from_logits = 1.0, False
+    else:
+        models = build_segformer_models(image_size, seed=seed, variant=variant)
+        image_scale, from_logits = 1.0 / 255.0, True
     eval_x, eval_y = data.make_shapes(eval_images, image_size, seed=[seed, 2])
+    model_x = (eval_x * image_scale).astype(np.float32) if image_scale != 1.0 else eval_x
+    on_tensorflow = keras.config.backend() == "tensorflow"
     results, history, predictions = {}, {}, {}
-    for name, model in models.items():
+    for name, net in models.items():
         keras.utils.set_random_seed(seed)
-        model.compile(
+        net.compile(
             optimizer=keras.optimizers.Adam(
                 keras.optimizers.schedules.CosineDecay(learning_rate, steps)
             ),
-            loss="sparse_categorical_crossentropy",
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
+            # An empty list, not None: None would keep the pixel accuracy that
+            # KerasHub's constructor compiled in (Keras keeps earlier metrics on None).
+            metrics=[],
         )
         if progress:
             print(f"{name}:")
-        log = StepLog(eval_x, eval_y, history_every, steps)
+        log = StepLog(model_x, eval_y, history_every, steps)
+        batches = ShapesBatches(steps, batch_size, image_size, seed, image_scale=image_scale)
         with warnings.catch_warnings():
             # KerasCV's ResNetV2 backbone has a final batch norm that DeepLab's
             # decoder never uses: Keras warns that it gets no gradient.
             warnings.filterwarnings("ignore", message=r"Gradients do not exist for variables \['post_bn")
-            model.fit(
-                static_dataset(ShapesBatches(steps, batch_size, image_size, seed)),
+            _keras_method(net, "fit")(
+                static_dataset(batches) if on_tensorflow else batches,
                 epochs=1,
                 shuffle=False,
                 callbacks=[log],
                 verbose=1 if progress else 0,
             )
         history[name] = log.log
-        pred = predict_masks(model, eval_x)
+        pred = predict_masks(net, model_x)
         predictions[name] = pred
         results[name] = {
             "miou": data.mean_iou(eval_y, pred)[0],
             "boundary_f": data.boundary_f_score(eval_y, pred, tolerance=1)[0],
-            "params": model.count_params(),
+            "params": net.count_params(),
             "seconds": log.seconds,
         }
     return {
@@ -233,6 +350,66 @@ def train_and_evaluate(
         "eval": (eval_x, eval_y),
         "predictions": predictions,
     }
+
+
+def train_seeds(seeds, **kwargs):
+    """:func:`train_and_evaluate` once per seed of ``seeds`` (same other arguments).
+
+    Returns:
+        ``{"per_seed": {seed: results}, "last": the last seed's full outcome}`` (only
+        the last run keeps its models and predictions, to bound memory).
+    """
+    seeds = [int(seed) for seed in seeds]
+    if not seeds:
+        raise ValueError(f"`seeds` must name at least one seed. Received: seeds={seeds!r}")
+    per_seed, outcome = {}, None
+    for seed in seeds:
+        outcome = train_and_evaluate(seed=seed, **kwargs)
+        per_seed[seed] = outcome["results"]
+    return {"per_seed": per_seed, "last": outcome}
+
+
+def format_seed_table(per_seed):
+    """A plain-text table of :func:`train_seeds`'s ``per_seed``: one row per seed with
+    both models' mIoU and boundary F and SAPA minus stock, then the mean (and the
+    sample standard deviation over seeds when there are several) and how many seeds
+    SAPA wins."""
+    header = (
+        f"{'seed':>6}  {'mIoU stock':>10}  {'mIoU SAPA':>9}  {'diff':>7}  "
+        f"{'bF stock':>8}  {'bF SAPA':>7}  {'diff':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    rows = []
+    for seed, results in per_seed.items():
+        row = (
+            results[STOCK]["miou"], results[SAPA]["miou"],
+            results[STOCK]["boundary_f"], results[SAPA]["boundary_f"],
+        )
+        rows.append(row)
+        lines.append(
+            f"{seed:>6}  {row[0]:>10.3f}  {row[1]:>9.3f}  {row[1] - row[0]:>+7.3f}  "
+            f"{row[2]:>8.3f}  {row[3]:>7.3f}  {row[3] - row[2]:>+7.3f}"
+        )
+    rows = np.array(rows, dtype=np.float64)
+    mean = rows.mean(axis=0)
+    lines.append("-" * len(header))
+    lines.append(
+        f"{'mean':>6}  {mean[0]:>10.3f}  {mean[1]:>9.3f}  {mean[1] - mean[0]:>+7.3f}  "
+        f"{mean[2]:>8.3f}  {mean[3]:>7.3f}  {mean[3] - mean[2]:>+7.3f}"
+    )
+    if len(rows) > 1:
+        std = rows.std(axis=0, ddof=1)
+        d_miou, d_bf = rows[:, 1] - rows[:, 0], rows[:, 3] - rows[:, 2]
+        lines.append(
+            f"{'std':>6}  {std[0]:>10.3f}  {std[1]:>9.3f}  {d_miou.std(ddof=1):>7.3f}  "
+            f"{std[2]:>8.3f}  {std[3]:>7.3f}  {d_bf.std(ddof=1):>7.3f}"
+        )
+    wins_miou = int((rows[:, 1] > rows[:, 0]).sum())
+    wins_bf = int((rows[:, 3] > rows[:, 2]).sum())
+    lines.append(
+        f"SAPA higher on {wins_miou}/{len(rows)} seeds (mIoU), {wins_bf}/{len(rows)} (boundary F)"
+    )
+    return "\n".join(lines)
 
 
 def format_training_table(results):

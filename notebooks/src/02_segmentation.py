@@ -120,3 +120,38 @@ for name in names:
 # %% [markdown]
 # The same comparison from the command line, with Keras's progress bar:
 # `python -m keras_sapa demo --train` (a few minutes on two CPU cores).
+#
+# ## SegFormer: SAPA in the all-MLP decoder, as in the paper
+#
+# The paper's segmentation results put SAPA into SegFormer. KerasHub's
+# `SegFormerImageSegmenter` projects each of its MiT encoder's four stages to one width
+# and resizes the three coarser ones bilinearly to the finest stage before fusing them;
+# `keras_sapa.models.SAPASegFormer` climbs each coarser stage 2x at a time with SAPA
+# (SAPA-B, K=5, d=32, the paper's setting), each step guided by the stage it arrives
+# at. `train.build_segformer_models` builds both on the same tiny MiT encoder (stages of
+# 16, 32, 64, 128 channels, one transformer block each, a 64-wide decoder) from the same
+# seed, and `train.train_seeds` trains them on the same batches for several seeds, images
+# scaled to [0, 1]. KerasHub runs on every backend: from the command line,
+# `KERAS_BACKEND=jax python -m keras_sapa demo --train --model segformer --seeds 0,1,2`
+# runs this on JAX (no tf.data there: `fit` reads the `PyDataset` of batches itself).
+# With `KERAS_SAPA_NOTEBOOK_QUICK=1` it is one seed of 3 steps, a smoke run.
+
+# %%
+from keras_sapa.demo import train as segtrain
+
+SEEDS = [0] if QUICK else [0, 1, 2]
+segformer = segtrain.train_seeds(
+    SEEDS, model="segformer", steps=3 if QUICK else 200, batch_size=4 if QUICK else 8,
+    eval_images=8 if QUICK else 64, progress=False,
+)
+print(segtrain.format_seed_table(segformer["per_seed"]))
+
+# %% [markdown]
+# Each row is one seed: both models start from the same encoder weights and see the same
+# batches, so the difference column is the effect of the upsampler alone for that seed;
+# the spread over seeds says how much of it is noise. A tiny model on a toy task: read
+# it as a demonstration of the comparison, not as the paper's ADE20K result.
+
+# %%
+fig = demo.training_figure(segformer["last"], count=3)
+plt.show()
