@@ -505,7 +505,7 @@ def main(argv=None):
             kernels = compile_kernels(targets, OUT_DIR, args.jobs, args.verbose, nvrtc_path)
             info.update(nvrtc=kernels["nvrtc"], cuda_targets=kernels["targets"],
                         cuda_images=kernels["images"],
-                        cuda_source_hash=kernels["source_hash"])
+                        cuda_source_hash=kernels.get("source_hash"))
         except (BuildError, OSError) as exc:
             problems.append(f"CUDA kernels: {str(exc).splitlines()[0]}")
             _log(f"WARNING: CUDA kernels not built; the CPU library is unaffected.\n{exc}")

@@ -266,6 +266,11 @@ def test_layer_supports_jit(monkeypatch):
     monkeypatch.setattr(_compiled, "gpu_op_usable", lambda: False)
     assert _compiled.layer_supports_jit() is True
     monkeypatch.setattr(_compiled, "gpu_op_usable", lambda: True)
+    # No GPU visible: nothing to decide (and the library is not loaded for it).
+    monkeypatch.setattr(_compiled.tf.config, "list_physical_devices", lambda kind=None: [])
+    assert _compiled.layer_supports_jit() is True
+    monkeypatch.setattr(_compiled.tf.config, "list_physical_devices",
+                        lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
     assert _compiled.layer_supports_jit() is False
     assert _compiled.layer_supports_jit("compiled") is False
     assert _compiled.layer_supports_jit("xla") is True
