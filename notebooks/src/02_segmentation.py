@@ -134,14 +134,14 @@ for name in names:
 # scaled to [0, 1]. KerasHub runs on every backend: from the command line,
 # `KERAS_BACKEND=jax python -m keras_sapa demo --train --model segformer --seeds 0,1,2`
 # runs this on JAX (no tf.data there: `fit` reads the `PyDataset` of batches itself).
-# With `KERAS_SAPA_NOTEBOOK_QUICK=1` it is one seed of 3 steps, a smoke run.
+# With `KERAS_SAPA_NOTEBOOK_QUICK=1` it is one seed of 2 steps, a smoke run.
 
 # %%
 from keras_sapa.demo import train as segtrain
 
 SEEDS = [0] if QUICK else [0, 1, 2]
 segformer = segtrain.train_seeds(
-    SEEDS, model="segformer", steps=3 if QUICK else 200, batch_size=4 if QUICK else 8,
+    SEEDS, model="segformer", steps=2 if QUICK else 200, batch_size=4 if QUICK else 8,
     eval_images=8 if QUICK else 64, progress=False,
 )
 print(segtrain.format_seed_table(segformer["per_seed"]))
