@@ -35,6 +35,12 @@ data and steps, trained with ``model.fit`` on the shapes task of :mod:`keras_sap
 shapes), :class:`StepLog` (the callback recording per-step loss and
 held-out metrics).
 
+KerasHub's SegFormer (every backend; ``--model segformer``): the stock
+``SegFormerImageSegmenter`` against :class:`keras_sapa.models.SAPASegFormer` (SAPA-B,
+K=5, d=32) on the same tiny MiT encoder, seed and batches:
+:func:`build_segformer_models`, :func:`train_and_evaluate` with ``model="segformer"``,
+:func:`train_seeds` (several seeds) and :func:`format_seed_table`.
+
 Command line (:mod:`keras_sapa.demo.cli`): :func:`main`, :func:`build_parser`.
 """
 
@@ -66,10 +72,13 @@ from keras_sapa.demo.metrics import mean_iou
 from keras_sapa.demo.metrics import psnr
 from keras_sapa.demo.train import ShapesBatches
 from keras_sapa.demo.train import StepLog
+from keras_sapa.demo.train import build_segformer_models
 from keras_sapa.demo.train import build_segmentation_models
+from keras_sapa.demo.train import format_seed_table
 from keras_sapa.demo.train import format_training_table
 from keras_sapa.demo.train import static_dataset
 from keras_sapa.demo.train import train_and_evaluate
+from keras_sapa.demo.train import train_seeds
 
 __all__ = [
     "SAMPLE_IMAGES",
@@ -80,12 +89,14 @@ __all__ = [
     "boundary_f_score",
     "boundary_points",
     "build_parser",
+    "build_segformer_models",
     "build_segmentation_models",
     "center_crop",
     "check_scale",
     "colour_embedding",
     "downsample",
     "draw_kernels",
+    "format_seed_table",
     "format_table",
     "format_training_table",
     "guided_figure",
@@ -101,6 +112,7 @@ __all__ = [
     "save_training_figure",
     "static_dataset",
     "train_and_evaluate",
+    "train_seeds",
     "training_figure",
     "upsample_nearest",
     "upsample_resize",
