@@ -208,13 +208,13 @@ def test_set_implementation_finds_nested_layers():
     model = _two_level_model()
     layers = [l for l in model._flatten_layers() if isinstance(l, keras_sapa.SAPA)]
     assert len(layers) == 2
-    assert tf_ops.set_implementation(model, "patches") == 2
+    assert ops.set_implementation(model, "patches") == 2
     assert [l.implementation for l in layers] == ["patches", "patches"]
     with pytest.raises(ValueError, match="implementation='cuda'"):
-        tf_ops.set_implementation(model, "cuda")
+        ops.set_implementation(model, "cuda")
     plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="no SAPA layer"):
-        tf_ops.set_implementation(plain, "xla")
+        ops.set_implementation(plain, "xla")
 
 
 def test_set_implementation_retraces_keras_functions(monkeypatch):
@@ -234,14 +234,14 @@ def test_set_implementation_retraces_keras_functions(monkeypatch):
     x = rng.standard_normal((2, 4, 3, 6)).astype("float32")
     g = rng.standard_normal((2, 8, 6, 5)).astype("float32")
     model = _two_level_model()
-    tf_ops.set_implementation(model, "auto")
+    ops.set_implementation(model, "auto")
     first = model.predict([x, g], verbose=0)
     assert chosen and set(chosen) == {"xla"}  # inference graph: builtin ops
     chosen.clear()
     with tf_ops.use_implementation("patches"):
         model.predict([x, g], verbose=0)
     assert chosen == []  # not traced again
-    tf_ops.set_implementation(model, "patches")
+    ops.set_implementation(model, "patches")
     assert model.predict_function is None and model.train_function is None
     second = model.predict([x, g], verbose=0)
     assert chosen and set(chosen) == {"patches"}
@@ -255,7 +255,7 @@ def test_set_implementation_retraces_keras_functions(monkeypatch):
 def test_set_implementation_compiled_without_library(monkeypatch):
     monkeypatch.setenv("KERAS_SAPA_DISABLE_COMPILED", "1")
     with pytest.raises(RuntimeError, match="KERAS_SAPA_DISABLE_COMPILED"):
-        tf_ops.set_implementation(_two_level_model(), "compiled")
+        ops.set_implementation(_two_level_model(), "compiled")
 
 
 def test_float16_large_logits_no_nan():
@@ -356,7 +356,7 @@ def test_keras_fit_uses_compiled_op_and_predict_builtin_ops(monkeypatch):
     g = rng.standard_normal((2, 8, 6, 5)).astype("float32")
     y = rng.standard_normal((2, 8, 6, 6)).astype("float32")
     model = _two_level_model()
-    tf_ops.set_implementation(model, "auto")
+    ops.set_implementation(model, "auto")
     model.compile(optimizer="sgd", loss="mse", jit_compile=False)
     model.fit([x, g], y, epochs=1, verbose=0)
     assert {r for i, _, r in chosen if i == "auto"} == {"compiled"}

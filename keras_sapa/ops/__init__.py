@@ -233,30 +233,53 @@ def layer_supports_jit(implementation="auto"):
     return _compiled.layer_supports_jit(implementation)
 
 
+def _sapa_layers(model):
+    """Every keras_sapa layer (one with an ``implementation`` setting) in ``model``,
+    nested layers included.
+
+    Keras 3 has no public way to list the layers nested in a layer; this uses
+    ``Layer._flatten_layers`` (what Keras's own ``quantize`` and jit checks use), pinned
+    by ``tests/test_ops.py::test_set_implementation_finds_nested_layers``.
+    """
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if type(layer).__module__.split(".")[0] == "keras_sapa"
+        and isinstance(getattr(layer, "implementation", None), str)
+        and layer.implementation in _checks.IMPLEMENTATIONS
+    ]
+
+
 def set_implementation(model, implementation):
     """Sets ``implementation`` on every SAPA layer of a Keras ``model`` (nested layers
     included) and drops the functions Keras has traced for it, so that the next
     ``fit``, ``evaluate`` or ``predict`` traces them again with the new choice.
-    Returns the number of SAPA layers set; raises ``ValueError`` when there is none,
-    ``RuntimeError`` for ``"compiled"`` where the compiled op is not available.
+
+    The implementation is chosen when a function is traced; Keras traces
+    ``model.predict_function`` (and the train and test functions) once and reuses them.
+    Call ``set_implementation(model, "auto")`` after changing
+    ``KERAS_SAPA_DISABLE_COMPILED`` or a :func:`use_implementation` scope, too.
+
+    Args:
+        model: a Keras model (or layer) holding SAPA layers.
+        implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``.
+
+    Returns:
+        The number of SAPA layers set.
+
+    Raises:
+        ValueError: bad ``implementation``, or no SAPA layer in ``model``.
+        RuntimeError: ``"compiled"`` without the library.
     """
-    if _on_tensorflow():
-        return _tf().set_implementation(model, implementation)
     _checks.check_implementation(implementation)
     if implementation == "compiled":
-        resolve_implementation("compiled")  # raises: no compiled op on this backend
-    # Keras has no public walk over nested layers; Layer._flatten_layers is what the
-    # TensorFlow path uses too (pinned by tests/test_ops.py).
-    layers = [
-        layer
-        for layer in model._flatten_layers(include_self=True, recursive=True)
-        if type(layer).__module__.split(".")[0] == "keras_sapa"
-        and getattr(layer, "implementation", None) in _checks.IMPLEMENTATIONS
-    ]
+        resolve_implementation("compiled")  # raises here, not at the next trace
+    layers = _sapa_layers(model)
     if not layers:
         raise ValueError(f"`model` holds no SAPA layer. Received: model={model!r}")
     for layer in layers:
         layer.implementation = implementation
+    # Keras's public attributes; make_*_function() traces them again when None.
     for attribute in ("train_function", "test_function", "predict_function"):
         if hasattr(model, attribute):
             setattr(model, attribute, None)

@@ -31,7 +31,8 @@ around ``(i // s, j // s)``, row-major, zero padding *inside* the softmax.
   So ``model.fit`` uses the compiled op's fast backward, ``model.predict`` and every
   export use builtin ops. A graph that has been traced keeps its choice: after changing
   the implementation (or ``KERAS_SAPA_DISABLE_COMPILED``) for a model Keras has already
-  run, call :func:`set_implementation`, which drops Keras's traced functions.
+  run, call :func:`keras_sapa.ops.set_implementation`, which drops Keras's traced
+  functions.
 """
 
 import contextlib
@@ -51,7 +52,6 @@ __all__ = [
     "compiled_available",
     "load_compiled_library",
     "resolve_implementation",
-    "set_implementation",
     "use_implementation",
 ]
 
@@ -118,7 +118,8 @@ def use_implementation(implementation):
 
     The choice is made when an op is called, which for a traced function is when it
     is traced: functions traced before the context keep their choice. For a Keras model
-    that has already run ``fit``/``predict``/``evaluate``, use :func:`set_implementation`.
+    that has already run ``fit``/``predict``/``evaluate``, use
+    :func:`keras_sapa.ops.set_implementation`.
 
     Use ``use_implementation("compiled")`` around an export (``model.export``,
     ``tf.saved_model.save``, or the tracing of a concrete function) to keep the compiled
@@ -174,59 +175,6 @@ def resolve_implementation(implementation="auto", training=None):
             "`python custom_ops/build.py`, or use implementation='auto'."
         )
     return implementation
-
-
-def _sapa_layers(model):
-    """Every keras_sapa layer (one with an ``implementation`` setting) in ``model``,
-    nested layers included.
-
-    Keras 3 has no public way to list the layers nested in a layer; this uses
-    ``Layer._flatten_layers`` (what Keras's own ``quantize`` and jit checks use), pinned
-    by ``tests/test_ops.py::test_set_implementation_finds_nested_layers``.
-    """
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=True, recursive=True)
-        if type(layer).__module__.split(".")[0] == "keras_sapa"
-        and isinstance(getattr(layer, "implementation", None), str)
-        and layer.implementation in _checks.IMPLEMENTATIONS
-    ]
-
-
-def set_implementation(model, implementation):
-    """Sets ``implementation`` on every SAPA layer of a Keras ``model`` (nested layers
-    included) and drops the functions Keras has traced for it, so that the next
-    ``fit``, ``evaluate`` or ``predict`` traces them again with the new choice.
-
-    The implementation is chosen when a function is traced; Keras traces
-    ``model.predict_function`` (and the train and test functions) once and reuses them.
-    Call ``set_implementation(model, "auto")`` after changing
-    ``KERAS_SAPA_DISABLE_COMPILED`` or a :func:`use_implementation` scope, too.
-
-    Args:
-        model: a Keras model (or layer) holding SAPA layers.
-        implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``.
-
-    Returns:
-        The number of SAPA layers set.
-
-    Raises:
-        ValueError: bad ``implementation``, or no SAPA layer in ``model``.
-        RuntimeError: ``"compiled"`` without the library.
-    """
-    _checks.check_implementation(implementation)
-    if implementation == "compiled":
-        resolve_implementation("compiled")  # raises now rather than at the next trace
-    layers = _sapa_layers(model)
-    if not layers:
-        raise ValueError(f"`model` holds no SAPA layer. Received: model={model!r}")
-    for layer in layers:
-        layer.implementation = implementation
-    # Keras's public attributes; make_*_function() traces them again when None.
-    for attribute in ("train_function", "test_function", "predict_function"):
-        if hasattr(model, attribute):
-            setattr(model, attribute, None)
-    return len(layers)
 
 
 def _static_checks(high_name, high, low_name, low, kernel_size, up_factor, equal_last):
