@@ -32,6 +32,7 @@ import tensorflow as tf
 
 import keras_sapa
 import reference as ref
+from multibackend.backend_utils import randomise
 from savedmodel_utils import custom_op_types
 
 CX = CY = 8
@@ -44,7 +45,6 @@ VARIANTS = {
     "concat": ("concat", 3, None),
     "gated_projected": ("gated", 5, 3),
 }
-PARAM_NAMES = ("norm_x", "norm_y", "q", "k", "qy", "qx", "gate", "v")
 STATIC = ((1, 4, 5, CX), (1, 8, 10, CY))
 # Two sizes through one dynamic signature.
 SIZES = {"a": ((1, 4, 5, CX), (1, 8, 10, CY)), "b": ((2, 3, 6, CX), (2, 6, 12, CY))}
@@ -53,24 +53,6 @@ SIZES = {"a": ((1, 4, 5, CX), (1, 8, 10, CY)), "b": ((2, 3, 6, CX), (2, 6, 12, C
 def _inputs(shapes, seed):
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(shape).astype("float32") for shape in shapes]
-
-
-def _randomise(layer, rng):
-    """Random weights for every sublayer; returns them as reference params."""
-    params = {}
-    for name in PARAM_NAMES:
-        sub = getattr(layer, name, None)
-        if sub is None:
-            continue
-        values = []
-        for weight, suffix in zip(sub.weights, ("weight", "bias")):
-            value = rng.standard_normal(weight.shape) * 0.5
-            if name.startswith("norm") and suffix == "weight":
-                value += 1.0
-            values.append(value.astype("float32"))
-            params[f"{name}.{suffix}"] = value.astype("float32")
-        sub.set_weights(values)
-    return params
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +73,7 @@ def variants():
     static = model(STATIC[0][1:], STATIC[1][1:])
     static(_inputs(STATIC, seed=0))  # Keras's ONNX and LiteRT exporters want a called model
     rng = np.random.default_rng(2024)
-    params = {name: _randomise(layer, rng) for name, layer in layers.items()}
+    params = {name: randomise(layer, rng) for name, layer in layers.items()}
 
     def reference(x, guide):
         return [

@@ -13,29 +13,9 @@ import pytest
 import tensorflow as tf
 
 import reference as ref
+from multibackend.backend_utils import randomise
 from savedmodel_utils import custom_op_types
 from keras_sapa import SAPA
-
-PARAM_NAMES = ("norm_x", "norm_y", "q", "k", "qy", "qx", "gate", "v")
-
-
-def randomise(layer, rng, scale=0.5):
-    """Gives every weight a random value (initial weights are too tame to test with)
-    and returns them as reference params in the official naming, Keras layouts."""
-    params = {}
-    for name in PARAM_NAMES:
-        sub = getattr(layer, name)
-        if sub is None:
-            continue
-        new = []
-        for weight, suffix in zip(sub.weights, ("weight", "bias")):
-            value = rng.standard_normal(weight.shape) * scale
-            if name.startswith("norm") and suffix == "weight":
-                value += 1.0
-            new.append(value.astype(weight.dtype))
-            params[f"{name}.{suffix}"] = value
-        sub.set_weights(new)
-    return params
 
 
 def _pair(rng, batch=2, height=3, width=5, s=2, cx=8, cy=8, dtype=np.float32):

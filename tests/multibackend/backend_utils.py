@@ -13,11 +13,12 @@ def to_numpy(t):
 
 
 def randomise(layer, rng, scale=0.5):
-    """Gives every weight of a built SAPA layer a random value and returns them as
-    reference params in the official naming, Keras layouts."""
+    """Gives every weight of a built SAPA layer a random value (initial weights are too
+    tame to test with) and returns them as reference params in the official naming,
+    Keras layouts. Shared by the layer, backend and export tests."""
     params = {}
     for name in PARAM_NAMES:
-        sub = getattr(layer, name)
+        sub = getattr(layer, name, None)
         if sub is None:
             continue
         new = []
@@ -25,8 +26,9 @@ def randomise(layer, rng, scale=0.5):
             value = rng.standard_normal(weight.shape) * scale
             if name.startswith("norm") and suffix == "weight":
                 value += 1.0
-            new.append(value.astype(weight.dtype))
-            params[f"{name}.{suffix}"] = value
+            value = value.astype(weight.dtype)
+            new.append(value)
+            params[f"{name}.{suffix}"] = value  # exactly what the layer holds
         sub.set_weights(new)
     return params
 
