@@ -167,6 +167,23 @@ def similarity_vjp(query, key, grad, kernel_size, up_factor):
     return d_query, d_key
 
 
+def window_scatter(weights, high, kernel_size, up_factor, low_hw):
+    """Adjoint of the window gather: every output point (i, j) adds
+    ``weights[i, j, n] * high[i, j]`` into each in-map point n of its window. Returns
+    ``(B, H, W, C)`` for ``low_hw = (H, W)``: d key of ``similarity`` (with the logits'
+    cotangent and the query) and d value of ``aggregate`` (with the weights and the
+    output's cotangent)."""
+    w, h = np.asarray(weights, np.float64), np.asarray(high, np.float64)
+    height, width = low_hw
+    out = np.zeros((h.shape[0], height, width, h.shape[3]))
+    for b in range(h.shape[0]):
+        for i in range(h.shape[1]):
+            for j in range(h.shape[2]):
+                for n, p, t in _windows(kernel_size, up_factor, height, width, i, j):
+                    out[b, p, t] += w[b, i, j, n] * h[b, i, j]
+    return out
+
+
 def aggregate_vjp(weights, value, grad, kernel_size, up_factor):
     """(d weights, d value) of ``aggregate`` for the cotangent ``grad`` (B, sH, sW, C)."""
     w, v, g = (np.asarray(t, np.float64) for t in (weights, value, grad))

@@ -30,26 +30,6 @@ def _rand(rng, shape, dtype=np.float64):
     return rng.standard_normal(shape).astype(dtype)
 
 
-def _scatter_reference(weights, high, kernel_size, up_factor, low_hw):
-    """Adjoint of the window gather, by plain loops: for every output point and window
-    position, add weight * high row into the low-resolution point it refers to."""
-    w = np.asarray(weights, np.float64)
-    h = np.asarray(high, np.float64)
-    height, width = low_hw
-    s, r = up_factor, kernel_size // 2
-    out = np.zeros((h.shape[0], height, width, h.shape[3]))
-    for b in range(h.shape[0]):
-        for i in range(s * height):
-            for j in range(s * width):
-                for a in range(-r, r + 1):
-                    for c in range(-r, r + 1):
-                        p, t = i // s + a, j // s + c
-                        if 0 <= p < height and 0 <= t < width:
-                            n = (a + r) * kernel_size + (c + r)
-                            out[b, p, t] += w[b, i, j, n] * h[b, i, j]
-    return out
-
-
 CASES = [
     # kernel_size, up_factor, batch, height, width
     (5, 2, 2, 5, 7),   # odd sizes, window wider than the map in one direction
@@ -121,7 +101,7 @@ def test_gradient_ops_match_reference(kernel_size, up_factor):
     np.testing.assert_allclose(grad_query, ref.aggregate(grad_sim, key, kernel_size, s),
                                rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(
-        grad_key, _scatter_reference(grad_sim, query, kernel_size, s, (height, width)),
+        grad_key, ref.window_scatter(grad_sim, query, kernel_size, s, (height, width)),
         rtol=1e-10, atol=1e-10)
 
     grad_weights, grad_value = _compiled.aggregate_grad(grad_out, weights, value,
@@ -129,7 +109,7 @@ def test_gradient_ops_match_reference(kernel_size, up_factor):
     np.testing.assert_allclose(grad_weights, ref.similarity(grad_out, value, kernel_size, s),
                                rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(
-        grad_value, _scatter_reference(weights, grad_out, kernel_size, s, (height, width)),
+        grad_value, ref.window_scatter(weights, grad_out, kernel_size, s, (height, width)),
         rtol=1e-10, atol=1e-10)
 
 

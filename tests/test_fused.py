@@ -29,25 +29,6 @@ needs_fused = pytest.mark.skipif(
 )
 
 
-def _scatter(weights, high, kernel_size, up_factor, low_hw):
-    """Adjoint of the window gather by plain loops: every output point adds
-    weight * its high-resolution row into each in-map point of its window."""
-    w = np.asarray(weights, np.float64)
-    h = np.asarray(high, np.float64)
-    height, width = low_hw
-    s, r = up_factor, kernel_size // 2
-    out = np.zeros((h.shape[0], height, width, h.shape[3]))
-    for b in range(h.shape[0]):
-        for i in range(s * height):
-            for j in range(s * width):
-                for a in range(-r, r + 1):
-                    for c in range(-r, r + 1):
-                        p, t = i // s + a, j // s + c
-                        if 0 <= p < height and 0 <= t < width:
-                            out[b, p, t] += w[b, i, j, (a + r) * kernel_size + c + r] * h[b, i, j]
-    return out
-
-
 def _reference_grads(query, key, value, grad, kernel_size, up_factor):
     """(d query, d key, d value) of <sapa(query, key, value), grad>, float64."""
     k, s = kernel_size, up_factor
@@ -55,8 +36,9 @@ def _reference_grads(query, key, value, grad, kernel_size, up_factor):
     weights = ref.softmax(ref.similarity(query, key, k, s))
     d_weights = ref.similarity(grad, value, k, s)  # <grad, value row>; 0 where padded
     d_logits = weights * (d_weights - np.sum(weights * d_weights, -1, keepdims=True))
-    return (ref.aggregate(d_logits, key, k, s), _scatter(d_logits, query, k, s, low_hw),
-            _scatter(weights, grad, k, s, low_hw))
+    return (ref.aggregate(d_logits, key, k, s),
+            ref.window_scatter(d_logits, query, k, s, low_hw),
+            ref.window_scatter(weights, grad, k, s, low_hw))
 
 
 def _inputs(rng, batch, height, width, dim, channels, up_factor, scale=1.0):
