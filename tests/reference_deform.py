@@ -1,0 +1,315 @@
+"""Independent NumPy reference of SAPA-D (the spec's section "SAPA-D"), with plain loops.
+
+Every output point walks its sampled points one by one and every bilinear sample its
+four taps, in float64. Nothing is vectorised the way the package is, so tests keep the
+shapes small (real channel counts, few pixels).
+
+Layouts are channels last, as in ``keras_sapa.ops``:
+
+- query ``(B, sH, sW, G*E)``, key ``(B, H, W, G*E)``, value ``(B, H, W, C)``;
+- offsets ``(B, sH, sW, 2*G*P)``: point ``p`` of group ``g`` is ``k = g*P + p``, channel
+  ``2k`` its shift along the width, ``2k + 1`` along the height, in low-resolution pixels;
+- logits and weights ``(B, sH, sW, G*P)``, channel ``g*P + p``.
+
+The gradients (``*_vjp``) are written from the chain rule with the same loops, following
+the official kernels' rule: the derivative with respect to a position is taken in the
+cell of ``floor`` (towards increasing coordinate at an integer position), and a dropped
+point (outside ``(-1, H) x (-1, W)``, or NaN) has zero value and zero gradients.
+``numeric_gradient`` gives float64 central differences to check them (and the package)
+away from integer positions.
+"""
+
+import math
+
+import numpy as np
+
+GN_EPS = 1e-5
+GN_GROUPS = 32
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def sample_position(offsets, b, i, j, k, up_factor):
+    """(ph, pw) of point ``k`` (= g*P + p) of output point (i, j): the anchor
+    ``(i // s, j // s)`` plus the offset, in low-resolution pixel coordinates."""
+    pw = j // up_factor + float(offsets[b, i, j, 2 * k])
+    ph = i // up_factor + float(offsets[b, i, j, 2 * k + 1])
+    return ph, pw
+
+
+def dropped(ph, pw, height, width):
+    """True when the point is sampled as 0 outright (NaN fails every comparison)."""
+    return not (ph > -1 and ph < height and pw > -1 and pw < width)
+
+
+def taps(ph, pw, height, width):
+    """The in-map bilinear taps of a kept point, as
+    ``(row, col, weight, d weight / d ph, d weight / d pw)``, in the cell of
+    ``floor(ph), floor(pw)``; taps outside the map are left out (zero padding)."""
+    h0, w0 = math.floor(ph), math.floor(pw)
+    lh, lw = ph - h0, pw - w0
+    hh, hw = 1.0 - lh, 1.0 - lw
+    candidates = (
+        (h0, w0, hh * hw, -hw, -hh),
+        (h0, w0 + 1, hh * lw, -lw, hh),
+        (h0 + 1, w0, lh * hw, hw, -lh),
+        (h0 + 1, w0 + 1, lh * lw, lw, lh),
+    )
+    return [t for t in candidates if 0 <= t[0] < height and 0 <= t[1] < width]
+
+
+def bilinear(feature, ph, pw):
+    """Bilinear sample of ``feature`` (H, W, C) at (ph, pw), zero padded, the spec's
+    drop rule applied. Returns (C,) float64."""
+    f = np.asarray(feature, np.float64)
+    height, width = f.shape[:2]
+    out = np.zeros(f.shape[2])
+    if dropped(ph, pw, height, width):
+        return out
+    for r, c, w, _, _ in taps(ph, pw, height, width):
+        out += w * f[r, c]
+    return out
+
+
+def _check(offsets, groups, num_points):
+    if offsets.shape[-1] != 2 * groups * num_points:
+        raise ValueError(f"offsets need 2*G*P channels, got {offsets.shape}")
+
+
+# ------------------------------------------------------------------ forward
+
+
+def deform_similarity(query, key, offsets, num_points, up_factor, groups):
+    """logits (B, sH, sW, G*P): ``<q[i, j, group g], bilinear(key[group g], pos(k))>``."""
+    q, kk, o = (np.asarray(t, np.float64) for t in (query, key, offsets))
+    _check(o, groups, num_points)
+    batch, channels = kk.shape[0], kk.shape[-1]
+    e = channels // groups
+    out = np.zeros(q.shape[:3] + (groups * num_points,))
+    for b in range(batch):
+        for i in range(q.shape[1]):
+            for j in range(q.shape[2]):
+                for g in range(groups):
+                    for p in range(num_points):
+                        k = g * num_points + p
+                        ph, pw = sample_position(o, b, i, j, k, up_factor)
+                        sample = bilinear(kk[b, :, :, g * e : (g + 1) * e], ph, pw)
+                        out[b, i, j, k] = np.dot(q[b, i, j, g * e : (g + 1) * e], sample)
+    return out
+
+
+def deform_aggregate(weights, value, offsets, num_points, up_factor, groups):
+    """out (B, sH, sW, C): ``sum_p w[i, j, g(c), p] * bilinear(value[..., c], pos(g(c), p))``
+    with ``g(c) = c // (C / G)``."""
+    w, v, o = (np.asarray(t, np.float64) for t in (weights, value, offsets))
+    _check(o, groups, num_points)
+    batch, channels = v.shape[0], v.shape[-1]
+    per = channels // groups
+    out = np.zeros(w.shape[:3] + (channels,))
+    for b in range(batch):
+        for i in range(w.shape[1]):
+            for j in range(w.shape[2]):
+                for g in range(groups):
+                    for p in range(num_points):
+                        k = g * num_points + p
+                        ph, pw = sample_position(o, b, i, j, k, up_factor)
+                        sample = bilinear(v[b, :, :, g * per : (g + 1) * per], ph, pw)
+                        out[b, i, j, g * per : (g + 1) * per] += w[b, i, j, k] * sample
+    return out
+
+
+def group_softmax(logits, groups):
+    """Softmax over the P points of each group, channel g*P + p."""
+    z = np.asarray(logits, np.float64)
+    shape = z.shape
+    z = z.reshape(shape[:-1] + (groups, shape[-1] // groups))
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).reshape(shape)
+
+
+def sapa_deform(query, key, value, offsets, num_points, up_factor, groups):
+    """The fused op: aggregate(group_softmax(similarity)) (no 1/sqrt(E) scaling)."""
+    logits = deform_similarity(query, key, offsets, num_points, up_factor, groups)
+    weights = group_softmax(logits, groups)
+    return deform_aggregate(weights, value, offsets, num_points, up_factor, groups)
+
+
+# ------------------------------------------------------------------ gradients
+
+
+def deform_similarity_vjp(query, key, offsets, grad, num_points, up_factor, groups):
+    """(d query, d key, d offsets) of ``deform_similarity`` for the cotangent ``grad``."""
+    q, kk, o, gr = (np.asarray(t, np.float64) for t in (query, key, offsets, grad))
+    batch, height, width, channels = kk.shape
+    e = channels // groups
+    d_q, d_k, d_o = np.zeros_like(q), np.zeros_like(kk), np.zeros_like(o)
+    for b in range(batch):
+        for i in range(q.shape[1]):
+            for j in range(q.shape[2]):
+                for g in range(groups):
+                    cs = slice(g * e, (g + 1) * e)
+                    for p in range(num_points):
+                        k = g * num_points + p
+                        ph, pw = sample_position(o, b, i, j, k, up_factor)
+                        if dropped(ph, pw, height, width):
+                            continue
+                        gk = gr[b, i, j, k]
+                        qv = q[b, i, j, cs]
+                        for r, c, w, dwh, dww in taps(ph, pw, height, width):
+                            d_q[b, i, j, cs] += gk * w * kk[b, r, c, cs]
+                            d_k[b, r, c, cs] += gk * w * qv
+                            dot = np.dot(qv, kk[b, r, c, cs])
+                            d_o[b, i, j, 2 * k] += gk * dww * dot
+                            d_o[b, i, j, 2 * k + 1] += gk * dwh * dot
+    return d_q, d_k, d_o
+
+
+def deform_aggregate_vjp(weights, value, offsets, grad, num_points, up_factor, groups):
+    """(d weights, d value, d offsets) of ``deform_aggregate`` for the cotangent ``grad``."""
+    wt, v, o, gr = (np.asarray(t, np.float64) for t in (weights, value, offsets, grad))
+    batch, height, width, channels = v.shape
+    per = channels // groups
+    d_w, d_v, d_o = np.zeros_like(wt), np.zeros_like(v), np.zeros_like(o)
+    for b in range(batch):
+        for i in range(wt.shape[1]):
+            for j in range(wt.shape[2]):
+                for g in range(groups):
+                    cs = slice(g * per, (g + 1) * per)
+                    go = gr[b, i, j, cs]
+                    for p in range(num_points):
+                        k = g * num_points + p
+                        ph, pw = sample_position(o, b, i, j, k, up_factor)
+                        if dropped(ph, pw, height, width):
+                            continue
+                        a = wt[b, i, j, k]
+                        for r, c, w, dwh, dww in taps(ph, pw, height, width):
+                            dot = np.dot(go, v[b, r, c, cs])
+                            d_w[b, i, j, k] += w * dot
+                            d_v[b, r, c, cs] += a * w * go
+                            d_o[b, i, j, 2 * k] += a * dww * dot
+                            d_o[b, i, j, 2 * k + 1] += a * dwh * dot
+    return d_w, d_v, d_o
+
+
+def sapa_deform_vjp(query, key, value, offsets, grad, num_points, up_factor, groups):
+    """(d query, d key, d value, d offsets) of ``sapa_deform``; the offsets get the sum
+    of the similarity's and the aggregation's contributions."""
+    logits = deform_similarity(query, key, offsets, num_points, up_factor, groups)
+    weights = group_softmax(logits, groups)
+    d_w, d_v, d_o_agg = deform_aggregate_vjp(
+        weights, value, offsets, grad, num_points, up_factor, groups
+    )
+    shape = weights.shape
+    wg = weights.reshape(shape[:-1] + (groups, num_points))
+    dg = d_w.reshape(wg.shape)
+    d_logits = (wg * (dg - (wg * dg).sum(axis=-1, keepdims=True))).reshape(shape)
+    d_q, d_k, d_o_sim = deform_similarity_vjp(
+        query, key, offsets, d_logits, num_points, up_factor, groups
+    )
+    return d_q, d_k, d_v, d_o_sim + d_o_agg
+
+
+def numeric_gradient(fn, arrays, index, grad, eps=1e-6):
+    """Central-difference gradient of ``sum(fn(*arrays) * grad)`` with respect to
+    ``arrays[index]``, in float64 (``fn`` must accept float64 arrays)."""
+    arrays = [np.array(a, np.float64) for a in arrays]
+    grad = np.asarray(grad, np.float64)
+    target = arrays[index]
+    out = np.zeros_like(target)
+    flat, out_flat = target.reshape(-1), out.reshape(-1)
+    for n in range(flat.size):
+        keep = flat[n]
+        flat[n] = keep + eps
+        plus = np.sum(np.asarray(fn(*arrays), np.float64) * grad)
+        flat[n] = keep - eps
+        minus = np.sum(np.asarray(fn(*arrays), np.float64) * grad)
+        flat[n] = keep
+        out_flat[n] = (plus - minus) / (2 * eps)
+    return out
+
+
+def offsets_away_from_integers(rng, shape, spread=1.5, margin=0.05, up_factor=1):
+    """Random offsets whose sample positions stay at least ``margin`` from every integer
+    (so numeric gradients do not straddle a cell edge or the drop boundary). Anchors are
+    integers, so it is enough that the offsets themselves keep off integers."""
+    del up_factor  # anchors are integers for every factor
+    o = rng.uniform(-spread, spread, size=shape)
+    frac = o - np.floor(o)
+    frac = np.clip(frac, margin, 1 - margin)
+    return np.floor(o) + frac
+
+
+# ------------------------------------------------------------------ the layer
+
+
+def group_norm(t, groups, gamma, beta, eps=GN_EPS):
+    """torch.nn.GroupNorm on channels-last ``t``."""
+    t = np.asarray(t, np.float64)
+    out = np.empty_like(t)
+    per = t.shape[-1] // groups
+    for b in range(t.shape[0]):
+        for g in range(groups):
+            block = t[b, :, :, g * per : (g + 1) * per]
+            mean = block.mean()
+            var = ((block - mean) ** 2).mean()
+            out[b, :, :, g * per : (g + 1) * per] = (block - mean) / np.sqrt(var + eps)
+    return out * np.asarray(gamma, np.float64) + np.asarray(beta, np.float64)
+
+
+def dense(t, kernel, bias=None):
+    out = np.asarray(t, np.float64) @ np.asarray(kernel, np.float64)
+    return out if bias is None else out + np.asarray(bias, np.float64)
+
+
+def pixel_shuffle(t, s):
+    """PyTorch's pixel_shuffle on channels-last ``t`` (B, H, W, C*s*s): output channel
+    ``c`` at ``(h*s + a, w*s + b)`` is input channel ``c*s*s + a*s + b`` at ``(h, w)``."""
+    t = np.asarray(t, np.float64)
+    batch, height, width, channels = t.shape
+    c_out = channels // (s * s)
+    out = np.empty((batch, height * s, width * s, c_out))
+    for h in range(height):
+        for w in range(width):
+            for a in range(s):
+                for bb in range(s):
+                    for c in range(c_out):
+                        out[:, h * s + a, w * s + bb, c] = t[:, h, w, c * s * s + a * s + bb]
+    return out
+
+
+def nearest_up(t, s):
+    t = np.asarray(t, np.float64)
+    out = np.empty((t.shape[0], t.shape[1] * s, t.shape[2] * s, t.shape[3]))
+    for i in range(out.shape[1]):
+        for j in range(out.shape[2]):
+            out[:, i, j] = t[:, i // s, j // s]
+    return out
+
+
+def layer_offsets(x_n, params, up_factor, high_offset):
+    """The per-output-point offsets (B, sH, sW, 2*G*P) of the layer."""
+    o = dense(x_n, params["offset.weight"], params.get("offset.bias"))
+    return pixel_shuffle(o, up_factor) if high_offset else nearest_up(o, up_factor)
+
+
+def sapa_deform_layer(x, y, params, num_points=9, up_factor=2, groups=4, high_offset=True,
+                      norm=False):
+    """The SAPADeform module of the spec on channels-last ``x`` (low-res) and ``y`` (guide).
+
+    ``params`` maps official names (``q.weight`` in the Keras (in, out) layout,
+    ``q.bias``, ``k.*``, ``offset.*``, ``norm_x.*``, ``norm_y.*``) to arrays; biases may
+    be absent. The offset conv's output channels are in the official order (the one
+    ``pixel_shuffle`` reads).
+    """
+    x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if norm:
+        x_n = group_norm(x64, GN_GROUPS, params["norm_x.weight"], params["norm_x.bias"])
+        y_n = group_norm(y64, GN_GROUPS, params["norm_y.weight"], params["norm_y.bias"])
+    else:
+        x_n, y_n = x64, y64
+    q = dense(y_n, params["q.weight"], params.get("q.bias"))
+    k = dense(x_n, params["k.weight"], params.get("k.bias"))
+    offsets = layer_offsets(x_n, params, up_factor, high_offset)
+    return sapa_deform(q, k, x64, offsets, num_points, up_factor, groups)
