@@ -113,8 +113,7 @@ HIGH = ("B", "up_factor*H", "up_factor*W")  # the high-resolution (batch, rows, 
 LOW = ("B", "H", "W")
 WINDOW = "kernel_size*kernel_size"
 # Weights in the accumulation type: float for half and bfloat16, else T.
-FUSED_TYPES = (("float", "float"), ("double", "double"), ("half", "float"),
-               ("bfloat16", "float"))
+FUSED_TYPES = (("float", "float"), ("double", "double"), ("half", "float"), ("bfloat16", "float"))
 
 OPS = (
     Op(
@@ -124,7 +123,7 @@ OPS = (
         outputs=(Tensor("similarity", HIGH + (WINDOW,)),),
         attrs=WINDOW_ATTRS,
         doc="similarity[b,i,j,n] = <query[b,i,j], key[b, i/s + a, j/s + c]>, "
-            "n = (a + r) * K + (c + r), zero outside the key map.",
+        "n = (a + r) * K + (c + r), zero outside the key map.",
         gradient="SimilarityGrad",
         differentiable=("query", "key"),
         gradient_inputs=("query", "key"),
@@ -132,8 +131,11 @@ OPS = (
     Op(
         name="SimilarityGrad",
         family="similarity",
-        inputs=(Tensor("grad", HIGH + (WINDOW,)), Tensor("query", HIGH + ("d",)),
-                Tensor("key", LOW + ("d",))),
+        inputs=(
+            Tensor("grad", HIGH + (WINDOW,)),
+            Tensor("query", HIGH + ("d",)),
+            Tensor("key", LOW + ("d",)),
+        ),
         outputs=(Tensor("grad_query", HIGH + ("d",)), Tensor("grad_key", LOW + ("d",))),
         attrs=WINDOW_ATTRS,
         doc="Gradient of KerasSapa>Similarity with respect to query and key.",
@@ -145,7 +147,7 @@ OPS = (
         outputs=(Tensor("output", HIGH + ("C",)),),
         attrs=WINDOW_ATTRS,
         doc="output[b,i,j] = sum_n weights[b,i,j,n] * value[b, i/s + a, j/s + c], "
-            "points outside the value map contributing zero.",
+        "points outside the value map contributing zero.",
         gradient="AggregateGrad",
         differentiable=("weights", "value"),
         gradient_inputs=("weights", "value"),
@@ -153,8 +155,11 @@ OPS = (
     Op(
         name="AggregateGrad",
         family="aggregate",
-        inputs=(Tensor("grad", HIGH + ("C",)), Tensor("weights", HIGH + (WINDOW,)),
-                Tensor("value", LOW + ("C",))),
+        inputs=(
+            Tensor("grad", HIGH + ("C",)),
+            Tensor("weights", HIGH + (WINDOW,)),
+            Tensor("value", LOW + ("C",)),
+        ),
         outputs=(Tensor("grad_weights", HIGH + (WINDOW,)), Tensor("grad_value", LOW + ("C",))),
         attrs=WINDOW_ATTRS,
         doc="Gradient of KerasSapa>Aggregate with respect to weights and value.",
@@ -162,40 +167,59 @@ OPS = (
     Op(
         name="Sapa",
         family="sapa",
-        inputs=(Tensor("query", HIGH + ("d",)), Tensor("key", LOW + ("d",)),
-                Tensor("value", LOW + ("C",))),
-        outputs=(Tensor("output", HIGH + ("C",)),
-                 Tensor("weights", HIGH + (WINDOW,), dtype="Tweights")),
+        inputs=(
+            Tensor("query", HIGH + ("d",)),
+            Tensor("key", LOW + ("d",)),
+            Tensor("value", LOW + ("C",)),
+        ),
+        outputs=(
+            Tensor("output", HIGH + ("C",)),
+            Tensor("weights", HIGH + (WINDOW,), dtype="Tweights"),
+        ),
         attrs=WINDOW_ATTRS,
         doc="Fused SAPA: output = aggregate(softmax(similarity(query, key)), value) in one "
-            "pass, padded window points entering the softmax with logit 0. weights is that "
-            "softmax in Tweights (float for half and bfloat16), kept for the gradient; it "
-            "is not differentiable.",
+        "pass, padded window points entering the softmax with logit 0. weights is that "
+        "softmax in Tweights (float for half and bfloat16), kept for the gradient; it "
+        "is not differentiable.",
         gradient="SapaGrad",
         differentiable=("query", "key", "value"),
         gradient_inputs=("query", "key", "value", "weights"),
         type_attrs={"T": FLOAT_TYPES, "Tweights": ACCUMULATION_TYPES},
         type_pairs=FUSED_TYPES,
-        bindings=Bindings(cpu_core="SapaForward", c_abi="keras_sapa_forward",
-                          xla_ffi=("keras_sapa_forward", "KerasSapaForward"),
-                          torch="keras_sapa::sapa_forward", launcher="sapa_forward"),
+        bindings=Bindings(
+            cpu_core="SapaForward",
+            c_abi="keras_sapa_forward",
+            xla_ffi=("keras_sapa_forward", "KerasSapaForward"),
+            torch="keras_sapa::sapa_forward",
+            launcher="sapa_forward",
+        ),
     ),
     Op(
         name="SapaGrad",
         family="sapa",
-        inputs=(Tensor("grad", HIGH + ("C",)), Tensor("query", HIGH + ("d",)),
-                Tensor("key", LOW + ("d",)), Tensor("value", LOW + ("C",)),
-                Tensor("weights", HIGH + (WINDOW,), dtype="Tweights")),
-        outputs=(Tensor("grad_query", HIGH + ("d",)), Tensor("grad_key", LOW + ("d",)),
-                 Tensor("grad_value", LOW + ("C",))),
+        inputs=(
+            Tensor("grad", HIGH + ("C",)),
+            Tensor("query", HIGH + ("d",)),
+            Tensor("key", LOW + ("d",)),
+            Tensor("value", LOW + ("C",)),
+            Tensor("weights", HIGH + (WINDOW,), dtype="Tweights"),
+        ),
+        outputs=(
+            Tensor("grad_query", HIGH + ("d",)),
+            Tensor("grad_key", LOW + ("d",)),
+            Tensor("grad_value", LOW + ("C",)),
+        ),
         attrs=WINDOW_ATTRS,
         doc="Gradient of KerasSapa>Sapa with respect to query, key and value.",
         type_attrs={"T": FLOAT_TYPES, "Tweights": ACCUMULATION_TYPES},
         type_pairs=FUSED_TYPES,
-        bindings=Bindings(cpu_core="SapaBackward", c_abi="keras_sapa_backward",
-                          xla_ffi=("keras_sapa_backward", "KerasSapaBackward"),
-                          torch="keras_sapa::sapa_backward",
-                          launcher="sapa_softmax_backward"),
+        bindings=Bindings(
+            cpu_core="SapaBackward",
+            c_abi="keras_sapa_backward",
+            xla_ffi=("keras_sapa_backward", "KerasSapaBackward"),
+            torch="keras_sapa::sapa_backward",
+            launcher="sapa_softmax_backward",
+        ),
     ),
 )
 
@@ -238,26 +262,37 @@ def output_shape(op_, index, input_shapes, attrs):
     """The concrete shape of output ``index`` for concrete input shapes and attribute
     values (a dict), by the table's symbols. Raises ValueError naming the input whose
     shape disagrees."""
+    if len(input_shapes) != len(op_.inputs):
+        raise ValueError(
+            f"{op_.tf_name} takes {len(op_.inputs)} inputs. Received: {len(input_shapes)} shapes"
+        )
     bound = {}
-    for tensor, shape in zip(op_.inputs, input_shapes):
+    for tensor, shape in zip(op_.inputs, input_shapes, strict=True):
         if len(shape) != len(tensor.shape):
-            raise ValueError(f"{tensor.name} must have rank {len(tensor.shape)}. "
-                             f"Received: {tensor.name}.shape={tuple(shape)}")
-        for dim, size in zip(tensor.shape, shape):
+            raise ValueError(
+                f"{tensor.name} must have rank {len(tensor.shape)}. "
+                f"Received: {tensor.name}.shape={tuple(shape)}"
+            )
+        for dim, size in zip(tensor.shape, shape, strict=True):
             symbol, names, factor = parse_dim(dim)
             for name in names:
                 factor *= attrs[name]
             if symbol is None:
                 if size != factor:
-                    raise ValueError(f"{tensor.name} must have {dim}={factor} there. "
-                                     f"Received: {tensor.name}.shape={tuple(shape)}")
+                    raise ValueError(
+                        f"{tensor.name} must have {dim}={factor} there. "
+                        f"Received: {tensor.name}.shape={tuple(shape)}"
+                    )
                 continue
             if size % factor:
-                raise ValueError(f"{tensor.name} must have {dim} there, a multiple of "
-                                 f"{factor}. Received: {tensor.name}.shape={tuple(shape)}")
+                raise ValueError(
+                    f"{tensor.name} must have {dim} there, a multiple of "
+                    f"{factor}. Received: {tensor.name}.shape={tuple(shape)}"
+                )
             if bound.setdefault(symbol, size // factor) != size // factor:
-                raise ValueError(f"{tensor.name}.shape={tuple(shape)} disagrees with the "
-                                 f"other inputs on {dim}")
+                raise ValueError(
+                    f"{tensor.name}.shape={tuple(shape)} disagrees with the other inputs on {dim}"
+                )
     out = []
     for dim in op_.outputs[index].shape:
         symbol, names, factor = parse_dim(dim)
