@@ -1,8 +1,9 @@
 """Import and export SAPA weights in the naming of the official PyTorch code.
 
 A model trained with the official PyTorch SAPA gives the same numbers here once its
-weights are copied into a :class:`keras_sapa.SAPA` layer built with the same settings.
-This module does the copying:
+weights are copied into a :class:`keras_sapa.SAPA` layer built with the same settings
+(or, for the extended code's deformable module ``SAPADeform``, into a
+:class:`keras_sapa.SAPADeform` layer). This module does the copying:
 
 - :func:`load_torch_state_dict` copies a PyTorch state dict (names to tensors or NumPy
   arrays) into a built layer;
@@ -40,8 +41,15 @@ Which official module maps to which layer settings:
   ``Conv2d`` projections, weights ``(out, in, 1, 1)``, and ``GroupNorm(32, C)``
   (``norm="group"``, ``norm_groups=32``), or no norm (``norm=None``). Both weight
   layouts are accepted on import, whatever the layer's ``data_format``: the layer's
-  weights do not depend on it. Its deformable module ``SAPADeform`` (an ``offset``
-  projection) has no Keras counterpart and is rejected.
+  weights do not depend on it.
+- Its deformable module ``SAPADeform`` (``sapa_deform.py``: ``q``, ``k``, ``offset``
+  1x1 convs, ``norm_y``, ``norm_x`` GroupNorm(32) when ``norm=True``) maps to
+  :class:`keras_sapa.SAPADeform` (``num_points=num_point``, ``use_bias=qkv_bias``,
+  ``norm="group"`` or ``None``, same ``groups``, ``embedding_dim``, ``up_factor``,
+  ``high_offset``): ``offset.weight`` ``(out, in, 1, 1)`` becomes the kernel of the
+  layer's ``offset`` Dense with the same output-channel order (the layer rearranges
+  the offsets in ``pixel_shuffle``'s order, so no channel permutation is needed), and
+  so for every data format.
 - A norm without affine parameters (``elementwise_affine=False``) has no entries; the
   Keras norm's scale 1 and offset 0 are the same thing, so load such a dict with
   ``strict=False`` into a freshly built layer.
@@ -76,9 +84,10 @@ __all__ = [
 
 # Registration order of the official modules (SAPA.py, SAPAExp.py, sapa_base.py), so
 # an exported dict lists its entries the way torch's state_dict() would.
-_MODULE_ORDER = ("norm_y", "norm_x", "q", "qy", "qx", "gate", "k", "v")
+# SAPADeform registers norm_y, norm_x, q, k, offset: the same order with offset last.
+_MODULE_ORDER = ("norm_y", "norm_x", "q", "qy", "qx", "gate", "k", "v", "offset")
 _NORM_NAMES = ("norm_y", "norm_x")
-_PROJECTION_NAMES = ("q", "qy", "qx", "gate", "k", "v")
+_PROJECTION_NAMES = ("q", "qy", "qx", "gate", "k", "v", "offset")
 _KNOWN_ENTRIES = frozenset(
     f"{module}.{param}" for module in _MODULE_ORDER for param in ("weight", "bias")
 )
@@ -137,18 +146,25 @@ def _entries_under(state_dict, prefix):
     }
 
 
+def _is_deform(layer):
+    from keras_sapa.deform import SAPADeform
+
+    return isinstance(layer, SAPADeform)
+
+
 def _check_sapa_layer(layer, action):
     from keras_sapa.layers import SAPA
 
-    if not isinstance(layer, SAPA):
+    if not (isinstance(layer, SAPA) or _is_deform(layer)):
         raise TypeError(
-            f"`layer` must be a keras_sapa.SAPA layer. Received: {type(layer).__name__}"
+            "`layer` must be a keras_sapa.SAPA or keras_sapa.SAPADeform layer. "
+            f"Received: {type(layer).__name__}"
         )
     if not layer.built:
         raise ValueError(
-            f"The SAPA layer {layer.name!r} is not built yet, so it has no weights to "
-            f"{action}. Build it first: call it once on inputs, `layer(x, guide)`, or "
-            "call `layer.build(x_shape, guide_shape)`; or use "
+            f"The {type(layer).__name__} layer {layer.name!r} is not built yet, so it "
+            f"has no weights to {action}. Build it first: call it once on inputs, "
+            "`layer(x, guide)`, or call `layer.build(x_shape, guide_shape)`; or use "
             "keras_sapa.convert.from_torch_checkpoint, which builds the layer from the "
             "checkpoint's shapes."
         )
@@ -211,14 +227,52 @@ def _guess_variant(names):
     return None
 
 
-def _hints(layer, missing, unexpected, present):
+def _deform_hints(layer, missing, unexpected, present, mismatched):
+    hints = []
+    unexpected_modules = {name.split(".", 1)[0] for name in unexpected}
+    missing_modules = {name.split(".", 1)[0] for name in missing}
+    present_modules = {name.split(".", 1)[0] for name in present}
+    if "offset" not in present_modules:
+        hints.append(
+            "The entries have no `offset` projection: they look like a SAPA module, "
+            "load them into keras_sapa.SAPA."
+        )
+    if unexpected_modules & set(_NORM_NAMES) and layer.norm is None:
+        hints.append("The checkpoint has norms (norm=True); build the layer with norm='group'.")
+    if missing_modules & set(_NORM_NAMES) and not present_modules & set(_NORM_NAMES):
+        hints.append("The checkpoint has no norms (norm=False); build the layer with norm=None.")
+    biases_present = any(n.endswith(".bias") and n.split(".", 1)[0] in _PROJECTION_NAMES
+                         for n in present)
+    if biases_present and not layer.use_bias:
+        hints.append("The checkpoint has biases (qkv_bias=True); build with use_bias=True.")
+    if not biases_present and layer.use_bias and missing:
+        hints.append("The checkpoint has no biases (qkv_bias=False); build with use_bias=False.")
+    if any(name.startswith("offset.") for name, _ in mismatched):
+        hints.append(
+            "The `offset` conv has 2*groups*num_point*up_factor**2 output channels with "
+            "high_offset=True, 2*groups*num_point without; the layer expects "
+            f"{layer.offset_channels} (groups={layer.groups}, num_points="
+            f"{layer.num_points}, up_factor={layer.up_factor}, "
+            f"high_offset={layer.high_offset})."
+        )
+    if any(name.split(".", 1)[0] in ("q", "k") for name, _ in mismatched):
+        hints.append(
+            "`q` and `k` have groups*embedding_dim outputs; the layer has "
+            f"groups={layer.groups}, embedding_dim={layer.embedding_dim}."
+        )
+    return hints
+
+
+def _hints(layer, missing, unexpected, present, mismatched=()):
+    if _is_deform(layer):
+        return _deform_hints(layer, missing, unexpected, present, mismatched)
     hints = []
     unexpected_modules = {name.split(".", 1)[0] for name in unexpected}
     missing_modules = {name.split(".", 1)[0] for name in missing}
     if "offset" in unexpected_modules:
         hints.append(
             "An `offset` projection belongs to the deformable SAPA-D module "
-            "(sapa_deform.py), which keras_sapa does not implement."
+            "(sapa_deform.py): load it into keras_sapa.SAPADeform."
         )
     guessed = _guess_variant(present)
     if guessed and layer.variant not in guessed.split(" or "):
@@ -261,14 +315,31 @@ def _hints(layer, missing, unexpected, present):
     return hints
 
 
+def _describe_layer(layer):
+    if _is_deform(layer):
+        return (
+            f"groups={layer.groups}, num_points={layer.num_points}, "
+            f"embedding_dim={layer.embedding_dim}, up_factor={layer.up_factor}, "
+            f"high_offset={layer.high_offset}, norm={layer.norm!r}, "
+            f"use_bias={layer.use_bias}"
+        )
+    return (
+        f"variant={layer.variant!r}, norm={layer.norm!r}, use_bias={layer.use_bias}, "
+        f"value projection {'yes' if layer.v is not None else 'no'}"
+    )
+
+
 # ------------------------------------------------------------------------ load
 def load_torch_state_dict(layer, state_dict, prefix="", strict=True):
-    """Copies PyTorch SAPA weights into a built :class:`keras_sapa.SAPA` layer.
+    """Copies PyTorch SAPA weights into a built :class:`keras_sapa.SAPA` layer, or
+    those of the official ``SAPADeform`` into a built :class:`keras_sapa.SAPADeform`.
 
     Args:
-        layer: a built ``keras_sapa.SAPA`` whose settings match the PyTorch module
-            (variant, norm, use_bias, output_dim / value_projection, channel counts,
-            ``embedding_dim``; see the module docstring for the map).
+        layer: a built ``keras_sapa.SAPA`` (or ``SAPADeform``) whose settings match
+            the PyTorch module (variant, norm, use_bias, output_dim /
+            value_projection, channel counts, ``embedding_dim``; for SAPADeform
+            groups, num_points, up_factor, high_offset, norm, use_bias; see the
+            module docstring for the map).
         state_dict: a mapping of entry names to torch tensors or NumPy arrays, e.g.
             ``module.state_dict()`` or ``torch.load(path)["state_dict"]``. torch is
             not imported: tensors are converted with ``.detach().cpu().numpy()``.
@@ -286,7 +357,8 @@ def load_torch_state_dict(layer, state_dict, prefix="", strict=True):
 
     Raises:
         ValueError: the layer is not built, or (strict) the dict does not fit it.
-        TypeError: ``layer`` is not a SAPA layer or ``state_dict`` not a mapping.
+        TypeError: ``layer`` is not a SAPA or SAPADeform layer or ``state_dict`` not
+            a mapping.
     """
     _check_sapa_layer(layer, "load into")
     prefix = _normalise_prefix(prefix)
@@ -312,11 +384,9 @@ def load_torch_state_dict(layer, state_dict, prefix="", strict=True):
 
     if missing or unexpected or mismatched:
         lines = [
-            f"Cannot load the PyTorch state dict into the SAPA layer {layer.name!r}"
-            + (f" (prefix {prefix!r})" if prefix else "")
-            + f": the layer has variant={layer.variant!r}, norm={layer.norm!r}, "
-            f"use_bias={layer.use_bias}, value projection "
-            f"{'yes' if layer.v is not None else 'no'}."
+            f"Cannot load the PyTorch state dict into the {type(layer).__name__} layer "
+            f"{layer.name!r}" + (f" (prefix {prefix!r})" if prefix else "")
+            + f": the layer has {_describe_layer(layer)}."
         ]
         if missing:
             lines.append("Missing entries: " + ", ".join(prefix + n for n in missing))
@@ -332,7 +402,7 @@ def load_torch_state_dict(layer, state_dict, prefix="", strict=True):
                 + (f" SAPA modules found at prefixes: {found}." if found else "")
             )
         else:
-            lines.extend(_hints(layer, missing, unexpected, set(entries)))
+            lines.extend(_hints(layer, missing, unexpected, set(entries), mismatched))
         message = "\n".join(lines)
         if strict:
             raise ValueError(message)
@@ -350,15 +420,17 @@ def load_torch_state_dict(layer, state_dict, prefix="", strict=True):
 
 
 # ---------------------------------------------------------------------- export
-def to_torch_state_dict(layer, prefix="", format="linear"):
+def to_torch_state_dict(layer, prefix="", format=None):
     """The layer's weights as a PyTorch-style state dict of NumPy arrays.
 
     Args:
-        layer: a built ``keras_sapa.SAPA``.
+        layer: a built ``keras_sapa.SAPA`` or ``keras_sapa.SAPADeform``.
         prefix: prepended to every name (a trailing dot is added when missing).
         format: ``"linear"`` for the official modules' ``nn.Linear`` weights
             ``(out, in)``, ``"conv"`` for the extended code's 1x1 ``nn.Conv2d``
-            weights ``(out, in, 1, 1)``.
+            weights ``(out, in, 1, 1)``. ``None`` (default): ``"linear"`` for a
+            ``SAPA`` layer, ``"conv"`` for a ``SAPADeform`` (the official
+            ``SAPADeform`` has 1x1 convs).
 
     Returns:
         A dict, in the official modules' order, of float32 (or the variables' dtype)
@@ -366,6 +438,8 @@ def to_torch_state_dict(layer, prefix="", format="linear"):
         ``module.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``.
     """
     _check_sapa_layer(layer, "export")
+    if format is None:
+        format = "conv" if _is_deform(layer) else "linear"
     if format not in _FORMATS:
         raise ValueError(f"`format` must be one of {_FORMATS}. Received: format={format!r}")
     prefix = _normalise_prefix(prefix)
@@ -510,9 +584,65 @@ def _infer_settings(entries, x_channels, guide_channels, variant):
     return settings, variant, cx, cy
 
 
+def _deform_from_entries(entries, state_dict, prefix, x_channels, guide_channels,
+                         layer_kwargs):
+    """Builds and loads a :class:`keras_sapa.SAPADeform` from the entries of an
+    official ``SAPADeform`` module. ``groups``, ``up_factor`` and ``high_offset`` leave
+    no unambiguous trace in the weights: they are the official defaults (4, 2, True)
+    unless given; ``embedding_dim`` and ``num_points`` follow from them."""
+    from keras_sapa.deform import SAPADeform
+
+    def out_in(module):
+        shape = _shape(entries, f"{module}.weight")
+        return (shape[0], shape[1]) if shape is not None and len(shape) in (2, 4) else None
+
+    q, k, offset = out_in("q"), out_in("k"), out_in("offset")
+    cx = offset[1] if offset else None
+    cy = q[1] if q else None
+    for name, given, inferred in (("x_channels", x_channels, cx),
+                                  ("guide_channels", guide_channels, cy)):
+        if given is not None and inferred is not None and given != inferred:
+            raise ValueError(
+                f"`{name}` does not match the checkpoint's weights. "
+                f"Received: {name}={given}, the weights have {inferred}."
+            )
+    if q is None or k is None or offset is None:
+        raise ValueError(
+            f"The SAPADeform entries under {prefix!r} need q.weight, k.weight and "
+            f"offset.weight. Received: {sorted(entries)}"
+        )
+    kwargs = dict(layer_kwargs)
+    groups = kwargs.setdefault("groups", 4)
+    up_factor = kwargs.setdefault("up_factor", 2)
+    high_offset = kwargs.setdefault("high_offset", True)
+    per_point = 2 * groups * (up_factor**2 if high_offset else 1)
+    if q[0] % groups or offset[0] % per_point:
+        raise ValueError(
+            f"The SAPADeform weights under {prefix!r} (q: {q[0]} outputs, offset: "
+            f"{offset[0]} outputs) do not fit groups={groups}, up_factor={up_factor}, "
+            f"high_offset={high_offset}: pass the module's groups, up_factor and "
+            "high_offset."
+        )
+    kwargs.setdefault("embedding_dim", q[0] // groups)
+    kwargs.setdefault("num_points", offset[0] // per_point)
+    kwargs.setdefault("norm", "group" if "norm_x.weight" in entries else None)
+    kwargs.setdefault("use_bias", "offset.bias" in entries)
+    layer = SAPADeform(**kwargs)
+    if layer.data_format == "channels_first":
+        x_shape, guide_shape = (None, cx, None, None), (None, cy, None, None)
+    else:
+        x_shape, guide_shape = (None, None, None, cx), (None, None, None, cy)
+    layer.build(x_shape, guide_shape)
+    load_torch_state_dict(layer, state_dict, prefix=prefix, strict=True)
+    return layer
+
+
 def from_torch_checkpoint(path, prefix="", x_channels=None, guide_channels=None,
                           weights_only=True, **layer_kwargs):
-    """Builds a :class:`keras_sapa.SAPA` from a PyTorch ``.pth`` file and loads it.
+    """Builds a :class:`keras_sapa.SAPA` from a PyTorch ``.pth`` file and loads it
+    (a :class:`keras_sapa.SAPADeform` when the entries have an ``offset`` projection,
+    the official ``SAPADeform``; pass its ``groups``, ``up_factor`` and
+    ``high_offset`` when they are not the official defaults 4, 2 and True).
 
     The layer's settings are read off the weights where they can be: the variant
     (``qy``/``qx``/``gate``: gated; ``q`` taking ``Cy`` inputs: bilinear, ``Cy + Cx``:
@@ -571,6 +701,9 @@ def from_torch_checkpoint(path, prefix="", x_channels=None, guide_channels=None,
                else "No SAPA module was found in it.")
         )
 
+    if "offset.weight" in entries:
+        return _deform_from_entries(entries, state_dict, prefix, x_channels,
+                                    guide_channels, layer_kwargs)
     settings, variant, cx, cy = _infer_settings(
         entries, x_channels, guide_channels, layer_kwargs.get("variant")
     )
