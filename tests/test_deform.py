@@ -131,7 +131,8 @@ def test_gradients_match_numeric_away_from_integers():
     for index, grad in enumerate(grads):
         numeric = ref.numeric_gradient(fn, [q, k, v, o], index, g)
         np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-7)
-    for grad, expected in zip(grads, ref.sapa_deform_vjp(q, k, v, o, g, points, s, groups), strict=True):
+    expected_grads = ref.sapa_deform_vjp(q, k, v, o, g, points, s, groups)
+    for grad, expected in zip(grads, expected_grads, strict=True):
         np.testing.assert_allclose(grad, expected, rtol=1e-9, atol=1e-10)
 
 
@@ -170,7 +171,8 @@ def test_gradient_rule_at_integer_positions_and_dropped_points():
     grads = _tape_grads(lambda *a: deform_ops.sapa_deform(*a, **args), [q, k, v, o], g)
     for grad in grads:
         assert np.isfinite(grad).all()
-    for grad, expected in zip(grads, ref.sapa_deform_vjp(q, k, v, o, g, points, s, groups), strict=True):
+    expected_grads = ref.sapa_deform_vjp(q, k, v, o, g, points, s, groups)
+    for grad, expected in zip(grads, expected_grads, strict=True):
         np.testing.assert_allclose(grad, expected, rtol=1e-9, atol=1e-10)
     d_o = grads[3]
     # Dropped points of (0, 0): k = 2 (w=-1), 3 (h=-1), 4 (w=W), 5 (h=H), 8 (NaN).
@@ -295,7 +297,8 @@ def _randomise(layer, rng, scale=0.3):
         if sub is None:
             continue
         values = []
-        for weight, suffix in zip(sub.weights, ("weight", "bias")[: len(sub.weights)], strict=True):
+        suffixes = ("weight", "bias")[: len(sub.weights)]
+        for weight, suffix in zip(sub.weights, suffixes, strict=True):
             value = rng.standard_normal(weight.shape) * scale
             if name.startswith("norm") and suffix == "weight":
                 value += 1.0
