@@ -75,10 +75,12 @@ struct DeformShape {
   int64_t group_dim() const { return dim / groups; }
   int64_t group_channels() const { return channels / groups; }
 
-  // Every size non-negative, s, P and G positive, G dividing D and C.
+  // Every size non-negative, s, P and G positive, G dividing D and C, and the cells of
+  // a map (with a border) countable in int32.
   bool Valid() const {
     return batch >= 0 && height >= 0 && width >= 0 && up >= 1 && points >= 1 && groups >= 1 &&
-           dim >= 0 && channels >= 0 && dim % groups == 0 && channels % groups == 0;
+           dim >= 0 && channels >= 0 && dim % groups == 0 && channels % groups == 0 &&
+           (height + 1) * (width + 1) <= std::numeric_limits<int32_t>::max();
   }
 };
 
@@ -132,120 +134,166 @@ inline void Axpy(T a, const T* __restrict x, int64_t n, T* __restrict y) {
 
 // ---- Sampling geometry -----------------------------------------------------------------
 
-// The in-map taps of one point: flat low-resolution index (b*H + h)*W + w, bilinear weight
-// and its derivatives with respect to pw and ph (in the cell of floor). Returns the
-// number of taps (0..4), or -1 when the point is dropped.
+// Integer lanes matching Simd<T>::V (same lane count and width).
 template <typename T>
-inline int PointTaps(T ph, T pw, int64_t height, int64_t width, int64_t image, int64_t* row,
-                     T* weight, T* d_w, T* d_h) {
-  if (!(ph > T(-1) && ph < T(height) && pw > T(-1) && pw < T(width))) return -1;
-  const T fh = std::floor(ph), fw = std::floor(pw);
-  const int64_t h0 = static_cast<int64_t>(fh), w0 = static_cast<int64_t>(fw);
-  const T lh = ph - fh, lw = pw - fw, hh = T(1) - lh, hw = T(1) - lw;
-  const bool top = h0 >= 0, bottom = h0 + 1 <= height - 1;
-  const bool left = w0 >= 0, right = w0 + 1 <= width - 1;
-  const int64_t base = (image * height + h0) * width + w0;
-  int n = 0;
-  auto add = [&](bool in, int64_t r, T wt, T dw, T dh) {
-    if (!in) return;
-    row[n] = r;
-    weight[n] = wt;
-    d_w[n] = dw;
-    d_h[n] = dh;
-    ++n;
-  };
-  add(top && left, base, hh * hw, -hh, -hw);
-  add(top && right, base + 1, hh * lw, hh, -lw);
-  add(bottom && left, base + width, lh * hw, -lh, hw);
-  add(bottom && right, base + width + 1, lh * lw, lh, lw);
-  return n;
-}
-
-// The taps of every point k < GP of one output point, kept per range of work.
-template <typename T>
-class PointSamples {
- public:
-  explicit PointSamples(const DeformShape& d)
-      : d_(d), first_(d.gp() + 1), valid_(d.gp()), owner_(4 * d.gp()), row_(4 * d.gp()),
-        weight_(4 * d.gp()), d_w_(4 * d.gp()), d_h_(4 * d.gp()) {}
-
-  // Fills the taps of output point `point` (flat index over B*sH*sW) from its offsets.
-  void Set(int64_t point, const T* offsets) {
-    const DeformShape& d = d_;
-    const int64_t hw = d.high_width(), hh = d.high_height();
-    const int64_t j = point % hw, i = (point / hw) % hh, b = point / (hw * hh);
-    const T ah = static_cast<T>(i / d.up), aw = static_cast<T>(j / d.up);
-    const T* o = offsets + point * 2 * d.gp();
-    int64_t n = 0;
-    for (int64_t k = 0; k < d.gp(); ++k) {
-      first_[k] = n;
-      const int c = PointTaps<T>(ah + o[2 * k + 1], aw + o[2 * k], d.height, d.width, b,
-                                 row_.data() + n, weight_.data() + n, d_w_.data() + n,
-                                 d_h_.data() + n);
-      valid_[k] = c >= 0;
-      for (int t = 0; t < c; ++t) owner_[n + t] = k;
-      n += std::max(c, 0);
-    }
-    first_[d.gp()] = n;
-  }
-
-  // Taps of point k: [first(k), first(k + 1)); of group g: [first(g*P), first(g*P + P)).
-  int64_t first(int64_t k) const { return first_[k]; }
-  bool valid(int64_t k) const { return valid_[k] != 0; }
-  const int64_t* owner() const { return owner_.data(); }
-  const int64_t* row() const { return row_.data(); }
-  const T* weight() const { return weight_.data(); }
-  const T* d_w() const { return d_w_.data(); }
-  const T* d_h() const { return d_h_.data(); }
-
- private:
-  DeformShape d_;
-  std::vector<int64_t> first_;
-  std::vector<uint8_t> valid_;
-  std::vector<int64_t> owner_, row_;
-  std::vector<T> weight_, d_w_, d_h_;
+struct IntLanes;
+template <>
+struct IntLanes<float> {
+  typedef int32_t I;
+  typedef int32_t VI __attribute__((vector_size(32)));
+};
+template <>
+struct IntLanes<double> {
+  typedef int64_t I;
+  typedef int64_t VI __attribute__((vector_size(32)));
 };
 
-// Per-range scratch of the per-point walks.
+// The bilinear taps of n consecutive points, structure of arrays, corner a = 0..3 being
+// (h0, w0), (h0, w0+1), (h0+1, w0), (h0+1, w0+1) of the cell (h0, w0) = floor(ph, pw):
+//   cell(a)[n]   the tap's cell h*W + w within the image, -1 outside the map or dropped;
+//   weight(a)[n] its bilinear weight, d_w(a)[n] / d_h(a)[n] the derivative of the weight
+//                with respect to pw / ph (all 0 where cell is -1);
+//   valid()[n]   1 for a kept point, 0 for a dropped one.
+// Computed a vector of points at a time, without branches.
+template <typename T>
+class TapGeometry {
+ public:
+  static constexpr int kLanes = Simd<T>::kLanes;
+  typedef typename IntLanes<T>::I I;
+
+  explicit TapGeometry(int64_t capacity)
+      : stride_((capacity + kLanes - 1) / kLanes * kLanes), cell_(4 * stride_),
+        weight_(4 * stride_), d_w_(4 * stride_), d_h_(4 * stride_), valid_(stride_) {}
+
+  // Points 0..n-1 (n <= capacity) at (ah + off[2q + 1], aw + off[2q]) in an H x W map.
+  void Set(const T* off, int64_t n, T ah, T aw, int64_t height, int64_t width) {
+    using V = typename Simd<T>::V;
+    using VI = typename IntLanes<T>::VI;
+    constexpr int L = kLanes;
+    const V one = Broadcast<T>(1), zero = Broadcast<T>(0), minus_one = Broadcast<T>(-1);
+    const V hf = Broadcast<T>(static_cast<T>(height)), wf = Broadcast<T>(static_cast<T>(width));
+    VI even, odd;
+    for (int l = 0; l < L; ++l) {
+      even[l] = 2 * l;
+      odd[l] = 2 * l + 1;
+    }
+    VI wide;
+    for (int l = 0; l < L; ++l) wide[l] = static_cast<I>(width);
+    VI hmax, wmax;
+    for (int l = 0; l < L; ++l) {
+      hmax[l] = static_cast<I>(height - 1);
+      wmax[l] = static_cast<I>(width - 1);
+    }
+    const VI none = VI{} - 1;
+    for (int64_t q = 0; q < n; q += L) {
+      V ow, oh;
+      if (q + L <= n) {
+        const V lo = Load(off + 2 * q), hi = Load(off + 2 * q + L);
+        ow = __builtin_shuffle(lo, hi, even);
+        oh = __builtin_shuffle(lo, hi, odd);
+      } else {  // the tail: missing points are NaN, hence dropped
+        T tw[L], th[L];
+        for (int l = 0; l < L; ++l) {
+          const bool in = q + l < n;
+          tw[l] = in ? off[2 * (q + l)] : std::numeric_limits<T>::quiet_NaN();
+          th[l] = in ? off[2 * (q + l) + 1] : std::numeric_limits<T>::quiet_NaN();
+        }
+        ow = Load(tw);
+        oh = Load(th);
+      }
+      V ph = Broadcast<T>(ah) + oh, pw = Broadcast<T>(aw) + ow;
+      const VI keep = (ph > minus_one) & (ph < hf) & (pw > minus_one) & (pw < wf);
+      ph = keep ? ph : zero;  // dropped (or NaN) lanes: any finite position, masked below
+      pw = keep ? pw : zero;
+      const VI th0 = __builtin_convertvector(ph, VI), tw0 = __builtin_convertvector(pw, VI);
+      const V fh0 = __builtin_convertvector(th0, V), fw0 = __builtin_convertvector(tw0, V);
+      const VI below_h = fh0 > ph, below_w = fw0 > pw;  // truncation rounded up: floor is one less
+      const V fh = below_h ? fh0 - one : fh0, fw = below_w ? fw0 - one : fw0;
+      const VI h0 = th0 + below_h, w0 = tw0 + below_w;  // masks are -1 where true
+      const V lh = ph - fh, lw = pw - fw, hh = one - lh, hw = one - lw;
+      const VI top = keep & (h0 >= 0), bottom = keep & (h0 + 1 <= hmax);
+      const VI left = w0 >= 0, right = w0 + 1 <= wmax;
+      const VI base = h0 * wide + w0;
+      const VI in[4] = {top & left, top & right, bottom & left, bottom & right};
+      const VI delta[4] = {VI{}, VI{} + 1, wide, wide + 1};
+      const V weight[4] = {hh * hw, hh * lw, lh * hw, lh * lw};
+      const V d_w[4] = {zero - hh, hh, zero - lh, lh};
+      const V d_h[4] = {zero - hw, zero - lw, hw, lw};
+      for (int a = 0; a < 4; ++a) {
+        Store(weight_.data() + a * stride_ + q, in[a] ? weight[a] : zero);
+        Store(d_w_.data() + a * stride_ + q, in[a] ? d_w[a] : zero);
+        Store(d_h_.data() + a * stride_ + q, in[a] ? d_h[a] : zero);
+        const VI cell = in[a] ? base + delta[a] : none;
+        std::memcpy(cell_.data() + a * stride_ + q, &cell, sizeof(cell));
+      }
+      Store(valid_.data() + q, keep ? one : zero);
+    }
+  }
+
+  const I* cell(int a) const { return cell_.data() + a * stride_; }
+  const T* weight(int a) const { return weight_.data() + a * stride_; }
+  const T* d_w(int a) const { return d_w_.data() + a * stride_; }
+  const T* d_h(int a) const { return d_h_.data() + a * stride_; }
+  const T* valid() const { return valid_.data(); }
+
+ private:
+  int64_t stride_;
+  std::vector<I> cell_;
+  std::vector<T> weight_, d_w_, d_h_, valid_;
+};
+
+// Per-range scratch of the per-point walks. Taps of a group are listed corner-major:
+// tap a*P + p is corner a of point p.
 template <typename T>
 struct PointScratch {
   explicit PointScratch(const DeformShape& d)
-      : samples(d), rows(4 * d.gp()), coef(4 * d.gp()), dots(4 * d.gp()), dots2(4 * d.gp()),
-        logits(d.points + 8), exps(d.points + 8) {}
-  PointSamples<T> samples;
+      : geometry(d.gp()), rows(4 * d.points), coef(4 * d.points), dots(4 * d.points),
+        dots2(4 * d.points), logits(d.points + 8), exps(d.points + 8),
+        zeros(std::max(d.group_dim(), d.group_channels()) + 8, T(0)) {}
+  TapGeometry<T> geometry;
   std::vector<const T*> rows;
-  std::vector<T> coef, dots, dots2, logits, exps;
+  std::vector<T> coef, dots, dots2, logits, exps, zeros;
 };
 
-// Runs fn(point, scratch) for every output point on the pool.
+// Runs fn(point, scratch) for every output point on the pool, the taps of all its
+// points in scratch.geometry.
 template <typename T, typename Fn>
 void ForEachPoint(const ParallelFor& pool, const DeformShape& d, const T* offsets, int64_t cost,
                   Fn fn) {
+  const int64_t hw = d.high_width(), hh = d.high_height();
   pool(d.high_points(), cost, [&](int64_t begin, int64_t end) {
     PointScratch<T> scratch(d);
     for (int64_t point = begin; point < end; ++point) {
-      scratch.samples.Set(point, offsets);
+      const int64_t j = point % hw, i = (point / hw) % hh;
+      scratch.geometry.Set(offsets + point * 2 * d.gp(), d.gp(), static_cast<T>(i / d.up),
+                           static_cast<T>(j / d.up), d.height, d.width);
       fn(point, scratch);
     }
   });
 }
 
-// rows[t] = base + row[t] * stride for the taps t in [t0, t1).
+// rows[a*P + p] = the row (channels [c0, ...) of a map with `stride` channels, image
+// `image`) of corner a of point g*P + p, or the zero row outside the map.
 template <typename T>
-inline void TapRows(const PointSamples<T>& s, int64_t t0, int64_t t1, const T* base,
-                    int64_t stride, const T** rows) {
-  for (int64_t t = t0; t < t1; ++t) rows[t] = base + s.row()[t] * stride;
+inline void TapRows(const DeformShape& d, const TapGeometry<T>& geo, int64_t g, const T* map,
+                    int64_t image, int64_t stride, int64_t c0, const T* zeros, const T** rows) {
+  const int64_t P = d.points;
+  const T* base = map + image * d.height * d.width * stride + c0;
+  for (int a = 0; a < 4; ++a) {
+    const auto* cell = geo.cell(a) + g * P;
+    for (int64_t p = 0; p < P; ++p) {
+      rows[a * P + p] = cell[p] >= 0 ? base + static_cast<int64_t>(cell[p]) * stride : zeros;
+    }
+  }
 }
 
-// logits[p] = sum over the taps t of point g*P + p of weight[t] * dots[t] (0 when dropped).
+// out[p] = sum over corners a of coef(a)[g*P + p] * dots[a*P + p].
 template <typename T>
-inline void TapLogits(const PointSamples<T>& s, int64_t g, int64_t points, const T* dots,
-                      T* logits) {
+inline void CornerSum(const T* c0, const T* c1, const T* c2, const T* c3, int64_t points,
+                      const T* dots, T* out) {
   for (int64_t p = 0; p < points; ++p) {
-    const int64_t k = g * points + p;
-    T acc = 0;
-    for (int64_t t = s.first(k); t < s.first(k + 1); ++t) acc += s.weight()[t] * dots[t];
-    logits[p] = acc;
+    out[p] = c0[p] * dots[p] + c1[p] * dots[points + p] + c2[p] * dots[2 * points + p] +
+             c3[p] * dots[3 * points + p];
   }
 }
 
@@ -271,17 +319,28 @@ inline int64_t PointCost(const DeformShape& d) {
 template <typename T>
 void DeformSimilarity(const ParallelFor& pool, const DeformShape& d, const T* q, const T* key,
                       const T* offsets, T* logits) {
-  const int64_t E = d.group_dim(), P = d.points;
-  ForEachPoint<T>(pool, d, offsets, d.gp() * (4 * E + 48), [&](int64_t point,
+  const int64_t E = d.group_dim(), P = d.points, image_points = d.high_height() * d.high_width();
+  ForEachPoint<T>(pool, d, offsets, d.gp() * (4 * E + 24), [&](int64_t point,
                                                                 PointScratch<T>& sc) {
-    const PointSamples<T>& s = sc.samples;
+    const TapGeometry<T>& geo = sc.geometry;
+    const int64_t b = point / image_points;
     for (int64_t g = 0; g < d.groups; ++g) {
-      const int64_t t0 = s.first(g * P), t1 = s.first(g * P + P);
-      TapRows<T>(s, t0, t1, key + g * E, d.dim, sc.rows.data());
-      DotRows<T>(q + point * d.dim + g * E, sc.rows.data() + t0, t1 - t0, E, sc.dots.data() + t0);
-      TapLogits<T>(s, g, P, sc.dots.data(), logits + point * d.gp() + g * P);
+      TapRows<T>(d, geo, g, key, b, d.dim, g * E, sc.zeros.data(), sc.rows.data());
+      DotRows<T>(q + point * d.dim + g * E, sc.rows.data(), 4 * P, E, sc.dots.data());
+      CornerSum<T>(geo.weight(0) + g * P, geo.weight(1) + g * P, geo.weight(2) + g * P,
+                   geo.weight(3) + g * P, P, sc.dots.data(), logits + point * d.gp() + g * P);
     }
   });
+}
+
+// coef[a*P + p] = w[p] * weight(a)[g*P + p].
+template <typename T>
+inline void CornerCoef(const TapGeometry<T>& geo, int64_t g, int64_t points, const T* w,
+                       T* coef) {
+  for (int a = 0; a < 4; ++a) {
+    const T* wt = geo.weight(a) + g * points;
+    for (int64_t p = 0; p < points; ++p) coef[a * points + p] = w[p] * wt[p];
+  }
 }
 
 // out = DeformAggregate(weights, value, offsets).
@@ -289,15 +348,15 @@ template <typename T>
 void DeformAggregate(const ParallelFor& pool, const DeformShape& d, const T* weights,
                      const T* value, const T* offsets, T* out) {
   const int64_t Cg = d.group_channels(), P = d.points;
-  ForEachPoint<T>(pool, d, offsets, d.gp() * (4 * Cg + 48), [&](int64_t point,
+  const int64_t image_points = d.high_height() * d.high_width();
+  ForEachPoint<T>(pool, d, offsets, d.gp() * (4 * Cg + 24), [&](int64_t point,
                                                                  PointScratch<T>& sc) {
-    const PointSamples<T>& s = sc.samples;
-    const T* w = weights + point * d.gp();
+    const TapGeometry<T>& geo = sc.geometry;
+    const int64_t b = point / image_points;
     for (int64_t g = 0; g < d.groups; ++g) {
-      const int64_t t0 = s.first(g * P), t1 = s.first(g * P + P);
-      TapRows<T>(s, t0, t1, value + g * Cg, d.channels, sc.rows.data());
-      for (int64_t t = t0; t < t1; ++t) sc.coef[t] = w[s.owner()[t]] * s.weight()[t];
-      WeightedRowSum<T>(sc.coef.data() + t0, sc.rows.data() + t0, t1 - t0, 0, Cg,
+      TapRows<T>(d, geo, g, value, b, d.channels, g * Cg, sc.zeros.data(), sc.rows.data());
+      CornerCoef<T>(geo, g, P, weights + point * d.gp() + g * P, sc.coef.data());
+      WeightedRowSum<T>(sc.coef.data(), sc.rows.data(), 4 * P, 0, Cg,
                         out + point * d.channels + g * Cg);
     }
   });
@@ -310,19 +369,21 @@ template <typename T>
 void DeformForward(const ParallelFor& pool, const DeformShape& d, const T* q, const T* key,
                    const T* value, const T* offsets, T* out, T* weights) {
   const int64_t E = d.group_dim(), Cg = d.group_channels(), P = d.points;
+  const int64_t image_points = d.high_height() * d.high_width();
   ForEachPoint<T>(pool, d, offsets, PointCost(d), [&](int64_t point, PointScratch<T>& sc) {
-    const PointSamples<T>& s = sc.samples;
+    const TapGeometry<T>& geo = sc.geometry;
+    const int64_t b = point / image_points;
     for (int64_t g = 0; g < d.groups; ++g) {
-      const int64_t t0 = s.first(g * P), t1 = s.first(g * P + P);
-      TapRows<T>(s, t0, t1, key + g * E, d.dim, sc.rows.data());
-      DotRows<T>(q + point * d.dim + g * E, sc.rows.data() + t0, t1 - t0, E, sc.dots.data() + t0);
+      TapRows<T>(d, geo, g, key, b, d.dim, g * E, sc.zeros.data(), sc.rows.data());
+      DotRows<T>(q + point * d.dim + g * E, sc.rows.data(), 4 * P, E, sc.dots.data());
       T* w = sc.logits.data();
-      TapLogits<T>(s, g, P, sc.dots.data(), w);
+      CornerSum<T>(geo.weight(0) + g * P, geo.weight(1) + g * P, geo.weight(2) + g * P,
+                   geo.weight(3) + g * P, P, sc.dots.data(), w);
       Softmax<T>(w, P, sc.exps.data());
       if (weights != nullptr) std::copy(w, w + P, weights + point * d.gp() + g * P);
-      TapRows<T>(s, t0, t1, value + g * Cg, d.channels, sc.rows.data());
-      for (int64_t t = t0; t < t1; ++t) sc.coef[t] = w[s.owner()[t] - g * P] * s.weight()[t];
-      WeightedRowSum<T>(sc.coef.data() + t0, sc.rows.data() + t0, t1 - t0, 0, Cg,
+      TapRows<T>(d, geo, g, value, b, d.channels, g * Cg, sc.zeros.data(), sc.rows.data());
+      CornerCoef<T>(geo, g, P, w, sc.coef.data());
+      WeightedRowSum<T>(sc.coef.data(), sc.rows.data(), 4 * P, 0, Cg,
                         out + point * d.channels + g * Cg);
     }
   });
@@ -330,26 +391,11 @@ void DeformForward(const ParallelFor& pool, const DeformShape& d, const T* q, co
 
 // ---- Backward, pass 1: per output point ------------------------------------------------
 
-// Sums over the taps of point k of coef[t] * dots[t] for the three tap coefficients
-// (weight, d/dpw, d/dph).
-template <typename T>
-inline void TapSums(const PointSamples<T>& s, int64_t k, const T* dots, T* value, T* by_w,
-                    T* by_h) {
-  T v = 0, a = 0, b = 0;
-  for (int64_t t = s.first(k); t < s.first(k + 1); ++t) {
-    v += s.weight()[t] * dots[t];
-    a += s.d_w()[t] * dots[t];
-    b += s.d_h()[t] * dots[t];
-  }
-  *value = v;
-  *by_w = a;
-  *by_h = b;
-}
-
 // The per-point half of the backwards. kSim: the similarity's part (needs q, key; gives dq
 // and the offsets' share through the logits); kAgg: the aggregation's part (needs grad,
 // value, weights; gives the weights' gradient and the offsets' share through the samples).
-//  - kSim && kAgg (fused): `dl` is written with the logits' gradient w * (dw - <w, dw>).
+//  - kSim && kAgg (fused): `dl` is written with the logits' gradient w * (dw - <w, dw>)
+//    (0 at dropped points, whose logit is a constant).
 //  - kSim only: `dl` is read (the logits' gradient given by the caller).
 //  - kAgg only: `dl` is written with the weights' gradient.
 // doffsets (B, sH, sW, 2*GP) is written whole (0 for dropped points).
@@ -358,58 +404,55 @@ void DeformPointBackward(const ParallelFor& pool, const DeformShape& d, const T*
                          const T* q, const T* key, const T* value, const T* offsets,
                          const T* weights, T* dl, T* dq, T* doffsets) {
   const int64_t E = d.group_dim(), Cg = d.group_channels(), P = d.points, GP = d.gp();
-  const int64_t cost = GP * (4 * ((kSim ? 2 * E : 0) + (kAgg ? Cg : 0)) + 64);
+  const int64_t image_points = d.high_height() * d.high_width();
+  const int64_t cost = GP * (4 * ((kSim ? 2 * E : 0) + (kAgg ? Cg : 0)) + 48);
   ForEachPoint<T>(pool, d, offsets, cost, [&](int64_t point, PointScratch<T>& sc) {
-    const PointSamples<T>& s = sc.samples;
+    const TapGeometry<T>& geo = sc.geometry;
+    const int64_t b = point / image_points;
     T* doff = doffsets + point * 2 * GP;
     T* dlp = dl + point * GP;
-    const T* w = kAgg ? weights + point * GP : nullptr;
+    T* dw = sc.logits.data();  // per p: the weights' gradient, then the logits'
+    T* by_w = sc.exps.data();  // per p: d/dpw, then d/dph, of the sampled dot products
     for (int64_t g = 0; g < d.groups; ++g) {
-      const int64_t t0 = s.first(g * P), t1 = s.first(g * P + P), m = t1 - t0;
-      T* dw = sc.logits.data();  // per p: the weights' gradient, then the logits'
+      const int64_t k0 = g * P;
+      const T* valid = geo.valid() + k0;
       if (kAgg) {
-        TapRows<T>(s, t0, t1, value + g * Cg, d.channels, sc.rows.data());
-        DotRows<T>(grad + point * d.channels + g * Cg, sc.rows.data() + t0, m, Cg,
-                   sc.dots2.data() + t0);
-        T inner = 0;
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t k = g * P + p;
-          T by_w, by_h;
-          TapSums<T>(s, k, sc.dots2.data(), &dw[p], &by_w, &by_h);
-          doff[2 * k] = w[k] * by_w;
-          doff[2 * k + 1] = w[k] * by_h;
-          inner += w[k] * dw[p];
+        const T* w = weights + point * GP + k0;
+        TapRows<T>(d, geo, g, value, b, d.channels, g * Cg, sc.zeros.data(), sc.rows.data());
+        DotRows<T>(grad + point * d.channels + g * Cg, sc.rows.data(), 4 * P, Cg,
+                   sc.dots2.data());
+        CornerSum<T>(geo.weight(0) + k0, geo.weight(1) + k0, geo.weight(2) + k0,
+                     geo.weight(3) + k0, P, sc.dots2.data(), dw);
+        CornerSum<T>(geo.d_w(0) + k0, geo.d_w(1) + k0, geo.d_w(2) + k0, geo.d_w(3) + k0, P,
+                     sc.dots2.data(), by_w);
+        for (int64_t p = 0; p < P; ++p) doff[2 * (k0 + p)] = w[p] * by_w[p];
+        CornerSum<T>(geo.d_h(0) + k0, geo.d_h(1) + k0, geo.d_h(2) + k0, geo.d_h(3) + k0, P,
+                     sc.dots2.data(), by_w);
+        for (int64_t p = 0; p < P; ++p) doff[2 * (k0 + p) + 1] = w[p] * by_w[p];
+        if (kSim) {
+          T inner = 0;
+          for (int64_t p = 0; p < P; ++p) inner += w[p] * dw[p];
+          for (int64_t p = 0; p < P; ++p) dw[p] = valid[p] * (w[p] * (dw[p] - inner));
         }
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t k = g * P + p;
-          if (!kSim) {
-            dlp[k] = dw[p];
-          } else {
-            dw[p] = s.valid(k) ? w[k] * (dw[p] - inner) : T(0);
-            dlp[k] = dw[p];
-          }
-        }
+        std::copy(dw, dw + P, dlp + k0);
       } else {
         for (int64_t p = 0; p < P; ++p) {
-          const int64_t k = g * P + p;
-          dw[p] = s.valid(k) ? dlp[k] : T(0);
-          doff[2 * k] = 0;
-          doff[2 * k + 1] = 0;
+          dw[p] = valid[p] != T(0) ? dlp[k0 + p] : T(0);
+          doff[2 * (k0 + p)] = 0;
+          doff[2 * (k0 + p) + 1] = 0;
         }
       }
       if (kSim) {
-        TapRows<T>(s, t0, t1, key + g * E, d.dim, sc.rows.data());
-        const T* qg = q + point * d.dim + g * E;
-        DotRows<T>(qg, sc.rows.data() + t0, m, E, sc.dots.data() + t0);
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t k = g * P + p;
-          T unused, by_w, by_h;
-          TapSums<T>(s, k, sc.dots.data(), &unused, &by_w, &by_h);
-          doff[2 * k] += dw[p] * by_w;
-          doff[2 * k + 1] += dw[p] * by_h;
-        }
-        for (int64_t t = t0; t < t1; ++t) sc.coef[t] = dw[s.owner()[t] - g * P] * s.weight()[t];
-        WeightedRowSum<T>(sc.coef.data() + t0, sc.rows.data() + t0, m, 0, E,
+        TapRows<T>(d, geo, g, key, b, d.dim, g * E, sc.zeros.data(), sc.rows.data());
+        DotRows<T>(q + point * d.dim + g * E, sc.rows.data(), 4 * P, E, sc.dots.data());
+        CornerSum<T>(geo.d_w(0) + k0, geo.d_w(1) + k0, geo.d_w(2) + k0, geo.d_w(3) + k0, P,
+                     sc.dots.data(), by_w);
+        for (int64_t p = 0; p < P; ++p) doff[2 * (k0 + p)] += dw[p] * by_w[p];
+        CornerSum<T>(geo.d_h(0) + k0, geo.d_h(1) + k0, geo.d_h(2) + k0, geo.d_h(3) + k0, P,
+                     sc.dots.data(), by_w);
+        for (int64_t p = 0; p < P; ++p) doff[2 * (k0 + p) + 1] += dw[p] * by_w[p];
+        CornerCoef<T>(geo, g, P, dw, sc.coef.data());
+        WeightedRowSum<T>(sc.coef.data(), sc.rows.data(), 4 * P, 0, E,
                           dq + point * d.dim + g * E);
       }
     }
@@ -418,65 +461,82 @@ void DeformPointBackward(const ParallelFor& pool, const DeformShape& d, const T*
 
 // ---- Backward, pass 2: the key and value gradients -------------------------------------
 
-// dkey  = sum over (point, k, tap) of key_coef[point, k] * weight(tap) * q[point, group]
-// dvalue = sum over (point, k, tap) of value_coef[point, k] * weight(tap) * grad[point, group]
+// dkey  = sum over (point, k, tap) of key_coef[point, k] * weight(tap) * q[point, group(k)]
+// dvalue = sum over (point, k, tap) of value_coef[point, k] * weight(tap) * grad[point, group(k)]
 // each added to the tap's cell; either half is skipped when its coefficient is null.
+//
+// A unit of work owns a band of low-resolution rows of one image (every channel of those
+// cells): it walks, in order, the output rows whose points sample that band (their span
+// of sampled rows is found first, in a cheap pass over the offsets) and adds the taps
+// that land in the band. Any offsets are handled; small ones keep the walk short.
 template <typename T>
 void DeformScatter(const ParallelFor& pool, const DeformShape& d, const T* offsets,
                    const T* key_coef, const T* q, T* dkey, const T* value_coef, const T* grad,
                    T* dvalue) {
-  constexpr int64_t L = Simd<T>::kLanes;
   const int64_t E = d.group_dim(), Cg = d.group_channels(), P = d.points, GP = d.gp();
   const int64_t hh = d.high_height(), hw = d.high_width(), cells = d.height * d.width;
   const bool do_key = key_coef != nullptr, do_value = value_coef != nullptr;
-  // Channel slices per group: enough units to keep a pool busy, slices of whole vectors.
-  const int64_t key_vectors = do_key ? (E + L - 1) / L : 0;
-  const int64_t value_vectors = do_value ? (Cg + L - 1) / L : 0;
-  const int64_t most = std::max<int64_t>(1, std::max(key_vectors, value_vectors));
-  const int64_t per_image = std::max<int64_t>(1, d.batch * d.groups);
-  const int64_t parts = std::min(most, std::max<int64_t>(1, (16 + per_image - 1) / per_image));
-  auto slice = [&](int64_t vectors, int64_t n, int64_t part, int64_t* c0, int64_t* c1) {
-    *c0 = std::min(n, vectors * part / parts * L);
-    *c1 = std::min(n, vectors * (part + 1) / parts * L);
-  };
-  const int64_t units = d.batch * d.groups * parts;
-  const int64_t cost = hh * hw * P * (4 * ((E + Cg) / parts + 4) + 48);
-  pool(units, cost, [&](int64_t begin, int64_t end) {
-    int64_t row[4];
-    T weight[4], d_w[4], d_h[4];
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t part = u % parts;
-      const int64_t g = (u / parts) % d.groups;
-      const int64_t b = u / (parts * d.groups);
-      int64_t k0 = 0, k1 = 0, v0 = 0, v1 = 0;
-      if (do_key) slice(key_vectors, E, part, &k0, &k1);
-      if (do_value) slice(value_vectors, Cg, part, &v0, &v1);
-      const int64_t kn = k1 - k0, vn = v1 - v0;
-      if (kn == 0 && vn == 0) continue;
-      T* dk = do_key ? dkey + g * E + k0 : nullptr;
-      T* dv = do_value ? dvalue + g * Cg + v0 : nullptr;
-      for (int64_t cell = b * cells; cell < (b + 1) * cells; ++cell) {
-        if (kn > 0) std::fill(dk + cell * d.dim, dk + cell * d.dim + kn, T(0));
-        if (vn > 0) std::fill(dv + cell * d.channels, dv + cell * d.channels + vn, T(0));
+  if (d.batch == 0 || cells == 0) return;
+  // 1. The span [lo, hi] of low-resolution rows that each output row's taps touch.
+  std::vector<int64_t> span(2 * d.batch * hh);
+  pool(d.batch * hh, hw * GP * 4, [&](int64_t begin, int64_t end) {
+    TapGeometry<T> geo(GP);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t i = row % hh;
+      int64_t lo = std::numeric_limits<int64_t>::max(), hi = -1;
+      for (int64_t j = 0; j < hw; ++j) {
+        geo.Set(offsets + (row * hw + j) * 2 * GP, GP, static_cast<T>(i / d.up),
+                static_cast<T>(j / d.up), d.height, d.width);
+        for (int a = 0; a < 4; ++a) {  // cells grow with their row: min/max of cells
+          const auto* cell = geo.cell(a);
+          for (int64_t k = 0; k < GP; ++k) {
+            if (cell[k] < 0) continue;
+            lo = std::min<int64_t>(lo, cell[k]);
+            hi = std::max<int64_t>(hi, cell[k]);
+          }
+        }
       }
+      span[2 * row] = hi < 0 ? 0 : lo / d.width;
+      span[2 * row + 1] = hi < 0 ? -1 : hi / d.width;
+    }
+  });
+  // 2. Bands of rows: about 32 units in all.
+  const int64_t band = std::max<int64_t>(1, (d.batch * d.height + 31) / 32);
+  const int64_t bands = (d.height + band - 1) / band;
+  const int64_t units = d.batch * bands;
+  const int64_t cost = band * d.up * hw * GP * (4 * (E + Cg) + 16) * 2;
+  pool(units, cost, [&](int64_t begin, int64_t end) {
+    TapGeometry<T> geo(GP);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b = u / bands, r0 = (u % bands) * band;
+      const int64_t r1 = std::min(d.height, r0 + band);
+      const int64_t c_lo = r0 * d.width, c_hi = r1 * d.width;  // cells of the band
+      T* dk = do_key ? dkey + b * cells * d.dim : nullptr;
+      T* dv = do_value ? dvalue + b * cells * d.channels : nullptr;
+      if (do_key) std::fill(dk + c_lo * d.dim, dk + c_hi * d.dim, T(0));
+      if (do_value) std::fill(dv + c_lo * d.channels, dv + c_hi * d.channels, T(0));
       for (int64_t i = 0; i < hh; ++i) {
-        const T ah = static_cast<T>(i / d.up);
+        const int64_t row = b * hh + i;
+        if (span[2 * row + 1] < r0 || span[2 * row] >= r1) continue;
         for (int64_t j = 0; j < hw; ++j) {
-          const T aw = static_cast<T>(j / d.up);
-          const int64_t point = (b * hh + i) * hw + j;
-          const T* o = offsets + point * 2 * GP;
-          const T* qs = kn > 0 ? q + point * d.dim + g * E + k0 : nullptr;
-          const T* gs = vn > 0 ? grad + point * d.channels + g * Cg + v0 : nullptr;
-          for (int64_t p = 0; p < P; ++p) {
-            const int64_t k = g * P + p;
-            const T a = kn > 0 ? key_coef[point * GP + k] : T(0);
-            const T c = vn > 0 ? value_coef[point * GP + k] : T(0);
-            if (a == T(0) && c == T(0)) continue;
-            const int n = PointTaps<T>(ah + o[2 * k + 1], aw + o[2 * k], d.height, d.width, b,
-                                       row, weight, d_w, d_h);
-            for (int t = 0; t < n; ++t) {
-              if (a != T(0)) Axpy<T>(a * weight[t], qs, kn, dk + row[t] * d.dim);
-              if (c != T(0)) Axpy<T>(c * weight[t], gs, vn, dv + row[t] * d.channels);
+          const int64_t point = row * hw + j;
+          geo.Set(offsets + point * 2 * GP, GP, static_cast<T>(i / d.up),
+                  static_cast<T>(j / d.up), d.height, d.width);
+          for (int64_t k = 0; k < GP; ++k) {
+            const int64_t g = k / P;
+            const T kc = do_key ? key_coef[point * GP + k] : T(0);
+            const T vc = do_value ? value_coef[point * GP + k] : T(0);
+            // The four corners of a point are four distinct cells: consecutive
+            // read-modify-writes do not wait on each other's stores.
+            for (int a = 0; a < 4; ++a) {
+              const int64_t c = geo.cell(a)[k];
+              if (c < c_lo || c >= c_hi) continue;
+              const T wt = geo.weight(a)[k];
+              if (do_key) Axpy<T>(kc * wt, q + point * d.dim + g * E, E, dk + c * d.dim + g * E);
+              if (do_value) {
+                Axpy<T>(vc * wt, grad + point * d.channels + g * Cg, Cg,
+                        dv + c * d.channels + g * Cg);
+              }
             }
           }
         }
