@@ -30,6 +30,7 @@ setup(
     description="SAPA content-aware feature upsampling for Keras 3 (TensorFlow, JAX, PyTorch)",
     long_description=_readme(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["keras_sapa", "keras_sapa.*"]),
     # Native files stay out of distributions: the compiled libraries in keras_sapa/_lib
