@@ -87,7 +87,7 @@ def _cpu_sources():
 @pytest.fixture(scope="session")
 def capi():
     path = _compiled("deform_capi", CAPI, _cpu_sources(),
-                     ["-std=c++17", "-O2", "-Wall", "-Werror", *_simd_flags()])
+                     ["-std=c++17", "-O3", "-Wall", "-Werror", *_simd_flags()])
     return Core(ctypes.CDLL(path))
 
 
@@ -559,7 +559,7 @@ def benchmark(rounds=10):
     import time
 
     path = _compiled("deform_capi", CAPI, _cpu_sources(),
-                     ["-std=c++17", "-O2", "-Wall", "-Werror", *_simd_flags()])
+                     ["-std=c++17", "-O3", "-Wall", "-Werror", *_simd_flags()])
     core = Core(ctypes.CDLL(path))
     threads = int(os.environ.get("KERAS_SAPA_NUM_THREADS", os.cpu_count() or 1))
     rng = np.random.default_rng(0)
