@@ -153,7 +153,7 @@ struct IntLanes<double> {
 //   cell(a)[n]   the tap's cell h*W + w within the image, -1 outside the map or dropped;
 //   weight(a)[n] its bilinear weight, d_w(a)[n] / d_h(a)[n] the derivative of the weight
 //                with respect to pw / ph (all 0 where cell is -1);
-//   valid()[n]   1 for a kept point, 0 for a dropped one.
+//   valid()[n]   1 for a kept point, 0 for a dropped one; h0()[n], w0()[n] the cell.
 // Computed a vector of points at a time, without branches.
 template <typename T>
 class TapGeometry {
@@ -162,7 +162,8 @@ class TapGeometry {
   typedef typename IntLanes<T>::I I;
 
   explicit TapGeometry(int64_t capacity)
-      : stride_((capacity + kLanes - 1) / kLanes * kLanes), cell_(4 * stride_),
+      : stride_((capacity + kLanes - 1) / kLanes * kLanes), cell_(4 * stride_), h0_(stride_),
+        w0_(stride_),
         weight_(4 * stride_), d_w_(4 * stride_), d_h_(4 * stride_), valid_(stride_) {}
 
   // Points 0..n-1 (n <= capacity) at (ah + off[2q + 1], aw + off[2q]) in an H x W map.
@@ -227,6 +228,8 @@ class TapGeometry {
         std::memcpy(cell_.data() + a * stride_ + q, &cell, sizeof(cell));
       }
       Store(valid_.data() + q, keep ? one : zero);
+      std::memcpy(h0_.data() + q, &h0, sizeof(h0));
+      std::memcpy(w0_.data() + q, &w0, sizeof(w0));
     }
   }
 
@@ -235,10 +238,13 @@ class TapGeometry {
   const T* d_w(int a) const { return d_w_.data() + a * stride_; }
   const T* d_h(int a) const { return d_h_.data() + a * stride_; }
   const T* valid() const { return valid_.data(); }
+  // The cell's row and column (meaningful where some cell of the point is not -1).
+  const I* h0() const { return h0_.data(); }
+  const I* w0() const { return w0_.data(); }
 
  private:
   int64_t stride_;
-  std::vector<I> cell_;
+  std::vector<I> cell_, h0_, w0_;
   std::vector<T> weight_, d_w_, d_h_, valid_;
 };
 
@@ -514,8 +520,13 @@ void DeformScatter(const ParallelFor& pool, const DeformShape& d, const T* offse
   const int64_t bands = (d.height + band - 1) / band;
   const int64_t units = d.batch * bands;
   const int64_t cost = band * d.up * hw * GP * (4 * (E + Cg) + 16) * 2;
+  constexpr int kSlot = 8;
   pool(units, cost, [&](int64_t begin, int64_t end) {
     TapGeometry<T> geo(GP);
+    uint8_t used[kSlot * kSlot] = {};
+    int order[kSlot * kSlot];
+    int64_t slot_cell[kSlot * kSlot];
+    T slot_k[kSlot * kSlot], slot_v[kSlot * kSlot];
     for (int64_t u = begin; u < end; ++u) {
       const int64_t b = u / bands, r0 = (u % bands) * band;
       const int64_t r1 = std::min(d.height, r0 + band);
@@ -532,21 +543,49 @@ void DeformScatter(const ParallelFor& pool, const DeformShape& d, const T* offse
           if (point_span[2 * point + 1] < r0 || point_span[2 * point] >= r1) continue;
           geo.Set(offsets + point * 2 * GP, GP, static_cast<T>(i / d.up),
                   static_cast<T>(j / d.up), d.height, d.width);
-          for (int64_t k = 0; k < GP; ++k) {
-            const int64_t g = k / P;
-            const T kc = do_key ? key_coef[point * GP + k] : T(0);
-            const T vc = do_value ? value_coef[point * GP + k] : T(0);
-            // The four corners of a point are four distinct cells: consecutive
-            // read-modify-writes do not wait on each other's stores.
-            for (int a = 0; a < 4; ++a) {
-              const int64_t c = geo.cell(a)[k];
-              if (c < c_lo || c >= c_hi) continue;
-              const T wt = geo.weight(a)[k];
-              if (do_key) Axpy<T>(kc * wt, q + point * d.dim + g * E, E, dk + c * d.dim + g * E);
-              if (do_value) {
-                Axpy<T>(vc * wt, grad + point * d.channels + g * Cg, Cg,
-                        dv + c * d.channels + g * Cg);
+          const int64_t ah = i / d.up, aw = j / d.up;
+          for (int64_t g = 0; g < d.groups; ++g) {
+            const T* qg = do_key ? q + point * d.dim + g * E : nullptr;
+            const T* gg = do_value ? grad + point * d.channels + g * Cg : nullptr;
+            auto add = [&](int64_t c, T kw, T vw) {
+              if (do_key) Axpy<T>(kw, qg, E, dk + c * d.dim + g * E);
+              if (do_value) Axpy<T>(vw, gg, Cg, dv + c * d.channels + g * Cg);
+            };
+            // Taps of the group that share a cell are summed first (all their rows are
+            // the same q and grad slices): the taps of nearby points mostly coincide, and
+            // every read-modify-write saved counts, the stores being the bottleneck.
+            // Cells within kSlot/2 - 1 of the anchor have a slot; others are added alone.
+            int touched = 0;
+            for (int64_t p = 0; p < P; ++p) {
+              const int64_t k = g * P + p;
+              const T kc = do_key ? key_coef[point * GP + k] : T(0);
+              const T vc = do_value ? value_coef[point * GP + k] : T(0);
+              for (int a = 0; a < 4; ++a) {
+                const int64_t c = geo.cell(a)[k];
+                if (c < c_lo || c >= c_hi) continue;
+                const T wt = geo.weight(a)[k];
+                const uint64_t sh = uint64_t(geo.h0()[k] + a / 2 - ah + kSlot / 2 - 1);
+                const uint64_t sw = uint64_t(geo.w0()[k] + a % 2 - aw + kSlot / 2 - 1);
+                if (sh >= uint64_t(kSlot) || sw >= uint64_t(kSlot)) {
+                  add(c, kc * wt, vc * wt);
+                  continue;
+                }
+                const int slot = int(sh) * kSlot + int(sw);
+                if (!used[slot]) {
+                  used[slot] = 1;
+                  order[touched++] = slot;
+                  slot_cell[slot] = c;
+                  slot_k[slot] = 0;
+                  slot_v[slot] = 0;
+                }
+                slot_k[slot] += kc * wt;
+                slot_v[slot] += vc * wt;
               }
+            }
+            for (int t = 0; t < touched; ++t) {
+              const int slot = order[t];
+              add(slot_cell[slot], slot_k[slot], slot_v[slot]);
+              used[slot] = 0;
             }
           }
         }
