@@ -434,3 +434,35 @@ def test_layer_mixed_precision_trains(policy):
     grads = tape.gradient(loss, layer.trainable_weights)
     assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
     assert np.abs(grads[-2].numpy()).max() > 0  # the offset kernel learns
+
+
+def test_exports_with_builtin_ops(tmp_path):
+    """SavedModel (builtin TensorFlow ops only, no keras_sapa op) and LiteRT with the
+    plain interpreter (builtin ops only) give the layer's numbers."""
+    rng = np.random.default_rng(61)
+    xi, yi = keras.Input((4, 4, 16), batch_size=1), keras.Input((8, 8, 16), batch_size=1)
+    model = keras.Model([xi, yi], SAPADeform(num_points=4, groups=2, embedding_dim=4)(xi, yi))
+    _randomise(model.layers[-1], rng)
+    x = rng.standard_normal((1, 4, 4, 16)).astype(np.float32)
+    y = rng.standard_normal((1, 8, 8, 16)).astype(np.float32)
+    expected = _np(model([x, y]))
+
+    path = str(tmp_path / "saved")
+    model.export(path, format="tf_saved_model", verbose=False)
+    loaded = tf.saved_model.load(path)
+    np.testing.assert_allclose(loaded.serve([x, y]).numpy(), expected, rtol=1e-5, atol=1e-5)
+    graph = loaded.serve.concrete_functions[0].graph.as_graph_def()
+    op_types = {n.op for n in graph.node}
+    for function in graph.library.function:
+        op_types |= {n.op for n in function.node_def}
+    assert "GatherV2" in op_types
+    assert not [op for op in op_types if "Sapa" in op or "sapa" in op]
+
+    interpreter_module = pytest.importorskip("ai_edge_litert.interpreter")
+    path = str(tmp_path / "deform.tflite")
+    model.export(path, format="litert", verbose=False)
+    runner = interpreter_module.Interpreter(model_path=path).get_signature_runner()
+    feeds = {name: x if tuple(spec["shape"][1:]) == (4, 4, 16) else y
+             for name, spec in runner.get_input_details().items()}
+    got = list(runner(**feeds).values())[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

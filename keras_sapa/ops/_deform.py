@@ -16,10 +16,11 @@ the softmax and contributes a zero value. Semantics: ``shared/SAPA_SPEC.md``, se
 
 The builtin formulation here uses ``keras.ops`` only, so it runs on TensorFlow, JAX
 and PyTorch, compiles under XLA (``tf.function(jit_compile=True)``, ``jax.jit``) and
-exports with builtin ops (a gather, floors, multiplies): the four bilinear taps of
-every point become flat indices into the feature viewed as ``(B*G*H*W, C/G)``, one
-``take`` gathers them and an einsum contracts them with the query (similarity) or
-the weights (aggregation). Each backend's autodiff differentiates it, and its
+exports with builtin ops (a gather, floors, multiplies, rank-3 batched matmuls: it
+converts to LiteRT with builtin ops only). The four bilinear taps of every point become
+flat indices into the feature viewed as ``(B*G*H*W, C/G)``, one ``take`` gathers them
+and a batched matmul contracts them with the query (similarity) or the weights
+(aggregation). Each backend's autodiff differentiates it, and its
 derivative with respect to the offsets is the official kernels' one: ``floor`` is
 taken outside the gradient, so a position's derivative is the one of the cell of
 ``floor`` (towards increasing coordinate at an integer position); a dropped point is
@@ -148,18 +149,20 @@ def _compute_dtype(*dtypes):
 def _sampling(offsets, height, width, num_points, up_factor, groups, dtype):
     """Flat gather indices and masked bilinear tap weights of every point.
 
-    Returns ``(index, tap_weights)``: ``index`` int32 ``(B, sH, sW, G, P*4)`` into the
-    feature viewed as ``(B*G*H*W, .)``, ``tap_weights`` ``(B, sH, sW, G, P, 4)`` in
-    ``dtype``, zero for taps outside the map and for dropped points. The weights carry
-    the gradient with respect to the offsets; the indices carry none.
+    Returns ``(index, tap_weights)``, both ``(B, sH, sW, G*P, 4)``: ``index`` int32
+    into the feature viewed as ``(B*G*H*W, .)``, ``tap_weights`` in ``dtype``, zero
+    for taps outside the map and for dropped points. The weights carry the gradient
+    with respect to the offsets; the indices carry none. (No tensor here has rank
+    above 5: LiteRT's builtin slices and broadcasts stop there.)
     """
     shape = ops.shape(offsets)
     batch, out_h, out_w = shape[0], shape[1], shape[2]
-    o = ops.reshape(ops.cast(offsets, dtype), (batch, out_h, out_w, groups, num_points, 2))
+    points = groups * num_points
+    o = ops.reshape(ops.cast(offsets, dtype), (batch, out_h, out_w, points, 2))
     anchor_h = ops.cast(ops.arange(out_h) // up_factor, dtype)
     anchor_w = ops.cast(ops.arange(out_w) // up_factor, dtype)
-    ph = o[..., 1] + ops.reshape(anchor_h, (1, -1, 1, 1, 1))
-    pw = o[..., 0] + ops.reshape(anchor_w, (1, 1, -1, 1, 1))
+    ph = o[..., 1] + ops.reshape(anchor_h, (1, -1, 1, 1))
+    pw = o[..., 0] + ops.reshape(anchor_w, (1, 1, -1, 1))
     h_f, w_f = ops.cast(height, dtype), ops.cast(width, dtype)
     keep = ops.logical_and(
         ops.logical_and(ph > -1.0, ph < h_f), ops.logical_and(pw > -1.0, pw < w_f)
@@ -172,57 +175,58 @@ def _sampling(offsets, height, width, num_points, up_factor, groups, dtype):
     hh, hw = 1.0 - lh, 1.0 - lw
     tap_w = ops.stack([hh * hw, hh * lw, lh * hw, lh * lw], axis=-1)
 
-    h0i, w0i = ops.cast(h0, "int32"), ops.cast(w0, "int32")
-    rows = ops.stack([h0i, h0i, h0i + 1, h0i + 1], axis=-1)
-    cols = ops.stack([w0i, w0i + 1, w0i, w0i + 1], axis=-1)
+    # Tap coordinates are checked and clipped as floats (exact: small integers) and
+    # cast once: LiteRT's builtins have no integer clip.
+    rows = ops.stack([h0, h0, h0 + 1.0, h0 + 1.0], axis=-1)
+    cols = ops.stack([w0, w0 + 1.0, w0, w0 + 1.0], axis=-1)
     valid = ops.logical_and(
-        ops.logical_and(rows >= 0, rows < height), ops.logical_and(cols >= 0, cols < width)
+        ops.logical_and(rows >= 0.0, rows < h_f), ops.logical_and(cols >= 0.0, cols < w_f)
     )
     valid = ops.logical_and(valid, ops.expand_dims(keep, -1))
     tap_w = tap_w * ops.cast(valid, dtype)
 
-    rows = ops.clip(rows, 0, height - 1)
-    cols = ops.clip(cols, 0, width - 1)
-    plane = ops.arange(batch * groups, dtype="int32") * (height * width)
-    plane = ops.reshape(plane, (batch, 1, 1, groups, 1, 1))
-    index = plane + rows * width + cols
-    index = ops.reshape(index, (batch, out_h, out_w, groups, num_points * 4))
-    return index, tap_w
+    rows = ops.cast(ops.clip(rows, 0.0, h_f - 1.0), "int32")
+    cols = ops.cast(ops.clip(cols, 0.0, w_f - 1.0), "int32")
+    # Plane of point k = g*P + p in batch b: b*G + g.
+    plane = ops.expand_dims(ops.arange(batch, dtype="int32") * groups, 1) + ops.expand_dims(
+        ops.arange(points, dtype="int32") // num_points, 0
+    )
+    plane = ops.reshape(plane * (height * width), (batch, 1, 1, points, 1))
+    return plane + rows * width + cols, tap_w
 
 
 def _gather(feature, index, groups):
-    """``feature`` (B, H, W, G*c) sampled at ``index`` (B, sH, sW, G, T):
-    (B, sH, sW, G, T, c)."""
+    """``feature`` (B, H, W, G*c) sampled at ``index``: ``(index.size, c)``, rows in
+    the order of ``index`` (so a group's P*4 taps of one output point are
+    consecutive)."""
     shape = ops.shape(feature)
     batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
     per = channels // groups
     planes = ops.reshape(feature, (batch, height * width, groups, per))
     planes = ops.reshape(ops.transpose(planes, (0, 2, 1, 3)), (-1, per))
-    ishape = ops.shape(index)
-    taken = ops.take(planes, ops.reshape(index, (-1,)), axis=0)
-    return ops.reshape(taken, (ishape[0], ishape[1], ishape[2], ishape[3], ishape[4], per))
+    return ops.take(planes, ops.reshape(index, (-1,)), axis=0)
 
 
 def _similarity(query, key, index, tap_w, num_points, groups):
     shape = ops.shape(query)
     batch, out_h, out_w, channels = shape[0], shape[1], shape[2], shape[3]
     e = channels // groups
-    q = ops.reshape(query, (batch, out_h, out_w, groups, e))
-    sampled = _gather(key, index, groups)  # (B, sH, sW, G, P*4, E)
-    dots = ops.einsum("bhwgte,bhwge->bhwgt", sampled, q)
-    dots = ops.reshape(dots, (batch, out_h, out_w, groups, num_points, 4))
-    logits = ops.sum(dots * tap_w, axis=-1)
-    return ops.reshape(logits, (batch, out_h, out_w, groups * num_points))
+    sampled = _gather(key, index, groups)  # (B*sH*sW*G*P*4, E)
+    # Rank-3 batched matmuls (not a rank-6 einsum): LiteRT's builtin BatchMatMul.
+    dots = ops.matmul(ops.reshape(sampled, (-1, num_points * 4, e)),
+                      ops.reshape(query, (-1, e, 1)))
+    dots = ops.reshape(dots, (batch, out_h, out_w, groups * num_points, 4))
+    return ops.sum(dots * tap_w, axis=-1)
 
 
 def _aggregate(weights, value, index, tap_w, num_points, groups):
     shape = ops.shape(weights)
     batch, out_h, out_w = shape[0], shape[1], shape[2]
     channels = ops.shape(value)[3]
-    w = ops.reshape(weights, (batch, out_h, out_w, groups, num_points, 1)) * tap_w
-    w = ops.reshape(w, (batch, out_h, out_w, groups, num_points * 4))
-    sampled = _gather(value, index, groups)  # (B, sH, sW, G, P*4, C/G)
-    out = ops.einsum("bhwgt,bhwgtc->bhwgc", w, sampled)
+    w = ops.expand_dims(weights, -1) * tap_w  # (B, sH, sW, G*P, 4)
+    sampled = _gather(value, index, groups)  # (B*sH*sW*G*P*4, C/G)
+    out = ops.matmul(ops.reshape(w, (-1, 1, num_points * 4)),
+                     ops.reshape(sampled, (-1, num_points * 4, ops.shape(sampled)[1])))
     return ops.reshape(out, (batch, out_h, out_w, channels))
 
 
