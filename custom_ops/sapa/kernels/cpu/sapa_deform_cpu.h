@@ -87,37 +87,33 @@ struct DeformShape {
 // ---- SIMD helpers (on top of simd.h) ---------------------------------------------------
 
 // out[k] = <x, rows[k]> for k < m, vectors of length d: eight rows per pass through x,
-// their sums reduced together (HorizontalSum8).
+// their sums reduced together (HorizontalSum8); a last partial block reads `zeros` (d
+// zeros) in place of the missing rows.
 template <typename T>
 void DotRows(const T* __restrict x, const T* const* rows, int64_t m, int64_t d,
-             T* __restrict out) {
+             const T* zeros, T* __restrict out) {
   using V = typename Simd<T>::V;
   constexpr int L = Simd<T>::kLanes;
   const int64_t dv = d - d % L;
-  int64_t k = 0;
-  for (; k + 8 <= m; k += 8) {
+  for (int64_t k = 0; k < m; k += 8) {
+    const T* r[8];
+    for (int j = 0; j < 8; ++j) r[j] = k + j < m ? rows[k + j] : zeros;
     V a[8];
 #pragma GCC unroll 8
-    for (int r = 0; r < 8; ++r) a[r] = Broadcast<T>(0);
+    for (int j = 0; j < 8; ++j) a[j] = Broadcast<T>(0);
     for (int64_t c = 0; c < dv; c += L) {
       const V xv = Load(x + c);
 #pragma GCC unroll 8
-      for (int r = 0; r < 8; ++r) a[r] += xv * Load(rows[k + r] + c);
+      for (int j = 0; j < 8; ++j) a[j] += xv * Load(r[j] + c);
     }
     T sums[8];
     HorizontalSum8<T>(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], sums);
-    for (int r = 0; r < 8; ++r) {
-      T t = sums[r];
-      for (int64_t c = dv; c < d; ++c) t += x[c] * rows[k + r][c];
-      out[k + r] = t;
+    const int n = static_cast<int>(std::min<int64_t>(8, m - k));
+    for (int j = 0; j < n; ++j) {
+      T t = sums[j];
+      for (int64_t c = dv; c < d; ++c) t += x[c] * r[j][c];
+      out[k + j] = t;
     }
-  }
-  for (; k < m; ++k) {
-    V a = Broadcast<T>(0);
-    for (int64_t c = 0; c < dv; c += L) a += Load(x + c) * Load(rows[k] + c);
-    T t = HorizontalSum<T>(a);
-    for (int64_t c = dv; c < d; ++c) t += x[c] * rows[k][c];
-    out[k] = t;
   }
 }
 
@@ -332,7 +328,8 @@ void DeformSimilarity(const ParallelFor& pool, const DeformShape& d, const T* q,
     const int64_t b = point / image_points;
     for (int64_t g = 0; g < d.groups; ++g) {
       TapRows<T>(d, geo, g, key, b, d.dim, g * E, sc.zeros.data(), sc.rows.data());
-      DotRows<T>(q + point * d.dim + g * E, sc.rows.data(), 4 * P, E, sc.dots.data());
+      DotRows<T>(q + point * d.dim + g * E, sc.rows.data(), 4 * P, E, sc.zeros.data(),
+                 sc.dots.data());
       CornerSum<T>(geo.weight(0) + g * P, geo.weight(1) + g * P, geo.weight(2) + g * P,
                    geo.weight(3) + g * P, P, sc.dots.data(), logits + point * d.gp() + g * P);
     }
@@ -381,7 +378,8 @@ void DeformForward(const ParallelFor& pool, const DeformShape& d, const T* q, co
     const int64_t b = point / image_points;
     for (int64_t g = 0; g < d.groups; ++g) {
       TapRows<T>(d, geo, g, key, b, d.dim, g * E, sc.zeros.data(), sc.rows.data());
-      DotRows<T>(q + point * d.dim + g * E, sc.rows.data(), 4 * P, E, sc.dots.data());
+      DotRows<T>(q + point * d.dim + g * E, sc.rows.data(), 4 * P, E, sc.zeros.data(),
+                 sc.dots.data());
       T* w = sc.logits.data();
       CornerSum<T>(geo.weight(0) + g * P, geo.weight(1) + g * P, geo.weight(2) + g * P,
                    geo.weight(3) + g * P, P, sc.dots.data(), w);
@@ -426,7 +424,7 @@ void DeformPointBackward(const ParallelFor& pool, const DeformShape& d, const T*
         const T* w = weights + point * GP + k0;
         TapRows<T>(d, geo, g, value, b, d.channels, g * Cg, sc.zeros.data(), sc.rows.data());
         DotRows<T>(grad + point * d.channels + g * Cg, sc.rows.data(), 4 * P, Cg,
-                   sc.dots2.data());
+                   sc.zeros.data(), sc.dots2.data());
         CornerSum<T>(geo.weight(0) + k0, geo.weight(1) + k0, geo.weight(2) + k0,
                      geo.weight(3) + k0, P, sc.dots2.data(), dw);
         CornerSum<T>(geo.d_w(0) + k0, geo.d_w(1) + k0, geo.d_w(2) + k0, geo.d_w(3) + k0, P,
@@ -450,7 +448,8 @@ void DeformPointBackward(const ParallelFor& pool, const DeformShape& d, const T*
       }
       if (kSim) {
         TapRows<T>(d, geo, g, key, b, d.dim, g * E, sc.zeros.data(), sc.rows.data());
-        DotRows<T>(q + point * d.dim + g * E, sc.rows.data(), 4 * P, E, sc.dots.data());
+        DotRows<T>(q + point * d.dim + g * E, sc.rows.data(), 4 * P, E, sc.zeros.data(),
+                 sc.dots.data());
         CornerSum<T>(geo.d_w(0) + k0, geo.d_w(1) + k0, geo.d_w(2) + k0, geo.d_w(3) + k0, P,
                      sc.dots.data(), by_w);
         for (int64_t p = 0; p < P; ++p) doff[2 * (k0 + p)] += dw[p] * by_w[p];
