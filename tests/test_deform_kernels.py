@@ -456,6 +456,25 @@ def test_cpu_rejects_bad_sizes(capi):
 # CUDA
 
 
+def _sapa_targets():
+    """The targets the SAPA kernels of this build were compiled for (build_info.json),
+    else those build.py would choose."""
+    import json
+
+    try:
+        with open(os.path.join(ROOT, "keras_sapa", "_lib", build.BUILD_INFO)) as f:
+            targets = json.load(f).get("cuda_targets")
+    except (OSError, ValueError):
+        targets = None
+    if targets:
+        return targets
+    try:
+        import tensorflow as tf
+    except ImportError:
+        tf = None
+    return build.cuda_targets(tf)
+
+
 def test_cuda_kernels_compile_for_every_target():
     """NVRTC compiles the SAPA-D kernels for every target the SAPA kernels are built for,
     and every entry point is in every image. (Images are cached in the temp folder by the
@@ -463,11 +482,7 @@ def test_cuda_kernels_compile_for_every_target():
     the first time.)"""
     if build.find_nvrtc() is None or build.find_cuda_include() is None:
         pytest.skip("NVRTC (nvidia-cuda-nvrtc-cu12) or cuda_fp16.h not installed")
-    try:
-        import tensorflow as tf
-    except ImportError:
-        tf = None
-    targets = build.cuda_targets(tf)
+    targets = _sapa_targets()
     nvrtc = build.Nvrtc(build.find_nvrtc())
     options = build.nvrtc_options(build.find_cuda_include())
     names = []
