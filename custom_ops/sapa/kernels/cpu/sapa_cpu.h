@@ -27,8 +27,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -265,139 +267,570 @@ void Scatter(const ParallelFor& pool, const Shape& d, int64_t channels, const T*
   ScatterMany<T, 1>(pool, d, &channels, &wt, &hi, &out);
 }
 
-// Softmax over the K*K window of G points, of which m are in the map (logits
-// dots[g * m + k]) and K*K - m padded (logit 0). Writes weights[k * G + g] for the
-// in-map points and, where full is non-null, the whole row full[g][n] (padded n
-// included). `exps` is room for m values.
-template <typename T, int G>
-inline void WindowSoftmax(const T* dots, int64_t m, int64_t kk, const int64_t* index,
-                          T* exps, T* weights, T* const* full) {
-  for (int g = 0; g < G; ++g) {
-    const T* l = dots + g * m;
-    T mx = m < kk ? T(0) : -std::numeric_limits<T>::infinity();
-    for (int64_t k = 0; k < m; ++k) mx = std::max(mx, l[k]);
-    ExpShifted<T>(l, m, mx, exps);
-    T total = 0;
-    for (int64_t k = 0; k < m; ++k) total += exps[k];
-    const T pad = m < kk ? std::exp(-mx) : T(0);
-    total += T(kk - m) * pad;
-    const T inv = T(1) / total;
-    for (int64_t k = 0; k < m; ++k) weights[k * G + g] = exps[k] * inv;
-    if (full != nullptr) {
-      T* row = full[g];
-      if (m < kk) std::fill(row, row + kk, pad * inv);
-      for (int64_t k = 0; k < m; ++k) row[index[k]] = weights[k * G + g];
+// ---------------------------------------------------------------------------------------
+// The fused pass (SapaForward, SapaBackward) works on tiles: a unit of work is a run of
+// low-resolution rows of one column tile (up to kTileCols anchors) of one image. Walking
+// down the rows, it keeps the K rows of the window halo (tile + K - 1 points wide) that the
+// current row needs packed in a ring buffer: each packed row is copied once per run, is
+// contiguous (no cache-set collisions between window rows that lie a power of two apart
+// in the tensor) and zero outside the map, so every window is a full K x K window of
+// rows: padded points get logit 0 and contribute a zero value with no branch in the inner
+// loops, exactly as SAPA_SPEC.md defines the border.
+
+namespace tiled {
+
+constexpr int64_t kTileCols = 8;   // anchors per column tile
+constexpr int64_t kRunUnits = 32;  // units of work wanted per call (for the pool to share)
+
+// The split of a call into units (b, column tile, run of rows).
+struct Grid {
+  int64_t tile = 1, tiles = 1, runs = 1, run = 1, parts = 1;
+
+  Grid(const Shape& d, int64_t parts_per_run) : parts(std::max<int64_t>(1, parts_per_run)) {
+    tile = std::max<int64_t>(1, std::min(kTileCols, d.width));
+    tiles = (d.width + tile - 1) / tile;
+    const int64_t per_image = std::max<int64_t>(1, d.batch * tiles * parts);
+    runs = std::min<int64_t>(std::max<int64_t>(1, d.height),
+                             std::max<int64_t>(1, (kRunUnits + per_image - 1) / per_image));
+    run = (d.height + runs - 1) / std::max<int64_t>(1, runs);
+    runs = run > 0 ? (d.height + run - 1) / run : 1;
+  }
+  int64_t units(const Shape& d) const { return d.batch * tiles * runs * parts; }
+};
+
+// One unit: image b, anchor columns [x0, x0 + tw), rows [h0, h1), part p (a channel slice).
+struct Unit {
+  int64_t b, x0, tw, h0, h1, part;
+  Unit(const Shape& d, const Grid& g, int64_t u) {
+    part = u % g.parts;
+    u /= g.parts;
+    const int64_t t = u % g.tiles;
+    u /= g.tiles;
+    const int64_t run = u % g.runs;
+    b = u / g.runs;
+    x0 = t * g.tile;
+    tw = std::min(d.width, x0 + g.tile) - x0;
+    h0 = run * g.run;
+    h1 = std::min(d.height, h0 + g.run);
+  }
+};
+
+// Packs row h of an anchor grid (H x W anchors, each with up x up children) of the map
+// src (B, H*up, W*up, ch), anchors [u0, u0 + n), channels [c0, c0 + cw), into
+// dst[((u - u0) * up*up + ci * up + cj) * cw + c]; zero outside the map.
+template <typename T>
+void PackRow(const T* src, int64_t height, int64_t width, int64_t up, int64_t ch, int64_t c0,
+             int64_t cw, int64_t b, int64_t h, int64_t u0, int64_t n, T* dst) {
+  const int64_t uu = up * up;
+  if (h < 0 || h >= height) {
+    std::memset(dst, 0, sizeof(T) * n * uu * cw);
+    return;
+  }
+  const int64_t hw = width * up;
+  if (up == 1 && cw == ch) {  // one contiguous copy of the in-map points
+    const int64_t lo = std::max<int64_t>(u0, 0), hi = std::min(u0 + n, width);
+    if (lo > u0) std::memset(dst, 0, sizeof(T) * (lo - u0) * cw);
+    if (hi > lo) std::memcpy(dst + (lo - u0) * cw, src + ((b * height + h) * width + lo) * ch,
+                             sizeof(T) * (hi - lo) * cw);
+    const int64_t from = std::max(hi, lo);
+    if (u0 + n > from) std::memset(dst + (from - u0) * cw, 0, sizeof(T) * (u0 + n - from) * cw);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t u = u0 + i;
+    T* o = dst + i * uu * cw;
+    if (u < 0 || u >= width) {
+      std::memset(o, 0, sizeof(T) * uu * cw);
+      continue;
+    }
+    for (int64_t ci = 0; ci < up; ++ci) {
+      const T* row = src + ((b * height * up + h * up + ci) * hw + u * up) * ch + c0;
+      for (int64_t cj = 0; cj < up; ++cj) std::memcpy(o + (ci * up + cj) * cw, row + cj * ch,
+                                                      sizeof(T) * cw);
     }
   }
 }
 
-// out = Gather(softmax(Dot(q, k)), v) in one pass over tiles of low-resolution anchors:
-// for each anchor of a tile, the logits of its s x s children (they share the window)
-// and their softmax, kept on the stack; then, for each anchor of the tile, the
-// aggregation of the window's value rows. (Two phases per tile rather than per anchor:
-// the key rows and the value rows of one window together overflow L1 at d=64, C=256.)
+// K packed rows of a halo, indexed by map row (ring slot h mod K).
+template <typename T>
+class Ring {
+ public:
+  Ring(int64_t kernel, int64_t row_size) : kernel_(kernel), size_(row_size),
+                                           data_(kernel * row_size) {}
+  T* Slot(int64_t h) { return data_.data() + (((h % kernel_) + kernel_) % kernel_) * size_; }
+
+ private:
+  int64_t kernel_, size_;
+  std::vector<T> data_;
+};
+
+// Runs fn(kernel) with kernel a std::integral_constant for K = 3, 5, 7, else with 0 (the
+// generic path reads d.kernel).
+template <typename Fn>
+inline void WithKernel(int64_t kernel, Fn fn) {
+  switch (kernel) {
+    case 3: fn(std::integral_constant<int, 3>()); break;
+    case 5: fn(std::integral_constant<int, 5>()); break;
+    case 7: fn(std::integral_constant<int, 7>()); break;
+    default: fn(std::integral_constant<int, 0>()); break;
+  }
+}
+
+// rows[a*K + c] = slots[a] + (x + c) * stride for the K x K window of halo column x.
+template <int KC, typename T>
+inline void WindowRows(const Shape& d, T* const* slots, int64_t x, int64_t stride,
+                       const T** rows) {
+  const int64_t K = KC > 0 ? KC : d.kernel;
+  for (int64_t a = 0; a < K; ++a) {
+    const T* base = slots[a] + x * stride;
+    for (int64_t c = 0; c < K; ++c) rows[a * K + c] = base + c * stride;
+  }
+}
+
+// out[0 : cw] = sum_j wl[j] * row_j[0 : cw], over the K x K anchors of the window of a
+// low-resolution point and their ss children (j = (a, cc, ci, cj) in that order): the
+// adjoint of the gather, in gather form. xslots[a] + shift: one channel slice of the packed
+// children of anchor row h - r + a, laid out [ci][anchor][cj][pitch] (see PackChildren);
+// x: the halo column of the window's first anchor; roff[(cc, ci, cj)]: the offset of that
+// child of the window's anchor column cc from the slot's first anchor.
+template <int KC, typename T>
+inline void ScatterPoint(const Shape& d, const T* __restrict wl, const T* const* xslots,
+                         const int64_t* roff, int64_t x, int64_t pitch, int64_t shift,
+                         int64_t cw, T* __restrict out) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::kLanes;
+  const int64_t K = KC > 0 ? KC : d.kernel, s = d.up, m = K * s * s;
+  int64_t c = 0;
+  // Two sets of accumulators, for even and odd rows: one set of NV <= 4 chains would wait
+  // on the FMA latency.
+  auto block = [&](auto nv) {
+    constexpr int NV = decltype(nv)::value;
+    V acc0[NV], acc1[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc0[v] = acc1[v] = Broadcast<T>(0);
+    const T* w = wl;
+    for (int64_t a = 0; a < K; ++a, w += m) {
+      const T* xa = xslots[a] + shift + x * s * pitch + c;
+      int64_t j = 0;
+      for (; j + 2 <= m; j += 2) {
+        const V w0 = Broadcast<T>(w[j]), w1 = Broadcast<T>(w[j + 1]);
+        const T* r0 = xa + roff[j];
+        const T* r1 = xa + roff[j + 1];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) {
+          acc0[v] += w0 * Load(r0 + v * L);
+          acc1[v] += w1 * Load(r1 + v * L);
+        }
+      }
+      if (j < m) {
+        const V w0 = Broadcast<T>(w[j]);
+        const T* r0 = xa + roff[j];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc0[v] += w0 * Load(r0 + v * L);
+      }
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) Store(out + c + v * L, acc0[v] + acc1[v]);
+    c += NV * L;
+  };
+  while (c + 4 * L <= cw) block(std::integral_constant<int, 4>());
+  if (c + 2 * L <= cw) block(std::integral_constant<int, 2>());
+  if (c + L <= cw) block(std::integral_constant<int, 1>());
+  for (; c < cw; ++c) {
+    T acc = 0;
+    for (int64_t a = 0; a < K; ++a)
+      for (int64_t j = 0; j < m; ++j)
+        acc += wl[a * m + j] * xslots[a][shift + x * s * pitch + roff[j] + c];
+    out[c] = acc;
+  }
+}
+
+// dst[sl * slice_stride + c'] = src[sl * sw + c'] for every channel slice sl of width sw
+// (the last one narrower), c' < the slice's width; src null: zeros.
+template <typename T>
+inline void CopySliced(const T* src, int64_t ch, int64_t sw, int64_t slice_stride, T* dst) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::kLanes;
+  for (int64_t c0 = 0; c0 < ch; c0 += sw, dst += slice_stride) {
+    const int64_t w = std::min(sw, ch - c0);
+    int64_t c = 0;
+    if (src == nullptr) {
+      for (; c + L <= w; c += L) Store(dst + c, Broadcast<T>(0));
+      for (; c < w; ++c) dst[c] = T(0);
+    } else {
+      for (; c + L <= w; c += L) Store(dst + c, Load(src + c0 + c));
+      for (; c < w; ++c) dst[c] = src[c0 + c];
+    }
+  }
+}
+
+// Packs row h of the low-resolution map src (B, H, W, ch), points [u0, u0 + n), in channel
+// slices of width sw: dst[sl * slice_stride + (u - u0) * sw + c']; zero outside the map.
+// Slice-major, so that the slice the inner loops walk is contiguous and spreads over the
+// cache sets (a slice of rows 1 KiB apart would use a quarter of them).
+template <typename T>
+void PackRowSliced(const T* src, const Shape& d, int64_t ch, int64_t sw, int64_t slice_stride,
+                   int64_t b, int64_t h, int64_t u0, int64_t n, T* dst) {
+  const bool row_in = h >= 0 && h < d.height;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t u = u0 + i;
+    const T* in = row_in && u >= 0 && u < d.width ? src + ((b * d.height + h) * d.width + u) * ch
+                                                  : nullptr;
+    CopySliced(in, ch, sw, slice_stride, dst + i * sw);
+  }
+}
+
+// Packs the children of anchor row h, anchors [u0, u0 + n), of the high-resolution map
+// src (B, H*s, W*s, ch) in channel slices of width sw:
+// dst[sl * slice_stride + ((ci * n + u - u0) * s + cj) * sw + c']; zero outside the map.
+template <typename T>
+void PackChildren(const T* src, const Shape& d, int64_t ch, int64_t sw, int64_t slice_stride,
+                  int64_t b, int64_t h, int64_t u0, int64_t n, T* dst) {
+  const int64_t s = d.up;
+  const bool row_in = h >= 0 && h < d.height;
+  for (int64_t ci = 0; ci < s; ++ci) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t u = u0 + i;
+      const bool in = row_in && u >= 0 && u < d.width;
+      const T* row = in ? src + ((b * d.height * s + h * s + ci) * d.width * s + u * s) * ch
+                        : nullptr;
+      for (int64_t cj = 0; cj < s; ++cj)
+        CopySliced(in ? row + cj * ch : nullptr, ch, sw, slice_stride,
+                   dst + ((ci * n + i) * s + cj) * sw);
+    }
+  }
+}
+
+// lo = Scatter(w, hi) over tiles (see ScatterPoint). Per row of a tile: the weights that
+// each window child gives each output point, listed once (zero for anchors outside the
+// map), then the sums channel slice by channel slice, so that the slice of the packed
+// children stays in L1 while the tile's points read it.
+template <typename T>
+void ScatterTiled(const ParallelFor& pool, const Shape& d, int64_t channels, const T* wt,
+                  const T* hi, T* out) {
+  constexpr int64_t kSlice = 32;
+  const int64_t s = d.up, ss = s * s, K = d.kernel, r = d.radius(), kk = K * K;
+  const int64_t hh = d.high_height(), hw = d.high_width();
+  const Grid grid(d, 1);
+  const int64_t cost = grid.run * grid.tile * kk * ss * (channels + 4);
+  const int64_t sw = std::max<int64_t>(1, std::min(kSlice, channels));
+  const int64_t slices = (channels + sw - 1) / sw;
+  WithKernel(K, [&](auto kc) {
+    constexpr int KC = decltype(kc)::value;
+    pool(grid.units(d), cost, [&](int64_t begin, int64_t end) {
+      const int64_t halo = grid.tile + 2 * r, slice_stride = halo * ss * sw;
+      Ring<T> xring(K, slices * slice_stride);
+      std::vector<const T*> xslots(K);
+      std::vector<T> wl(grid.tile * kk * ss);
+      std::vector<int64_t> roff(K * ss);
+      for (int64_t u = begin; u < end; ++u) {
+        const Unit unit(d, grid, u);
+        const int64_t n = unit.tw + 2 * r, u0 = unit.x0 - r;
+        for (int64_t cc = 0, j = 0; cc < K; ++cc)
+          for (int64_t ci = 0; ci < s; ++ci)
+            for (int64_t cj = 0; cj < s; ++cj) roff[j++] = ((ci * n + cc) * s + cj) * sw;
+        for (int64_t h = unit.h0 - r; h < unit.h1 + r; ++h) {
+          PackChildren(hi, d, channels, sw, slice_stride, unit.b, h, u0, n, xring.Slot(h));
+          const int64_t p = h - r;  // the row whose window rows are now all packed
+          if (p < unit.h0) continue;
+          for (int64_t a = 0; a < K; ++a) xslots[a] = xring.Slot(p - r + a);
+          // wl[x][a][cc][ci][cj]: p is window point (K-1-a, K-1-cc) of anchor
+          // (p - r + a, x0 + x - r + cc).
+          for (int64_t x = 0; x < unit.tw; ++x) {
+            T* o = wl.data() + x * kk * ss;
+            for (int64_t a = 0; a < K; ++a) {
+              const int64_t ah = p - r + a;
+              for (int64_t cc = 0; cc < K; ++cc) {
+                const int64_t aw = unit.x0 + x - r + cc;
+                const int64_t nidx = (K - 1 - a) * K + (K - 1 - cc);
+                if (ah < 0 || ah >= d.height || aw < 0 || aw >= d.width) {
+                  for (int64_t j = 0; j < ss; ++j) *o++ = T(0);
+                  continue;
+                }
+                for (int64_t ci = 0; ci < s; ++ci) {
+                  const T* w = wt + ((unit.b * hh + ah * s + ci) * hw + aw * s) * kk + nidx;
+                  for (int64_t cj = 0; cj < s; ++cj) *o++ = w[cj * kk];
+                }
+              }
+            }
+          }
+          T* o = out + ((unit.b * d.height + p) * d.width + unit.x0) * channels;
+          for (int64_t sl = 0; sl < slices; ++sl) {
+            const int64_t c0 = sl * sw, cw = std::min(sw, channels - c0);
+            for (int64_t x = 0; x < unit.tw; ++x)
+              ScatterPoint<KC, T>(d, wl.data() + x * kk * ss, xslots.data(), roff.data(), x, sw,
+                                  sl * slice_stride, cw, o + x * channels + c0);
+          }
+        }
+      }
+    });
+  });
+}
+
+// The lane path of the forward's logits (float, AVX2, K = 3, 5 or 7): the 8 anchors of a
+// tile sit in the 8 lanes of a vector, the window and channel loops run over whole
+// vectors, and the softmax works on all 8 at once: no horizontal sums, no scalar exp.
+constexpr int64_t kLaneHalo = 16;  // packed transposed key row: 8 anchors + K - 1 <= 16
+
+template <typename T, int KC>
+constexpr bool kLanePath =
+#if defined(KERAS_SAPA_LANE_TILES)
+    std::is_same<T, float>::value && KC > 0 && KC <= 7 && kTileCols == 8;
+#else
+    false;
+#endif
+
+#if defined(KERAS_SAPA_LANE_TILES)
+// dst[c * kLaneHalo + i] = row[i * dim + c] for the n <= kLaneHalo packed points, zero
+// beyond.
+inline void TransposeHalo(const float* row, int64_t n, int64_t dim, float* dst) {
+  for (int64_t half = 0; half < kLaneHalo; half += 8) {
+    const float* rows[8];
+    for (int i = 0; i < 8; ++i) rows[i] = half + i < n ? row + (half + i) * dim : nullptr;
+    TransposeRows8(rows, dim, dst + half, kLaneHalo);
+  }
+}
+
+// lanes[(j * kk + n) * 8 + x] = softmax over n of <q[child j of anchor x], k[window n]>
+// for the tile's row p (lanes x >= tw: zero queries, never read).
+template <int KC>
+void LaneLogits(const Shape& d, int64_t dim, const Unit& unit, int64_t p, const float* q,
+                Ring<float>& ktring, float* qt, float* lanes) {
+  constexpr int64_t K = KC, kk = K * K;
+  const int64_t s = d.up, ss = s * s, r = K / 2, hh = d.high_height(), hw = d.high_width();
+  for (int64_t j = 0; j < ss; ++j) {
+    const float* rows[8];
+    for (int64_t x = 0; x < 8; ++x)
+      rows[x] = x < unit.tw ? q + ((unit.b * hh + p * s + j / s) * hw + (unit.x0 + x) * s +
+                                   j % s) * dim
+                            : nullptr;
+    TransposeRows8(rows, dim, qt + j * dim * 8, 8);
+  }
+  constexpr int NJ = K <= 5 ? 2 : 1;  // query kinds per pass: NJ * K accumulators
+  int64_t j = 0;
+  auto pass = [&](auto nj) {
+    constexpr int N = decltype(nj)::value;
+    const float* qs[N];
+    for (int i = 0; i < N; ++i) qs[i] = qt + (j + i) * dim * 8;
+    for (int64_t a = 0; a < K; ++a) {
+      float* outs[N];
+      for (int i = 0; i < N; ++i) outs[i] = lanes + ((j + i) * kk + a * K) * 8;
+      LaneDots<K, N>(qs, ktring.Slot(p - r + a), kLaneHalo, dim, outs);
+    }
+    j += N;
+  };
+  while (j + NJ <= ss) pass(std::integral_constant<int, NJ>());
+  while (j < ss) pass(std::integral_constant<int, 1>());
+  for (int64_t i = 0; i < ss; ++i) LaneSoftmax(lanes + i * kk * 8, kk);
+}
+#endif
+
+// Softmax of each of the n rows of kk logits in logits[g*kk + k] (padded points included,
+// their logit being 0): writes probs[k*G + g] (the layout of MultiWeightedRowSum) and,
+// where full[g] is non-null, the row full[g][k].
+template <typename T, int G>
+inline void SoftmaxRows(const T* logits, int64_t kk, T* exps, T* probs, T* const* full) {
+  for (int g = 0; g < G; ++g) {
+    const T* l = logits + g * kk;
+    T mx = l[0];
+    for (int64_t k = 1; k < kk; ++k) mx = std::max(mx, l[k]);
+    const T inv = T(1) / ExpShiftedSum<T>(l, kk, mx, exps);
+    for (int64_t k = 0; k < kk; ++k) probs[k * G + g] = exps[k] * inv;
+    if (full[g] != nullptr)
+      for (int64_t k = 0; k < kk; ++k) full[g][k] = exps[k] * inv;
+  }
+}
+
+}  // namespace tiled
+
+// out = Gather(softmax(Dot(q, k)), v) in one pass over tiles (see namespace tiled): per
+// low-resolution row of a tile, the logits of the s x s children of each anchor against
+// the packed key halo and their softmax (kept in the unit's scratch), then the
+// aggregation over the packed value halo, channel slice by channel slice so that the
+// slice of the halo stays in L1 while the tile's anchors read it.
 // q (B,sH,sW,dim), k (B,H,W,dim), v (B,H,W,channels) -> out (B,sH,sW,channels);
 // weights (B,sH,sW,K*K), the softmax that the backward needs, written unless null.
 template <typename T>
 void SapaForward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t channels,
                  const T* q, const T* k, const T* v, T* out, T* weights) {
-  const int64_t s = d.up, kk = d.window(), ss = s * s;
-  constexpr int64_t kTile = 8;
-  const int64_t units = d.low_points();
-  pool(units, ss * kk * (dim + channels + 12), [&](int64_t begin, int64_t end) {
-    AnchorWindow win(d);
-    std::vector<const T*> rows(kk);
-    std::vector<T> dots(5 * kk);
-    std::vector<T> tile_weights(kTile * ss * kk);
-    for (int64_t t0 = begin; t0 < end; t0 += kTile) {
-      const int64_t t1 = std::min(end, t0 + kTile);
-      for (int64_t u = t0; u < t1; ++u) {  // logits and softmax
-        win.Set(u);
-        const int64_t m = win.m();
-        T* wt = tile_weights.data() + (u - t0) * ss * kk;
-        win.Rows(k, dim, rows.data());
-        ForGroups(ss, [&](auto group, int64_t first) {
-          constexpr int G = decltype(group)::value;
-          const T* xs[G];
-          T* full[G];
-          for (int g = 0; g < G; ++g) {
-            const int64_t point = win.points()[first + g];
-            xs[g] = q + point * dim;
-            full[g] = weights == nullptr ? nullptr : weights + point * kk;
+  using namespace tiled;
+  constexpr int64_t kSlice = 48;
+  const int64_t s = d.up, ss = s * s, K = d.kernel, r = d.radius(), kk = K * K;
+  const int64_t hh = d.high_height(), hw = d.high_width();
+  const Grid grid(d, 1);
+  const int64_t cost = grid.run * grid.tile * ss * kk * (dim + channels + 16);
+  const int64_t sw = std::max<int64_t>(1, std::min(kSlice, channels));
+  const int64_t slices = (channels + sw - 1) / sw;
+  WithKernel(K, [&](auto kc) {
+    constexpr int KC = decltype(kc)::value;
+    pool(grid.units(d), cost, [&](int64_t begin, int64_t end) {
+      const int64_t halo = grid.tile + 2 * r, slice_stride = halo * sw;
+      Ring<T> kring(K, halo * dim), vring(K, slices * slice_stride);
+      std::vector<const T*> kslots(K), vslots(K), krows(grid.tile * kk), vrows(grid.tile * kk);
+      std::vector<T> logits(4 * kk), exps(kk + 8), probs(grid.tile * ss * kk);
+      // The lane path: the key rows transposed, [dim][kLaneHalo], the queries of the
+      // tile's anchors transposed, [ss][dim][8], and the logits, [ss][kk][8].
+      const bool lane = kLanePath<T, KC>;
+      Ring<T> ktring(K, lane ? dim * kLaneHalo : 0);
+      std::vector<T> qt(lane ? ss * dim * 8 : 0), lanes(lane ? ss * kk * 8 : 0);
+      for (int64_t u = begin; u < end; ++u) {
+        const Unit unit(d, grid, u);
+        const int64_t n = unit.tw + 2 * r, u0 = unit.x0 - r;
+        for (int64_t h = unit.h0 - r; h < unit.h1 + r; ++h) {
+          PackRow(k, d.height, d.width, 1, dim, 0, dim, unit.b, h, u0, n, kring.Slot(h));
+          PackRowSliced(v, d, channels, sw, slice_stride, unit.b, h, u0, n, vring.Slot(h));
+#if defined(KERAS_SAPA_LANE_TILES)
+          if constexpr (kLanePath<T, KC>) TransposeHalo(kring.Slot(h), n, dim, ktring.Slot(h));
+#endif
+          const int64_t p = h - r;
+          if (p < unit.h0) continue;
+          for (int64_t a = 0; a < K; ++a) {
+            kslots[a] = kring.Slot(p - r + a);
+            vslots[a] = vring.Slot(p - r + a);
           }
-          MultiDotRows<T, G>(xs, rows.data(), m, dim, dots.data());
-          WindowSoftmax<T, G>(dots.data(), m, kk, win.index(), dots.data() + 4 * kk,
-                              wt + first * m, weights == nullptr ? nullptr : full);
-        });
+          // Children of anchor (p, x0 + x): point(x, i) for i < ss.
+          auto point = [&](int64_t x, int64_t i) {
+            return (unit.b * hh + p * s + i / s) * hw + (unit.x0 + x) * s + i % s;
+          };
+          for (int64_t x = 0; x < unit.tw; ++x) {
+            WindowRows<KC, const T>(d, kslots.data(), x, dim, krows.data() + x * kk);
+            WindowRows<KC, const T>(d, vslots.data(), x, sw, vrows.data() + x * kk);
+          }
+#if defined(KERAS_SAPA_LANE_TILES)
+          if constexpr (kLanePath<T, KC>) {
+            LaneLogits<KC>(d, dim, unit, p, q, ktring, qt.data(), lanes.data());
+            // lanes[(j * kk + n) * 8 + x]: the weights; to the aggregation's layout and out.
+            for (int64_t x = 0; x < unit.tw; ++x) {
+              T* pr = probs.data() + x * ss * kk;
+              ForGroups(ss, [&](auto group, int64_t first) {
+                constexpr int G = decltype(group)::value;
+                for (int g = 0; g < G; ++g) {
+                  const T* l = lanes.data() + (first + g) * kk * 8 + x;
+                  T* dst = pr + first * kk + g;
+                  for (int64_t i = 0; i < kk; ++i) dst[i * G] = l[i * 8];
+                  if (weights != nullptr) {
+                    T* full = weights + point(x, first + g) * kk;
+                    for (int64_t i = 0; i < kk; ++i) full[i] = l[i * 8];
+                  }
+                }
+              });
+            }
+          } else
+#endif
+          {
+            for (int64_t x = 0; x < unit.tw; ++x) {  // logits and softmax
+              T* pr = probs.data() + x * ss * kk;
+              ForGroups(ss, [&](auto group, int64_t first) {
+                constexpr int G = decltype(group)::value;
+                const T* xs[G];
+                T* full[G];
+                for (int g = 0; g < G; ++g) {
+                  const int64_t pt = point(x, first + g);
+                  xs[g] = q + pt * dim;
+                  full[g] = weights == nullptr ? nullptr : weights + pt * kk;
+                }
+                MultiDotRows<T, G>(xs, krows.data() + x * kk, kk, dim, logits.data());
+                SoftmaxRows<T, G>(logits.data(), kk, exps.data(), pr + first * kk, full);
+              });
+            }
+          }
+          for (int64_t sl = 0; sl < slices; ++sl) {  // aggregation, slice by slice
+            const int64_t c0 = sl * sw, c1 = std::min(channels, c0 + sw);
+            for (int64_t x = 0; x < unit.tw; ++x) {
+              const T* pr = probs.data() + x * ss * kk;
+              ForGroups(ss, [&](auto group, int64_t first) {
+                constexpr int G = decltype(group)::value;
+                T* outs[G];
+                for (int g = 0; g < G; ++g) outs[g] = out + point(x, first + g) * channels;
+                MultiWeightedRowSumRange<T, G>(pr + first * kk, vrows.data() + x * kk, kk, c0,
+                                               c1, outs, sl * slice_stride - c0);
+              });
+            }
+          }
+        }
       }
-      for (int64_t u = t0; u < t1; ++u) {  // aggregation
-        win.Set(u);
-        const int64_t m = win.m();
-        const T* wt = tile_weights.data() + (u - t0) * ss * kk;
-        win.Rows(v, channels, rows.data());
-        ForGroups(ss, [&](auto group, int64_t first) {
-          constexpr int G = decltype(group)::value;
-          T* outs[G];
-          for (int g = 0; g < G; ++g) outs[g] = out + win.points()[first + g] * channels;
-          MultiWeightedRowSum<T, G>(wt + first * m, rows.data(), m, channels, outs);
-        });
-      }
-    }
+    });
   });
 }
 
 // Backward of SapaForward, given the upstream gradient g (B,sH,sW,channels) and the
-// forward's weights. Two passes, both scatter-free:
-//  1. per anchor: dw = Dot(g, v) on the window, the softmax backward
-//     dlogits = w * (dw - <w, dw>) (padded points have no logit to differentiate), and
-//     dq = Gather(dlogits, k); dlogits is kept (B,sH,sW,K*K) in `dlogits`.
-//  2. per low-resolution point: dk = Scatter(dlogits, q), then dv = Scatter(w, g).
+// forward's weights. Two passes over tiles, both scatter-free:
+//  1. per anchor: dw = Dot(g, v) on the packed window, the softmax backward
+//     dlogits = w * (dw - <w, dw>) (zero at padded points, which have no logit to
+//     differentiate), and dq = Gather(dlogits, k); dlogits is kept (B,sH,sW,K*K).
+//  2. per low-resolution point: dk = Scatter(dlogits, q), dv = Scatter(w, g), in gather
+//     form (ScatterTiled).
 template <typename T>
 void SapaBackward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t channels,
                   const T* grad, const T* q, const T* k, const T* v, const T* weights,
                   T* dlogits, T* dq, T* dk, T* dv) {
-  const int64_t s = d.up, kk = d.window();
-  ForEachAnchor<T>(pool, d, s * s * kk * (dim + channels + 8), [&](const AnchorWindow& win,
-                                                                    AnchorScratch<T>& scratch) {
-    std::vector<const T*>& krows = scratch.rows_a;
-    std::vector<const T*>& vrows = scratch.rows_b;
-    std::vector<T>& dw = scratch.buf_a;
-    std::vector<T>& dl = scratch.buf_b;
-    const int64_t m = win.m();
-    const int64_t* index = win.index();
-    win.Rows(k, dim, krows.data());
-    win.Rows(v, channels, vrows.data());
-    ForGroups(s * s, [&](auto group, int64_t first) {
-      constexpr int G = decltype(group)::value;
-      const T* gs[G];
-      T* dqs[G];
-      for (int g = 0; g < G; ++g) {
-        const int64_t point = win.points()[first + g];
-        gs[g] = grad + point * channels;
-        dqs[g] = dq + point * dim;
-      }
-      MultiDotRows<T, G>(gs, vrows.data(), m, channels, dw.data());
-      for (int g = 0; g < G; ++g) {
-        const int64_t point = win.points()[first + g];
-        const T* w = weights + point * kk;
-        const T* dwg = dw.data() + g * m;
-        T inner = 0;
-        for (int64_t j = 0; j < m; ++j) inner += w[index[j]] * dwg[j];
-        T* row = dlogits + point * kk;
-        if (m < kk) std::fill(row, row + kk, T(0));
-        for (int64_t j = 0; j < m; ++j) {
-          const T value = w[index[j]] * (dwg[j] - inner);
-          dl[j * G + g] = value;
-          row[index[j]] = value;
+  using namespace tiled;
+  const int64_t s = d.up, ss = s * s, K = d.kernel, r = d.radius(), kk = K * K;
+  const int64_t hh = d.high_height(), hw = d.high_width();
+  const Grid grid(d, 1);
+  const int64_t cost = grid.run * grid.tile * ss * kk * (dim + channels + 16);
+  WithKernel(K, [&](auto kc) {
+    constexpr int KC = decltype(kc)::value;
+    pool(grid.units(d), cost, [&](int64_t begin, int64_t end) {
+      const int64_t halo = grid.tile + 2 * r;
+      Ring<T> kring(K, halo * dim), vring(K, halo * channels);
+      std::vector<const T*> kslots(K), vslots(K), krows(kk), vrows(kk);
+      std::vector<T> dw(4 * kk), dl(4 * kk);
+      std::vector<unsigned char> inside(kk);
+      for (int64_t u = begin; u < end; ++u) {
+        const Unit unit(d, grid, u);
+        const int64_t n = unit.tw + 2 * r, u0 = unit.x0 - r;
+        for (int64_t h = unit.h0 - r; h < unit.h1 + r; ++h) {
+          PackRow(k, d.height, d.width, 1, dim, 0, dim, unit.b, h, u0, n, kring.Slot(h));
+          PackRow(v, d.height, d.width, 1, channels, 0, channels, unit.b, h, u0, n,
+                  vring.Slot(h));
+          const int64_t p = h - r;
+          if (p < unit.h0) continue;
+          for (int64_t a = 0; a < K; ++a) {
+            kslots[a] = kring.Slot(p - r + a);
+            vslots[a] = vring.Slot(p - r + a);
+          }
+          for (int64_t x = 0; x < unit.tw; ++x) {
+            const int64_t w0 = unit.x0 + x;
+            for (int64_t a = 0; a < K; ++a)
+              for (int64_t c = 0; c < K; ++c)
+                inside[a * K + c] = p - r + a >= 0 && p - r + a < d.height &&
+                                    w0 - r + c >= 0 && w0 - r + c < d.width;
+            WindowRows<KC, const T>(d, kslots.data(), x, dim, krows.data());
+            WindowRows<KC, const T>(d, vslots.data(), x, channels, vrows.data());
+            ForGroups(ss, [&](auto group, int64_t first) {
+              constexpr int G = decltype(group)::value;
+              const T* gs[G];
+              T* dqs[G];
+              int64_t pts[G];
+              for (int g = 0; g < G; ++g) {
+                const int64_t i = first + g;
+                pts[g] = (unit.b * hh + p * s + i / s) * hw + w0 * s + i % s;
+                gs[g] = grad + pts[g] * channels;
+                dqs[g] = dq + pts[g] * dim;
+              }
+              MultiDotRows<T, G>(gs, vrows.data(), kk, channels, dw.data());
+              for (int g = 0; g < G; ++g) {
+                const T* w = weights + pts[g] * kk;
+                const T* dwg = dw.data() + g * kk;
+                T inner = 0;
+                for (int64_t j = 0; j < kk; ++j) inner += w[j] * dwg[j];
+                T* row = dlogits + pts[g] * kk;
+                for (int64_t j = 0; j < kk; ++j) {
+                  const T value = inside[j] ? w[j] * (dwg[j] - inner) : T(0);
+                  dl[j * G + g] = value;
+                  row[j] = value;
+                }
+              }
+              MultiWeightedRowSum<T, G>(dl.data(), krows.data(), kk, dim, dqs);
+            });
+          }
         }
       }
-      MultiWeightedRowSum<T, G>(dl.data(), krows.data(), m, dim, dqs);
     });
   });
-  // Separate walks measured no slower than one walk over both (whose tiles must be
-  // smaller, to hold the rows of both tensors).
-  Scatter<T>(pool, d, dim, dlogits, q, dk);
-  Scatter<T>(pool, d, channels, weights, grad, dv);
+  tiled::ScatterTiled<T>(pool, d, dim, dlogits, q, dk);
+  tiled::ScatterTiled<T>(pool, d, channels, weights, grad, dv);
 }
 
 }  // namespace cpu

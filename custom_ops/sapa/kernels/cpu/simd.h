@@ -48,8 +48,17 @@ inline void Store(T* p, typename Simd<T>::V v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// Under AVX the intrinsic: from memory it is one vbroadcastss/sd load, where the lane loop
+// compiled to a 128-bit broadcast plus a vinsertf128 on a vector pipe that the FMAs need.
 template <typename T>
 inline typename Simd<T>::V Broadcast(T x) {
+#if defined(__AVX__)
+  if constexpr (std::is_same<T, float>::value) {
+    return _mm256_set1_ps(x);
+  } else if constexpr (std::is_same<T, double>::value) {
+    return _mm256_set1_pd(x);
+  }
+#endif
   typename Simd<T>::V v;
   for (int l = 0; l < Simd<T>::kLanes; ++l) v[l] = x;
   return v;
@@ -132,6 +141,44 @@ inline void ExpShifted(const T* x, int64_t n, T shift, T* out) {
   } else {
     for (int64_t i = 0; i < n; ++i) out[i] = std::exp(x[i] - shift);
   }
+}
+
+// out[i] = exp(x[i] - shift) for i < n; returns the sum of out[0 : n]. For float under AVX2
+// the tail of fewer than 8 values goes through masked loads and stores (no scalar round
+// trip through the stack, which stalls store-to-load forwarding); std::exp for double.
+template <typename T>
+inline T ExpShiftedSum(const T* x, int64_t n, T shift, T* out) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    constexpr int L = Simd<float>::kLanes;
+    const auto sv = Broadcast<float>(shift);
+    auto acc = Broadcast<float>(0.f);
+    int64_t i = 0;
+    for (; i + L <= n; i += L) {
+      const auto e = ExpV(Load(x + i) - sv);
+      Store(out + i, e);
+      acc += e;
+    }
+    if (i < n) {
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - i)), lane);
+      const Simd<float>::V xv = _mm256_maskload_ps(x + i, mask);
+      Simd<float>::V e = ExpV(xv - sv);
+      e = (Simd<float>::V)_mm256_and_ps(e, _mm256_castsi256_ps(mask));
+      _mm256_maskstore_ps(out + i, mask, e);
+      acc += e;
+    }
+    return HorizontalSum<float>(acc);
+  }
+#endif
+  if constexpr (std::is_same<T, float>::value) {
+    ExpShifted<T>(x, n, shift, out);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = std::exp(x[i] - shift);
+  }
+  T total = 0;
+  for (int64_t i = 0; i < n; ++i) total += out[i];
+  return total;
 }
 
 // out[c] = sum_k w[k] * rows[k][c] for c_begin <= c < d. The channel axis is processed in blocks of
@@ -220,10 +267,10 @@ void StreamRowSum(const T* __restrict w, const T* const* rows, int64_t m, int64_
 // Register-blocked kernels over G high-resolution points that share one window (the s x s
 // children of an anchor): every row loaded from the window feeds G accumulators.
 
-// outs[g][c] += ... : outs[g][c0 : c0 + NV*L] = sum_k w[k*G + g] * rows[k][c0 : ...].
+// outs[g][c0 : c0 + NV*L] = sum_k w[k*G + g] * rows[k][c0 + shift : c0 + shift + NV*L].
 template <typename T, int G, int NV>
 inline void GatherBlock(const T* __restrict w, const T* const* rows, int64_t m, int64_t c0,
-                        T* const* outs) {
+                        T* const* outs, int64_t shift = 0) {
   using V = typename Simd<T>::V;
   constexpr int L = Simd<T>::kLanes;
   V acc[G][NV];
@@ -232,7 +279,7 @@ inline void GatherBlock(const T* __restrict w, const T* const* rows, int64_t m, 
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[g][v] = Broadcast<T>(0);
   for (int64_t k = 0; k < m; ++k) {
-    const T* r = rows[k] + c0;
+    const T* r = rows[k] + c0 + shift;
     V rv[NV];
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) rv[v] = Load(r + v * L);
@@ -249,22 +296,36 @@ inline void GatherBlock(const T* __restrict w, const T* const* rows, int64_t m, 
     for (int v = 0; v < NV; ++v) Store(outs[g] + c0 + v * L, acc[g][v]);
 }
 
+// outs[g][c] = sum_k w[k*G + g] * rows[k][c + shift] for g < G, c_begin <= c < c_end.
+template <typename T, int G>
+void MultiWeightedRowSumRange(const T* __restrict w, const T* const* rows, int64_t m,
+                              int64_t c_begin, int64_t c_end, T* const* outs,
+                              int64_t shift = 0) {
+  constexpr int L = Simd<T>::kLanes;
+  // 12 accumulators for G = 4 (and 8 for G <= 2): two FMA pipes of latency 4 need 8
+  // independent chains, and the spare ones absorb the load latencies.
+  constexpr int NV = G >= 3 ? 3 : 4;
+  int64_t c = c_begin;
+  for (; c + NV * L <= c_end; c += NV * L) GatherBlock<T, G, NV>(w, rows, m, c, outs, shift);
+  if (NV > 2 && c + 2 * L <= c_end) {
+    GatherBlock<T, G, 2>(w, rows, m, c, outs, shift);
+    c += 2 * L;
+  }
+  for (; c + L <= c_end; c += L) GatherBlock<T, G, 1>(w, rows, m, c, outs, shift);
+  for (; c < c_end; ++c) {
+    for (int g = 0; g < G; ++g) {
+      T a = 0;
+      for (int64_t k = 0; k < m; ++k) a += w[k * G + g] * rows[k][c + shift];
+      outs[g][c] = a;
+    }
+  }
+}
+
 // outs[g][c] = sum_k w[k*G + g] * rows[k][c] for g < G, c < d.
 template <typename T, int G>
 void MultiWeightedRowSum(const T* __restrict w, const T* const* rows, int64_t m, int64_t d,
                          T* const* outs) {
-  constexpr int L = Simd<T>::kLanes;
-  constexpr int NV = G >= 3 ? 2 : 4;
-  int64_t c = 0;
-  for (; c + NV * L <= d; c += NV * L) GatherBlock<T, G, NV>(w, rows, m, c, outs);
-  for (; c + L <= d; c += L) GatherBlock<T, G, 1>(w, rows, m, c, outs);
-  for (; c < d; ++c) {
-    for (int g = 0; g < G; ++g) {
-      T a = 0;
-      for (int64_t k = 0; k < m; ++k) a += w[k * G + g] * rows[k][c];
-      outs[g][c] = a;
-    }
-  }
+  MultiWeightedRowSumRange<T, G>(w, rows, m, 0, d, outs);
 }
 
 // out[g * m + k] = <xs[g], rows[k]> for g < G, k < m, vectors of length d.
@@ -273,7 +334,8 @@ void MultiDotRows(const T* const* xs, const T* const* rows, int64_t m, int64_t d
                   T* __restrict out) {
   using V = typename Simd<T>::V;
   constexpr int L = Simd<T>::kLanes;
-  constexpr int R = G >= 3 ? 2 : 4;
+  // G * R = 12 chains for G = 4 (8 would just cover the FMA latency of two pipes).
+  constexpr int R = G >= 3 ? 3 : 4;
   const int64_t dv = d - d % L;
   int64_t k = 0;
   auto block = [&](auto rcount) {
@@ -310,8 +372,97 @@ void MultiDotRows(const T* const* xs, const T* const* rows, int64_t m, int64_t d
     }
   };
   for (; k + R <= m; k += R) block(std::integral_constant<int, R>());
+  if (R > 2 && k + 2 <= m) {
+    block(std::integral_constant<int, 2>());
+    k += 2;
+  }
   for (; k < m; ++k) block(std::integral_constant<int, 1>());
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define KERAS_SAPA_LANE_TILES 1
+
+// dst[i * dst_stride + r] = src[r][i] for r, i < 8: an 8 x 8 float transpose (rows may be
+// null: zeros).
+inline void Transpose8x8(const float* const* src, float* dst, int64_t dst_stride) {
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = src[i] != nullptr ? _mm256_loadu_ps(src[i]) : _mm256_setzero_ps();
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(dst + 0 * dst_stride, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(dst + 1 * dst_stride, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(dst + 2 * dst_stride, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(dst + 3 * dst_stride, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(dst + 4 * dst_stride, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(dst + 5 * dst_stride, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(dst + 6 * dst_stride, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(dst + 7 * dst_stride, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+// dst[c * dst_stride + r] = rows[r][c] for r < 8, c < n (null rows: zeros): the 8 rows
+// transposed into lanes, whole 8 x 8 blocks first, then scalars.
+inline void TransposeRows8(const float* const* rows, int64_t n, float* dst, int64_t dst_stride) {
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const float* src[8];
+    for (int r = 0; r < 8; ++r) src[r] = rows[r] != nullptr ? rows[r] + c : nullptr;
+    Transpose8x8(src, dst + c * dst_stride, dst_stride);
+  }
+  for (; c < n; ++c)
+    for (int r = 0; r < 8; ++r) dst[c * dst_stride + r] = rows[r] != nullptr ? rows[r][c] : 0.f;
+}
+
+// Window dot products with the 8 lanes over 8 neighbouring anchors: for each of NJ query
+// kinds j and window column b < K,
+//   out[j][b * 8 + x] = sum_c qt[j][c * 8 + x] * kt[c * kt_stride + x + b]
+// (qt: the queries of the 8 anchors transposed, kt: one packed key row transposed, its
+// columns the halo columns). No horizontal sums; NJ * K accumulators.
+template <int K, int NJ>
+inline void LaneDots(const float* const* qt, const float* kt, int64_t kt_stride, int64_t dim,
+                     float* const* out) {
+  __m256 acc[NJ][K];
+#pragma GCC unroll 16
+  for (int j = 0; j < NJ; ++j)
+#pragma GCC unroll 16
+    for (int b = 0; b < K; ++b) acc[j][b] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < dim; ++c) {
+    __m256 qv[NJ];
+#pragma GCC unroll 16
+    for (int j = 0; j < NJ; ++j) qv[j] = _mm256_loadu_ps(qt[j] + c * 8);
+    const float* kr = kt + c * kt_stride;
+#pragma GCC unroll 16
+    for (int b = 0; b < K; ++b) {
+      const __m256 kv = _mm256_loadu_ps(kr + b);
+#pragma GCC unroll 16
+      for (int j = 0; j < NJ; ++j) acc[j][b] = _mm256_fmadd_ps(qv[j], kv, acc[j][b]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < NJ; ++j)
+#pragma GCC unroll 16
+    for (int b = 0; b < K; ++b) _mm256_storeu_ps(out[j] + b * 8, acc[j][b]);
+}
+
+// In place over kk vectors of 8 lanes l[n * 8 + x]: the softmax over n in each lane.
+inline void LaneSoftmax(float* l, int64_t kk) {
+  __m256 mx = _mm256_loadu_ps(l);
+  for (int64_t n = 1; n < kk; ++n) mx = _mm256_max_ps(mx, _mm256_loadu_ps(l + n * 8));
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t n = 0; n < kk; ++n) {
+    const __m256 e = ExpV(_mm256_loadu_ps(l + n * 8) - mx);
+    _mm256_storeu_ps(l + n * 8, e);
+    total += e;
+  }
+  const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.f), total);
+  for (int64_t n = 0; n < kk; ++n) _mm256_storeu_ps(l + n * 8, _mm256_loadu_ps(l + n * 8) * inv);
+}
+#endif
 
 // Runs fn<G>(first) over `count` items in groups of 4, then 2, then 1.
 template <typename Fn>
