@@ -212,8 +212,9 @@ def _similarity(query, key, index, tap_w, num_points, groups):
     batch, out_h, out_w, channels = shape[0], shape[1], shape[2], shape[3]
     e = channels // groups
     sampled = _gather(key, index, groups)  # (B*sH*sW*G*P*4, E)
-    # Rank-3 batched matmuls (not a rank-6 einsum): LiteRT's builtin BatchMatMul.
-    dots = ops.matmul(ops.reshape(sampled, (-1, num_points * 4, e)),
+    # Rank-3 batched products (LiteRT's builtin BatchMatMul stops below rank 6), as
+    # einsums: keras.ops.matmul computes float64 in float32 on PyTorch.
+    dots = ops.einsum("nte,nek->ntk", ops.reshape(sampled, (-1, num_points * 4, e)),
                       ops.reshape(query, (-1, e, 1)))
     dots = ops.reshape(dots, (batch, out_h, out_w, groups * num_points, 4))
     return ops.sum(dots * tap_w, axis=-1)
@@ -225,7 +226,7 @@ def _aggregate(weights, value, index, tap_w, num_points, groups):
     channels = ops.shape(value)[3]
     w = ops.expand_dims(weights, -1) * tap_w  # (B, sH, sW, G*P, 4)
     sampled = _gather(value, index, groups)  # (B*sH*sW*G*P*4, C/G)
-    out = ops.matmul(ops.reshape(w, (-1, 1, num_points * 4)),
+    out = ops.einsum("nkt,ntc->nkc", ops.reshape(w, (-1, 1, num_points * 4)),
                      ops.reshape(sampled, (-1, num_points * 4, ops.shape(sampled)[1])))
     return ops.reshape(out, (batch, out_h, out_w, channels))
 
