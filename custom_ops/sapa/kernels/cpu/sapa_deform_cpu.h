@@ -258,18 +258,29 @@ struct PointScratch {
 };
 
 // Runs fn(point, scratch) for every output point on the pool, the taps of all its
-// points in scratch.geometry.
+// points in scratch.geometry. Units of work are square tiles of output points: the key
+// and value rows that a tile gathers come from a small region of the low-resolution maps,
+// which stays in cache while the tile is walked (a whole row of output points would
+// sweep the full width of both maps).
 template <typename T, typename Fn>
 void ForEachPoint(const ParallelFor& pool, const DeformShape& d, const T* offsets, int64_t cost,
                   Fn fn) {
+  constexpr int64_t kTile = 8;
   const int64_t hw = d.high_width(), hh = d.high_height();
-  pool(d.high_points(), cost, [&](int64_t begin, int64_t end) {
+  const int64_t tiles_h = (hh + kTile - 1) / kTile, tiles_w = (hw + kTile - 1) / kTile;
+  pool(d.batch * tiles_h * tiles_w, cost * kTile * kTile, [&](int64_t begin, int64_t end) {
     PointScratch<T> scratch(d);
-    for (int64_t point = begin; point < end; ++point) {
-      const int64_t j = point % hw, i = (point / hw) % hh;
-      scratch.geometry.Set(offsets + point * 2 * d.gp(), d.gp(), static_cast<T>(i / d.up),
-                           static_cast<T>(j / d.up), d.height, d.width);
-      fn(point, scratch);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t tj = u % tiles_w, ti = (u / tiles_w) % tiles_h, b = u / (tiles_w * tiles_h);
+      const int64_t i1 = std::min(hh, (ti + 1) * kTile), j1 = std::min(hw, (tj + 1) * kTile);
+      for (int64_t i = ti * kTile; i < i1; ++i) {
+        for (int64_t j = tj * kTile; j < j1; ++j) {
+          const int64_t point = (b * hh + i) * hw + j;
+          scratch.geometry.Set(offsets + point * 2 * d.gp(), d.gp(), static_cast<T>(i / d.up),
+                               static_cast<T>(j / d.up), d.height, d.width);
+          fn(point, scratch);
+        }
+      }
     }
   });
 }
