@@ -449,7 +449,6 @@ inline void ScatterPoint(const Shape& d, const T* __restrict wl, const T* const*
 // (the last one narrower), c' < the slice's width; src null: zeros.
 template <typename T>
 inline void CopySliced(const T* src, int64_t ch, int64_t sw, int64_t slice_stride, T* dst) {
-  using V = typename Simd<T>::V;
   constexpr int L = Simd<T>::kLanes;
   for (int64_t c0 = 0; c0 < ch; c0 += sw, dst += slice_stride) {
     const int64_t w = std::min(sw, ch - c0);
@@ -461,22 +460,6 @@ inline void CopySliced(const T* src, int64_t ch, int64_t sw, int64_t slice_strid
       for (; c + L <= w; c += L) Store(dst + c, Load(src + c0 + c));
       for (; c < w; ++c) dst[c] = src[c0 + c];
     }
-  }
-}
-
-// Packs row h of the low-resolution map src (B, H, W, ch), points [u0, u0 + n), in channel
-// slices of width sw: dst[sl * slice_stride + (u - u0) * sw + c']; zero outside the map.
-// Slice-major, so that the slice the inner loops walk is contiguous and spreads over the
-// cache sets (a slice of rows 1 KiB apart would use a quarter of them).
-template <typename T>
-void PackRowSliced(const T* src, const Shape& d, int64_t ch, int64_t sw, int64_t slice_stride,
-                   int64_t b, int64_t h, int64_t u0, int64_t n, T* dst) {
-  const bool row_in = h >= 0 && h < d.height;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t u = u0 + i;
-    const T* in = row_in && u >= 0 && u < d.width ? src + ((b * d.height + h) * d.width + u) * ch
-                                                  : nullptr;
-    CopySliced(in, ch, sw, slice_stride, dst + i * sw);
   }
 }
 
@@ -567,189 +550,84 @@ void ScatterTiled(const ParallelFor& pool, const Shape& d, int64_t channels, con
   });
 }
 
-// The lane path of the forward's logits (float, AVX2, K = 3, 5 or 7): the 8 anchors of a
-// tile sit in the 8 lanes of a vector, the window and channel loops run over whole
-// vectors, and the softmax works on all 8 at once: no horizontal sums, no scalar exp.
-constexpr int64_t kLaneHalo = 16;  // packed transposed key row: 8 anchors + K - 1 <= 16
-
-template <typename T, int KC>
-constexpr bool kLanePath =
-#if defined(KERAS_SAPA_LANE_TILES)
-    std::is_same<T, float>::value && KC > 0 && KC <= 7 && kTileCols == 8;
-#else
-    false;
-#endif
-
-#if defined(KERAS_SAPA_LANE_TILES)
-// dst[c * kLaneHalo + i] = row[i * dim + c] for the n <= kLaneHalo packed points, zero
-// beyond.
-inline void TransposeHalo(const float* row, int64_t n, int64_t dim, float* dst) {
-  for (int64_t half = 0; half < kLaneHalo; half += 8) {
-    const float* rows[8];
-    for (int i = 0; i < 8; ++i) rows[i] = half + i < n ? row + (half + i) * dim : nullptr;
-    TransposeRows8(rows, dim, dst + half, kLaneHalo);
-  }
-}
-
-// lanes[(j * kk + n) * 8 + x] = softmax over n of <q[child j of anchor x], k[window n]>
-// for the tile's row p (lanes x >= tw: zero queries, never read).
-template <int KC>
-void LaneLogits(const Shape& d, int64_t dim, const Unit& unit, int64_t p, const float* q,
-                Ring<float>& ktring, float* qt, float* lanes) {
-  constexpr int64_t K = KC, kk = K * K;
-  const int64_t s = d.up, ss = s * s, r = K / 2, hh = d.high_height(), hw = d.high_width();
-  for (int64_t j = 0; j < ss; ++j) {
-    const float* rows[8];
-    for (int64_t x = 0; x < 8; ++x)
-      rows[x] = x < unit.tw ? q + ((unit.b * hh + p * s + j / s) * hw + (unit.x0 + x) * s +
-                                   j % s) * dim
-                            : nullptr;
-    TransposeRows8(rows, dim, qt + j * dim * 8, 8);
-  }
-  constexpr int NJ = K <= 5 ? 2 : 1;  // query kinds per pass: NJ * K accumulators
-  int64_t j = 0;
-  auto pass = [&](auto nj) {
-    constexpr int N = decltype(nj)::value;
-    const float* qs[N];
-    for (int i = 0; i < N; ++i) qs[i] = qt + (j + i) * dim * 8;
-    for (int64_t a = 0; a < K; ++a) {
-      float* outs[N];
-      for (int i = 0; i < N; ++i) outs[i] = lanes + ((j + i) * kk + a * K) * 8;
-      LaneDots<K, N>(qs, ktring.Slot(p - r + a), kLaneHalo, dim, outs);
-    }
-    j += N;
-  };
-  while (j + NJ <= ss) pass(std::integral_constant<int, NJ>());
-  while (j < ss) pass(std::integral_constant<int, 1>());
-  for (int64_t i = 0; i < ss; ++i) LaneSoftmax(lanes + i * kk * 8, kk);
-}
-#endif
-
-// Softmax of each of the n rows of kk logits in logits[g*kk + k] (padded points included,
-// their logit being 0): writes probs[k*G + g] (the layout of MultiWeightedRowSum) and,
-// where full[g] is non-null, the row full[g][k].
-template <typename T, int G>
-inline void SoftmaxRows(const T* logits, int64_t kk, T* exps, T* probs, T* const* full) {
-  for (int g = 0; g < G; ++g) {
-    const T* l = logits + g * kk;
-    T mx = l[0];
-    for (int64_t k = 1; k < kk; ++k) mx = std::max(mx, l[k]);
-    const T inv = T(1) / ExpShiftedSum<T>(l, kk, mx, exps);
-    for (int64_t k = 0; k < kk; ++k) probs[k * G + g] = exps[k] * inv;
-    if (full[g] != nullptr)
-      for (int64_t k = 0; k < kk; ++k) full[g][k] = exps[k] * inv;
-  }
-}
-
 }  // namespace tiled
 
-// out = Gather(softmax(Dot(q, k)), v) in one pass over tiles (see namespace tiled): per
-// low-resolution row of a tile, the logits of the s x s children of each anchor against
-// the packed key halo and their softmax (kept in the unit's scratch), then the
-// aggregation over the packed value halo, channel slice by channel slice so that the
-// slice of the halo stays in L1 while the tile's anchors read it.
+// Softmax over the K*K window of G points, of which m are in the map (logits
+// dots[g * m + k]) and K*K - m padded (logit 0). Writes weights[k * G + g] for the
+// in-map points and, where full is non-null, the whole row full[g][n] (padded n
+// included). `exps` is room for m values.
+template <typename T, int G>
+inline void WindowSoftmax(const T* dots, int64_t m, int64_t kk, const int64_t* index,
+                          T* exps, T* weights, T* const* full) {
+  for (int g = 0; g < G; ++g) {
+    const T* l = dots + g * m;
+    T mx = m < kk ? T(0) : -std::numeric_limits<T>::infinity();
+    for (int64_t k = 0; k < m; ++k) mx = std::max(mx, l[k]);
+    T total = ExpShiftedSum<T>(l, m, mx, exps);
+    const T pad = m < kk ? std::exp(-mx) : T(0);
+    total += T(kk - m) * pad;
+    const T inv = T(1) / total;
+    for (int64_t k = 0; k < m; ++k) weights[k * G + g] = exps[k] * inv;
+    if (full != nullptr) {
+      T* row = full[g];
+      if (m < kk) std::fill(row, row + kk, pad * inv);
+      for (int64_t k = 0; k < m; ++k) row[index[k]] = weights[k * G + g];
+    }
+  }
+}
+
+// out = Gather(softmax(Dot(q, k)), v) in one pass over tiles of low-resolution anchors:
+// for each anchor of a tile, the logits of its s x s children (they share the window)
+// and their softmax, kept on the stack; then, for each anchor of the tile, the
+// aggregation of the window's value rows. (Two phases per tile rather than per anchor:
+// the key rows and the value rows of one window together overflow L1 at d=64, C=256.)
 // q (B,sH,sW,dim), k (B,H,W,dim), v (B,H,W,channels) -> out (B,sH,sW,channels);
 // weights (B,sH,sW,K*K), the softmax that the backward needs, written unless null.
 template <typename T>
 void SapaForward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t channels,
                  const T* q, const T* k, const T* v, T* out, T* weights) {
-  using namespace tiled;
-  constexpr int64_t kSlice = 48;
-  const int64_t s = d.up, ss = s * s, K = d.kernel, r = d.radius(), kk = K * K;
-  const int64_t hh = d.high_height(), hw = d.high_width();
-  const Grid grid(d, 1);
-  const int64_t cost = grid.run * grid.tile * ss * kk * (dim + channels + 16);
-  const int64_t sw = std::max<int64_t>(1, std::min(kSlice, channels));
-  const int64_t slices = (channels + sw - 1) / sw;
-  WithKernel(K, [&](auto kc) {
-    constexpr int KC = decltype(kc)::value;
-    pool(grid.units(d), cost, [&](int64_t begin, int64_t end) {
-      const int64_t halo = grid.tile + 2 * r, slice_stride = halo * sw;
-      Ring<T> kring(K, halo * dim), vring(K, slices * slice_stride);
-      std::vector<const T*> kslots(K), vslots(K), krows(grid.tile * kk), vrows(grid.tile * kk);
-      std::vector<T> logits(4 * kk), exps(kk + 8), probs(grid.tile * ss * kk);
-      // The lane path: the key rows transposed, [dim][kLaneHalo], the queries of the
-      // tile's anchors transposed, [ss][dim][8], and the logits, [ss][kk][8].
-      const bool lane = kLanePath<T, KC>;
-      Ring<T> ktring(K, lane ? dim * kLaneHalo : 0);
-      std::vector<T> qt(lane ? ss * dim * 8 : 0), lanes(lane ? ss * kk * 8 : 0);
-      for (int64_t u = begin; u < end; ++u) {
-        const Unit unit(d, grid, u);
-        const int64_t n = unit.tw + 2 * r, u0 = unit.x0 - r;
-        for (int64_t h = unit.h0 - r; h < unit.h1 + r; ++h) {
-          PackRow(k, d.height, d.width, 1, dim, 0, dim, unit.b, h, u0, n, kring.Slot(h));
-          PackRowSliced(v, d, channels, sw, slice_stride, unit.b, h, u0, n, vring.Slot(h));
-#if defined(KERAS_SAPA_LANE_TILES)
-          if constexpr (kLanePath<T, KC>) TransposeHalo(kring.Slot(h), n, dim, ktring.Slot(h));
-#endif
-          const int64_t p = h - r;
-          if (p < unit.h0) continue;
-          for (int64_t a = 0; a < K; ++a) {
-            kslots[a] = kring.Slot(p - r + a);
-            vslots[a] = vring.Slot(p - r + a);
+  const int64_t s = d.up, kk = d.window(), ss = s * s;
+  constexpr int64_t kTile = 8;
+  const int64_t units = d.low_points();
+  pool(units, ss * kk * (dim + channels + 12), [&](int64_t begin, int64_t end) {
+    AnchorWindow win(d);
+    std::vector<const T*> rows(kk);
+    std::vector<T> dots(5 * kk);
+    std::vector<T> tile_weights(kTile * ss * kk);
+    for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+      const int64_t t1 = std::min(end, t0 + kTile);
+      for (int64_t u = t0; u < t1; ++u) {  // logits and softmax
+        win.Set(u);
+        const int64_t m = win.m();
+        T* wt = tile_weights.data() + (u - t0) * ss * kk;
+        win.Rows(k, dim, rows.data());
+        ForGroups(ss, [&](auto group, int64_t first) {
+          constexpr int G = decltype(group)::value;
+          const T* xs[G];
+          T* full[G];
+          for (int g = 0; g < G; ++g) {
+            const int64_t point = win.points()[first + g];
+            xs[g] = q + point * dim;
+            full[g] = weights == nullptr ? nullptr : weights + point * kk;
           }
-          // Children of anchor (p, x0 + x): point(x, i) for i < ss.
-          auto point = [&](int64_t x, int64_t i) {
-            return (unit.b * hh + p * s + i / s) * hw + (unit.x0 + x) * s + i % s;
-          };
-          for (int64_t x = 0; x < unit.tw; ++x) {
-            WindowRows<KC, const T>(d, kslots.data(), x, dim, krows.data() + x * kk);
-            WindowRows<KC, const T>(d, vslots.data(), x, sw, vrows.data() + x * kk);
-          }
-#if defined(KERAS_SAPA_LANE_TILES)
-          if constexpr (kLanePath<T, KC>) {
-            LaneLogits<KC>(d, dim, unit, p, q, ktring, qt.data(), lanes.data());
-            // lanes[(j * kk + n) * 8 + x]: the weights; to the aggregation's layout and out.
-            for (int64_t x = 0; x < unit.tw; ++x) {
-              T* pr = probs.data() + x * ss * kk;
-              ForGroups(ss, [&](auto group, int64_t first) {
-                constexpr int G = decltype(group)::value;
-                for (int g = 0; g < G; ++g) {
-                  const T* l = lanes.data() + (first + g) * kk * 8 + x;
-                  T* dst = pr + first * kk + g;
-                  for (int64_t i = 0; i < kk; ++i) dst[i * G] = l[i * 8];
-                  if (weights != nullptr) {
-                    T* full = weights + point(x, first + g) * kk;
-                    for (int64_t i = 0; i < kk; ++i) full[i] = l[i * 8];
-                  }
-                }
-              });
-            }
-          } else
-#endif
-          {
-            for (int64_t x = 0; x < unit.tw; ++x) {  // logits and softmax
-              T* pr = probs.data() + x * ss * kk;
-              ForGroups(ss, [&](auto group, int64_t first) {
-                constexpr int G = decltype(group)::value;
-                const T* xs[G];
-                T* full[G];
-                for (int g = 0; g < G; ++g) {
-                  const int64_t pt = point(x, first + g);
-                  xs[g] = q + pt * dim;
-                  full[g] = weights == nullptr ? nullptr : weights + pt * kk;
-                }
-                MultiDotRows<T, G>(xs, krows.data() + x * kk, kk, dim, logits.data());
-                SoftmaxRows<T, G>(logits.data(), kk, exps.data(), pr + first * kk, full);
-              });
-            }
-          }
-          for (int64_t sl = 0; sl < slices; ++sl) {  // aggregation, slice by slice
-            const int64_t c0 = sl * sw, c1 = std::min(channels, c0 + sw);
-            for (int64_t x = 0; x < unit.tw; ++x) {
-              const T* pr = probs.data() + x * ss * kk;
-              ForGroups(ss, [&](auto group, int64_t first) {
-                constexpr int G = decltype(group)::value;
-                T* outs[G];
-                for (int g = 0; g < G; ++g) outs[g] = out + point(x, first + g) * channels;
-                MultiWeightedRowSumRange<T, G>(pr + first * kk, vrows.data() + x * kk, kk, c0,
-                                               c1, outs, sl * slice_stride - c0);
-              });
-            }
-          }
-        }
+          MultiDotRows<T, G>(xs, rows.data(), m, dim, dots.data());
+          WindowSoftmax<T, G>(dots.data(), m, kk, win.index(), dots.data() + 4 * kk,
+                              wt + first * m, weights == nullptr ? nullptr : full);
+        });
       }
-    });
+      for (int64_t u = t0; u < t1; ++u) {  // aggregation
+        win.Set(u);
+        const int64_t m = win.m();
+        const T* wt = tile_weights.data() + (u - t0) * ss * kk;
+        win.Rows(v, channels, rows.data());
+        ForGroups(ss, [&](auto group, int64_t first) {
+          constexpr int G = decltype(group)::value;
+          T* outs[G];
+          for (int g = 0; g < G; ++g) outs[g] = out + win.points()[first + g] * channels;
+          MultiWeightedRowSum<T, G>(wt + first * m, rows.data(), m, channels, outs);
+        });
+      }
+    }
   });
 }
 
