@@ -543,7 +543,7 @@ def test_cuda_fused_in_emulation_matches_reference(emulated, case, dtype):
         _close(a, b_, _cuda_tolerance(dtype, gradient=name != "out"))
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
 def test_cuda_halves_in_emulation_match_reference(emulated, dtype):
     sizes = (2, 2, 3, 2, 3, 2, 3, 4)
     b, h, w, s, p, g, e, c = sizes
