@@ -26,19 +26,26 @@
 // respect to a position is taken in the cell of floor() (at an integer position: the
 // cell towards increasing coordinate), as in the official kernels.
 //
+// The taps: every point has its four corners, a corner outside the map (or of a dropped
+// point) reading a row of zeros with weight 0, so the loops have no branches; the tap
+// geometry of the G*P points of an output point is computed a vector of points at a time.
+//
 // Every backward runs in two passes, neither with atomics nor races, so results are
 // deterministic whatever the thread count:
 //  1. per output point (a gather): the dot products of the query and of the output
 //     gradient with the taps' key and value rows give the logits' and weights' gradients
 //     and the offsets' gradients; the query gradient is a weighted sum of key rows.
-//  2. the key and value gradients (a scatter: any output point may sample any cell) are
-//     split by image and by channel slice: a unit of work owns the slice [c0, c1) of one
-//     group of one image of dkey and dvalue, walks every output point of that image in
-//     order and adds its taps' contributions to that slice only. Each element is summed
-//     by one unit in a fixed order; no (B, sH, sW, G*P, 4, ...) tensor is materialised.
+//  2. the key and value gradients (a scatter: any output point may sample any cell): a
+//     unit of work owns a band of low-resolution rows of one image (every channel of its
+//     cells), walks in order the output points whose taps reach the band (a first cheap
+//     pass over the offsets finds each point's span of rows) and adds their taps' shares
+//     to the band's cells; taps of one point and group that share a cell are summed
+//     before the read-modify-write. Each element is summed by one unit in a fixed order;
+//     no (B, sH, sW, G*P, 4, ...) tensor is materialised.
 //
 // Everything computes in T (float or double); half-precision callers convert to float.
-// Workspace: the fused backward needs dlogits (B, sH, sW, GP) of T from the caller.
+// Workspace: the fused backward needs dlogits (B, sH, sW, GP) of T from the caller; the
+// scatter allocates its row spans (2 int32 per output point and per output row).
 
 #ifndef KERAS_SAPA_KERNELS_CPU_SAPA_DEFORM_CPU_H_
 #define KERAS_SAPA_KERNELS_CPU_SAPA_DEFORM_CPU_H_
