@@ -1,24 +1,90 @@
 // SAPA kernel launcher: driver API only, opened with dlopen (see sapa_launcher.h).
 //
 // Launch sizes come from device attributes and the occupancy API, never from a
-// runtime struct whose layout depends on a CUDA version. Modules are loaded once per
-// CUDA context (the stream's, from cuStreamGetCtx).
+// runtime struct whose layout depends on a CUDA version. Every entry point pushes a
+// context for its whole duration (ContextScope); modules are loaded once per (device,
+// context), the context identified by its driver ID where the driver has one.
+//
+// Portability: the library is linked with a static libstdc++ and must load on glibc
+// 2.28 and newer (manylinux_2_28). So it uses no iostreams or locales (they pull in
+// symbols of glibc 2.33-2.36), binds the dl* functions to their original symbol versions,
+// and defines, hidden, the few glibc 2.32+/2.34+ symbols the static libstdc++ refers to
+// (GlibcCompat below). tests/test_launcher.py checks the built library's requirements.
 
 #include "sapa_launcher.h"
 
 #include <dirent.h>
 #include <dlfcn.h>
+#include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <map>
+#include <memory>
 #include <mutex>
-#include <sstream>
+#include <set>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
+
+// --- glibc compatibility -----------------------------------------------------------
+#if defined(__GLIBC__) && !defined(SAPA_NO_GLIBC_COMPAT) && \
+    (defined(__x86_64__) || defined(__aarch64__))
+#if defined(__x86_64__)
+#define SAPA_GLIBC_BASE "GLIBC_2.2.5"
+#else
+#define SAPA_GLIBC_BASE "GLIBC_2.17"
+#endif
+// glibc 2.34 moved the dl* functions into libc under a new version; the original
+// versions (libdl.so.2 before 2.34, compatibility symbols of libc after) exist on every
+// glibc, so the library needs libdl.so.2 (linked with -ldl) and nothing newer.
+__asm__(".symver dlopen,dlopen@" SAPA_GLIBC_BASE);
+__asm__(".symver dlsym,dlsym@" SAPA_GLIBC_BASE);
+__asm__(".symver dlclose,dlclose@" SAPA_GLIBC_BASE);
+__asm__(".symver dlerror,dlerror@" SAPA_GLIBC_BASE);
+__asm__(".symver pthread_key_create,pthread_key_create@" SAPA_GLIBC_BASE);
+__asm__(".symver pthread_mutex_lock,pthread_mutex_lock@" SAPA_GLIBC_BASE);
+__asm__(".symver pthread_mutex_unlock,pthread_mutex_unlock@" SAPA_GLIBC_BASE);
+
+// Symbols the static libstdc++ (GCC 11+) refers to with glibc 2.32/2.34 versions,
+// defined here, hidden, so those references bind to these at link time:
+// - __libc_single_threaded (2.32): 0 means "maybe threaded", always correct;
+// - pthread_once and __pthread_key_create (2.34, moved from libpthread into libc);
+// - arc4random (2.36), which std::random_device can use (never by this library).
+extern "C" {
+__attribute__((visibility("hidden"))) char __libc_single_threaded = 0;
+
+__attribute__((visibility("hidden"))) int pthread_once(pthread_once_t* control,
+                                                       void (*init)(void)) {
+  static pthread_mutex_t mutex = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
+  int* state = reinterpret_cast<int*>(control);
+  if (__atomic_load_n(state, __ATOMIC_ACQUIRE) == 2) return 0;
+  pthread_mutex_lock(&mutex);
+  if (__atomic_load_n(state, __ATOMIC_RELAXED) != 2) {
+    init();
+    __atomic_store_n(state, 2, __ATOMIC_RELEASE);
+  }
+  pthread_mutex_unlock(&mutex);
+  return 0;
+}
+
+__attribute__((visibility("hidden"))) int __pthread_key_create(pthread_key_t* key,
+                                                               void (*destructor)(void*)) {
+  return pthread_key_create(key, destructor);
+}
+
+__attribute__((visibility("hidden"))) uint32_t arc4random(void) {
+  uint32_t value = 0;
+  while (syscall(SYS_getrandom, &value, sizeof value, 0) != sizeof value) {
+  }
+  return value;
+}
+}  // extern "C"
+#endif
 
 namespace {
 
@@ -30,6 +96,7 @@ typedef void* CUcontext;
 typedef void* CUmodule;
 typedef void* CUfunction;
 typedef void* CUstream;
+typedef unsigned long long CUdeviceptr;
 const CUresult CUDA_SUCCESS = 0;
 const CUresult CUDA_ERROR_NO_BINARY_FOR_GPU = 209;
 const CUresult CUDA_ERROR_UNSUPPORTED_PTX_VERSION = 222;
@@ -51,7 +118,11 @@ struct Driver {
   CUresult (*cuStreamGetCtx)(CUstream, CUcontext*);
   CUresult (*cuCtxPushCurrent)(CUcontext);
   CUresult (*cuCtxPopCurrent)(CUcontext*);
+  CUresult (*cuCtxGetCurrent)(CUcontext*);
   CUresult (*cuCtxGetDevice)(CUdevice*);
+  CUresult (*cuDeviceGet)(CUdevice*, int);
+  CUresult (*cuDevicePrimaryCtxRetain)(CUcontext*, CUdevice);
+  CUresult (*cuDevicePrimaryCtxRelease)(CUdevice);
   CUresult (*cuDeviceGetAttribute)(int*, int, CUdevice);
   CUresult (*cuModuleLoadData)(CUmodule*, const void*);
   CUresult (*cuModuleGetFunction)(CUfunction*, CUmodule, const char*);
@@ -59,6 +130,13 @@ struct Driver {
                              unsigned, unsigned, CUstream, void**, void**);
   CUresult (*cuOccupancyMaxActiveBlocksPerMultiprocessor)(int*, CUfunction, int, size_t);
   CUresult (*cuFuncGetAttribute)(int*, int, CUfunction);
+  // Optional: CUDA 12.0+ (a context ID that is never reused) and the self-test's memory.
+  CUresult (*cuCtxGetId)(CUcontext, unsigned long long*) = nullptr;
+  CUresult (*cuMemAlloc)(CUdeviceptr*, size_t) = nullptr;
+  CUresult (*cuMemFree)(CUdeviceptr) = nullptr;
+  CUresult (*cuMemcpyHtoD)(CUdeviceptr, const void*, size_t) = nullptr;
+  CUresult (*cuMemcpyDtoH)(void*, CUdeviceptr, size_t) = nullptr;
+  CUresult (*cuStreamSynchronize)(CUstream) = nullptr;
 };
 
 // Same layout as sapa::Args in kernels/cuda/sapa_kernels.cuh.
@@ -71,6 +149,9 @@ struct Image {
   std::vector<char> data;
 };
 
+// What a (device, context) has loaded. Created once, never freed (a stale entry of a
+// reset context is only forgotten by the cache), so a pointer stays valid without a lock;
+// functions and tiles change under g_mutex.
 struct DeviceState {
   CUmodule module = nullptr;
   std::string target;
@@ -81,15 +162,25 @@ struct DeviceState {
   std::map<std::tuple<std::string, int64_t, int64_t>, std::tuple<int, int, int>> tiles;
 };
 
+// The primary context the launcher holds one reference to, per device.
+struct HeldPrimary {
+  CUcontext ctx = nullptr;
+  unsigned long long id = 0;
+};
+
 std::mutex g_mutex;
 Driver g_driver;
 std::vector<Image> g_images;
-std::map<CUcontext, DeviceState> g_devices;
+std::map<std::pair<CUdevice, unsigned long long>, DeviceState*> g_devices;
+std::map<CUdevice, HeldPrimary> g_primary;
+int g_module_loads = 0;
 bool g_untiled = false;
 thread_local std::string t_error;
 thread_local std::string t_last_name;
 thread_local int64_t t_last_grid = 0;
 thread_local int t_last_block = 0, t_last_smem = 0;
+thread_local int t_device = 0;
+thread_local bool t_untiled = false;  // the self-test's untiled pass
 
 int Fail(int status, const std::string& message) {
   t_error = message;
@@ -101,10 +192,9 @@ std::string DriverError(CUresult rc) {
   const char* text = nullptr;
   if (g_driver.cuGetErrorName) g_driver.cuGetErrorName(rc, &name);
   if (g_driver.cuGetErrorString) g_driver.cuGetErrorString(rc, &text);
-  std::ostringstream out;
-  out << (name ? name : "CUDA error") << " (" << rc << ")";
-  if (text) out << ": " << text;
-  return out.str();
+  std::string out = std::string(name ? name : "CUDA error") + " (" + std::to_string(rc) + ")";
+  if (text) out += std::string(": ") + text;
+  return out;
 }
 
 template <typename F>
@@ -126,13 +216,18 @@ int InitLocked(const char* driver_path) {
     Driver d;
     d.handle = handle;
     const bool ok =
-        Sym(handle, "cuInit", &d.cuInit) && Sym(handle, "cuDriverGetVersion", &d.cuDriverGetVersion) &&
+        Sym(handle, "cuInit", &d.cuInit) &&
+        Sym(handle, "cuDriverGetVersion", &d.cuDriverGetVersion) &&
         Sym(handle, "cuGetErrorName", &d.cuGetErrorName) &&
         Sym(handle, "cuGetErrorString", &d.cuGetErrorString) &&
         Sym(handle, "cuStreamGetCtx", &d.cuStreamGetCtx) &&
         Sym(handle, "cuCtxPushCurrent_v2", &d.cuCtxPushCurrent) &&
         Sym(handle, "cuCtxPopCurrent_v2", &d.cuCtxPopCurrent) &&
+        Sym(handle, "cuCtxGetCurrent", &d.cuCtxGetCurrent) &&
         Sym(handle, "cuCtxGetDevice", &d.cuCtxGetDevice) &&
+        Sym(handle, "cuDeviceGet", &d.cuDeviceGet) &&
+        Sym(handle, "cuDevicePrimaryCtxRetain", &d.cuDevicePrimaryCtxRetain) &&
+        Sym(handle, "cuDevicePrimaryCtxRelease_v2", &d.cuDevicePrimaryCtxRelease) &&
         Sym(handle, "cuDeviceGetAttribute", &d.cuDeviceGetAttribute) &&
         Sym(handle, "cuModuleLoadData", &d.cuModuleLoadData) &&
         Sym(handle, "cuModuleGetFunction", &d.cuModuleGetFunction) &&
@@ -145,6 +240,12 @@ int InitLocked(const char* driver_path) {
       return Fail(SAPA_ERR_NO_DRIVER,
                   std::string(path) + " lacks a driver API function the launcher needs");
     }
+    Sym(handle, "cuCtxGetId", &d.cuCtxGetId);
+    Sym(handle, "cuMemAlloc_v2", &d.cuMemAlloc);
+    Sym(handle, "cuMemFree_v2", &d.cuMemFree);
+    Sym(handle, "cuMemcpyHtoD_v2", &d.cuMemcpyHtoD);
+    Sym(handle, "cuMemcpyDtoH_v2", &d.cuMemcpyDtoH);
+    Sym(handle, "cuStreamSynchronize", &d.cuStreamSynchronize);
     g_driver = d;
   }
   const CUresult rc = g_driver.cuInit(0);
@@ -154,6 +255,106 @@ int InitLocked(const char* driver_path) {
   g_driver.initialised = true;
   return SAPA_OK;
 }
+
+int Init() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return InitLocked(nullptr);
+}
+
+// The context's identity: its driver ID (unique for the process's lifetime, so a context
+// re-created at the same address after a reset differs), else its address (drivers
+// before CUDA 12.0).
+unsigned long long ContextId(CUcontext ctx) {
+  unsigned long long id = 0;
+  if (g_driver.cuCtxGetId && g_driver.cuCtxGetId(ctx, &id) == CUDA_SUCCESS) return id;
+  return reinterpret_cast<unsigned long long>(ctx);
+}
+
+// The primary context of device `ordinal`, of which the launcher keeps exactly one
+// reference: a retain that finds the context already held is released again; one that
+// finds a new context (the old one was reset) is kept.
+int PrimaryContext(int ordinal, CUcontext* ctx) {
+  CUdevice device = 0;
+  CUresult rc = g_driver.cuDeviceGet(&device, ordinal);
+  if (rc != CUDA_SUCCESS) {
+    return Fail(SAPA_ERR_DRIVER, "cuDeviceGet(" + std::to_string(ordinal) +
+                                     ") failed: " + DriverError(rc));
+  }
+  rc = g_driver.cuDevicePrimaryCtxRetain(ctx, device);
+  if (rc != CUDA_SUCCESS || *ctx == nullptr) {
+    return Fail(SAPA_ERR_DRIVER, "cuDevicePrimaryCtxRetain(device " +
+                                     std::to_string(ordinal) + ") failed: " + DriverError(rc));
+  }
+  const unsigned long long id = ContextId(*ctx);
+  std::lock_guard<std::mutex> lock(g_mutex);
+  HeldPrimary& held = g_primary[device];
+  if (held.ctx == *ctx && held.id == id) {
+    g_driver.cuDevicePrimaryCtxRelease(device);
+  } else {
+    held.ctx = *ctx;
+    held.id = id;
+  }
+  return SAPA_OK;
+}
+
+// Pushes the launch's context for the scope's lifetime: the stream's own context, or
+// for a NULL stream the thread's current one, else the primary context of the thread's
+// device (sapa_set_device).
+class ContextScope {
+ public:
+  ContextScope() = default;
+  ContextScope(const ContextScope&) = delete;
+  ContextScope& operator=(const ContextScope&) = delete;
+  ~ContextScope() {
+    if (pushed_) {
+      CUcontext popped = nullptr;
+      g_driver.cuCtxPopCurrent(&popped);
+    }
+  }
+
+  int Enter(CUstream stream) {
+    int status = Init();
+    if (status != SAPA_OK) return status;
+    CUcontext ctx = nullptr;
+    CUresult rc;
+    if (stream != nullptr) {
+      rc = g_driver.cuStreamGetCtx(stream, &ctx);
+      if (rc != CUDA_SUCCESS || ctx == nullptr) {
+        return Fail(SAPA_ERR_DRIVER, "cuStreamGetCtx failed: " + DriverError(rc));
+      }
+    } else {
+      rc = g_driver.cuCtxGetCurrent(&ctx);
+      if (rc != CUDA_SUCCESS) {
+        return Fail(SAPA_ERR_DRIVER, "cuCtxGetCurrent failed: " + DriverError(rc));
+      }
+      if (ctx == nullptr) {
+        status = PrimaryContext(t_device, &ctx);
+        if (status != SAPA_OK) return status;
+      }
+    }
+    rc = g_driver.cuCtxPushCurrent(ctx);
+    if (rc != CUDA_SUCCESS) {
+      return Fail(SAPA_ERR_DRIVER, "cuCtxPushCurrent failed: " + DriverError(rc));
+    }
+    pushed_ = true;
+    ctx_ = ctx;
+    rc = g_driver.cuCtxGetDevice(&device_);
+    if (rc != CUDA_SUCCESS) {
+      return Fail(SAPA_ERR_DRIVER, "cuCtxGetDevice failed: " + DriverError(rc));
+    }
+    id_ = ContextId(ctx);
+    return SAPA_OK;
+  }
+
+  CUdevice device() const { return device_; }
+  unsigned long long id() const { return id_; }
+
+ private:
+  bool pushed_ = false;
+  CUcontext ctx_ = nullptr;
+  CUdevice device_ = 0;
+  unsigned long long id_ = 0;
+};
 
 bool ParseTarget(const std::string& target, bool* ptx, int* major, int* minor) {
   std::string digits;
@@ -166,10 +367,11 @@ bool ParseTarget(const std::string& target, bool* ptx, int* major, int* minor) {
   } else {
     return false;
   }
-  if (digits.size() < 2 || digits.find_first_not_of("0123456789") != std::string::npos) {
+  if (digits.size() < 2 || digits.size() > 4 ||
+      digits.find_first_not_of("0123456789") != std::string::npos) {
     return false;  // also rejects arch-specific targets such as sm_90a
   }
-  *major = std::stoi(digits.substr(0, digits.size() - 1));
+  *major = std::atoi(digits.substr(0, digits.size() - 1).c_str());
   *minor = digits.back() - '0';
   return true;
 }
@@ -183,7 +385,9 @@ std::vector<const Image*> Candidates(int major, int minor) {
     int ma, mi;
     if (!ParseTarget(image.target, &is_ptx, &ma, &mi)) continue;
     if (!is_ptx && ma == major && mi <= minor) cubins.push_back({ma * 10 + mi, &image});
-    if (is_ptx && (ma < major || (ma == major && mi <= minor))) ptx.push_back({ma * 10 + mi, &image});
+    if (is_ptx && (ma < major || (ma == major && mi <= minor))) {
+      ptx.push_back({ma * 10 + mi, &image});
+    }
   }
   auto newest_first = [](const std::pair<int, const Image*>& a,
                          const std::pair<int, const Image*>& b) { return a.first > b.first; };
@@ -201,72 +405,71 @@ std::string ImageList() {
   return list.empty() ? "none loaded" : list;
 }
 
-int NoImage(int major, int minor) {
-  std::ostringstream out;
-  out << "no kernel image for this GPU (sm_" << major << minor << "); the build has: "
-      << ImageList() << ". Rebuild with KERAS_SAPA_CUDA_TARGETS including sm_" << major
-      << minor << " (python custom_ops/build.py)";
-  return Fail(SAPA_ERR_NO_IMAGE, out.str());
+std::string Arch(int major, int minor) {
+  return "sm_" + std::to_string(major) + std::to_string(minor);
 }
 
-// The per-context state of the stream's context, loading the module on first use.
-int DeviceFor(CUstream stream, DeviceState** state) {
-  int status = InitLocked(nullptr);
-  if (status != SAPA_OK) return status;
-  CUcontext ctx = nullptr;
-  CUresult rc = g_driver.cuStreamGetCtx(stream, &ctx);
-  if (rc != CUDA_SUCCESS || ctx == nullptr) {
-    return Fail(SAPA_ERR_DRIVER, "cuStreamGetCtx failed: " + DriverError(rc));
-  }
-  auto found = g_devices.find(ctx);
+int NoImage(int major, int minor) {
+  return Fail(SAPA_ERR_NO_IMAGE, "no kernel image for this GPU (" + Arch(major, minor) +
+                                     "); the build has: " + ImageList() +
+                                     ". Rebuild with KERAS_SAPA_CUDA_TARGETS including " +
+                                     Arch(major, minor) + " (python custom_ops/build.py)");
+}
+
+// The state of the scope's (device, context), loading the module on first use. The
+// scope's context is current. Called with g_mutex held.
+int DeviceForLocked(const ContextScope& scope, DeviceState** state) {
+  const auto key = std::make_pair(scope.device(), scope.id());
+  auto found = g_devices.find(key);
   if (found != g_devices.end()) {
-    *state = &found->second;
+    *state = found->second;
     return SAPA_OK;
   }
-  rc = g_driver.cuCtxPushCurrent(ctx);
-  if (rc != CUDA_SUCCESS) return Fail(SAPA_ERR_DRIVER, "cuCtxPushCurrent failed: " + DriverError(rc));
-  DeviceState dev;
-  CUdevice device = 0;
-  status = SAPA_OK;
-  rc = g_driver.cuCtxGetDevice(&device);
+  std::unique_ptr<DeviceState> dev(new DeviceState);
+  const CUdevice device = scope.device();
   int smem = 0, grid = 0;
-  if (rc == CUDA_SUCCESS) rc = g_driver.cuDeviceGetAttribute(&dev.major, ATTR_COMPUTE_CAPABILITY_MAJOR, device);
-  if (rc == CUDA_SUCCESS) rc = g_driver.cuDeviceGetAttribute(&dev.minor, ATTR_COMPUTE_CAPABILITY_MINOR, device);
-  if (rc == CUDA_SUCCESS) rc = g_driver.cuDeviceGetAttribute(&dev.sms, ATTR_MULTIPROCESSOR_COUNT, device);
-  if (rc == CUDA_SUCCESS) rc = g_driver.cuDeviceGetAttribute(&dev.max_threads, ATTR_MAX_THREADS_PER_BLOCK, device);
-  if (rc == CUDA_SUCCESS) rc = g_driver.cuDeviceGetAttribute(&smem, ATTR_MAX_SHARED_MEMORY_PER_BLOCK, device);
+  CUresult rc = g_driver.cuDeviceGetAttribute(&dev->major, ATTR_COMPUTE_CAPABILITY_MAJOR, device);
+  if (rc == CUDA_SUCCESS) {
+    rc = g_driver.cuDeviceGetAttribute(&dev->minor, ATTR_COMPUTE_CAPABILITY_MINOR, device);
+  }
+  if (rc == CUDA_SUCCESS) {
+    rc = g_driver.cuDeviceGetAttribute(&dev->sms, ATTR_MULTIPROCESSOR_COUNT, device);
+  }
+  if (rc == CUDA_SUCCESS) {
+    rc = g_driver.cuDeviceGetAttribute(&dev->max_threads, ATTR_MAX_THREADS_PER_BLOCK, device);
+  }
+  if (rc == CUDA_SUCCESS) {
+    rc = g_driver.cuDeviceGetAttribute(&smem, ATTR_MAX_SHARED_MEMORY_PER_BLOCK, device);
+  }
   if (rc == CUDA_SUCCESS) rc = g_driver.cuDeviceGetAttribute(&grid, ATTR_MAX_GRID_DIM_X, device);
   if (rc != CUDA_SUCCESS) {
-    status = Fail(SAPA_ERR_DRIVER, "reading the device attributes failed: " + DriverError(rc));
-  } else {
-    dev.max_smem = std::min(smem, 48 * 1024);  // no opt-in: the static default limit
-    dev.max_grid = grid;
-    std::vector<const Image*> candidates = Candidates(dev.major, dev.minor);
-    if (candidates.empty()) status = NoImage(dev.major, dev.minor);
-    std::string errors;
-    for (const Image* image : candidates) {
-      rc = g_driver.cuModuleLoadData(&dev.module, image->data.data());
-      if (rc == CUDA_SUCCESS) {
-        dev.target = image->target;
-        break;
-      }
-      dev.module = nullptr;
-      errors += "; " + image->target + ": " + DriverError(rc);
-      if (rc == CUDA_ERROR_UNSUPPORTED_PTX_VERSION) {
-        errors += " (the driver is older than the NVRTC that built the PTX)";
-      }
+    return Fail(SAPA_ERR_DRIVER, "reading the device attributes failed: " + DriverError(rc));
+  }
+  dev->max_smem = std::min(smem, 48 * 1024);  // no opt-in: the static default limit
+  dev->max_grid = grid;
+  std::vector<const Image*> candidates = Candidates(dev->major, dev->minor);
+  if (candidates.empty()) return NoImage(dev->major, dev->minor);
+  std::string errors;
+  for (const Image* image : candidates) {
+    rc = g_driver.cuModuleLoadData(&dev->module, image->data.data());
+    if (rc == CUDA_SUCCESS) {
+      dev->target = image->target;
+      break;
     }
-    if (!candidates.empty() && dev.module == nullptr) {
-      std::ostringstream out;
-      out << "no kernel image loads on this GPU (sm_" << dev.major << dev.minor << ")" << errors;
-      status = Fail(rc == CUDA_ERROR_NO_BINARY_FOR_GPU ? SAPA_ERR_NO_IMAGE : SAPA_ERR_DRIVER,
-                    out.str());
+    dev->module = nullptr;
+    errors += "; " + image->target + ": " + DriverError(rc);
+    if (rc == CUDA_ERROR_UNSUPPORTED_PTX_VERSION) {
+      errors += " (the driver is older than the NVRTC that built the PTX)";
     }
   }
-  CUcontext popped = nullptr;
-  g_driver.cuCtxPopCurrent(&popped);
-  if (status != SAPA_OK) return status;
-  *state = &(g_devices[ctx] = dev);
+  if (dev->module == nullptr) {
+    return Fail(rc == CUDA_ERROR_NO_BINARY_FOR_GPU ? SAPA_ERR_NO_IMAGE : SAPA_ERR_DRIVER,
+                "no kernel image loads on this GPU (" + Arch(dev->major, dev->minor) + ")" +
+                    errors);
+  }
+  ++g_module_loads;
+  *state = dev.release();
+  g_devices[key] = *state;
   return SAPA_OK;
 }
 
@@ -297,6 +500,8 @@ const char* DtypeName(int dtype) {
 
 int AccSize(int dtype) { return dtype == SAPA_F64 ? 8 : 4; }
 
+bool IsHalf(int dtype) { return dtype == SAPA_F16 || dtype == SAPA_BF16; }
+
 enum Kind { kDot, kDSoftmax, kFused, kGather, kScatter };
 
 // Dynamic shared memory of a tiled kernel (mirrors the layouts in sapa_kernels.cuh).
@@ -325,7 +530,7 @@ int BlockFor(Kind kind, int64_t tile, int64_t up) {
 }
 
 // Picks the tile side that keeps the most useful threads resident per SM (occupancy API),
-// larger tiles winning ties (less halo). Returns false when no tile fits.
+// larger tiles winning ties (less halo). Returns false when no tile fits. g_mutex held.
 bool ChooseTile(DeviceState* dev, CUfunction fn, const std::string& name, Kind kind, int dtype,
                 int64_t up, int64_t kernel, int* tile, int* block, int* smem) {
   auto key = std::make_tuple(name, up, kernel);
@@ -338,7 +543,8 @@ bool ChooseTile(DeviceState* dev, CUfunction fn, const std::string& name, Kind k
   int64_t best_score = -1;
   // The kernel's own limit (its __launch_bounds__, its registers) and the device's.
   int max_threads = dev->max_threads;
-  if (g_driver.cuFuncGetAttribute(&max_threads, FUNC_ATTR_MAX_THREADS_PER_BLOCK, fn) != CUDA_SUCCESS ||
+  if (g_driver.cuFuncGetAttribute(&max_threads, FUNC_ATTR_MAX_THREADS_PER_BLOCK, fn) !=
+          CUDA_SUCCESS ||
       max_threads <= 0) {
     max_threads = dev->max_threads;
   }
@@ -348,7 +554,8 @@ bool ChooseTile(DeviceState* dev, CUfunction fn, const std::string& name, Kind k
     const int64_t bytes = SharedBytes(kind, dtype, t, up, kernel);
     if (b > max_threads || bytes > dev->max_smem) break;  // both grow with t
     int blocks = 0;
-    if (g_driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, fn, b, bytes) != CUDA_SUCCESS ||
+    if (g_driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, fn, b, bytes) !=
+            CUDA_SUCCESS ||
         blocks <= 0) {
       continue;
     }
@@ -381,8 +588,8 @@ int Check(int dtype, const SapaDims* d) {
   return SAPA_OK;
 }
 
-int Launch(CUstream stream, const std::string& name, CUfunction fn,
-           int64_t grid, int block, int smem, void** params) {
+int Launch(CUstream stream, const std::string& name, CUfunction fn, int64_t grid, int block,
+           int smem, void** params) {
   t_last_name = name;
   t_last_grid = grid;
   t_last_block = block;
@@ -406,47 +613,579 @@ int64_t StrideGrid(const DeviceState* dev, int64_t work, int block) {
   return std::min<int64_t>(needed, static_cast<int64_t>(dev->sms) * 32);
 }
 
-// Tries the tiled kernel `tiled` (empty: none); else runs the untiled `any` kernel over
-// `any_work` threads. ptrs are the pointer arguments after the Args struct.
-int Run(CUstream stream, Kind kind, int dtype, const SapaDims* d, const std::string& tiled,
-        const std::string& any, int64_t any_work, std::vector<void*> ptrs) {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  DeviceState* dev = nullptr;
-  int status = DeviceFor(stream, &dev);
+// The public entry points, by what they launch.
+enum Op { kOpDot, kOpGather, kOpScatter, kOpGatherAcc, kOpScatterAcc, kOpForward,
+          kOpSoftmaxBackward, kOpCount };
+
+std::string Name(const char* op, int dtype, const std::string& suffix) {
+  return std::string("sapa_") + op + "_" + DtypeName(dtype) + suffix;
+}
+
+bool TiledK(int64_t kernel) { return kernel == 3 || kernel == 5 || kernel == 7; }
+
+// The tiled kernel of an entry point (empty: none for this K) and its untiled fallback.
+void Kernels(Op op, int dtype, int64_t kernel, Kind* kind, std::string* tiled,
+             std::string* any) {
+  const std::string k = "_k" + std::to_string(kernel);
+  const std::string wacc = IsHalf(dtype) ? "_wacc" : "";
+  switch (op) {
+    case kOpDot:
+      *kind = kDot;
+      *tiled = TiledK(kernel) ? Name("dot", dtype, k) : "";
+      *any = Name("dot", dtype, "_any");
+      return;
+    case kOpGather:
+    case kOpGatherAcc: {
+      const std::string w = op == kOpGatherAcc ? wacc : "";
+      *kind = kGather;
+      *tiled = Name("gather", dtype, w);
+      *any = Name("gather", dtype, w + "_any");
+      return;
+    }
+    case kOpScatter:
+    case kOpScatterAcc: {
+      const std::string w = op == kOpScatterAcc ? wacc : "";
+      *kind = kScatter;
+      *tiled = Name("scatter", dtype, w);
+      *any = Name("scatter", dtype, w + "_any");
+      return;
+    }
+    case kOpForward:
+      *kind = kFused;
+      *tiled = TiledK(kernel) ? Name("fused", dtype, k) : "";
+      *any = Name("fused", dtype, "_any");
+      return;
+    default:
+      *kind = kDSoftmax;
+      *tiled = TiledK(kernel) ? Name("dsoftmax", dtype, k) : "";
+      *any = Name("dsoftmax", dtype, "_any");
+      return;
+  }
+}
+
+// Threads of an untiled kernel's grid-stride loop.
+int64_t UntiledWork(Op op, const SapaDims* d) {
+  const int64_t high = d->batch * d->height * d->up * d->width * d->up;
+  switch (op) {
+    case kOpDot: return high * d->kernel * d->kernel;
+    case kOpGather:
+    case kOpGatherAcc: return high * d->channels;
+    case kOpScatter:
+    case kOpScatterAcc: return d->batch * d->height * d->width * d->channels;
+    default: return high;
+  }
+}
+
+struct Choice {
+  std::string name;
+  CUfunction fn = nullptr;
+  int tile = 0, block = 256, smem = 0;
+};
+
+// What an entry point launches for (dtype, up, K) on dev. g_mutex held.
+int ChooseLocked(DeviceState* dev, Op op, int dtype, int64_t up, int64_t kernel, bool untiled,
+                 Choice* choice) {
+  Kind kind;
+  std::string tiled, any;
+  Kernels(op, dtype, kernel, &kind, &tiled, &any);
+  if (!tiled.empty() && !untiled && up <= SAPA_TILED_MAX_UP) {
+    CUfunction fn;
+    const int status = Function(dev, tiled, &fn);
+    if (status != SAPA_OK) return status;
+    int tile, block, smem;
+    if (ChooseTile(dev, fn, tiled, kind, dtype, up, kernel, &tile, &block, &smem)) {
+      *choice = Choice{tiled, fn, tile, block, smem};
+      return SAPA_OK;
+    }
+  }
+  CUfunction fn;
+  const int status = Function(dev, any, &fn);
   if (status != SAPA_OK) return status;
+  *choice = Choice{any, fn, 0, 256, 0};
+  return SAPA_OK;
+}
+
+// Runs an entry point: its context pushed for the whole call, the tiled kernel when one
+// fits (else the untiled one). ptrs are the pointer arguments after the Args struct.
+int Run(CUstream stream, Op op, int dtype, const SapaDims* d, std::vector<void*> ptrs) {
+  int status = Check(dtype, d);
+  if (status != SAPA_OK) return status;
+  ContextScope scope;
+  status = scope.Enter(stream);
+  if (status != SAPA_OK) return status;
+  DeviceState* dev = nullptr;
+  Choice choice;
+  const bool untiled = t_untiled || g_untiled;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    status = DeviceForLocked(scope, &dev);
+    if (status != SAPA_OK) return status;
+    status = ChooseLocked(dev, op, dtype, d->up, d->kernel, untiled, &choice);
+    if (status != SAPA_OK) return status;
+  }
   KernelArgs args = {d->batch, d->height, d->width, d->up, d->kernel, d->channels,
                      d->channels_v, 0, 0, 0};
   std::vector<void*> params;
   params.push_back(&args);
   for (void*& p : ptrs) params.push_back(&p);
-  if (!tiled.empty() && !g_untiled) {
-    CUfunction fn;
-    status = Function(dev, tiled, &fn);
+  if (choice.tile > 0) {
+    args.tile = choice.tile;
+    args.tiles_h = (d->height + choice.tile - 1) / choice.tile;
+    args.tiles_w = (d->width + choice.tile - 1) / choice.tile;
+    const int64_t grid = d->batch * args.tiles_h * args.tiles_w;
+    if (grid <= dev->max_grid) {
+      return Launch(stream, choice.name, choice.fn, grid, choice.block, choice.smem,
+                    params.data());
+    }
+    args.tile = args.tiles_h = args.tiles_w = 0;
+    std::lock_guard<std::mutex> lock(g_mutex);
+    status = ChooseLocked(dev, op, dtype, d->up, d->kernel, true, &choice);
     if (status != SAPA_OK) return status;
-    int tile, block, smem;
-    if (ChooseTile(dev, fn, tiled, kind, dtype, d->up, d->kernel, &tile, &block, &smem)) {
-      args.tile = tile;
-      args.tiles_h = (d->height + tile - 1) / tile;
-      args.tiles_w = (d->width + tile - 1) / tile;
-      const int64_t grid = d->batch * args.tiles_h * args.tiles_w;
-      if (grid <= dev->max_grid) return Launch(stream, tiled, fn, grid, block, smem, params.data());
+  }
+  return Launch(stream, choice.name, choice.fn, StrideGrid(dev, UntiledWork(op, d), 256), 256,
+                0, params.data());
+}
+
+// --- Launch configurations and the self-test ----------------------------------------
+
+struct PlanEntry {
+  Op op;
+  int64_t up, kernel;
+  bool untiled;  // run with the tiled kernels off (covers the untiled ones)
+  Choice choice;
+};
+
+// Every distinct (kernel, tile) the launcher can choose on dev for dtype, each with the
+// first (up, K) that gets it: tiled for up 1..SAPA_TILED_MAX_UP and odd K until no tiled
+// kernel fits (dot/fused/dsoftmax: K 3, 5, 7; gather/scatter: any K whose halo fits the
+// shared memory), then every untiled kernel. g_mutex held.
+int EnumerateLocked(DeviceState* dev, int dtype, std::vector<PlanEntry>* plan) {
+  std::set<std::pair<std::string, int>> seen;
+  auto add = [&](Op op, int64_t up, int64_t kernel, bool untiled, bool* tiled) -> int {
+    Choice choice;
+    const int status = ChooseLocked(dev, op, dtype, up, kernel, untiled, &choice);
+    if (status != SAPA_OK) return status;
+    if (choice.tile > 0) *tiled = true;
+    if (seen.insert({choice.name, choice.tile}).second) {
+      plan->push_back(PlanEntry{op, up, kernel, untiled, choice});
+    }
+    return SAPA_OK;
+  };
+  for (int64_t up = 1; up <= SAPA_TILED_MAX_UP; ++up) {
+    for (int64_t kernel = 1; kernel <= 63; kernel += 2) {
+      bool tiled = false;
+      for (int op = 0; op < kOpCount; ++op) {
+        const int status = add(static_cast<Op>(op), up, kernel, false, &tiled);
+        if (status != SAPA_OK) return status;
+      }
+      if (!tiled && kernel > 7) break;  // shared memory grows with K
     }
   }
-  CUfunction fn;
-  status = Function(dev, any, &fn);
+  for (int op = 0; op < kOpCount; ++op) {
+    bool tiled = false;
+    const int status = add(static_cast<Op>(op), 2, 3, true, &tiled);
+    if (status != SAPA_OK) return status;
+  }
+  return SAPA_OK;
+}
+
+int Enumerate(CUstream stream, int dtype, std::vector<PlanEntry>* plan) {
+  if (DtypeName(dtype) == nullptr) {
+    return Fail(SAPA_ERR_INVALID, "dtype must be SAPA_F32/F16/BF16/F64. Received: dtype=" +
+                                      std::to_string(dtype));
+  }
+  ContextScope scope;
+  int status = scope.Enter(stream);
   if (status != SAPA_OK) return status;
-  return Launch(stream, any, fn, StrideGrid(dev, any_work, 256), 256, 0, params.data());
+  std::lock_guard<std::mutex> lock(g_mutex);
+  DeviceState* dev = nullptr;
+  status = DeviceForLocked(scope, &dev);
+  if (status != SAPA_OK) return status;
+  return EnumerateLocked(dev, dtype, plan);
 }
 
-std::string Name(const char* op, int dtype, const char* suffix) {
-  return std::string("sapa_") + op + "_" + DtypeName(dtype) + suffix;
+// Host values <-> device storage (f16/bf16 rounded to nearest even).
+uint16_t FloatToHalf(float value) {
+  uint32_t x;
+  std::memcpy(&x, &value, 4);
+  const uint32_t sign = (x >> 16) & 0x8000;
+  const int32_t exponent = static_cast<int32_t>((x >> 23) & 0xff) - 127 + 15;
+  uint32_t mantissa = x & 0x7fffff;
+  if (((x >> 23) & 0xff) == 0xff) return static_cast<uint16_t>(sign | 0x7c00 | (mantissa ? 0x200 : 0));
+  if (exponent >= 31) return static_cast<uint16_t>(sign | 0x7c00);
+  if (exponent <= 0) {
+    if (exponent < -10) return static_cast<uint16_t>(sign);
+    mantissa |= 0x800000;
+    const int shift = 14 - exponent;
+    uint32_t half = mantissa >> shift;
+    const uint32_t rest = mantissa & ((1u << shift) - 1), middle = 1u << (shift - 1);
+    if (rest > middle || (rest == middle && (half & 1))) ++half;
+    return static_cast<uint16_t>(sign | half);
+  }
+  uint32_t half = (static_cast<uint32_t>(exponent) << 10) | (mantissa >> 13);
+  const uint32_t rest = mantissa & 0x1fff;
+  if (rest > 0x1000 || (rest == 0x1000 && (half & 1))) ++half;
+  return static_cast<uint16_t>(sign | half);
 }
 
-bool IsHalf(int dtype) { return dtype == SAPA_F16 || dtype == SAPA_BF16; }
+float HalfToFloat(uint16_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+  uint32_t x;
+  if (exponent == 0x1f) {
+    x = sign | 0x7f800000 | (mantissa << 13);
+  } else if (exponent != 0) {
+    x = sign | ((exponent - 15 + 127) << 23) | (mantissa << 13);
+  } else {  // zero or subnormal: exact in float
+    float value = static_cast<float>(mantissa) * (1.0f / 16777216.0f);
+    return sign ? -value : value;
+  }
+  float out;
+  std::memcpy(&out, &x, 4);
+  return out;
+}
 
-bool TiledK(int64_t kernel) { return kernel == 3 || kernel == 5 || kernel == 7; }
+uint16_t FloatToBfloat(float value) {
+  uint32_t x;
+  std::memcpy(&x, &value, 4);
+  if ((x & 0x7fffffff) > 0x7f800000) return static_cast<uint16_t>((x >> 16) | 0x40);
+  x += 0x7fff + ((x >> 16) & 1);
+  return static_cast<uint16_t>(x >> 16);
+}
 
-int64_t HighPoints(const SapaDims* d) { return d->batch * d->height * d->up * d->width * d->up; }
+float BfloatToFloat(uint16_t b) {
+  const uint32_t x = static_cast<uint32_t>(b) << 16;
+  float out;
+  std::memcpy(&out, &x, 4);
+  return out;
+}
+
+int StorageSize(int storage) {
+  return storage == SAPA_F64 ? 8 : storage == SAPA_F32 ? 4 : 2;
+}
+
+// A host tensor: values (float64) and the device storage type.
+struct HostTensor {
+  int storage;
+  std::vector<double> values;
+
+  std::vector<unsigned char> Encode() const {
+    std::vector<unsigned char> bytes(values.size() * StorageSize(storage));
+    for (size_t i = 0; i < values.size(); ++i) {
+      unsigned char* at = bytes.data() + i * StorageSize(storage);
+      if (storage == SAPA_F64) {
+        std::memcpy(at, &values[i], 8);
+      } else if (storage == SAPA_F32) {
+        const float f = static_cast<float>(values[i]);
+        std::memcpy(at, &f, 4);
+      } else {
+        const float f = static_cast<float>(values[i]);
+        const uint16_t h = storage == SAPA_F16 ? FloatToHalf(f) : FloatToBfloat(f);
+        std::memcpy(at, &h, 2);
+      }
+    }
+    return bytes;
+  }
+
+  void Decode(const std::vector<unsigned char>& bytes) {
+    for (size_t i = 0; i < values.size(); ++i) {
+      const unsigned char* at = bytes.data() + i * StorageSize(storage);
+      if (storage == SAPA_F64) {
+        std::memcpy(&values[i], at, 8);
+      } else if (storage == SAPA_F32) {
+        float f;
+        std::memcpy(&f, at, 4);
+        values[i] = f;
+      } else {
+        uint16_t h;
+        std::memcpy(&h, at, 2);
+        values[i] = storage == SAPA_F16 ? HalfToFloat(h) : BfloatToFloat(h);
+      }
+    }
+  }
+};
+
+// Deterministic values in [-scale, scale), already rounded to the storage type (so the
+// reference sees exactly what the GPU reads).
+HostTensor Random(int storage, size_t count, uint64_t* seed, double scale) {
+  HostTensor t{storage, std::vector<double>(count)};
+  for (double& v : t.values) {
+    *seed = *seed * 6364136223846793005ULL + 1442695040888963407ULL;
+    v = (static_cast<double>(*seed >> 11) / 9007199254740992.0 * 2.0 - 1.0) * scale;
+  }
+  t.Decode(t.Encode());
+  return t;
+}
+
+// exp without libm's versioned exp (glibc 2.29): range reduction and a Taylor series,
+// accurate to ~1e-15 relative for the softmax's x <= 0.
+double Exp(double x) {
+  if (x < -700.0) return 0.0;
+  const double ln2 = 0.6931471805599453;
+  const double k = static_cast<double>(static_cast<int64_t>(x / ln2 + (x < 0 ? -0.5 : 0.5)));
+  const double r = x - k * ln2;
+  double term = 1.0, sum = 1.0;
+  for (int n = 1; n < 24; ++n) {
+    term *= r / n;
+    sum += term;
+  }
+  int64_t e = static_cast<int64_t>(k);
+  while (e > 0) { sum *= 2.0; --e; }
+  while (e < 0) { sum *= 0.5; ++e; }
+  return sum;
+}
+
+// The float64 CPU reference of the entry points (the loops of tests/reference.py).
+struct Geometry {
+  int64_t batch, height, width, up, kernel;
+  int64_t HighPoints() const { return batch * height * up * width * up; }
+  int64_t LowPoints() const { return batch * height * width; }
+  int64_t Taps() const { return kernel * kernel; }
+  // The low-res point of tap n of high-res point `point`, or -1 outside the map.
+  int64_t Neighbour(int64_t point, int64_t n) const {
+    const int64_t sw = width * up, sh = height * up;
+    const int64_t j = point % sw, i = (point / sw) % sh, b = point / (sw * sh);
+    const int64_t r = kernel / 2;
+    const int64_t p = i / up + n / kernel - r, t = j / up + n % kernel - r;
+    if (p < 0 || p >= height || t < 0 || t >= width) return -1;
+    return (b * height + p) * width + t;
+  }
+};
+
+std::vector<double> RefDot(const Geometry& g, const std::vector<double>& hi,
+                           const std::vector<double>& lo, int64_t ch) {
+  std::vector<double> out(g.HighPoints() * g.Taps(), 0.0);
+  for (int64_t point = 0; point < g.HighPoints(); ++point) {
+    for (int64_t n = 0; n < g.Taps(); ++n) {
+      const int64_t q = g.Neighbour(point, n);
+      if (q < 0) continue;
+      double sum = 0.0;
+      for (int64_t c = 0; c < ch; ++c) sum += hi[point * ch + c] * lo[q * ch + c];
+      out[point * g.Taps() + n] = sum;
+    }
+  }
+  return out;
+}
+
+std::vector<double> RefGather(const Geometry& g, const std::vector<double>& w,
+                              const std::vector<double>& lo, int64_t ch) {
+  std::vector<double> out(g.HighPoints() * ch, 0.0);
+  for (int64_t point = 0; point < g.HighPoints(); ++point) {
+    for (int64_t n = 0; n < g.Taps(); ++n) {
+      const int64_t q = g.Neighbour(point, n);
+      if (q < 0) continue;
+      for (int64_t c = 0; c < ch; ++c) {
+        out[point * ch + c] += w[point * g.Taps() + n] * lo[q * ch + c];
+      }
+    }
+  }
+  return out;
+}
+
+std::vector<double> RefScatter(const Geometry& g, const std::vector<double>& w,
+                               const std::vector<double>& hi, int64_t ch) {
+  std::vector<double> out(g.LowPoints() * ch, 0.0);
+  for (int64_t point = 0; point < g.HighPoints(); ++point) {
+    for (int64_t n = 0; n < g.Taps(); ++n) {
+      const int64_t q = g.Neighbour(point, n);
+      if (q < 0) continue;
+      for (int64_t c = 0; c < ch; ++c) {
+        out[q * ch + c] += w[point * g.Taps() + n] * hi[point * ch + c];
+      }
+    }
+  }
+  return out;
+}
+
+std::vector<double> RefSoftmax(const Geometry& g, const std::vector<double>& logits) {
+  std::vector<double> out(logits.size());
+  const int64_t kk = g.Taps();
+  for (int64_t point = 0; point < g.HighPoints(); ++point) {
+    const double* row = logits.data() + point * kk;
+    const double top = *std::max_element(row, row + kk);
+    double sum = 0.0;
+    for (int64_t n = 0; n < kk; ++n) sum += (out[point * kk + n] = Exp(row[n] - top));
+    for (int64_t n = 0; n < kk; ++n) out[point * kk + n] /= sum;
+  }
+  return out;
+}
+
+// Device buffers of one self-test launch, freed on scope exit.
+class DeviceBuffers {
+ public:
+  ~DeviceBuffers() {
+    for (CUdeviceptr p : pointers_) g_driver.cuMemFree(p);
+  }
+  int Upload(const HostTensor& t, void** pointer) {
+    const std::vector<unsigned char> bytes = t.Encode();
+    CUdeviceptr p = 0;
+    CUresult rc = g_driver.cuMemAlloc(&p, std::max<size_t>(bytes.size(), 16));
+    if (rc != CUDA_SUCCESS) return Fail(SAPA_ERR_DRIVER, "cuMemAlloc failed: " + DriverError(rc));
+    pointers_.push_back(p);
+    rc = g_driver.cuMemcpyHtoD(p, bytes.data(), bytes.size());
+    if (rc != CUDA_SUCCESS) {
+      return Fail(SAPA_ERR_DRIVER, "cuMemcpyHtoD failed: " + DriverError(rc));
+    }
+    *pointer = reinterpret_cast<void*>(static_cast<uintptr_t>(p));
+    return SAPA_OK;
+  }
+  int Download(void* pointer, HostTensor* t) {
+    std::vector<unsigned char> bytes(t->values.size() * StorageSize(t->storage));
+    const CUresult rc = g_driver.cuMemcpyDtoH(
+        bytes.data(), static_cast<CUdeviceptr>(reinterpret_cast<uintptr_t>(pointer)),
+        bytes.size());
+    if (rc != CUDA_SUCCESS) {
+      return Fail(SAPA_ERR_DRIVER, "cuMemcpyDtoH failed: " + DriverError(rc));
+    }
+    t->Decode(bytes);
+    return SAPA_OK;
+  }
+
+ private:
+  std::vector<CUdeviceptr> pointers_;
+};
+
+// Relative tolerance of a result stored as `storage` (computed in float or double).
+double Tolerance(int storage) {
+  switch (storage) {
+    case SAPA_F64: return 1e-10;
+    case SAPA_F32: return 1e-4;
+    case SAPA_F16: return 4e-3;
+    default: return 3e-2;
+  }
+}
+
+int Compare(const PlanEntry& e, int dtype, const SapaDims& d, const char* what,
+            const HostTensor& got, const std::vector<double>& want) {
+  const double tol = Tolerance(got.storage);
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double g = got.values[i], w = want[i];
+    const double error = g > w ? g - w : w - g;
+    if (!(error <= tol * (1.0 + (w < 0 ? -w : w)))) {  // also catches NaN (unwritten)
+      char text[512];
+      std::snprintf(text, sizeof text,
+                    "self-test: %s (tile %d, block %d, shared %d B) %s, case B=%lld "
+                    "%lldx%lld s=%lld K=%lld C=%lld Cv=%lld: %s[%zu] is %.9g, the CPU "
+                    "reference %.9g (tolerance %.1e relative)",
+                    e.choice.name.c_str(), e.choice.tile, e.choice.block, e.choice.smem,
+                    DtypeName(dtype), static_cast<long long>(d.batch),
+                    static_cast<long long>(d.height), static_cast<long long>(d.width),
+                    static_cast<long long>(d.up), static_cast<long long>(d.kernel),
+                    static_cast<long long>(d.channels), static_cast<long long>(d.channels_v),
+                    what, i, g, w, tol);
+      return Fail(SAPA_ERR_MISMATCH, text);
+    }
+  }
+  return SAPA_OK;
+}
+
+// Runs one plan entry on a small case and compares it with the CPU reference.
+int SelfTestEntry(CUstream stream, int dtype, const PlanEntry& e, uint64_t* seed) {
+  const int tile = e.choice.tile > 0 ? e.choice.tile : 3;
+  // Two tiles per side, the second partial; batch 2; channels over one 16/32-wide chunk.
+  const SapaDims d = {2, tile + 1, tile + 2, e.up, e.kernel, 19, 37};
+  const Geometry g = {d.batch, d.height, d.width, d.up, d.kernel};
+  const int acc = dtype == SAPA_F64 ? SAPA_F64 : SAPA_F32;
+  const size_t high = g.HighPoints(), low = g.LowPoints(), taps = g.Taps();
+  const int64_t ch = d.channels, ch_v = d.channels_v;
+  DeviceBuffers buffers;
+  std::vector<void*> in;
+  auto upload = [&](const HostTensor& t) {
+    void* p = nullptr;
+    const int status = buffers.Upload(t, &p);
+    in.push_back(p);
+    return status;
+  };
+  HostTensor out{dtype, {}}, out2{acc, {}};
+  std::vector<double> want, want2;
+  int status = SAPA_OK;
+  switch (e.op) {
+    case kOpDot: {
+      HostTensor hi = Random(dtype, high * ch, seed, 0.5), lo = Random(dtype, low * ch, seed, 0.5);
+      status = upload(hi) | upload(lo);
+      out.values.assign(high * taps, 0.0);
+      want = RefDot(g, hi.values, lo.values, ch);
+      break;
+    }
+    case kOpGather:
+    case kOpGatherAcc: {
+      HostTensor w = Random(e.op == kOpGatherAcc ? acc : dtype, high * taps, seed, 0.5);
+      HostTensor lo = Random(dtype, low * ch, seed, 0.5);
+      status = upload(w) | upload(lo);
+      out.values.assign(high * ch, 0.0);
+      want = RefGather(g, w.values, lo.values, ch);
+      break;
+    }
+    case kOpScatter:
+    case kOpScatterAcc: {
+      HostTensor w = Random(e.op == kOpScatterAcc ? acc : dtype, high * taps, seed, 0.5);
+      HostTensor hi = Random(dtype, high * ch, seed, 0.5);
+      status = upload(w) | upload(hi);
+      out.values.assign(low * ch, 0.0);
+      want = RefScatter(g, w.values, hi.values, ch);
+      break;
+    }
+    case kOpForward: {
+      HostTensor q = Random(dtype, high * ch, seed, 0.5), k = Random(dtype, low * ch, seed, 0.5);
+      HostTensor v = Random(dtype, low * ch_v, seed, 1.0);
+      status = upload(q) | upload(k) | upload(v);
+      out.values.assign(high * ch_v, 0.0);
+      out2.values.assign(high * taps, 0.0);
+      want2 = RefSoftmax(g, RefDot(g, q.values, k.values, ch));
+      want = RefGather(g, want2, v.values, ch_v);
+      break;
+    }
+    default: {  // softmax backward
+      HostTensor grad = Random(dtype, high * ch, seed, 0.5), v = Random(dtype, low * ch, seed, 0.5);
+      HostTensor attn{acc, RefSoftmax(g, Random(acc, high * taps, seed, 2.0).values)};
+      attn.Decode(attn.Encode());
+      status = upload(grad) | upload(v) | upload(attn);
+      out = HostTensor{acc, std::vector<double>(high * taps, 0.0)};
+      const std::vector<double> gv = RefDot(g, grad.values, v.values, ch);
+      want.resize(high * taps);
+      for (size_t p = 0; p < high; ++p) {
+        double inner = 0.0;
+        for (size_t n = 0; n < taps; ++n) inner += attn.values[p * taps + n] * gv[p * taps + n];
+        for (size_t n = 0; n < taps; ++n) {
+          want[p * taps + n] = attn.values[p * taps + n] * (gv[p * taps + n] - inner);
+        }
+      }
+      break;
+    }
+  }
+  if (status != SAPA_OK) return SAPA_ERR_DRIVER;
+  // Outputs start as NaN (all bits set), so an element a kernel does not write fails.
+  HostTensor nan_out = out, nan_out2 = out2;
+  for (double& v : nan_out.values) v = __builtin_nan("");
+  for (double& v : nan_out2.values) v = __builtin_nan("");
+  void* p_out = nullptr;
+  void* p_out2 = nullptr;
+  status = buffers.Upload(nan_out, &p_out);
+  if (status == SAPA_OK && !out2.values.empty()) status = buffers.Upload(nan_out2, &p_out2);
+  if (status != SAPA_OK) return status;
+  std::vector<void*> ptrs = in;
+  ptrs.push_back(p_out);
+  if (p_out2) ptrs.push_back(p_out2);
+  const bool was_untiled = t_untiled;
+  t_untiled = e.untiled;
+  status = Run(stream, e.op, dtype, &d, ptrs);
+  t_untiled = was_untiled;
+  if (status != SAPA_OK) return status;
+  if (t_last_name != e.choice.name) {
+    return Fail(SAPA_ERR_MISMATCH, "self-test: expected a launch of " + e.choice.name +
+                                       ", the launcher ran " + t_last_name);
+  }
+  const CUresult rc = g_driver.cuStreamSynchronize(stream);
+  if (rc != CUDA_SUCCESS) {
+    return Fail(SAPA_ERR_LAUNCH, "self-test: " + e.choice.name + " failed on the GPU: " +
+                                     DriverError(rc));
+  }
+  status = buffers.Download(p_out, &out);
+  if (status == SAPA_OK && p_out2) status = buffers.Download(p_out2, &out2);
+  if (status != SAPA_OK) return status;
+  status = Compare(e, dtype, d, "out", out, want);
+  if (status == SAPA_OK && p_out2) status = Compare(e, dtype, d, "attn", out2, want2);
+  return status;
+}
 
 }  // namespace
 
@@ -472,6 +1211,12 @@ int sapa_add_image(const char* target, const void* data, size_t size) {
   image.data.assign(static_cast<const char*>(data), static_cast<const char*>(data) + size);
   if (ptx && image.data.back() != '\0') image.data.push_back('\0');
   std::lock_guard<std::mutex> lock(g_mutex);
+  for (Image& existing : g_images) {  // registering a target again replaces its image
+    if (existing.target == image.target) {
+      existing = std::move(image);
+      return SAPA_OK;
+    }
+  }
   g_images.push_back(std::move(image));
   return SAPA_OK;
 }
@@ -479,7 +1224,10 @@ int sapa_add_image(const char* target, const void* data, size_t size) {
 int sapa_load_image_dir(const char* dir, int* count) {
   if (count) *count = 0;
   DIR* handle = dir ? opendir(dir) : nullptr;
-  if (!handle) return Fail(SAPA_ERR_IO, std::string("cannot open the image directory ") + (dir ? dir : "NULL"));
+  if (!handle) {
+    return Fail(SAPA_ERR_IO, std::string("cannot open the image directory ") +
+                                 (dir ? dir : "NULL"));
+  }
   const std::string prefix = "sapa_kernels.";
   std::vector<std::string> names;
   while (dirent* entry = readdir(handle)) names.push_back(entry->d_name);
@@ -492,9 +1240,17 @@ int sapa_load_image_dir(const char* dir, int* count) {
     const std::string ext = name.substr(dot + 1);
     if (ext != "cubin" && ext != "ptx") continue;
     const std::string target = name.substr(prefix.size(), dot - prefix.size());
-    std::ifstream in(std::string(dir) + "/" + name, std::ios::binary);
-    std::vector<char> data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (!in.good() && !in.eof()) return Fail(SAPA_ERR_IO, "cannot read " + name);
+    FILE* file = std::fopen((std::string(dir) + "/" + name).c_str(), "rb");
+    if (!file) return Fail(SAPA_ERR_IO, "cannot read " + name);
+    std::vector<char> data;
+    char buffer[65536];
+    size_t got;
+    while ((got = std::fread(buffer, 1, sizeof buffer, file)) > 0) {
+      data.insert(data.end(), buffer, buffer + got);
+    }
+    const bool failed = std::ferror(file) != 0;
+    std::fclose(file);
+    if (failed) return Fail(SAPA_ERR_IO, "cannot read " + name);
     const int status = sapa_add_image(target.c_str(), data.data(), data.size());
     if (status != SAPA_OK) return status;
     ++loaded;
@@ -512,14 +1268,19 @@ int sapa_select_image(int major, int minor, char* target, size_t target_size) {
   std::lock_guard<std::mutex> lock(g_mutex);
   std::vector<const Image*> candidates = Candidates(major, minor);
   if (candidates.empty()) return NoImage(major, minor);
-  if (target && target_size) std::snprintf(target, target_size, "%s", candidates[0]->target.c_str());
+  if (target && target_size) {
+    std::snprintf(target, target_size, "%s", candidates[0]->target.c_str());
+  }
   return SAPA_OK;
 }
 
 int sapa_device_info(void* stream, int* major, int* minor, char* target, size_t target_size) {
+  ContextScope scope;
+  int status = scope.Enter(static_cast<CUstream>(stream));
+  if (status != SAPA_OK) return status;
   std::lock_guard<std::mutex> lock(g_mutex);
   DeviceState* dev = nullptr;
-  const int status = DeviceFor(static_cast<CUstream>(stream), &dev);
+  status = DeviceForLocked(scope, &dev);
   if (status != SAPA_OK) return status;
   if (major) *major = dev->major;
   if (minor) *minor = dev->minor;
@@ -540,69 +1301,114 @@ int sapa_last_launch(char* name, size_t name_size, int64_t* grid, int* block, in
   return SAPA_OK;
 }
 
-int sapa_dot(void* stream, int dtype, const SapaDims* d, const void* hi, const void* lo, void* out) {
-  int status = Check(dtype, d);
+int sapa_set_device(int ordinal) {
+  if (ordinal < 0) {
+    return Fail(SAPA_ERR_INVALID, "ordinal must be >= 0. Received: ordinal=" +
+                                      std::to_string(ordinal));
+  }
+  t_device = ordinal;
+  return SAPA_OK;
+}
+
+int sapa_module_loads(int* loads, int* entries) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (loads) *loads = g_module_loads;
+  if (entries) *entries = static_cast<int>(g_devices.size());
+  return SAPA_OK;
+}
+
+int sapa_launch_configs(void* stream, int dtype, SapaLaunchConfig* out, int capacity,
+                        int* count) {
+  if (count) *count = 0;
+  std::vector<PlanEntry> plan;
+  const int status = Enumerate(static_cast<CUstream>(stream), dtype, &plan);
   if (status != SAPA_OK) return status;
-  const std::string tiled = TiledK(d->kernel) ? Name("dot", dtype, ("_k" + std::to_string(d->kernel)).c_str()) : "";
-  return Run(static_cast<CUstream>(stream), kDot, dtype, d, tiled, Name("dot", dtype, "_any"),
-             HighPoints(d) * d->kernel * d->kernel,
+  for (size_t i = 0; i < plan.size() && out && static_cast<int>(i) < capacity; ++i) {
+    SapaLaunchConfig& c = out[i];
+    std::memset(&c, 0, sizeof c);
+    std::snprintf(c.kernel, sizeof c.kernel, "%s", plan[i].choice.name.c_str());
+    c.tile = plan[i].choice.tile;
+    c.block = plan[i].choice.block;
+    c.smem = plan[i].choice.smem;
+    c.up = static_cast<int>(plan[i].up);
+    c.ksize = static_cast<int>(plan[i].kernel);
+  }
+  if (count) *count = static_cast<int>(plan.size());
+  return SAPA_OK;
+}
+
+int sapa_self_test(void* stream, int dtype_mask, int* cases) {
+  if (cases) *cases = 0;
+  if (dtype_mask < 0 || dtype_mask > 15) {
+    return Fail(SAPA_ERR_INVALID, "dtype_mask must be 0..15 (bits 1 << SAPA_F32 ...). "
+                                  "Received: dtype_mask=" + std::to_string(dtype_mask));
+  }
+  if (dtype_mask == 0) dtype_mask = 15;
+  CUstream s = static_cast<CUstream>(stream);
+  ContextScope scope;  // the allocations and copies need the context current too
+  int status = scope.Enter(s);
+  if (status != SAPA_OK) return status;
+  if (!g_driver.cuMemAlloc || !g_driver.cuMemFree || !g_driver.cuMemcpyHtoD ||
+      !g_driver.cuMemcpyDtoH || !g_driver.cuStreamSynchronize) {
+    return Fail(SAPA_ERR_NO_DRIVER, "the driver lacks the memory functions the self-test uses");
+  }
+  uint64_t seed = 20240601;
+  for (int dtype = 0; dtype < 4; ++dtype) {
+    if (!(dtype_mask & (1 << dtype))) continue;
+    std::vector<PlanEntry> plan;
+    status = Enumerate(s, dtype, &plan);
+    if (status != SAPA_OK) return status;
+    for (const PlanEntry& entry : plan) {
+      status = SelfTestEntry(s, dtype, entry, &seed);
+      if (status != SAPA_OK) return status;
+      if (cases) ++*cases;
+    }
+  }
+  return SAPA_OK;
+}
+
+int sapa_dot(void* stream, int dtype, const SapaDims* d, const void* hi, const void* lo,
+             void* out) {
+  return Run(static_cast<CUstream>(stream), kOpDot, dtype, d,
              {const_cast<void*>(hi), const_cast<void*>(lo), out});
 }
 
-int sapa_gather(void* stream, int dtype, const SapaDims* d, const void* w, const void* lo, void* out) {
-  int status = Check(dtype, d);
-  if (status != SAPA_OK) return status;
-  return Run(static_cast<CUstream>(stream), kGather, dtype, d, Name("gather", dtype, ""),
-             Name("gather", dtype, "_any"), HighPoints(d) * d->channels,
+int sapa_gather(void* stream, int dtype, const SapaDims* d, const void* w, const void* lo,
+                void* out) {
+  return Run(static_cast<CUstream>(stream), kOpGather, dtype, d,
              {const_cast<void*>(w), const_cast<void*>(lo), out});
 }
 
-int sapa_scatter(void* stream, int dtype, const SapaDims* d, const void* w, const void* hi, void* out) {
-  int status = Check(dtype, d);
-  if (status != SAPA_OK) return status;
-  return Run(static_cast<CUstream>(stream), kScatter, dtype, d, Name("scatter", dtype, ""),
-             Name("scatter", dtype, "_any"), d->batch * d->height * d->width * d->channels,
+int sapa_scatter(void* stream, int dtype, const SapaDims* d, const void* w, const void* hi,
+                 void* out) {
+  return Run(static_cast<CUstream>(stream), kOpScatter, dtype, d,
              {const_cast<void*>(w), const_cast<void*>(hi), out});
 }
 
-int sapa_gather_acc(void* stream, int dtype, const SapaDims* d, const void* w, const void* lo,
-                    void* out) {
-  int status = Check(dtype, d);
-  if (status != SAPA_OK) return status;
-  const char* wacc = IsHalf(dtype) ? "_wacc" : "";
-  return Run(static_cast<CUstream>(stream), kGather, dtype, d, Name("gather", dtype, wacc),
-             Name("gather", dtype, (std::string(wacc) + "_any").c_str()),
-             HighPoints(d) * d->channels, {const_cast<void*>(w), const_cast<void*>(lo), out});
+int sapa_gather_acc(void* stream, int dtype, const SapaDims* d, const void* w,
+                    const void* lo, void* out) {
+  return Run(static_cast<CUstream>(stream), kOpGatherAcc, dtype, d,
+             {const_cast<void*>(w), const_cast<void*>(lo), out});
 }
 
-int sapa_scatter_acc(void* stream, int dtype, const SapaDims* d, const void* w, const void* hi,
-                     void* out) {
-  int status = Check(dtype, d);
-  if (status != SAPA_OK) return status;
-  const char* wacc = IsHalf(dtype) ? "_wacc" : "";
-  return Run(static_cast<CUstream>(stream), kScatter, dtype, d, Name("scatter", dtype, wacc),
-             Name("scatter", dtype, (std::string(wacc) + "_any").c_str()),
-             d->batch * d->height * d->width * d->channels,
+int sapa_scatter_acc(void* stream, int dtype, const SapaDims* d, const void* w,
+                     const void* hi, void* out) {
+  return Run(static_cast<CUstream>(stream), kOpScatterAcc, dtype, d,
              {const_cast<void*>(w), const_cast<void*>(hi), out});
 }
 
 int sapa_forward(void* stream, int dtype, const SapaDims* d, const void* q, const void* k,
                  const void* v, void* out, void* attn) {
-  int status = Check(dtype, d);
-  if (status != SAPA_OK) return status;
-  if (attn == nullptr) return Fail(SAPA_ERR_INVALID, "sapa_forward needs an attn buffer");
-  const std::string tiled = TiledK(d->kernel) ? Name("fused", dtype, ("_k" + std::to_string(d->kernel)).c_str()) : "";
-  return Run(static_cast<CUstream>(stream), kFused, dtype, d, tiled, Name("fused", dtype, "_any"),
-             HighPoints(d), {const_cast<void*>(q), const_cast<void*>(k), const_cast<void*>(v), out, attn});
+  if (attn == nullptr && Check(dtype, d) == SAPA_OK) {
+    return Fail(SAPA_ERR_INVALID, "sapa_forward needs an attn buffer");
+  }
+  return Run(static_cast<CUstream>(stream), kOpForward, dtype, d,
+             {const_cast<void*>(q), const_cast<void*>(k), const_cast<void*>(v), out, attn});
 }
 
 int sapa_softmax_backward(void* stream, int dtype, const SapaDims* d, const void* grad,
                           const void* v, const void* attn, void* out) {
-  int status = Check(dtype, d);
-  if (status != SAPA_OK) return status;
-  const std::string tiled = TiledK(d->kernel) ? Name("dsoftmax", dtype, ("_k" + std::to_string(d->kernel)).c_str()) : "";
-  return Run(static_cast<CUstream>(stream), kDSoftmax, dtype, d, tiled,
-             Name("dsoftmax", dtype, "_any"), HighPoints(d),
+  return Run(static_cast<CUstream>(stream), kOpSoftmaxBackward, dtype, d,
              {const_cast<void*>(grad), const_cast<void*>(v), const_cast<void*>(attn), out});
 }
 

@@ -8,6 +8,15 @@
 // Every function returns a SapaStatus; on failure sapa_last_error() (per thread) says
 // what went wrong. Tensors are contiguous, channels last; pointers are device pointers;
 // `stream` is a CUstream (NULL: the legacy default stream of the current context).
+//
+// Contexts: every entry point that touches the GPU pushes a context for its whole
+// duration and pops it before returning, so it works from any thread, whatever context
+// that thread has current: the stream's own context (cuStreamGetCtx), or for a NULL
+// stream the calling thread's current context, else the primary context of the thread's
+// device (sapa_set_device, default 0), which the launcher retains. Loaded modules are
+// cached per (device, context): a context that is reset or replaced (a new context ID,
+// cuCtxGetId, CUDA 12.0+ drivers) and a second device load their own module instead of
+// reusing a stale handle. All entry points are thread-safe.
 
 #ifndef KERAS_SAPA_LAUNCHER_SAPA_LAUNCHER_H_
 #define KERAS_SAPA_LAUNCHER_SAPA_LAUNCHER_H_
@@ -27,6 +36,7 @@ enum SapaStatus {
   SAPA_ERR_LAUNCH = 4,      // cuLaunchKernel failed
   SAPA_ERR_INVALID = 5,     // bad arguments (dtype, sizes)
   SAPA_ERR_IO = 6,          // an image file cannot be read
+  SAPA_ERR_MISMATCH = 7,    // sapa_self_test: a kernel's result differs from the CPU's
 };
 
 enum SapaDtype { SAPA_F32 = 0, SAPA_F16 = 1, SAPA_BF16 = 2, SAPA_F64 = 3 };
@@ -61,6 +71,44 @@ int sapa_device_info(void* stream, int* major, int* minor, char* target, size_t 
 void sapa_set_untiled(int untiled);
 // Name, grid, block and dynamic shared memory of the last launch on this thread.
 int sapa_last_launch(char* name, size_t name_size, int64_t* grid, int* block, int* smem);
+
+// --- Added in the second version of this interface (all earlier functions unchanged).
+
+// The device whose primary context NULL-stream calls use on this thread when it has no
+// current context (ordinal, default 0). SAPA_ERR_INVALID when negative.
+int sapa_set_device(int ordinal);
+// Modules loaded so far (one per (device, context) the launcher has run on, reloads
+// after a context reset included); *entries: (device, context) entries in the cache.
+int sapa_module_loads(int* loads, int* entries);
+
+// Tiled launches use tile sizes chosen per (kernel, dtype, up, K) from the device's
+// limits and occupancy. Only up <= SAPA_TILED_MAX_UP is tiled (larger factors use the
+// untiled kernels), so the configurations a device can get form a finite list, which
+// sapa_launch_configs enumerates and sapa_self_test runs in full.
+#define SAPA_TILED_MAX_UP 8
+
+typedef struct SapaLaunchConfig {
+  char kernel[48];  // e.g. "sapa_fused_f16_k5"; untiled kernels end in "_any"
+  int tile;         // anchors per tile side; 0 for an untiled kernel
+  int block, smem;  // threads per block, dynamic shared memory in bytes
+  int up, ksize;    // the first (up, K) for which the launcher chooses it
+} SapaLaunchConfig;
+
+// Every distinct (kernel, tile) the launcher can choose on the stream's device for dtype
+// (tiled for up 1..SAPA_TILED_MAX_UP and every K that fits, and each untiled kernel).
+// Writes min(*count, capacity) entries; *count is the total.
+int sapa_launch_configs(void* stream, int dtype, SapaLaunchConfig* out, int capacity,
+                        int* count);
+
+// First-use self-test: for each dtype in dtype_mask (bit 1 << SAPA_F32 ..., 0: all
+// four), runs every configuration of sapa_launch_configs through the public entry points
+// on a small case (partial edge tiles, batch 2) on the stream's device (it allocates,
+// copies and synchronises itself), and compares each result with a float64 CPU loop
+// reference in this library. SAPA_OK when all agree within the dtype's tolerance;
+// SAPA_ERR_MISMATCH with the first difference in sapa_last_error() (kernel, tile, dtype,
+// case, element, values); other statuses when the GPU cannot be used. *cases: the
+// (case, entry point) launches compared. Takes well under a second on a GPU.
+int sapa_self_test(void* stream, int dtype_mask, int* cases);
 
 // out (B,sH,sW,K*K) = dot(hi, lo)
 int sapa_dot(void* stream, int dtype, const SapaDims* dims, const void* hi, const void* lo,

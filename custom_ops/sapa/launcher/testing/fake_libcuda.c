@@ -52,6 +52,14 @@ int cuStreamGetCtx(void* stream, void** ctx) {
   *ctx = (void*)(long)(0x1000 + g_major * 10 + g_minor);
   return 0;
 }
+/* The calling thread's current context: the same handle (as a framework's thread has). */
+int cuCtxGetCurrent(void** ctx) {
+  *ctx = (void*)(long)(0x1000 + g_major * 10 + g_minor);
+  return 0;
+}
+int cuDeviceGet(int* device, int ordinal) { *device = ordinal; return 0; }
+int cuDevicePrimaryCtxRetain(void** ctx, int device) { (void)device; return cuCtxGetCurrent(ctx); }
+int cuDevicePrimaryCtxRelease_v2(int device) { (void)device; return 0; }
 int cuCtxPushCurrent_v2(void* ctx) { (void)ctx; return 0; }
 int cuCtxPopCurrent_v2(void** ctx) { if (ctx) *ctx = 0; return 0; }
 int cuCtxGetDevice(int* device) { *device = 0; return 0; }
@@ -102,11 +110,16 @@ int cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
   ++g_launches;
   return g_launch_rc;
 }
-/* The limit a kernel's __launch_bounds__ sets (the handle is the kernel's name). */
+/* The limit a kernel's __launch_bounds__ sets (the handle is the kernel's name), as
+ * SAPA_TILED_THREADS / SAPA_WINDOW_THREADS in kernels/cuda/sapa_kernels.cu. */
 int cuFuncGetAttribute(int* value, int attribute, void* fn) {
   const char* name = (const char*)fn;
+  int f64 = strstr(name, "_f64") != NULL;
   if (attribute != 0) return 1;
-  *value = strstr(name, "_k7") ? 256 : strstr(name, "_k5") ? 512 : 1024;
+  if (strstr(name, "_k7")) *value = 256;
+  else if (strstr(name, "_k5")) *value = f64 ? 256 : 512;
+  else if (strstr(name, "_k3")) *value = f64 ? 512 : 1024;
+  else *value = 256;
   return 0;
 }
 /* A plausible occupancy: limited by 2048 threads and 164 KB of shared memory per SM. */
