@@ -70,10 +70,11 @@ class SAPA(keras.layers.Layer):
         data_format: ``"channels_last"``, ``"channels_first"`` or ``None`` (Keras's
             ``image_data_format``). With ``channels_first`` inputs and output are NCHW.
         implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``; see
-            :mod:`keras_sapa.ops` for their meaning on each backend. On TensorFlow
-            ``"auto"`` picks the compiled op when it is built, and the XLA
-            formulation inside ``jit_compile=True``; on JAX and PyTorch it is the
-            formulation with hand-written gradients (``"xla"``).
+            :mod:`keras_sapa.ops` for their meaning on each backend and the rule that
+            resolves ``"auto"``: the compiled kernels for training and eager calls,
+            builtin ops in anything that may be exported. For fast inference that
+            is not exported, call ``keras_sapa.ops.set_implementation(model,
+            "compiled")``.
         kernel_initializer: initialiser of the projection kernels (official: truncated
             normal, stddev 0.02).
         bias_initializer: initialiser of the projection biases (official: zeros).
@@ -128,10 +129,6 @@ class SAPA(keras.layers.Layer):
             )
         self.data_format = data_format
         self.implementation = _checks.check_implementation(implementation)
-        # Keras's compile(jit_compile="auto") turns XLA on whenever a GPU is visible,
-        # and the compiled op cannot run inside XLA: where that op runs on the GPU, the
-        # layer declines XLA so that the default fit reaches it.
-        self.supports_jit = sapa_ops.layer_supports_jit(self.implementation)
         self.kernel_initializer = keras.initializers.get(
             kernel_initializer
             if kernel_initializer is not None
@@ -140,6 +137,20 @@ class SAPA(keras.layers.Layer):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         for name in ("norm_x", "norm_y", "q", "k", "qy", "qx", "gate", "v"):
             setattr(self, name, None)
+
+    @property
+    def supports_jit(self):
+        """Whether Keras may compile this layer with XLA, read when a model is compiled
+        (no GPU probe at construction) and following :attr:`implementation` (so
+        :func:`keras_sapa.ops.set_implementation` keeps it right). False on TensorFlow
+        for ``"compiled"`` (XLA cannot hold the custom op) and for ``"auto"`` where the
+        compiled GPU op runs, so that ``fit`` reaches it; see
+        :func:`keras_sapa.ops.layer_supports_jit`."""
+        return self._supports_jit and sapa_ops.layer_supports_jit(self.implementation)
+
+    @supports_jit.setter
+    def supports_jit(self, value):
+        self._supports_jit = bool(value)
 
     # ------------------------------------------------------------------ shapes
     def _to_channels_last(self, shape):

@@ -7,10 +7,10 @@ At W1 (B=2, 32x32 -> 64x64, C=256, d=64, K=5, s=2, float32) by default, it times
 each framework that imports:
 
 - JAX: the compiled kernels (``keras_sapa.ops._jax_kernels.sapa`` under ``jax.jit``), the
-  pure JAX formulation (``keras_sapa.ops._jax``: similarity, softmax, aggregate) and
+  pure JAX formulation (``keras_sapa.ops._jax_builtin``: similarity, softmax, aggregate) and
   ``jax.image.resize`` bilinear of the value tensor;
 - PyTorch: the compiled kernels (``keras_sapa.ops._torch_kernels.sapa``, eager), the pure
-  formulation (``keras_sapa.ops._torch``) and ``torch.nn.functional.interpolate``
+  formulation (``keras_sapa.ops._torch_builtin``) and ``torch.nn.functional.interpolate``
   bilinear (channels-last memory);
 - TensorFlow: the compiled fused op (``KerasSapa>Sapa``, what ``keras_sapa.ops.sapa(...,
   implementation="compiled")`` runs on the TensorFlow backend, in a ``tf.function``) and
@@ -67,13 +67,13 @@ def jax_cases(arrays, k, s, skip_pure):
             (q, key, v))
     if not skip_pure:
         try:
-            from keras_sapa.ops import _jax
+            from keras_sapa.ops import _jax_builtin as _jax
         except ImportError as exc:
             print(f"# pure JAX path unavailable: {exc}")
         else:
             def pure(a, b, c):
-                w = jax.nn.softmax(_jax.similarity(a, b, k, s), axis=-1)
-                return _jax.aggregate(w, c, k, s)
+                w = jax.nn.softmax(_jax.similarity_xla(a, b, k, s), axis=-1)
+                return _jax.aggregate_xla(w, c, k, s)
 
             add("jax pure", pure, (0, 1, 2), (q, key, v))
     add("jax bilinear", lambda c: jax.image.resize(c, high, "bilinear"), (0,), (v,))
@@ -106,13 +106,13 @@ def torch_cases(arrays, k, s, skip_pure):
             grads)
     if not skip_pure:
         try:
-            from keras_sapa.ops import _torch
+            from keras_sapa.ops import _torch_builtin as _torch
         except ImportError as exc:
             print(f"# pure PyTorch path unavailable: {exc}")
         else:
             def pure(a, b, c):
-                w = torch.softmax(_torch.similarity(a, b, k, s), dim=-1)
-                return _torch.aggregate(w, c, k, s)
+                w = torch.softmax(_torch.similarity_xla(a, b, k, s), dim=-1)
+                return _torch.aggregate_xla(w, c, k, s)
 
             add("torch pure", pure, (q, key, v), grads)
 
@@ -128,7 +128,7 @@ def torch_cases(arrays, k, s, skip_pure):
 def tf_cases(arrays, k, s):
     import tensorflow as tf
 
-    from keras_sapa.ops import _compiled
+    from keras_sapa.ops import _tf_kernels as _compiled
 
     q, key, v, g = (tf.constant(a) for a in arrays)
     cases = {}

@@ -44,7 +44,7 @@ def main(argv=None):
     import keras
 
     import keras_sapa
-    from keras_sapa.ops import _tensorflow as ops  # the TensorFlow dispatch
+    from keras_sapa import ops
 
     implementations = ["patches", "xla"]
     if ops.compiled_available():

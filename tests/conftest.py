@@ -19,7 +19,7 @@ def _compiled_skip_reason():
         return None
     if os.environ.get("KERAS_SAPA_DISABLE_COMPILED", "") not in ("", "0"):
         return "compiled ops disabled by KERAS_SAPA_DISABLE_COMPILED"
-    from keras_sapa.ops import _compiled
+    from keras_sapa.ops import _tf_kernels as _compiled
 
     return f"compiled custom op library unavailable: {_compiled.unavailable_reason()}"
 

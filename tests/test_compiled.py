@@ -17,7 +17,7 @@ import tensorflow as tf
 import reference as ref
 from savedmodel_utils import saved_op_types
 from keras_sapa import ops
-from keras_sapa.ops import _compiled
+from keras_sapa.ops import _tf_kernels as _compiled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_compiled = pytest.mark.skipif(
@@ -356,7 +356,7 @@ def test_savedmodel_with_compiled_op_reloads(tmp_path):
             print("LOADED_WITHOUT_LIBRARY")
         except Exception as exc:
             print("FAILED_WITHOUT_LIBRARY", type(exc).__name__)
-        from keras_sapa.ops import _compiled
+        from keras_sapa.ops import _tf_kernels as _compiled
         assert _compiled.load_library() is not None
         tf.saved_model.load({path!r})
         print("LOADED_WITH_LIBRARY")

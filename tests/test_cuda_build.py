@@ -475,7 +475,7 @@ def _gpu_or_skip():
     tf = pytest.importorskip("tensorflow")
     if not tf.config.list_physical_devices("GPU"):
         pytest.skip("no GPU on this machine: the compiled GPU kernels cannot run here")
-    from keras_sapa.ops import _compiled
+    from keras_sapa.ops import _tf_kernels as _compiled
 
     if not _compiled.gpu_op_usable():
         pytest.fail(f"a GPU exists but the GPU kernels are not usable: {_compiled.gpu_status()}")

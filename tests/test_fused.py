@@ -18,7 +18,7 @@ import tensorflow as tf
 
 import reference as ref
 from keras_sapa import ops
-from keras_sapa.ops import _compiled
+from keras_sapa.ops import _tf_kernels as _compiled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE_DIR = os.path.join(ROOT, "custom_ops", "sapa", "kernels", "cpu")

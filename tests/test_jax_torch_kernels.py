@@ -118,8 +118,10 @@ def _worker_jax_numerics():
     half = jk.sapa(*(jnp.asarray(t, jnp.bfloat16) for t in (q, key, v)), k, s)
     out["bfloat16"] = {"dtype": str(half.dtype), "forward": _err(half, ref_out)}
     # Bad input: ValueError naming the argument.
-    out["bad_kernel"] = _errors_value(lambda: jk.sapa(q, key, v, 4, s))
-    out["bad_shape"] = _errors_value(lambda: jk.sapa(q[:, :-1], key, v, k, s))
+    from keras_sapa import ops
+
+    out["bad_kernel"] = _errors_value(lambda: ops.sapa(q, key, v, 4, s, "compiled"))
+    out["bad_shape"] = _errors_value(lambda: ops.sapa(q[:, :-1], key, v, k, s, "compiled"))
     out["hlo_has_custom_call"] = "keras_sapa_forward" in jax.jit(
         lambda a, b, c: jk.sapa(a, b, c, k, s)).lower(q, key, v).as_text()
     return out
@@ -132,8 +134,6 @@ def _keras_model(use_kernels):
 
     from keras_sapa import ops
 
-    kernels = ops._backend_kernels()
-
     class Upsample(keras.layers.Layer):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
@@ -142,9 +142,7 @@ def _keras_model(use_kernels):
 
         def call(self, x, y):
             q, k = self.q(y), self.k(x)
-            if use_kernels:
-                return kernels.sapa(q, k, x, 5, 2)
-            return ops.sapa(q, k, x, 5, 2, implementation="xla")
+            return ops.sapa(q, k, x, 5, 2, implementation="compiled" if use_kernels else "xla")
 
         def compute_output_shape(self, x_shape, y_shape):
             return tuple(y_shape[:3]) + (x_shape[-1],)
@@ -172,7 +170,7 @@ def _worker_keras_step(framework):
     from keras_sapa import ops
     from keras_sapa.ops import _native
 
-    if ops._backend_kernels() is None:
+    if not ops.compiled_available():
         return {"skip": _native.unavailable_reason() or f"no kernels on {framework}"}
     inputs, target = _keras_batch()
     pure = _keras_model(use_kernels=False)
@@ -330,10 +328,12 @@ def _worker_torch_numerics():
     # Non-contiguous inputs are made contiguous.
     qt = torch.tensor(q).transpose(1, 2).contiguous().transpose(1, 2)
     out["noncontiguous"] = _err(tk.sapa(qt, torch.tensor(key), torch.tensor(v), k, s), ref_out)
-    out["bad_kernel"] = _errors_value(lambda: tk.sapa(torch.tensor(q), torch.tensor(key),
-                                                      torch.tensor(v), 4, s))
-    out["bad_shape"] = _errors_value(lambda: tk.sapa(torch.tensor(q[:, :-1]), torch.tensor(key),
-                                                     torch.tensor(v), k, s))
+    from keras_sapa import ops
+
+    out["bad_kernel"] = _errors_value(lambda: ops.sapa(torch.tensor(q), torch.tensor(key),
+                                                       torch.tensor(v), 4, s, "compiled"))
+    out["bad_shape"] = _errors_value(lambda: ops.sapa(torch.tensor(q[:, :-1]), torch.tensor(key),
+                                                      torch.tensor(v), k, s, "compiled"))
     # The pool: results do not depend on the thread count (every output is written by
     # one thread), and concurrent callers each get their own right answer.
     q, key, v, g, k, s = _inputs("prod_c256_d64")

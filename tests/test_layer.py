@@ -356,7 +356,7 @@ def test_seeded_initializer_is_reproducible_and_still_distinct():
 
 
 def test_supports_jit_declines_xla_only_where_the_gpu_op_runs(monkeypatch):
-    from keras_sapa.ops import _compiled
+    from keras_sapa.ops import _tf_kernels as _compiled
 
     # No GPU here (or no usable GPU op): XLA stays allowed.
     assert SAPA().supports_jit is True

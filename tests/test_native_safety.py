@@ -22,7 +22,8 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from keras_sapa.ops import _compiled  # noqa: E402
+from keras_sapa.ops import _native  # noqa: E402
+from keras_sapa.ops import _tf_kernels as _compiled  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,14 +60,37 @@ def test_build_records_the_features_of_its_flags():
 def test_missing_cpu_features_reads_cpuinfo(tmp_path, monkeypatch):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2\n\nprocessor\t: 1\n")
-    monkeypatch.setattr(_compiled, "CPUINFO", str(cpuinfo))
-    assert _compiled.missing_cpu_features(["avx2", "fma"]) == ["fma"]
-    assert _compiled.missing_cpu_features(["avx2"]) == []
-    assert _compiled.missing_cpu_features([]) == []
-    # Unreadable: a library that needs features is not trusted.
-    monkeypatch.setattr(_compiled, "CPUINFO", str(tmp_path / "absent"))
-    assert _compiled.missing_cpu_features(["avx2"]) == ["avx2"]
-    assert _compiled.missing_cpu_features([]) == []
+    monkeypatch.setattr(_native, "CPUINFO", str(cpuinfo))
+    assert _native.missing_cpu_features(["avx2", "fma"]) == ["fma"]
+    assert _native.missing_cpu_features(["avx2"]) == []
+    assert _native.missing_cpu_features([]) == []
+    # Unreadable: a library that needs features is not trusted (on every backend: the
+    # TensorFlow and the bindings' records go through the same read_build_info).
+    monkeypatch.setattr(_native, "CPUINFO", str(tmp_path / "absent"))
+    assert _native.missing_cpu_features(["avx2"]) == ["avx2"]
+    assert _native.missing_cpu_features([]) == []
+    record = tmp_path / "info.json"
+    record.write_text(json.dumps({"cpu_features": ["avx2"], "jaxlib_version": "1"}))
+    for framework, version in ((None, None), ("jaxlib", "1")):
+        info, reason = _native.read_build_info(str(record), framework, version)
+        assert info is None and "avx2" in reason and "lacks" in reason
+    record.write_text(json.dumps({"cpu_features": [], "tensorflow_version": "0.1"}))
+    assert _native.read_build_info(str(record))[0] is not None  # portable build
+    info, reason = _native.read_build_info(str(record), "tensorflow", tf.__version__)
+    assert info is None and "0.1" in reason and tf.__version__ in reason
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("1", True), ("true", True), ("YES", True), (" on ", True), ("2", True),
+    ("", False), ("0", False), ("false", False), ("No", False), ("off", False)])
+def test_disable_switch_is_one_parser(value, expected, monkeypatch):
+    """KERAS_SAPA_DISABLE_COMPILED: one parser for every backend (the JAX and PyTorch
+    side runs in tests/multibackend/test_mb_bad_input.py)."""
+    monkeypatch.setenv(_native.ENV_DISABLE, value)
+    assert _native.disabled() is expected
+    if expected:
+        assert _compiled.load_library() is None
+        assert _native.ENV_DISABLE in _compiled.unavailable_reason()
 
 
 def _built_cpu_library():
@@ -103,7 +127,7 @@ def test_library_built_here_passes_the_feature_check():
         info = json.load(f)
     if "cpu_features" not in info:
         pytest.skip("the library was built before CPU features were recorded")
-    assert _compiled.missing_cpu_features(info["cpu_features"]) == []
+    assert _native.missing_cpu_features(info["cpu_features"]) == []
 
 
 # ---------------------------------------------------------------------------------------
@@ -265,6 +289,8 @@ def test_layer_supports_jit(monkeypatch):
     monkeypatch.delenv("KERAS_SAPA_DISABLE_COMPILED", raising=False)
     monkeypatch.setattr(_compiled, "gpu_op_usable", lambda: False)
     assert _compiled.layer_supports_jit() is True
+    # XLA cannot hold the custom op: an explicit "compiled" always declines it.
+    assert _compiled.layer_supports_jit("compiled") is False
     monkeypatch.setattr(_compiled, "gpu_op_usable", lambda: True)
     # No GPU visible: nothing to decide (and the library is not loaded for it).
     monkeypatch.setattr(_compiled.tf.config, "list_physical_devices", lambda kind=None: [])

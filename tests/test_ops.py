@@ -8,7 +8,7 @@ import tensorflow as tf
 import keras_sapa
 import reference as ref
 from keras_sapa import ops
-from keras_sapa.ops import _tensorflow as tf_ops
+from keras_sapa.ops import _tf_builtin
 
 PURE = ["patches", "xla"]
 ALL = PURE + [
@@ -119,11 +119,11 @@ def test_in_xla_context_tracks_tensorflow():
 
     def probe(name):
         def fn(x):
-            seen[name] = tf_ops.in_xla_context()
+            seen[name] = _tf_builtin.in_xla_context()
             return x
         return fn
 
-    assert tf_ops.in_xla_context() is False  # eager
+    assert _tf_builtin.in_xla_context() is False  # eager
     tf.function(probe("graph"))(tf.zeros(()))
     tf.function(probe("jit"), jit_compile=True)(tf.zeros(()))
     nested = tf.function(probe("nested"))
@@ -135,13 +135,13 @@ def test_auto_rule():
     """Eager calls and training graphs use the compiled op (when built); graphs that do
     not train, and XLA-compiled ones, use builtin ops; use_implementation wins."""
     eager = "compiled" if ops.compiled_available() else "patches"
-    assert tf_ops.resolve_implementation("auto") == eager
-    assert tf_ops.resolve_implementation("auto", training=True) == eager
+    assert ops.resolve_implementation("auto") == eager
+    assert ops.resolve_implementation("auto", training=True) == eager
     seen = {}
 
     def probe(name, training):
         def fn(x):
-            seen[name] = tf_ops.resolve_implementation("auto", training=training)
+            seen[name] = ops.resolve_implementation("auto", training=training)
             return x
         return fn
 
@@ -152,25 +152,25 @@ def test_auto_rule():
     assert {v for k, v in seen.items() if k.startswith("inference")} == {"xla"}
     assert seen["training"] == ("compiled" if ops.compiled_available() else "xla")
     assert seen["jit training"] == "xla"
-    with tf_ops.use_implementation("patches"):
-        assert tf_ops.resolve_implementation("auto") == "patches"
-        assert tf_ops.resolve_implementation("xla") == "xla"
+    with ops.use_implementation("patches"):
+        assert ops.resolve_implementation("auto") == "patches"
+        assert ops.resolve_implementation("xla") == "xla"
         tf.function(probe("scoped", None))(tf.zeros(()))
     assert seen["scoped"] == "patches"
 
 
 def test_auto_graphs_hold_custom_ops_only_when_training():
     def infer(q, k, v):
-        return tf_ops.sapa(q, k, v, 3, 2)
+        return ops.sapa(q, k, v, 3, 2)
 
     def train(q, k, v):
-        return tf_ops.sapa(q, k, v, 3, 2, training=True)
+        return ops.sapa(q, k, v, 3, 2, training=True)
 
     assert _custom_op_types(infer, *SPECS) == []
     trained = _custom_op_types(train, *SPECS)
     if ops.compiled_available():
         assert trained, "a training graph should use the compiled op"
-        with tf_ops.use_implementation("compiled"):  # asked for: kept in inference too
+        with ops.use_implementation("compiled"):  # asked for: kept in inference too
             assert _custom_op_types(infer, *SPECS)
     else:
         assert trained == []
@@ -178,11 +178,11 @@ def test_auto_graphs_hold_custom_ops_only_when_training():
 
 def test_environment_variable_read_at_trace_time(monkeypatch):
     def train(q, k, v):
-        return tf_ops.sapa(q, k, v, 3, 2, training=True)
+        return ops.sapa(q, k, v, 3, 2, training=True)
 
     monkeypatch.setenv("KERAS_SAPA_DISABLE_COMPILED", "1")
     assert _custom_op_types(train, *SPECS) == []
-    assert tf_ops.resolve_implementation("auto") == "patches"
+    assert ops.resolve_implementation("auto") == "patches"
 
 
 class _Holder(keras.layers.Layer):
@@ -221,15 +221,15 @@ def test_set_implementation_retraces_keras_functions(monkeypatch):
     """Keras traces predict/train functions once; the choice made then sticks (even a
     later use_implementation scope does not change it) until set_implementation."""
     chosen = []
-    resolve = tf_ops.resolve_implementation
+    resolve = ops.resolve_implementation
 
-    def recording(implementation="auto", training=None):
-        result = resolve(implementation, training)
+    def recording(implementation="auto", training=None, like=None):
+        result = resolve(implementation, training, like)
         if not tf.executing_eagerly():
             chosen.append(result)
         return result
 
-    monkeypatch.setattr(tf_ops, "resolve_implementation", recording)
+    monkeypatch.setattr(ops, "resolve_implementation", recording)
     rng = np.random.default_rng(11)
     x = rng.standard_normal((2, 4, 3, 6)).astype("float32")
     g = rng.standard_normal((2, 8, 6, 5)).astype("float32")
@@ -238,7 +238,7 @@ def test_set_implementation_retraces_keras_functions(monkeypatch):
     first = model.predict([x, g], verbose=0)
     assert chosen and set(chosen) == {"xla"}  # inference graph: builtin ops
     chosen.clear()
-    with tf_ops.use_implementation("patches"):
+    with ops.use_implementation("patches"):
         model.predict([x, g], verbose=0)
     assert chosen == []  # not traced again
     ops.set_implementation(model, "patches")
@@ -342,15 +342,15 @@ def test_keras_fit_uses_compiled_op_and_predict_builtin_ops(monkeypatch):
     """Through the layer's ``training`` argument: Keras's train function (training=True)
     traces the compiled op, its predict and evaluate functions the builtin path."""
     chosen = []
-    resolve = tf_ops.resolve_implementation
+    resolve = ops.resolve_implementation
 
-    def recording(implementation="auto", training=None):
-        result = resolve(implementation, training)
+    def recording(implementation="auto", training=None, like=None):
+        result = resolve(implementation, training, like)
         if not tf.executing_eagerly():
             chosen.append((implementation, training, result))
         return result
 
-    monkeypatch.setattr(tf_ops, "resolve_implementation", recording)
+    monkeypatch.setattr(ops, "resolve_implementation", recording)
     rng = np.random.default_rng(12)
     x = rng.standard_normal((2, 4, 3, 6)).astype("float32")
     g = rng.standard_normal((2, 8, 6, 5)).astype("float32")

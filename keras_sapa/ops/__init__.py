@@ -1,4 +1,4 @@
-"""Functional SAPA ops (channels last) on every Keras backend.
+"""Functional SAPA ops (channels last) on every Keras backend, and the one dispatch rule.
 
     similarity(query, key)      -> (B, sH, sW, K*K)
     aggregate(weights, value)   -> (B, sH, sW, C)
@@ -7,43 +7,71 @@
 Semantics are those of ``shared/SAPA_SPEC.md``: a window of K x K low-resolution
 points around ``(i // s, j // s)``, row-major, zero padding *inside* the softmax.
 
-This module is the one dispatch point on ``keras.config.backend()``; each backend's
-module is imported on first use, so importing ``keras_sapa.ops`` imports no
-framework besides Keras. What ``implementation`` means on each backend:
+Importing ``keras_sapa.ops`` imports no framework besides Keras. Per backend two modules
+hold the code, over one native loader (:mod:`._native`): the builtin formulations
+(:mod:`._tf_builtin`, :mod:`._jax_builtin`, :mod:`._torch_builtin`, and the ``keras.ops``
+one every backend can run, :mod:`._patches`) and the compiled-kernel bindings
+(:mod:`._tf_kernels`, :mod:`._jax_kernels`, :mod:`._torch_kernels`), which also state the
+facts the rule below needs. What ``implementation`` means on each backend:
 
-============  ==============================  ==============================  ============================
-              TensorFlow                      JAX                             PyTorch
-============  ==============================  ==============================  ============================
-``patches``   ``tf.image.extract_patches`` +  stacked windows + einsum        stacked windows + einsum
-              einsum                          (``keras.ops``, autodiff)       (``keras.ops``, autodiff)
-``xla``       shifted slices, builtin ops;    shifted slices + einsum,        stacked windows + ``bmm``,
-              compiles with                   hand-written gradient           hand-written gradient
-              ``jit_compile=True``            (``jax.custom_vjp``), jit-able  (``autograd.Function``),
-                                                                              eager and ``torch.compile``
-``compiled``  the fused C++/CUDA custom op    the fused C++ CPU kernels as     the fused C++ CPU kernels as
-                                              XLA FFI custom calls            ``torch.library`` custom ops
-``auto``      see :mod:`._tensorflow`         ``compiled`` when training      ``compiled`` (``xla`` while
-                                              (``training=True``) and the     exporting, for CUDA tensors
-                                              kernels are built, else         or where the kernels are not
-                                              ``xla``                         built)
-============  ==============================  ==============================  ============================
+============  ===========================  ========================  ========================
+              TensorFlow                   JAX                       PyTorch
+============  ===========================  ========================  ========================
+``patches``   ``tf.image.extract_patches``  stacked windows + einsum  stacked windows + einsum
+              + einsum                     (``keras.ops``)           (``keras.ops``)
+``xla``       shifted slices, builtin      shifted slices + einsum,  stacked windows + bmm,
+              ops; compiles with           ``jax.custom_vjp``        ``autograd.Function``
+              ``jit_compile=True``
+``compiled``  the fused C++/CUDA custom    the fused C++ CPU         the fused C++ CPU
+              op; not inside               kernels as XLA FFI        kernels as
+              ``jit_compile=True``         custom calls, also in     ``torch.library`` ops,
+              (``ValueError``)             ``jax.jit``               also in torch.compile
+============  ===========================  ========================  ========================
 
-So ``"xla"`` names the formulation with hand-written gradients that each backend
-compiles well, and ``"patches"`` the plain one that the backend's autodiff
-differentiates. On JAX and PyTorch, ``"compiled"`` runs only the fused ``sapa`` (the
-JAX/PyTorch bindings of ``custom_ops/sapa/kernels/cpu``, built by
-``custom_ops/build_bindings.py``; :mod:`._native`); ``similarity`` and ``aggregate`` use
-``"xla"`` there. As on TensorFlow, ``"auto"`` keeps the kernels out of anything exported:
-on JAX it takes them for training calls only (a jitted function cannot tell that it is
-being exported), on PyTorch whenever ``torch.onnx`` / ``torch.export`` is not tracing. A layer saved with ``"auto"``, ``"patches"`` or ``"xla"`` loads on
-every backend; one saved with ``"compiled"`` loads with a warning where the compiled
-op is missing and runs on ``"auto"`` (see :meth:`keras_sapa.SAPA.from_config`).
+On JAX and PyTorch, ``"compiled"`` binds only the fused ``sapa``; ``similarity`` and
+``aggregate`` use ``"xla"`` there. The dispatch rule, one function for every backend
+(:func:`resolve_implementation`), decides what ``"auto"`` stands for, in this order:
+
+====  ==========================================================  ===========================
+step  when                                                        ``"auto"`` resolves to
+====  ==========================================================  ===========================
+1     :func:`use_implementation` set one in this thread           that one
+2     the kernels are not available (not built, stale, other      the builtin: ``"xla"`` in a
+      CPU or framework version, ``KERAS_SAPA_DISABLE_COMPILED``)  trace, eagerly ``"patches"``
+                                                                  on TF and ``"xla"`` elsewhere
+3     an export may be traced: on PyTorch exactly when            the builtin (as in 2)
+      ``torch.onnx`` / ``torch.export`` traces; on TF and JAX,
+      which have no public API for it, any trace (TF graph,
+      JAX tracer) of a call that does not train
+      (``training`` is not ``True``)
+4     XLA compiles the trace and cannot hold the kernels (TF's    ``"xla"``
+      ``jit_compile=True``)
+5     otherwise (eager calls, training traces)                    ``"compiled"``
+====  ==========================================================  ===========================
+
+So ``fit`` uses the compiled kernels' fast backward, and exports made any standard way
+hold builtin ops only. The price is inference inside a trace (``predict``, a
+non-training ``tf.function``) on TensorFlow and JAX, which runs the builtin formulation.
+**For inference that is not exported, opt in with one line:**
+``keras_sapa.ops.set_implementation(model, "compiled")``. An explicit ``"compiled"`` (an
+argument or :func:`use_implementation`) raises ``RuntimeError`` where the kernels are not
+available, and ``ValueError`` inside TensorFlow's ``jit_compile=True`` (a SAPA layer with
+``"compiled"`` reports ``supports_jit=False``, so Keras compiles such a model without XLA).
+
+Inputs are checked once for every backend and implementation: shapes, and one floating
+dtype for all tensors of a call (``ValueError`` naming the argument and its dtype).
+Float16 and bfloat16 similarities and softmax run in float32. A layer saved with
+``"auto"``, ``"patches"`` or ``"xla"`` loads on every backend; one saved with
+``"compiled"`` loads with a warning where the compiled op is missing and runs on
+``"auto"`` (see :meth:`keras_sapa.SAPA.from_config`).
 """
 
 import contextlib
+import sys
 import threading
 
 import keras
+import numpy as np
 
 from keras_sapa.ops import _checks
 
@@ -59,133 +87,69 @@ __all__ = [
 ]
 
 _HALF_DTYPES = ("float16", "bfloat16")
+_PREFIXES = {"tensorflow": "tf", "jax": "jax", "torch": "torch"}
 _override = threading.local()
 
 
-def _on_tensorflow():
-    return keras.config.backend() == "tensorflow"
+def _module(name):
+    """``keras_sapa.ops.<name>``, imported on first use (through the builtin
+    ``__import__``, which TensorFlow's autograph does not try to convert)."""
+    __import__(f"keras_sapa.ops.{name}")
+    return sys.modules[f"keras_sapa.ops.{name}"]
 
 
-def _tf():
-    from keras_sapa.ops import _tensorflow
-
-    return _tensorflow
-
-
-def _kernel_module():
-    """The module binding the compiled CPU kernels to the running backend
-    (:mod:`._jax_kernels`, :mod:`._torch_kernels`), or None on TensorFlow (whose custom
-    op is dispatched by :mod:`._tensorflow`)."""
-    backend = keras.config.backend()
-    if backend == "jax":
-        from keras_sapa.ops import _jax_kernels
-
-        return _jax_kernels
-    if backend == "torch":
-        from keras_sapa.ops import _torch_kernels
-
-        return _torch_kernels
-    return None
+def _kernels():
+    """The compiled-kernel bindings of the running backend (a module stating the
+    dispatch facts), or None on a backend without them."""
+    prefix = _PREFIXES.get(keras.config.backend())
+    return None if prefix is None else _module(f"_{prefix}_kernels")
 
 
-def _backend_kernels():
-    """The kernel module of the running backend (JAX or PyTorch) when its kernels load,
-    else None. Both offer ``usable(query, key, value)`` and ``sapa(query, key, value,
-    kernel_size, up_factor)``. ``KERAS_SAPA_DISABLE_COMPILED`` is read at every call, as
-    on TensorFlow."""
-    from keras_sapa.ops import _native
-
-    module = _kernel_module()
-    if _native.disabled() or module is None:
-        return None
-    return module if module.available() else None
-
-
-def _backend_kernels_reason():
-    """Why :func:`_backend_kernels` is None (a sentence)."""
-    from keras_sapa.ops import _native
-
-    module = _kernel_module()
-    if module is None:
-        return f"no compiled kernel bindings for the {keras.config.backend()!r} backend"
-    if _native.disabled():
-        return f"{_native.ENV_DISABLE} is set"
-    module.available()
-    return module.unavailable_reason() or "available"
-
-
-def _torch_exporting():
-    import torch
-
-    return bool(torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting())
-
-
-def _auto_choice(training):
-    """What ``"auto"`` means on JAX and PyTorch (see the module docs)."""
-    if _backend_kernels() is None:
-        return "xla"
-    if keras.config.backend() == "jax":
-        return "compiled" if training is True else "xla"
-    return "xla" if _torch_exporting() else "compiled"
-
-
-def _formulation(implementation):
-    """The module holding ``similarity`` / ``aggregate`` for a resolved
-    implementation on a backend other than TensorFlow (``"compiled"`` binds only the
-    fused ``sapa``: the window ops use ``"xla"``)."""
-    backend = keras.config.backend()
-    if implementation == "compiled":
-        implementation = "xla"
-    if implementation == "xla" and backend == "jax":
-        from keras_sapa.ops import _jax
-
-        return _jax
-    if implementation == "xla" and backend == "torch":
-        from keras_sapa.ops import _torch
-
-        return _torch
-    from keras_sapa.ops import _pure
-
-    return _pure
+def _builtin(implementation):
+    """``(similarity, aggregate)`` of a builtin formulation (``"patches"``, ``"xla"``) on
+    the running backend; the ``keras.ops`` one where the backend has none of its own."""
+    prefix = _PREFIXES.get(keras.config.backend())
+    for name in ([f"_{prefix}_builtin"] if prefix else []) + ["_patches"]:
+        module = _module(name)
+        if hasattr(module, f"similarity_{implementation}"):
+            return (getattr(module, f"similarity_{implementation}"),
+                    getattr(module, f"aggregate_{implementation}"))
+    raise AssertionError(implementation)  # pragma: no cover - every backend has both
 
 
 def compiled_available():
-    """True when the compiled custom op library is loaded and usable.
+    """True when the compiled kernels are loaded and usable on the running backend.
 
     On TensorFlow the custom op library; on JAX and PyTorch the bindings of the same
-    CPU kernels. False when it was not built, was built for another framework version
-    or CPU, failed to load, or ``KERAS_SAPA_DISABLE_COMPILED=1`` is set.
+    CPU kernels. False when they were not built, were built for another framework
+    version or CPU, failed to load, or ``KERAS_SAPA_DISABLE_COMPILED`` is set (read at
+    every call).
     """
-    if not _on_tensorflow():
-        return _backend_kernels() is not None
-    return _tf().compiled_available()
+    kernels = _kernels()
+    return kernels is not None and kernels.available()
 
 
 def load_compiled_library():
-    """Loads the compiled custom op library now (it is otherwise loaded on first use)
-    and returns True when it is available (on JAX and PyTorch: their kernel bindings).
+    """Loads the compiled kernels now (they are otherwise loaded on first use) and
+    returns True when they are available.
 
     Call it before ``tf.saved_model.load`` of a SavedModel that was exported with the
     compiled op: TensorFlow must know the ``KerasSapa>...`` ops to rebuild its graph.
     """
-    if not _on_tensorflow():
-        return compiled_available()
-    return _tf().load_compiled_library()
+    return compiled_available()
 
 
 @contextlib.contextmanager
 def use_implementation(implementation):
     """Within this context, ``implementation="auto"`` resolves to ``implementation``
-    (on every backend). The setting is per thread.
+    (step 1 of the rule in the module docs), on every backend.
 
-    On TensorFlow, exports already use the builtin-op ``"xla"`` path by themselves;
-    use ``use_implementation("compiled")`` around an export to keep the compiled op
-    in the SavedModel (it then loads only after :func:`load_compiled_library`).
+    The choice is made when an op is called, which for a traced function is when it is
+    traced: functions traced before keep their choice (see :func:`set_implementation`).
+    Use ``use_implementation("compiled")`` around an export to keep the compiled op in a
+    SavedModel (it then loads only after :func:`load_compiled_library`). The setting is
+    per thread: the replicas of a ``tf.distribute`` strategy, for one, do not see it.
     """
-    if _on_tensorflow():
-        with _tf().use_implementation(implementation):
-            yield
-        return
     _checks.check_implementation(implementation)
     previous = getattr(_override, "value", None)
     _override.value = None if implementation == "auto" else implementation
@@ -195,42 +159,69 @@ def use_implementation(implementation):
         _override.value = previous
 
 
-def resolve_implementation(implementation="auto", training=None):
-    """The concrete implementation (``"patches"``, ``"xla"`` or ``"compiled"``) that
-    ``implementation`` stands for on the current backend and in the current context.
+def _unavailable(kernels):
+    if kernels is None:
+        return f"no compiled kernels exist for the {keras.config.backend()!r} backend"
+    return kernels.unavailable_reason()
 
-    Raises ``RuntimeError`` for ``"compiled"`` where the compiled kernels are not
-    available. ``training`` (a Keras layer's argument) steers ``"auto"``: on TensorFlow,
-    in a traced graph, the compiled op is used only when it is ``True`` (see
-    :func:`keras_sapa.ops._tensorflow.resolve_implementation`); on JAX likewise.
+
+def resolve_implementation(implementation="auto", training=None, like=None):
+    """The concrete implementation (``"patches"``, ``"xla"`` or ``"compiled"``) that
+    ``implementation`` stands for on the running backend, here and now: the dispatch
+    rule of the module docs, the one place it is written.
+
+    Args:
+        implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``.
+        training: whether the caller trains (a Keras layer's ``training`` argument; only
+            a Python or NumPy ``True`` counts).
+        like: a tensor of the call, where the backend tells a trace from its tensors
+            (JAX); without one, JAX counts the call as traced.
+
+    Raises:
+        RuntimeError: ``"compiled"`` (asked for directly or through
+            :func:`use_implementation`) where the kernels are not available.
+        ValueError: ``"compiled"`` inside TensorFlow's ``jit_compile=True``.
     """
-    if _on_tensorflow():
-        return _tf().resolve_implementation(implementation, training)
     _checks.check_implementation(implementation)
     if implementation == "auto":
-        implementation = getattr(_override, "value", None) or _auto_choice(training)
-    if implementation == "compiled" and _backend_kernels() is None:
-        raise RuntimeError(
-            "implementation='compiled' was requested but the keras_sapa compiled "
-            f"kernels are not available on the {keras.config.backend()!r} backend "
-            f"({_backend_kernels_reason()}). Build them with "
-            "`python custom_ops/build_bindings.py`, or use implementation='auto'."
-        )
+        implementation = getattr(_override, "value", None) or "auto"
+    kernels = _kernels()
+    traced = kernels is None or kernels.traced(like)
+    if implementation == "auto":
+        builtin = "xla" if traced else kernels.EAGER_BUILTIN
+        exporting = kernels.exporting() if kernels is not None else None
+        if exporting is None:  # the framework cannot tell: any trace that does not train
+            exporting = traced and not (isinstance(training, (bool, np.bool_)) and training)
+        if exporting or kernels.in_xla_trace():
+            return "xla" if kernels is not None and kernels.in_xla_trace() else builtin
+        return "compiled" if kernels.available() else builtin
+    if implementation == "compiled":
+        if kernels is None or not kernels.available():
+            raise RuntimeError(
+                "implementation='compiled' was requested but the keras_sapa compiled "
+                f"kernels are not available on the {keras.config.backend()!r} backend "
+                f"({_unavailable(kernels)}). Build them with `python custom_ops/build.py` "
+                "(TensorFlow) or `python custom_ops/build_bindings.py` (JAX, PyTorch), "
+                "or use implementation='auto'."
+            )
+        if kernels.in_xla_trace():
+            raise ValueError(
+                "implementation='compiled' cannot run inside a function that XLA compiles "
+                "(jit_compile=True): XLA cannot compile the keras_sapa custom op. Use "
+                "implementation='auto' (it takes the 'xla' formulation there) or 'xla', "
+                "or compile without XLA (jit_compile=False; Keras does so by itself for "
+                "a model whose SAPA layers use 'compiled'). Received: "
+                "implementation='compiled' inside jit_compile=True"
+            )
     return implementation
 
 
 def layer_supports_jit(implementation="auto"):
-    """The ``supports_jit`` of a SAPA layer with this ``implementation``.
-
-    False only on TensorFlow when a GPU is visible and the compiled GPU op is usable:
-    Keras's ``jit_compile="auto"`` then leaves XLA off, so that the default ``fit``
-    reaches the fused kernels instead of the builtin formulation XLA would compile
-    (see :func:`keras_sapa.ops._compiled.layer_supports_jit` for the trade-off)."""
-    if not _on_tensorflow():
-        return True
-    from keras_sapa.ops import _compiled
-
-    return _compiled.layer_supports_jit(implementation)
+    """The ``supports_jit`` of a SAPA layer with this ``implementation``: False on
+    TensorFlow for ``"compiled"``, and for ``"auto"`` where the compiled GPU op runs (see
+    :func:`keras_sapa.ops._tf_kernels.layer_supports_jit`); True elsewhere."""
+    kernels = None if implementation in ("patches", "xla") else _kernels()
+    return kernels is None or kernels.layer_supports_jit(implementation)
 
 
 def _sapa_layers(model):
@@ -260,6 +251,13 @@ def set_implementation(model, implementation):
     Call ``set_implementation(model, "auto")`` after changing
     ``KERAS_SAPA_DISABLE_COMPILED`` or a :func:`use_implementation` scope, too.
 
+    ``set_implementation(model, "compiled")`` is the one-line opt-in to the compiled
+    kernels for inference (``predict``, ``evaluate``, a serving ``tf.function``), which
+    ``"auto"`` keeps builtin inside traces so that exports stay portable (an export
+    made after it holds the custom op). On TensorFlow the layers then decline XLA
+    (``supports_jit``), and a model compiled with ``jit_compile=True`` is switched to
+    ``jit_compile=False`` (Keras warns).
+
     Args:
         model: a Keras model (or layer) holding SAPA layers.
         implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``.
@@ -279,6 +277,8 @@ def set_implementation(model, implementation):
         raise ValueError(f"`model` holds no SAPA layer. Received: model={model!r}")
     for layer in layers:
         layer.implementation = implementation
+    if getattr(model, "_jit_compile", None) and not all(x.supports_jit for x in layers):
+        model.jit_compile = False  # Keras's public setter; XLA cannot hold the kernels
     # Keras's public attributes; make_*_function() traces them again when None.
     for attribute in ("train_function", "test_function", "predict_function"):
         if hasattr(model, attribute):
@@ -286,24 +286,24 @@ def set_implementation(model, implementation):
     return len(layers)
 
 
-def _prepare(high, high_name, low, low_name, kernel_size, up_factor, equal_last):
-    """Validated tensors and window sizes (backends other than TensorFlow)."""
+def _prepare(tensors, kernel_size, up_factor, implementation):
+    """The checks every op and backend shares: arguments, shapes and dtypes.
+
+    ``tensors``: ``(name, tensor)`` pairs, the high-resolution one first. Returns the
+    tensors, ``kernel_size`` and ``up_factor``."""
+    _checks.check_implementation(implementation)
     kernel_size = _checks.check_kernel_size(kernel_size)
     up_factor = _checks.check_up_factor(up_factor)
-    high = keras.ops.convert_to_tensor(high)
-    low = keras.ops.convert_to_tensor(low)
-    _checks.check_pair(
-        high_name, tuple(high.shape), low_name, tuple(low.shape), up_factor,
-        last_dim="equal" if equal_last else None,
-    )
-    high_dtype = keras.backend.standardize_dtype(high.dtype)
-    low_dtype = keras.backend.standardize_dtype(low.dtype)
-    if high_dtype != low_dtype:
-        raise ValueError(
-            f"`{high_name}` and `{low_name}` must have the same dtype. Received: "
-            f"{high_name}.dtype={high_dtype}, {low_name}.dtype={low_dtype}"
-        )
-    return high, low, kernel_size, up_factor
+    names = [name for name, _ in tensors]
+    tensors = [keras.ops.convert_to_tensor(t) for _, t in tensors]
+    dtypes = [keras.backend.standardize_dtype(t.dtype) for t in tensors]
+    _checks.check_float_dtypes(list(zip(names, dtypes, strict=True)))
+    high = tensors[0]
+    for name, low in zip(names[1:], tensors[1:], strict=True):
+        _checks.check_pair(names[0], tuple(high.shape), name, tuple(low.shape), up_factor,
+                           last_dim="equal" if name == "key" else None)
+        high = _checked_at_run_time(high, names[0], low, name, up_factor)
+    return [high, *tensors[1:]], kernel_size, up_factor
 
 
 def similarity(query, key, kernel_size=5, up_factor=2, implementation="auto",
@@ -312,25 +312,20 @@ def similarity(query, key, kernel_size=5, up_factor=2, implementation="auto",
 
     Args:
         query: ``(B, s*H, s*W, d)`` high-resolution query.
-        key: ``(B, H, W, d)`` low-resolution key.
+        key: ``(B, H, W, d)`` low-resolution key, of ``query``'s dtype.
         kernel_size: odd window size K.
         up_factor: integer upsampling factor s.
         implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"`` (see
             the module docs for their meaning on each backend).
-        training: whether the caller trains; used by TensorFlow's ``"auto"`` only.
+        training: whether the caller trains (steers ``"auto"``, see the module docs).
 
     Returns:
         ``(B, s*H, s*W, K*K)``; points outside the map contribute 0.
     """
-    if _on_tensorflow():
-        return _tf().similarity(query, key, kernel_size, up_factor, implementation,
-                                training=training)
-    _checks.check_implementation(implementation)
-    query, key, kernel_size, up_factor = _prepare(
-        query, "query", key, "key", kernel_size, up_factor, equal_last=True
-    )
-    module = _formulation(resolve_implementation(implementation, training))
-    return module.similarity(query, key, kernel_size, up_factor)
+    (query, key), kernel_size, up_factor = _prepare(
+        (("query", query), ("key", key)), kernel_size, up_factor, implementation)
+    fn, _ = _window_ops(resolve_implementation(implementation, training, like=query))
+    return fn(query, key, kernel_size, up_factor)
 
 
 def aggregate(weights, value, kernel_size=5, up_factor=2, implementation="auto",
@@ -339,63 +334,74 @@ def aggregate(weights, value, kernel_size=5, up_factor=2, implementation="auto",
 
     Args:
         weights: ``(B, s*H, s*W, K*K)`` mixing weights (usually a softmax).
-        value: ``(B, H, W, C)`` low-resolution feature.
+        value: ``(B, H, W, C)`` low-resolution feature, of ``weights``' dtype.
         kernel_size: odd window size K.
         up_factor: integer upsampling factor s.
         implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``.
+        training: whether the caller trains (steers ``"auto"``, see the module docs).
 
     Returns:
         ``(B, s*H, s*W, C)``; points outside the map contribute 0.
     """
-    if _on_tensorflow():
-        return _tf().aggregate(weights, value, kernel_size, up_factor, implementation,
-                               training=training)
-    _checks.check_implementation(implementation)
-    weights, value, kernel_size, up_factor = _prepare(
-        weights, "weights", value, "value", kernel_size, up_factor, equal_last=False
-    )
+    (weights, value), kernel_size, up_factor = _prepare(
+        (("weights", weights), ("value", value)), kernel_size, up_factor, implementation)
     _checks.check_weights_channels(tuple(weights.shape), kernel_size)
-    module = _formulation(resolve_implementation(implementation, training))
-    return module.aggregate(weights, value, kernel_size, up_factor)
+    _, fn = _window_ops(resolve_implementation(implementation, training, like=weights))
+    return fn(weights, value, kernel_size, up_factor)
+
+
+def _window_ops(resolved):
+    """``(similarity, aggregate)`` for a resolved implementation: the compiled window
+    ops where the backend binds them (TensorFlow), else the builtin ones."""
+    kernels = _kernels() if resolved == "compiled" else None
+    if kernels is not None and hasattr(kernels, "similarity"):
+        return kernels.similarity, kernels.aggregate
+    return _builtin("xla" if resolved == "compiled" else resolved)
 
 
 def sapa(query, key, value, kernel_size=5, up_factor=2, implementation="auto",
          training=None):
     """``aggregate(softmax(similarity(query, key)), value)``.
 
-    The similarity and the softmax run in float32 when the inputs are float16 or
-    bfloat16 (so large logits cannot overflow); the result has ``value``'s dtype.
-    Padded window points take part in the softmax with similarity 0, as in the
-    official implementation.
+    Args:
+        query: ``(B, s*H, s*W, d)``; key: ``(B, H, W, d)``; value: ``(B, H, W, C)``, all
+            of one floating dtype.
+        kernel_size: odd window size K.
+        up_factor: integer upsampling factor s.
+        implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``.
+        training: whether the caller trains (a Keras layer passes its ``training``
+            argument); steers ``"auto"``, see the module docs.
+
+    Returns:
+        ``(B, s*H, s*W, C)`` in the inputs' dtype. The similarity and the softmax run in
+        float32 for float16 and bfloat16 inputs (large logits cannot overflow). Padded
+        window points take part in the softmax with similarity 0, as in the official
+        implementation.
     """
-    if _on_tensorflow():
-        return _tf().sapa(query, key, value, kernel_size, up_factor, implementation,
-                          training=training)
-    _checks.check_implementation(implementation)
-    query, key, kernel_size, up_factor = _prepare(
-        query, "query", key, "key", kernel_size, up_factor, equal_last=True
-    )
-    value = keras.ops.convert_to_tensor(value)
-    _checks.check_pair("query", tuple(query.shape), "value", tuple(value.shape), up_factor)
+    (query, key, value), kernel_size, up_factor = _prepare(
+        (("query", query), ("key", key), ("value", value)), kernel_size, up_factor,
+        implementation)
+    resolved = resolve_implementation(implementation, training, like=query)
+    kernels = _kernels() if resolved == "compiled" else None
+    if kernels is not None and kernels.usable(query, key, value):
+        return kernels.sapa(query, key, value, kernel_size, up_factor)
     if keras.backend.standardize_dtype(query.dtype) in _HALF_DTYPES:
-        query = keras.ops.cast(query, "float32")
-        key = keras.ops.cast(key, "float32")
-    resolved = resolve_implementation(implementation, training)
-    if resolved == "compiled":
-        kernels = _backend_kernels()
-        if kernels is not None and kernels.usable(query, key, value):
-            return kernels.sapa(query, key, value, kernel_size, up_factor)
-    module = _formulation(resolved)
-    logits = module.similarity(query, key, kernel_size, up_factor)
-    weights = keras.ops.softmax(logits, axis=-1)
-    weights = keras.ops.cast(weights, value.dtype)
-    return module.aggregate(weights, value, kernel_size, up_factor)
+        query, key = keras.ops.cast(query, "float32"), keras.ops.cast(key, "float32")
+    similarity_fn, aggregate_fn = _window_ops(resolved)
+    weights = keras.ops.softmax(similarity_fn(query, key, kernel_size, up_factor), axis=-1)
+    return aggregate_fn(keras.ops.cast(weights, value.dtype), value, kernel_size, up_factor)
 
 
 def _checked_at_run_time(high, high_name, low, low_name, up_factor):
     """``high``, made to fail at run time when its batch and spatial sizes are not
     those of ``low`` (times ``up_factor``) and were unknown when it was traced. Only
     TensorFlow graphs have such sizes; elsewhere ``high`` is returned unchanged."""
-    if not _on_tensorflow():
+    if keras.config.backend() != "tensorflow":
         return high
-    return _tf()._with_runtime_checks(high, high_name, low, low_name, up_factor)
+    import tensorflow as tf
+
+    asserts = _checks.runtime_shape_asserts(high, high_name, low, low_name, up_factor)
+    if not asserts:
+        return high
+    with tf.control_dependencies(asserts):
+        return tf.identity(high)

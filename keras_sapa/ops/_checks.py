@@ -9,6 +9,7 @@ style of Keras's own layers. Shape checks run on static shapes (Python ints or
 import operator
 
 IMPLEMENTATIONS = ("auto", "patches", "xla", "compiled")
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def integer(name, value, requirement="an integer", minimum=None):
@@ -55,6 +56,20 @@ def check_implementation(implementation):
             f"Received: implementation={implementation!r}"
         )
     return implementation
+
+
+def check_float_dtypes(named_dtypes):
+    """``named_dtypes``: ``(argument name, dtype name)`` pairs of one op call. Each must be
+    a floating dtype, all the same one (no silent casts)."""
+    first, first_dtype = named_dtypes[0]
+    for name, dtype in named_dtypes:
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"`{name}` must be a floating-point tensor "
+                             f"({', '.join(FLOAT_DTYPES)}). Received: {name}.dtype={dtype}")
+        if dtype != first_dtype:
+            raise ValueError(
+                f"`{name}` must have the dtype of `{first}` ({first_dtype}); cast the inputs "
+                f"to one dtype. Received: {name}.dtype={dtype}, {first}.dtype={first_dtype}")
 
 
 def _dims(shape):
@@ -112,14 +127,14 @@ def check_pair(high_name, high_shape, low_name, low_shape, up_factor, last_dim=N
             f"Received: {high_name}.shape={high}, {low_name}.shape={low}"
         )
     for axis, axis_name in ((1, "height"), (2, "width")):
-        if low[axis] is not None and high[axis] is not None:
-            if high[axis] != up_factor * low[axis]:
-                raise ValueError(
-                    f"The {axis_name} of `{high_name}` must be exactly up_factor={up_factor} "
-                    f"times the {axis_name} of `{low_name}` "
-                    f"(expected {up_factor * low[axis]}, no cropping or resizing is done). "
-                    f"Received: {high_name}.shape={high}, {low_name}.shape={low}"
-                )
+        if _mismatch(axis_name, None if low[axis] is None else up_factor * low[axis],
+                     high[axis]):
+            raise ValueError(
+                f"The {axis_name} of `{high_name}` must be exactly up_factor={up_factor} "
+                f"times the {axis_name} of `{low_name}` "
+                f"(expected {up_factor * low[axis]}, no cropping or resizing is done). "
+                f"Received: {high_name}.shape={high}, {low_name}.shape={low}"
+            )
     if last_dim == "equal" and _mismatch("channels", high[3], low[3]):
         raise ValueError(
             f"`{high_name}` and `{low_name}` must have the same number of channels. "

@@ -16,9 +16,9 @@ batch) and sharding (``keras.distribution.DataParallel``): each call is a
 kernels on its own shard instead of XLA gathering the whole batch. CPU only: on other
 platforms :func:`available` is False.
 
-The library is loaded on the first call of :func:`available` (or :func:`sapa`), never at
-import. A missing, stale or broken library gives one ``RuntimeWarning``; ``available()``
-is then False and :func:`unavailable_reason` says why, so callers use the pure path.
+The library goes through the checks of :mod:`._native` (disable switch, build record,
+jaxlib version, CPU features) on the first call of :func:`available`, never at import.
+The kernels are XLA custom calls, so ``"compiled"`` runs inside ``jax.jit`` as well.
 float32 and float64 run natively; float16 / bfloat16 inputs are computed in float32 and
 the result rounded once to ``value``'s dtype.
 """
@@ -26,86 +26,104 @@ the result rounded once to ``value``'s dtype.
 import ctypes
 import functools
 import os
-import threading
-import warnings
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 
-from keras_sapa.ops import _checks
 from keras_sapa.ops import _native
+from keras_sapa.ops import _optable
 
-FORWARD_TARGET = "keras_sapa_forward"
-BACKWARD_TARGET = "keras_sapa_backward"
+# (FFI target, handler symbol in _sapa_jax.so) of the fused forward and backward.
+_FFI = (_optable.op("Sapa").bindings.xla_ffi, _optable.op("SapaGrad").bindings.xla_ffi)
+FORWARD_TARGET, BACKWARD_TARGET = (target for target, _ in _FFI)
 
-_lock = threading.RLock()
-_state = {"tried": False, "ok": False, "reason": None}
+# ------------------------------------------------------------------ facts for the dispatch
+EAGER_BUILTIN = "xla"  # the builtin formulation without the kernels
+
+
+def traced(tensor=None):
+    """Whether ``tensor`` is a tracer (``jax.jit``, ``jax.export``, Keras's symbolic
+    build); without a tensor to look at, assumed so."""
+    return tensor is None or isinstance(tensor, jax.core.Tracer)
+
+
+def in_xla_trace():
+    """False: the kernels are XLA custom calls, at home inside ``jax.jit``."""
+    return False
+
+
+def exporting():
+    """None: ``jax.export`` offers no public way to tell an export from a jit trace."""
+    return None
+
+
+def layer_supports_jit(implementation="auto"):
+    """True: a SAPA layer runs inside ``jax.jit`` with every implementation."""
+    return True
 
 
 def _load():
     """(True, None) once the FFI targets are registered, else (False, reason)."""
-    if jax.default_backend() != "cpu":
-        return False, f"the JAX bindings run on CPU only (default backend: {jax.default_backend()})"
     core, info = _native.load_core()
     if core is None:
-        return False, _native.unavailable_reason()
+        return None, _native.unavailable_reason()
+    info, reason = _native.bindings_build_info("jaxlib", jaxlib.__version__)
+    if info is None:
+        return None, reason
     if not info.get("jax_library"):
-        return False, f"the JAX library was not built ({info.get('jax_status')})"
-    path = os.path.join(_native.library_dir(), _native.JAX_LIBRARY)
+        return None, f"the JAX library was not built ({info.get('jax_status')})"
+    path = os.path.join(_native.bindings_dir(), _native.JAX_LIBRARY)
     try:
         lib = ctypes.CDLL(path)
-        handlers = (lib.KerasSapaForward, lib.KerasSapaBackward)
+        handlers = [getattr(lib, symbol) for _, symbol in _FFI]
     except (OSError, AttributeError) as exc:
-        return False, f"{path} failed to load ({exc})"
+        return None, f"{path} failed to load ({exc})"
     try:
-        for name, handler in zip((FORWARD_TARGET, BACKWARD_TARGET), handlers):
+        for name, handler in zip((FORWARD_TARGET, BACKWARD_TARGET), handlers, strict=True):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     except Exception as exc:  # a JAX without these APIs, or a rejected registration
-        return False, f"registering the XLA FFI targets failed ({exc!r})"
+        return None, f"registering the XLA FFI targets failed ({exc!r})"
     return True, None
+
+
+_library = _native.Library("JAX", _load)
+
+
+def _platform_problem():
+    backend = jax.default_backend()
+    return None if backend == "cpu" else (
+        f"the JAX bindings run on CPU only (default backend: {backend})")
 
 
 def available():
     """True when the compiled kernels are registered with JAX (loads them on first call).
 
     False, after one ``RuntimeWarning``, when the library is missing, stale, built for
-    another CPU or fails to load; False without a warning when
-    ``KERAS_SAPA_DISABLE_COMPILED=1`` or when JAX's default backend is not the CPU.
+    another CPU or jaxlib, or fails to load; False without a warning when
+    ``KERAS_SAPA_DISABLE_COMPILED`` is set or JAX's default backend is not the CPU.
     """
-    with _lock:
-        if not _state["tried"]:
-            _state["tried"] = True
-            _state["ok"], _state["reason"] = _load()
-            # Disabled on purpose, or another platform: not a broken install, no warning.
-            if not _state["ok"] and not _native.disabled() and jax.default_backend() == "cpu":
-                warnings.warn(
-                    "keras_sapa: the compiled SAPA kernels for JAX are unavailable, the pure "
-                    f"JAX path is used instead: {_state['reason']}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        return _state["ok"]
+    return _platform_problem() is None and _library.get() is not None
 
 
 def usable(query, key, value):
     """Whether :func:`sapa` can serve these tensors: the kernels are registered (JAX runs
     them on its default backend, the CPU). The tensors may be tracers."""
-    del query, key, value  # placement is JAX's default backend, checked by available()
+    del query, key, value
     return available()
 
 
 def unavailable_reason():
-    """Why :func:`available` is False (None when it is True or was not called)."""
-    return _state["reason"]
+    """Why :func:`available` is False (None when it is True)."""
+    return _platform_problem() or _library.reason()
 
 
 def _reset():
     """Forgets the load attempt (tests only)."""
-    with _lock:
-        _state.update(tried=False, ok=False, reason=None)
-        _native._reset()
+    _library.reset()
+    _native.core.reset()
 
 
 def _attrs(kernel_size, up_factor):
@@ -182,7 +200,7 @@ _forward_op = _partitioned(_forward_call, _RULES["forward"], 3)
 _backward_op = _partitioned(_backward_call, _RULES["backward"], 5)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _batched(which, kernel_size, up_factor):
     """The partitioned op for fixed sizes, with a vmap rule."""
     op = _forward_op if which == "forward" else _backward_op
@@ -194,7 +212,7 @@ def _batched(which, kernel_size, up_factor):
     @call.def_vmap
     def _rule(axis_size, in_batched, *arrays):
         arrays = [a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
-                  for a, batched in zip(arrays, in_batched)]
+                  for a, batched in zip(arrays, in_batched, strict=True)]
         outs = call(*(a.reshape((-1,) + a.shape[2:]) for a in arrays))
         return (tuple(o.reshape((axis_size, -1) + o.shape[1:]) for o in outs),
                 tuple(True for _ in outs))
@@ -225,40 +243,20 @@ def _fused_bwd(kernel_size, up_factor, residuals, grad):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def sapa(query, key, value, kernel_size=5, up_factor=2):
-    """``aggregate(softmax(similarity(query, key)), value)`` on the compiled kernels.
+def sapa(query, key, value, kernel_size, up_factor):
+    """``aggregate(softmax(similarity(query, key)), value)`` on the compiled kernels, for
+    inputs that :func:`keras_sapa.ops.sapa` has checked (shapes, one floating dtype).
 
-    Args:
-        query: ``(B, s*H, s*W, d)`` high-resolution query.
-        key: ``(B, H, W, d)`` low-resolution key.
-        value: ``(B, H, W, C)`` low-resolution value.
-        kernel_size: odd window size K.
-        up_factor: integer upsampling factor s.
-
-    Returns:
-        ``(B, s*H, s*W, C)`` in ``value``'s dtype. Differentiable in all three inputs
-        (first order).
-
-    Raises:
-        ValueError: bad ``kernel_size`` / ``up_factor`` or mismatched shapes.
-        RuntimeError: the compiled kernels are unavailable (see :func:`available`).
+    Float16 and bfloat16 are computed in float32, the result rounded once to ``value``'s
+    dtype. Differentiable in all three inputs (first order); works under ``jax.jit``,
+    ``jax.vmap`` and batch sharding. Raises ``RuntimeError`` when the kernels are
+    unavailable (see :func:`available`).
     """
-    kernel_size = _checks.check_kernel_size(kernel_size)
-    up_factor = _checks.check_up_factor(up_factor)
-    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    # Sizes that are not ints (symbolic, as in Keras's shape inference) are not checked.
-    shapes = [tuple(d if isinstance(d, int) else None for d in t.shape) for t in (query, key, value)]
-    _checks.check_pair("query", shapes[0], "key", shapes[1], up_factor, last_dim="equal")
-    _checks.check_pair("query", shapes[0], "value", shapes[2], up_factor)
     if not available():
-        raise RuntimeError(
-            "keras_sapa: the compiled SAPA kernels for JAX are unavailable: "
-            f"{unavailable_reason()}"
-        )
-    dtypes = {query.dtype, key.dtype, value.dtype}
-    compute = jnp.float64 if jnp.dtype(jnp.float64) in dtypes else jnp.float32
-    out = _fused(
-        query.astype(compute), key.astype(compute), value.astype(compute), kernel_size,
-        up_factor,
-    )
-    return out.astype(value.dtype)
+        raise RuntimeError("keras_sapa: the compiled SAPA kernels for JAX are unavailable: "
+                           f"{unavailable_reason()}")
+    dtype = jnp.asarray(value).dtype
+    compute = jnp.float64 if dtype == jnp.float64 else jnp.float32
+    out = _fused(*(jnp.asarray(t, compute) for t in (query, key, value)), kernel_size,
+                 up_factor)
+    return out.astype(dtype)

@@ -1,131 +1,198 @@
-"""Loader of the framework-free SAPA CPU library ``_sapa_core.so`` (and its build record),
-shared by the JAX and PyTorch bindings (:mod:`._jax_kernels`, :mod:`._torch_kernels`).
+"""The one loader of keras_sapa's native libraries, for every backend.
 
-Built by ``custom_ops/build_bindings.py`` into ``keras_sapa/_lib/`` with
-``bindings_build_info.json`` beside it. Nothing here imports a framework. Loading checks,
-before any ``dlopen``: that the build record exists, that the CPU runs the instructions the
-build was compiled for (``cpu_features``), and, after it, the library's C ABI version.
+Two builds write into ``keras_sapa/_lib/``: ``custom_ops/build.py`` the TensorFlow custom
+op library ``_sapa_ops.so`` (and its GPU twin) with ``build_info.json``, and
+``custom_ops/build_bindings.py`` the framework-free kernel core ``_sapa_core.so`` (PyTorch
+calls it through ctypes) and JAX's XLA FFI handlers ``_sapa_jax.so`` with
+``bindings_build_info.json``. Every backend's library goes through the same checks, in
+this order, before any ``dlopen``:
 
-Environment variables:
+1. the disable switch: ``KERAS_SAPA_DISABLE_COMPILED`` set to ``1``, ``true``, ``yes`` or
+   ``on`` (any case; any other value but ``0``, ``false``, ``no``, ``off`` or empty
+   too) disables the compiled kernels on every backend, read at every call;
+2. the build record exists and parses;
+3. the framework version it records is the running one (TensorFlow for the custom op
+   library, jaxlib for the FFI handlers; the ctypes core has no framework to match);
+4. the running CPU has every instruction set the build was compiled for
+   (``cpu_features``, e.g. ``avx2``): a library built for features this CPU lacks would
+   die with SIGILL. Where the CPU's features cannot be read (``/proc/cpuinfo``
+   unreadable, not Linux), a library that needs any is refused as well.
 
-- ``KERAS_SAPA_BINDINGS_DIR``: directory holding ``_sapa_core.so``, ``_sapa_jax.so`` and
-  ``bindings_build_info.json`` instead of ``keras_sapa/_lib/``.
-- ``KERAS_SAPA_DISABLE_COMPILED=1``: never load them (the pure paths run).
-- ``KERAS_SAPA_NUM_THREADS``: threads of the library's pool (default: the CPUs available).
+A library that fails a check or does not load gives one ``RuntimeWarning`` per process
+(none when disabled on purpose) and the builtin formulation runs; the backend's
+``unavailable_reason()`` says why.
+
+Environment variables: ``KERAS_SAPA_DISABLE_COMPILED`` (above),
+``KERAS_SAPA_OPS_LIBRARY`` (path of the TensorFlow library to load instead of
+``keras_sapa/_lib/_sapa_ops.so``, its ``build_info.json`` beside it),
+``KERAS_SAPA_BINDINGS_DIR`` (directory holding ``_sapa_core.so``, ``_sapa_jax.so`` and
+``bindings_build_info.json``), ``KERAS_SAPA_NUM_THREADS`` (threads of the core's pool).
 """
 
 import ctypes
 import json
 import os
 import threading
+import warnings
 
-ENV_DIR = "KERAS_SAPA_BINDINGS_DIR"
 ENV_DISABLE = "KERAS_SAPA_DISABLE_COMPILED"
+ENV_DIR = "KERAS_SAPA_BINDINGS_DIR"
+LIB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_lib")
 CORE_LIBRARY = "_sapa_core.so"
 JAX_LIBRARY = "_sapa_jax.so"
-BUILD_INFO = "bindings_build_info.json"
+BINDINGS_BUILD_INFO = "bindings_build_info.json"
 CORE_ABI = 1  # KERAS_SAPA_CORE_ABI of custom_ops/sapa/bindings/sapa_core_c.h
-
-_lock = threading.RLock()
-_state = {"tried": False, "core": None, "info": None, "reason": None}
-
-_I64 = ctypes.c_int64
-
-
-def library_dir():
-    """Directory the bindings' libraries are loaded from."""
-    default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_lib")
-    return os.environ.get(ENV_DIR) or default
+CPUINFO = "/proc/cpuinfo"  # where the running CPU's features are read (Linux)
+_NOT_DISABLED = ("", "0", "false", "no", "off")
 
 
 def disabled():
-    """True when ``KERAS_SAPA_DISABLE_COMPILED`` asks for the pure paths."""
-    return os.environ.get(ENV_DISABLE, "").strip().lower() in ("1", "true", "yes", "on")
+    """True when ``KERAS_SAPA_DISABLE_COMPILED`` asks for the builtin formulations."""
+    return os.environ.get(ENV_DISABLE, "").strip().lower() not in _NOT_DISABLED
 
 
-def _cpu_flags():
+def cpu_features():
+    """The running CPU's feature flags (``/proc/cpuinfo`` names such as ``avx2``), or
+    None where they cannot be read."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(CPUINFO) as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.split(":", 1)[0].strip() in ("flags", "Features"):
                     return set(line.split(":", 1)[1].split())
     except OSError:
-        pass
-    return None  # unknown: not checked
+        return None
+    return None
 
 
-def _read_info(directory):
-    path = os.path.join(directory, BUILD_INFO)
+def missing_cpu_features(required):
+    """The features in ``required`` (recorded by a build) that the running CPU lacks;
+    all of them where the CPU's features cannot be read."""
+    required = [str(feature) for feature in required or []]
+    have = cpu_features() if required else set()
+    return required if have is None else [f for f in required if f not in have]
+
+
+def read_build_info(path, framework=None, version=None, build_command="custom_ops/build.py"):
+    """``(info, None)`` when the build record at ``path`` passes checks 2-4 of the module
+    docs (``framework`` names the record's ``<framework>_version`` field that must equal
+    ``version``), else ``(None, reason)``."""
+    rebuild = f"rebuild with `python {build_command}`"
     if not os.path.isfile(path):
-        return None, (f"{path} is missing (build it with "
-                      "`python custom_ops/build_bindings.py`)")
+        return None, f"{path} is missing ({rebuild})"
     try:
         with open(path) as f:
             info = json.load(f)
     except (OSError, ValueError) as exc:
         return None, f"{path} is unreadable ({exc!r})"
-    if not isinstance(info, dict) or info.get("core_abi") != CORE_ABI:
-        return None, f"{path} records another C ABI than {CORE_ABI}: rebuild"
-    have = _cpu_flags()
-    missing = [f for f in info.get("cpu_features") or [] if have is not None and f not in have]
-    if missing:
-        return None, (f"the library was built for CPU features this CPU lacks ({missing}); "
-                      "rebuild it here (KERAS_SAPA_CPU_FLAGS='' gives a portable build)")
+    if not isinstance(info, dict):
+        return None, f"{path} is malformed"
+    if framework is not None and info.get(f"{framework}_version") != version:
+        return None, (f"the library was built for {framework} "
+                      f"{info.get(f'{framework}_version')} but {framework} {version} is "
+                      f"running ({rebuild})")
+    lacking = missing_cpu_features(info.get("cpu_features"))
+    if lacking:
+        return None, (f"the library was built for CPU features {sorted(lacking)} that this "
+                      f"CPU lacks ({rebuild} here, or build a portable library with "
+                      'KERAS_SAPA_CPU_FLAGS="")')
     return info, None
 
 
+class Library:
+    """A native library loaded on first use, once per process (thread-safe).
+
+    ``load()`` returns ``(handle, None)`` or ``(None, reason)``; a failure gives one
+    ``RuntimeWarning`` naming ``what`` (none with ``warn=False``). The disable switch is
+    read at every call, before anything is loaded.
+    """
+
+    def __init__(self, what, load, warn=True):
+        self.what, self._load, self._warn = what, load, warn
+        self._lock = threading.RLock()
+        self.reset()
+
+    def reset(self):
+        """Forgets the load attempt (tests; a loaded library stays mapped)."""
+        self._tried, self._handle, self._reason = False, None, None
+
+    def get(self):
+        """The loaded handle, or None (see :meth:`reason`)."""
+        if disabled():
+            return None
+        if not self._tried:
+            with self._lock:
+                if not self._tried:
+                    self._handle, self._reason = self._load()
+                    self._tried = True
+                    if self._handle is None and self._warn:
+                        warnings.warn(
+                            f"keras_sapa: the compiled SAPA kernels for {self.what} are "
+                            f"unavailable ({self._reason}); the builtin formulation is used.",
+                            RuntimeWarning, stacklevel=4)
+        return self._handle
+
+    def reason(self):
+        """Why :meth:`get` returns None (None when it does not)."""
+        if disabled():
+            return f"{ENV_DISABLE} is set"
+        return None if self.get() is not None else self._reason
+
+
+def bindings_dir():
+    """Directory the JAX and PyTorch bindings' libraries are loaded from."""
+    return os.environ.get(ENV_DIR) or LIB_DIR
+
+
+def bindings_build_info(framework=None, version=None):
+    """The bindings' build record (see :func:`read_build_info`), its C ABI checked."""
+    info, reason = read_build_info(os.path.join(bindings_dir(), BINDINGS_BUILD_INFO),
+                                   framework, version, "custom_ops/build_bindings.py")
+    if info is not None and info.get("core_abi") != CORE_ABI:
+        return None, f"the bindings record another C ABI than {CORE_ABI}: rebuild them"
+    return info, reason
+
+
 def _declare(lib):
-    for dtype, ptr in (("f32", ctypes.c_void_p), ("f64", ctypes.c_void_p)):
-        forward = getattr(lib, f"keras_sapa_forward_{dtype}")
-        forward.argtypes = [ptr] * 5 + [_I64] * 7
-        forward.restype = ctypes.c_int
-        backward = getattr(lib, f"keras_sapa_backward_{dtype}")
-        backward.argtypes = [ptr] * 8 + [_I64] * 7
-        backward.restype = ctypes.c_int
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    for dtype in ("f32", "f64"):
+        for name, pointers in (("forward", 5), ("backward", 8)):
+            fn = getattr(lib, f"keras_sapa_{name}_{dtype}")
+            fn.argtypes = [pointer] * pointers + [size] * 7
+            fn.restype = ctypes.c_int
     lib.keras_sapa_core_abi.restype = ctypes.c_int
     lib.keras_sapa_num_threads.restype = ctypes.c_int
     lib.keras_sapa_set_num_threads.argtypes = [ctypes.c_int]
     lib.keras_sapa_set_num_threads.restype = None
 
 
-def load_core():
-    """``(ctypes.CDLL, build info)`` of ``_sapa_core.so``, or ``(None, None)`` when it is
-    missing, stale, disabled or broken (:func:`unavailable_reason` says why). Tried once
-    per process; warnings are left to the callers."""
-    with _lock:
-        if not _state["tried"]:
-            _state["tried"] = True
-            _state["core"], _state["info"], _state["reason"] = _try_load()
-        return _state["core"], _state["info"]
-
-
-def _try_load():
-    if disabled():
-        return None, None, f"{ENV_DISABLE} is set"
-    directory = library_dir()
-    info, reason = _read_info(directory)
+def _load_core():
+    info, reason = bindings_build_info()
     if info is None:
-        return None, None, reason
+        return None, reason
     if not info.get("core_library"):
-        return None, None, f"the core library was not built ({info.get('core_status')})"
-    path = os.path.join(directory, CORE_LIBRARY)
+        return None, f"the core library was not built ({info.get('core_status')})"
+    path = os.path.join(bindings_dir(), CORE_LIBRARY)
     try:
         lib = ctypes.CDLL(path)
         _declare(lib)
         abi = lib.keras_sapa_core_abi()
     except (OSError, AttributeError) as exc:
-        return None, None, f"{path} failed to load ({exc})"
+        return None, f"{path} failed to load ({exc})"
     if abi != CORE_ABI:
-        return None, None, f"{path} has C ABI {abi}, this package needs {CORE_ABI}: rebuild"
-    return lib, info, None
+        return None, f"{path} has C ABI {abi}, this package needs {CORE_ABI}: rebuild"
+    return lib, None
+
+
+# The framework-free kernel core (ctypes), under the JAX and PyTorch bindings; they warn.
+core = Library("the bindings' core", _load_core, warn=False)
+
+
+def load_core():
+    """``(ctypes.CDLL, build info)`` of ``_sapa_core.so``, or ``(None, None)``."""
+    lib = core.get()
+    return (lib, bindings_build_info()[0]) if lib is not None else (None, None)
 
 
 def unavailable_reason():
-    """Why :func:`load_core` returned None (None when it loaded or was not tried)."""
-    return _state["reason"]
-
-
-def _reset():
-    """Forgets the load attempt (tests only; a loaded library stays mapped)."""
-    with _lock:
-        _state.update(tried=False, core=None, info=None, reason=None)
+    """Why :func:`load_core` returns None (None when it loads)."""
+    return core.reason()

@@ -14,23 +14,43 @@ implementations, so they run eagerly and inside ``torch.compile(fullgraph=True)`
 as single opaque nodes. CPU tensors of float32 or float64; :func:`sapa` computes float16 /
 bfloat16 in float32 and rounds the result once to ``value``'s dtype.
 
-The library is loaded on the first call of :func:`available` (or :func:`sapa`), never at
-import (importing this module only registers the op schemas). A missing, stale or broken
-library gives one ``RuntimeWarning``; ``available()`` is then False and
-:func:`unavailable_reason` says why, so callers use the pure path.
+The core library goes through the checks of :mod:`._native` (disable switch, build
+record, CPU features; ctypes ties it to no PyTorch version) on the first call of
+:func:`available`, never at import (importing this module only registers the op schemas).
 """
-
-import threading
-import warnings
 
 import torch
 
-from keras_sapa.ops import _checks
 from keras_sapa.ops import _native
 
-_lock = threading.RLock()
-_state = {"tried": False, "ok": False, "reason": None, "lib": None}
 _NATIVE = {torch.float32: "f32", torch.float64: "f64"}
+
+# ------------------------------------------------------------------ facts for the dispatch
+EAGER_BUILTIN = "xla"  # the builtin formulation without the kernels
+
+
+def traced(tensor=None):
+    """Whether ``torch.compile`` (Dynamo) is tracing."""
+    return torch.compiler.is_compiling()
+
+
+def in_xla_trace():
+    """False: ``torch.compile`` keeps the custom ops as opaque nodes."""
+    return False
+
+
+def exporting():
+    """Whether ``torch.onnx`` or ``torch.export`` is tracing (public API)."""
+    return bool(torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting())
+
+
+def layer_supports_jit(implementation="auto"):
+    """True: a SAPA layer runs inside ``torch.compile`` with every implementation."""
+    return True
+
+
+_library = _native.Library("PyTorch", lambda: (_native.load_core()[0],
+                                               _native.unavailable_reason()))
 
 
 def available():
@@ -38,50 +58,33 @@ def available():
 
     False, after one ``RuntimeWarning``, when the library is missing, stale, built for
     another CPU or fails to load; False without a warning when
-    ``KERAS_SAPA_DISABLE_COMPILED=1``. The kernels take CPU tensors only.
+    ``KERAS_SAPA_DISABLE_COMPILED`` is set. The kernels take CPU tensors only.
     """
-    if _state["tried"]:
-        return _state["ok"]
-    with _lock:
-        if not _state["tried"]:
-            lib, _ = _native.load_core()
-            _state.update(tried=True, ok=lib is not None, lib=lib,
-                          reason=None if lib is not None else _native.unavailable_reason())
-            if lib is None and not _native.disabled():
-                warnings.warn(
-                    "keras_sapa: the compiled SAPA kernels for PyTorch are unavailable, the "
-                    f"pure PyTorch path is used instead: {_state['reason']}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        return _state["ok"]
+    return _library.get() is not None
 
 
 def usable(query, key, value):
     """Whether :func:`sapa` can serve these tensors: the kernels are loaded and all three
-    tensors are on the CPU (CUDA tensors need the pure path)."""
+    tensors are on the CPU (CUDA tensors need the builtin formulation)."""
     return available() and all(t.device.type == "cpu" for t in (query, key, value))
 
 
 def unavailable_reason():
-    """Why :func:`available` is False (None when it is True or was not called)."""
-    return _state["reason"]
+    """Why :func:`available` is False (None when it is True)."""
+    return _library.reason()
 
 
 def _reset():
     """Forgets the load attempt (tests only)."""
-    with _lock:
-        _state.update(tried=False, ok=False, reason=None, lib=None)
-        _native._reset()
+    _library.reset()
+    _native.core.reset()
 
 
-def _library():
+def _library_handle():
     if not available():
-        raise RuntimeError(
-            "keras_sapa: the compiled SAPA kernels for PyTorch are unavailable: "
-            f"{unavailable_reason()}"
-        )
-    return _state["lib"]
+        raise RuntimeError("keras_sapa: the compiled SAPA kernels for PyTorch are "
+                           f"unavailable: {unavailable_reason()}")
+    return _library.get()
 
 
 def _sizes(key, value, kernel_size, up_factor):
@@ -107,7 +110,7 @@ def sapa_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     high = tuple(query.shape[:-1])
     out = query.new_empty(high + (value.shape[-1],))
     weights = query.new_empty(high + (kernel_size * kernel_size,))
-    fn = getattr(_library(), "keras_sapa_forward_" + _NATIVE[query.dtype])
+    fn = getattr(_library_handle(), "keras_sapa_forward_" + _NATIVE[query.dtype])
     rc = fn(query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
             weights.data_ptr(), *_sizes(key, value, kernel_size, up_factor))
     if rc != 0:
@@ -131,7 +134,7 @@ def sapa_backward(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
     grad, query, key, value, weights = (
         t.contiguous() for t in (grad, query, key, value, weights))
     dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-    fn = getattr(_library(), "keras_sapa_backward_" + _NATIVE[query.dtype])
+    fn = getattr(_library_handle(), "keras_sapa_backward_" + _NATIVE[query.dtype])
     rc = fn(grad.data_ptr(), query.data_ptr(), key.data_ptr(), value.data_ptr(),
             weights.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
             *_sizes(key, value, kernel_size, up_factor))
@@ -166,39 +169,18 @@ def _backward(ctx, grad_out, grad_weights):
 sapa_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def sapa(query, key, value, kernel_size=5, up_factor=2):
-    """``aggregate(softmax(similarity(query, key)), value)`` on the compiled kernels.
+def sapa(query, key, value, kernel_size, up_factor):
+    """``aggregate(softmax(similarity(query, key)), value)`` on the compiled kernels, for
+    CPU tensors that :func:`keras_sapa.ops.sapa` has checked (shapes, one floating dtype).
 
-    Args:
-        query: ``(B, s*H, s*W, d)`` high-resolution query (CPU tensor).
-        key: ``(B, H, W, d)`` low-resolution key.
-        value: ``(B, H, W, C)`` low-resolution value.
-        kernel_size: odd window size K.
-        up_factor: integer upsampling factor s.
-
-    Returns:
-        ``(B, s*H, s*W, C)`` in ``value``'s dtype, differentiable in all three inputs
-        (first order); eager or inside ``torch.compile(fullgraph=True)``.
-
-    Raises:
-        ValueError: bad ``kernel_size`` / ``up_factor``, mismatched shapes, or tensors
-            not on the CPU.
-        RuntimeError: the compiled kernels are unavailable (see :func:`available`).
+    Float16 and bfloat16 are computed in float32, the result rounded once to ``value``'s
+    dtype. Differentiable in all three inputs (first order), eagerly or inside
+    ``torch.compile(fullgraph=True)``. Raises ``RuntimeError`` when the kernels are
+    unavailable (see :func:`available`).
     """
-    kernel_size = _checks.check_kernel_size(kernel_size)
-    up_factor = _checks.check_up_factor(up_factor)
-    _checks.check_pair("query", tuple(query.shape), "key", tuple(key.shape), up_factor,
-                       last_dim="equal")
-    _checks.check_pair("query", tuple(query.shape), "value", tuple(value.shape), up_factor)
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.device.type != "cpu":
-            raise ValueError(
-                f"The compiled SAPA kernels for PyTorch take CPU tensors. Received: "
-                f"{name}.device={t.device}"
-            )
-    _library()
-    compute = torch.float64 if torch.float64 in (query.dtype, key.dtype, value.dtype) else (
-        torch.float32)
+    _library_handle()
+    dtype = value.dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
     out, _ = sapa_forward(query.to(compute), key.to(compute), value.to(compute), kernel_size,
                           up_factor)
-    return out.to(value.dtype)
+    return out.to(dtype)

@@ -1,151 +1,104 @@
-"""Loader and Python wrappers of the compiled SAPA custom ops (``custom_ops/``).
+"""SAPA's compiled kernels on TensorFlow: the custom op library ``custom_ops/`` builds,
+its Python wrappers and gradients, and the facts the dispatch rule of
+:mod:`keras_sapa.ops` asks of this backend.
 
-The library is loaded lazily, on the first call of :func:`available` (which the ops'
-dispatch makes on first use), never at import: importing ``keras_sapa`` or loading a
-model never requires it. Before loading, the TensorFlow version recorded by the build
-(``keras_sapa/_lib/build_info.json``) is compared with the running one, since a custom op
-library only works with the TensorFlow it was compiled against.
-
-A missing, stale or broken library gives exactly one ``RuntimeWarning`` and
-``available()`` is then False; :func:`unavailable_reason` says why, and the ops use a pure
-TensorFlow path (``implementation="auto"``) or raise (``implementation="compiled"``).
-
-Environment variables:
-
-- ``KERAS_SAPA_OPS_LIBRARY``: path of the CPU library to load instead of
-  ``keras_sapa/_lib/_sapa_ops.so``; its ``build_info.json`` is looked up beside it.
-- ``KERAS_SAPA_DISABLE_COMPILED=1``: never use the library (handled in
-  :mod:`keras_sapa.ops`).
-
-The library also records the CPU features its build used (``cpu_features`` in
-``build_info.json``, e.g. ``avx2``, ``fma``); a library copied to a CPU that lacks one is
-not loaded (it would die with SIGILL): one warning, and the pure path.
-
-The GPU kernels live in a second library, ``_sapa_ops_gpu.so`` (a thin TensorFlow adapter
-over the driver-API launcher and the NVRTC-built kernel images beside it), loaded after
-the CPU one when a GPU is visible. At that first use a tiny case runs on the GPU and on
-the CPU and must agree (and must have run on the GPU); a load failure or any
-disagreement gives one warning, and the compiled ops are then not used at all (the pure
-TensorFlow path runs), since TensorFlow would otherwise place them on the GPU.
-:func:`gpu_op_usable` says whether the GPU kernels passed.
+``_sapa_ops.so`` is loaded through :mod:`._native` (the checks every backend shares:
+disable switch, build record, TensorFlow version, CPU features) on the first call of
+:func:`available`, never at import. The GPU kernels live in a second library,
+``_sapa_ops_gpu.so`` (a thin adapter over the driver-API launcher and the NVRTC-built
+kernel images beside it), loaded after the CPU one when a GPU is visible. At that first
+use a tiny case runs on the GPU and on the CPU and must agree (and must have run on the
+GPU); a load failure or any disagreement gives one warning, and the compiled ops are then
+not used at all, since TensorFlow would otherwise place them on the GPU.
 
 SavedModels: a SavedModel traced with the compiled ops contains ``KerasSapa>...`` nodes.
-To reload it, make the ops known first (``keras_sapa.ops._compiled.load_library()`` or any
-call that resolves ``implementation="compiled"``), then ``tf.saved_model.load``. Exports
-get the compiled ops only when asked for (``use_implementation("compiled")`` or
-``implementation="compiled"``): ``"auto"`` traces builtin ops for a SavedModel.
+To reload it, make the ops known first (:func:`keras_sapa.ops.load_compiled_library`),
+then ``tf.saved_model.load``. Exports get the compiled ops only when asked for
+(``use_implementation("compiled")`` or ``implementation="compiled"``).
 """
 
-import json
 import os
-import threading
 import warnings
 
 import tensorflow as tf
 
+from keras_sapa.ops import _native
+from keras_sapa.ops import _optable
+from keras_sapa.ops._tf_builtin import in_xla_context
+
 ENV_LIBRARY = "KERAS_SAPA_OPS_LIBRARY"
-LIB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_lib")
 CPU_LIBRARY = "_sapa_ops.so"
 GPU_LIBRARY = "_sapa_ops_gpu.so"
 BUILD_INFO = "build_info.json"
-OP_NAMES = (
-    "KerasSapa>Similarity",
-    "KerasSapa>SimilarityGrad",
-    "KerasSapa>Aggregate",
-    "KerasSapa>AggregateGrad",
-)
-_WRAPPERS = (
-    "keras_sapa_similarity",
-    "keras_sapa_similarity_grad",
-    "keras_sapa_aggregate",
-    "keras_sapa_aggregate_grad",
-)
 
-_lock = threading.RLock()
-_state = {"tried": False, "module": None, "reason": None, "gpu": None}
-CPUINFO = "/proc/cpuinfo"  # where the running CPU's features are read (Linux)
+def _python_name(op_name):
+    """The Python wrapper TensorFlow generates for ``KerasSapa>SimilarityGrad``:
+    ``keras_sapa_similarity_grad``."""
+    return "keras_sapa" + "".join(f"_{c.lower()}" if c.isupper() else c for c in op_name)
+
+
+# The ops this module wraps (other op families, SAPA-D's, are loaded by their own module).
+_FAMILIES = ("similarity", "aggregate", "sapa")
+_WRAPPERS = [_python_name(op.name) for op in _optable.OPS if op.family in _FAMILIES]
 _loaded_modules = {}  # path -> module; a library is never dlopen'ed twice
+_gpu = {"status": None}
+
+# ------------------------------------------------------------------ facts for the dispatch
+EAGER_BUILTIN = "patches"  # the builtin formulation of eager calls without the kernels
+XLA_HOLDS_KERNELS = False  # the custom op cannot run inside jit_compile=True
+
+
+def traced(tensor=None):
+    """Whether the op is being traced into a graph (which any route may export)."""
+    return not tf.executing_eagerly()
+
+
+def in_xla_trace():
+    """Whether XLA compiles the graph being traced (the custom op cannot be in it)."""
+    return in_xla_context()
+
+
+def exporting():
+    """None: TensorFlow has no public API telling an export from another trace."""
+    return None
 
 
 def library_path():
     """Path of the CPU library that will be loaded."""
-    return os.environ.get(ENV_LIBRARY) or os.path.join(LIB_DIR, CPU_LIBRARY)
+    return os.environ.get(ENV_LIBRARY) or os.path.join(_native.LIB_DIR, CPU_LIBRARY)
 
 
-def _read_build_info(lib_path):
-    info_path = os.path.join(os.path.dirname(lib_path), BUILD_INFO)
-    if not os.path.isfile(info_path):
-        return None, f"{info_path} is missing, so the TensorFlow version of the build is unknown"
-    try:
-        with open(info_path) as f:
-            info = json.load(f)
-        version = info["tensorflow_version"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return None, f"{info_path} is unreadable ({exc!r})"
-    return info, None if isinstance(version, str) else f"{info_path} is malformed"
-
-
-def _try_load(lib_path):
-    """Returns (module, None) or (None, reason)."""
+def _load():
+    """(op module, None) or (None, reason)."""
+    lib_path = library_path()
     if not os.path.isfile(lib_path):
-        return None, (
-            f"no library at {lib_path} (build it with `python custom_ops/build.py`)"
-        )
-    info, problem = _read_build_info(lib_path)
-    if problem:
-        return None, problem
-    if info["tensorflow_version"] != tf.__version__:
-        return None, (
-            f"the library was built for TensorFlow {info['tensorflow_version']} but "
-            f"TensorFlow {tf.__version__} is running (rebuild with "
-            "`python custom_ops/build.py`)"
-        )
-    lacking = missing_cpu_features(info.get("cpu_features") or [])
-    if lacking:
-        return None, (
-            f"the library was built for CPU features {sorted(lacking)} that this CPU "
-            "lacks (rebuild here with `python custom_ops/build.py`, or build a portable "
-            'library with KERAS_SAPA_CPU_FLAGS="")'
-        )
+        return None, f"no library at {lib_path} (build it with `python custom_ops/build.py`)"
+    info, reason = _native.read_build_info(
+        os.path.join(os.path.dirname(lib_path), BUILD_INFO), "tensorflow", tf.__version__)
+    if info is None:
+        return None, reason
     real = os.path.realpath(lib_path)
-    if real in _loaded_modules:
-        return _loaded_modules[real], None
-    try:
-        module = tf.load_op_library(real)
-    except Exception as exc:  # noqa: BLE001 - any load failure means fall back
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        return None, f"loading {lib_path} failed: {first_line}"
-    missing = [name for name in _WRAPPERS if not hasattr(module, name)]
-    if missing:
-        return None, f"{lib_path} does not define the ops {missing}"
-    _loaded_modules[real] = module
+    if real not in _loaded_modules:
+        try:
+            module = tf.load_op_library(real)
+        except Exception as exc:  # noqa: BLE001 - any load failure means fall back
+            text = str(exc).strip()
+            return None, f"loading {lib_path} failed: {text.splitlines()[0] if text else exc!r}"
+        missing = [name for name in _WRAPPERS if not hasattr(module, name)]
+        if missing:
+            return None, f"{lib_path} does not define the ops {missing}"
+        _loaded_modules[real] = module
+    module = _loaded_modules[real]
+    _gpu["status"] = _try_load_gpu(lib_path)
+    if _gpu["status"] == "loaded":
+        problem = _gpu_self_test(module)
+        if problem is not None:
+            _gpu["status"] = f"failed: {problem}"
+            return None, f"the GPU kernels failed their first-use check: {problem}"
     return module, None
 
 
-def cpu_features():
-    """The running CPU's feature flags (``/proc/cpuinfo`` names such as ``avx2``), or
-    None where they cannot be read (not Linux)."""
-    try:
-        with open(CPUINFO) as f:
-            for line in f:
-                if line.split(":", 1)[0].strip() in ("flags", "Features"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        return None
-    return None
-
-
-def missing_cpu_features(required):
-    """The features in ``required`` (recorded by the build) that the running CPU lacks.
-    Where the CPU's features cannot be read, a library that needs any is not trusted:
-    the whole list is returned."""
-    required = [str(feature) for feature in required]
-    if not required:
-        return []
-    have = cpu_features()
-    if have is None:
-        return required
-    return [feature for feature in required if feature not in have]
+_library = _native.Library("TensorFlow", tf.autograph.experimental.do_not_convert(_load))
 
 
 def _try_load_gpu(lib_path):
@@ -170,42 +123,9 @@ def _try_load_gpu(lib_path):
         return f"failed: {exc}"
 
 
-@tf.autograph.experimental.do_not_convert
 def load_library():
-    """Loads the library once (thread-safe) and returns its op module or None.
-
-    The first failure emits one ``RuntimeWarning``; later calls return None silently.
-    """
-    with _lock:
-        if not _state["tried"]:
-            _state["tried"] = True
-            lib_path = library_path()
-            module, reason = _try_load(lib_path)
-            _state["module"], _state["reason"] = module, reason
-            if module is None:
-                warnings.warn(
-                    f"keras_sapa: the compiled SAPA ops are unavailable ({reason}); "
-                    "using the pure TensorFlow implementation.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            else:
-                _state["gpu"] = _try_load_gpu(lib_path)
-                if _state["gpu"] == "loaded":
-                    problem = _gpu_self_test(module)
-                    if problem is not None:
-                        _state["gpu"] = f"failed: {problem}"
-                        _state["module"] = None
-                        _state["reason"] = (
-                            f"the GPU kernels failed their first-use check: {problem}"
-                        )
-                        warnings.warn(
-                            f"keras_sapa: {_state['reason']}; the compiled ops are disabled "
-                            "and the pure TensorFlow implementation is used.",
-                            RuntimeWarning,
-                            stacklevel=3,
-                        )
-        return _state["module"]
+    """The custom op module, loaded on first call (thread-safe), or None."""
+    return _library.get()
 
 
 def _self_test_results(module, device):
@@ -240,7 +160,7 @@ def compare_self_test(gpu_results, cpu_results, rtol=1e-4, atol=1e-4):
 
     if len(gpu_results) != len(cpu_results):
         return "the GPU and CPU runs returned different numbers of results"
-    for (name, got), (_, want) in zip(gpu_results, cpu_results):
+    for (name, got), (_, want) in zip(gpu_results, cpu_results, strict=True):
         device = getattr(got, "device", "") or ""
         if "GPU" not in device.upper():
             return f"{name} ran on {device or 'an unknown device'}, not on the GPU"
@@ -267,23 +187,23 @@ def _gpu_self_test(module):
 def gpu_op_usable():
     """True when the compiled ops run on a GPU here: a GPU is visible and the GPU kernel
     library loaded and passed its first-use check against the CPU kernels."""
-    return load_library() is not None and _state["gpu"] == "loaded"
+    return load_library() is not None and _gpu["status"] == "loaded"
 
 
 def layer_supports_jit(implementation="auto"):
-    """The value for a SAPA layer's ``supports_jit``.
+    """The ``supports_jit`` of a SAPA layer with this ``implementation`` (read by Keras
+    when a model is compiled, never by the layer's constructor).
 
-    Keras's ``compile(jit_compile="auto")`` turns XLA on whenever a GPU is visible and
-    every layer's ``supports_jit`` is True; inside XLA the layer must use its ``xla``
-    formulation (the custom op cannot be compiled), whose backward holds K*K window
-    stacks. So this is False when the layer would run the compiled GPU op
-    (``implementation`` ``"auto"`` or ``"compiled"`` and :func:`gpu_op_usable`): the
-    default ``fit`` then runs without XLA and reaches the fused kernels. Trade-off: the
-    rest of the model loses XLA fusion as well, and an explicit ``jit_compile=True`` is
-    turned off by Keras with a warning. True everywhere else."""
-    if implementation not in ("auto", "compiled"):
-        return True
-    if os.environ.get("KERAS_SAPA_DISABLE_COMPILED", "") not in ("", "0"):
+    XLA cannot compile the custom op. So it is False for ``"compiled"``: Keras then runs
+    the model without XLA (``jit_compile=True`` is turned off with Keras's warning)
+    instead of failing inside XLA. For ``"auto"`` it is False only where the compiled GPU
+    op runs (:func:`gpu_op_usable`): Keras's ``jit_compile="auto"`` turns XLA on whenever
+    a GPU is visible, where the layer would take its ``xla`` formulation, whose backward
+    holds K*K window stacks; declining XLA lets the default ``fit`` reach the fused
+    kernels, at the cost of XLA fusion for the rest of the model. True everywhere else."""
+    if implementation == "compiled":
+        return False
+    if implementation != "auto" or _native.disabled():
         return True
     if not tf.config.list_physical_devices("GPU"):
         return True  # no GPU: nothing to decide, and the library is not loaded for it
@@ -297,29 +217,27 @@ def available():
 
 def unavailable_reason():
     """Why the library is unavailable (None when it is available)."""
-    load_library()
-    return _state["reason"]
+    return _library.reason()
 
 
 def gpu_status():
     """None (no GPU library or no GPU), ``"loaded"``, or ``"failed: ..."``."""
     load_library()
-    return _state["gpu"]
+    return _gpu["status"]
 
 
 def _reset():
     """Forgets the load attempt, so the next call reloads (honouring the environment
     variables again). For tests; already-loaded libraries stay loaded."""
-    with _lock:
-        _state.update(tried=False, module=None, reason=None, gpu=None)
+    _library.reset()
+    _gpu["status"] = None
 
 
 def _ops():
     module = load_library()
     if module is None:
         raise RuntimeError(
-            f"the keras_sapa custom op library is not available ({_state['reason']})"
-        )
+            f"the keras_sapa custom op library is not available ({unavailable_reason()})")
     return module
 
 
@@ -344,11 +262,11 @@ def fused_available():
     return module is not None and hasattr(module, "keras_sapa_sapa")
 
 
-def fused_usable(query, key, value):
-    """Whether :func:`sapa` (the fused op) can serve these tensors: the library has it
-    and the three dtypes agree. The GPU library registers GPU kernels for it as well
-    (``custom_ops/sapa/cc/kernels/sapa_kernels_gpu.cc``)."""
-    return fused_available() and query.dtype == key.dtype == value.dtype
+def usable(query, key, value):
+    """Whether :func:`sapa` (the fused op, CPU and GPU kernels) serves these tensors of
+    one dtype (the dispatch has checked that)."""
+    del query, key, value
+    return fused_available()
 
 
 def _weights_dtype(dtype):
@@ -415,20 +333,25 @@ def _add(a, b):
     return a + b
 
 
-@tf.RegisterGradient("KerasSapa>Similarity")
-def _similarity_grad(op, grad):
-    kernel_size, up_factor = _attrs(op)
-    query, key = op.inputs
-    grad_query, grad_key = similarity_grad(grad, query, key, kernel_size, up_factor)
-    return grad_query, grad_key
+def _register_first_order_gradient(spec):
+    """Registers ``spec``'s gradient as the op table states it: its gradient op takes
+    the upstream gradient of the first output and the tensors ``gradient_inputs`` names
+    (inputs or outputs of the forward op, e.g. Sapa's saved softmax ``weights``); later
+    outputs (that softmax) are not differentiable."""
+    names = [t.name for t in spec.inputs + spec.outputs]
+
+    @tf.RegisterGradient(spec.tf_name)
+    def _gradient(op, grad, *unused_output_grads):
+        tensors = dict(zip(names, list(op.inputs) + list(op.outputs), strict=True))
+        kernel_size, up_factor = _attrs(op)
+        return getattr(_ops(), _python_name(spec.gradient))(
+            grad, *(tensors[name] for name in spec.gradient_inputs),
+            kernel_size=kernel_size, up_factor=up_factor)
 
 
-@tf.RegisterGradient("KerasSapa>Aggregate")
-def _aggregate_grad(op, grad):
-    kernel_size, up_factor = _attrs(op)
-    weights, value = op.inputs
-    grad_weights, grad_value = aggregate_grad(grad, weights, value, kernel_size, up_factor)
-    return grad_weights, grad_value
+for _spec in _optable.OPS:
+    if _spec.family in _FAMILIES and _spec.gradient is not None:
+        _register_first_order_gradient(_spec)
 
 
 @tf.RegisterGradient("KerasSapa>SimilarityGrad")
@@ -463,15 +386,6 @@ def _aggregate_grad_grad(op, up_weights, up_value):
     return d_g, d_weights, d_value
 
 
-@tf.RegisterGradient("KerasSapa>Sapa")
-def _sapa_grad(op, grad, unused_grad_weights):
-    # The weights output is the saved softmax, not a differentiable result.
-    del unused_grad_weights
-    kernel_size, up_factor = _attrs(op)
-    query, key, value = op.inputs
-    return sapa_grad(grad, query, key, value, op.outputs[1], kernel_size, up_factor)
-
-
 def _unfused_sapa(query, key, value, kernel_size, up_factor):
     logits = similarity(query, key, kernel_size, up_factor)
     weights = tf.cast(tf.nn.softmax(tf.cast(logits, _weights_dtype(logits.dtype)), axis=-1),
@@ -490,7 +404,7 @@ def _sapa_grad_grad(op, up_query, up_key, up_value):
     compute = _weights_dtype(grad.dtype)
     inputs = [tf.cast(t, compute) for t in (grad, query, key, value)]
     ups = [tf.zeros_like(t) if u is None else tf.cast(u, compute)
-           for t, u in zip(inputs[1:], (up_query, up_key, up_value))]
+           for t, u in zip(inputs[1:], (up_query, up_key, up_value), strict=True)]
     with tf.GradientTape() as outer:
         outer.watch(inputs)
         with tf.GradientTape() as inner:
@@ -498,5 +412,5 @@ def _sapa_grad_grad(op, up_query, up_key, up_value):
             out = _unfused_sapa(*inputs[1:], kernel_size, up_factor)
         first = inner.gradient(out, inputs[1:], output_gradients=inputs[0])
     second = outer.gradient(first, inputs, output_gradients=ups)
-    second = [tf.zeros_like(t) if d is None else d for t, d in zip(inputs, second)]
-    return [tf.cast(d, t.dtype) for d, t in zip(second, op.inputs[:4])] + [None]
+    second = [tf.zeros_like(t) if d is None else d for t, d in zip(inputs, second, strict=True)]
+    return [tf.cast(d, t.dtype) for d, t in zip(second, op.inputs[:4], strict=True)] + [None]

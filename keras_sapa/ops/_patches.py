@@ -11,7 +11,7 @@ points of one anchor share its window. Semantics: ``shared/SAPA_SPEC.md``.
     weights (B, sH, sW, K*K) value (B, H, W, C)  ->  aggregate  (B, sH, sW, C)
 
 Spatial sizes must be known (they are on JAX and PyTorch; on TensorFlow the package
-uses :mod:`keras_sapa.ops._tensorflow`, which also handles unknown sizes).
+uses :mod:`keras_sapa.ops._tf_builtin`, which also handles unknown sizes).
 """
 
 from keras import ops
@@ -21,13 +21,13 @@ def split_high(t, up_factor):
     """(B, sH, sW, C) -> (B, H, s, W, s, C)."""
     batch, height, width, channels = ops.shape(t)
     s = up_factor
-    return ops.reshape(t, (-1, height // s, s, width // s, s, channels))
+    return ops.reshape(t, (batch, height // s, s, width // s, s, channels))
 
 
 def merge_high(t6):
     """(B, H, s, W, s, C) -> (B, sH, sW, C)."""
-    _, height, s1, width, s2, channels = ops.shape(t6)
-    return ops.reshape(t6, (-1, height * s1, width * s2, channels))
+    batch, height, s1, width, s2, channels = ops.shape(t6)
+    return ops.reshape(t6, (batch, height * s1, width * s2, channels))
 
 
 def stacked_windows(t, kernel_size):
@@ -45,13 +45,13 @@ def stacked_windows(t, kernel_size):
     return ops.stack(windows, axis=3)
 
 
-def similarity(query, key, kernel_size, up_factor):
+def similarity_patches(query, key, kernel_size, up_factor):
     q6 = split_high(query, up_factor)
     windows = stacked_windows(key, kernel_size)
     return merge_high(ops.einsum("bhiwjd,bhwnd->bhiwjn", q6, windows))
 
 
-def aggregate(weights, value, kernel_size, up_factor):
+def aggregate_patches(weights, value, kernel_size, up_factor):
     w6 = split_high(weights, up_factor)
     windows = stacked_windows(value, kernel_size)
     return merge_high(ops.einsum("bhiwjn,bhwnc->bhiwjc", w6, windows))

@@ -88,7 +88,7 @@ def _scatter(w, hi, kernel_size, s):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def similarity(query, key, kernel_size, up_factor):
+def similarity_xla(query, key, kernel_size, up_factor):
     """``(B, sH, sW, d) x (B, H, W, d) -> (B, sH, sW, K*K)``."""
     return _similarity(query, key, kernel_size, up_factor)
 
@@ -105,11 +105,11 @@ def _similarity_bwd(kernel_size, up_factor, residuals, grad):
     )
 
 
-similarity.defvjp(_similarity_fwd, _similarity_bwd)
+similarity_xla.defvjp(_similarity_fwd, _similarity_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def aggregate(weights, value, kernel_size, up_factor):
+def aggregate_xla(weights, value, kernel_size, up_factor):
     """``(B, sH, sW, K*K) x (B, H, W, C) -> (B, sH, sW, C)``."""
     return _aggregate(weights, value, kernel_size, up_factor)
 
@@ -126,4 +126,4 @@ def _aggregate_bwd(kernel_size, up_factor, residuals, grad):
     )
 
 
-aggregate.defvjp(_aggregate_fwd, _aggregate_bwd)
+aggregate_xla.defvjp(_aggregate_fwd, _aggregate_bwd)

@@ -10,7 +10,7 @@ cost K*K times the low-resolution tensor's memory, as the official unfold refere
 does.
 
 Gradients are written by hand in :class:`torch.autograd.Function` subclasses, from
-three window primitives (see :mod:`keras_sapa.ops._jax` for the algebra):
+three window primitives (see :mod:`keras_sapa.ops._jax_builtin` for the algebra):
 ``d similarity = (aggregate(g, key), scatter(g, query))`` and
 ``d aggregate = (similarity(g, value), scatter(weights, g))``, where ``scatter`` is
 the adjoint of both ops with respect to their low-resolution input. Autograd through
@@ -114,11 +114,11 @@ class _Aggregate(torch.autograd.Function):
         return d_weights, d_value, None, None
 
 
-def similarity(query, key, kernel_size, up_factor):
+def similarity_xla(query, key, kernel_size, up_factor):
     """``(B, sH, sW, d) x (B, H, W, d) -> (B, sH, sW, K*K)``."""
     return _Similarity.apply(query, key, kernel_size, up_factor)
 
 
-def aggregate(weights, value, kernel_size, up_factor):
+def aggregate_xla(weights, value, kernel_size, up_factor):
     """``(B, sH, sW, K*K) x (B, H, W, C) -> (B, sH, sW, C)``."""
     return _Aggregate.apply(weights, value, kernel_size, up_factor)

@@ -1,4 +1,5 @@
-"""Pure TensorFlow formulations of SAPA's two primitive ops.
+"""TensorFlow's builtin formulations of SAPA's two primitive ops (``"patches"`` and
+``"xla"`` on TensorFlow).
 
 Both compute exactly the semantics of ``shared/SAPA_SPEC.md``: a K x K window of
 low-resolution points around the anchor ``(i // s, j // s)``, numbered row-major,
@@ -12,7 +13,7 @@ value (K*K times their memory) and one einsum contracts them. Its gradient does 
 compile under XLA.
 
 ``xla``: pads the low-resolution tensor once and takes one shifted slice per window
-offset. Inside an XLA-compiled function (``fused=True``) it accumulates K*K broadcast
+offset. Inside an XLA-compiled function (:func:`in_xla_context`) it accumulates K*K broadcast
 products, a loop XLA fuses without materialising the windows; elsewhere (TensorFlow's
 graph executor, SavedModel serving, converters) it stacks the K*K slices and contracts
 them with one einsum, about twice as fast there as the accumulation (measured by
@@ -25,6 +26,25 @@ of s x s output points shares one anchor; no upsampled copy of the key is made.
 """
 
 import tensorflow as tf
+
+
+def in_xla_context():
+    """True while tracing a function that XLA compiles (``tf.function(jit_compile=True)``,
+    including functions nested in one), where the compiled custom op cannot run.
+
+    TensorFlow has no public API for this; ``tf.__internal__.get_enclosing_xla_context``
+    (exported for Keras's own use) is the one non-public call of the package, confined
+    to this function and pinned by ``tests/test_ops.py::test_in_xla_context_tracks_tensorflow``.
+    Should TensorFlow remove it, every graph counts as XLA-compiled: the builtin path,
+    which is always correct.
+    """
+    if tf.executing_eagerly():
+        return False
+    internal = getattr(tf, "__internal__", None)
+    get_context = getattr(internal, "get_enclosing_xla_context", None)
+    if get_context is None:  # pragma: no cover - depends on the TensorFlow version
+        return True
+    return get_context() is not None
 
 
 def _split_high(t, up_factor):
@@ -46,16 +66,25 @@ def _merge_high(t6):
 
 
 def _patches(t, kernel_size):
-    """(B, H, W, C) -> (B, H, W, K*K, C), windows in row-major order, zero padded."""
+    """(B, H, W, C) -> (B, H, W, K*K, C), windows in row-major order, zero padded.
+
+    The gradient of ``extract_patches`` fails on an empty tensor (an empty batch, zero
+    channels), so such a tensor takes the shifted slices, which give the same (empty)
+    windows; a size unknown at trace time is decided at run time."""
     k = kernel_size
-    patches = tf.image.extract_patches(
-        t, sizes=[1, k, k, 1], strides=[1, 1, 1, 1], rates=[1, 1, 1, 1], padding="SAME"
-    )
-    shape = tf.shape(t)
-    # extract_patches orders each patch as (row, column, channel).
-    return tf.reshape(
-        patches, tf.stack([shape[0], shape[1], shape[2], k * k, shape[3]])
-    )
+
+    def extract():
+        patches = tf.image.extract_patches(
+            t, sizes=[1, k, k, 1], strides=[1, 1, 1, 1], rates=[1, 1, 1, 1], padding="SAME"
+        )
+        shape = tf.shape(t)
+        # extract_patches orders each patch as (row, column, channel).
+        return tf.reshape(patches, tf.stack([shape[0], shape[1], shape[2], k * k, shape[3]]))
+
+    size = t.shape.num_elements()
+    if size is None:
+        return tf.cond(tf.size(t) > 0, extract, lambda: _stacked_windows(t, k))
+    return extract() if size else _stacked_windows(t, k)
 
 
 def similarity_patches(query, key, kernel_size, up_factor):
@@ -154,8 +183,8 @@ def _xla_window_op(fused_forward, stacked_forward, grad_high_equation,
     d_high = einsum(grad_high_equation, upstream6, windows(low)) and
     d_low = adjoint(einsum(grad_windows_equation, upstream6, high6))."""
 
-    def op(high, low, kernel_size, up_factor, fused):
-        forward = fused_forward if fused else stacked_forward
+    def op(high, low, kernel_size, up_factor):
+        forward = fused_forward if in_xla_context() else stacked_forward
 
         @tf.custom_gradient
         def fn(high, low):
