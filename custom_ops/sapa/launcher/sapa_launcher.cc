@@ -755,20 +755,23 @@ struct PlanEntry {
   Choice choice;
 };
 
-// Every distinct (kernel, tile) the launcher can choose on dev for dtype, each with the
-// first (up, K) that gets it: tiled for up 1..SAPA_TILED_MAX_UP and odd K until no tiled
-// kernel fits (dot/fused/dsoftmax: K 3, 5, 7; gather/scatter: any K whose halo fits the
-// shared memory), then every untiled kernel. g_mutex held.
-int EnumerateLocked(DeviceState* dev, int dtype, std::vector<PlanEntry>* plan) {
-  std::set<std::pair<std::string, int>> seen;
+// Every launch configuration the launcher can choose on dev for dtype: each entry point's
+// (kernel, tile) for up 1..SAPA_TILED_MAX_UP and odd K until no tiled kernel fits
+// (dot/fused/dsoftmax: K 3, 5, 7; gather/scatter: any K whose halo fits the shared
+// memory), then every untiled kernel. per_tile: only the first (up, K) of each (kernel,
+// tile); else every (kernel, tile, up, K) (block and shared memory depend on all four).
+// g_mutex held.
+int EnumerateLocked(DeviceState* dev, int dtype, bool per_tile, std::vector<PlanEntry>* plan) {
+  std::set<std::tuple<std::string, int, int64_t, int64_t>> seen;
   auto add = [&](Op op, int64_t up, int64_t kernel, bool untiled, bool* tiled) -> int {
     Choice choice;
     const int status = ChooseLocked(dev, op, dtype, up, kernel, untiled, &choice);
     if (status != SAPA_OK) return status;
     if (choice.tile > 0) *tiled = true;
-    if (seen.insert({choice.name, choice.tile}).second) {
-      plan->push_back(PlanEntry{op, up, kernel, untiled, choice});
-    }
+    const bool any = choice.tile == 0;  // untiled kernels: once each
+    const auto key = std::make_tuple(choice.name, choice.tile, per_tile || any ? 0 : up,
+                                     per_tile || any ? 0 : kernel);
+    if (seen.insert(key).second) plan->push_back(PlanEntry{op, up, kernel, untiled, choice});
     return SAPA_OK;
   };
   for (int64_t up = 1; up <= SAPA_TILED_MAX_UP; ++up) {
@@ -789,7 +792,7 @@ int EnumerateLocked(DeviceState* dev, int dtype, std::vector<PlanEntry>* plan) {
   return SAPA_OK;
 }
 
-int Enumerate(CUstream stream, int dtype, std::vector<PlanEntry>* plan) {
+int Enumerate(CUstream stream, int dtype, bool per_tile, std::vector<PlanEntry>* plan) {
   if (DtypeName(dtype) == nullptr) {
     return Fail(SAPA_ERR_INVALID, "dtype must be SAPA_F32/F16/BF16/F64. Received: dtype=" +
                                       std::to_string(dtype));
@@ -801,7 +804,7 @@ int Enumerate(CUstream stream, int dtype, std::vector<PlanEntry>* plan) {
   DeviceState* dev = nullptr;
   status = DeviceForLocked(scope, &dev);
   if (status != SAPA_OK) return status;
-  return EnumerateLocked(dev, dtype, plan);
+  return EnumerateLocked(dev, dtype, per_tile, plan);
 }
 
 // Host values <-> device storage (f16/bf16 rounded to nearest even).
@@ -1321,7 +1324,7 @@ int sapa_launch_configs(void* stream, int dtype, SapaLaunchConfig* out, int capa
                         int* count) {
   if (count) *count = 0;
   std::vector<PlanEntry> plan;
-  const int status = Enumerate(static_cast<CUstream>(stream), dtype, &plan);
+  const int status = Enumerate(static_cast<CUstream>(stream), dtype, false, &plan);
   if (status != SAPA_OK) return status;
   for (size_t i = 0; i < plan.size() && out && static_cast<int>(i) < capacity; ++i) {
     SapaLaunchConfig& c = out[i];
@@ -1337,12 +1340,16 @@ int sapa_launch_configs(void* stream, int dtype, SapaLaunchConfig* out, int capa
   return SAPA_OK;
 }
 
-int sapa_self_test(void* stream, int dtype_mask, int* cases) {
+int sapa_self_test(void* stream, int flags, int* cases) {
   if (cases) *cases = 0;
-  if (dtype_mask < 0 || dtype_mask > 15) {
-    return Fail(SAPA_ERR_INVALID, "dtype_mask must be 0..15 (bits 1 << SAPA_F32 ...). "
-                                  "Received: dtype_mask=" + std::to_string(dtype_mask));
+  const int known = 15 | SAPA_SELF_TEST_PER_TILE;
+  if (flags < 0 || (flags & ~known) != 0) {
+    return Fail(SAPA_ERR_INVALID, "flags must combine 1 << SAPA_F32 ... 1 << SAPA_F64 and "
+                                  "SAPA_SELF_TEST_PER_TILE. Received: flags=" +
+                                      std::to_string(flags));
   }
+  const bool per_tile = (flags & SAPA_SELF_TEST_PER_TILE) != 0;
+  int dtype_mask = flags & 15;
   if (dtype_mask == 0) dtype_mask = 15;
   CUstream s = static_cast<CUstream>(stream);
   ContextScope scope;  // the allocations and copies need the context current too
@@ -1356,7 +1363,7 @@ int sapa_self_test(void* stream, int dtype_mask, int* cases) {
   for (int dtype = 0; dtype < 4; ++dtype) {
     if (!(dtype_mask & (1 << dtype))) continue;
     std::vector<PlanEntry> plan;
-    status = Enumerate(s, dtype, &plan);
+    status = Enumerate(s, dtype, per_tile, &plan);
     if (status != SAPA_OK) return status;
     for (const PlanEntry& entry : plan) {
       status = SelfTestEntry(s, dtype, entry, &seed);

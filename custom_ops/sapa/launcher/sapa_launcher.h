@@ -84,31 +84,37 @@ int sapa_module_loads(int* loads, int* entries);
 // Tiled launches use tile sizes chosen per (kernel, dtype, up, K) from the device's
 // limits and occupancy. Only up <= SAPA_TILED_MAX_UP is tiled (larger factors use the
 // untiled kernels), so the configurations a device can get form a finite list, which
-// sapa_launch_configs enumerates and sapa_self_test runs in full.
+// sapa_launch_configs enumerates and sapa_self_test runs.
 #define SAPA_TILED_MAX_UP 8
 
 typedef struct SapaLaunchConfig {
   char kernel[48];  // e.g. "sapa_fused_f16_k5"; untiled kernels end in "_any"
   int tile;         // anchors per tile side; 0 for an untiled kernel
   int block, smem;  // threads per block, dynamic shared memory in bytes
-  int up, ksize;    // the first (up, K) for which the launcher chooses it
+  int up, ksize;    // the (up, K) it is chosen for (an untiled kernel: the first)
 } SapaLaunchConfig;
 
-// Every distinct (kernel, tile) the launcher can choose on the stream's device for dtype
-// (tiled for up 1..SAPA_TILED_MAX_UP and every K that fits, and each untiled kernel).
-// Writes min(*count, capacity) entries; *count is the total.
+// Every launch configuration the launcher can choose on the stream's device for dtype:
+// for each entry point, up in 1..SAPA_TILED_MAX_UP and each odd K for which a tiled
+// kernel fits, the kernel and tile it picks (block and shared memory depend on tile, up
+// and K), each distinct (kernel, tile, up, K) once, and each untiled kernel once. Writes
+// min(*count, capacity) entries; *count is the total.
 int sapa_launch_configs(void* stream, int dtype, SapaLaunchConfig* out, int capacity,
                         int* count);
 
-// First-use self-test: for each dtype in dtype_mask (bit 1 << SAPA_F32 ..., 0: all
-// four), runs every configuration of sapa_launch_configs through the public entry points
-// on a small case (partial edge tiles, batch 2) on the stream's device (it allocates,
-// copies and synchronises itself), and compares each result with a float64 CPU loop
-// reference in this library. SAPA_OK when all agree within the dtype's tolerance;
-// SAPA_ERR_MISMATCH with the first difference in sapa_last_error() (kernel, tile, dtype,
-// case, element, values); other statuses when the GPU cannot be used. *cases: the
-// (case, entry point) launches compared. Takes well under a second on a GPU.
-int sapa_self_test(void* stream, int dtype_mask, int* cases);
+// First-use self-test. flags: a mask of dtypes (1 << SAPA_F32 | ... ; 0: all four), plus
+// SAPA_SELF_TEST_PER_TILE to run only the first (up, K) of each (kernel, tile) instead of
+// every configuration of sapa_launch_configs. Each configuration runs through the public
+// entry points on a small case (two tiles per side, the second partial; batch 2; channels
+// past one 16/32-wide chunk) on the stream's device (it allocates, copies and
+// synchronises itself) and is compared with a float64 CPU loop reference in this library
+// (tolerance relative to 1 + |reference|: f64 1e-10, f32 1e-4, f16 4e-3, bf16 3e-2;
+// unwritten elements fail). SAPA_OK when all agree; SAPA_ERR_MISMATCH with the first
+// difference in sapa_last_error() (kernel, tile, block, shared memory, dtype, case,
+// element, both values); SAPA_ERR_LAUNCH when a kernel faults (the context is then
+// unusable); other statuses when the GPU cannot be used. *cases: configurations run.
+#define SAPA_SELF_TEST_PER_TILE 256
+int sapa_self_test(void* stream, int flags, int* cases);
 
 // out (B,sH,sW,K*K) = dot(hi, lo)
 int sapa_dot(void* stream, int dtype, const SapaDims* dims, const void* hi, const void* lo,

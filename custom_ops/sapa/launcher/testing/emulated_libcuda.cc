@@ -19,7 +19,7 @@
 // that need the function's and the stream's context current, and device memory
 // (cuMemAlloc: host memory). Kernels run one launch at a time (the shared-memory buffer
 // is global); everything else may be called from many threads at once. A log of the
-// launches that ran (kernel, block, shared memory, device) and an injected fault
+// launches that ran (kernel, block, shared memory, device, tile) and an injected fault
 // (emu_corrupt: the named kernel's output gets NaN in its first bytes) serve the tests.
 
 #include <dlfcn.h>
@@ -94,7 +94,7 @@ struct Stream {
 };
 struct LogEntry {
   std::string name;
-  int block, smem, device;
+  int block, smem, device, tile;
 };
 
 std::mutex g_state;  // everything below
@@ -174,13 +174,15 @@ int emu_log_size(void) {
   std::lock_guard<std::mutex> lock(g_state);
   return static_cast<int>(g_log.size());
 }
-int emu_log_entry(int i, char* name, size_t size, int* block, int* smem, int* device) {
+int emu_log_entry(int i, char* name, size_t size, int* block, int* smem, int* device,
+                  int* tile) {
   std::lock_guard<std::mutex> lock(g_state);
   if (i < 0 || i >= static_cast<int>(g_log.size())) return kInvalidValue;
   std::snprintf(name, size, "%s", g_log[i].name.c_str());
   *block = g_log[i].block;
   *smem = g_log[i].smem;
   *device = g_log[i].device;
+  *tile = g_log[i].tile;
   return 0;
 }
 void emu_corrupt(const char* kernel) {
@@ -445,7 +447,8 @@ int cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsign
   {
     std::lock_guard<std::mutex> lock(g_state);
     corrupt = !g_corrupt.empty() && g_corrupt == name;
-    g_log.push_back(LogEntry{name, static_cast<int>(bx), static_cast<int>(smem), device});
+    g_log.push_back(LogEntry{name, static_cast<int>(bx), static_cast<int>(smem), device,
+                             static_cast<int>(args.tile)});
   }
   if (corrupt) std::memset(p[pointers == 3 ? 2 : 3], 0xff, 8);  // NaN in the output
   ++g_launches;
