@@ -16,6 +16,7 @@
 #include <dirent.h>
 #include <dlfcn.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -47,8 +48,6 @@ __asm__(".symver dlsym,dlsym@" SAPA_GLIBC_BASE);
 __asm__(".symver dlclose,dlclose@" SAPA_GLIBC_BASE);
 __asm__(".symver dlerror,dlerror@" SAPA_GLIBC_BASE);
 __asm__(".symver pthread_key_create,pthread_key_create@" SAPA_GLIBC_BASE);
-__asm__(".symver pthread_mutex_lock,pthread_mutex_lock@" SAPA_GLIBC_BASE);
-__asm__(".symver pthread_mutex_unlock,pthread_mutex_unlock@" SAPA_GLIBC_BASE);
 
 // Symbols the static libstdc++ (GCC 11+) refers to with glibc 2.32/2.34 versions,
 // defined here, hidden, so those references bind to these at link time:
@@ -58,18 +57,29 @@ __asm__(".symver pthread_mutex_unlock,pthread_mutex_unlock@" SAPA_GLIBC_BASE);
 extern "C" {
 __attribute__((visibility("hidden"))) char __libc_single_threaded = 0;
 
+// One state per control (0 not run, 1 running, 2 done): no lock shared between
+// controls, so an init function that waits for another thread's pthread_once cannot
+// deadlock; an init that throws leaves the control to be run again, as glibc does.
 __attribute__((visibility("hidden"))) int pthread_once(pthread_once_t* control,
                                                        void (*init)(void)) {
-  static pthread_mutex_t mutex = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
   int* state = reinterpret_cast<int*>(control);
-  if (__atomic_load_n(state, __ATOMIC_ACQUIRE) == 2) return 0;
-  pthread_mutex_lock(&mutex);
-  if (__atomic_load_n(state, __ATOMIC_RELAXED) != 2) {
-    init();
-    __atomic_store_n(state, 2, __ATOMIC_RELEASE);
+  for (;;) {
+    int expected = __atomic_load_n(state, __ATOMIC_ACQUIRE);
+    if (expected == 2) return 0;
+    if (expected == 0 &&
+        __atomic_compare_exchange_n(state, &expected, 1, false, __ATOMIC_ACQ_REL,
+                                    __ATOMIC_ACQUIRE)) {
+      try {
+        init();
+      } catch (...) {
+        __atomic_store_n(state, 0, __ATOMIC_RELEASE);
+        throw;
+      }
+      __atomic_store_n(state, 2, __ATOMIC_RELEASE);
+      return 0;
+    }
+    sched_yield();  // another thread runs init
   }
-  pthread_mutex_unlock(&mutex);
-  return 0;
 }
 
 __attribute__((visibility("hidden"))) int __pthread_key_create(pthread_key_t* key,
