@@ -264,7 +264,7 @@ class SAPADeform(keras.layers.Layer):
         x_n = x if self.norm_x is None else self.norm_x(x)
         return self._offsets(x_n)
 
-    def call(self, x, guide):
+    def call(self, x, guide, training=None):
         x, guide = self._channels_last_inputs(x, guide)
         x_n = x if self.norm_x is None else self.norm_x(x)
         y_n = guide if self.norm_y is None else self.norm_y(guide)
@@ -273,7 +273,7 @@ class SAPADeform(keras.layers.Layer):
         offsets = self._offsets(x_n)
         out = _deform.sapa_deform(
             query, key, x, offsets, num_points=self.num_points, up_factor=self.up_factor,
-            groups=self.groups, implementation=self.implementation,
+            groups=self.groups, implementation=self.implementation, training=training,
         )
         out = ops.cast(out, self.compute_dtype)
         if self.data_format == "channels_first":

@@ -46,14 +46,16 @@ _COMPILED_MISSING = (
 # ------------------------------------------------------------------ dispatch
 
 
-def resolve_deform_implementation(implementation="auto"):
+def resolve_deform_implementation(implementation="auto", training=None):
     """The formulation that ``implementation`` stands for in the SAPA-D ops.
 
     ``"auto"``, ``"xla"`` and ``"patches"`` all mean the builtin formulation of this
     module (``"builtin"``); ``"compiled"`` raises ``RuntimeError`` while the SAPA-D
     kernels are not bound. The one place that decides, so that it can join the
-    dispatch rule of :func:`keras_sapa.ops.resolve_implementation` later.
+    dispatch rule of :func:`keras_sapa.ops.resolve_implementation` later (which is
+    why it takes ``training``, unused until then, as that rule does).
     """
+    del training
     _checks.check_implementation(implementation)
     if implementation == "compiled":
         raise RuntimeError(_COMPILED_MISSING)
@@ -246,7 +248,7 @@ def _low_size(t):
 
 
 def deform_similarity(query, key, offsets, num_points=9, up_factor=2, groups=4,
-                      implementation="auto"):
+                      implementation="auto", training=None):
     """SAPA-D's similarity: ``logits[b, i, j, g*P + p] = <query[b, i, j, group g],
     bilinear(key[b, ..., group g], position of point (g, p))>``.
 
@@ -262,6 +264,8 @@ def deform_similarity(query, key, offsets, num_points=9, up_factor=2, groups=4,
         implementation: ``"auto"``, ``"xla"`` or ``"patches"`` (the builtin
             formulation); ``"compiled"`` raises ``RuntimeError`` while the SAPA-D
             kernels are not bound.
+        training: whether the caller trains (a Keras layer's argument); reserved for
+            the dispatch rule shared with :func:`keras_sapa.ops.sapa`.
 
     Returns:
         ``(B, s*H, s*W, G*P)`` logits, in float32 for float16/bfloat16 inputs (so the
@@ -269,7 +273,7 @@ def deform_similarity(query, key, offsets, num_points=9, up_factor=2, groups=4,
         point's logit is 0.
     """
     num_points, up_factor, groups = _check_args(num_points, up_factor, groups)
-    resolve_deform_implementation(implementation)
+    resolve_deform_implementation(implementation, training)
     query, key, offsets = _prepare_similarity(query, key, offsets, num_points, up_factor,
                                               groups)
     dtype = _compute_dtype(_dtype("query", query), _dtype("offsets", offsets))
@@ -280,7 +284,7 @@ def deform_similarity(query, key, offsets, num_points=9, up_factor=2, groups=4,
 
 
 def deform_aggregate(weights, value, offsets, num_points=9, up_factor=2, groups=4,
-                     implementation="auto"):
+                     implementation="auto", training=None):
     """SAPA-D's aggregation: ``out[b, i, j, c] = sum_p weights[b, i, j, g*P + p] *
     bilinear(value[b, ..., c], position of point (g, p))`` with ``g = c // (C / G)``.
 
@@ -288,14 +292,15 @@ def deform_aggregate(weights, value, offsets, num_points=9, up_factor=2, groups=
         weights: ``(B, s*H, s*W, G*P)`` mixing weights (usually a softmax per group).
         value: ``(B, H, W, C)``, ``C`` divisible by ``G``.
         offsets: ``(B, s*H, s*W, 2*G*P)``, as in :func:`deform_similarity`.
-        num_points, up_factor, groups, implementation: as in :func:`deform_similarity`.
+        num_points, up_factor, groups, implementation, training: as in
+            :func:`deform_similarity`.
 
     Returns:
         ``(B, s*H, s*W, C)`` in ``value``'s dtype (computed in float32 for half
         inputs).
     """
     num_points, up_factor, groups = _check_args(num_points, up_factor, groups)
-    resolve_deform_implementation(implementation)
+    resolve_deform_implementation(implementation, training)
     weights, value, offsets = _prepare_aggregate(weights, value, offsets, num_points,
                                                  up_factor, groups)
     out_dtype = _dtype("value", value)
@@ -309,7 +314,7 @@ def deform_aggregate(weights, value, offsets, num_points=9, up_factor=2, groups=
 
 
 def sapa_deform(query, key, value, offsets, num_points=9, up_factor=2, groups=4,
-                implementation="auto"):
+                implementation="auto", training=None):
     """SAPA-D, fused: ``deform_aggregate(softmax_per_group(deform_similarity(query, key,
     offsets)), value, offsets)``.
 
@@ -321,7 +326,7 @@ def sapa_deform(query, key, value, offsets, num_points=9, up_factor=2, groups=4,
     bilinear sampling positions are computed once for both halves.
     """
     num_points, up_factor, groups = _check_args(num_points, up_factor, groups)
-    resolve_deform_implementation(implementation)
+    resolve_deform_implementation(implementation, training)
     query, key, offsets = _prepare_similarity(query, key, offsets, num_points, up_factor,
                                               groups)
     value = ops.convert_to_tensor(value)
