@@ -456,7 +456,8 @@ def to_torch_state_dict(layer, prefix="", format=None):
 
 # ---------------------------------------------------------------- checkpoints
 def find_sapa_prefixes(state_dict):
-    """Prefixes under which a state dict holds what looks like a SAPA module.
+    """Prefixes under which a state dict holds what looks like a SAPA module (the
+    official ``SAPADeform`` included: its ``offset`` projection is an official name).
 
     A prefix qualifies when its direct entries (``<prefix><module>.<param>``) all
     have official SAPA names and include ``k.weight`` or ``norm_x.weight``. Use it
