@@ -43,17 +43,17 @@ pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 
 # ----------------------------------------------------------------------- helpers
-def mit_encoder():
-    # Strides 4, 8, 16, 32: stages of 16, 8, 4, 2 points on a side.
+def mit_encoder(stages=4, image=IMAGE):
+    # Strides 4, 8, 16, 32: stages of 16, 8, 4, 2 points on a side (at 64x64).
     return keras_hub.models.MiTBackbone(
-        image_shape=(IMAGE, IMAGE, 3),
-        num_layers=4,
-        hidden_dims=[8, 16, 32, 64],
-        layerwise_depths=[1, 1, 1, 1],
-        layerwise_num_heads=[1, 1, 2, 2],
-        layerwise_sr_ratios=[8, 4, 2, 1],
-        layerwise_patch_sizes=[7, 3, 3, 3],
-        layerwise_strides=[4, 2, 2, 2],
+        image_shape=(image, image, 3),
+        num_layers=stages,
+        hidden_dims=[8, 16, 32, 64][:stages],
+        layerwise_depths=[1] * stages,
+        layerwise_num_heads=[1, 1, 2, 2][:stages],
+        layerwise_sr_ratios=[8, 4, 2, 1][:stages],
+        layerwise_patch_sizes=[7, 3, 3, 3][:stages],
+        layerwise_strides=[4, 2, 2, 2][:stages],
         max_drop_path_rate=0.0,
     )
 
@@ -77,8 +77,8 @@ def to_np(value):
     return np.array(keras.ops.convert_to_numpy(value))
 
 
-def images(batch=2, seed=0):
-    return np.random.default_rng(seed).uniform(size=(batch, IMAGE, IMAGE, 3)).astype("float32")
+def images(batch=2, seed=0, size=IMAGE):
+    return np.random.default_rng(seed).uniform(size=(batch, size, size, 3)).astype("float32")
 
 
 def all_layers(model):
@@ -221,7 +221,7 @@ def segformer_pair():
     )
     ours = sapa_models.SAPASegFormer(
         backbone=mit_encoder(), num_classes=NUM_CLASSES,
-        projection_filters=FILTERS, embedding_dim=EMBED,
+        projection_filters=FILTERS, upsampler={"embedding_dim": EMBED},
     )
     return ours, stock
 
@@ -257,11 +257,15 @@ def test_segformer_structure(segformer_pair):
 def test_segformer_defaults_are_the_papers():
     encoder = mit_encoder()  # shared by the models below (Keras shares the layers)
     backbone = sapa_models.SAPASegFormerBackbone(image_encoder=encoder, projection_filters=16)
-    assert (backbone.variant, backbone.kernel_size, backbone.embedding_dim) == ("bilinear", 5, 32)
+    assert {
+        (layer.variant, layer.kernel_size, layer.embedding_dim, layer.norm)
+        for layer in sapa_layers_of(backbone)
+    } == {("bilinear", 5, 32, "layer")}
     model = sapa_models.SAPASegFormer(backbone=encoder, num_classes=2)
     assert model.backbone.projection_filters == 256
     gated = sapa_models.SAPASegFormer(
-        backbone=encoder, num_classes=2, projection_filters=16, variant="gated", norm=None
+        backbone=encoder, num_classes=2, projection_filters=16,
+        upsampler={"variant": "gated", "norm": None},
     )
     assert {layer.variant for layer in sapa_layers_of(gated)} == {"gated"}
     assert {layer.norm for layer in sapa_layers_of(gated)} == {None}
@@ -270,16 +274,24 @@ def test_segformer_defaults_are_the_papers():
 def test_segformer_bad_arguments():
     encoder = mit_encoder()
     with pytest.raises(ValueError, match="kernel_size"):
-        sapa_models.SAPASegFormerBackbone(image_encoder=encoder, projection_filters=8, kernel_size=4)
+        sapa_models.SAPASegFormerBackbone(
+            image_encoder=encoder, projection_filters=8, upsampler={"kernel_size": 4}
+        )
     with pytest.raises(ValueError, match="variant"):
-        sapa_models.SAPASegFormerBackbone(image_encoder=encoder, projection_filters=8, variant="x")
+        sapa_models.SAPASegFormerBackbone(
+            image_encoder=encoder, projection_filters=8, upsampler={"variant": "x"}
+        )
+    with pytest.raises(ValueError, match="6 upsampling stages"):
+        sapa_models.SAPASegFormerBackbone(
+            image_encoder=encoder, projection_filters=8, upsampler=[{}, {}]
+        )
     with pytest.raises(ValueError, match="projection_filters"):
         sapa_models.SAPASegFormerBackbone(image_encoder=encoder, projection_filters=0)
     with pytest.raises(ValueError, match="image_encoder"):
         sapa_models.SAPASegFormerBackbone(image_encoder="mit", projection_filters=8)
     backbone = sapa_models.SAPASegFormerBackbone(image_encoder=encoder, projection_filters=8)
     with pytest.raises(ValueError, match="not both"):
-        sapa_models.SAPASegFormer(backbone=backbone, num_classes=2, variant="gated")
+        sapa_models.SAPASegFormer(backbone=backbone, num_classes=2, upsampler={"variant": "gated"})
     with pytest.raises(ValueError, match="num_classes"):
         sapa_models.SAPASegFormer(backbone=backbone, num_classes=0)
 
@@ -304,7 +316,7 @@ def test_segformer_stock_weights_load(segformer_pair):
     keras.utils.set_random_seed(3)
     fresh = sapa_models.SAPASegFormer(
         backbone=mit_encoder(), num_classes=NUM_CLASSES,
-        projection_filters=FILTERS, embedding_dim=EMBED,
+        projection_filters=FILTERS, upsampler={"embedding_dim": EMBED},
     )
     check_stock_weights_load(fresh, stock)
 
@@ -333,6 +345,16 @@ DEEPLAB_ARGS = dict(
 )
 
 
+def custom_sapa():
+    """A SAPA template whose every argument differs from the model's default: the whole
+    layer config, not five scalars, reaches each stage."""
+    return keras_sapa.SAPA(
+        variant="gated", embedding_dim=EMBED, norm="group", norm_groups=8, use_bias=False,
+        kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.01, seed=3),
+        name="template",
+    )
+
+
 @pytest.fixture(scope="module")
 def deeplab_pair():
     keras.utils.set_random_seed(2)
@@ -342,7 +364,7 @@ def deeplab_pair():
     )
     ours = keras_hub.models.DeepLabV3ImageSegmenter(
         backbone=sapa_models.SAPADeepLabV3Backbone(
-            image_encoder=resnet_encoder(), embedding_dim=EMBED, **DEEPLAB_ARGS
+            image_encoder=resnet_encoder(), upsampler=custom_sapa(), **DEEPLAB_ARGS
         ),
         num_classes=NUM_CLASSES,
     )
@@ -365,6 +387,11 @@ def test_deeplab_v3_structure_and_overhead(deeplab_pair):
         "sapa_upsampling_P4", "sapa_upsampling_P3", "sapa_upsampling_P2"
     ]
     assert all(layer.variant == "gated" for layer in sapa)
+    for layer in sapa:
+        assert isinstance(layer.norm_x, keras.layers.GroupNormalization)
+        assert layer.norm_x.groups == 8
+        assert layer.k.bias is None and layer.qy.bias is None
+        assert layer.kernel_initializer.stddev == 0.01  # the default is 0.02
     ups = [layer for layer in ours.backbone.layers if isinstance(layer, keras.layers.UpSampling2D)]
     assert [layer.name for layer in ups] == ["backbone_output_upsampling"]
 
@@ -401,7 +428,7 @@ def test_deeplab_v3_stock_weights_load(deeplab_pair):
     keras.utils.set_random_seed(4)
     fresh = keras_hub.models.DeepLabV3ImageSegmenter(
         backbone=sapa_models.SAPADeepLabV3Backbone(
-            image_encoder=resnet_encoder(), embedding_dim=EMBED, **DEEPLAB_ARGS
+            image_encoder=resnet_encoder(), upsampler={"embedding_dim": EMBED}, **DEEPLAB_ARGS
         ),
         num_classes=NUM_CLASSES,
     )
@@ -417,10 +444,16 @@ def test_deeplab_v3_fit_and_round_trip(deeplab_pair, tmp_path):
     assert without_encoder(restored.backbone.get_config()) == without_encoder(
         ours.backbone.get_config()
     )
+    assert {layer.norm_groups for layer in sapa_layers_of(restored)} == {8}
 
 
 # ---------------------------------------------------------------------- RetinaNet
 RETINA_ARGS = dict(min_level=3, max_level=5, use_p5=False, image_shape=(IMAGE, IMAGE, 3))
+
+
+def per_stage_sapa(stage_index, name):
+    """A callable upsampler: K=3 for the first stage (P4 -> P3), K=5 after."""
+    return keras_sapa.SAPA(kernel_size=3 if stage_index == 0 else 5, embedding_dim=EMBED, name=name)
 
 
 @pytest.fixture(scope="module")
@@ -428,7 +461,7 @@ def retinanet_pair():
     keras.utils.set_random_seed(5)
     stock = keras_hub.models.RetinaNetBackbone(image_encoder=resnet_encoder(), **RETINA_ARGS)
     ours = sapa_models.SAPARetinaNetBackbone(
-        image_encoder=resnet_encoder(), embedding_dim=EMBED, **RETINA_ARGS
+        image_encoder=resnet_encoder(), upsampler=per_stage_sapa, **RETINA_ARGS
     )
     return ours, stock
 
@@ -457,7 +490,7 @@ def test_retinanet_pyramid_structure_and_overhead(retinanet_pair):
     assert report["params"] == ours.count_params() - stock.count_params() > 0
     assert report["replaced_macs"] == 0
     assert report["macs"] == expected_macs("bilinear", (2, 2), 256, 256, EMBED) + expected_macs(
-        "bilinear", (4, 4), 256, 256, EMBED
+        "bilinear", (4, 4), 256, 256, EMBED, k=3
     )
 
 
@@ -465,7 +498,7 @@ def test_retinanet_stock_weights_load(retinanet_pair):
     _, stock = retinanet_pair
     keras.utils.set_random_seed(6)
     fresh = sapa_models.SAPARetinaNetBackbone(
-        image_encoder=resnet_encoder(), embedding_dim=EMBED, **RETINA_ARGS
+        image_encoder=resnet_encoder(), upsampler={"embedding_dim": EMBED}, **RETINA_ARGS
     )
     check_stock_weights_load(fresh, stock)
 
@@ -495,6 +528,9 @@ def test_retinanet_detector_fit_and_round_trip(retinanet_pair, tmp_path):
     restored = keras.models.load_model(path)
     assert type(restored.backbone) is sapa_models.SAPARetinaNetBackbone
     assert isinstance(restored.backbone.feature_pyramid, sapa_models.SAPAKerasHubFeaturePyramid)
+    # The callable is not stored: the configs of the layers it built are.
+    stored = restored.backbone.get_config()["upsampler"]
+    assert [entry["config"]["kernel_size"] for entry in stored] == [3, 5]
     ours_out = ours(x)
     back_out = restored.backbone(x)
     for key in ours_out:
@@ -536,18 +572,20 @@ import keras_hub
 import keras_sapa.models as M
 
 keras.utils.set_random_seed(0)
+# Two encoder stages at 32x32 (one SAPA stage): the same mechanisms as the four-stage
+# model of the TensorFlow run, a fraction of its compile time on this backend.
 model = M.SAPASegFormer(
-    backbone=T.mit_encoder(), num_classes=T.NUM_CLASSES,
-    projection_filters=T.FILTERS, embedding_dim=T.EMBED,
+    backbone=T.mit_encoder(2, 32), num_classes=T.NUM_CLASSES,
+    projection_filters=T.FILTERS, upsampler={{"embedding_dim": T.EMBED}},
 )
 stock = keras_hub.models.SegFormerImageSegmenter(
     backbone=keras_hub.models.SegFormerBackbone(
-        image_encoder=T.mit_encoder(), projection_filters=T.FILTERS),
+        image_encoder=T.mit_encoder(2, 32), projection_filters=T.FILTERS),
     num_classes=T.NUM_CLASSES,
 )
 T.check_stock_weights_load(model, stock)
-x = T.images(seed=1)
-y = np.random.default_rng(2).integers(0, T.NUM_CLASSES, size=(2, T.IMAGE, T.IMAGE, 1))
+x = T.images(seed=1, size=32)
+y = np.random.default_rng(2).integers(0, T.NUM_CLASSES, size=(2, 32, 32, 1))
 T.check_fit_lowers_loss(
     model, x, y, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 

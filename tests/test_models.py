@@ -1,20 +1,20 @@
-"""keras_sapa.models: SAPA inside KerasCV's DeepLabV3Plus and RetinaNet.
+"""keras_sapa.models: SAPA inside KerasCV's DeepLabV3Plus and RetinaNet, and the
+``upsampler=`` argument every model shares.
 
 Tiny backbones (64x64 images, few filters) keep the suite fast. Models are built once
-per module and shared: the training test runs before the save/load and export tests
-in file order, and those do not depend on it (they check outputs against the model
-as it is, whatever its weights).
+per module and shared: the training test runs before the save/load tests in file
+order, and those do not depend on it (they check outputs against the model as it is,
+whatever its weights). The SavedModel exports of these two models are checked in
+tests/test_export.py (in a fresh process without keras_sapa).
 """
 
 import keras
 import keras_cv
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_sapa
 import keras_sapa.models as sapa_models
-from keras_sapa import ops as sapa_ops
 
 IMAGE = 64
 NUM_CLASSES = 3
@@ -53,12 +53,14 @@ def upsampling_layers_of(model):
     ]
 
 
-def expected_macs(variant, low_hw, cx, cy, d=EMBED, k=KERNEL, s=2):
+def expected_macs(variant, low_hw, cx, cy, d=EMBED, k=KERNEL, s=2, value=False):
     """The cost model of shared/SAPA_SPEC.md, written out independently."""
     n_lo = low_hw[0] * low_hw[1]
     n_hi = n_lo * s * s
     total = n_hi * k * k * d + n_hi * k * k * cx  # similarity + aggregation
     total += n_lo * cx * d  # key
+    if value:
+        total += n_lo * cx * cx
     if variant == "bilinear":
         total += n_hi * cy * d
     elif variant == "gated":
@@ -72,13 +74,50 @@ def assert_close(a, b, atol=1e-5):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=atol)
 
 
+@keras.saving.register_keras_serializable(package="keras_sapa_tests")
+class GatedNearest(keras.layers.Layer):
+    """Not SAPA: ``x`` repeated 2x, times a sigmoid gate computed from the guide; a
+    stand-in for any upsampler called as ``layer(x, guide)``."""
+
+    def __init__(self, up_factor=2, **kwargs):
+        super().__init__(**kwargs)
+        self.up_factor = up_factor
+        self.gate = keras.layers.Dense(1, name="gate")
+
+    def build(self, x_shape, guide_shape):
+        self.gate.build(guide_shape)
+
+    def call(self, x, guide):
+        up = keras.ops.repeat(keras.ops.repeat(x, 2, axis=1), 2, axis=2)
+        return up * keras.ops.sigmoid(self.gate(guide))
+
+    def get_config(self):
+        return {**super().get_config(), "up_factor": self.up_factor}
+
+
+def gated_nearest_reference(x, guide, kernel, bias):
+    """NumPy: what GatedNearest computes."""
+    up = np.repeat(np.repeat(np.asarray(x, np.float64), 2, axis=1), 2, axis=2)
+    gate = 1.0 / (1.0 + np.exp(-(np.asarray(guide, np.float64) @ kernel + bias)))
+    return up * gate
+
+
+# A SAPA whose every argument differs from the model's default: the whole layer config,
+# not five scalars, reaches each stage.
+CUSTOM_SAPA = dict(
+    kernel_size=KERNEL, embedding_dim=EMBED, norm="group", norm_groups=8, use_bias=False,
+    kernel_initializer=keras.initializers.HeNormal(seed=3), value_projection=True,
+)
+
+
 # --------------------------------------------------------------------------- DeepLab
 @pytest.fixture(scope="module")
 def deeplab():
     keras.utils.set_random_seed(1)
+    # The upsampler as serialize_keras_object gives it.
+    upsampler = keras.saving.serialize_keras_object(keras_sapa.SAPA(variant="gated", **CUSTOM_SAPA))
     return sapa_models.SAPADeepLabV3Plus(
-        tiny_backbone(), NUM_CLASSES, embedding_dim=EMBED, kernel_size=KERNEL,
-        spatial_pyramid_pooling=tiny_spp(),
+        tiny_backbone(), NUM_CLASSES, upsampler=upsampler, spatial_pyramid_pooling=tiny_spp(),
     )
 
 
@@ -103,6 +142,11 @@ def test_deeplab_structure(deeplab):
     for layer, size, guide_channels in zip(sapa, (4, 8, 16), (128, 64, 32)):
         assert tuple(layer.output.shape) == (None, size, size, 32)
         assert layer.qy.kernel.shape == (guide_channels, EMBED)
+        # Every argument of the upsampler config reached the stage.
+        assert isinstance(layer.norm_y, keras.layers.GroupNormalization)
+        assert layer.norm_y.groups == 8
+        assert layer.qy.bias is None and layer.k.bias is None and layer.v.bias is None
+        assert isinstance(layer.kernel_initializer, keras.initializers.HeNormal)
 
 
 def test_deeplab_other_backbone_and_bad_backbone():
@@ -115,7 +159,8 @@ def test_deeplab_other_backbone_and_bad_backbone():
         input_shape=(IMAGE, IMAGE, 3),
     )
     model = sapa_models.SAPADeepLabV3Plus(
-        backbone, 2, variant="bilinear", embedding_dim=8, spatial_pyramid_pooling=tiny_spp()
+        backbone, 2, upsampler={"variant": "bilinear", "embedding_dim": 8},
+        spatial_pyramid_pooling=tiny_spp(),
     )
     assert tuple(model(images(1)).shape) == (1, IMAGE, IMAGE, 2)
 
@@ -140,9 +185,9 @@ def test_deeplab_overhead_against_stock(deeplab):
     assert report["params"] == deeplab.count_params() - stock.count_params()
     assert report["stock_params"] == stock.count_params()
     want = (
-        expected_macs("gated", (2, 2), 32, 128)
-        + expected_macs("gated", (4, 4), 32, 64)
-        + expected_macs("gated", (8, 8), 32, 32)
+        expected_macs("gated", (2, 2), 32, 128, value=True)
+        + expected_macs("gated", (4, 4), 32, 64, value=True)
+        + expected_macs("gated", (8, 8), 32, 32, value=True)
     )
     assert report["macs"] == want
     assert report["replaced_macs"] == 4 * 16 * 16 * 32
@@ -160,7 +205,8 @@ def test_deeplab_keeps_stock_names_and_loads_stock_weights():
         tiny_backbone(), NUM_CLASSES, spatial_pyramid_pooling=tiny_spp()
     )
     ours = sapa_models.SAPADeepLabV3Plus(
-        tiny_backbone(), NUM_CLASSES, embedding_dim=EMBED, spatial_pyramid_pooling=tiny_spp()
+        tiny_backbone(), NUM_CLASSES, upsampler={"embedding_dim": EMBED},
+        spatial_pyramid_pooling=tiny_spp(),
     )
     # Every explicitly named stock layer is in ours, under the same name.
     def named(model):
@@ -223,18 +269,9 @@ def test_deeplab_keras_round_trip(deeplab, tmp_path):
     assert_close(restored(x), deeplab(x), atol=1e-6)
 
     config = deeplab.get_config()
+    assert config["upsampler"]["config"]["norm_groups"] == 8
     clone = sapa_models.SAPADeepLabV3Plus.from_config(config)
     assert clone.get_config() == config
-
-
-def test_deeplab_savedmodel_export(deeplab, tmp_path):
-    x = images(seed=6)
-    path = str(tmp_path / "deeplab_savedmodel")
-    # Builtin ops only, so the SavedModel reloads without the compiled library.
-    with sapa_ops.use_implementation("xla"):
-        deeplab.export(path, verbose=False)
-    reloaded = tf.saved_model.load(path)
-    assert_close(reloaded.serve(tf.constant(x)), deeplab(x))
 
 
 # ------------------------------------------------------------------------- RetinaNet
@@ -249,7 +286,8 @@ def detection_batch():
 def retinanet():
     keras.utils.set_random_seed(4)
     return sapa_models.SAPARetinaNet(
-        tiny_backbone(), NUM_CLASSES, "xywh", embedding_dim=EMBED, kernel_size=KERNEL
+        tiny_backbone(), NUM_CLASSES, "xywh",
+        upsampler={"embedding_dim": EMBED, "kernel_size": KERNEL},
     )
 
 
@@ -260,7 +298,7 @@ def test_feature_pyramid_standalone():
         f"P{level}": rng.normal(size=(2, IMAGE // 2**level, IMAGE // 2**level, c)).astype("float32")
         for level, c in ((3, 64), (4, 128), (5, 256))
     }
-    pyramid = sapa_models.SAPAFeaturePyramid(num_channels=32, embedding_dim=EMBED)
+    pyramid = sapa_models.SAPAFeaturePyramid(num_channels=32, upsampler={"embedding_dim": EMBED})
     outputs = pyramid(feats)
     sizes = (8, 4, 2, 1, 1)
     assert [tuple(o.shape) for o in outputs] == [(2, s, s, 32) for s in sizes]
@@ -285,6 +323,74 @@ def test_feature_pyramid_standalone():
         sapa_models.SAPAFeaturePyramid(min_level=5, max_level=4)
 
 
+def test_feature_pyramid_takes_any_guided_layer(tmp_path):
+    """A layer that is not SAPA, given as a template, upsamples every top-down step, and
+    the pyramid reloads from a .keras file with it."""
+    keras.utils.set_random_seed(6)
+    rng = np.random.default_rng(9)
+    shapes = {"P3": (8, 16), "P4": (4, 32), "P5": (2, 64)}
+    feats = {
+        level: rng.normal(size=(1, size, size, c)).astype("float32")
+        for level, (size, c) in shapes.items()
+    }
+    pyramid = sapa_models.SAPAFeaturePyramid(
+        num_channels=8, max_level=5, upsampler=GatedNearest(name="template")
+    )
+    inputs = {level: keras.Input((size, size, c), name=level) for level, (size, c) in shapes.items()}
+    model = keras.Model(inputs, pyramid(inputs))
+    outputs = model(feats)
+    assert [type(layer) for layer in pyramid.upsamplers] == [GatedNearest, GatedNearest]
+    assert [layer.name for layer in pyramid.upsamplers] == ["sapa_P4_to_P3", "sapa_P5_to_P4"]
+    # merged P4 = lateral P4 + GatedNearest(lateral P5, guide=lateral P4), in NumPy.
+    lat4 = np.asarray(pyramid.lateral_convs[1](feats["P4"]))
+    lat5 = np.asarray(pyramid.lateral_convs[2](feats["P5"]))
+    gate = pyramid.upsamplers[1].gate
+    merged4 = lat4 + gated_nearest_reference(
+        lat5, lat4, np.asarray(gate.kernel), np.asarray(gate.bias)
+    )
+    assert_close(outputs[1], pyramid.output_convs[1](merged4.astype("float32")))
+
+    config = pyramid.get_config()["upsampler"]
+    assert config["class_name"] == "GatedNearest"
+    path = str(tmp_path / "pyramid.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    for a, b in zip(restored(feats), outputs):
+        assert_close(a, b, atol=1e-6)
+
+
+def test_upsampler_argument():
+    """Each accepted form of `upsampler=`, and a ValueError naming it for the others."""
+    make = sapa_models.SAPAFeaturePyramid
+    default = make(num_channels=8)
+    assert {(layer.variant, layer.kernel_size, layer.embedding_dim, layer.norm)
+            for layer in default.upsamplers} == {("bilinear", 5, 64, "layer")}
+    # A plain dict holds SAPA arguments; those left out keep the model's defaults.
+    no_norm = make(num_channels=8, upsampler={"norm": None, "implementation": "patches"})
+    assert {(layer.variant, layer.norm, layer.implementation)
+            for layer in no_norm.upsamplers} == {("bilinear", None, "patches")}
+    clone = make.from_config(no_norm.get_config())
+    assert {layer.norm for layer in clone.upsamplers} == {None}
+    # One entry per stage.
+    per_stage = make(num_channels=8, upsampler=[{"kernel_size": 3}, keras_sapa.SAPA(kernel_size=7)])
+    assert [layer.kernel_size for layer in per_stage.upsamplers] == [3, 7]
+    assert make.from_config(per_stage.get_config()).get_config() == per_stage.get_config()
+
+    bad = [
+        (42, "upsampler"),
+        ({"kernel_size": 4}, "kernel_size"),
+        ({"kernel_sizes": 3}, "kernel_sizes"),
+        ({"up_factor": 4}, "up_factor"),
+        ([{}], "one entry per stage"),
+        ([], "empty"),
+        (lambda index, name: "not a layer", "keras.layers.Layer"),
+        (lambda index, name: keras_sapa.SAPA(), "must name the layer"),
+    ]
+    for upsampler, message in bad:
+        with pytest.raises(ValueError, match=message):
+            make(num_channels=8, upsampler=upsampler)
+
+
 def test_retinanet_structure_and_overhead(retinanet):
     x = images()
     keras.utils.set_random_seed(4)
@@ -296,7 +402,7 @@ def test_retinanet_structure_and_overhead(retinanet):
 
     pyramid = retinanet.feature_pyramid
     assert isinstance(pyramid, sapa_models.SAPAFeaturePyramid)
-    assert pyramid.variant == "bilinear"
+    assert {layer.variant for layer in pyramid.upsamplers} == {"bilinear"}
     assert len(sapa_layers_of(retinanet)) == 2
     assert upsampling_layers_of(retinanet) == []
     assert len(upsampling_layers_of(stock)) == 1
@@ -344,9 +450,13 @@ def test_retinanet_keras_round_trip_keeps_pyramid(retinanet, tmp_path):
 
 
 def test_retinanet_config_keeps_pyramid_where_stock_drops_it(retinanet):
-    pyramid_config = dict(
-        num_channels=32, variant="gated", kernel_size=3, embedding_dim=8, name="my_pyramid"
-    )
+    def upsampler(stage_index, name):
+        # A callable: Keras cannot store it, so the configs of its layers are stored.
+        return keras_sapa.SAPA(
+            variant="gated", kernel_size=3 + 2 * stage_index, embedding_dim=8, name=name
+        )
+
+    pyramid_config = dict(num_channels=32, upsampler=upsampler, name="my_pyramid")
     # Stock RetinaNet: the custom pyramid is dropped from the config and comes back as
     # the nearest-neighbour FeaturePyramid.
     keras.utils.set_random_seed(6)
@@ -368,7 +478,7 @@ def test_retinanet_config_keeps_pyramid_where_stock_drops_it(retinanet):
     assert isinstance(clone.feature_pyramid, sapa_models.SAPAFeaturePyramid)
     assert clone.feature_pyramid.get_config() == ours.feature_pyramid.get_config()
     assert [layer.variant for layer in clone.feature_pyramid.upsamplers] == ["gated", "gated"]
-    assert [layer.kernel_size for layer in clone.feature_pyramid.upsamplers] == [3, 3]
+    assert [layer.kernel_size for layer in clone.feature_pyramid.upsamplers] == [3, 5]
     # Serialising through Keras (as .keras files do) reloads the same class.
     revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(ours))
     assert type(revived) is sapa_models.SAPARetinaNet
@@ -377,40 +487,8 @@ def test_retinanet_config_keeps_pyramid_where_stock_drops_it(retinanet):
     with pytest.raises(ValueError, match="feature_pyramid"):
         sapa_models.SAPARetinaNet(
             tiny_backbone(), NUM_CLASSES, "xywh",
-            feature_pyramid=sapa_models.SAPAFeaturePyramid(), variant="gated",
+            feature_pyramid=sapa_models.SAPAFeaturePyramid(), upsampler={"variant": "gated"},
         )
-
-
-def test_retinanet_norm_argument_is_unambiguous():
-    keras.utils.set_random_seed(8)
-    default = sapa_models.SAPARetinaNet(tiny_backbone(), NUM_CLASSES, "xywh", embedding_dim=EMBED)
-    assert default.feature_pyramid.norm == "layer"
-    no_norm = sapa_models.SAPARetinaNet(
-        tiny_backbone(), NUM_CLASSES, "xywh", embedding_dim=EMBED, norm=None
-    )
-    assert no_norm.feature_pyramid.norm is None
-    assert all(layer.norm is None for layer in no_norm.feature_pyramid.upsamplers)
-    clone = sapa_models.SAPARetinaNet.from_config(no_norm.get_config())
-    assert clone.feature_pyramid.norm is None
-    with pytest.raises(ValueError, match="norm"):
-        sapa_models.SAPARetinaNet(tiny_backbone(), NUM_CLASSES, "xywh", norm="batch")
-    with pytest.raises(ValueError, match="feature_pyramid"):
-        sapa_models.SAPARetinaNet(
-            tiny_backbone(), NUM_CLASSES, "xywh",
-            feature_pyramid=sapa_models.SAPAFeaturePyramid(), norm=None,
-        )
-
-
-def test_retinanet_savedmodel_export(retinanet, tmp_path):
-    x = images(seed=10)
-    path = str(tmp_path / "retinanet_savedmodel")
-    with sapa_ops.use_implementation("xla"):
-        retinanet.export(path, verbose=False)
-    reloaded = tf.saved_model.load(path)
-    ours = reloaded.serve({"images": tf.constant(x)})
-    theirs = retinanet({"images": x})
-    for key in ("box", "classification"):
-        assert_close(ours[key], theirs[key])
 
 
 def test_overhead_rejects_stock_models():

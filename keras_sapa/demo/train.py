@@ -2,7 +2,7 @@
 
 Two pairs of models (``model=``), each pair built from the same seed on the same tiny
 backbone, trained with ``model.fit`` on identical batches of the synthetic shapes task
-(:mod:`keras_sapa.data`) and evaluated on held-out images (mIoU and boundary F-score):
+(:mod:`keras_sapa.demo.data`) and evaluated on held-out images (mIoU and boundary F-score):
 
 - ``"deeplab"``: KerasCV's ``DeepLabV3Plus`` (one 8x bilinear decoder upsampling)
   against :class:`keras_sapa.models.SAPADeepLabV3Plus` (three SAPA-G 2x stages).
@@ -22,7 +22,7 @@ import warnings
 import keras
 import numpy as np
 
-from keras_sapa import data
+from keras_sapa.demo import data
 
 #: The names of the two models, in training order.
 STOCK, SAPA = "bilinear (stock)", "SAPA"
@@ -90,7 +90,8 @@ def build_segmentation_models(image_size=64, num_classes=None, seed=0, variant="
     )
     keras.utils.set_random_seed(seed)
     sapa = SAPADeepLabV3Plus(
-        _backbone(image_size), num_classes, variant=variant, spatial_pyramid_pooling=spp()
+        _backbone(image_size), num_classes, upsampler={"variant": variant},
+        spatial_pyramid_pooling=spp(),
     )
     return {STOCK: stock, SAPA: sapa}
 
@@ -141,8 +142,8 @@ def build_segformer_models(
     keras.utils.set_random_seed(seed)
     sapa = SAPASegFormer(
         backbone=_mit_encoder(image_size), num_classes=num_classes,
-        projection_filters=projection_filters, variant=variant, kernel_size=kernel_size,
-        embedding_dim=embedding_dim,
+        projection_filters=projection_filters,
+        upsampler={"variant": variant, "kernel_size": kernel_size, "embedding_dim": embedding_dim},
     )
     return {STOCK: stock, SAPA: sapa}
 

@@ -18,6 +18,16 @@ KerasHub (every Keras backend the SAPA layer runs on), in
 - :class:`SAPARetinaNetBackbone` (with :class:`SAPAKerasHubFeaturePyramid`): for
   ``keras_hub.models.RetinaNetObjectDetector``, SAPA in the pyramid's top-down path.
 
+Each takes its upsampler as one argument, ``upsampler=``: ``None`` for SAPA with the
+paper's configuration for that model; a dict of SAPA arguments (``{"embedding_dim":
+32, "norm": "group", "norm_groups": 8}``; the ones left out take the model's
+defaults); a serialized layer (``keras.saving.serialize_keras_object(layer)``) or a
+layer used as a template (each stage gets a fresh layer from its config), of any class
+called as ``layer(x, guide)``; a list of these, one per stage; or a callable
+``upsampler(stage_index, name=name)`` that returns the named layer of each stage.
+``get_config`` stores it (for a callable: the configs of the layers it built), so
+``.keras`` files reload with the same upsamplers (:mod:`keras_sapa.models._upsampler`).
+
 And, for all of them:
 
 - :func:`sapa_overhead`: parameters and multiply-adds SAPA adds over the stock model.
@@ -50,7 +60,7 @@ _LAZY_CLASSES = {
     "SAPAKerasHubFeaturePyramid": "keras_sapa.models.keras_hub.retinanet",
     "SAPARetinaNetBackbone": "keras_sapa.models.keras_hub.retinanet",
 }
-_SUBPACKAGES = ("keras_cv", "keras_hub", "deeplab", "retinanet")
+_SUBPACKAGES = ("keras_cv", "keras_hub")
 
 __all__ = sorted(_LAZY_CLASSES) + [
     "load_stock_weights",

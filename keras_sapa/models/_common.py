@@ -2,23 +2,6 @@
 
 import keras
 
-class _Default:
-    """Marks an argument left to its default (where ``None`` has a meaning of its own)."""
-
-    _instance = None
-
-    def __new__(cls):
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self):
-        return "DEFAULT"
-
-
-#: "Left out": the default of model arguments whose ``None`` means something
-#: (``norm=None`` is "no norm").
-DEFAULT = _Default()
 
 def deserialize_nested(config, *keys):
     """A copy of ``config`` with the Keras objects serialized under ``keys`` (a
@@ -28,10 +11,6 @@ def deserialize_nested(config, *keys):
         if isinstance(config.get(key), dict):
             config[key] = keras.saving.deserialize_keras_object(config[key])
     return config
-
-
-# SAPA arguments a model forwards to each of its SAPA layers.
-SAPA_ARGS = ("variant", "kernel_size", "embedding_dim", "norm", "implementation")
 
 
 def check_backbone(backbone, levels, model_name):
@@ -64,25 +43,6 @@ def pyramid_extractor(backbone, levels, name=None):
         for level in levels
     }
     return keras.Model(inputs=backbone.inputs, outputs=outputs, name=name)
-
-
-def sapa_kwargs(variant, kernel_size, embedding_dim, norm, implementation):
-    """The SAPA arguments a model forwards to its layers, checked once up front."""
-    from keras_sapa.layers import NORMS
-    from keras_sapa.layers import VARIANTS
-    from keras_sapa.ops import _checks
-
-    if variant not in VARIANTS:
-        raise ValueError(f"`variant` must be one of {VARIANTS}. Received: variant={variant!r}")
-    if norm not in NORMS:
-        raise ValueError(f"`norm` must be one of {NORMS}. Received: norm={norm!r}")
-    return {
-        "variant": variant,
-        "kernel_size": _checks.check_kernel_size(kernel_size),
-        "embedding_dim": _checks.positive_int("embedding_dim", embedding_dim),
-        "norm": norm,
-        "implementation": _checks.check_implementation(implementation),
-    }
 
 
 def power_of_two_log(name, value):

@@ -9,7 +9,7 @@ counters for convolutional networks usually do.
 
 import math
 
-__all__ = ["sapa_layer_macs", "sapa_overhead"]
+__all__ = ["layer_macs", "sapa_layer_macs", "sapa_overhead"]
 
 
 def sapa_layer_macs(layer, low_res_hw, x_channels, guide_channels):
@@ -60,6 +60,28 @@ def sapa_layer_macs(layer, low_res_hw, x_channels, guide_channels):
         parts["v"] = n_lo * cx * c_out
     parts["total"] = sum(parts.values())
     return parts
+
+
+def _cost_models():
+    """Layer class -> its multiply-add count ``fn(layer, low_res_hw, x_channels,
+    guide_channels)``: one entry per upsampler class the models can count."""
+    from keras_sapa.layers import SAPA
+
+    return {SAPA: sapa_layer_macs}
+
+
+def layer_macs(layer, low_res_hw, x_channels, guide_channels):
+    """Multiply-adds of one upsampling layer for one image, by its class's cost model
+    (:func:`sapa_layer_macs` for :class:`keras_sapa.SAPA`); ``ValueError`` for a layer
+    class without one."""
+    for cls, count in _cost_models().items():
+        if isinstance(layer, cls):
+            return count(layer, low_res_hw, x_channels, guide_channels)
+    raise ValueError(
+        f"No multiply-add count for the upsampler {layer.name!r} of class "
+        f"{type(layer).__name__}; sapa_overhead counts "
+        f"{sorted(cls.__name__ for cls in _cost_models())}."
+    )
 
 
 def _image_hw(model, input_shape):
@@ -138,7 +160,7 @@ def sapa_overhead(model, input_shape=None):
         layer = stage["layer"]
         level = stage["level"]
         out_hw = (math.ceil(height / 2**level), math.ceil(width / 2**level))
-        s = layer.up_factor
+        s = getattr(layer, "up_factor", 2)
         if out_hw[0] % s or out_hw[1] % s:
             raise ValueError(
                 f"An image of {height}x{width} gives level P{level} a size of "
@@ -146,7 +168,7 @@ def sapa_overhead(model, input_shape=None):
                 "by the backbone's largest stride."
             )
         low_hw = (out_hw[0] // s, out_hw[1] // s)
-        part = sapa_layer_macs(layer, low_hw, stage["x_channels"], stage["guide_channels"])
+        part = layer_macs(layer, low_hw, stage["x_channels"], stage["guide_channels"])
         layer_params = int(layer.count_params()) if layer.built else 0
         stages.append(
             {

@@ -71,7 +71,8 @@ backbone = keras_cv.models.ResNetV2Backbone(
     stackwise_filters=[8, 16, 32, 64], stackwise_blocks=[2, 2, 2, 2],
     stackwise_strides=[1, 2, 2, 2], include_rescaling=False, input_shape=(IMAGE, IMAGE, 3),
 )
-pyramid = SAPAFeaturePyramid(num_channels=64, variant="bilinear", kernel_size=5, embedding_dim=16)
+# The upsampler is one argument: SAPA-B (the default) with a narrower embedding here.
+pyramid = SAPAFeaturePyramid(num_channels=64, upsampler={"variant": "bilinear", "embedding_dim": 16})
 prior = -np.log((1 - 0.01) / 0.01)
 model = SAPARetinaNet(
     backbone=backbone,

@@ -3,16 +3,18 @@
 import keras
 import keras_cv
 
-from keras_sapa.layers import SAPA
-from keras_sapa.ops import _checks
-from keras_sapa.models._common import deserialize_nested
 from keras_sapa.models._common import check_backbone
+from keras_sapa.models._common import deserialize_nested
 from keras_sapa.models._common import pyramid_extractor
+from keras_sapa.models._upsampler import Upsampler
+from keras_sapa.ops import _checks
 
 _LEVELS = ("P2", "P3", "P4", "P5")
 # Encoder output (P5 resolution) is brought to P2 by one SAPA 2x stage per level, each
 # guided by the backbone feature of the level it produces.
 _GUIDE_LEVELS = (4, 3, 2)
+# SAPA-G, K=5, d=64 (the official NeurIPS defaults), LayerNorm.
+DEFAULT_UPSAMPLER = {"variant": "gated", "kernel_size": 5, "embedding_dim": 64, "norm": "layer"}
 
 
 @keras.saving.register_keras_serializable(package="keras_sapa")
@@ -63,16 +65,16 @@ class SAPADeepLabV3Plus(keras_cv.models.Task):
             ``keras_cv.models.ResNet50V2Backbone.from_preset("resnet50_v2_imagenet",
             input_shape=(512, 512, 3))``; nothing here downloads anything.
         num_classes: number of classes, background included.
-        variant: SAPA variant (``"gated"``, SAPA-G, the paper's best; ``"bilinear"``,
-            ``"identity"`` or ``"concat"``). ``"identity"`` needs the encoder output
-            and every guide to have the same width.
-        kernel_size: SAPA window size ``K`` (odd).
-        embedding_dim: SAPA query/key width ``d`` (64, the official NeurIPS default).
-        norm: SAPA norm, ``"layer"``, ``"group"`` or ``None``.
-        implementation: SAPA implementation (``"auto"``, ``"patches"``, ``"xla"``,
-            ``"compiled"``). With ``"auto"``, ``model.export`` writes builtin ops
-            only; a SavedModel traced with the compiled custom op (asked for
-            explicitly) needs its library loaded to reload.
+        upsampler: the layer of each of the three stages (stage 0: P5 -> P4, named
+            ``sapa_upsampling_P4``; 1: ``_P3``; 2: ``_P2``), any layer called as
+            ``layer(x, guide)``: ``None`` for SAPA-G, K=5, d=64, LayerNorm (the
+            paper's configuration); a dict of SAPA arguments (the ones left out take
+            those defaults), e.g. ``{"variant": "bilinear", "embedding_dim": 32}``; a
+            serialized layer or a layer used as a template; a list of these, one per
+            stage; or a callable ``upsampler(stage_index, name=name)`` that returns the
+            stage's layer (see :mod:`keras_sapa.models`). ``"identity"`` needs the
+            encoder output and every guide to have the same width. With SAPA's
+            ``implementation="auto"``, ``model.export`` writes builtin ops only.
         projection_filters: filters of the 1x1 projection of P2.
         spatial_pyramid_pooling: optional layer applied to P5; defaults to
             ``keras_cv.layers.SpatialPyramidPooling(dilation_rates=[6, 12, 18])``.
@@ -85,11 +87,7 @@ class SAPADeepLabV3Plus(keras_cv.models.Task):
         self,
         backbone,
         num_classes,
-        variant="gated",
-        kernel_size=5,
-        embedding_dim=64,
-        norm="layer",
-        implementation="auto",
+        upsampler=None,
         projection_filters=48,
         spatial_pyramid_pooling=None,
         segmentation_head=None,
@@ -98,6 +96,8 @@ class SAPADeepLabV3Plus(keras_cv.models.Task):
         check_backbone(backbone, _LEVELS, "SAPADeepLabV3Plus")
         num_classes = _checks.positive_int("num_classes", num_classes)
         projection_filters = _checks.positive_int("projection_filters", projection_filters)
+        factory = Upsampler(upsampler, DEFAULT_UPSAMPLER, "SAPADeepLabV3Plus")
+        factory.check_stages(len(_GUIDE_LEVELS))
 
         inputs = backbone.input
         features = pyramid_extractor(backbone, _LEVELS)(inputs)
@@ -127,17 +127,9 @@ class SAPADeepLabV3Plus(keras_cv.models.Task):
 
         sapa_layers = []
         stages = []  # what sapa_overhead needs to know of each stage
-        for level in _GUIDE_LEVELS:
+        for index, level in enumerate(_GUIDE_LEVELS):
             guide = features[f"P{level}"]
-            layer = SAPA(
-                up_factor=2,
-                kernel_size=kernel_size,
-                embedding_dim=embedding_dim,
-                variant=variant,
-                norm=norm,
-                implementation=implementation,
-                name=f"sapa_upsampling_P{level}",
-            )
+            layer = factory.make(index, f"sapa_upsampling_P{level}")
             stages.append(
                 {"level": level, "x_channels": int(x.shape[-1]), "guide_channels": int(guide.shape[-1])}
             )
@@ -177,11 +169,7 @@ class SAPADeepLabV3Plus(keras_cv.models.Task):
 
         self.backbone = backbone
         self.num_classes = num_classes
-        self.variant = variant
-        self.kernel_size = kernel_size
-        self.embedding_dim = embedding_dim
-        self.norm = norm
-        self.implementation = implementation
+        self._upsampler = factory
         self.projection_filters = projection_filters
         self.spatial_pyramid_pooling = spatial_pyramid_pooling
         self.segmentation_head = segmentation_head
@@ -212,11 +200,9 @@ class SAPADeepLabV3Plus(keras_cv.models.Task):
             {
                 "backbone": keras.saving.serialize_keras_object(self.backbone),
                 "num_classes": self.num_classes,
-                "variant": self.variant,
-                "kernel_size": self.kernel_size,
-                "embedding_dim": self.embedding_dim,
-                "norm": self.norm,
-                "implementation": self.implementation,
+                "upsampler": self._upsampler.get_config(
+                    [self.get_layer(name) for name in self._sapa_layer_names]
+                ),
                 "projection_filters": self.projection_filters,
                 "spatial_pyramid_pooling": keras.saving.serialize_keras_object(
                     self.spatial_pyramid_pooling

@@ -5,18 +5,15 @@ import math
 import keras
 import keras_cv
 
-from keras_sapa.layers import NORMS
-from keras_sapa.layers import SAPA
 from keras_sapa.models._common import deserialize_nested
-from keras_sapa.models._common import DEFAULT
+from keras_sapa.models._upsampler import Upsampler
 from keras_sapa.ops import _checks
 
 _positive_int = _checks.positive_int
 
-
-#: Default of :class:`SAPARetinaNet`'s SAPA arguments: "use SAPAFeaturePyramid's
-#: default". ``norm=None`` then means what it means for the layer: no norm.
-PYRAMID_DEFAULT = DEFAULT
+# SAPA-B (the paper's detection variant: COCO Faster R-CNN 37.4 -> 37.8 box AP), K=5,
+# d=64, LayerNorm.
+DEFAULT_UPSAMPLER = {"variant": "bilinear", "kernel_size": 5, "embedding_dim": 64, "norm": "layer"}
 
 
 @keras.saving.register_keras_serializable(package="keras_sapa")
@@ -50,13 +47,15 @@ class SAPAFeaturePyramid(keras.layers.Layer):
         num_channels: width of every output map (256 in RetinaNet).
         backbone_max_level: coarsest backbone level given as input (RetinaNet passes
             P3 to P5).
-        variant: SAPA variant; ``"bilinear"`` (SAPA-B) by default, the variant the
-            paper reports for detection (COCO Faster R-CNN: 37.4 -> 37.8 box AP).
-        kernel_size: SAPA window size ``K``.
-        embedding_dim: SAPA query/key width ``d``.
-        norm: SAPA norm, ``"layer"``, ``"group"`` or ``None``.
-        implementation: SAPA implementation; with ``"auto"`` a SavedModel export
-            holds builtin ops only and does not need the compiled op's library.
+        upsampler: the layer of each top-down step (stage ``i`` brings the merged
+            level ``min_level + i + 1`` to ``min_level + i`` and is named
+            ``sapa_P{l+1}_to_P{l}``), any layer called as ``layer(x, guide)``: ``None``
+            for SAPA-B, K=5, d=64, LayerNorm (the variant the paper reports for
+            detection); a dict of SAPA arguments (the ones left out take those
+            defaults); a serialized layer or a layer used as a template; a list of
+            these, one per stage; or a callable ``upsampler(stage_index, name=name)``
+            (see :mod:`keras_sapa.models`). With SAPA's ``implementation="auto"`` a
+            SavedModel export holds builtin ops only.
         **kwargs: ``keras.layers.Layer`` arguments.
 
     Input sizes must be multiples of the largest backbone stride, so that every
@@ -69,11 +68,7 @@ class SAPAFeaturePyramid(keras.layers.Layer):
         max_level=7,
         num_channels=256,
         backbone_max_level=5,
-        variant="bilinear",
-        kernel_size=5,
-        embedding_dim=64,
-        norm="layer",
-        implementation="auto",
+        upsampler=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -91,11 +86,7 @@ class SAPAFeaturePyramid(keras.layers.Layer):
                 "`backbone_max_level` must be >= `min_level`. Received: "
                 f"min_level={min_level}, backbone_max_level={backbone_max_level}"
             )
-        self.variant = variant
-        self.kernel_size = kernel_size
-        self.embedding_dim = embedding_dim
-        self.norm = norm
-        self.implementation = implementation
+        self._upsampler = Upsampler(upsampler, DEFAULT_UPSAMPLER, "SAPAFeaturePyramid")
 
         top = self.top_backbone_level
         self.input_levels = tuple(range(self.min_level, top + 1))
@@ -107,18 +98,12 @@ class SAPAFeaturePyramid(keras.layers.Layer):
             for level in self.input_levels
         ]
         # upsamplers[i] brings merged level input_levels[i] + 1 to input_levels[i].
+        self._upsampler.check_stages(len(self.input_levels) - 1)
         self.upsamplers = [
-            SAPA(
-                up_factor=2,
-                kernel_size=kernel_size,
-                embedding_dim=embedding_dim,
-                variant=variant,
-                norm=norm,
-                implementation=implementation,
-                dtype=self.dtype_policy,
-                name=f"sapa_P{level + 1}_to_P{level}",
+            self._upsampler.make(
+                index, f"sapa_P{level + 1}_to_P{level}", dtype=self.dtype_policy
             )
-            for level in self.input_levels[:-1]
+            for index, level in enumerate(self.input_levels[:-1])
         ]
         self.output_convs = [
             keras.layers.Conv2D(
@@ -227,11 +212,7 @@ class SAPAFeaturePyramid(keras.layers.Layer):
                 "max_level": self.max_level,
                 "num_channels": self.num_channels,
                 "backbone_max_level": self.backbone_max_level,
-                "variant": self.variant,
-                "kernel_size": self.kernel_size,
-                "embedding_dim": self.embedding_dim,
-                "norm": self.norm,
-                "implementation": self.implementation,
+                "upsampler": self._upsampler.get_config(self.upsamplers),
             }
         )
         return config
@@ -244,9 +225,7 @@ class SAPARetinaNet(keras_cv.models.RetinaNet):
     Everything is ``keras_cv.models.RetinaNet`` (training, losses, decoding, presets),
     with two differences:
 
-    - ``feature_pyramid`` defaults to ``SAPAFeaturePyramid(...)`` built from the SAPA
-      arguments below; an argument left out takes the pyramid's own default
-      (``PYRAMID_DEFAULT``), and ``norm=None`` asks for no norm.
+    - ``feature_pyramid`` defaults to ``SAPAFeaturePyramid(upsampler=upsampler)``.
     - ``get_config`` includes ``feature_pyramid`` and ``from_config`` rebuilds it. The
       stock ``RetinaNet.get_config`` leaves it out, so a stock RetinaNet given a
       custom pyramid silently comes back from a ``.keras`` file or a config with the
@@ -259,10 +238,9 @@ class SAPARetinaNet(keras_cv.models.RetinaNet):
             an option where the network is reachable.
         num_classes: number of classes (background excluded).
         bounding_box_format: format of the boxes, as for RetinaNet.
-        feature_pyramid: a pyramid layer; when given, the SAPA arguments must be left
-            out.
-        variant, kernel_size, embedding_dim, norm, implementation: arguments of the
-            default :class:`SAPAFeaturePyramid`.
+        feature_pyramid: a pyramid layer; when given, ``upsampler`` must be left out.
+        upsampler: the ``upsampler`` of the default :class:`SAPAFeaturePyramid`
+            (``None``: its default, SAPA-B).
         **kwargs: the other ``keras_cv.models.RetinaNet`` arguments (``anchor_generator``,
             ``label_encoder``, ``prediction_decoder``, ``classification_head``,
             ``box_head``, ``name``).
@@ -276,36 +254,16 @@ class SAPARetinaNet(keras_cv.models.RetinaNet):
         num_classes,
         bounding_box_format,
         feature_pyramid=None,
-        variant=PYRAMID_DEFAULT,
-        kernel_size=PYRAMID_DEFAULT,
-        embedding_dim=PYRAMID_DEFAULT,
-        norm=PYRAMID_DEFAULT,
-        implementation=PYRAMID_DEFAULT,
+        upsampler=None,
         **kwargs,
     ):
-        if norm is not PYRAMID_DEFAULT and norm not in NORMS:
-            raise ValueError(
-                f"`norm` must be one of {NORMS} (None: no norm), or left out for the "
-                f"pyramid's default. Received: norm={norm!r}"
-            )
-        pyramid_args = {
-            key: value
-            for key, value in (
-                ("variant", variant),
-                ("kernel_size", kernel_size),
-                ("embedding_dim", embedding_dim),
-                ("norm", norm),
-                ("implementation", implementation),
-            )
-            if value is not PYRAMID_DEFAULT
-        }
         if feature_pyramid is None:
-            feature_pyramid = SAPAFeaturePyramid(**pyramid_args)
-        elif pyramid_args:
+            feature_pyramid = SAPAFeaturePyramid(upsampler=upsampler)
+        elif upsampler is not None:
             raise ValueError(
-                "Pass either `feature_pyramid` or the arguments of the default "
+                "Pass either `feature_pyramid` or the `upsampler` of the default "
                 f"SAPAFeaturePyramid, not both. Received: feature_pyramid={feature_pyramid!r} "
-                f"and {pyramid_args}"
+                f"and upsampler={upsampler!r}"
             )
         super().__init__(
             backbone=backbone,

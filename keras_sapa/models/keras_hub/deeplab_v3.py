@@ -3,12 +3,14 @@
 import keras
 import keras_hub
 
-from keras_sapa.layers import SAPA
 from keras_sapa.models._common import deserialize_nested
 from keras_sapa.models._common import power_of_two_log
-from keras_sapa.models._common import sapa_kwargs
+from keras_sapa.models._upsampler import Upsampler
 from keras_sapa.models.keras_hub._upstream import SpatialPyramidPooling
 from keras_sapa.ops import _checks
+
+# SAPA-G, K=5, d=64 (the official NeurIPS defaults), LayerNorm.
+DEFAULT_UPSAMPLER = {"variant": "gated", "kernel_size": 5, "embedding_dim": 64, "norm": "layer"}
 
 
 @keras.saving.register_keras_serializable(package="keras_sapa")
@@ -42,8 +44,12 @@ class SAPADeepLabV3Backbone(keras_hub.models.Backbone):
             (``"P2"`` for DeepLabV3+), or ``None``.
         projection_filters: filters of the low-level projection.
         image_shape: input shape.
-        variant, kernel_size, embedding_dim, norm, implementation: SAPA arguments
-            (defaults: SAPA-G, K=5, d=64, LayerNorm, ``"auto"``).
+        upsampler: the layer of each 2x stage (stage 0 is the first, from
+            ``spatial_pyramid_pooling_key``), any layer called as ``layer(x, guide)``:
+            ``None`` for SAPA-G, K=5, d=64, LayerNorm; a dict of SAPA arguments (the
+            ones left out take those defaults); a serialized layer or a layer used as
+            a template; a list of these, one per stage; or a callable
+            ``upsampler(stage_index, name=name)`` (see :mod:`keras_sapa.models`).
         **kwargs: ``keras_hub.models.Backbone`` arguments (``name``, ``dtype``).
     """
 
@@ -56,11 +62,7 @@ class SAPADeepLabV3Backbone(keras_hub.models.Backbone):
         low_level_feature_key=None,
         projection_filters=48,
         image_shape=(None, None, 3),
-        variant="gated",
-        kernel_size=5,
-        embedding_dim=64,
-        norm="layer",
-        implementation="auto",
+        upsampler=None,
         **kwargs,
     ):
         if not isinstance(image_encoder, keras.Model) or not isinstance(
@@ -82,7 +84,7 @@ class SAPADeepLabV3Backbone(keras_hub.models.Backbone):
             factor = upsampling_size
         steps = power_of_two_log("upsampling_size", factor)
         projection_filters = _checks.positive_int("projection_filters", projection_filters)
-        sapa_args = sapa_kwargs(variant, kernel_size, embedding_dim, norm, implementation)
+        factory = Upsampler(upsampler, DEFAULT_UPSAMPLER, "SAPADeepLabV3Backbone")
         pyramid = image_encoder.pyramid_outputs
         try:
             top = int(str(spatial_pyramid_pooling_key)[1:])
@@ -125,8 +127,10 @@ class SAPADeepLabV3Backbone(keras_hub.models.Backbone):
         spatial_pyramid_pooling = SpatialPyramidPooling(dilation_rates=dilation_rates)
         x = spatial_pyramid_pooling(fpn_outputs[spatial_pyramid_pooling_key])
 
+        factory.check_stages(len(guide_keys))
         stages = []
-        for key in guide_keys:
+        sapa_layers = []
+        for index, key in enumerate(guide_keys):
             guide = fpn_outputs[key]
             stages.append(
                 {
@@ -135,7 +139,9 @@ class SAPADeepLabV3Backbone(keras_hub.models.Backbone):
                     "guide_channels": int(guide.shape[-1]),
                 }
             )
-            x = SAPA(up_factor=2, name=f"sapa_upsampling_{key}", **sapa_args)(x, guide)
+            layer = factory.make(index, f"sapa_upsampling_{key}")
+            x = layer(x, guide)
+            sapa_layers.append(layer)
         encoder_outputs = x
 
         if low_level_feature_key:
@@ -180,13 +186,9 @@ class SAPADeepLabV3Backbone(keras_hub.models.Backbone):
         self.dilation_rates = dilation_rates
         self.low_level_feature_key = low_level_feature_key
         self.spatial_pyramid_pooling_key = spatial_pyramid_pooling_key
-        self.variant = sapa_args["variant"]
-        self.kernel_size = sapa_args["kernel_size"]
-        self.embedding_dim = sapa_args["embedding_dim"]
-        self.norm = sapa_args["norm"]
-        self.implementation = sapa_args["implementation"]
+        self._upsampler = factory
         self._stage_info = tuple(stages)
-        self._sapa_layer_names = tuple(f"sapa_upsampling_{key}" for key in guide_keys)
+        self._sapa_layer_names = tuple(layer.name for layer in sapa_layers)
 
     # ------------------------------------------------------------------ counting
     def sapa_stages(self):
@@ -216,11 +218,9 @@ class SAPADeepLabV3Backbone(keras_hub.models.Backbone):
                 "low_level_feature_key": self.low_level_feature_key,
                 "spatial_pyramid_pooling_key": self.spatial_pyramid_pooling_key,
                 "image_shape": self.image_shape,
-                "variant": self.variant,
-                "kernel_size": self.kernel_size,
-                "embedding_dim": self.embedding_dim,
-                "norm": self.norm,
-                "implementation": self.implementation,
+                "upsampler": self._upsampler.get_config(
+                    [self.get_layer(name) for name in self._sapa_layer_names]
+                ),
             }
         )
         return config

@@ -3,10 +3,12 @@
 import keras
 import keras_hub
 
-from keras_sapa.layers import SAPA
 from keras_sapa.models._common import deserialize_nested
-from keras_sapa.models._common import sapa_kwargs
+from keras_sapa.models._upsampler import Upsampler
 from keras_sapa.models.keras_hub._upstream import FeaturePyramid
+
+# SAPA-B (the paper's detection variant), K=5, d=64, LayerNorm.
+DEFAULT_UPSAMPLER = {"variant": "bilinear", "kernel_size": 5, "embedding_dim": 64, "norm": "layer"}
 
 
 def _backbone_max_level(levels, max_level):
@@ -33,8 +35,14 @@ class SAPAKerasHubFeaturePyramid(FeaturePyramid):
             bias_initializer, batch_norm_momentum, batch_norm_epsilon,
             kernel_regularizer, bias_regularizer, use_batch_norm, data_format: as
             for KerasHub's pyramid.
-        variant, kernel_size, embedding_dim, norm, implementation: SAPA arguments
-            (default SAPA-B, the paper's detection variant, K=5, d=64, LayerNorm).
+        upsampler: the layer of each top-down step (stage ``i`` is
+            ``sapa_P{min_level + i + 1}_to_P{min_level + i}``), any layer called as
+            ``layer(x, guide)`` and built by ``build(x_shape, guide_shape)``: ``None``
+            for SAPA-B (the paper's detection variant), K=5, d=64, LayerNorm; a dict of
+            SAPA arguments (the ones left out take those defaults); a serialized layer
+            or a layer used as a template; a list of these, one per stage; or a
+            callable ``upsampler(stage_index, name=name)`` (see
+            :mod:`keras_sapa.models`).
         **kwargs: ``keras.layers.Layer`` arguments.
     """
 
@@ -44,11 +52,7 @@ class SAPAKerasHubFeaturePyramid(FeaturePyramid):
         max_level,
         use_p5,
         num_filters=256,
-        variant="bilinear",
-        kernel_size=5,
-        embedding_dim=64,
-        norm="layer",
-        implementation="auto",
+        upsampler=None,
         data_format=None,
         **kwargs,
     ):
@@ -65,21 +69,8 @@ class SAPAKerasHubFeaturePyramid(FeaturePyramid):
                 "SAPAKerasHubFeaturePyramid supports channels_last only. "
                 f"Received: data_format={self.data_format!r}"
             )
-        args = sapa_kwargs(variant, kernel_size, embedding_dim, norm, implementation)
-        self.variant = args["variant"]
-        self.kernel_size = args["kernel_size"]
-        self.embedding_dim = args["embedding_dim"]
-        self.norm = args["norm"]
-        self.implementation = args["implementation"]
-
-    def _sapa_args(self):
-        return {
-            "variant": self.variant,
-            "kernel_size": self.kernel_size,
-            "embedding_dim": self.embedding_dim,
-            "norm": self.norm,
-            "implementation": self.implementation,
-        }
+        self._upsampler = Upsampler(upsampler, DEFAULT_UPSAMPLER, "SAPAKerasHubFeaturePyramid")
+        self.sapa_layers = None
 
     def build(self, input_shapes):
         super().build(input_shapes)
@@ -87,10 +78,10 @@ class SAPAKerasHubFeaturePyramid(FeaturePyramid):
         top = _backbone_max_level(levels, self.max_level)
         c = self.num_filters
         self.sapa_layers = {}
+        self._upsampler.check_stages(top - self.min_level)
         for i in range(self.min_level, top):
-            layer = SAPA(
-                up_factor=2, dtype=self.dtype_policy, name=f"sapa_P{i + 1}_to_P{i}",
-                **self._sapa_args(),
+            layer = self._upsampler.make(
+                i - self.min_level, f"sapa_P{i + 1}_to_P{i}", dtype=self.dtype_policy
             )
             layer.build((None, None, None, c), (None, None, None, c))
             self.sapa_layers[f"P{i}"] = layer
@@ -150,7 +141,8 @@ class SAPAKerasHubFeaturePyramid(FeaturePyramid):
 
     def get_config(self):
         config = super().get_config()
-        config.update(self._sapa_args())
+        layers = None if self.sapa_layers is None else list(self.sapa_layers.values())
+        config["upsampler"] = self._upsampler.get_config(layers)
         return config
 
 
@@ -167,8 +159,9 @@ class SAPARetinaNetBackbone(keras_hub.models.Backbone):
     Args:
         image_encoder, min_level, max_level, use_p5, use_fpn_batch_norm, image_shape,
             data_format, dtype: as for ``keras_hub.models.RetinaNetBackbone``.
-        variant, kernel_size, embedding_dim, norm, implementation: SAPA arguments of
-            the pyramid (default SAPA-B, K=5, d=64, LayerNorm, ``"auto"``).
+        upsampler: the pyramid's upsampler, as for
+            :class:`SAPAKerasHubFeaturePyramid` (``None``: SAPA-B, K=5, d=64,
+            LayerNorm).
         **kwargs: ``keras_hub.models.Backbone`` arguments (``name``).
     """
 
@@ -180,11 +173,7 @@ class SAPARetinaNetBackbone(keras_hub.models.Backbone):
         use_p5,
         use_fpn_batch_norm=False,
         image_shape=(None, None, 3),
-        variant="bilinear",
-        kernel_size=5,
-        embedding_dim=64,
-        norm="layer",
-        implementation="auto",
+        upsampler=None,
         data_format=None,
         dtype=None,
         **kwargs,
@@ -234,11 +223,7 @@ class SAPARetinaNetBackbone(keras_hub.models.Backbone):
             dtype=dtype,
             data_format=data_format,
             use_batch_norm=use_fpn_batch_norm,
-            variant=variant,
-            kernel_size=kernel_size,
-            embedding_dim=embedding_dim,
-            norm=norm,
-            implementation=implementation,
+            upsampler=upsampler,
         )
         image_input = keras.layers.Input(image_shape, name="inputs")
         pyramid_outputs = feature_pyramid(feature_extractor(image_input))
@@ -263,11 +248,7 @@ class SAPARetinaNetBackbone(keras_hub.models.Backbone):
                 "use_p5": self.use_p5,
                 "use_fpn_batch_norm": self.use_fpn_batch_norm,
                 "image_shape": self.image_shape,
-                "variant": self.feature_pyramid.variant,
-                "kernel_size": self.feature_pyramid.kernel_size,
-                "embedding_dim": self.feature_pyramid.embedding_dim,
-                "norm": self.feature_pyramid.norm,
-                "implementation": self.feature_pyramid.implementation,
+                "upsampler": self.feature_pyramid.get_config()["upsampler"],
             }
         )
         return config

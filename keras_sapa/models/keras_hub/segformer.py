@@ -3,21 +3,13 @@
 import keras
 import keras_hub
 
-from keras_sapa.layers import SAPA
 from keras_sapa.models._common import deserialize_nested
-from keras_sapa.models._common import DEFAULT
-from keras_sapa.models._common import sapa_kwargs
+from keras_sapa.models._upsampler import Upsampler
 from keras_sapa.ops import _checks
 
 # The configuration of the paper's SegFormer-B1 runs (shared/SAPA_SPEC.md): SAPA-B,
 # K=5, d=32 (the official logs' upsample_cfg), LayerNorm.
-SEGFORMER_SAPA_DEFAULTS = {
-    "variant": "bilinear",
-    "kernel_size": 5,
-    "embedding_dim": 32,
-    "norm": "layer",
-    "implementation": "auto",
-}
+DEFAULT_UPSAMPLER = {"variant": "bilinear", "kernel_size": 5, "embedding_dim": 32, "norm": "layer"}
 
 
 def _check_encoder(image_encoder, model_name):
@@ -89,12 +81,14 @@ class SAPASegFormerBackbone(keras_hub.models.Backbone):
             reachable; nothing here downloads anything).
         projection_filters: decoder width (256 for SegFormer-B1 and up, 32 for tiny
             test models).
-        variant: SAPA variant; ``"bilinear"`` (SAPA-B) by default, ``"gated"`` for
-            SAPA-G, the paper's best on ADE20K.
-        kernel_size: SAPA window ``K`` (5, as in the paper).
-        embedding_dim: SAPA query/key width ``d`` (32, as in the paper's SegFormer runs).
-        norm: SAPA norm, ``"layer"``, ``"group"`` or ``None``.
-        implementation: SAPA implementation (``"auto"`` chooses per backend).
+        upsampler: the layer of each 2x step, any layer called as ``layer(x, guide)``
+            (stages in the order drawn above: 0 is ``sapa_P4_to_P3``, 1
+            ``sapa_P4_to_P2``, ..., the last ``sapa_P2_to_P1``): ``None`` for SAPA-B,
+            K=5, d=32, LayerNorm, the paper's SegFormer configuration (``{"variant":
+            "gated"}`` gives SAPA-G, the paper's best on ADE20K); a dict of SAPA
+            arguments (the ones left out take those defaults); a serialized layer or
+            a layer used as a template; a list of these, one per stage; or a callable
+            ``upsampler(stage_index, name=name)`` (see :mod:`keras_sapa.models`).
         **kwargs: ``keras_hub.models.Backbone`` arguments (``name``, ``dtype``).
     """
 
@@ -102,16 +96,12 @@ class SAPASegFormerBackbone(keras_hub.models.Backbone):
         self,
         image_encoder,
         projection_filters,
-        variant=SEGFORMER_SAPA_DEFAULTS["variant"],
-        kernel_size=SEGFORMER_SAPA_DEFAULTS["kernel_size"],
-        embedding_dim=SEGFORMER_SAPA_DEFAULTS["embedding_dim"],
-        norm=SEGFORMER_SAPA_DEFAULTS["norm"],
-        implementation=SEGFORMER_SAPA_DEFAULTS["implementation"],
+        upsampler=None,
         **kwargs,
     ):
         _check_encoder(image_encoder, "SAPASegFormerBackbone")
         projection_filters = _checks.positive_int("projection_filters", projection_filters)
-        sapa_args = sapa_kwargs(variant, kernel_size, embedding_dim, norm, implementation)
+        factory = Upsampler(upsampler, DEFAULT_UPSAMPLER, "SAPASegFormerBackbone")
 
         # === Layers and graph, in the stock model's order ===
         inputs = keras.layers.Input(shape=image_encoder.input.shape[1:])
@@ -145,13 +135,14 @@ class SAPASegFormerBackbone(keras_hub.models.Backbone):
         )
         projected = [mlp(features[key]) for mlp, key in zip(self.mlp_blocks, keys)]
 
+        factory.check_stages(len(keys) * (len(keys) - 1) // 2)
         self.sapa_blocks = []
         stages = []
         upsampled = {0: projected[0]}
         for i in range(len(keys) - 1, 0, -1):  # coarsest stream first, as officially
             x = projected[i]
             for j in range(i - 1, -1, -1):
-                layer = SAPA(up_factor=2, name=f"sapa_{keys[i]}_to_{keys[j]}", **sapa_args)
+                layer = factory.make(len(self.sapa_blocks), f"sapa_{keys[i]}_to_{keys[j]}")
                 x = layer(x, projected[j])
                 self.sapa_blocks.append(layer)
                 stages.append(
@@ -171,11 +162,7 @@ class SAPASegFormerBackbone(keras_hub.models.Backbone):
         # === Config ===
         self.projection_filters = projection_filters
         self.image_encoder = image_encoder
-        self.variant = sapa_args["variant"]
-        self.kernel_size = sapa_args["kernel_size"]
-        self.embedding_dim = sapa_args["embedding_dim"]
-        self.norm = sapa_args["norm"]
-        self.implementation = sapa_args["implementation"]
+        self._upsampler = factory
         self._stage_info = tuple(stages)
         self._finest_level = strides[0].bit_length() - 1
         self._num_stages = len(keys)
@@ -201,11 +188,7 @@ class SAPASegFormerBackbone(keras_hub.models.Backbone):
             {
                 "image_encoder": keras.saving.serialize_keras_object(self.image_encoder),
                 "projection_filters": self.projection_filters,
-                "variant": self.variant,
-                "kernel_size": self.kernel_size,
-                "embedding_dim": self.embedding_dim,
-                "norm": self.norm,
-                "implementation": self.implementation,
+                "upsampler": self._upsampler.get_config(self.sapa_blocks),
             }
         )
         return config
@@ -226,18 +209,17 @@ class SAPASegFormer(keras_hub.models.SegFormerImageSegmenter):
         encoder = keras_hub.models.MiTBackbone(...)   # or MiTBackbone.from_preset(...)
         model = keras_sapa.models.SAPASegFormer(backbone=encoder, num_classes=150)
 
-    or pass a ready :class:`SAPASegFormerBackbone` (then leave the decoder arguments
-    out). Like the stock segmenter it returns logits (``from_logits=True`` losses).
+    or pass a ready :class:`SAPASegFormerBackbone` (then leave ``projection_filters``
+    and ``upsampler`` out). Like the stock segmenter it returns logits (``from_logits=True`` losses).
 
     Args:
         backbone: a ``keras_hub.models.MiTBackbone`` (any encoder with
             ``pyramid_outputs`` and ``hidden_dims``), wrapped in a
             :class:`SAPASegFormerBackbone`; or a :class:`SAPASegFormerBackbone`.
         num_classes: number of classes.
-        projection_filters: decoder width (default 256, SegFormer-B1 and up).
-        variant, kernel_size, embedding_dim, norm, implementation: SAPA arguments
-            (defaults: SAPA-B, K=5, d=32, LayerNorm, ``"auto"``; ``norm=None``: no
-            norm).
+        projection_filters: decoder width (``None``: 256, SegFormer-B1 and up).
+        upsampler: the decoder's upsampler, as for :class:`SAPASegFormerBackbone`
+            (``None``: SAPA-B, K=5, d=32, LayerNorm).
         preprocessor: optional ``keras_hub`` preprocessor, as for the stock segmenter.
         **kwargs: ``keras_hub.models.Task`` arguments (``name``).
     """
@@ -246,26 +228,15 @@ class SAPASegFormer(keras_hub.models.SegFormerImageSegmenter):
         self,
         backbone,
         num_classes,
-        projection_filters=DEFAULT,
-        variant=DEFAULT,
-        kernel_size=DEFAULT,
-        embedding_dim=DEFAULT,
-        norm=DEFAULT,
-        implementation=DEFAULT,
+        projection_filters=None,
+        upsampler=None,
         preprocessor=None,
         **kwargs,
     ):
         decoder_args = {
             key: value
-            for key, value in (
-                ("projection_filters", projection_filters),
-                ("variant", variant),
-                ("kernel_size", kernel_size),
-                ("embedding_dim", embedding_dim),
-                ("norm", norm),
-                ("implementation", implementation),
-            )
-            if value is not DEFAULT
+            for key, value in (("projection_filters", projection_filters), ("upsampler", upsampler))
+            if value is not None
         }
         num_classes = _checks.positive_int("num_classes", num_classes)
         if isinstance(backbone, SAPASegFormerBackbone):
