@@ -223,11 +223,14 @@ def _assert_close(got, want):
 # Contexts
 
 
-def test_worker_threads_on_two_devices_with_a_reset(launcher):
+@pytest.mark.parametrize("context_ids", [True, False], ids=["ctx_ids", "no_ctx_ids"])
+def test_worker_threads_on_two_devices_with_a_reset(launcher, context_ids):
     """Threads with no current context pick a device (sapa_set_device) and run
     concurrently on both; a reset of device 0's primary context between two rounds makes
-    the launcher load a new module there (a stale one fails in the emulated driver)."""
+    the launcher load a new module there (a stale one fails in the emulated driver), also
+    on a driver without cuCtxGetId (the re-created context has the old handle)."""
     L = launcher
+    L.emu.emu_hide_context_ids(0 if context_ids else 1)
     assert L.emu.emu_set_device_count(2) == 0
     assert L.emu.emu_configure_device(1, 7, 5, 1) == 0  # a T4-class second GPU
 
@@ -268,7 +271,9 @@ def test_worker_threads_on_two_devices_with_a_reset(launcher):
     assert L.emu.cuDevicePrimaryCtxReset_v2(0) == 0
     round_(1)
     assert (L.emu.emu_module_loads(0), L.emu.emu_module_loads(1)) == (2, 1)
-    assert L.loads() == (3, 3)  # device 0 reloaded under its new context ID
+    # Device 0 reloaded: a new cache entry under the new context ID, or, without IDs, the
+    # stale entry of the old context's handle replaced.
+    assert L.loads() == (3, 3 if context_ids else 2)
     assert (L.emu.emu_primary_refs(0), L.emu.emu_primary_refs(1)) == (1, 1)
 
 

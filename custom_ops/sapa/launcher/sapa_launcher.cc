@@ -142,6 +142,7 @@ struct Driver {
   CUresult (*cuFuncGetAttribute)(int*, int, CUfunction);
   // Optional: CUDA 12.0+ (a context ID that is never reused) and the self-test's memory.
   CUresult (*cuCtxGetId)(CUcontext, unsigned long long*) = nullptr;
+  CUresult (*cuDevicePrimaryCtxGetState)(CUdevice, unsigned*, int*) = nullptr;
   CUresult (*cuMemAlloc)(CUdeviceptr*, size_t) = nullptr;
   CUresult (*cuMemFree)(CUdeviceptr) = nullptr;
   CUresult (*cuMemcpyHtoD)(CUdeviceptr, const void*, size_t) = nullptr;
@@ -251,6 +252,7 @@ int InitLocked(const char* driver_path) {
                   std::string(path) + " lacks a driver API function the launcher needs");
     }
     Sym(handle, "cuCtxGetId", &d.cuCtxGetId);
+    Sym(handle, "cuDevicePrimaryCtxGetState", &d.cuDevicePrimaryCtxGetState);
     Sym(handle, "cuMemAlloc_v2", &d.cuMemAlloc);
     Sym(handle, "cuMemFree_v2", &d.cuMemFree);
     Sym(handle, "cuMemcpyHtoD_v2", &d.cuMemcpyHtoD);
@@ -282,13 +284,20 @@ unsigned long long ContextId(CUcontext ctx) {
 
 // The primary context of device `ordinal`, of which the launcher keeps exactly one
 // reference: a retain that finds the context already held is released again; one that
-// finds a new context (the old one was reset) is kept.
+// finds a new context (the old one was reset: inactive before the retain, or a new ID)
+// is kept.
 int PrimaryContext(int ordinal, CUcontext* ctx) {
   CUdevice device = 0;
   CUresult rc = g_driver.cuDeviceGet(&device, ordinal);
   if (rc != CUDA_SUCCESS) {
     return Fail(SAPA_ERR_DRIVER, "cuDeviceGet(" + std::to_string(ordinal) +
                                      ") failed: " + DriverError(rc));
+  }
+  unsigned flags = 0;
+  int active = 1;
+  if (g_driver.cuDevicePrimaryCtxGetState &&
+      g_driver.cuDevicePrimaryCtxGetState(device, &flags, &active) != CUDA_SUCCESS) {
+    active = 1;
   }
   rc = g_driver.cuDevicePrimaryCtxRetain(ctx, device);
   if (rc != CUDA_SUCCESS || *ctx == nullptr) {
@@ -298,11 +307,14 @@ int PrimaryContext(int ordinal, CUcontext* ctx) {
   const unsigned long long id = ContextId(*ctx);
   std::lock_guard<std::mutex> lock(g_mutex);
   HeldPrimary& held = g_primary[device];
-  if (held.ctx == *ctx && held.id == id) {
+  if (active && held.ctx == *ctx && held.id == id) {
     g_driver.cuDevicePrimaryCtxRelease(device);
   } else {
     held.ctx = *ctx;
     held.id = id;
+    // Without context IDs a re-created context may have the old address: what was
+    // loaded for it belongs to the destroyed one.
+    if (!active) g_devices.erase(std::make_pair(device, id));
   }
   return SAPA_OK;
 }

@@ -12,15 +12,16 @@
 //
 // It also models what the launcher's context handling depends on, with the driver's
 // error codes: up to 4 devices (emu_set_device_count, emu_configure_device), one primary
-// context per device (retain/release reference count; reset destroys it; a re-created
-// primary context keeps its handle but gets a new cuCtxGetId, as a driver may reuse an
-// address), a per-thread stack of current contexts (push/pop), modules that belong to the
-// context that loaded them (using one from another or a destroyed context fails), launches
-// that need the function's and the stream's context current, and device memory
-// (cuMemAlloc: host memory). Kernels run one launch at a time (the shared-memory buffer
-// is global); everything else may be called from many threads at once. A log of the
-// launches that ran (kernel, block, shared memory, device, tile) and an injected fault
-// (emu_corrupt: the named kernel's output gets NaN in its first bytes) serve the tests.
+// context per device (retain/release reference count, cuDevicePrimaryCtxGetState; reset
+// destroys it; a re-created primary context keeps its handle but gets a new cuCtxGetId,
+// as a driver may reuse an address; emu_hide_context_ids: a driver without cuCtxGetId),
+// a per-thread stack of current contexts (push/pop), modules that belong to the context
+// that loaded them (using one from another or a destroyed context fails), launches that
+// need the function's and the stream's context current, and device memory (cuMemAlloc:
+// host memory). Kernels run one launch at a time (the shared-memory buffer is global);
+// everything else may be called from many threads at once. A log of the launches that
+// ran (kernel, block, shared memory, device, tile) and an injected fault (emu_corrupt:
+// the named kernel's output gets NaN in its first bytes) serve the tests.
 
 #include <dlfcn.h>
 
@@ -105,6 +106,7 @@ unsigned long long g_next_id = 1;
 std::atomic<int> g_launches{0};
 std::vector<LogEntry> g_log;
 std::string g_corrupt;
+bool g_hide_ids = false;  // a driver before CUDA 12.0: no cuCtxGetId
 thread_local std::vector<Context*> t_stack;
 
 void* Self() {
@@ -185,6 +187,10 @@ int emu_log_entry(int i, char* name, size_t size, int* block, int* smem, int* de
   *tile = g_log[i].tile;
   return 0;
 }
+void emu_hide_context_ids(int hide) {
+  std::lock_guard<std::mutex> lock(g_state);
+  g_hide_ids = hide != 0;
+}
 void emu_corrupt(const char* kernel) {
   std::lock_guard<std::mutex> lock(g_state);
   g_corrupt = kernel ? kernel : "";
@@ -236,9 +242,17 @@ int cuDevicePrimaryCtxReset_v2(int device) {
   c.refs = 0;
   return 0;
 }
+int cuDevicePrimaryCtxGetState(int device, unsigned* flags, int* active) {
+  std::lock_guard<std::mutex> lock(g_state);
+  if (device < 0 || device >= g_device_count) return kInvalidDevice;
+  *flags = 0;
+  *active = g_devices[device].primary.alive ? 1 : 0;
+  return 0;
+}
 int cuCtxGetId(void* ctx, unsigned long long* id) {
   std::lock_guard<std::mutex> lock(g_state);
   Context* c = static_cast<Context*>(ctx);
+  if (g_hide_ids) return 801;  // CUDA_ERROR_NOT_SUPPORTED
   if (c == nullptr) return kInvalidContext;
   if (!c->alive) return kContextDestroyed;
   *id = c->id;
