@@ -379,13 +379,17 @@ def test_launch_configs_are_every_choice(launcher, dtype):
 SELF_TEST_PER_TILE = 256
 
 
-@pytest.mark.parametrize("dtype,per_tile", [("float32", False), ("float16", True),
-                                            ("bfloat16", True), ("float64", True)])
+@pytest.mark.parametrize("dtype,per_tile", [
+    ("float32", False), ("float16", True), ("bfloat16", True), ("float64", True),
+    *(pytest.param(d, False, marks=pytest.mark.benchmark)
+      for d in ("float16", "bfloat16", "float64")),
+])
 def test_self_test_runs_every_configuration_and_passes(launcher, dtype, per_tile):
-    """The self-test runs every configuration (float32: every (kernel, tile, up, K), about
-    40 s in emulation; the others, to keep the run short: every (kernel, tile) once),
-    through the real kernels, and they agree with its CPU reference. The emulated driver's
-    log shows what actually ran."""
+    """The self-test runs every configuration through the real kernels, and they agree
+    with its CPU reference; the emulated driver's log shows what actually ran. float32:
+    every (kernel, tile, up, K) (177 configurations, about 30 s in emulation); the
+    others every (kernel, tile) once, and every configuration with `-m benchmark`
+    (about a minute each)."""
     L = launcher
     configs = L.configs(dtype)
     L.emu.emu_log_clear()
