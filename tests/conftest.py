@@ -1,7 +1,12 @@
-"""Shared fixtures.
+"""Shared fixtures and the order of the run.
 
 ``implementation``: every available SAPA implementation in turn ("patches", "xla",
 "compiled"); "compiled" is skipped, saying why, when its library is unavailable.
+
+A test module that defines ``start_in_background(config)`` (``tests/test_backends.py``:
+the JAX and PyTorch processes) has it called once collection ends, and its tests moved
+to the end of the run, so that the work it started runs beside the other tests. Its
+processes' slowest durations are printed in the terminal summary.
 """
 
 import os
@@ -31,3 +36,42 @@ def implementation(request):
         if reason:
             pytest.skip(reason)
     return request.param
+
+
+_STARTED = pytest.StashKey[list]()  # the modules whose background work started
+
+
+def _background_modules(items):
+    modules = []
+    for item in items:
+        module = getattr(item, "module", None)
+        if hasattr(module, "start_in_background") and module not in modules:
+            modules.append(module)
+    return modules
+
+
+def pytest_collection_modifyitems(config, items):
+    modules = _background_modules(items)
+    if modules:
+        items[:] = ([i for i in items if getattr(i, "module", None) not in modules]
+                    + [i for i in items if getattr(i, "module", None) in modules])
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    for module in _background_modules(session.items):
+        module.start_in_background(session.config)
+        session.config.stash.setdefault(_STARTED, []).append(module)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    for module in config.stash.get(_STARTED, []):
+        for name, text in module.summaries().items():
+            terminalreporter.section(f"{name} process: slowest durations", sep="-")
+            terminalreporter.write_line(text)
+
+
+def pytest_unconfigure(config):
+    for module in config.stash.get(_STARTED, []):
+        module.stop_background()

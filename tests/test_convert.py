@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import reference as ref
-from keras_sapa import SAPA, convert
+from keras_sapa import SAPA
+from keras_sapa import convert
 
 ATOL = 1e-4
 RTOL = 1e-4

@@ -87,7 +87,7 @@ def variants():
 
 def _assert_outputs(got, expected, atol=2e-5):
     assert len(got) == len(expected)
-    for name, g, e in zip(VARIANTS, got, expected):
+    for name, g, e in zip(VARIANTS, got, expected, strict=True):
         assert g.shape == e.shape, name
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=atol, err_msg=name)
 
@@ -243,7 +243,7 @@ def _run_onnx(path, arrays):
     for spec in session.get_inputs():
         matches = [a for a in arrays
                    if len(a.shape) == len(spec.shape)
-                   and all(not isinstance(d, int) or d == n for d, n in zip(spec.shape, a.shape))]
+                   and all(not isinstance(d, int) or d == n for d, n in zip(spec.shape, a.shape, strict=True))]
         assert len(matches) == 1, (spec.name, spec.shape, list(by_shape))
         feeds[spec.name] = matches[0]
     return session.run(None, feeds)

@@ -1,11 +1,10 @@
 """The fused compiled op (KerasSapa>Sapa / SapaGrad) and its framework-free CPU core.
 
 References are independent of the code under test: ``tests/reference.py`` (float64 loops
-over the spec) for the forward and the saved softmax, and for the gradients the chain
-rule written out over the spec's primitives (softmax backward, the window adjoints as
-plain loops), itself checked against central differences of ``reference.sapa``. The
-core is also compiled and run without TensorFlow (g++ only), with a serial pool and a
-threaded one.
+over the spec) for the forward and the saved softmax, and its chain-rule VJP
+``reference.sapa_vjp`` for the gradients (checked against central differences of
+``reference.sapa`` in ``tests/test_real_sizes.py``). The core is also compiled and run
+without TensorFlow (g++ only), with a serial pool and a threaded one.
 """
 
 import os
@@ -29,18 +28,6 @@ needs_fused = pytest.mark.skipif(
 )
 
 
-def _reference_grads(query, key, value, grad, kernel_size, up_factor):
-    """(d query, d key, d value) of <sapa(query, key, value), grad>, float64."""
-    k, s = kernel_size, up_factor
-    low_hw = np.shape(key)[1:3]
-    weights = ref.softmax(ref.similarity(query, key, k, s))
-    d_weights = ref.similarity(grad, value, k, s)  # <grad, value row>; 0 where padded
-    d_logits = weights * (d_weights - np.sum(weights * d_weights, -1, keepdims=True))
-    return (ref.aggregate(d_logits, key, k, s),
-            ref.window_scatter(d_logits, query, k, s, low_hw),
-            ref.window_scatter(weights, grad, k, s, low_hw))
-
-
 def _inputs(rng, batch, height, width, dim, channels, up_factor, scale=1.0):
     s = up_factor
     return (rng.standard_normal((batch, s * height, s * width, dim)) * scale,
@@ -55,24 +42,6 @@ def _fused_grads(query, key, value, grad, kernel_size, up_factor):
         tape.watch(args)
         out = _compiled.sapa(*args, kernel_size, up_factor)
     return out, tape.gradient(out, args, output_gradients=tf.constant(grad))
-
-
-def test_reference_gradients_match_central_differences():
-    """The chain-rule reference against directional derivatives of reference.sapa."""
-    rng = np.random.default_rng(0)
-    k, s = 3, 2
-    query, key, value, grad = _inputs(rng, 1, 3, 4, 3, 4, s)
-    grads = _reference_grads(query, key, value, grad, k, s)
-    eps = 1e-6
-    for index, analytic in enumerate(grads):
-        direction = rng.standard_normal(analytic.shape)
-        plus = [query, key, value]
-        minus = [query, key, value]
-        plus[index] = plus[index] + eps * direction
-        minus[index] = minus[index] - eps * direction
-        numeric = (np.sum(ref.sapa(*plus, k, s) * grad)
-                   - np.sum(ref.sapa(*minus, k, s) * grad)) / (2 * eps)
-        np.testing.assert_allclose(np.sum(analytic * direction), numeric, rtol=1e-7)
 
 
 CASES = [
@@ -106,7 +75,7 @@ def test_fused_matches_reference_float64(kernel_size, up_factor, batch, height, 
     np.testing.assert_allclose(weights, ref.softmax(ref.similarity(query, key, k, s)),
                                rtol=1e-10, atol=1e-12)
     _, grads = _fused_grads(query, key, value, grad, k, s)
-    for got, want in zip(grads, _reference_grads(query, key, value, grad, k, s)):
+    for got, want in zip(grads, ref.sapa_vjp(query, key, value, grad, k, s), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
@@ -135,7 +104,7 @@ def test_fused_dtypes(dtype, tol, kernel_size, up_factor, height, width, dim, ch
                                rtol=tol, atol=tol)
     np.testing.assert_allclose(weights, ref.softmax(ref.similarity(query, key, k, s)),
                                rtol=tol, atol=tol)
-    for got, want in zip(grads, _reference_grads(query, key, value, grad, k, s)):
+    for got, want in zip(grads, ref.sapa_vjp(query, key, value, grad, k, s), strict=True):
         scale = max(1.0, float(np.max(np.abs(want))))
         np.testing.assert_allclose(tf.cast(got, tf.float64) / scale, want / scale,
                                    rtol=tol, atol=tol)
@@ -168,26 +137,12 @@ def test_ops_sapa_compiled_uses_the_fused_op():
 
 
 @needs_fused
-def test_mixed_dtypes_take_the_window_ops():
-    """float32 query/key with a float16 value: the fused op needs one dtype, so ops.sapa
-    composes the window ops (float32 softmax) and returns the value's dtype."""
-    rng = np.random.default_rng(2)
-    query, key, value, _ = _inputs(rng, 1, 3, 4, 6, 8, 2, scale=0.3)
-    out = ops.sapa(query.astype(np.float32), key.astype(np.float32),
-                   value.astype(np.float16), 3, 2, implementation="compiled")
-    assert out.dtype == tf.float16
-    np.testing.assert_allclose(tf.cast(out, tf.float64),
-                               ref.sapa(query, key, value.astype(np.float16), 3, 2),
-                               rtol=1e-2, atol=1e-2)
-
-
-@needs_fused
 def test_fused_backward_is_deterministic():
     rng = np.random.default_rng(3)
     inputs = [t.astype(np.float32) for t in _inputs(rng, 2, 9, 11, 64, 256, 2)]
     first = _fused_grads(*inputs, 5, 2)[1]
     second = _fused_grads(*inputs, 5, 2)[1]
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -203,7 +158,7 @@ def test_second_order_directional_float64():
 
     def inner(q, key_, v, g):
         return float(sum(np.sum(d.numpy() * u)
-                         for d, u in zip(_fused_grads(q, key_, v, g, k, s)[1], ups)))
+                         for d, u in zip(_fused_grads(q, key_, v, g, k, s)[1], ups, strict=True)))
 
     args = [tf.constant(t) for t in (query, key, value, grad)]
     with tf.GradientTape() as tape:
@@ -212,7 +167,7 @@ def test_second_order_directional_float64():
             inner_tape.watch(args[:3])
             out = _compiled.sapa(*args[:3], k, s)
         first = inner_tape.gradient(out, args[:3], output_gradients=args[3])
-        total = tf.add_n([tf.reduce_sum(f * u) for f, u in zip(first, ups)])
+        total = tf.add_n([tf.reduce_sum(f * u) for f, u in zip(first, ups, strict=True)])
     second = tape.gradient(total, args)
     eps = 1e-6
     base = [query, key, value, grad]
@@ -311,17 +266,17 @@ def test_core_builds_and_runs_without_tensorflow(tmp_path):
     rng = np.random.default_rng(9)
     batch, height, width, s, k, dim, channels = 2, 4, 5, 2, 5, 9, 11
     query, key, value, grad = _inputs(rng, batch, height, width, dim, channels, s, 0.5)
-    for name, t in zip("qkvg", (query, key, value, grad)):
+    for name, t in zip("qkvg", (query, key, value, grad), strict=True):
         t.astype(np.float64).tofile(tmp_path / name)
     subprocess.run([str(exe), *map(str, (batch, height, width, s, k, dim, channels)),
                     str(tmp_path)], check=True, timeout=120)
     result = np.fromfile(tmp_path / "result", np.float64)
     want = [ref.sapa(query, key, value, k, s), ref.softmax(ref.similarity(query, key, k, s)),
-            *_reference_grads(query, key, value, grad, k, s)]
+            *ref.sapa_vjp(query, key, value, grad, k, s)]
     sizes = [w.size for w in want]
     assert result.size == 2 * sum(sizes)
     serial, threaded = result[: sum(sizes)], result[sum(sizes):]
     np.testing.assert_array_equal(serial, threaded)  # the split into ranges changes nothing
-    for got, expected in zip(np.split(serial, np.cumsum(sizes)[:-1]), want):
+    for got, expected in zip(np.split(serial, np.cumsum(sizes)[:-1]), want, strict=True):
         np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=1e-10,
                                    atol=1e-10)

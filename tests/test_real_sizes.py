@@ -11,6 +11,11 @@ its own width; ``sapa`` (which the compiled op may run as one fused pass) takes
 ``tf.function(jit_compile=True)``, whose forward is the fused accumulation rather than
 the stacked windows used elsewhere.
 
+The reference VJPs themselves are checked here against central differences of the
+reference forward, at small sizes that include the edge cases (K=1, a window larger than
+the map, a 1x1 map): every gradient test of the suite (here, ``tests/test_fused.py``,
+``tests/multibackend``, the property tests) compares against them.
+
 Inputs come from fixed seeds. Run: ``python -m pytest -q tests/test_real_sizes.py``.
 """
 
@@ -88,7 +93,7 @@ def _assert_close(got, expected, dtype, what):
 
 
 # ------------------------------------------------------------------------ references
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _similarity_case(d, dtype):
     query = _random(100 + d, _high(d), 0.5)
     key = _random(200 + d, _low(d), 0.5)
@@ -99,7 +104,7 @@ def _similarity_case(d, dtype):
     return (query, key), cotangent, expected, grads
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _aggregate_case(c, dtype):
     weights = _random(400 + c, _high(KERNEL * KERNEL), 0.3)
     value = _random(500 + c, _low(c))
@@ -110,7 +115,7 @@ def _aggregate_case(c, dtype):
     return (weights, value), cotangent, expected, grads
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sapa_case(c, d, dtype):
     # Logits of order one: the softmax is neither uniform nor one-hot.
     query = _random(700 + d, _high(d), 1.5 / np.sqrt(d))
@@ -151,7 +156,7 @@ def test_similarity_real_widths(implementation, d, dtype):
         args, cotangent, dtype,
     )
     _assert_close(out, expected, dtype, "similarity")
-    for name, got, want in zip(("d query", "d key"), grads, expected_grads):
+    for name, got, want in zip(("d query", "d key"), grads, expected_grads, strict=True):
         _assert_close(got, want, dtype, name)
 
 
@@ -163,7 +168,7 @@ def test_aggregate_real_widths(implementation, c, dtype):
         args, cotangent, dtype,
     )
     _assert_close(out, expected, dtype, "aggregate")
-    for name, got, want in zip(("d weights", "d value"), grads, expected_grads):
+    for name, got, want in zip(("d weights", "d value"), grads, expected_grads, strict=True):
         _assert_close(got, want, dtype, name)
 
 
@@ -176,32 +181,44 @@ def test_sapa_real_widths(implementation, pair, dtype):
         args, cotangent, dtype,
     )
     _assert_close(out, expected, dtype, "sapa")
-    for name, got, want in zip(("d query", "d key", "d value"), grads, expected_grads):
+    for name, got, want in zip(("d query", "d key", "d value"), grads, expected_grads, strict=True):
         _assert_close(got, want, dtype, name)
 
 
-def test_reference_vjps_match_directional_derivatives():
-    """The reference VJPs against central differences of the reference forward:
-    <vjp(cotangent), direction> == d/de sum(f(x + e * direction) * cotangent)."""
-    k, s, eps = 3, 2, 1e-6
-    shapes = {"q": (1, 4, 6, 3), "k": (1, 2, 3, 3), "v": (1, 2, 3, 5), "w": (1, 4, 6, 9)}
-    arrays = {name: _random(seed, shape) for seed, (name, shape) in enumerate(shapes.items())}
-    directions = {name: _random(10 + seed, shape)
-                  for seed, (name, shape) in enumerate(shapes.items())}
+# (kernel_size, up_factor, batch, height, width, d, channels): the window inside the map,
+# K=1 with s=1 (no padding), a window larger than the map, a 1x1 map, one channel.
+VJP_CASES = [(3, 2, 1, 2, 3, 3, 5), (1, 1, 2, 2, 2, 2, 3), (5, 3, 1, 2, 3, 2, 2),
+             (3, 2, 2, 1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("k,s,batch,height,width,d,c", VJP_CASES)
+def test_reference_vjps_match_directional_derivatives(k, s, batch, height, width, d, c):
+    """The reference VJPs (which the implementations' gradients are checked against,
+    here and in ``tests/multibackend``) against central differences of the reference
+    forward: <vjp(cotangent), direction> == d/de sum(f(x + e * direction) * cotangent),
+    along two random directions per input."""
+    eps = 1e-6
+    high, low = (batch, s * height, s * width), (batch, height, width)
+    shapes = {"q": high + (d,), "k": low + (d,), "v": low + (c,), "w": high + (k * k,)}
+    seed = 1000 * k + 100 * s + 10 * height + width
+    arrays = {name: _random(seed + i, shape) for i, (name, shape) in enumerate(shapes.items())}
 
     def check(fn, vjp, names, out_channels):
-        cotangent = _random(99, (1, 4, 6, out_channels))
+        cotangent = _random(seed + 99, high + (out_channels,))
         args = [arrays[n] for n in names]
         grads = vjp(*args, cotangent, k, s)
         for index, name in enumerate(names):
-            plus = [a + eps * directions[name] if i == index else a for i, a in enumerate(args)]
-            minus = [a - eps * directions[name] if i == index else a for i, a in enumerate(args)]
-            numeric = (np.sum(fn(*plus, k, s) * cotangent)
-                       - np.sum(fn(*minus, k, s) * cotangent)) / (2 * eps)
-            analytic = np.sum(grads[index] * directions[name])
-            np.testing.assert_allclose(analytic, numeric, rtol=1e-7, atol=1e-7,
-                                       err_msg=f"{fn.__name__} d{name}")
+            assert grads[index].shape == args[index].shape
+            for trial in range(2):
+                direction = _random(seed + 10 * index + trial + 50, args[index].shape)
+                plus = [a + eps * direction if i == index else a for i, a in enumerate(args)]
+                minus = [a - eps * direction if i == index else a for i, a in enumerate(args)]
+                numeric = (np.sum(fn(*plus, k, s) * cotangent)
+                           - np.sum(fn(*minus, k, s) * cotangent)) / (2 * eps)
+                analytic = np.sum(grads[index] * direction)
+                np.testing.assert_allclose(analytic, numeric, rtol=1e-7, atol=1e-7,
+                                           err_msg=f"{fn.__name__} d{name}")
 
-    check(ref.similarity, ref.similarity_vjp, ("q", "k"), 9)
-    check(ref.aggregate, ref.aggregate_vjp, ("w", "v"), 5)
-    check(ref.sapa, ref.sapa_vjp, ("q", "k", "v"), 5)
+    check(ref.similarity, ref.similarity_vjp, ("q", "k"), k * k)
+    check(ref.aggregate, ref.aggregate_vjp, ("w", "v"), c)
+    check(ref.sapa, ref.sapa_vjp, ("q", "k", "v"), c)

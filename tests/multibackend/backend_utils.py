@@ -1,6 +1,6 @@
 """Small backend-neutral helpers for the tests in this folder: NumPy conversion,
-gradients through each backend's own autodiff, float64 finite differences, and the
-layer-weight randomisation shared with ``tests/test_layer.py``."""
+gradients through each backend's own autodiff, float64 directional finite differences,
+and the layer-weight randomisation shared with ``tests/test_export.py``."""
 
 import keras
 import numpy as np
@@ -22,7 +22,7 @@ def randomise(layer, rng, scale=0.5):
         if sub is None:
             continue
         new = []
-        for weight, suffix in zip(sub.weights, ("weight", "bias")):
+        for weight, suffix in zip(sub.weights, ("weight", "bias"), strict=False):
             value = rng.standard_normal(weight.shape) * scale
             if name.startswith("norm") and suffix == "weight":
                 value += 1.0
@@ -74,32 +74,14 @@ def _compiled(fn):
     return fn
 
 
-def numeric_vjp(fn, args, cotangent, eps=1e-6):
-    """Central differences of ``sum(fn(*args) * cotangent)``, element by element, in
-    float64 (small arrays only)."""
-    fn = _compiled(fn)
-
-    def scalar(*a):
-        return float(np.sum(to_numpy(fn(*a)) * cotangent))
-
-    grads = []
-    for index, arg in enumerate(args):
-        grad = np.zeros_like(arg)
-        for position in np.ndindex(arg.shape):
-            plus, minus = [a.copy() for a in args], [a.copy() for a in args]
-            plus[index][position] += eps
-            minus[index][position] -= eps
-            grad[position] = (scalar(*plus) - scalar(*minus)) / (2 * eps)
-        grads.append(grad)
-    return grads
-
-
-def directional_derivative(fn, args, directions, cotangent, eps=1e-5):
+def directional_derivative(fn, args, directions, cotangent, eps=1e-5, jit=True):
     """``d/dt sum(fn(args + t * directions) * cotangent)`` at 0 by central
-    differences in float64: the check for tensors too big for element-wise ones."""
-    fn = _compiled(fn)
-    plus = [a + eps * d for a, d in zip(args, directions)]
-    minus = [a - eps * d for a, d in zip(args, directions)]
+    differences in float64. ``jit=False`` for a NumPy ``fn`` (the loop reference),
+    which is never jitted."""
+    if jit:
+        fn = _compiled(fn)
+    plus = [a + eps * d for a, d in zip(args, directions, strict=True)]
+    minus = [a - eps * d for a, d in zip(args, directions, strict=True)]
     return float(
         np.sum((to_numpy(fn(*plus)) - to_numpy(fn(*minus))) * cotangent) / (2 * eps)
     )
