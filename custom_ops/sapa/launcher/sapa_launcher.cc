@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -185,7 +186,7 @@ std::vector<Image> g_images;
 std::map<std::pair<CUdevice, unsigned long long>, DeviceState*> g_devices;
 std::map<CUdevice, HeldPrimary> g_primary;
 int g_module_loads = 0;
-bool g_untiled = false;
+std::atomic<bool> g_untiled{false};
 thread_local std::string t_error;
 thread_local std::string t_last_name;
 thread_local int64_t t_last_grid = 0;
@@ -1313,10 +1314,7 @@ int sapa_device_info(void* stream, int* major, int* minor, char* target, size_t 
   return SAPA_OK;
 }
 
-void sapa_set_untiled(int untiled) {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  g_untiled = untiled != 0;
-}
+void sapa_set_untiled(int untiled) { g_untiled = untiled != 0; }
 
 int sapa_last_launch(char* name, size_t name_size, int64_t* grid, int* block, int* smem) {
   if (name && name_size) std::snprintf(name, name_size, "%s", t_last_name.c_str());
