@@ -2,8 +2,11 @@
 launcher's paths that need no GPU, and the GPU library's build.
 
 - Every kernel instantiation is compiled with NVRTC for every target architecture (a real
-  compile: an error fails the test); skipped, saying so, only when the
-  nvidia-cuda-nvrtc-cu12 wheel is absent.
+  compile: an error fails the test), sm_75 included; ptxas reports no register spill in
+  any kernel on any target, and the PTX's driver requirement is recorded; skipped, saying
+  so, only when the nvidia-cuda-nvrtc-cu12 wheel is absent.
+- The C++ op descriptors (custom_ops/sapa/cc/sapa_optable.inc) are those the op table
+  (keras_sapa/ops/_optable.py) generates.
 - The launcher (built here with g++) is driven through ctypes: no driver found, no image
   for an architecture, image selection, and, against a stand-in libcuda
   (custom_ops/sapa/launcher/testing/fake_libcuda.c) that computes nothing, the kernel it
@@ -38,6 +41,7 @@ def _load(name, path):
 build = _load("keras_sapa_build", os.path.join(ROOT, "custom_ops", "build.py"))
 harness = _load("keras_sapa_gpu_harness", os.path.join(ROOT, "scripts", "gpu_harness.py"))
 
+
 def _targets():
     try:
         import tensorflow as tf
@@ -61,11 +65,20 @@ def _images_of_this_build(targets):
     except (OSError, ValueError):
         return None
     images = info.get("cuda_images") or []
-    if (info.get("cuda_source_hash") != build.cuda_source_hash()
-            or info.get("cuda_targets") != targets
-            or not all(os.path.isfile(os.path.join(LIB_DIR, i)) for i in images)):
+    if (
+        info.get("cuda_source_hash") != build.cuda_source_hash()
+        or info.get("cuda_targets") != targets
+        or not all(os.path.isfile(os.path.join(LIB_DIR, i)) for i in images)
+    ):
         return None
-    return {"nvrtc": info.get("nvrtc"), "targets": targets, "images": images}
+    return {
+        "nvrtc": info.get("nvrtc"),
+        "targets": targets,
+        "images": images,
+        "resources": info.get("cuda_resources"),
+        "ptx_isa": info.get("ptx_isa"),
+        "ptx_min_driver": info.get("ptx_min_driver"),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -104,6 +117,13 @@ def test_targets_cover_tensorflow_and_end_with_ptx():
         assert "sm_" + cap.split("_")[1] in targets, (cap, targets)
 
 
+def test_targets_include_turing(monkeypatch):
+    """sm_75 (T4) gets its own cubin whatever TensorFlow lists, instead of the sm_70 one."""
+    monkeypatch.delenv("KERAS_SAPA_CUDA_TARGETS", raising=False)
+    assert "sm_75" in _targets()
+    assert "sm_75" in build.DEFAULT_TARGETS
+
+
 def test_default_targets_without_tensorflow(monkeypatch):
     monkeypatch.delenv("KERAS_SAPA_CUDA_TARGETS", raising=False)
     assert build.cuda_targets(None) == build.DEFAULT_TARGETS
@@ -131,13 +151,92 @@ def test_every_kernel_compiles_for_every_target(images):
             assert name.encode() in data, (target, name)
 
 
+def test_no_kernel_spills_on_any_target(images):
+    """ptxas ran verbose for every cubin: every kernel of every target has its register
+    and spill counts, and none spills (the build fails otherwise)."""
+    _, targets, result = images
+    resources = result.get("resources")
+    assert resources, "the build recorded no ptxas resource table (rebuild)"
+    cubins = [t for t in targets if t.startswith("sm_")]
+    assert sorted(resources) == sorted(cubins)
+    for target in cubins:
+        kernels = resources[target]["kernels"]
+        assert set(kernels) == set(build.kernel_names()), target
+        assert all(0 < k["registers"] <= 255 for k in kernels.values()), target
+    assert build.spills(resources) == {}, build.spills(resources)
+
+
+def test_ptxas_spills_are_detected():
+    """The spill check reads ptxas's real log: a kernel forced to spill (few registers,
+    a dynamically indexed array) is reported, with its bytes."""
+    if build.find_nvrtc() is None:
+        pytest.skip("the nvidia-cuda-nvrtc-cu12 wheel is not installed")
+    nvrtc = build.Nvrtc(build.find_nvrtc())
+    source = (
+        'extern "C" __global__ void spiller(float* x, int n) {\n'
+        "  float a[48];\n"
+        "  for (int i = 0; i < 48; ++i) a[i] = x[i * n + threadIdx.x];\n"
+        "  float s = 0.f;\n"
+        "  for (int i = 0; i < 48; ++i) s += a[i] * a[(i * 7 + n) % 48] + a[47 - i];\n"
+        "  x[threadIdx.x] = s;\n"
+        "}\n"
+        'extern "C" __global__ void simple(float* x) { x[threadIdx.x] += 1.f; }\n'
+    )
+    _, log = nvrtc.compile(
+        source, "spill.cu", "sm_75", ["--ptxas-options=-v", "--maxrregcount=16"]
+    )
+    table = build.parse_ptxas_log(log)
+    assert set(table) == {"spiller", "simple"}, log
+    assert table["spiller"]["spill_stores"] > 0 and table["spiller"]["spill_loads"] > 0, log
+    assert table["simple"]["spill_stores"] == table["simple"]["spill_loads"] == 0
+    resources = {"sm_75": {"kernels": table}}
+    assert build.spills(resources) == {"sm_75": ["spiller"]}
+
+
+def test_ptx_fallback_states_its_minimum_driver(images):
+    out, targets, result = images
+    ptx = [t for t in targets if t.startswith("compute_")]
+    with open(os.path.join(out, build.image_name(ptx[-1])), "rb") as f:
+        data = f.read()
+    isa = re.search(rb"^\.version\s+(\d+\.\d+)", data, re.MULTILINE).group(1).decode()
+    assert result.get("ptx_isa") == isa
+    cuda, driver = build.PTX_DRIVERS[isa]
+    assert f"CUDA {cuda} driver ({driver}" in result["ptx_min_driver"]
+    # NVRTC writes the PTX ISA of its own CUDA release (12.9: 8.8), so the driver must be
+    # at least that release.
+    assert cuda == result["nvrtc"], (cuda, result["nvrtc"])
+
+
+def test_op_table_header_is_current():
+    """custom_ops/sapa/cc/sapa_optable.inc is what build.py generates from the op table
+    (regenerate with `python custom_ops/build.py --generate`)."""
+    with open(build.OPTABLE_HEADER) as f:
+        assert f.read() == build.render_optable()
+    table = build.load_optable()
+    text = build.render_optable()
+    for op in table.OPS:
+        assert f"constexpr OpSpec k{op.name} = {{" in text
+        assert f'"{op.tf_name}"' in text
+        if op.gradient:
+            assert op.gradient in table.BY_NAME
+            grad = table.BY_NAME[op.gradient]
+            # One gradient per differentiable input, shaped like it.
+            assert [t.name for t in grad.outputs] == ["grad_" + n for n in op.differentiable]
+            shapes = {t.name: t.shape for t in op.inputs}
+            assert [t.shape for t in grad.outputs] == [shapes[n] for n in op.differentiable]
+
+
 def test_nvrtc_reports_a_compile_error():
     if build.find_nvrtc() is None:
         pytest.skip("the nvidia-cuda-nvrtc-cu12 wheel is not installed")
     nvrtc = build.Nvrtc(build.find_nvrtc())
     with pytest.raises(build.BuildError, match="undefined_thing"):
-        nvrtc.compile('extern "C" __global__ void k(float* x) { x[0] = undefined_thing; }',
-                      "broken.cu", "compute_70", [])
+        nvrtc.compile(
+            'extern "C" __global__ void k(float* x) { x[0] = undefined_thing; }',
+            "broken.cu",
+            "compute_70",
+            [],
+        )
 
 
 def test_kernel_sources_have_no_framework_or_runtime_api():
@@ -160,9 +259,22 @@ def launcher_so(tmp_path_factory):
     if shutil.which("g++") is None:
         pytest.skip("no g++ to build the launcher")
     out = tmp_path_factory.mktemp("launcher") / "libsapa_launcher.so"
-    subprocess.run(["g++", "-shared", "-fPIC", "-O1", "-std=c++17", "-Wall", "-Werror",
-                    os.path.join(LAUNCHER_DIR, "sapa_launcher.cc"), "-o", str(out), "-ldl"],
-                   check=True)
+    subprocess.run(
+        [
+            "g++",
+            "-shared",
+            "-fPIC",
+            "-O1",
+            "-std=c++17",
+            "-Wall",
+            "-Werror",
+            os.path.join(LAUNCHER_DIR, "sapa_launcher.cc"),
+            "-o",
+            str(out),
+            "-ldl",
+        ],
+        check=True,
+    )
     return str(out)
 
 
@@ -172,9 +284,18 @@ def fake_driver_so(tmp_path_factory):
     if cc is None:
         pytest.skip("no C compiler for the stand-in driver")
     out = tmp_path_factory.mktemp("fake_driver") / "libcuda_fake.so"
-    subprocess.run([cc, "-shared", "-fPIC", "-O1",
-                    os.path.join(LAUNCHER_DIR, "testing", "fake_libcuda.c"), "-o", str(out)],
-                   check=True)
+    subprocess.run(
+        [
+            cc,
+            "-shared",
+            "-fPIC",
+            "-O1",
+            os.path.join(LAUNCHER_DIR, "testing", "fake_libcuda.c"),
+            "-o",
+            str(out),
+        ],
+        check=True,
+    )
     return str(out)
 
 
@@ -203,8 +324,9 @@ def test_no_driver(fresh_launcher, tmp_path):
     assert info.value.status == harness.SAPA_ERR_NO_DRIVER
     # Launches report the same instead of crashing.
     with pytest.raises(harness.LauncherError) as info:
-        fresh_launcher.call("dot", None, "float32", harness.dims(1, 2, 2, 1, 3, 4),
-                            None, None, None)
+        fresh_launcher.call(
+            "dot", None, "float32", harness.dims(1, 2, 2, 1, 3, 4), None, None, None
+        )
     assert info.value.status in (harness.SAPA_ERR_NO_DRIVER, harness.SAPA_ERR_DRIVER)
 
 
@@ -228,7 +350,9 @@ def test_image_selection_needs_no_gpu(fresh_launcher):
     assert L.select_image(9, 0) == "sm_90"
     assert L.select_image(10, 0) == "compute_90"  # newer GPU: the driver JITs the PTX
     assert L.select_image(12, 0) == "compute_90"
-    with pytest.raises(harness.LauncherError, match=r"no kernel image for this GPU \(sm_52\)") as info:
+    with pytest.raises(
+        harness.LauncherError, match=r"no kernel image for this GPU \(sm_52\)"
+    ) as info:
         L.select_image(5, 2)
     assert info.value.status == harness.SAPA_ERR_NO_IMAGE
     assert "sm_60, sm_70" in str(info.value)
@@ -268,18 +392,22 @@ def test_fake_driver_tiled_launch_sizes(fake, images):
     t = tiles[0]
     assert grid == 4 * (-(-64 // t)) ** 2
     # K = 7 kernels are limited to 256 threads (their registers hold 49 logits).
-    name, grid, block, smem = _launch(L, "forward", "float32", harness.dims(4, 64, 64, 2, 7, 64, 256), 5)
+    name, grid, block, smem = _launch(
+        L, "forward", "float32", harness.dims(4, 64, 64, 2, 7, 64, 256), 5
+    )
     assert name == "sapa_fused_f32_k7" and block <= 256
-    for op, dtype, n, want in (("dot", "float16", 3, "sapa_dot_f16_k5"),
-                               ("softmax_backward", "bfloat16", 4, "sapa_dsoftmax_bf16_k5"),
-                               ("gather", "float64", 3, "sapa_gather_f64"),
-                               ("scatter", "float32", 3, "sapa_scatter_f32"),
-                               ("gather_acc", "float16", 3, "sapa_gather_f16_wacc"),
-                               ("scatter_acc", "bfloat16", 3, "sapa_scatter_bf16_wacc"),
-                               ("gather_acc", "float32", 3, "sapa_gather_f32")):
+    for op, dtype, n, want in (
+        ("dot", "float16", 3, "sapa_dot_f16_k5"),
+        ("softmax_backward", "bfloat16", 4, "sapa_dsoftmax_bf16_k5"),
+        ("gather", "float64", 3, "sapa_gather_f64"),
+        ("scatter", "float32", 3, "sapa_scatter_f32"),
+        ("gather_acc", "float16", 3, "sapa_gather_f16_wacc"),
+        ("scatter_acc", "bfloat16", 3, "sapa_scatter_bf16_wacc"),
+        ("gather_acc", "float32", 3, "sapa_gather_f32"),
+    ):
         name, grid, block, smem = _launch(L, op, dtype, _m1(), n)
         assert name == want
-        assert 0 < grid < 2 ** 31 and 0 < block <= 1024 and smem <= 48 * 1024
+        assert 0 < grid < 2**31 and 0 < block <= 1024 and smem <= 48 * 1024
 
 
 def test_fake_driver_untiled_fallbacks(fake, images):
@@ -307,7 +435,9 @@ def test_fake_driver_no_image_for_the_architecture(fake, images):
     L, driver = fake
     L.load_image_dir(images[0])
     driver.fake_configure(5, 0, 0, 0, 0)  # Maxwell: older than every image
-    with pytest.raises(harness.LauncherError, match=r"no kernel image for this GPU \(sm_50\)") as info:
+    with pytest.raises(
+        harness.LauncherError, match=r"no kernel image for this GPU \(sm_50\)"
+    ) as info:
         _launch(L, "dot", "float32", _m1(), 3)
     assert info.value.status == harness.SAPA_ERR_NO_IMAGE
     driver.fake_configure(12, 0, 0, 0, 0)  # newer than every cubin: the PTX is JIT-compiled
@@ -337,7 +467,9 @@ def test_fake_driver_init_failure(fake_driver_so, fresh_launcher):
     driver = ctypes.CDLL(fake_driver_so)
     driver.fake_configure(8, 0, 100, 0, 0)
     try:
-        with pytest.raises(harness.LauncherError, match="cuInit failed: FAKE_CUDA_ERROR_100") as info:
+        with pytest.raises(
+            harness.LauncherError, match="cuInit failed: FAKE_CUDA_ERROR_100"
+        ) as info:
             fresh_launcher.init(fake_driver_so)
         assert info.value.status == harness.SAPA_ERR_DRIVER
     finally:
@@ -362,13 +494,13 @@ def test_driver_constants_match_cuda_h(tmp_path):
         source = f.read()
     checks = []
     for name, value in re.findall(r"const int ATTR_(\w+) = (\d+);", source):
-        checks.append(f"static_assert(CU_DEVICE_ATTRIBUTE_{name} == {value}, \"{name}\");")
+        checks.append(f'static_assert(CU_DEVICE_ATTRIBUTE_{name} == {value}, "{name}");')
     for name, value in re.findall(r"const int FUNC_ATTR_(\w+) = (\d+);", source):
-        checks.append(f"static_assert(CU_FUNC_ATTRIBUTE_{name} == {value}, \"{name}\");")
+        checks.append(f'static_assert(CU_FUNC_ATTRIBUTE_{name} == {value}, "{name}");')
     for name, value in re.findall(r"const CUresult (CUDA_\w+) = (\d+);", source):
-        checks.append(f"static_assert({name} == {value}, \"{name}\");")
+        checks.append(f'static_assert({name} == {value}, "{name}");')
     for symbol in re.findall(r'Sym\(handle, "(\w+)"', source):
-        checks.append(f"static_assert(sizeof(&{symbol}) > 0, \"{symbol}\");")
+        checks.append(f'static_assert(sizeof(&{symbol}) > 0, "{symbol}");')
     assert len(checks) >= 20
     probe = tmp_path / "probe.cc"
     probe.write_text("#include <cuda.h>\n" + "\n".join(checks) + "\nint main() { return 0; }\n")
@@ -389,12 +521,14 @@ def _built(name):
 def test_gpu_library_links_no_cuda_runtime():
     for name in ("_sapa_ops_gpu.so", "libsapa_launcher.so"):
         path = _built(name)
-        undefined = subprocess.run(["nm", "-D", "--undefined-only", path], capture_output=True,
-                                   text=True, check=True).stdout
+        undefined = subprocess.run(
+            ["nm", "-D", "--undefined-only", path], capture_output=True, text=True, check=True
+        ).stdout
         cuda = [line for line in undefined.split() if re.match(r"_?_?cu(da)?[A-Z]", line)]
         assert not cuda, (name, cuda)
-        needed = subprocess.run(["readelf", "-d", path], capture_output=True, text=True,
-                                check=True).stdout
+        needed = subprocess.run(
+            ["readelf", "-d", path], capture_output=True, text=True, check=True
+        ).stdout
         assert "libcudart" not in needed and "libcuda.so" not in needed
 
 
@@ -404,13 +538,18 @@ def test_gpu_library_loads_into_tensorflow():
     _built("_sapa_ops_gpu.so")
     code = (
         "import os, tensorflow as tf\n"
-        "lib = os.path.join(%r, '_sapa_ops.so')\n"
+        f"lib = os.path.join({LIB_DIR!r}, '_sapa_ops.so')\n"
         "tf.load_op_library(lib)\n"
-        "tf.load_library(os.path.join(%r, '_sapa_ops_gpu.so'))\n"
+        f"tf.load_library(os.path.join({LIB_DIR!r}, '_sapa_ops_gpu.so'))\n"
         "print('loaded')\n"
-    ) % (LIB_DIR, LIB_DIR)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-2000:]
 
 
@@ -418,9 +557,19 @@ def test_harness_without_a_driver_exits_clearly(tmp_path):
     """The harness's no-GPU path: a clear message and exit status 2."""
     _built("libsapa_launcher.so")
     log = tmp_path / "harness.log"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_harness.py"),
-                           "--driver", str(tmp_path / "libcuda.so.1"), "--log", str(log)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "gpu_harness.py"),
+            "--driver",
+            str(tmp_path / "libcuda.so.1"),
+            "--log",
+            str(log),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "cannot run: no driver: no NVIDIA driver" in proc.stdout
     assert "cannot run" in log.read_text()
@@ -429,9 +578,19 @@ def test_harness_without_a_driver_exits_clearly(tmp_path):
 def test_harness_without_a_gpu_backend_exits_clearly(tmp_path, fake_driver_so):
     """With a driver (the stand-in) but no GPU for PyTorch/CuPy: exit status 2."""
     _built("libsapa_launcher.so")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_harness.py"),
-                           "--driver", fake_driver_so, "--log", str(tmp_path / "h.log")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "gpu_harness.py"),
+            "--driver",
+            fake_driver_so,
+            "--log",
+            str(tmp_path / "h.log"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     try:
         import torch
 
@@ -440,7 +599,9 @@ def test_harness_without_a_gpu_backend_exits_clearly(tmp_path, fake_driver_so):
     except ImportError:
         pass
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "no usable PyTorch or CuPy GPU backend" in proc.stdout or "sees no CUDA GPU" in proc.stdout
+    assert (
+        "no usable PyTorch or CuPy GPU backend" in proc.stdout or "sees no CUDA GPU" in proc.stdout
+    )
 
 
 def test_harness_references_agree_with_tests_reference():
@@ -504,8 +665,9 @@ def test_gpu_ops_match_reference_on_the_gpu(dtype):
         tf.config.set_soft_device_placement(soft)
     assert "GPU" in out.device and "GPU" in sim.device
     qr, kr, vr = (np.asarray(tf.cast(tf.cast(x, dtype), tf.float64)) for x in (q, key, v))
-    np.testing.assert_allclose(np.asarray(tf.cast(out, tf.float64)),
-                               reference.sapa(qr, kr, vr, k, s), atol=tol, rtol=tol)
+    np.testing.assert_allclose(
+        np.asarray(tf.cast(out, tf.float64)), reference.sapa(qr, kr, vr, k, s), atol=tol, rtol=tol
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -522,10 +684,23 @@ def emulated_driver_so(tmp_path_factory):
         pytest.skip("no g++ to build the emulated driver")
     testing = os.path.join(LAUNCHER_DIR, "testing")
     out = tmp_path_factory.mktemp("emulated_driver") / "libcuda_emulated.so"
-    subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-w",
-                    "-I" + os.path.join(testing, "emulated_include"),
-                    os.path.join(testing, "emulated_libcuda.cc"), "-o", str(out), "-ldl",
-                    "-lpthread"], check=True)
+    subprocess.run(
+        [
+            "g++",
+            "-std=c++20",
+            "-O1",
+            "-shared",
+            "-fPIC",
+            "-w",
+            "-I" + os.path.join(testing, "emulated_include"),
+            os.path.join(testing, "emulated_libcuda.cc"),
+            "-o",
+            str(out),
+            "-ldl",
+            "-lpthread",
+        ],
+        check=True,
+    )
     return str(out)
 
 
@@ -537,8 +712,12 @@ class HostBackend:
 
     def __init__(self):
         ml_dtypes = pytest.importorskip("ml_dtypes")
-        self.types = {"float32": np.float32, "float16": np.float16,
-                      "bfloat16": ml_dtypes.bfloat16, "float64": np.float64}
+        self.types = {
+            "float32": np.float32,
+            "float16": np.float16,
+            "bfloat16": ml_dtypes.bfloat16,
+            "float64": np.float64,
+        }
 
     def stream_handle(self):
         return None
@@ -575,7 +754,9 @@ def emulated(emulated_driver_so, fresh_launcher):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
-@pytest.mark.parametrize("case", harness.CASES, ids=lambda c: "B%d_%dx%d_s%d_K%d_d%d_C%d" % c)
+@pytest.mark.parametrize(
+    "case", harness.CASES, ids=lambda c: "B{}_{}x{}_s{}_K{}_d{}_C{}".format(*c)
+)
 def test_kernels_match_reference_in_emulation(emulated, dtype, case):
     launcher, driver = emulated
     lines = []
@@ -597,6 +778,7 @@ def test_harness_jax_formulation_matches_reference():
     q = rng.standard_normal((2, 6, 8, 5)).astype(np.float32)
     key = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
     v = rng.standard_normal((2, 3, 4, 7)).astype(np.float32)
-    got = np.asarray(harness.jax_xla_sapa(jnp, jnp.asarray(q), jnp.asarray(key),
-                                          jnp.asarray(v), 3, 2))
+    got = np.asarray(
+        harness.jax_xla_sapa(jnp, jnp.asarray(q), jnp.asarray(key), jnp.asarray(v), 3, 2)
+    )
     np.testing.assert_allclose(got, reference.sapa(q, key, v, 3, 2), rtol=1e-5, atol=1e-5)

@@ -1,29 +1,30 @@
-// The kernel_size / up_factor attributes shared by every keras_sapa op, read and checked
-// the same way by the shape functions (InferenceContext) and the kernels
-// (OpKernelConstruction).
+// The attributes of a keras_sapa op (kernel_size, up_factor, ...), read and checked the
+// same way by the shape functions (InferenceContext) and the kernels
+// (OpKernelConstruction), as the op table describes them (sapa_opspec.h).
 
 #ifndef KERAS_SAPA_SAPA_ATTRS_H_
 #define KERAS_SAPA_SAPA_ATTRS_H_
 
 #include <cstdint>
+#include <string>
 
+#include "sapa_opspec.h"
 #include "tensorflow/core/framework/types.h"
 #include "tensorflow/core/platform/errors.h"
 #include "tensorflow/core/platform/status.h"
 
 namespace keras_sapa {
 
+// Fills attrs[optable::kAttr_<name>] for every attribute of `op`.
 template <typename Context>
-::tensorflow::Status ReadWindowAttrs(Context* ctx, int64_t* kernel_size, int64_t* up_factor) {
-  TF_RETURN_IF_ERROR(ctx->GetAttr("kernel_size", kernel_size));
-  TF_RETURN_IF_ERROR(ctx->GetAttr("up_factor", up_factor));
-  if (*kernel_size < 1 || *kernel_size % 2 == 0) {
-    return tsl::errors::InvalidArgument(
-        "kernel_size must be a positive odd integer. Received: kernel_size=", *kernel_size);
-  }
-  if (*up_factor < 1) {
-    return tsl::errors::InvalidArgument("up_factor must be >= 1. Received: up_factor=",
-                                        *up_factor);
+::tensorflow::Status ReadAttrs(Context* ctx, const OpSpec& op, int64_t* attrs) {
+  for (int i = 0; i < op.num_attrs; ++i) {
+    const AttrSpec& attr = op.attrs[i];
+    int64_t value = 0;
+    TF_RETURN_IF_ERROR(ctx->GetAttr(attr.name, &value));
+    const std::string problem = CheckAttr(attr, value);
+    if (!problem.empty()) return tsl::errors::InvalidArgument(problem);
+    attrs[attr.index] = value;
   }
   return absl::OkStatus();
 }

@@ -17,7 +17,6 @@
 #include <type_traits>
 
 #include "../../kernels/cpu/sapa_cpu.h"
-#include "../sapa_attrs.h"
 #include "sapa_kernels.h"
 #include "sapa_op_kernels.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -39,31 +38,6 @@ inline cpu::ParallelFor Pool(OpKernelContext* ctx) {
   return [workers](int64_t units, int64_t cost_per_unit, const cpu::Range& fn) {
     workers->ParallelFor(units, std::max<int64_t>(cost_per_unit, 1), fn);
   };
-}
-
-inline cpu::Shape CoreShape(const WindowDims& d) {
-  cpu::Shape shape;
-  shape.batch = d.batch;
-  shape.height = d.height;
-  shape.width = d.width;
-  shape.up = d.up;
-  shape.kernel = d.kernel;
-  return shape;
-}
-
-template <typename T>
-void Dot(OpKernelContext* ctx, const WindowDims& d, const T* hi, const T* lo, T* out) {
-  cpu::Dot<T>(Pool(ctx), CoreShape(d), d.channels, hi, lo, out);
-}
-
-template <typename T>
-void Gather(OpKernelContext* ctx, const WindowDims& d, const T* w, const T* lo, T* out) {
-  cpu::Gather<T>(Pool(ctx), CoreShape(d), d.channels, w, lo, out);
-}
-
-template <typename T>
-void Scatter(OpKernelContext* ctx, const WindowDims& d, const T* w, const T* hi, T* out) {
-  cpu::Scatter<T>(Pool(ctx), CoreShape(d), d.channels, w, hi, out);
 }
 
 // float and double compute directly; half and bfloat16 through float copies.
@@ -106,6 +80,36 @@ Status ViaFloat(OpKernelContext* ctx, const T* a, int64_t na, const T* b, int64_
   return absl::OkStatus();
 }
 
+enum Primitive { kDot, kGather, kScatter };
+
+// The window primitive P of the core on (a, b) -> out: directly for float and double, else
+// on float copies with the result rounded once into out. Dot reads (hi, lo) and writes
+// weights, Gather (weights, lo) -> hi, Scatter (weights, hi) -> lo.
+template <Primitive P, typename T>
+Status Window(OpKernelContext* ctx, const WindowDims& d, const T* a, const T* b, T* out) {
+  const int64_t hi = d.high_points() * d.channels, lo = d.low_points() * d.channels;
+  const int64_t w = d.high_points() * d.window();
+  auto core = [&](const auto* x, const auto* y, auto* o) {
+    if constexpr (P == kDot) {
+      cpu::Dot(Pool(ctx), d, d.channels, x, y, o);
+    } else if constexpr (P == kGather) {
+      cpu::Gather(Pool(ctx), d, d.channels, x, y, o);
+    } else {
+      cpu::Scatter(Pool(ctx), d, d.channels, x, y, o);
+    }
+  };
+  if constexpr (Compute<T>::kNative) {
+    core(a, b, out);
+    return absl::OkStatus();
+  } else if constexpr (P == kDot) {
+    return ViaFloat<T>(ctx, a, hi, b, lo, out, w, core);
+  } else if constexpr (P == kGather) {
+    return ViaFloat<T>(ctx, a, w, b, lo, out, hi, core);
+  } else {
+    return ViaFloat<T>(ctx, a, w, b, hi, out, lo, core);
+  }
+}
+
 }  // namespace tf_cpu
 
 namespace functor {
@@ -114,16 +118,7 @@ template <typename T>
 struct WindowDot<CPUDevice, T> {
   Status operator()(OpKernelContext* ctx, const WindowDims& d, const T* hi, const T* lo,
                     T* out) const {
-    if constexpr (tf_cpu::Compute<T>::kNative) {
-      tf_cpu::Dot<T>(ctx, d, hi, lo, out);
-      return absl::OkStatus();
-    } else {
-      return tf_cpu::ViaFloat<T>(ctx, hi, d.high_points() * d.channels, lo,
-                              d.low_points() * d.channels, out, d.high_points() * d.window(),
-                              [&](const float* fh, const float* fl, float* fo) {
-                                tf_cpu::Dot<float>(ctx, d, fh, fl, fo);
-                              });
-    }
+    return tf_cpu::Window<tf_cpu::kDot>(ctx, d, hi, lo, out);
   }
 };
 
@@ -131,16 +126,7 @@ template <typename T>
 struct WindowGather<CPUDevice, T> {
   Status operator()(OpKernelContext* ctx, const WindowDims& d, const T* w, const T* lo,
                     T* out) const {
-    if constexpr (tf_cpu::Compute<T>::kNative) {
-      tf_cpu::Gather<T>(ctx, d, w, lo, out);
-      return absl::OkStatus();
-    } else {
-      return tf_cpu::ViaFloat<T>(ctx, w, d.high_points() * d.window(), lo,
-                              d.low_points() * d.channels, out, d.high_points() * d.channels,
-                              [&](const float* fw, const float* fl, float* fo) {
-                                tf_cpu::Gather<float>(ctx, d, fw, fl, fo);
-                              });
-    }
+    return tf_cpu::Window<tf_cpu::kGather>(ctx, d, w, lo, out);
   }
 };
 
@@ -148,16 +134,7 @@ template <typename T>
 struct WindowScatter<CPUDevice, T> {
   Status operator()(OpKernelContext* ctx, const WindowDims& d, const T* w, const T* hi,
                     T* out) const {
-    if constexpr (tf_cpu::Compute<T>::kNative) {
-      tf_cpu::Scatter<T>(ctx, d, w, hi, out);
-      return absl::OkStatus();
-    } else {
-      return tf_cpu::ViaFloat<T>(ctx, w, d.high_points() * d.window(), hi,
-                              d.high_points() * d.channels, out, d.low_points() * d.channels,
-                              [&](const float* fw, const float* fh, float* fo) {
-                                tf_cpu::Scatter<float>(ctx, d, fw, fh, fo);
-                              });
-    }
+    return tf_cpu::Window<tf_cpu::kScatter>(ctx, d, w, hi, out);
   }
 };
 
@@ -166,21 +143,6 @@ struct WindowScatter<CPUDevice, T> {
 // ------------------------------------------------------------------------ fused ops
 
 namespace tf_cpu {
-
-// Checks the (query, key, value) triple of the fused ops and fills dims (channels
-// excluded); *dim and *channels get d and C.
-inline Status CheckTriple(const Tensor& query, const Tensor& key, const Tensor& value,
-                          int64_t kernel_size, int64_t up_factor, WindowDims* dims,
-                          int64_t* dim, int64_t* channels) {
-  TF_RETURN_IF_ERROR(internal::CheckHighLow(query, "query", key, "key", kernel_size,
-                                            up_factor, dims));
-  TF_RETURN_IF_ERROR(internal::CheckSameChannels(query, "query", key, "key"));
-  TF_RETURN_IF_ERROR(internal::CheckHighLow(query, "query", value, "value", kernel_size,
-                                            up_factor, dims));
-  *dim = key.dim_size(3);
-  *channels = value.dim_size(3);
-  return absl::OkStatus();
-}
 
 // A float (or T) view of an input: the input itself when T is the compute type F, else a
 // converted temporary.
@@ -225,122 +187,64 @@ struct ComputeOut {
 
 }  // namespace tf_cpu
 
-// (output, weights) = SapaForward(query, key, value); F (float or double) is the compute
-// type and the type of the saved weights.
-template <typename T, typename F>
-class SapaOp : public OpKernel {
- public:
-  explicit SapaOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ReadWindowAttrs(ctx, &kernel_size_, &up_factor_));
-  }
+namespace functor {
 
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& query = ctx->input(0);
-    const Tensor& key = ctx->input(1);
-    const Tensor& value = ctx->input(2);
-    WindowDims dims;
-    int64_t dim = 0, channels = 0;
-    OP_REQUIRES_OK(ctx, tf_cpu::CheckTriple(query, key, value, kernel_size_, up_factor_, &dims,
-                                            &dim, &channels));
-    Tensor* out = nullptr;
-    Tensor* weights = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, internal::HighShape(dims, channels), &out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, internal::HighShape(dims, dims.window()),
-                                             &weights));
-    if (weights->NumElements() == 0) return;
+// F (float or double) is the compute type and the type of the saved weights.
+template <typename T, typename F>
+struct SapaForward<CPUDevice, T, F> {
+  Status operator()(OpKernelContext* ctx, const WindowDims& dims, int64_t channels,
+                    const Tensor& query, const Tensor& key, const Tensor& value, Tensor* output,
+                    Tensor* weights) const {
     Tensor tq, tk, tv;
     const F *q = nullptr, *k = nullptr, *v = nullptr;
-    OP_REQUIRES_OK(ctx, (tf_cpu::ComputeView<T, F>(ctx, query, &tq, &q)));
-    OP_REQUIRES_OK(ctx, (tf_cpu::ComputeView<T, F>(ctx, key, &tk, &k)));
-    OP_REQUIRES_OK(ctx, (tf_cpu::ComputeView<T, F>(ctx, value, &tv, &v)));
+    TF_RETURN_IF_ERROR((tf_cpu::ComputeView<T, F>(ctx, query, &tq, &q)));
+    TF_RETURN_IF_ERROR((tf_cpu::ComputeView<T, F>(ctx, key, &tk, &k)));
+    TF_RETURN_IF_ERROR((tf_cpu::ComputeView<T, F>(ctx, value, &tv, &v)));
     tf_cpu::ComputeOut<T, F> o;
-    OP_REQUIRES_OK(ctx, o.Init(ctx, out));
-    cpu::SapaForward<F>(tf_cpu::Pool(ctx), tf_cpu::CoreShape(dims), dim, channels, q, k, v,
-                        o.data, weights->flat<F>().data());
+    TF_RETURN_IF_ERROR(o.Init(ctx, output));
+    cpu::SapaForward<F>(tf_cpu::Pool(ctx), dims, dims.channels, channels, q,
+                        k, v, o.data, weights->flat<F>().data());
     o.Finish(ctx);
+    return absl::OkStatus();
   }
-
- private:
-  int64_t kernel_size_ = 1;
-  int64_t up_factor_ = 1;
 };
 
-// (grad_query, grad_key, grad_value) = SapaBackward(grad, query, key, value, weights).
 template <typename T, typename F>
-class SapaGradOp : public OpKernel {
- public:
-  explicit SapaGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ReadWindowAttrs(ctx, &kernel_size_, &up_factor_));
-  }
-
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& grad = ctx->input(0);
-    const Tensor& query = ctx->input(1);
-    const Tensor& key = ctx->input(2);
-    const Tensor& value = ctx->input(3);
-    const Tensor& weights = ctx->input(4);
-    WindowDims dims;
-    int64_t dim = 0, channels = 0;
-    OP_REQUIRES_OK(ctx, tf_cpu::CheckTriple(query, key, value, kernel_size_, up_factor_, &dims,
-                                            &dim, &channels));
-    OP_REQUIRES_OK(ctx, internal::CheckHighLow(grad, "grad", value, "value", kernel_size_,
-                                               up_factor_, &dims));
-    OP_REQUIRES_OK(ctx, internal::CheckSameChannels(grad, "grad", value, "value"));
-    OP_REQUIRES_OK(ctx, internal::CheckHighLow(weights, "weights", key, "key", kernel_size_,
-                                               up_factor_, &dims));
-    OP_REQUIRES_OK(ctx, internal::CheckWindowChannels(weights, "weights", kernel_size_));
-    Tensor *grad_query = nullptr, *grad_key = nullptr, *grad_value = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, query.shape(), &grad_query));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, key.shape(), &grad_key));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, value.shape(), &grad_value));
-    if (weights.NumElements() == 0) return;
+struct SapaBackward<CPUDevice, T, F> {
+  Status operator()(OpKernelContext* ctx, const WindowDims& dims, int64_t channels,
+                    const Tensor& grad, const Tensor& query, const Tensor& key,
+                    const Tensor& value, const Tensor& weights, Tensor* grad_query,
+                    Tensor* grad_key, Tensor* grad_value) const {
     Tensor tg, tq, tk, tv, dlogits;
     const F *g = nullptr, *q = nullptr, *k = nullptr, *v = nullptr;
-    OP_REQUIRES_OK(ctx, (tf_cpu::ComputeView<T, F>(ctx, grad, &tg, &g)));
-    OP_REQUIRES_OK(ctx, (tf_cpu::ComputeView<T, F>(ctx, query, &tq, &q)));
-    OP_REQUIRES_OK(ctx, (tf_cpu::ComputeView<T, F>(ctx, key, &tk, &k)));
-    OP_REQUIRES_OK(ctx, (tf_cpu::ComputeView<T, F>(ctx, value, &tv, &v)));
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<F>::value,
-                                           TensorShape({weights.NumElements()}), &dlogits));
+    TF_RETURN_IF_ERROR((tf_cpu::ComputeView<T, F>(ctx, grad, &tg, &g)));
+    TF_RETURN_IF_ERROR((tf_cpu::ComputeView<T, F>(ctx, query, &tq, &q)));
+    TF_RETURN_IF_ERROR((tf_cpu::ComputeView<T, F>(ctx, key, &tk, &k)));
+    TF_RETURN_IF_ERROR((tf_cpu::ComputeView<T, F>(ctx, value, &tv, &v)));
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DataTypeToEnum<F>::value,
+                                          TensorShape({weights.NumElements()}), &dlogits));
     tf_cpu::ComputeOut<T, F> dq, dk, dv;
-    OP_REQUIRES_OK(ctx, dq.Init(ctx, grad_query));
-    OP_REQUIRES_OK(ctx, dk.Init(ctx, grad_key));
-    OP_REQUIRES_OK(ctx, dv.Init(ctx, grad_value));
-    cpu::SapaBackward<F>(tf_cpu::Pool(ctx), tf_cpu::CoreShape(dims), dim, channels, g, q, k, v,
-                         weights.flat<F>().data(), dlogits.flat<F>().data(), dq.data, dk.data,
-                         dv.data);
+    TF_RETURN_IF_ERROR(dq.Init(ctx, grad_query));
+    TF_RETURN_IF_ERROR(dk.Init(ctx, grad_key));
+    TF_RETURN_IF_ERROR(dv.Init(ctx, grad_value));
+    cpu::SapaBackward<F>(tf_cpu::Pool(ctx), dims, dims.channels, channels, g,
+                         q, k, v, weights.flat<F>().data(), dlogits.flat<F>().data(), dq.data,
+                         dk.data, dv.data);
     dq.Finish(ctx);
     dk.Finish(ctx);
     dv.Finish(ctx);
+    return absl::OkStatus();
   }
-
- private:
-  int64_t kernel_size_ = 1;
-  int64_t up_factor_ = 1;
 };
 
-#define KERAS_SAPA_REGISTER_FUSED_CPU(T, F)                                                  \
-  REGISTER_KERNEL_BUILDER(Name("KerasSapa>Sapa")                                            \
-                              .Device(tensorflow::DEVICE_CPU)                               \
-                              .TypeConstraint<T>("T")                                       \
-                              .TypeConstraint<F>("Tweights"),                               \
-                          SapaOp<T, F>);                                                    \
-  REGISTER_KERNEL_BUILDER(Name("KerasSapa>SapaGrad")                                        \
-                              .Device(tensorflow::DEVICE_CPU)                               \
-                              .TypeConstraint<T>("T")                                       \
-                              .TypeConstraint<F>("Tweights"),                               \
-                          SapaGradOp<T, F>);
-KERAS_SAPA_REGISTER_FUSED_CPU(float, float);
-KERAS_SAPA_REGISTER_FUSED_CPU(double, double);
-KERAS_SAPA_REGISTER_FUSED_CPU(Eigen::half, float);
-KERAS_SAPA_REGISTER_FUSED_CPU(Eigen::bfloat16, float);
-#undef KERAS_SAPA_REGISTER_FUSED_CPU
+}  // namespace functor
 
-#define KERAS_SAPA_REGISTER_CPU(T) KERAS_SAPA_REGISTER_KERNELS(tensorflow::DEVICE_CPU, CPUDevice, T)
-KERAS_SAPA_REGISTER_CPU(float);
-KERAS_SAPA_REGISTER_CPU(double);
-KERAS_SAPA_REGISTER_CPU(Eigen::half);
-KERAS_SAPA_REGISTER_CPU(Eigen::bfloat16);
-#undef KERAS_SAPA_REGISTER_CPU
+// Every op of the table, for every type it lists, on DEVICE_CPU.
+#define KERAS_SAPA_CPU_KERNEL(NAME, T, F) \
+  KERAS_SAPA_REGISTER_KERNEL_TYPED(tensorflow::DEVICE_CPU, CPUDevice, NAME, T, F)
+#define KERAS_SAPA_CPU_OP(NAME) KERAS_SAPA_OP_TYPES_##NAME(KERAS_SAPA_CPU_KERNEL, NAME)
+KERAS_SAPA_OPS(KERAS_SAPA_CPU_OP)
+#undef KERAS_SAPA_CPU_OP
+#undef KERAS_SAPA_CPU_KERNEL
 
 }  // namespace keras_sapa

@@ -1,6 +1,7 @@
-// Functors of the keras_sapa custom ops, one template per device. The CPU functors are
-// thin adapters of the framework-free kernel core, custom_ops/sapa/kernels/cpu/sapa_cpu.h,
-// which also holds the fused SAPA forward and backward (KerasSapa>Sapa / SapaGrad).
+// Functors of the keras_sapa custom ops, one template per device: the device-generic
+// OpKernels (sapa_op_kernels.h) call them. The CPU functors (sapa_kernels.cc) are thin
+// adapters of the framework-free kernel core, custom_ops/sapa/kernels/cpu/sapa_cpu.h; the
+// GPU ones (sapa_kernels_gpu.cc) hand the stream and pointers to the CUDA launcher.
 //
 // Three window primitives cover the forward and backward passes of both SAPA ops.
 // With hi (B, sH, sW, D) high resolution, lo (B, H, W, D) low resolution and
@@ -28,25 +29,16 @@
 
 #include <cstdint>
 
+#include "../../kernels/cpu/sapa_cpu.h"
 #include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
 
 namespace keras_sapa {
 
-// Sizes of one call. All products are formed in int64.
-struct WindowDims {
-  int64_t batch = 0;
-  int64_t height = 0;    // low-resolution H
-  int64_t width = 0;     // low-resolution W
-  int64_t up = 1;        // s
-  int64_t kernel = 1;    // K (odd)
-  int64_t channels = 0;  // D of hi and lo
-
-  int64_t radius() const { return kernel / 2; }
-  int64_t window() const { return kernel * kernel; }
-  int64_t high_height() const { return height * up; }
-  int64_t high_width() const { return width * up; }
-  int64_t low_points() const { return batch * height * width; }
-  int64_t high_points() const { return batch * height * width * up * up; }
+// Sizes of one call: the kernel core's shape (batch, low-resolution height and width, up,
+// kernel; products in int64) and the channel count D of hi and lo.
+struct WindowDims : cpu::Shape {
+  int64_t channels = 0;
 };
 
 // Device tag of the CUDA functors (the host files never need Eigen's GPU headers).
@@ -73,6 +65,29 @@ struct WindowScatter {
   // w (B,sH,sW,K*K), hi (B,sH,sW,D) -> out (B,H,W,D).
   tensorflow::Status operator()(tensorflow::OpKernelContext* ctx, const WindowDims& dims,
                                 const T* w, const T* hi, T* out) const;
+};
+
+// The fused pair, F the accumulation type of the saved weights (float for half and
+// bfloat16). dims.channels is d (query and key); channels is C (value, output).
+template <typename Device, typename T, typename F>
+struct SapaForward {
+  // query, key, value -> output (B,sH,sW,C), weights (B,sH,sW,K*K).
+  tensorflow::Status operator()(tensorflow::OpKernelContext* ctx, const WindowDims& dims,
+                                int64_t channels, const tensorflow::Tensor& query,
+                                const tensorflow::Tensor& key, const tensorflow::Tensor& value,
+                                tensorflow::Tensor* output, tensorflow::Tensor* weights) const;
+};
+
+template <typename Device, typename T, typename F>
+struct SapaBackward {
+  // grad, query, key, value, weights -> grad_query, grad_key, grad_value.
+  tensorflow::Status operator()(tensorflow::OpKernelContext* ctx, const WindowDims& dims,
+                                int64_t channels, const tensorflow::Tensor& grad,
+                                const tensorflow::Tensor& query, const tensorflow::Tensor& key,
+                                const tensorflow::Tensor& value,
+                                const tensorflow::Tensor& weights,
+                                tensorflow::Tensor* grad_query, tensorflow::Tensor* grad_key,
+                                tensorflow::Tensor* grad_value) const;
 };
 
 }  // namespace functor

@@ -3,9 +3,9 @@
 // (custom_ops/sapa/launcher/), which runs the NVRTC-built kernels through the driver API.
 // Compiled with g++ alone: no CUDA headers, no CUDA runtime, no nvcc.
 //
-// The window ops' kernels (shape checks, output allocation) are the device-generic ones of
-// sapa_op_kernels.h; this file supplies their GpuTag functors, and the GPU kernels of the
-// fused KerasSapa>Sapa / SapaGrad (one fused forward launch; the backward is the logits
+// The kernels (shape checks, output allocation) are the device-generic ones of
+// sapa_op_kernels.h; this file supplies their GpuTag functors: the window primitives and
+// the fused KerasSapa>Sapa / SapaGrad (one fused forward launch; the backward is the logits
 // gradient, then three deterministic gathers). The kernel images are looked up once, in
 // the directory of this library (keras_sapa/_lib/).
 
@@ -83,42 +83,6 @@ SapaDims Dims(const WindowDims& d) {
   return out;
 }
 
-// Runs launcher(stream, dtype, dims, a, b, out) and turns its status into a Status.
-template <typename T, typename Launch>
-tensorflow::Status Call(tensorflow::OpKernelContext* ctx, const WindowDims& dims,
-                        Launch launch, const T* a, const T* b, T* out) {
-  TF_RETURN_IF_ERROR(LoadImages());
-  void* stream = nullptr;
-  TF_RETURN_IF_ERROR(Stream(ctx, &stream));
-  const SapaDims d = Dims(dims);
-  const int status = launch(stream, Dtype<T>::value, &d, a, b, out);
-  if (status != SAPA_OK) {
-    return tsl::errors::Internal("keras_sapa GPU kernel failed (status ", status,
-                                 "): ", sapa_last_error());
-  }
-  return absl::OkStatus();
-}
-
-// Checks query (B,sH,sW,d), key (B,H,W,d), value (B,H,W,C); fills dims (channels = d)
-// and *channels = C.
-tensorflow::Status CheckTriple(const Tensor& query, const Tensor& key, const Tensor& value,
-                               int64_t kernel_size, int64_t up_factor, WindowDims* dims,
-                               int64_t* channels) {
-  TF_RETURN_IF_ERROR(internal::CheckHighLow(query, "query", key, "key", kernel_size, up_factor,
-                                            dims));
-  TF_RETURN_IF_ERROR(internal::CheckSameChannels(query, "query", key, "key"));
-  if (value.dims() != 4 || value.dim_size(0) != key.dim_size(0) ||
-      value.dim_size(1) != key.dim_size(1) || value.dim_size(2) != key.dim_size(2)) {
-    return tsl::errors::InvalidArgument(
-        "value must be (batch, height, width, channels) with the batch and spatial size of "
-        "key. Received: value.shape=", value.shape().DebugString(),
-        ", key.shape=", key.shape().DebugString());
-  }
-  dims->channels = key.dim_size(3);
-  *channels = value.dim_size(3);
-  return absl::OkStatus();
-}
-
 tensorflow::Status Launched(int status) {
   if (status != SAPA_OK) {
     return tsl::errors::Internal("keras_sapa GPU kernel failed (status ", status, "): ",
@@ -127,159 +91,106 @@ tensorflow::Status Launched(int status) {
   return absl::OkStatus();
 }
 
-// (output, weights) = fused forward; F is the type of the weights (the accumulation type).
-template <typename T, typename F>
-class SapaGpuOp : public OpKernel {
- public:
-  explicit SapaGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ReadWindowAttrs(ctx, &kernel_size_, &up_factor_));
-  }
+// The images loaded and the op's CUstream.
+tensorflow::Status Prepare(tensorflow::OpKernelContext* ctx, void** stream) {
+  TF_RETURN_IF_ERROR(LoadImages());
+  return Stream(ctx, stream);
+}
 
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& query = ctx->input(0);
-    const Tensor& key = ctx->input(1);
-    const Tensor& value = ctx->input(2);
-    WindowDims dims;
-    int64_t channels = 0;
-    OP_REQUIRES_OK(ctx, CheckTriple(query, key, value, kernel_size_, up_factor_, &dims,
-                                    &channels));
-    Tensor* out = nullptr;
-    Tensor* weights = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, internal::HighShape(dims, channels), &out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, internal::HighShape(dims, dims.window()),
-                                             &weights));
-    if (weights->NumElements() == 0) return;
-    OP_REQUIRES_OK(ctx, LoadImages());
-    void* stream = nullptr;
-    OP_REQUIRES_OK(ctx, Stream(ctx, &stream));
-    SapaDims d = Dims(dims);
-    d.channels_v = channels;
-    OP_REQUIRES_OK(ctx, Launched(sapa_forward(stream, Dtype<T>::value, &d,
-                                              query.flat<T>().data(), key.flat<T>().data(),
-                                              value.flat<T>().data(), out->flat<T>().data(),
-                                              weights->flat<F>().data())));
-  }
-
- private:
-  int64_t kernel_size_ = 1;
-  int64_t up_factor_ = 1;
-};
-
-// (grad_query, grad_key, grad_value): dlogits = weights * (Dot(grad, v) - <weights, .>),
-// then grad_query = Gather(dlogits, key), grad_key = Scatter(dlogits, query),
-// grad_value = Scatter(weights, grad).
-template <typename T, typename F>
-class SapaGradGpuOp : public OpKernel {
- public:
-  explicit SapaGradGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ReadWindowAttrs(ctx, &kernel_size_, &up_factor_));
-  }
-
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& grad = ctx->input(0);
-    const Tensor& query = ctx->input(1);
-    const Tensor& key = ctx->input(2);
-    const Tensor& value = ctx->input(3);
-    const Tensor& weights = ctx->input(4);
-    WindowDims dims;
-    int64_t channels = 0;
-    OP_REQUIRES_OK(ctx, CheckTriple(query, key, value, kernel_size_, up_factor_, &dims,
-                                    &channels));
-    WindowDims check = dims;
-    OP_REQUIRES_OK(ctx, internal::CheckHighLow(grad, "grad", value, "value", kernel_size_,
-                                               up_factor_, &check));
-    OP_REQUIRES_OK(ctx, internal::CheckSameChannels(grad, "grad", value, "value"));
-    OP_REQUIRES_OK(ctx, internal::CheckHighLow(weights, "weights", key, "key", kernel_size_,
-                                               up_factor_, &check));
-    OP_REQUIRES_OK(ctx, internal::CheckWindowChannels(weights, "weights", kernel_size_));
-    Tensor *grad_query = nullptr, *grad_key = nullptr, *grad_value = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, query.shape(), &grad_query));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, key.shape(), &grad_key));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, value.shape(), &grad_value));
-    if (weights.NumElements() == 0) return;
-    OP_REQUIRES_OK(ctx, LoadImages());
-    void* stream = nullptr;
-    OP_REQUIRES_OK(ctx, Stream(ctx, &stream));
-    Tensor dlogits;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DataTypeToEnum<F>::value,
-                                           weights.shape(), &dlogits));
-    const int dtype = Dtype<T>::value;
-    SapaDims dq = Dims(dims);  // query/key channels
-    SapaDims dv = dq;          // value channels
-    dv.channels = channels;
-    dv.channels_v = channels;
-    const F* w = weights.flat<F>().data();
-    F* dl = dlogits.flat<F>().data();
-    OP_REQUIRES_OK(ctx, Launched(sapa_softmax_backward(stream, dtype, &dv, grad.flat<T>().data(),
-                                                       value.flat<T>().data(), w, dl)));
-    OP_REQUIRES_OK(ctx, Launched(sapa_gather_acc(stream, dtype, &dq, dl, key.flat<T>().data(),
-                                                 grad_query->flat<T>().data())));
-    OP_REQUIRES_OK(ctx, Launched(sapa_scatter_acc(stream, dtype, &dq, dl,
-                                                  query.flat<T>().data(),
-                                                  grad_key->flat<T>().data())));
-    OP_REQUIRES_OK(ctx, Launched(sapa_scatter_acc(stream, dtype, &dv, w, grad.flat<T>().data(),
-                                                  grad_value->flat<T>().data())));
-  }
-
- private:
-  int64_t kernel_size_ = 1;
-  int64_t up_factor_ = 1;
-};
+// A window primitive: launch(stream, dtype, dims, a, b, out).
+template <typename T>
+tensorflow::Status Window(tensorflow::OpKernelContext* ctx, const WindowDims& dims,
+                          decltype(&sapa_dot) launch, const T* a, const T* b, T* out) {
+  void* stream = nullptr;
+  TF_RETURN_IF_ERROR(Prepare(ctx, &stream));
+  const SapaDims d = Dims(dims);
+  return Launched(launch(stream, Dtype<T>::value, &d, a, b, out));
+}
 
 }  // namespace gpu_adapter
 
 namespace functor {
 
-#define KERAS_SAPA_GPU_FUNCTORS(T)                                                          \
-  template <>                                                                               \
-  tensorflow::Status WindowDot<GpuTag, T>::operator()(                                      \
-      tensorflow::OpKernelContext* ctx, const WindowDims& dims, const T* hi, const T* lo,   \
-      T* out) const {                                                                       \
-    return gpu_adapter::Call<T>(ctx, dims, sapa_dot, hi, lo, out);                          \
-  }                                                                                         \
-  template <>                                                                               \
-  tensorflow::Status WindowGather<GpuTag, T>::operator()(                                   \
-      tensorflow::OpKernelContext* ctx, const WindowDims& dims, const T* w, const T* lo,    \
-      T* out) const {                                                                       \
-    return gpu_adapter::Call<T>(ctx, dims, sapa_gather, w, lo, out);                        \
-  }                                                                                         \
-  template <>                                                                               \
-  tensorflow::Status WindowScatter<GpuTag, T>::operator()(                                  \
-      tensorflow::OpKernelContext* ctx, const WindowDims& dims, const T* w, const T* hi,    \
-      T* out) const {                                                                       \
-    return gpu_adapter::Call<T>(ctx, dims, sapa_scatter, w, hi, out);                       \
+template <typename T>
+struct WindowDot<GpuTag, T> {
+  Status operator()(OpKernelContext* ctx, const WindowDims& d, const T* hi, const T* lo,
+                    T* out) const {
+    return gpu_adapter::Window<T>(ctx, d, sapa_dot, hi, lo, out);
   }
+};
 
-KERAS_SAPA_GPU_FUNCTORS(float)
-KERAS_SAPA_GPU_FUNCTORS(double)
-KERAS_SAPA_GPU_FUNCTORS(Eigen::half)
-KERAS_SAPA_GPU_FUNCTORS(Eigen::bfloat16)
-#undef KERAS_SAPA_GPU_FUNCTORS
+template <typename T>
+struct WindowGather<GpuTag, T> {
+  Status operator()(OpKernelContext* ctx, const WindowDims& d, const T* w, const T* lo,
+                    T* out) const {
+    return gpu_adapter::Window<T>(ctx, d, sapa_gather, w, lo, out);
+  }
+};
+
+template <typename T>
+struct WindowScatter<GpuTag, T> {
+  Status operator()(OpKernelContext* ctx, const WindowDims& d, const T* w, const T* hi,
+                    T* out) const {
+    return gpu_adapter::Window<T>(ctx, d, sapa_scatter, w, hi, out);
+  }
+};
+
+// One fused forward launch; F is the type of the weights (the accumulation type).
+template <typename T, typename F>
+struct SapaForward<GpuTag, T, F> {
+  Status operator()(OpKernelContext* ctx, const WindowDims& dims, int64_t channels,
+                    const Tensor& query, const Tensor& key, const Tensor& value, Tensor* output,
+                    Tensor* weights) const {
+    void* stream = nullptr;
+    TF_RETURN_IF_ERROR(gpu_adapter::Prepare(ctx, &stream));
+    SapaDims d = gpu_adapter::Dims(dims);
+    d.channels_v = channels;
+    return gpu_adapter::Launched(sapa_forward(
+        stream, gpu_adapter::Dtype<T>::value, &d, query.flat<T>().data(), key.flat<T>().data(),
+        value.flat<T>().data(), output->flat<T>().data(), weights->flat<F>().data()));
+  }
+};
+
+// dlogits = weights * (Dot(grad, v) - <weights, .>), then grad_query = Gather(dlogits,
+// key), grad_key = Scatter(dlogits, query), grad_value = Scatter(weights, grad).
+template <typename T, typename F>
+struct SapaBackward<GpuTag, T, F> {
+  Status operator()(OpKernelContext* ctx, const WindowDims& dims, int64_t channels,
+                    const Tensor& grad, const Tensor& query, const Tensor& key,
+                    const Tensor& value, const Tensor& weights, Tensor* grad_query,
+                    Tensor* grad_key, Tensor* grad_value) const {
+    void* stream = nullptr;
+    TF_RETURN_IF_ERROR(gpu_adapter::Prepare(ctx, &stream));
+    Tensor dlogits;
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DataTypeToEnum<F>::value,
+                                          weights.shape(), &dlogits));
+    const int dtype = gpu_adapter::Dtype<T>::value;
+    SapaDims dq = gpu_adapter::Dims(dims);  // query/key channels
+    SapaDims dv = dq;                       // value channels
+    dv.channels = channels;
+    dv.channels_v = channels;
+    const F* w = weights.flat<F>().data();
+    F* dl = dlogits.flat<F>().data();
+    using gpu_adapter::Launched;
+    TF_RETURN_IF_ERROR(Launched(sapa_softmax_backward(stream, dtype, &dv, grad.flat<T>().data(),
+                                                      value.flat<T>().data(), w, dl)));
+    TF_RETURN_IF_ERROR(Launched(sapa_gather_acc(stream, dtype, &dq, dl, key.flat<T>().data(),
+                                                grad_query->flat<T>().data())));
+    TF_RETURN_IF_ERROR(Launched(sapa_scatter_acc(stream, dtype, &dq, dl, query.flat<T>().data(),
+                                                 grad_key->flat<T>().data())));
+    return Launched(sapa_scatter_acc(stream, dtype, &dv, w, grad.flat<T>().data(),
+                                     grad_value->flat<T>().data()));
+  }
+};
 
 }  // namespace functor
 
-#define KERAS_SAPA_REGISTER_GPU(T) KERAS_SAPA_REGISTER_KERNELS(tensorflow::DEVICE_GPU, GpuTag, T)
-KERAS_SAPA_REGISTER_GPU(float);
-KERAS_SAPA_REGISTER_GPU(double);
-KERAS_SAPA_REGISTER_GPU(Eigen::half);
-KERAS_SAPA_REGISTER_GPU(Eigen::bfloat16);
-#undef KERAS_SAPA_REGISTER_GPU
-
-#define KERAS_SAPA_REGISTER_FUSED_GPU(T, F)                                                  \
-  REGISTER_KERNEL_BUILDER(Name("KerasSapa>Sapa")                                            \
-                              .Device(tensorflow::DEVICE_GPU)                               \
-                              .TypeConstraint<T>("T")                                       \
-                              .TypeConstraint<F>("Tweights"),                               \
-                          gpu_adapter::SapaGpuOp<T, F>);                                    \
-  REGISTER_KERNEL_BUILDER(Name("KerasSapa>SapaGrad")                                        \
-                              .Device(tensorflow::DEVICE_GPU)                               \
-                              .TypeConstraint<T>("T")                                       \
-                              .TypeConstraint<F>("Tweights"),                               \
-                          gpu_adapter::SapaGradGpuOp<T, F>);
-KERAS_SAPA_REGISTER_FUSED_GPU(float, float);
-KERAS_SAPA_REGISTER_FUSED_GPU(double, double);
-KERAS_SAPA_REGISTER_FUSED_GPU(Eigen::half, float);
-KERAS_SAPA_REGISTER_FUSED_GPU(Eigen::bfloat16, float);
-#undef KERAS_SAPA_REGISTER_FUSED_GPU
+// Every op of the table, for every type it lists, on DEVICE_GPU.
+#define KERAS_SAPA_GPU_KERNEL(NAME, T, F) \
+  KERAS_SAPA_REGISTER_KERNEL_TYPED(tensorflow::DEVICE_GPU, GpuTag, NAME, T, F)
+#define KERAS_SAPA_GPU_OP(NAME) KERAS_SAPA_OP_TYPES_##NAME(KERAS_SAPA_GPU_KERNEL, NAME)
+KERAS_SAPA_OPS(KERAS_SAPA_GPU_OP)
+#undef KERAS_SAPA_GPU_OP
+#undef KERAS_SAPA_GPU_KERNEL
 
 }  // namespace keras_sapa

@@ -1,5 +1,12 @@
 // Device-generic OpKernels of the keras_sapa ops. Included by the CPU kernel file (which
-// registers them for DEVICE_CPU) and by the GPU registration file (DEVICE_GPU).
+// registers them for DEVICE_CPU) and by the GPU adapter (DEVICE_GPU), each supplying the
+// device functors of sapa_kernels.h.
+//
+// One kernel template, TableOp<Body, Device, T, F>, serves every op of the table
+// (sapa_opspec.h): it reads and checks the attributes, binds the size symbols from the
+// inputs (an InvalidArgument naming the input and its shape otherwise), allocates every
+// output from the table's shapes and hands the call to the op's Body, which names the
+// functors it runs. Adding an op = a table entry, a Body and its functors.
 
 #ifndef KERAS_SAPA_KERNELS_SAPA_OP_KERNELS_H_
 #define KERAS_SAPA_KERNELS_SAPA_OP_KERNELS_H_
@@ -7,6 +14,7 @@
 #include <string>
 
 #include "../sapa_attrs.h"
+#include "../sapa_opspec.h"
 #include "sapa_kernels.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -21,225 +29,176 @@ using ::tensorflow::Status;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 
-namespace internal {
+constexpr int kMaxOutputs = 4;
 
-// Checks that `high` is (B, s*H, s*W, *) for `low` (B, H, W, *) and fills dims
-// (channels excluded).
-inline Status CheckHighLow(const Tensor& high, const char* high_name, const Tensor& low,
-                           const char* low_name, int64_t kernel_size, int64_t up_factor,
-                           WindowDims* dims) {
-  if (high.dims() != 4 || low.dims() != 4) {
-    return tsl::errors::InvalidArgument(
-        high_name, " and ", low_name, " must be rank-4 (batch, height, width, channels). Received: ",
-        high_name, ".shape=", high.shape().DebugString(), ", ", low_name,
-        ".shape=", low.shape().DebugString());
+// One call of an op: its context, the bound sizes and the allocated outputs.
+struct Call {
+  OpKernelContext* ctx;
+  const OpSpec& op;
+  Sizes sizes;
+  Tensor* outputs[kMaxOutputs] = {};
+
+  const Tensor& in(int i) const { return ctx->input(i); }
+  Tensor* out(int i) const { return outputs[i]; }
+  int64_t size(const char* symbol) const { return sizes.Symbol(op, symbol); }
+  template <typename T>
+  const T* in_data(int i) const { return in(i).flat<T>().data(); }
+  template <typename T>
+  T* out_data(int i) const { return outputs[i]->flat<T>().data(); }
+  // fn() unless output i has no elements.
+  template <typename Fn>
+  Status Unless0(int i, Fn fn) const {
+    return outputs[i]->NumElements() == 0 ? absl::OkStatus() : fn();
   }
-  if (high.dim_size(0) != low.dim_size(0) ||
-      high.dim_size(1) != low.dim_size(1) * up_factor ||
-      high.dim_size(2) != low.dim_size(2) * up_factor) {
-    return tsl::errors::InvalidArgument(
-        high_name, " must have the batch size of ", low_name, " and exactly up_factor=",
-        up_factor, " times its height and width. Received: ", high_name, ".shape=",
-        high.shape().DebugString(), ", ", low_name, ".shape=", low.shape().DebugString());
+
+  // The window sizes with `channels` as the high/low channel count.
+  WindowDims dims(int64_t channels) const {
+    WindowDims d;
+    d.batch = size("B");
+    d.height = size("H");
+    d.width = size("W");
+    d.up = sizes.attrs[optable::kAttr_up_factor];
+    d.kernel = sizes.attrs[optable::kAttr_kernel_size];
+    d.channels = channels;
+    return d;
   }
-  dims->batch = low.dim_size(0);
-  dims->height = low.dim_size(1);
-  dims->width = low.dim_size(2);
-  dims->up = up_factor;
-  dims->kernel = kernel_size;
-  return absl::OkStatus();
-}
 
-inline Status CheckWindowChannels(const Tensor& weights, const char* name, int64_t kernel_size) {
-  if (weights.dim_size(3) != kernel_size * kernel_size) {
-    return tsl::errors::InvalidArgument(name, " must have kernel_size**2=",
-                                        kernel_size * kernel_size, " channels. Received: ",
-                                        name, ".shape=", weights.shape().DebugString());
+  // Binds the sizes from the inputs and allocates every output.
+  Status Prepare() {
+    const int64_t* shapes[kMaxRank + 4];
+    int ranks[kMaxRank + 4];
+    int64_t storage[kMaxRank + 4][kMaxRank];
+    for (int i = 0; i < op.num_inputs; ++i) {
+      const Tensor& t = in(i);
+      ranks[i] = t.dims();
+      if (ranks[i] > kMaxRank) ranks[i] = kMaxRank + 1;  // reported as a rank error
+      for (int j = 0; j < t.dims() && j < kMaxRank; ++j) storage[i][j] = t.dim_size(j);
+      shapes[i] = storage[i];
+    }
+    const std::string problem = BindInputs(op, shapes, ranks, &sizes);
+    if (!problem.empty()) return tsl::errors::InvalidArgument(problem);
+    for (int k = 0; k < op.num_outputs; ++k) {
+      int64_t dims[kMaxRank];
+      OutputShape(op, k, sizes, dims);
+      TensorShape shape;
+      for (int j = 0; j < op.outputs[k].rank; ++j) shape.AddDim(dims[j]);
+      TF_RETURN_IF_ERROR(ctx->allocate_output(k, shape, &outputs[k]));
+    }
+    return absl::OkStatus();
   }
-  return absl::OkStatus();
-}
+};
 
-inline Status CheckSameShape(const Tensor& a, const char* a_name, const Tensor& b,
-                             const char* b_name) {
-  if (a.shape() != b.shape()) {
-    return tsl::errors::InvalidArgument(a_name, " and ", b_name,
-                                        " must have the same shape. Received: ", a_name,
-                                        ".shape=", a.shape().DebugString(), ", ", b_name,
-                                        ".shape=", b.shape().DebugString());
-  }
-  return absl::OkStatus();
-}
-
-inline Status CheckSameChannels(const Tensor& a, const char* a_name, const Tensor& b,
-                                const char* b_name) {
-  if (a.dim_size(3) != b.dim_size(3)) {
-    return tsl::errors::InvalidArgument(a_name, " and ", b_name,
-                                        " must have the same number of channels. Received: ",
-                                        a_name, ".shape=", a.shape().DebugString(), ", ",
-                                        b_name, ".shape=", b.shape().DebugString());
-  }
-  return absl::OkStatus();
-}
-
-inline TensorShape HighShape(const WindowDims& d, int64_t channels) {
-  return TensorShape({d.batch, d.high_height(), d.high_width(), channels});
-}
-
-}  // namespace internal
-
-// similarity = Dot(query, key).
-template <typename Device, typename T>
-class SimilarityOp : public OpKernel {
+template <typename Body, typename Device, typename T, typename F>
+class TableOp : public OpKernel {
  public:
-  explicit SimilarityOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ReadWindowAttrs(ctx, &kernel_size_, &up_factor_));
+  explicit TableOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadAttrs(ctx, Body::kSpec, attrs_));
   }
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& query = ctx->input(0);
-    const Tensor& key = ctx->input(1);
-    WindowDims dims;
-    OP_REQUIRES_OK(ctx, internal::CheckHighLow(query, "query", key, "key", kernel_size_,
-                                               up_factor_, &dims));
-    OP_REQUIRES_OK(ctx, internal::CheckSameChannels(query, "query", key, "key"));
-    dims.channels = key.dim_size(3);
-    Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, internal::HighShape(dims, dims.window()), &out));
-    if (out->NumElements() == 0) return;
-    OP_REQUIRES_OK(ctx, functor::WindowDot<Device, T>()(ctx, dims, query.flat<T>().data(),
-                                                         key.flat<T>().data(),
-                                                         out->flat<T>().data()));
+    Call call{ctx, Body::kSpec};
+    for (int i = 0; i < kMaxAttrs; ++i) call.sizes.attrs[i] = attrs_[i];
+    OP_REQUIRES_OK(ctx, call.Prepare());
+    OP_REQUIRES_OK(ctx, (Body::template Run<Device, T, F>(call)));
   }
 
  private:
-  int64_t kernel_size_ = 1;
-  int64_t up_factor_ = 1;
+  int64_t attrs_[kMaxAttrs] = {};
+};
+
+// ------------------------------------------------------------------------- op bodies
+// Each names the functors its op runs; outputs with no elements are left alone.
+
+// similarity = Dot(query, key).
+struct SimilarityBody {
+  static constexpr const OpSpec& kSpec = optable::kSimilarity;
+  template <typename Device, typename T, typename F>
+  static Status Run(const Call& c) {
+    return c.Unless0(0, [&] {
+      return functor::WindowDot<Device, T>()(c.ctx, c.dims(c.size("d")), c.in_data<T>(0),
+                                             c.in_data<T>(1), c.out_data<T>(0));
+    });
+  }
 };
 
 // (grad_query, grad_key) = (Gather(grad, key), Scatter(grad, query)).
-template <typename Device, typename T>
-class SimilarityGradOp : public OpKernel {
- public:
-  explicit SimilarityGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ReadWindowAttrs(ctx, &kernel_size_, &up_factor_));
+struct SimilarityGradBody {
+  static constexpr const OpSpec& kSpec = optable::kSimilarityGrad;
+  template <typename Device, typename T, typename F>
+  static Status Run(const Call& c) {
+    const WindowDims d = c.dims(c.size("d"));
+    const T *grad = c.in_data<T>(0), *query = c.in_data<T>(1), *key = c.in_data<T>(2);
+    TF_RETURN_IF_ERROR(c.Unless0(0, [&] {
+      return functor::WindowGather<Device, T>()(c.ctx, d, grad, key, c.out_data<T>(0));
+    }));
+    return c.Unless0(1, [&] {
+      return functor::WindowScatter<Device, T>()(c.ctx, d, grad, query, c.out_data<T>(1));
+    });
   }
-
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& grad = ctx->input(0);
-    const Tensor& query = ctx->input(1);
-    const Tensor& key = ctx->input(2);
-    WindowDims dims;
-    OP_REQUIRES_OK(ctx, internal::CheckHighLow(query, "query", key, "key", kernel_size_,
-                                               up_factor_, &dims));
-    OP_REQUIRES_OK(ctx, internal::CheckSameChannels(query, "query", key, "key"));
-    OP_REQUIRES_OK(ctx, internal::CheckHighLow(grad, "grad", key, "key", kernel_size_,
-                                               up_factor_, &dims));
-    OP_REQUIRES_OK(ctx, internal::CheckWindowChannels(grad, "grad", kernel_size_));
-    dims.channels = key.dim_size(3);
-    Tensor* grad_query = nullptr;
-    Tensor* grad_key = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, query.shape(), &grad_query));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, key.shape(), &grad_key));
-    if (grad_query->NumElements() > 0) {
-      OP_REQUIRES_OK(ctx, functor::WindowGather<Device, T>()(
-                              ctx, dims, grad.flat<T>().data(), key.flat<T>().data(),
-                              grad_query->flat<T>().data()));
-    }
-    if (grad_key->NumElements() > 0) {
-      OP_REQUIRES_OK(ctx, functor::WindowScatter<Device, T>()(
-                              ctx, dims, grad.flat<T>().data(), query.flat<T>().data(),
-                              grad_key->flat<T>().data()));
-    }
-  }
-
- private:
-  int64_t kernel_size_ = 1;
-  int64_t up_factor_ = 1;
 };
 
 // output = Gather(weights, value).
-template <typename Device, typename T>
-class AggregateOp : public OpKernel {
- public:
-  explicit AggregateOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ReadWindowAttrs(ctx, &kernel_size_, &up_factor_));
+struct AggregateBody {
+  static constexpr const OpSpec& kSpec = optable::kAggregate;
+  template <typename Device, typename T, typename F>
+  static Status Run(const Call& c) {
+    return c.Unless0(0, [&] {
+      return functor::WindowGather<Device, T>()(c.ctx, c.dims(c.size("C")), c.in_data<T>(0),
+                                                c.in_data<T>(1), c.out_data<T>(0));
+    });
   }
-
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& weights = ctx->input(0);
-    const Tensor& value = ctx->input(1);
-    WindowDims dims;
-    OP_REQUIRES_OK(ctx, internal::CheckHighLow(weights, "weights", value, "value",
-                                               kernel_size_, up_factor_, &dims));
-    OP_REQUIRES_OK(ctx, internal::CheckWindowChannels(weights, "weights", kernel_size_));
-    dims.channels = value.dim_size(3);
-    Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, internal::HighShape(dims, dims.channels), &out));
-    if (out->NumElements() == 0) return;
-    OP_REQUIRES_OK(ctx, functor::WindowGather<Device, T>()(ctx, dims, weights.flat<T>().data(),
-                                                            value.flat<T>().data(),
-                                                            out->flat<T>().data()));
-  }
-
- private:
-  int64_t kernel_size_ = 1;
-  int64_t up_factor_ = 1;
 };
 
 // (grad_weights, grad_value) = (Dot(grad, value), Scatter(weights, grad)).
-template <typename Device, typename T>
-class AggregateGradOp : public OpKernel {
- public:
-  explicit AggregateGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ReadWindowAttrs(ctx, &kernel_size_, &up_factor_));
+struct AggregateGradBody {
+  static constexpr const OpSpec& kSpec = optable::kAggregateGrad;
+  template <typename Device, typename T, typename F>
+  static Status Run(const Call& c) {
+    const WindowDims d = c.dims(c.size("C"));
+    const T *grad = c.in_data<T>(0), *weights = c.in_data<T>(1), *value = c.in_data<T>(2);
+    TF_RETURN_IF_ERROR(c.Unless0(0, [&] {
+      return functor::WindowDot<Device, T>()(c.ctx, d, grad, value, c.out_data<T>(0));
+    }));
+    return c.Unless0(1, [&] {
+      return functor::WindowScatter<Device, T>()(c.ctx, d, weights, grad, c.out_data<T>(1));
+    });
   }
-
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& grad = ctx->input(0);
-    const Tensor& weights = ctx->input(1);
-    const Tensor& value = ctx->input(2);
-    WindowDims dims;
-    OP_REQUIRES_OK(ctx, internal::CheckHighLow(weights, "weights", value, "value",
-                                               kernel_size_, up_factor_, &dims));
-    OP_REQUIRES_OK(ctx, internal::CheckWindowChannels(weights, "weights", kernel_size_));
-    OP_REQUIRES_OK(ctx, internal::CheckHighLow(grad, "grad", value, "value", kernel_size_,
-                                               up_factor_, &dims));
-    OP_REQUIRES_OK(ctx, internal::CheckSameChannels(grad, "grad", value, "value"));
-    dims.channels = value.dim_size(3);
-    Tensor* grad_weights = nullptr;
-    Tensor* grad_value = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, weights.shape(), &grad_weights));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, value.shape(), &grad_value));
-    if (grad_weights->NumElements() > 0) {
-      OP_REQUIRES_OK(ctx, functor::WindowDot<Device, T>()(
-                              ctx, dims, grad.flat<T>().data(), value.flat<T>().data(),
-                              grad_weights->flat<T>().data()));
-    }
-    if (grad_value->NumElements() > 0) {
-      OP_REQUIRES_OK(ctx, functor::WindowScatter<Device, T>()(
-                              ctx, dims, weights.flat<T>().data(), grad.flat<T>().data(),
-                              grad_value->flat<T>().data()));
-    }
-  }
-
- private:
-  int64_t kernel_size_ = 1;
-  int64_t up_factor_ = 1;
 };
 
-#define KERAS_SAPA_REGISTER_KERNELS(DEVICE_NAME, DEVICE, T)                                 \
-  REGISTER_KERNEL_BUILDER(                                                                  \
-      Name("KerasSapa>Similarity").Device(DEVICE_NAME).TypeConstraint<T>("T"),              \
-      ::keras_sapa::SimilarityOp<DEVICE, T>);                                               \
-  REGISTER_KERNEL_BUILDER(                                                                  \
-      Name("KerasSapa>SimilarityGrad").Device(DEVICE_NAME).TypeConstraint<T>("T"),          \
-      ::keras_sapa::SimilarityGradOp<DEVICE, T>);                                           \
-  REGISTER_KERNEL_BUILDER(                                                                  \
-      Name("KerasSapa>Aggregate").Device(DEVICE_NAME).TypeConstraint<T>("T"),               \
-      ::keras_sapa::AggregateOp<DEVICE, T>);                                                \
-  REGISTER_KERNEL_BUILDER(                                                                  \
-      Name("KerasSapa>AggregateGrad").Device(DEVICE_NAME).TypeConstraint<T>("T"),           \
-      ::keras_sapa::AggregateGradOp<DEVICE, T>);
+// (output, weights) = SapaForward(query, key, value).
+struct SapaBody {
+  static constexpr const OpSpec& kSpec = optable::kSapa;
+  template <typename Device, typename T, typename F>
+  static Status Run(const Call& c) {
+    return c.Unless0(1, [&] {
+      return functor::SapaForward<Device, T, F>()(c.ctx, c.dims(c.size("d")), c.size("C"),
+                                                  c.in(0), c.in(1), c.in(2), c.out(0), c.out(1));
+    });
+  }
+};
+
+// (grad_query, grad_key, grad_value) = SapaBackward(grad, query, key, value, weights).
+struct SapaGradBody {
+  static constexpr const OpSpec& kSpec = optable::kSapaGrad;
+  template <typename Device, typename T, typename F>
+  static Status Run(const Call& c) {
+    if (c.in(4).NumElements() == 0) return absl::OkStatus();
+    return functor::SapaBackward<Device, T, F>()(c.ctx, c.dims(c.size("d")), c.size("C"),
+                                                 c.in(0), c.in(1), c.in(2), c.in(3), c.in(4),
+                                                 c.out(0), c.out(1), c.out(2));
+  }
+};
+
+// Registers every op of the table for DEVICE_NAME with the functors of DEVICE, for each
+// type instantiation the table lists (F = void: no Tweights attribute).
+#define KERAS_SAPA_TWEIGHTS_void
+#define KERAS_SAPA_TWEIGHTS_float .TypeConstraint<float>("Tweights")
+#define KERAS_SAPA_TWEIGHTS_double .TypeConstraint<double>("Tweights")
+#define KERAS_SAPA_REGISTER_KERNEL_TYPED(DEVICE_NAME, DEVICE, NAME, T, F)              \
+  REGISTER_KERNEL_BUILDER(Name(::keras_sapa::optable::k##NAME.name)                    \
+                              .Device(DEVICE_NAME)                                     \
+                              .TypeConstraint<T>("T") KERAS_SAPA_TWEIGHTS_##F,         \
+                          ::keras_sapa::TableOp<::keras_sapa::NAME##Body, DEVICE, T, F>);
 
 }  // namespace keras_sapa
 
