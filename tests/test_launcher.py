@@ -41,10 +41,10 @@ LAUNCHER_DIR = os.path.join(ROOT, "custom_ops", "sapa", "launcher")
 TESTING_DIR = os.path.join(LAUNCHER_DIR, "testing")
 KERNEL_DIR = os.path.join(ROOT, "custom_ops", "sapa", "kernels", "cuda")
 
-# The launcher's build as custom_ops/build.py should run it (see /work/coord/H9-launcher.md):
-# static libstdc++, the system's libgcc_s (a static libgcc needs glibc 2.35's
-# _dl_find_object), and libdl/libpthread named so that the original dl*/pthread symbols
-# they hold before glibc 2.34 are found on old systems.
+# The launcher's link for glibc 2.28 (custom_ops/build.py's build_launcher must match;
+# the last test checks it): static libstdc++, the system's libgcc_s (a static libgcc
+# needs glibc 2.35's _dl_find_object), and libdl/libpthread named so that the original
+# dl*/pthread symbols, which live there before glibc 2.34, are found on old systems.
 LAUNCHER_FLAGS = ["-shared", "-fPIC", "-O2", "-std=c++17", "-static-libstdc++",
                   "-Wl,--no-as-needed", "-l:libdl.so.2", "-l:libpthread.so.0"]
 EMULATED_FLAGS = ["-std=c++20", "-O1", "-shared", "-fPIC", "-w",
