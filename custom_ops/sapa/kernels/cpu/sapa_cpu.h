@@ -280,7 +280,7 @@ void Scatter(const ParallelFor& pool, const Shape& d, int64_t channels, const T*
 namespace tiled {
 
 constexpr int64_t kTileCols = 8;   // anchors per column tile
-constexpr int64_t kRunUnits = 32;  // units of work wanted per call (for the pool to share)
+constexpr int64_t kRunUnits = 16;  // units of work wanted per call (for the pool to share)
 
 // The split of a call into units (b, column tile, run of rows).
 struct Grid {
@@ -491,7 +491,7 @@ void PackChildren(const T* src, const Shape& d, int64_t ch, int64_t sw, int64_t 
 template <typename T>
 void ScatterTiled(const ParallelFor& pool, const Shape& d, int64_t channels, const T* wt,
                   const T* hi, T* out) {
-  constexpr int64_t kSlice = 32;
+  constexpr int64_t kSlice = 64;
   const int64_t s = d.up, ss = s * s, K = d.kernel, r = d.radius(), kk = K * K;
   const int64_t hh = d.high_height(), hw = d.high_width();
   const Grid grid(d, 1);
