@@ -188,84 +188,10 @@ void Gather(const ParallelFor& pool, const Shape& d, int64_t channels, const T* 
   });
 }
 
-// Scatter of one or more (weights, hi) pairs that share the walk: for each pair i,
-// outs[i] = Scatter(ws[i], his[i]) with chans[i] channels.
-template <typename T, int P>
-void ScatterMany(const ParallelFor& pool, const Shape& d, const int64_t* chans,
-                 const T* const* ws, const T* const* his, T* const* outs) {
-  const int64_t s = d.up, kk = d.window(), hh = d.high_height(), hw = d.high_width();
-  const int64_t r = d.radius();
-  int64_t channels = 0;
-  for (int i = 0; i < P; ++i) channels += chans[i];
-  // A unit is a tile of `tile` consecutive low-resolution points of one row; units run
-  // down the rows of a column tile, so the high-resolution rows they read (K anchor rows
-  // of s x s children, (tile + 2r) * s columns) stay in L2 from one unit to the next.
-  const int64_t row_bytes = std::max<int64_t>(1, channels * int64_t(sizeof(T)));
-  const int64_t budget = int64_t(256) << 10;
-  const int64_t tile = std::max<int64_t>(
-      1, std::min<int64_t>(d.width, budget / (d.kernel * s * s * row_bytes) - 2 * r));
-  const int64_t tiles = (d.width + tile - 1) / tile;
-  const int64_t units = d.batch * tiles * d.height;
-  const int64_t cost = tile * s * s * kk * (channels + 6 * P);
-  pool(units, cost, [&](int64_t begin, int64_t end) {
-    const int64_t max_m = kk * s * s;
-    std::vector<int64_t> point_all(tile * max_m), n_all(tile * max_m);
-    std::vector<const T*> rows(max_m);
-    std::vector<T> weights(max_m);
-    std::vector<int64_t> counts(tile);
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t p = u % d.height;
-      const int64_t t = (u / d.height) % tiles;
-      const int64_t b = u / (d.height * tiles);
-      const int64_t q_end = std::min(d.width, (t + 1) * tile);
-      for (int64_t q = t * tile; q < q_end; ++q) {
-        int64_t* points = point_all.data() + (q - t * tile) * max_m;
-        int64_t* ns = n_all.data() + (q - t * tile) * max_m;
-        int64_t m = 0;
-        // (p, q) is the window point n = (a+r)*K + (c+r) of the anchor (p - a, q - c).
-        for (int64_t a = -r; a <= r; ++a) {
-          const int64_t h = p - a;
-          if (h < 0 || h >= d.height) continue;
-          for (int64_t c = -r; c <= r; ++c) {
-            const int64_t w = q - c;
-            if (w < 0 || w >= d.width) continue;
-            const int64_t n = (a + r) * d.kernel + (c + r);
-            for (int64_t ci = 0; ci < s; ++ci) {
-              const int64_t row_start = (b * hh + h * s + ci) * hw + w * s;
-              for (int64_t cj = 0; cj < s; ++cj) {
-                points[m] = row_start + cj;
-                ns[m] = n;
-                ++m;
-              }
-            }
-          }
-        }
-        counts[q - t * tile] = m;
-      }
-      for (int i = 0; i < P; ++i) {
-        const int64_t ch = chans[i];
-        for (int64_t q = t * tile; q < q_end; ++q) {
-          const int64_t j = q - t * tile, m = counts[j];
-          const int64_t* points = point_all.data() + j * max_m;
-          const int64_t* ns = n_all.data() + j * max_m;
-          for (int64_t k = 0; k < m; ++k) {
-            weights[k] = ws[i][points[k] * kk + ns[k]];
-            rows[k] = his[i] + points[k] * ch;
-          }
-          T* o = outs[i] + ((b * d.height + p) * d.width + q) * ch;
-          StreamRowSum(weights.data(), rows.data(), m, ch, o);
-        }
-      }
-    }
-  });
-}
-
-// lo = Scatter(w, hi); hi has `channels` channels.
+// lo = Scatter(w, hi); hi has `channels` channels. Defined below (tiled::ScatterTiled).
 template <typename T>
 void Scatter(const ParallelFor& pool, const Shape& d, int64_t channels, const T* wt, const T* hi,
-             T* out) {
-  ScatterMany<T, 1>(pool, d, &channels, &wt, &hi, &out);
-}
+             T* out);
 
 // ---------------------------------------------------------------------------------------
 // The fused pass (SapaForward, SapaBackward) works on tiles: a unit of work is a run of
@@ -551,6 +477,12 @@ void ScatterTiled(const ParallelFor& pool, const Shape& d, int64_t channels, con
 }
 
 }  // namespace tiled
+
+template <typename T>
+void Scatter(const ParallelFor& pool, const Shape& d, int64_t channels, const T* wt, const T* hi,
+             T* out) {
+  tiled::ScatterTiled<T>(pool, d, channels, wt, hi, out);
+}
 
 // Softmax over the K*K window of G points, of which m are in the map (logits
 // dots[g * m + k]) and K*K - m padded (logit 0). Writes weights[k * G + g] for the

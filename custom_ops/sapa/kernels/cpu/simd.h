@@ -216,54 +216,6 @@ void WeightedRowSum(const T* __restrict w, const T* const* rows, int64_t m, int6
   }
 }
 
-// out[c] = sum_k w[k] * rows[k][c] for c < d, streaming the rows four at a time through
-// `out` (which stays in L1). Used where the rows come from many distant points (the
-// scatter): reading a block of every row in turn there makes the rows' cache lines
-// collide in a few cache sets when the row stride is a multiple of 4 KiB (C = 256 float
-// rows 64 KiB apart), while four streams plus the output do not.
-template <typename T>
-void StreamRowSum(const T* __restrict w, const T* const* rows, int64_t m, int64_t d,
-                  T* __restrict out) {
-  using V = typename Simd<T>::V;
-  constexpr int L = Simd<T>::kLanes;
-  const int64_t dv = d - d % L;
-  if (m == 0) {
-    std::memset(out, 0, sizeof(T) * d);
-    return;
-  }
-  int64_t k = 0;
-  bool first = true;
-  auto group = [&](auto count) {
-    constexpr int R = decltype(count)::value;
-    const T* r[R];
-    V wv[R];
-    T ws[R];
-#pragma GCC unroll 4
-    for (int j = 0; j < R; ++j) {
-      r[j] = rows[k + j];
-      ws[j] = w[k + j];
-      wv[j] = Broadcast<T>(w[k + j]);
-    }
-    for (int64_t c = 0; c < dv; c += L) {
-      V acc = first ? Broadcast<T>(0) : Load(out + c);
-#pragma GCC unroll 4
-      for (int j = 0; j < R; ++j) acc += wv[j] * Load(r[j] + c);
-      Store(out + c, acc);
-    }
-    for (int64_t c = dv; c < d; ++c) {
-      T acc = first ? T(0) : out[c];
-      for (int j = 0; j < R; ++j) acc += ws[j] * r[j][c];
-      out[c] = acc;
-    }
-    first = false;
-    k += R;
-  };
-  while (k + 4 <= m) group(std::integral_constant<int, 4>());
-  if (m - k == 3) group(std::integral_constant<int, 3>());
-  if (m - k == 2) group(std::integral_constant<int, 2>());
-  if (m - k == 1) group(std::integral_constant<int, 1>());
-}
-
 // Register-blocked kernels over G high-resolution points that share one window (the s x s
 // children of an anchor): every row loaded from the window feeds G accumulators.
 
