@@ -25,10 +25,9 @@ from scipy import ndimage  # noqa: E402
 from skimage import metrics as sk_metrics  # noqa: E402
 
 from keras_sapa import _startup  # noqa: E402
-from keras_sapa import data  # noqa: E402
 from keras_sapa import demo  # noqa: E402
+from keras_sapa.demo import data  # noqa: E402
 from keras_sapa.demo import guided  # noqa: E402
-from keras_sapa.demo import metrics  # noqa: E402
 from keras_sapa.demo import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,18 +66,21 @@ def _joint_bilateral(low, guide, guide_low, scale, k, cs, ss):
             py, px = (i + 0.5) / scale - 0.5, (j + 0.5) / scale - 0.5
             logits = np.full(k * k, -np.inf)
             for n, (a, b) in enumerate(
-                (i // scale + dy, j // scale + dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)
+                (i // scale + dy, j // scale + dx)
+                for dy in range(-r, r + 1)
+                for dx in range(-r, r + 1)
             ):
                 if 0 <= a < height and 0 <= b < width:
-                    logits[n] = (
-                        -((guide[i, j] - guide_low[a, b]) ** 2).sum() / (2 * cs**2)
-                        - ((py - a) ** 2 + (px - b) ** 2) / (2 * ss**2)
-                    )
+                    logits[n] = -((guide[i, j] - guide_low[a, b]) ** 2).sum() / (2 * cs**2) - (
+                        (py - a) ** 2 + (px - b) ** 2
+                    ) / (2 * ss**2)
             w = np.exp(logits - logits.max())
             w /= w.sum()
             weights[i, j] = w
             for n, (a, b) in enumerate(
-                (i // scale + dy, j // scale + dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)
+                (i // scale + dy, j // scale + dx)
+                for dy in range(-r, r + 1)
+                for dx in range(-r, r + 1)
             ):
                 if w[n] > 0:
                     out[i, j] += w[n] * low[a, b]
@@ -90,19 +92,33 @@ def test_sapa_upsample_is_joint_bilateral_upsampling(scale, k, gray):
     rng = np.random.default_rng(1)
     low = rng.uniform(size=(5, 6, 3)).astype(np.float32)
     guide = np.clip(
-        np.repeat(np.repeat(low, scale, 0), scale, 1) + rng.normal(0, 0.05, (5 * scale, 6 * scale, 3)), 0, 1
+        np.repeat(np.repeat(low, scale, 0), scale, 1)
+        + rng.normal(0, 0.05, (5 * scale, 6 * scale, 3)),
+        0,
+        1,
     )
     cs, ss = 0.15, 1.2
     guide_low = None
     if gray:
         guide, guide_low = guide.mean(-1, keepdims=True), low.mean(-1, keepdims=True)
     out, weights = demo.sapa_upsample(
-        low, guide, scale, kernel_size=k, color_sigma=cs, space_sigma=ss, guide_low=guide_low,
+        low,
+        guide,
+        scale,
+        kernel_size=k,
+        color_sigma=cs,
+        space_sigma=ss,
+        guide_low=guide_low,
         return_weights=True,
     )
     expected, expected_w = _joint_bilateral(
-        low.astype(np.float64), np.asarray(guide, np.float64),
-        np.asarray(low if guide_low is None else guide_low, np.float64), scale, k, cs, ss,
+        low.astype(np.float64),
+        np.asarray(guide, np.float64),
+        np.asarray(low if guide_low is None else guide_low, np.float64),
+        scale,
+        k,
+        cs,
+        ss,
     )
     np.testing.assert_allclose(weights, expected_w, atol=2e-4)
     np.testing.assert_allclose(out, np.clip(expected, 0, 1), atol=2e-4)
@@ -225,7 +241,9 @@ def test_edge_measures_match_distance_transforms(astronaut_result):
     near_found = ndimage.distance_transform_cdt(~found, metric="taxicab") <= 1
     precision = (found & near_true).sum() / found.sum()
     recall = (true_edges & near_found).sum() / true_edges.sum()
-    assert measured["edge_f1"] == pytest.approx(2 * precision * recall / (precision + recall), abs=1e-9)
+    assert measured["edge_f1"] == pytest.approx(
+        2 * precision * recall / (precision + recall), abs=1e-9
+    )
     assert measured["psnr_edges"] == pytest.approx(
         sk_metrics.peak_signal_noise_ratio(reference[near_true], image[near_true], data_range=1.0)
     )
@@ -247,10 +265,13 @@ def test_kernel_spread():
 def test_mean_iou_matches_per_class_sets():
     rng = np.random.default_rng(4)
     y_true = rng.integers(0, 3, size=(3, 12, 12))  # class 3 absent from both
-    y_pred = np.where(rng.uniform(size=y_true.shape) < 0.7, y_true, rng.integers(0, 3, size=y_true.shape))
+    y_pred = np.where(
+        rng.uniform(size=y_true.shape) < 0.7, y_true, rng.integers(0, 3, size=y_true.shape)
+    )
     miou, per_class = demo.mean_iou(y_true, y_pred, num_classes=4)
     expected = [
-        np.logical_and(y_true == c, y_pred == c).sum() / np.logical_or(y_true == c, y_pred == c).sum()
+        np.logical_and(y_true == c, y_pred == c).sum()
+        / np.logical_or(y_true == c, y_pred == c).sum()
         for c in range(3)
     ]
     np.testing.assert_allclose(per_class[:3], expected)
@@ -265,7 +286,7 @@ def test_boundary_f_score_matches_distance_transforms():
     for tolerance in (0, 1, 2):
         f, precision, recall = demo.boundary_f_score(masks, pred, tolerance=tolerance)
         hits_p = hits_r = n_p = n_r = 0
-        for truth, guess in zip(masks, pred):
+        for truth, guess in zip(masks, pred, strict=False):
             # Both sides of every label change (4-neighbours), as the docstring says.
             def edge(m):
                 e = np.zeros(m.shape, bool)
@@ -385,7 +406,20 @@ def test_train_and_evaluate_checks_its_integers():
 # ------------------------------------------------------------------------- CLI
 def test_main_writes_table_and_figure(tmp_path, capsys):
     out = tmp_path / "out"
-    code = demo.main(["--image", "coffee", "--crop", "96", "--scale", "3", "--out", str(out), "--kernel-size", "3"])
+    code = demo.main(
+        [
+            "--image",
+            "coffee",
+            "--crop",
+            "96",
+            "--scale",
+            "3",
+            "--out",
+            str(out),
+            "--kernel-size",
+            "3",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     for name in ("nearest", "bilinear", "bicubic", "SAPA"):
@@ -433,7 +467,16 @@ def test_train_needs_tensorflow_backend(monkeypatch, capsys, tmp_path):
 def test_help(capsys):
     assert demo.main(["--help"]) == 0
     text = capsys.readouterr().out
-    for option in ("--image", "--scale", "--out", "--kernel-size", "--train", "--quick", "--verbose", "astronaut"):
+    for option in (
+        "--image",
+        "--scale",
+        "--out",
+        "--kernel-size",
+        "--train",
+        "--quick",
+        "--verbose",
+        "astronaut",
+    ):
         assert option in text
 
 
@@ -442,8 +485,12 @@ def test_startup_helpers(capfd):
     assert _startup.is_command_line(["/usr/bin/keras-sapa", "demo"])
     assert not _startup.is_command_line(["/usr/bin/pytest", "-q"])
     assert not _startup.is_command_line([])
-    assert _startup.is_log_line("I0000 00:00:1796183794.455377    6661 port.cc:153] oneDNN custom ops\n")
-    assert _startup.is_log_line("E0000 00:00:1796183817.211031 6864 cuda_platform.cc:52] failed call\n")
+    assert _startup.is_log_line(
+        "I0000 00:00:1796183794.455377    6661 port.cc:153] oneDNN custom ops\n"
+    )
+    assert _startup.is_log_line(
+        "E0000 00:00:1796183817.211031 6864 cuda_platform.cc:52] failed call\n"
+    )
     assert not _startup.is_log_line("Traceback (most recent call last):\n")
     capfd.readouterr()
     with _startup.filtered_stderr():
@@ -454,8 +501,12 @@ def test_startup_helpers(capfd):
 def _command_line(args, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP_")}
     return subprocess.run(
-        [sys.executable, "-m", "keras_sapa", *args], capture_output=True, text=True,
-        cwd=str(tmp_path), timeout=600, env=dict(env, PYTHONPATH=ROOT),
+        [sys.executable, "-m", "keras_sapa", *args],
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
+        timeout=600,
+        env=dict(env, PYTHONPATH=ROOT),
     )
 
 
@@ -465,7 +516,17 @@ _TF_LOG = re.compile(r"^[IWEF]\d{4} |absl::InitializeLog|cuInit|oneDNN", re.M)
 
 def test_command_line_hides_tensorflow_start_up_logs(tmp_path):
     result = _command_line(
-        ["demo", "--image", "camera", "--crop", "64", "--kernel-size", "3", "--out", str(tmp_path)],
+        [
+            "demo",
+            "--image",
+            "camera",
+            "--crop",
+            "64",
+            "--kernel-size",
+            "3",
+            "--out",
+            str(tmp_path),
+        ],
         tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -483,8 +544,11 @@ def test_command_line_verbose_keeps_logs_and_errors_are_one_line(tmp_path):
     if not _TF_LOG.search(result.stderr):
         # Some TensorFlow builds log nothing at import: then neither may --verbose.
         plain = subprocess.run(
-            [sys.executable, "-c", "import tensorflow"], capture_output=True, text=True,
-            env={k: v for k, v in os.environ.items() if not k.startswith("TF_CPP_")}, timeout=600,
+            [sys.executable, "-c", "import tensorflow"],
+            capture_output=True,
+            text=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("TF_CPP_")},
+            timeout=600,
         )
         assert not _TF_LOG.search(plain.stderr), "--verbose hid logs that TensorFlow prints"
 
@@ -501,8 +565,21 @@ def test_top_level_usage(capsys):
 # ----------------------------------------------------------------------- train
 def test_train_quick_smoke(tmp_path, capsys):
     code = demo.main(
-        ["--image", "chelsea", "--crop", "64", "--out", str(tmp_path), "--train", "--quick",
-         "--steps", "2", "--batch-size", "2", "--no-progress"]
+        [
+            "--image",
+            "chelsea",
+            "--crop",
+            "64",
+            "--out",
+            str(tmp_path),
+            "--train",
+            "--quick",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ]
     )
     assert code == 0
     printed = capsys.readouterr().out
@@ -513,7 +590,8 @@ def test_train_quick_smoke(tmp_path, capsys):
 def _segformer_table_rows(printed):
     """The model rows of every training table printed: [(name, mIoU, boundary F)]."""
     pattern = re.compile(
-        rf"^({re.escape(train.STOCK)}|{re.escape(train.SAPA)})\s+(\S+)\s+(\S+)\s+[\d,]+\s+[\d.]+$", re.M
+        rf"^({re.escape(train.STOCK)}|{re.escape(train.SAPA)})\s+(\S+)\s+(\S+)\s+[\d,]+\s+[\d.]+$",
+        re.M,
     )
     return [(name, float(miou), float(bf)) for name, miou, bf in pattern.findall(printed)]
 
@@ -529,8 +607,21 @@ def _check_segformer_run(printed, tmp_path, seeds):
     assert (tmp_path / "train_predictions_segformer.png").is_file()
 
 
-SEGFORMER_QUICK = ["--image", "chelsea", "--crop", "64", "--train", "--model", "segformer",
-                   "--quick", "--steps", "2", "--batch-size", "2", "--no-progress"]
+SEGFORMER_QUICK = [
+    "--image",
+    "chelsea",
+    "--crop",
+    "64",
+    "--train",
+    "--model",
+    "segformer",
+    "--quick",
+    "--steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--no-progress",
+]
 
 
 def test_train_segformer_quick_tensorflow(tmp_path, capsys):
@@ -549,7 +640,10 @@ def test_train_segformer_quick_jax(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP_")}
     result = subprocess.run(
         [sys.executable, "-m", "keras_sapa", "demo", *SEGFORMER_QUICK, "--out", str(tmp_path)],
-        capture_output=True, text=True, cwd=str(tmp_path), timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
+        timeout=600,
         env=dict(env, PYTHONPATH=ROOT, KERAS_BACKEND="jax"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -558,8 +652,10 @@ def test_train_segformer_quick_jax(tmp_path):
 
 def test_seed_table_reports_each_seed_mean_and_wins():
     def results(stock, sapa):
-        return {train.STOCK: {"miou": stock, "boundary_f": stock / 2},
-                train.SAPA: {"miou": sapa, "boundary_f": sapa / 2}}
+        return {
+            train.STOCK: {"miou": stock, "boundary_f": stock / 2},
+            train.SAPA: {"miou": sapa, "boundary_f": sapa / 2},
+        }
 
     table = train.format_seed_table({0: results(0.5, 0.7), 3: results(0.6, 0.4)})
     lines = table.splitlines()
@@ -575,17 +671,23 @@ def test_seed_table_reports_each_seed_mean_and_wins():
 def test_segformer_pair_starts_from_the_same_encoder_weights():
     models = train.build_segformer_models(seed=3)
     encoders = [m.backbone.image_encoder for m in models.values()]
-    for a, b in zip(encoders[0].weights, encoders[1].weights):
+    for a, b in zip(encoders[0].weights, encoders[1].weights, strict=False):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    sapa_layers = [[type(layer).__name__ for layer in m.backbone.layers].count("SAPA") for m in models.values()]
+    sapa_layers = [
+        [type(layer).__name__ for layer in m.backbone.layers].count("SAPA")
+        for m in models.values()
+    ]
     assert sapa_layers == [0, 6]  # stock: bilinear resizing; SAPA: 6 layers for 4 stages
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--train", "--model", "unet"], "invalid choice"),
-    (["--train", "--seeds", "0,x"], "--seeds"),
-    (["--train", "--seeds", "0,-1"], "--seeds"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--train", "--model", "unet"], "invalid choice"),
+        (["--train", "--seeds", "0,x"], "--seeds"),
+        (["--train", "--seeds", "0,-1"], "--seeds"),
+    ],
+)
 def test_bad_training_arguments_are_usage_errors(argv, message, capsys, tmp_path):
     assert demo.main(argv + ["--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err

@@ -20,7 +20,7 @@ super-resolution benchmark.
 - :mod:`~keras_sapa.demo.metrics`: :func:`psnr`, :class:`EdgeReference` (PSNR at edges,
   edge sharpness, edge F1), :func:`kernel_spread`, :func:`format_table`; the
   segmentation metrics :func:`mean_iou`, :func:`boundary_f_score` (from
-  :mod:`keras_sapa.data`).
+  :mod:`keras_sapa.demo.data`).
 - :mod:`~keras_sapa.demo.figures`: :func:`save_figure` / :func:`guided_figure`,
   :func:`pick_crop`, :func:`boundary_points`, :func:`draw_kernels`,
   :func:`save_training_figure` / :func:`training_figure`.
@@ -28,7 +28,7 @@ super-resolution benchmark.
 Segmentation training (:mod:`keras_sapa.demo.train`, KerasCV, TensorFlow backend):
 KerasCV's DeepLabV3Plus (8x bilinear decoder upsampling) against
 :class:`keras_sapa.models.SAPADeepLabV3Plus` (three SAPA-G stages), same backbone, seed,
-data and steps, trained with ``model.fit`` on the shapes task of :mod:`keras_sapa.data`:
+data and steps, trained with ``model.fit`` on the shapes task of :mod:`keras_sapa.demo.data`:
 :func:`build_segmentation_models`, :func:`train_and_evaluate`,
 :func:`format_training_table`, :class:`ShapesBatches` (the batches, a
 ``keras.utils.PyDataset``; :func:`static_dataset` feeds them to ``fit`` with static

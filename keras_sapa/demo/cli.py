@@ -69,7 +69,8 @@ def _seed_list(text):
             seeds.append(_checks.integer("--seeds", int(part), "non-negative integers", minimum=0))
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"`--seeds` must be comma-separated non-negative integers. Received: --seeds={text!r}"
+                "`--seeds` must be comma-separated non-negative integers. "
+                f"Received: --seeds={text!r}"
             ) from None
     return seeds
 
@@ -99,82 +100,109 @@ def build_parser():
         ),
     )
     parser.add_argument(
-        "--image", default=images.DEFAULT_IMAGE,
+        "--image",
+        default=images.DEFAULT_IMAGE,
         help=f"a scikit-image sample ({', '.join(images.SAMPLE_IMAGES)}) or the path of an "
         "image file (default: %(default)s)",
     )
     parser.add_argument(
-        "--scale", type=_integer_option("--scale", _checks.integer, requirement="an integer >= 2", minimum=2),
+        "--scale",
+        type=_integer_option("--scale", _checks.integer, requirement="an integer >= 2", minimum=2),
         default=guided.DEFAULT_SCALE,
         help="integer downsampling factor >= 2 (any integer: SAPA upsamples in one step "
         f"with up_factor=scale); the low-resolution image must keep at least "
         f"{images.MIN_LOW_RES} pixels a side (default: %(default)s)",
     )
     parser.add_argument(
-        "--kernel-size", type=_integer_option("--kernel-size", _kernel_size),
+        "--kernel-size",
+        type=_integer_option("--kernel-size", _kernel_size),
         default=guided.DEFAULT_KERNEL_SIZE,
         help="SAPA window K (odd): each output pixel mixes K x K low-resolution pixels "
         "(default: %(default)s)",
     )
     parser.add_argument(
-        "--color-sigma", type=_positive_float, default=guided.DEFAULT_COLOR_SIGMA,
+        "--color-sigma",
+        type=_positive_float,
+        default=guided.DEFAULT_COLOR_SIGMA,
         help="colour temperature of the SAPA similarity (RGB in [0, 1]); smaller = sharper "
         "(default: %(default)s)",
     )
     parser.add_argument(
-        "--space-sigma", type=_positive_float, default=guided.DEFAULT_SPACE_SIGMA,
+        "--space-sigma",
+        type=_positive_float,
+        default=guided.DEFAULT_SPACE_SIGMA,
         help="spatial temperature of the SAPA similarity, in low-resolution pixels "
         "(default: %(default)s)",
     )
     parser.add_argument(
-        "--crop", type=_integer_option("--crop"), default=None,
+        "--crop",
+        type=_integer_option("--crop"),
+        default=None,
         help="use the centred CROP x CROP part of the image (default: the whole image)",
     )
-    parser.add_argument("--out", default=DEFAULT_OUT, help="directory for the figures (default: %(default)s)")
     parser.add_argument(
-        "--train", action="store_true",
+        "--out", default=DEFAULT_OUT, help="directory for the figures (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--train",
+        action="store_true",
         help="also train a stock model and its SAPA version (--model) on the built-in "
         "shapes task with Keras fit, same seed and batches, and report mIoU and boundary "
         "F-score (a few minutes on 2 CPU cores; --model deeplab needs the TensorFlow "
         "backend, --model segformer runs on TensorFlow and JAX)",
     )
     parser.add_argument(
-        "--quick", action="store_true",
+        "--quick",
+        action="store_true",
         help="with --train: a short smoke run (about a minute; numbers not meaningful)",
     )
     parser.add_argument(
-        "--steps", type=_integer_option("--steps"), default=None,
+        "--steps",
+        type=_integer_option("--steps"),
+        default=None,
         help="with --train: training steps per model (default 400, --quick 15)",
     )
     parser.add_argument(
-        "--batch-size", type=_integer_option("--batch-size"), default=16,
+        "--batch-size",
+        type=_integer_option("--batch-size"),
+        default=16,
         help="with --train: batch size (default: %(default)s)",
     )
     parser.add_argument(
-        "--seed", default=0,
-        type=_integer_option("--seed", _checks.integer, requirement="a non-negative integer", minimum=0),
+        "--seed",
+        default=0,
+        type=_integer_option(
+            "--seed", _checks.integer, requirement="a non-negative integer", minimum=0
+        ),
         help="with --train: seed of data and weights (default: %(default)s)",
     )
     parser.add_argument(
-        "--model", choices=train.MODELS, default="deeplab",
+        "--model",
+        choices=train.MODELS,
+        default="deeplab",
         help="with --train: the pair to compare: 'deeplab' (KerasCV DeepLabV3Plus against "
         "SAPADeepLabV3Plus, TensorFlow only) or 'segformer' (KerasHub "
         "SegFormerImageSegmenter against SAPASegFormer on a tiny MiT encoder, any "
         "backend) (default: %(default)s)",
     )
     parser.add_argument(
-        "--variant", choices=VARIANTS, default=None,
+        "--variant",
+        choices=VARIANTS,
+        default=None,
         help="with --train: the SAPA variant (default: gated for deeplab, bilinear, the "
         "paper's SegFormer setting, for segformer)",
     )
     parser.add_argument(
-        "--seeds", type=_seed_list, default=None,
+        "--seeds",
+        type=_seed_list,
+        default=None,
         help="with --train: several seeds, e.g. 0,1,2 (overrides --seed): one run per "
         "seed and a table of every seed, the mean and the spread",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument(
-        "--verbose", action="store_true",
+        "--verbose",
+        action="store_true",
         help="keep TensorFlow's start-up log lines on stderr (hidden by default)",
     )
     return parser
@@ -207,7 +235,9 @@ def run(args, parser=None):
     )
     print(metrics.format_table(result["metrics"]))
     stem = os.path.splitext(name)[0]
-    figure = figures.save_figure(result, os.path.join(args.out, f"guided_{stem}_x{args.scale}.png"))
+    figure = figures.save_figure(
+        result, os.path.join(args.out, f"guided_{stem}_x{args.scale}.png")
+    )
     print(
         "SAPA sees the full-resolution photo (the guide); nearest, bilinear and bicubic do "
         "not.\nSo this shows what the guide lets SAPA do, not a fair super-resolution "
@@ -243,8 +273,13 @@ def _run_training(args):
         if len(seeds) > 1:
             print(f"seed {seed}:", flush=True)
         outcome = train.train_and_evaluate(
-            steps=steps, batch_size=batch, seed=seed, eval_images=32 if args.quick else 64,
-            progress=not args.no_progress, model=args.model, variant=variant,
+            steps=steps,
+            batch_size=batch,
+            seed=seed,
+            eval_images=32 if args.quick else 64,
+            progress=not args.no_progress,
+            model=args.model,
+            variant=variant,
         )
         per_seed[seed] = outcome["results"]
         print(train.format_training_table(outcome["results"]), flush=True)
@@ -255,7 +290,11 @@ def _run_training(args):
         "mIoU over the 4 classes and boundary F-score (1 px tolerance) on held-out images."
         + (" --quick: too few steps for the numbers to mean anything." if args.quick else "")
     )
-    name = "train_predictions.png" if args.model == "deeplab" else f"train_predictions_{args.model}.png"
+    name = (
+        "train_predictions.png"
+        if args.model == "deeplab"
+        else f"train_predictions_{args.model}.png"
+    )
     figure = figures.save_training_figure(outcome, os.path.join(args.out, name))
     print(f"figure: {figure}" + (f" (seed {seeds[-1]})" if len(seeds) > 1 else ""))
 

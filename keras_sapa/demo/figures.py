@@ -32,8 +32,10 @@ def pick_crop(edges, size):
     size = min(size, height, width)
     integral = np.pad(edges.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     counts = (
-        integral[size:, size:] - integral[:-size, size:]
-        - integral[size:, :-size] + integral[:-size, :-size]
+        integral[size:, size:]
+        - integral[:-size, size:]
+        - integral[size:, :-size]
+        + integral[:-size, :-size]
     )
     top, left = np.unravel_index(np.argmax(counts), counts.shape)
     return int(top), int(left), size
@@ -62,8 +64,10 @@ def boundary_points(result, window=None, crop=128):
     centre = (top + size / 2, left + size / 2)
     margin = 2 * scale + 2
     inside = (
-        (yy >= top + margin) & (yy < top + size - margin)
-        & (xx >= left + margin) & (xx < left + size - margin)
+        (yy >= top + margin)
+        & (yy < top + size - margin)
+        & (xx >= left + margin)
+        & (xx < left + size - margin)
     )
     crop_edges = edges[top : top + size, left : left + size] & inside
     if not crop_edges.any():
@@ -77,8 +81,7 @@ def boundary_points(result, window=None, crop=128):
     norm = np.hypot(ny, nx) or 1.0
     ny, nx = ny / norm, nx / norm
     points = [
-        (int(round(py + step * ny)), int(round(px + step * nx)))
-        for step in (-scale, -1, 1, scale)
+        (int(round(py + step * ny)), int(round(px + step * nx))) for step in (-scale, -1, 1, scale)
     ]
     return (int(py), int(px)), points
 
@@ -90,12 +93,18 @@ def draw_kernels(axes, result, points, labels="ABCD"):
     r = (k - 1) // 2
     padded = np.pad(result["low"], ((r, r), (r, r), (0, 0)))
     yy, xx = np.mgrid[0:k, 0:k]
-    for ax, label, (py, px) in zip(axes, labels, points):
+    for ax, label, (py, px) in zip(axes, labels, points, strict=False):
         cy, cx = py // scale, px // scale
         ax.imshow(padded[cy : cy + k, cx : cx + k], interpolation="nearest")
         kernel = result["weights"][py, px].reshape(k, k)
-        ax.scatter(xx.ravel(), yy.ravel(), s=900 * kernel.ravel(), facecolors="none",
-                   edgecolors="white", linewidths=1.5)
+        ax.scatter(
+            xx.ravel(),
+            yy.ravel(),
+            s=900 * kernel.ravel(),
+            facecolors="none",
+            edgecolors="white",
+            linewidths=1.5,
+        )
         ax.set_title(
             f"kernel at {label}: low-res window,\ncircle area = weight (max {kernel.max():.2f})",
             fontsize=9,
@@ -115,12 +124,14 @@ def _draw_edge_zoom(ax, result, picked, labels="ABCD"):
     zy0, zx0 = max(ey - half, 0), max(ex - half, 0)
     ax.imshow(reference[zy0 : ey + half, zx0 : ex + half], interpolation="nearest")
     ax.set_title("guide near the edge: points A-D,\nlow-res window of B (cyan)", fontsize=10)
-    for label, (py, px) in zip(labels, points):
+    for label, (py, px) in zip(labels, points, strict=False):
         ax.plot(px - zx0, py - zy0, "o", ms=6, mfc="none", mec="yellow", mew=1.5)
         ax.text(px - zx0 + 1.5, py - zy0 - 1.5, label, color="yellow", fontsize=10, weight="bold")
     by, bx = points[1]
     wy, wx = (by // scale - r) * scale - zy0, (bx // scale - r) * scale - zx0
-    ax.add_patch(Rectangle((wx - 0.5, wy - 0.5), k * scale, k * scale, fill=False, ec="cyan", lw=1.5))
+    ax.add_patch(
+        Rectangle((wx - 0.5, wy - 0.5), k * scale, k * scale, fill=False, ec="cyan", lw=1.5)
+    )
 
 
 def guided_figure(result, crop=128):
@@ -135,7 +146,7 @@ def guided_figure(result, crop=128):
 
     panels = [("original", reference)] + [(name, image) for name, image in outputs.items()]
     fig, axes = plt.subplots(2, len(panels), figsize=(3 * len(panels), 6.6), squeeze=False)
-    for ax, (name, image) in zip(axes[0], panels):
+    for ax, (name, image) in zip(axes[0], panels, strict=False):
         ax.imshow(image[window], interpolation="nearest")
         title = name
         if name in result["metrics"]:
@@ -143,7 +154,9 @@ def guided_figure(result, crop=128):
         ax.set_title(title, fontsize=10)
 
     ax = axes[1, 0]
-    shown = ax.imshow(metrics.kernel_spread(result["weights"][window]), cmap="viridis", vmin=1, vmax=k * k)
+    shown = ax.imshow(
+        metrics.kernel_spread(result["weights"][window]), cmap="viridis", vmin=1, vmax=k * k
+    )
     ax.set_title("SAPA kernel spread\n(points mixed, exp entropy)", fontsize=10)
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
 
@@ -187,7 +200,7 @@ def save_figure(result, path, crop=128):
 def training_figure(run, count=4):
     """Held-out images, true masks and each model's predicted masks (one row per image)
     of ``run`` (:func:`keras_sapa.demo.train_and_evaluate`). Returns the figure."""
-    from keras_sapa import data
+    from keras_sapa.demo import data
 
     plt = _pyplot()
     images, masks = run["eval"]
@@ -199,7 +212,9 @@ def training_figure(run, count=4):
         axes[i, 0].imshow(images[i].astype(np.uint8))
         axes[i, 1].imshow(data.colorize(masks[i]), interpolation="nearest")
         for j, name in enumerate(names):
-            axes[i, 2 + j].imshow(data.colorize(run["predictions"][name][i]), interpolation="nearest")
+            axes[i, 2 + j].imshow(
+                data.colorize(run["predictions"][name][i]), interpolation="nearest"
+            )
     for j, title in enumerate(["image", "truth"] + names):
         axes[0, j].set_title(title, fontsize=10)
     for ax in axes.flat:

@@ -73,9 +73,8 @@ def colour_embedding(guide, low, scale, color_sigma, space_sigma):
     inv_c, inv_s = 1.0 / color_sigma**2, 1.0 / space_sigma**2
 
     def half_sq(colour, pos):
-        return (
-            0.5 * inv_c * (colour**2).sum(-1, keepdims=True)
-            + 0.5 * inv_s * (pos**2).sum(-1, keepdims=True)
+        return 0.5 * inv_c * (colour**2).sum(-1, keepdims=True) + 0.5 * inv_s * (pos**2).sum(
+            -1, keepdims=True
         )
 
     key = np.concatenate(

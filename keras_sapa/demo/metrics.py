@@ -8,14 +8,14 @@
 - :func:`kernel_spread`: how many points each SAPA kernel mixes (``exp`` of its entropy).
 
 The segmentation metrics (mIoU, boundary F-score) are those of the shapes task:
-:func:`keras_sapa.data.mean_iou` and :func:`keras_sapa.data.boundary_f_score`, re-exported
-here.
+:func:`keras_sapa.demo.data.mean_iou` and
+:func:`keras_sapa.demo.data.boundary_f_score`, re-exported here.
 """
 
 import numpy as np
 
-from keras_sapa.data import boundary_f_score  # noqa: F401  re-exported
-from keras_sapa.data import mean_iou  # noqa: F401  re-exported
+from keras_sapa.demo.data import boundary_f_score  # noqa: F401  re-exported
+from keras_sapa.demo.data import mean_iou  # noqa: F401  re-exported
 
 
 def gray(image):
@@ -74,13 +74,17 @@ class EdgeReference:
         if not self.edges.any():
             result["sharpness"] = result["edge_f1"] = float("nan")
             return result
-        result["sharpness"] = float(filters.sobel(luminance)[self.edges].mean()) / self.edge_gradient
+        result["sharpness"] = (
+            float(filters.sobel(luminance)[self.edges].mean()) / self.edge_gradient
+        )
         found = feature.canny(luminance, sigma=self.canny_sigma)
         found_band = ndimage.binary_dilation(found, iterations=max(self.tolerance, 1))
         precision = (found & self.band).sum() / max(found.sum(), 1)
         recall = (self.edges & found_band).sum() / max(self.edges.sum(), 1)
         result["edge_f1"] = (
-            0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
+            0.0
+            if precision + recall == 0
+            else float(2 * precision * recall / (precision + recall))
         )
         return result
 

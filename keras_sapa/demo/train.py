@@ -90,7 +90,9 @@ def build_segmentation_models(image_size=64, num_classes=None, seed=0, variant="
     )
     keras.utils.set_random_seed(seed)
     sapa = SAPADeepLabV3Plus(
-        _backbone(image_size), num_classes, upsampler={"variant": variant},
+        _backbone(image_size),
+        num_classes,
+        upsampler={"variant": variant},
         spatial_pyramid_pooling=spp(),
     )
     return {STOCK: stock, SAPA: sapa}
@@ -115,8 +117,13 @@ def _mit_encoder(image_size):
 
 
 def build_segformer_models(
-    image_size=64, num_classes=None, seed=0, variant="bilinear", kernel_size=5,
-    embedding_dim=32, projection_filters=64,
+    image_size=64,
+    num_classes=None,
+    seed=0,
+    variant="bilinear",
+    kernel_size=5,
+    embedding_dim=32,
+    projection_filters=64,
 ):
     """The SegFormer pair, built from the same seed (runs on any Keras backend).
 
@@ -141,7 +148,8 @@ def build_segformer_models(
     )
     keras.utils.set_random_seed(seed)
     sapa = SAPASegFormer(
-        backbone=_mit_encoder(image_size), num_classes=num_classes,
+        backbone=_mit_encoder(image_size),
+        num_classes=num_classes,
         projection_filters=projection_filters,
         upsampler={"variant": variant, "kernel_size": kernel_size, "embedding_dim": embedding_dim},
     )
@@ -161,7 +169,12 @@ class ShapesBatches(keras.utils.PyDataset):
 
     def __init__(self, steps, batch_size=16, image_size=64, seed=0, image_scale=1.0, **kwargs):
         super().__init__(**kwargs)
-        self.steps, self.batch_size, self.image_size, self.seed = steps, batch_size, image_size, seed
+        self.steps, self.batch_size, self.image_size, self.seed = (
+            steps,
+            batch_size,
+            image_size,
+            seed,
+        )
         self.image_scale = image_scale
 
     def __len__(self):
@@ -327,7 +340,9 @@ def train_and_evaluate(
         with warnings.catch_warnings():
             # KerasCV's ResNetV2 backbone has a final batch norm that DeepLab's
             # decoder never uses: Keras warns that it gets no gradient.
-            warnings.filterwarnings("ignore", message=r"Gradients do not exist for variables \['post_bn")
+            warnings.filterwarnings(
+                "ignore", message=r"Gradients do not exist for variables \['post_bn"
+            )
             _keras_method(net, "fit")(
                 static_dataset(batches) if on_tensorflow else batches,
                 epochs=1,
@@ -383,8 +398,10 @@ def format_seed_table(per_seed):
     rows = []
     for seed, results in per_seed.items():
         row = (
-            results[STOCK]["miou"], results[SAPA]["miou"],
-            results[STOCK]["boundary_f"], results[SAPA]["boundary_f"],
+            results[STOCK]["miou"],
+            results[SAPA]["miou"],
+            results[STOCK]["boundary_f"],
+            results[SAPA]["boundary_f"],
         )
         rows.append(row)
         lines.append(

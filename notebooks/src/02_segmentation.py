@@ -5,7 +5,7 @@
 # `UpSampling2D`. `keras_sapa.models.SAPADeepLabV3Plus` replaces that step by three SAPA-G
 # 2x stages guided by the backbone's P4, P3 and P2 features. Both are trained here from
 # the same seed, on the same batches, for the same steps, on the built-in synthetic task
-# of `keras_sapa.data`: shapes with exact boundaries whose class is their mean colour
+# of `keras_sapa.demo.data`: shapes with exact boundaries whose class is their mean colour
 # family (red, green, blue; the background is grey), under textures and noise strong
 # enough that no single pixel tells its class, so a model has to average over a
 # neighbourhood, the averaging that blurs boundaries.
@@ -30,8 +30,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import keras_sapa
-from keras_sapa import data
 from keras_sapa import demo
+from keras_sapa.demo import data
 
 print("keras", keras.__version__, "| backend", keras.config.backend(), "| keras_sapa", keras_sapa.__version__)
 
@@ -58,14 +58,14 @@ plt.show()
 # `demo.static_dataset`), Adam with a cosine decay of the learning rate to zero. The
 # `demo.StepLog` callback records every step's loss and
 # evaluates on held-out images every few steps. With `KERAS_SAPA_NOTEBOOK_QUICK=1` (the
-# test suite) it is 40 steps of 8 images, too few for the comparison to mean much; the
-# default, 400 steps of 16, takes a few minutes on two CPU cores.
+# test suite) it is 6 steps of 4 images, a smoke run; the default, 400 steps of 16,
+# takes a few minutes on two CPU cores.
 
 # %%
-STEPS = 40 if QUICK else 400
-EVERY = 20 if QUICK else 50
+STEPS = 6 if QUICK else 400
+EVERY = 3 if QUICK else 50
 run = demo.train_and_evaluate(
-    steps=STEPS, batch_size=8 if QUICK else 16, seed=0, eval_images=32 if QUICK else 64,
+    steps=STEPS, batch_size=4 if QUICK else 16, seed=0, eval_images=8 if QUICK else 64,
     history_every=EVERY, progress=not QUICK,
 )
 print(demo.format_training_table(run["results"]))
@@ -134,15 +134,15 @@ for name in names:
 # scaled to [0, 1]. KerasHub runs on every backend: from the command line,
 # `KERAS_BACKEND=jax python -m keras_sapa demo --train --model segformer --seeds 0,1,2`
 # runs this on JAX (no tf.data there: `fit` reads the `PyDataset` of batches itself).
-# With `KERAS_SAPA_NOTEBOOK_QUICK=1` it is one seed of 2 steps, a smoke run.
+# With `KERAS_SAPA_NOTEBOOK_QUICK=1` it is one seed of 1 step, a smoke run.
 
 # %%
 from keras_sapa.demo import train as segtrain
 
 SEEDS = [0] if QUICK else [0, 1, 2]
 segformer = segtrain.train_seeds(
-    SEEDS, model="segformer", steps=2 if QUICK else 200, batch_size=4 if QUICK else 8,
-    eval_images=8 if QUICK else 64, progress=False,
+    SEEDS, model="segformer", steps=1 if QUICK else 200, batch_size=2 if QUICK else 8,
+    eval_images=4 if QUICK else 64, progress=False,
 )
 print(segtrain.format_seed_table(segformer["per_seed"]))
 

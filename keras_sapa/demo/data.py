@@ -169,9 +169,9 @@ def confusion_matrix(y_true, y_pred, num_classes=NUM_CLASSES):
     """``(num_classes, num_classes)`` counts, rows the true class."""
     y_true = np.asarray(y_true).reshape(-1).astype(np.int64)
     y_pred = np.asarray(y_pred).reshape(-1).astype(np.int64)
-    return np.bincount(
-        y_true * num_classes + y_pred, minlength=num_classes * num_classes
-    ).reshape(num_classes, num_classes)
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
 
 
 def mean_iou(y_true, y_pred, num_classes=NUM_CLASSES):
