@@ -107,9 +107,7 @@ class SAPA(keras.layers.Layer):
         self.kernel_size = _checks.check_kernel_size(kernel_size)
         self.embedding_dim = _checks.positive_int("embedding_dim", embedding_dim)
         if variant not in VARIANTS:
-            raise ValueError(
-                f"`variant` must be one of {VARIANTS}. Received: variant={variant!r}"
-            )
+            raise ValueError(f"`variant` must be one of {VARIANTS}. Received: variant={variant!r}")
         self.variant = variant
         if norm not in NORMS:
             raise ValueError(f"`norm` must be one of {NORMS}. Received: norm={norm!r}")
@@ -130,9 +128,7 @@ class SAPA(keras.layers.Layer):
         self.data_format = data_format
         self.implementation = _checks.check_implementation(implementation)
         self.kernel_initializer = keras.initializers.get(
-            kernel_initializer
-            if kernel_initializer is not None
-            else _default_kernel_initializer()
+            kernel_initializer if kernel_initializer is not None else _default_kernel_initializer()
         )
         self.bias_initializer = keras.initializers.get(bias_initializer)
         for name in ("norm_x", "norm_y", "q", "k", "qy", "qx", "gate", "v"):
@@ -187,9 +183,7 @@ class SAPA(keras.layers.Layer):
         return x_shape, guide_shape
 
     def _has_value_projection(self, cx):
-        return self.value_projection or (
-            self.output_dim is not None and self.output_dim != cx
-        )
+        return self.value_projection or (self.output_dim is not None and self.output_dim != cx)
 
     # ------------------------------------------------------------------- build
     def _make_norm(self, name, channels):
@@ -201,8 +195,11 @@ class SAPA(keras.layers.Layer):
             )
         else:
             layer = keras.layers.GroupNormalization(
-                groups=self.norm_groups, axis=-1, epsilon=NORM_EPSILON,
-                dtype=self.dtype_policy, name=name,
+                groups=self.norm_groups,
+                axis=-1,
+                epsilon=NORM_EPSILON,
+                dtype=self.dtype_policy,
+                name=name,
             )
         layer.build((None, None, None, channels))
         return layer
@@ -261,11 +258,15 @@ class SAPA(keras.layers.Layer):
     def compute_output_shape(self, x_shape, guide_shape):
         x_shape, guide_shape = self._check_shapes(x_shape, guide_shape)
         s = self.up_factor
-        height = guide_shape[1] if guide_shape[1] is not None else (
-            None if x_shape[1] is None else s * x_shape[1]
+        height = (
+            guide_shape[1]
+            if guide_shape[1] is not None
+            else (None if x_shape[1] is None else s * x_shape[1])
         )
-        width = guide_shape[2] if guide_shape[2] is not None else (
-            None if x_shape[2] is None else s * x_shape[2]
+        width = (
+            guide_shape[2]
+            if guide_shape[2] is not None
+            else (None if x_shape[2] is None else s * x_shape[2])
         )
         batch = x_shape[0] if x_shape[0] is not None else guide_shape[0]
         channels = self.output_dim or x_shape[3]
@@ -300,7 +301,12 @@ class SAPA(keras.layers.Layer):
                 query = gate * self.qy(y_n) + (1.0 - gate) * self.qx(_nearest_up(x, s))
         value = x if self.v is None else self.v(x_n)
         out = sapa_ops.sapa(
-            query, key, value, self.kernel_size, s, implementation=self.implementation,
+            query,
+            key,
+            value,
+            self.kernel_size,
+            s,
+            implementation=self.implementation,
             training=training,
         )
         out = ops.cast(out, self.compute_dtype)

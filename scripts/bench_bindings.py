@@ -2,6 +2,7 @@
 """SAPA's compiled CPU kernels on JAX and PyTorch against their baselines, in one process.
 
     python scripts/bench_bindings.py [--rounds 7] [--calls 3] [--skip tf,torch,jax,pure]
+                                     [--profile]
 
 At W1 (B=2, 32x32 -> 64x64, C=256, d=64, K=5, s=2, float32) by default, it times, for
 each framework that imports:
@@ -22,6 +23,11 @@ the median of ``--calls`` calls, the table gives the median over rounds with the
 spread, and every ratio is computed within each round before its median is taken, so the
 ratios compare cases measured under the same load. Targets (issue 17): JAX and PyTorch
 compiled within 1.3x of TensorFlow's compiled op, fwd+bwd <= 3.5x fwd.
+
+``--profile`` adds, for PyTorch's compiled case, where the fwd+bwd time goes
+(``torch.profiler``, self CPU time per call): the C kernels run inside the two custom
+ops (the forward inside autograd's ``GeneratedBackwardFor_keras_sapa_sapa_forward``
+node), so every other row is the binding's own cost (allocations, autograd, dispatch).
 """
 
 import argparse
@@ -59,18 +65,25 @@ def jax_cases(arrays, k, s, skip_pure):
     def add(label, fwd, loss_args, args):
         f = jax.jit(fwd)
         fb = jax.jit(jax.grad(lambda *a: jnp.vdot(fwd(*a), g), argnums=loss_args))
-        cases[label] = (lambda: jax.block_until_ready(f(*args)),
-                        lambda: jax.block_until_ready(fb(*args)))
+        cases[label] = (
+            lambda: jax.block_until_ready(f(*args)),
+            lambda: jax.block_until_ready(fb(*args)),
+        )
 
     if _jax_kernels.available():
-        add("jax compiled", lambda a, b, c: _jax_kernels.sapa(a, b, c, k, s), (0, 1, 2),
-            (q, key, v))
+        add(
+            "jax compiled",
+            lambda a, b, c: _jax_kernels.sapa(a, b, c, k, s),
+            (0, 1, 2),
+            (q, key, v),
+        )
     if not skip_pure:
         try:
             from keras_sapa.ops import _jax_builtin as _jax
         except ImportError as exc:
             print(f"# pure JAX path unavailable: {exc}")
         else:
+
             def pure(a, b, c):
                 w = jax.nn.softmax(_jax.similarity_xla(a, b, k, s), axis=-1)
                 return _jax.aggregate_xla(w, c, k, s)
@@ -102,14 +115,19 @@ def torch_cases(arrays, k, s, skip_pure):
         cases[label] = (f, fb)
 
     if _torch_kernels.available():
-        add("torch compiled", lambda a, b, c: _torch_kernels.sapa(a, b, c, k, s), (q, key, v),
-            grads)
+        add(
+            "torch compiled",
+            lambda a, b, c: _torch_kernels.sapa(a, b, c, k, s),
+            (q, key, v),
+            grads,
+        )
     if not skip_pure:
         try:
             from keras_sapa.ops import _torch_builtin as _torch
         except ImportError as exc:
             print(f"# pure PyTorch path unavailable: {exc}")
         else:
+
             def pure(a, b, c):
                 w = torch.softmax(_torch.similarity_xla(a, b, k, s), dim=-1)
                 return _torch.aggregate_xla(w, c, k, s)
@@ -117,12 +135,33 @@ def torch_cases(arrays, k, s, skip_pure):
             add("torch pure", pure, (q, key, v), grads)
 
     def bilinear(c):  # NHWC in, NHWC out; the NCHW view is channels-last in memory
-        up = torch.nn.functional.interpolate(c.permute(0, 3, 1, 2), scale_factor=s,
-                                             mode="bilinear", align_corners=False)
+        up = torch.nn.functional.interpolate(
+            c.permute(0, 3, 1, 2), scale_factor=s, mode="bilinear", align_corners=False
+        )
         return up.permute(0, 2, 3, 1)
 
     add("torch bilinear", bilinear, (v,), grads[2:])
     return cases
+
+
+def torch_profile(cases, calls=10):
+    """Self CPU time per call of the ops in PyTorch's compiled fwd+bwd."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile
+
+    fb = cases["torch compiled"][1]
+    fb()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fb()
+    rows = sorted(prof.key_averages(), key=lambda r: -r.self_cpu_time_total)
+    total = sum(r.self_cpu_time_total for r in rows)
+    print("\ntorch compiled fwd+bwd, torch.profiler self CPU time per call:")
+    for r in rows[:8]:
+        print(
+            f"  {r.key[:58]:58s} {r.self_cpu_time_total / 1e3 / calls:8.3f} ms "
+            f"{100 * r.self_cpu_time_total / total:5.1f}%"
+        )
 
 
 def tf_cases(arrays, k, s):
@@ -160,8 +199,8 @@ def time_rounds(cases, rounds, calls):
     samples = {(label, phase): [] for label in cases for phase in ("fwd", "fb")}
     labels = list(cases)
     for r in range(rounds):
-        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
-            for phase, fn in zip(("fwd", "fb"), cases[label]):
+        for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+            for phase, fn in zip(("fwd", "fb"), cases[label], strict=False):
                 times = []
                 for _ in range(calls):
                     start = time.perf_counter()
@@ -185,18 +224,26 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=3)
-    parser.add_argument("--size", default="2,32,32,2,5,64,256",
-                        help="B,H,W,s,K,d,C (low-resolution H x W); default W1")
+    parser.add_argument(
+        "--size",
+        default="2,32,32,2,5,64,256",
+        help="B,H,W,s,K,d,C (low-resolution H x W); default W1",
+    )
     parser.add_argument("--skip", default="", help="comma list of: jax, torch, tf, pure")
+    parser.add_argument(
+        "--profile", action="store_true", help="where PyTorch's compiled fwd+bwd spends its time"
+    )
     args = parser.parse_args(argv)
     b, h, w, s, k, d, c = (int(x) for x in args.size.split(","))
     skip = set(filter(None, args.skip.split(",")))
     arrays = _inputs(b, h, w, s, k, d, c)
 
     cases = {}
-    for name, build in (("jax", lambda: jax_cases(arrays, k, s, "pure" in skip)),
-                        ("torch", lambda: torch_cases(arrays, k, s, "pure" in skip)),
-                        ("tf", lambda: tf_cases(arrays, k, s))):
+    for name, build in (
+        ("jax", lambda: jax_cases(arrays, k, s, "pure" in skip)),
+        ("torch", lambda: torch_cases(arrays, k, s, "pure" in skip)),
+        ("tf", lambda: tf_cases(arrays, k, s)),
+    ):
         if name in skip:
             continue
         try:
@@ -206,28 +253,37 @@ def main(argv=None):
     from keras_sapa.ops import _native
 
     lib, info = _native.load_core()
-    print(f"# B={b} {h}x{w} -> {h * s}x{w * s}, C={c}, d={d}, K={k}, s={s}, float32; "
-          f"{args.rounds} rounds x {args.calls} calls; os.cpu_count()={os.cpu_count()}; "
-          f"kernel pool threads: {lib.keras_sapa_num_threads() if lib else 'n/a'}"
-          f" ({' '.join(info['cxx_flags']) if info else 'library not built'})")
+    print(
+        f"# B={b} {h}x{w} -> {h * s}x{w * s}, C={c}, d={d}, K={k}, s={s}, float32; "
+        f"{args.rounds} rounds x {args.calls} calls; os.cpu_count()={os.cpu_count()}; "
+        f"kernel pool threads: {lib.keras_sapa_num_threads() if lib else 'n/a'}"
+        f" ({' '.join(info['cxx_flags']) if info else 'library not built'})"
+    )
     samples = time_rounds(cases, args.rounds, args.calls)
 
     def ratio(num, den):
         return spread(np.asarray(samples[num]) / np.asarray(samples[den]))
 
-    print(f"{'case':<16} {'fwd ms (min-max)':>24} {'fwd+bwd ms (min-max)':>24} "
-          f"{'fwd+bwd/fwd':>22}")
+    print(
+        f"{'case':<16} {'fwd ms (min-max)':>24} {'fwd+bwd ms (min-max)':>24} {'fwd+bwd/fwd':>22}"
+    )
     for label in cases:
-        print(f"{label:<16} {fmt(spread(samples[(label, 'fwd')])):>24} "
-              f"{fmt(spread(samples[(label, 'fb')])):>24} "
-              f"{fmt(ratio((label, 'fb'), (label, 'fwd')), 'x'):>22}")
+        print(
+            f"{label:<16} {fmt(spread(samples[(label, 'fwd')])):>24} "
+            f"{fmt(spread(samples[(label, 'fb')])):>24} "
+            f"{fmt(ratio((label, 'fb'), (label, 'fwd')), 'x'):>22}"
+        )
     print("\nratios (per round, median (min-max)):")
     for fw in ("jax", "torch", "tf"):
         comp, bil, pure = f"{fw} compiled", f"{fw} bilinear", f"{fw} pure"
         for other, what in ((bil, "bilinear"), (pure, "pure"), ("tf compiled", "TF compiled")):
             if comp in cases and other in cases and other != comp:
-                print(f"  {comp} / {what:<12} fwd {fmt(ratio((comp, 'fwd'), (other, 'fwd')), 'x')}"
-                      f"   fwd+bwd {fmt(ratio((comp, 'fb'), (other, 'fb')), 'x')}")
+                print(
+                    f"  {comp} / {what:<12} fwd {fmt(ratio((comp, 'fwd'), (other, 'fwd')), 'x')}"
+                    f"   fwd+bwd {fmt(ratio((comp, 'fb'), (other, 'fb')), 'x')}"
+                )
+    if args.profile and "torch compiled" in cases:
+        torch_profile(cases)
     return 0
 
 

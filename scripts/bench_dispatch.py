@@ -77,8 +77,8 @@ def main(argv=None):
         cases = {}
         for impl in implementations:
             cases[("ops.sapa in tf.function", impl)] = lambda f=graphs[impl]: f(q, key, v).numpy()
-            cases[("model.predict", impl)] = (
-                lambda m=models[impl]: m.predict([x, g], batch_size=b, verbose=0)
+            cases[("model.predict", impl)] = lambda m=models[impl]: m.predict(
+                [x, g], batch_size=b, verbose=0
             )
         for fn in cases.values():  # trace and warm up
             fn()

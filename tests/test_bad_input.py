@@ -17,22 +17,32 @@ import keras_sapa
 import reference
 from keras_sapa import ops
 
-needs_compiled = pytest.mark.skipif(not ops.compiled_available(),
-                                    reason="compiled custom op library unavailable")
+needs_compiled = pytest.mark.skipif(
+    not ops.compiled_available(), reason="compiled custom op library unavailable"
+)
 # (B, H, W, s, K, d, C), as in tests/multibackend/test_mb_bad_input.py
-CASES = [(0, 3, 4, 2, 3, 4, 5), (2, 3, 4, 2, 3, 4, 0), (2, 1, 1, 2, 3, 3, 4),
-         (1, 2, 1, 3, 5, 3, 2)]
+CASES = [
+    (0, 3, 4, 2, 3, 4, 5),
+    (2, 3, 4, 2, 3, 4, 0),
+    (2, 1, 1, 2, 3, 3, 4),
+    (1, 2, 1, 3, 5, 3, 2),
+]
 
 
 def _arrays(b, h, w, s, k, d, c):
     rng = np.random.default_rng(0)
-    return (rng.standard_normal((b, s * h, s * w, d)), rng.standard_normal((b, h, w, d)),
-            rng.standard_normal((b, h, w, c)), rng.standard_normal((b, s * h, s * w, c)))
+    return (
+        rng.standard_normal((b, s * h, s * w, d)),
+        rng.standard_normal((b, h, w, d)),
+        rng.standard_normal((b, h, w, c)),
+        rng.standard_normal((b, s * h, s * w, c)),
+    )
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
-@pytest.mark.parametrize("case", CASES, ids=["empty_batch", "zero_channels", "one_by_one",
-                                             "window_larger"])
+@pytest.mark.parametrize(
+    "case", CASES, ids=["empty_batch", "zero_channels", "one_by_one", "window_larger"]
+)
 def test_degenerate_shapes_in_graphs(case, jit):
     """Traced with unknown batch and spatial sizes (graph) or compiled by XLA, training
     (so "auto" takes the compiled op in the graph where it is built): forward and
@@ -40,8 +50,9 @@ def test_degenerate_shapes_in_graphs(case, jit):
     *_, s, k, d, c = case
     query, key, value, grad = _arrays(*case)
     unknown = tf.TensorSpec([None, None, None, d], tf.float64)
-    signature = None if jit else [unknown, unknown, tf.TensorSpec([None, None, None, c],
-                                                                  tf.float64)]
+    signature = (
+        None if jit else [unknown, unknown, tf.TensorSpec([None, None, None, c], tf.float64)]
+    )
 
     @tf.function(input_signature=signature, jit_compile=jit)
     def forward_and_grads(q, kk, v):
@@ -51,10 +62,10 @@ def test_degenerate_shapes_in_graphs(case, jit):
         return out, tape.gradient(out, [q, kk, v], output_gradients=tf.constant(grad))
 
     out, grads = forward_and_grads(tf.constant(query), tf.constant(key), tf.constant(value))
-    np.testing.assert_allclose(out.numpy(), reference.sapa(query, key, value, k, s),
-                               rtol=1e-9, atol=1e-9)
-    for got, want in zip(grads, reference.sapa_vjp(query, key, value, grad, k, s),
-                         strict=True):
+    np.testing.assert_allclose(
+        out.numpy(), reference.sapa(query, key, value, k, s), rtol=1e-9, atol=1e-9
+    )
+    for got, want in zip(grads, reference.sapa_vjp(query, key, value, grad, k, s), strict=True):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-9)
 
 
@@ -62,26 +73,26 @@ def test_bad_dtypes_in_a_graph():
     spec = tf.TensorSpec([None, 4, 6, 3])
     with pytest.raises(ValueError, match=r"`key`.*key\.dtype=int32"):
         tf.function(lambda q, kk: ops.similarity(q, kk, 3, 2)).get_concrete_function(
-            spec, tf.TensorSpec([None, 2, 3, 3], tf.int32))
+            spec, tf.TensorSpec([None, 2, 3, 3], tf.int32)
+        )
     with pytest.raises(ValueError, match=r"`value`.*value\.dtype=float16"):
         tf.function(lambda q, kk, v: ops.sapa(q, kk, v, 3, 2)).get_concrete_function(
-            spec, tf.TensorSpec([None, 2, 3, 3]), tf.TensorSpec([None, 2, 3, 5], tf.float16))
+            spec, tf.TensorSpec([None, 2, 3, 3]), tf.TensorSpec([None, 2, 3, 5], tf.float16)
+        )
 
 
 @needs_compiled
 def test_compiled_inside_xla_names_the_conflict():
     """Not XLA's raw "No registered 'KerasSapa>Sapa' OpKernel for XLA_CPU_JIT devices"."""
     q, kk, v, _ = (tf.constant(a, tf.float32) for a in _arrays(1, 2, 3, 2, 3, 4, 5))
-    fn = tf.function(lambda *a: ops.sapa(*a, 3, 2, implementation="compiled"),
-                     jit_compile=True)
+    fn = tf.function(lambda *a: ops.sapa(*a, 3, 2, implementation="compiled"), jit_compile=True)
     with pytest.raises(ValueError, match=r"jit_compile=True.*implementation='auto'"):
         fn(q, kk, v)
     with ops.use_implementation("compiled"), pytest.raises(ValueError, match="jit_compile=True"):
         tf.function(lambda *a: ops.sapa(*a, 3, 2), jit_compile=True)(q, kk, v)
     # "auto" takes the builtin formulation inside XLA, training or not.
     out = tf.function(lambda *a: ops.sapa(*a, 3, 2, training=True), jit_compile=True)(q, kk, v)
-    np.testing.assert_allclose(out.numpy(), reference.sapa(q, kk, v, 3, 2), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(out.numpy(), reference.sapa(q, kk, v, 3, 2), rtol=1e-5, atol=1e-5)
 
 
 def _model(implementation):

@@ -15,9 +15,9 @@ import pytest
 import tensorflow as tf
 
 import reference as ref
-from savedmodel_utils import saved_op_types
 from keras_sapa import ops
 from keras_sapa.ops import _tf_kernels as _compiled
+from savedmodel_utils import saved_op_types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_compiled = pytest.mark.skipif(
@@ -32,11 +32,11 @@ def _rand(rng, shape, dtype=np.float64):
 
 CASES = [
     # kernel_size, up_factor, batch, height, width
-    (5, 2, 2, 5, 7),   # odd sizes, window wider than the map in one direction
-    (1, 1, 2, 3, 4),   # K=1, s=1: a per-point dot / scale
+    (5, 2, 2, 5, 7),  # odd sizes, window wider than the map in one direction
+    (1, 1, 2, 3, 4),  # K=1, s=1: a per-point dot / scale
     (3, 1, 1, 4, 5),
     (3, 3, 1, 3, 5),
-    (7, 2, 1, 4, 3),   # window larger than the map
+    (7, 2, 1, 4, 3),  # window larger than the map
     (5, 4, 1, 2, 3),
 ]
 
@@ -51,16 +51,33 @@ def test_ops_match_reference(implementation, kernel_size, up_factor, batch, heig
     weights = _rand(rng, (batch, s * height, s * width, kk))
 
     sim = ops.similarity(query, key, kernel_size, up_factor, implementation)
-    np.testing.assert_allclose(sim, ref.similarity(query, key, kernel_size, up_factor),
-                               rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        sim, ref.similarity(query, key, kernel_size, up_factor), rtol=1e-10, atol=1e-10
+    )
     agg = ops.aggregate(weights, value, kernel_size, up_factor, implementation)
-    np.testing.assert_allclose(agg, ref.aggregate(weights, value, kernel_size, up_factor),
-                               rtol=1e-10, atol=1e-10)
-    out = ops.sapa(query.astype(np.float32), key.astype(np.float32),
-                   value.astype(np.float32), kernel_size, up_factor, implementation)
-    np.testing.assert_allclose(out, ref.sapa(query.astype(np.float32), key.astype(np.float32),
-                                             value.astype(np.float32), kernel_size, up_factor),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        agg, ref.aggregate(weights, value, kernel_size, up_factor), rtol=1e-10, atol=1e-10
+    )
+    out = ops.sapa(
+        query.astype(np.float32),
+        key.astype(np.float32),
+        value.astype(np.float32),
+        kernel_size,
+        up_factor,
+        implementation,
+    )
+    np.testing.assert_allclose(
+        out,
+        ref.sapa(
+            query.astype(np.float32),
+            key.astype(np.float32),
+            value.astype(np.float32),
+            kernel_size,
+            up_factor,
+        ),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_empty_batch(implementation):
@@ -98,24 +115,31 @@ def test_gradient_ops_match_reference(kernel_size, up_factor):
     grad_out = _rand(rng, (2, s * height, s * width, 7))
 
     grad_query, grad_key = _compiled.similarity_grad(grad_sim, query, key, kernel_size, s)
-    np.testing.assert_allclose(grad_query, ref.aggregate(grad_sim, key, kernel_size, s),
-                               rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(
-        grad_key, ref.window_scatter(grad_sim, query, kernel_size, s, (height, width)),
-        rtol=1e-10, atol=1e-10)
+        grad_query, ref.aggregate(grad_sim, key, kernel_size, s), rtol=1e-10, atol=1e-10
+    )
+    np.testing.assert_allclose(
+        grad_key,
+        ref.window_scatter(grad_sim, query, kernel_size, s, (height, width)),
+        rtol=1e-10,
+        atol=1e-10,
+    )
 
-    grad_weights, grad_value = _compiled.aggregate_grad(grad_out, weights, value,
-                                                        kernel_size, s)
-    np.testing.assert_allclose(grad_weights, ref.similarity(grad_out, value, kernel_size, s),
-                               rtol=1e-10, atol=1e-10)
+    grad_weights, grad_value = _compiled.aggregate_grad(grad_out, weights, value, kernel_size, s)
     np.testing.assert_allclose(
-        grad_value, ref.window_scatter(weights, grad_out, kernel_size, s, (height, width)),
-        rtol=1e-10, atol=1e-10)
+        grad_weights, ref.similarity(grad_out, value, kernel_size, s), rtol=1e-10, atol=1e-10
+    )
+    np.testing.assert_allclose(
+        grad_value,
+        ref.window_scatter(weights, grad_out, kernel_size, s, (height, width)),
+        rtol=1e-10,
+        atol=1e-10,
+    )
 
 
 def _check_gradients(fn, args):
     theoretical, numerical = tf.test.compute_gradient(fn, [tf.constant(a) for a in args])
-    for t, n in zip(theoretical, numerical):
+    for t, n in zip(theoretical, numerical, strict=False):
         np.testing.assert_allclose(t, n, rtol=1e-6, atol=1e-6)
 
 
@@ -131,8 +155,7 @@ def test_gradients_float64(kernel_size, up_factor):
     k, impl = kernel_size, "compiled"
     _check_gradients(lambda q, key_: ops.similarity(q, key_, k, s, impl), [query, key])
     _check_gradients(lambda w, v: ops.aggregate(w, v, k, s, impl), [weights, value])
-    _check_gradients(lambda q, key_, v: ops.sapa(q, key_, v, k, s, impl),
-                     [query, key, value])
+    _check_gradients(lambda q, key_, v: ops.sapa(q, key_, v, k, s, impl), [query, key, value])
 
 
 @needs_compiled
@@ -149,10 +172,12 @@ def test_gradients_of_gradient_ops_float64():
     for index in (0, 1):
         _check_gradients(
             lambda g, q, key_, i=index: _compiled.similarity_grad(g, q, key_, k, s)[i],
-            [grad_sim, query, key])
+            [grad_sim, query, key],
+        )
         _check_gradients(
             lambda g, w, v, i=index: _compiled.aggregate_grad(g, w, v, k, s)[i],
-            [grad_out, weights, value])
+            [grad_out, weights, value],
+        )
 
 
 @needs_compiled
@@ -170,7 +195,7 @@ def test_backward_is_deterministic():
         return [g.numpy() for g in tape.gradient(loss, [query, key, value])]
 
     first, second = grads(), grads()
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=False):
         np.testing.assert_array_equal(a, b)
 
 
@@ -184,8 +209,10 @@ def test_half_precision_matches_float32(dtype, tol):
     value = _rand(rng, (2, 5, 6, 24), np.float32)
     weights = tf.nn.softmax(_rand(rng, (2, 10, 12, k * k), np.float32))
     cast = lambda t: tf.cast(t, dtype)  # noqa: E731
-    for fn, args in ((_compiled.similarity, (query, key)),
-                     (_compiled.aggregate, (weights, value))):
+    for fn, args in (
+        (_compiled.similarity, (query, key)),
+        (_compiled.aggregate, (weights, value)),
+    ):
         want = fn(*args, k, s)
         got = fn(*[cast(a) for a in args], k, s)
         assert got.dtype == dtype
@@ -215,8 +242,9 @@ def test_bad_shapes_raise():
 
 @needs_compiled
 def test_shape_function_merges_dims():
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 4]),
-                                  tf.TensorSpec([2, 3, 5, None])])
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, None, None, 4]), tf.TensorSpec([2, 3, 5, None])]
+    )
     def fn(query, key):
         sim = _compiled.similarity(query, key, 3, 2)
         assert sim.shape.as_list() == [2, 6, 10, 9], sim.shape
@@ -225,10 +253,12 @@ def test_shape_function_merges_dims():
     fn.get_concrete_function()
     with pytest.raises(ValueError, match="[Dd]imension"):
         tf.function(lambda q, k: _compiled.similarity(q, k, 3, 2)).get_concrete_function(
-            tf.TensorSpec([2, 6, 7, 4]), tf.TensorSpec([2, 3, 4, 4]))
+            tf.TensorSpec([2, 6, 7, 4]), tf.TensorSpec([2, 3, 4, 4])
+        )
     with pytest.raises(ValueError, match="rank"):
         tf.function(lambda q, k: _compiled.similarity(q, k, 3, 2)).get_concrete_function(
-            tf.TensorSpec([6, 8, 4]), tf.TensorSpec([2, 3, 4, 4]))
+            tf.TensorSpec([6, 8, 4]), tf.TensorSpec([2, 3, 4, 4])
+        )
 
 
 # ------------------------------------------------------------------------------ loader
@@ -255,8 +285,9 @@ def _copy_build(tmp_path):
     lib = _compiled.library_path()
     target = tmp_path / _compiled.CPU_LIBRARY
     shutil.copy(lib, target)
-    shutil.copy(os.path.join(os.path.dirname(lib), _compiled.BUILD_INFO),
-                tmp_path / _compiled.BUILD_INFO)
+    shutil.copy(
+        os.path.join(os.path.dirname(lib), _compiled.BUILD_INFO), tmp_path / _compiled.BUILD_INFO
+    )
     return target
 
 
@@ -319,17 +350,24 @@ def test_disable_environment_variable(monkeypatch):
 
 
 class _Upsampler(tf.Module):
-    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 4]),
-                                  tf.TensorSpec([None, 4, 4, 4]),
-                                  tf.TensorSpec([None, 4, 4, 6])])
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, 8, 8, 4]),
+            tf.TensorSpec([None, 4, 4, 4]),
+            tf.TensorSpec([None, 4, 4, 6]),
+        ]
+    )
     def __call__(self, query, key, value):
         return ops.sapa(query, key, value, 3, 2)
 
 
 def _export_inputs():
     rng = np.random.default_rng(0)
-    return (_rand(rng, (2, 8, 8, 4), np.float32), _rand(rng, (2, 4, 4, 4), np.float32),
-            _rand(rng, (2, 4, 4, 6), np.float32))
+    return (
+        _rand(rng, (2, 8, 8, 4), np.float32),
+        _rand(rng, (2, 4, 4, 4), np.float32),
+        _rand(rng, (2, 4, 4, 6), np.float32),
+    )
 
 
 @needs_compiled
@@ -341,13 +379,15 @@ def test_savedmodel_with_compiled_op_reloads(tmp_path):
     path = str(tmp_path / "compiled")
     with ops.use_implementation("compiled"):
         tf.saved_model.save(_Upsampler(), path)
-    expected = ({"KerasSapa>Sapa"} if _compiled.fused_available()
-                else {"KerasSapa>Similarity", "KerasSapa>Aggregate"})
+    expected = (
+        {"KerasSapa>Sapa"}
+        if _compiled.fused_available()
+        else {"KerasSapa>Similarity", "KerasSapa>Aggregate"}
+    )
     assert expected <= saved_op_types(path)
     inputs = _export_inputs()
     restored = tf.saved_model.load(path)
-    np.testing.assert_allclose(restored(*inputs), ref.sapa(*inputs, 3, 2),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(restored(*inputs), ref.sapa(*inputs, 3, 2), rtol=1e-4, atol=1e-4)
 
     script = textwrap.dedent(f"""
         import tensorflow as tf
@@ -361,8 +401,9 @@ def test_savedmodel_with_compiled_op_reloads(tmp_path):
         tf.saved_model.load({path!r})
         print("LOADED_WITH_LIBRARY")
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert "FAILED_WITHOUT_LIBRARY" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     assert "LOADED_WITH_LIBRARY" in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
@@ -376,8 +417,9 @@ def test_savedmodel_export_has_builtin_ops_only(tmp_path, scope):
         tf.saved_model.save(_Upsampler(), path)
     assert not [t for t in saved_op_types(path) if t.startswith("KerasSapa")]
     inputs = _export_inputs()
-    np.testing.assert_allclose(tf.saved_model.load(path)(*inputs), ref.sapa(*inputs, 3, 2),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        tf.saved_model.load(path)(*inputs), ref.sapa(*inputs, 3, 2), rtol=1e-4, atol=1e-4
+    )
 
 
 # -------------------------------------------------------------------------------- GPU
@@ -394,8 +436,9 @@ def _gpu_skip_reason():
 
 
 @pytest.mark.skipif(_gpu_skip_reason() is not None, reason=str(_gpu_skip_reason()))
-@pytest.mark.parametrize("dtype,tol", [(tf.float32, 1e-4), (tf.float16, 3e-2),
-                                       (tf.bfloat16, 1.5e-1)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(tf.float32, 1e-4), (tf.float16, 3e-2), (tf.bfloat16, 1.5e-1)]
+)
 def test_gpu_matches_cpu(dtype, tol):
     rng = np.random.default_rng(1)
     k, s = 5, 2
@@ -415,6 +458,6 @@ def test_gpu_matches_cpu(dtype, tol):
         return [tf.cast(t, tf.float32).numpy() for t in [out, *grads]]
 
     cpu, gpu, gpu_again = run("/CPU:0"), run("/GPU:0"), run("/GPU:0")
-    for c, g, g2 in zip(cpu, gpu, gpu_again):
+    for c, g, g2 in zip(cpu, gpu, gpu_again, strict=False):
         np.testing.assert_allclose(g, c, rtol=tol, atol=tol)
         np.testing.assert_array_equal(g, g2)  # deterministic backward

@@ -6,7 +6,7 @@ tests/test_jax_torch_kernels.py <jax|torch> <group>``) with its own ``KERAS_BACK
 neither framework, nor JAX's x64 mode, nor the 2 forced host devices leak into the
 TensorFlow test session. A worker prints one JSON line of measured errors; the tests
 assert on them. Tests skip when the framework is missing or the libraries are not built
-(``python custom_ops/build_bindings.py``), except the fallback tests, which need neither.
+(``python custom_ops/build.py --only bindings``), except the fallback tests, which need neither.
 """
 
 import importlib.util
@@ -53,7 +53,9 @@ def _inputs(case, seed=0):
 def _err(got, want):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, (got.shape, want.shape)
-    return float(np.max(np.abs(got - want), initial=0.0) / max(1.0, np.max(np.abs(want), initial=0.0)))
+    return float(
+        np.max(np.abs(got - want), initial=0.0) / max(1.0, np.max(np.abs(want), initial=0.0))
+    )
 
 
 def _reference(case):
@@ -89,13 +91,16 @@ def _worker_jax_numerics():
         for dtype in ("float64", "float32"):
             args = [jnp.asarray(t, dtype) for t in (q, key, v)]
             gd = jnp.asarray(g, dtype)
-            fwd = jax.jit(lambda a, b, c: jk.sapa(a, b, c, k, s))(*args)
-            grads = jax.jit(jax.grad(lambda a, b, c: jnp.sum(jk.sapa(a, b, c, k, s) * gd),
-                                     argnums=(0, 1, 2)))(*args)
+            fwd = jax.jit(lambda a, b, c, k=k, s=s: jk.sapa(a, b, c, k, s))(*args)
+
+            def loss(a, b, c, k=k, s=s, gd=gd):
+                return jnp.sum(jk.sapa(a, b, c, k, s) * gd)
+
+            grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
             out[f"{case}/{dtype}"] = {
                 "dtype": str(fwd.dtype),
                 "forward": _err(fwd, ref_out),
-                "grads": max(_err(a, b) for a, b in zip(grads, ref_grads)),
+                "grads": max(_err(a, b) for a, b in zip(grads, ref_grads, strict=False)),
             }
     # vmap: a batched query with an unbatched key and value, and all batched.
     q, key, v, g, k, s = _inputs("small")
@@ -108,11 +113,14 @@ def _worker_jax_numerics():
     keys = np.stack([key, -key])
     got = jax.vmap(lambda a, b, c: jk.sapa(a, b, c, k, s))(np.stack([q, q]), keys, vs)
     out["vmap_all"] = max(_err(got[i], reference.sapa(q, keys[i], vs[i], k, s)) for i in range(2))
-    grads = jax.vmap(jax.grad(lambda a, b, c: jnp.sum(jk.sapa(a, b, c, k, s) * g),
-                              argnums=(0, 1, 2)))(np.stack([q, q]), keys, vs)
+    grads = jax.vmap(
+        jax.grad(lambda a, b, c: jnp.sum(jk.sapa(a, b, c, k, s) * g), argnums=(0, 1, 2))
+    )(np.stack([q, q]), keys, vs)
     out["vmap_grad"] = max(
         _err(grads[j][i], reference.sapa_vjp(q, keys[i], vs[i], g, k, s)[j])
-        for i in range(2) for j in range(3))
+        for i in range(2)
+        for j in range(3)
+    )
     # Half types compute in float32 and come back in value's dtype.
     ref_out, _ = _reference("small")
     half = jk.sapa(*(jnp.asarray(t, jnp.bfloat16) for t in (q, key, v)), k, s)
@@ -122,8 +130,10 @@ def _worker_jax_numerics():
 
     out["bad_kernel"] = _errors_value(lambda: ops.sapa(q, key, v, 4, s, "compiled"))
     out["bad_shape"] = _errors_value(lambda: ops.sapa(q[:, :-1], key, v, k, s, "compiled"))
-    out["hlo_has_custom_call"] = "keras_sapa_forward" in jax.jit(
-        lambda a, b, c: jk.sapa(a, b, c, k, s)).lower(q, key, v).as_text()
+    out["hlo_has_custom_call"] = (
+        "keras_sapa_forward"
+        in jax.jit(lambda a, b, c: jk.sapa(a, b, c, k, s)).lower(q, key, v).as_text()
+    )
     return out
 
 
@@ -182,8 +192,10 @@ def _worker_keras_step(framework):
     pred = compiled.predict(inputs, verbose=0)
     return {
         "loss": abs(loss - loss_pure) / max(1.0, abs(loss_pure)),
-        "weights": max(_err(a, b) for a, b in zip(compiled.get_weights(), pure.get_weights())),
-        "moved": max(_err(a, b) for a, b in zip(pure.get_weights(), start)),
+        "weights": max(
+            _err(a, b) for a, b in zip(compiled.get_weights(), pure.get_weights(), strict=False)
+        ),
+        "moved": max(_err(a, b) for a, b in zip(pure.get_weights(), start, strict=False)),
         "predict": _err(pred, pure.predict(inputs, verbose=0)),
     }
 
@@ -203,7 +215,8 @@ def _worker_jax_distributed():
     start = [w.copy() for w in single.get_weights()]
     loss_single = float(single.train_on_batch(inputs, target))
     keras.distribution.set_distribution(
-        keras.distribution.DataParallel(devices=keras.distribution.list_devices()))
+        keras.distribution.DataParallel(devices=keras.distribution.list_devices())
+    )
     dp = _keras_model(use_kernels=True)
     dp.set_weights(start)
     loss_dp = float(dp.train_on_batch(inputs, target))
@@ -216,8 +229,8 @@ def _worker_jax_distributed():
     grad_fn = jax.grad(lambda a, b, c: (jk.sapa(a, b, c, k, s) * g).sum(), argnums=(0, 1, 2))
     sharded = [jax.device_put(t.astype("float32"), sharding) for t in (q, key, v)]
     hlo = jax.jit(grad_fn).lower(*sharded).compile().as_text()
-    calls = [l for l in hlo.splitlines() if "custom_call_target=\"keras_sapa_" in l]
-    per_shard = [l.split("=", 1)[1].split("custom-call")[0].strip() for l in calls]
+    calls = [x for x in hlo.splitlines() if 'custom_call_target="keras_sapa_' in x]
+    per_shard = [x.split("=", 1)[1].split("custom-call")[0].strip() for x in calls]
     grads = jax.jit(grad_fn)(*sharded)
     import reference
 
@@ -225,12 +238,14 @@ def _worker_jax_distributed():
     return {
         "custom_calls": per_shard,
         "gathers": "all-gather" in hlo,
-        "sharded_grads": max(_err(a, b) for a, b in zip(grads, ref_grads)),
+        "sharded_grads": max(_err(a, b) for a, b in zip(grads, ref_grads, strict=False)),
         "devices": len(jax.devices()),
         "weight_devices": shards,
         "loss": abs(loss_single - loss_dp) / max(1.0, abs(loss_single)),
-        "weights": max(_err(a, b) for a, b in zip(dp.get_weights(), single.get_weights())),
-        "moved": max(_err(a, b) for a, b in zip(single.get_weights(), start)),
+        "weights": max(
+            _err(a, b) for a, b in zip(dp.get_weights(), single.get_weights(), strict=False)
+        ),
+        "moved": max(_err(a, b) for a, b in zip(single.get_weights(), start, strict=False)),
     }
 
 
@@ -241,9 +256,11 @@ def _worker_fallback(framework):
 
     if framework == "jax":
         import jax.numpy as xp
+
         from keras_sapa.ops import _jax_kernels as mod
     else:
         import torch as xp
+
         from keras_sapa.ops import _torch_kernels as mod
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -259,8 +276,15 @@ def _worker_fallback(framework):
 
     stale = tempfile.mkdtemp()
     with open(os.path.join(stale, "bindings_build_info.json"), "w") as f:
-        json.dump({"core_abi": 1, "cpu_features": ["no_such_cpu_feature"],
-                   "core_library": "_sapa_core.so", "jax_library": "_sapa_jax.so"}, f)
+        json.dump(
+            {
+                "core_abi": 1,
+                "cpu_features": ["no_such_cpu_feature"],
+                "core_library": "_sapa_core.so",
+                "jax_library": "_sapa_jax.so",
+            },
+            f,
+        )
     os.environ["KERAS_SAPA_BINDINGS_DIR"] = stale
     mod._reset()
     with warnings.catch_warnings(record=True) as caught:
@@ -272,10 +296,16 @@ def _worker_fallback(framework):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         disabled = mod.available()
-    return {"available": [first, second], "warnings": warned, "raised": raised,
-            "stale_available": stale_available, "stale_warnings": stale_warnings,
-            "disabled": disabled, "disabled_warnings": len(caught),
-            "reason": mod.unavailable_reason()}
+    return {
+        "available": [first, second],
+        "warnings": warned,
+        "raised": raised,
+        "stale_available": stale_available,
+        "stale_warnings": stale_warnings,
+        "disabled": disabled,
+        "disabled_warnings": len(caught),
+        "reason": mod.unavailable_reason(),
+    }
 
 
 def _worker_torch_numerics():
@@ -299,7 +329,7 @@ def _worker_torch_numerics():
             out[f"{case}/{str(dtype)[6:]}"] = {
                 "dtype": str(fwd.dtype)[6:],
                 "forward": _err(fwd.detach(), ref_out),
-                "grads": max(_err(a.grad, b) for a, b in zip(args, ref_grads)),
+                "grads": max(_err(a.grad, b) for a, b in zip(args, ref_grads, strict=False)),
             }
     # torch.compile(fullgraph=True): forward and backward through the custom ops.
     q, key, v, g, k, s = _inputs("s3_k5")
@@ -309,16 +339,21 @@ def _worker_torch_numerics():
     compiled = torch.compile(lambda a, b, c: tk.sapa(a, b, c, k, s), fullgraph=True)
     fwd = compiled(*args)
     (fwd * gt).sum().backward()
-    out["compile"] = {"forward": _err(fwd.detach(), ref_out),
-                      "grads": max(_err(a.grad, b) for a, b in zip(args, ref_grads))}
+    out["compile"] = {
+        "forward": _err(fwd.detach(), ref_out),
+        "grads": max(_err(a.grad, b) for a, b in zip(args, ref_grads, strict=False)),
+    }
     # gradcheck (float64 numeric differences) and the op registrations (opcheck).
     small = [torch.tensor(t, requires_grad=True) for t in _inputs("small")[:3]]
-    out["gradcheck"] = bool(torch.autograd.gradcheck(lambda a, b, c: tk.sapa(a, b, c, 3, 2), small))
+    out["gradcheck"] = bool(
+        torch.autograd.gradcheck(lambda a, b, c: tk.sapa(a, b, c, 3, 2), small)
+    )
     weights = torch.ops.keras_sapa.sapa_forward(*small, 3, 2)[1].detach()
     grad = torch.randn(small[0].shape[:-1] + (small[2].shape[-1],), dtype=torch.float64)
     torch.library.opcheck(torch.ops.keras_sapa.sapa_forward, (*small, 3, 2))
-    torch.library.opcheck(torch.ops.keras_sapa.sapa_backward,
-                          (grad, *(t.detach() for t in small), weights, 3, 2))
+    torch.library.opcheck(
+        torch.ops.keras_sapa.sapa_backward, (grad, *(t.detach() for t in small), weights, 3, 2)
+    )
     out["opcheck"] = True
     # Half types compute in float32 and come back in value's dtype.
     q, key, v, g, k, s = _inputs("small")
@@ -330,10 +365,14 @@ def _worker_torch_numerics():
     out["noncontiguous"] = _err(tk.sapa(qt, torch.tensor(key), torch.tensor(v), k, s), ref_out)
     from keras_sapa import ops
 
-    out["bad_kernel"] = _errors_value(lambda: ops.sapa(torch.tensor(q), torch.tensor(key),
-                                                       torch.tensor(v), 4, s, "compiled"))
-    out["bad_shape"] = _errors_value(lambda: ops.sapa(torch.tensor(q[:, :-1]), torch.tensor(key),
-                                                      torch.tensor(v), k, s, "compiled"))
+    out["bad_kernel"] = _errors_value(
+        lambda: ops.sapa(torch.tensor(q), torch.tensor(key), torch.tensor(v), 4, s, "compiled")
+    )
+    out["bad_shape"] = _errors_value(
+        lambda: ops.sapa(
+            torch.tensor(q[:, :-1]), torch.tensor(key), torch.tensor(v), k, s, "compiled"
+        )
+    )
     # The pool: results do not depend on the thread count (every output is written by
     # one thread), and concurrent callers each get their own right answer.
     q, key, v, g, k, s = _inputs("prod_c256_d64")
@@ -351,9 +390,12 @@ def _worker_torch_numerics():
     lib.keras_sapa_set_num_threads(3)
     pooled = run(1.0)
     lib.keras_sapa_set_num_threads(0)
-    out["threads"] = {"default": default_threads, "restored": lib.keras_sapa_num_threads(),
-                      "serial_equal": all(torch.equal(a, b) for a, b in zip(serial, expected)),
-                      "pool3_equal": all(torch.equal(a, b) for a, b in zip(pooled, expected))}
+    out["threads"] = {
+        "default": default_threads,
+        "restored": lib.keras_sapa_num_threads(),
+        "serial_equal": all(torch.equal(a, b) for a, b in zip(serial, expected, strict=False)),
+        "pool3_equal": all(torch.equal(a, b) for a, b in zip(pooled, expected, strict=False)),
+    }
     scales = [1.0, 0.5, -1.0, 2.0]
     wanted = [run(c) for c in scales]
     results = [None] * len(scales)
@@ -367,7 +409,9 @@ def _worker_torch_numerics():
     for t in threads:
         t.join()
     out["concurrent_equal"] = all(
-        all(torch.equal(a, b) for a, b in zip(r, w)) for r, w in zip(results, wanted))
+        all(torch.equal(a, b) for a, b in zip(r, w, strict=False))
+        for r, w in zip(results, wanted, strict=False)
+    )
     return out
 
 
@@ -396,16 +440,23 @@ def _run(framework, group, env=None, timeout=900):
     if key not in _results:
         full_env = dict(os.environ, KERAS_BACKEND=framework, **(env or {}))
         full_env["PYTHONPATH"] = os.pathsep.join(
-            [ROOT, HERE] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+            [ROOT, HERE] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+        )
         full_env.pop("KERAS_SAPA_DISABLE_COMPILED", None)
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), framework, group],
-                              env=full_env, capture_output=True, text=True, timeout=timeout,
-                              cwd=ROOT)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), framework, group],
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         assert proc.returncode == 0 and lines, (
             f"worker {framework}/{group} failed (rc={proc.returncode}):\n"
-            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-        _results[key] = json.loads(lines[-1][len("RESULT "):])
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+        _results[key] = json.loads(lines[-1][len("RESULT ") :])
     result = _results[key]
     if "skip" in result:
         pytest.skip(f"compiled kernels unavailable: {result['skip']}")
@@ -436,8 +487,7 @@ def test_jax_vmap_half_and_bad_input():
 
 
 def test_jax_data_parallel_two_devices():
-    r = _run("jax", "distributed",
-             env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    r = _run("jax", "distributed", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert r["devices"] == 2 and r["weight_devices"] == 2, r
     assert r["moved"] > 1e-4, r  # the step changed the weights
     assert r["loss"] <= 1e-5 and r["weights"] <= 1e-5, r
@@ -470,12 +520,19 @@ def test_build_script_is_never_fatal(tmp_path):
     """Without a compiler nothing is built (and nothing removed): exit 0, or 1 with
     --strict, and a message saying why."""
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"))
-    script = os.path.join(ROOT, "custom_ops", "build_bindings.py")
+    script = os.path.join(ROOT, "custom_ops", "build.py")
     for extra, rc in (([], 0), (["--strict"], 1)):
-        proc = subprocess.run([sys.executable, script, *extra], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == rc, proc.stdout + proc.stderr
-        assert "nothing built" in proc.stdout and "no-such-compiler" in proc.stdout
+        proc = subprocess.run(
+            [sys.executable, script, "--only", "bindings", *extra],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == rc, out
+        assert "not built" in out and "no-such-compiler" in out
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

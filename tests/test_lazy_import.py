@@ -18,7 +18,11 @@ def run_python(code, backend="tensorflow"):
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
@@ -72,7 +76,7 @@ def test_saved_model_reloads_after_plain_import(kind, tmp_path):
     save = f"""
         import numpy as np, keras, keras_sapa
         keras.utils.set_random_seed(0)
-        {textwrap.dedent(build).strip().replace(chr(10), chr(10) + '        ')}
+        {textwrap.dedent(build).strip().replace(chr(10), chr(10) + "        ")}
         x = np.random.default_rng(0).uniform(size=(1, 32, 32, 3)).astype("float32")
         np.save({expected!r}, np.asarray(model(x)))
         model.save({path!r})
@@ -84,8 +88,8 @@ def test_saved_model_reloads_after_plain_import(kind, tmp_path):
         import numpy as np, keras, keras_sapa
         assert "{kind}" not in sys.modules
         model = keras.models.load_model({path!r})
-        import {real.rsplit('.', 1)[0]} as real_module
-        assert type(model) is real_module.{real.rsplit('.', 1)[1]}, type(model)
+        import {real.rsplit(".", 1)[0]} as real_module
+        assert type(model) is real_module.{real.rsplit(".", 1)[1]}, type(model)
         x = np.random.default_rng(0).uniform(size=(1, 32, 32, 3)).astype("float32")
         print(float(np.max(np.abs(np.asarray(model(x)) - np.load({expected!r})))))
         """

@@ -30,7 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _load_build():
     spec = importlib.util.spec_from_file_location(
-        "keras_sapa_build_for_tests", os.path.join(ROOT, "custom_ops", "build.py"))
+        "keras_sapa_build_for_tests", os.path.join(ROOT, "custom_ops", "build.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -80,9 +81,21 @@ def test_missing_cpu_features_reads_cpuinfo(tmp_path, monkeypatch):
     assert info is None and "0.1" in reason and tf.__version__ in reason
 
 
-@pytest.mark.parametrize("value,expected", [
-    ("1", True), ("true", True), ("YES", True), (" on ", True), ("2", True),
-    ("", False), ("0", False), ("false", False), ("No", False), ("off", False)])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        (" on ", True),
+        ("2", True),
+        ("", False),
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+    ],
+)
 def test_disable_switch_is_one_parser(value, expected, monkeypatch):
     """KERAS_SAPA_DISABLE_COMPILED: one parser for every backend (the JAX and PyTorch
     side runs in tests/multibackend/test_mb_bad_input.py)."""
@@ -220,12 +233,14 @@ def test_build_reruns_when_flags_or_outputs_change(fake_build, monkeypatch):
 
 def test_stamp_covers_every_native_source():
     sources = [os.path.relpath(p, ROOT) for p in build._sources()]
-    for expected in ("custom_ops/sapa/kernels/cuda/sapa_kernels.cuh",
-                     "custom_ops/sapa/kernels/cuda/sapa_kernels.cu",
-                     "custom_ops/sapa/launcher/sapa_launcher.cc",
-                     "custom_ops/sapa/cc/kernels/sapa_kernels_gpu.cc",
-                     "custom_ops/sapa/cc/ops/sapa_ops.cc",
-                     "custom_ops/build.py"):
+    for expected in (
+        "custom_ops/sapa/kernels/cuda/sapa_kernels.cuh",
+        "custom_ops/sapa/kernels/cuda/sapa_kernels.cu",
+        "custom_ops/sapa/launcher/sapa_launcher.cc",
+        "custom_ops/sapa/cc/kernels/sapa_kernels_gpu.cc",
+        "custom_ops/sapa/cc/ops/sapa_ops.cc",
+        "custom_ops/build.py",
+    ):
         assert expected in sources, expected
     assert not any("testing" in s.split(os.sep) for s in sources)
 
@@ -269,13 +284,17 @@ def test_self_test_results_run_every_op_on_the_cpu():
     assert {"similarity", "aggregate", "similarity_grad.key"} <= set(results)
     assert all("CPU" in t.device for t in results.values())
     rng = np.random.default_rng(1234)
-    q, k, v, _ = (rng.standard_normal(shape).astype(np.float32)
-                  for shape in ((1, 6, 6, 5), (1, 3, 3, 5), (1, 3, 3, 4), (1, 6, 6, 4)))
-    np.testing.assert_allclose(results["similarity"], reference.similarity(q, k, 3, 2),
-                               rtol=1e-5, atol=1e-5)
+    q, k, v, _ = (
+        rng.standard_normal(shape).astype(np.float32)
+        for shape in ((1, 6, 6, 5), (1, 3, 3, 5), (1, 3, 3, 4), (1, 6, 6, 4))
+    )
+    np.testing.assert_allclose(
+        results["similarity"], reference.similarity(q, k, 3, 2), rtol=1e-5, atol=1e-5
+    )
     if "sapa" in results:
-        np.testing.assert_allclose(results["sapa"], reference.sapa(q, k, v, 3, 2),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            results["sapa"], reference.sapa(q, k, v, 3, 2), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_no_gpu_means_no_gpu_op():
@@ -295,8 +314,11 @@ def test_layer_supports_jit(monkeypatch):
     # No GPU visible: nothing to decide (and the library is not loaded for it).
     monkeypatch.setattr(_compiled.tf.config, "list_physical_devices", lambda kind=None: [])
     assert _compiled.layer_supports_jit() is True
-    monkeypatch.setattr(_compiled.tf.config, "list_physical_devices",
-                        lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    monkeypatch.setattr(
+        _compiled.tf.config,
+        "list_physical_devices",
+        lambda kind=None: ["GPU:0"] if kind == "GPU" else [],
+    )
     assert _compiled.layer_supports_jit() is False
     assert _compiled.layer_supports_jit("compiled") is False
     assert _compiled.layer_supports_jit("xla") is True

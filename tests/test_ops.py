@@ -31,7 +31,15 @@ def _inputs(rng, batch, height, width, s, d, c, dtype=np.float32):
 @pytest.mark.parametrize("implementation", ALL)
 @pytest.mark.parametrize(
     "kernel_size,up_factor,height,width",
-    [(1, 1, 3, 4), (3, 2, 3, 5), (5, 2, 4, 3), (5, 3, 3, 3), (7, 2, 3, 5), (3, 4, 2, 3), (5, 1, 5, 7)],
+    [
+        (1, 1, 3, 4),
+        (3, 2, 3, 5),
+        (5, 2, 4, 3),
+        (5, 3, 3, 3),
+        (7, 2, 3, 5),
+        (3, 4, 2, 3),
+        (5, 1, 5, 7),
+    ],
 )
 def test_ops_match_reference(implementation, kernel_size, up_factor, height, width):
     rng = np.random.default_rng(kernel_size * 10 + up_factor)
@@ -43,14 +51,18 @@ def test_ops_match_reference(implementation, kernel_size, up_factor, height, wid
     weights = rng.standard_normal(expected_sim.shape).astype(np.float32)
     got_agg = ops.aggregate(weights, value, kernel_size, up_factor, implementation)
     np.testing.assert_allclose(
-        got_agg.numpy(), ref.aggregate(weights, value, kernel_size, up_factor),
-        rtol=1e-5, atol=1e-5,
+        got_agg.numpy(),
+        ref.aggregate(weights, value, kernel_size, up_factor),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
     got = ops.sapa(query, key, value, kernel_size, up_factor, implementation)
     np.testing.assert_allclose(
-        got.numpy(), ref.sapa(query, key, value, kernel_size, up_factor),
-        rtol=1e-5, atol=1e-5,
+        got.numpy(),
+        ref.sapa(query, key, value, kernel_size, up_factor),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -72,7 +84,7 @@ def test_gradients_match_numeric(implementation):
 
     def check(fn, args):
         theoretical, numerical = tf.test.compute_gradient(fn, args, delta=1e-6)
-        for t, n in zip(theoretical, numerical):
+        for t, n in zip(theoretical, numerical, strict=False):
             np.testing.assert_allclose(t, n, rtol=1e-6, atol=1e-6)
 
     check(lambda q, k: ops.similarity(q, k, 3, 2, implementation), [query, key])
@@ -94,11 +106,13 @@ def test_xla_forward_and_gradient_compile():
         return out, tape.gradient(loss, [q, k, v])
 
     out, grads = step(tf.constant(query), tf.constant(key), tf.constant(value))
-    np.testing.assert_allclose(out.numpy(), ref.sapa(query, key, value, 5, 2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out.numpy(), ref.sapa(query, key, value, 5, 2), rtol=1e-5, atol=1e-5
+    )
     eager_out, eager_grads = step.python_function(
         tf.constant(query), tf.constant(key), tf.constant(value)
     )
-    for g, e in zip(grads, eager_grads):
+    for g, e in zip(grads, eager_grads, strict=False):
         np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-4, atol=1e-5)
 
 
@@ -121,6 +135,7 @@ def test_in_xla_context_tracks_tensorflow():
         def fn(x):
             seen[name] = _tf_builtin.in_xla_context()
             return x
+
         return fn
 
     assert _tf_builtin.in_xla_context() is False  # eager
@@ -143,6 +158,7 @@ def test_auto_rule():
         def fn(x):
             seen[name] = ops.resolve_implementation("auto", training=training)
             return x
+
         return fn
 
     for training in (None, False, np.bool_(False), tf.constant(True)):
@@ -206,10 +222,10 @@ def _two_level_model():
 def test_set_implementation_finds_nested_layers():
     """Also pins the one non-public Keras API used (``Layer._flatten_layers``)."""
     model = _two_level_model()
-    layers = [l for l in model._flatten_layers() if isinstance(l, keras_sapa.SAPA)]
+    layers = [x for x in model._flatten_layers() if isinstance(x, keras_sapa.SAPA)]
     assert len(layers) == 2
     assert ops.set_implementation(model, "patches") == 2
-    assert [l.implementation for l in layers] == ["patches", "patches"]
+    assert [x.implementation for x in layers] == ["patches", "patches"]
     with pytest.raises(ValueError, match="implementation='cuda'"):
         ops.set_implementation(model, "cuda")
     plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
@@ -263,15 +279,20 @@ def test_float16_large_logits_no_nan():
     query, key, value = _inputs(rng, 1, 3, 3, 2, 8, 4)
     # Logits around 1e6 overflow float16 if the similarity were computed in it.
     out = ops.sapa(
-        tf.constant(query * 400, tf.float16), tf.constant(key * 400, tf.float16),
-        tf.constant(value, tf.float16), 3, 2,
+        tf.constant(query * 400, tf.float16),
+        tf.constant(key * 400, tf.float16),
+        tf.constant(value, tf.float16),
+        3,
+        2,
     )
     assert out.dtype == tf.float16
     assert np.isfinite(out.numpy()).all()
     expected = ref.sapa(
         query.astype(np.float16).astype(np.float64) * 400,
         key.astype(np.float16).astype(np.float64) * 400,
-        value.astype(np.float16), 3, 2,
+        value.astype(np.float16),
+        3,
+        2,
     )
     np.testing.assert_allclose(out.numpy().astype(np.float64), expected, atol=2e-2)
 
@@ -319,7 +340,8 @@ def test_bad_weights_channels():
 def test_unknown_shapes_checked_at_run_time():
     @tf.function(
         input_signature=[
-            tf.TensorSpec((None, None, None, 2)), tf.TensorSpec((None, None, None, 2))
+            tf.TensorSpec((None, None, None, 2)),
+            tf.TensorSpec((None, None, None, 2)),
         ]
     )
     def fn(q, k):

@@ -15,18 +15,25 @@ import threading
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 
 import reference as ref
 from keras_sapa import ops
 
 settings.register_profile(
-    "ci", max_examples=300, deadline=None, derandomize=True,
+    "ci",
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
-    "nightly", max_examples=3000, deadline=None,
+    "nightly",
+    max_examples=3000,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
@@ -50,13 +57,23 @@ def problems(draw, dtypes=("float32", "float64", "float16")):
     query = rng.standard_normal((batch, up_factor * height, up_factor * width, d))
     key = rng.standard_normal((batch, height, width, d))
     value = rng.standard_normal((batch, height, width, c))
-    return dict(query=query, key=key, value=value, kernel_size=kernel_size,
-                up_factor=up_factor, dtype=dtype, implementation=implementation)
+    return dict(
+        query=query,
+        key=key,
+        value=value,
+        kernel_size=kernel_size,
+        up_factor=up_factor,
+        dtype=dtype,
+        implementation=implementation,
+    )
 
 
 def _cast(array, dtype):
-    return tf.constant(array.astype(np.float32), tf.float32) if dtype == "bfloat16" \
+    return (
+        tf.constant(array.astype(np.float32), tf.float32)
+        if dtype == "bfloat16"
         else tf.constant(array.astype(dtype))
+    )
 
 
 @given(problems(dtypes=("float32", "float64", "float16", "bfloat16")))
@@ -71,8 +88,12 @@ def test_forward_property(p):
     sim = ops.similarity(q, key, k, s, impl)
     assert sim.dtype == tf_dtype and sim.shape == q.shape[:3] + (k * k,)
     expected = ref.similarity(q64, k64, k, s)
-    np.testing.assert_allclose(sim.numpy().astype(np.float64), expected,
-                               rtol=tol, atol=tol * (1 + np.abs(expected).max(initial=0)))
+    np.testing.assert_allclose(
+        sim.numpy().astype(np.float64),
+        expected,
+        rtol=tol,
+        atol=tol * (1 + np.abs(expected).max(initial=0)),
+    )
 
     out = ops.sapa(q, key, v, k, s, impl)
     assert out.dtype == tf_dtype and out.shape == q.shape[:3] + v.shape[3:]
@@ -112,7 +133,7 @@ def test_gradient_property(p):
         loss = tf.reduce_sum(out * cotangent)
     got = tape.gradient(loss, tensors)
     expected = _numeric_vjp(lambda *a: ref.sapa(*a, k, s), args, cotangent)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=False):
         g = np.zeros_like(e) if g is None else g.numpy()
         np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6)
 
@@ -141,9 +162,13 @@ def test_concurrent_calls_from_threads(implementation):
     cases = []
     for i in range(6):
         h, w = 2 + i % 3, 3 + i % 2
-        cases.append((rng.standard_normal((1, 2 * h, 2 * w, 3)).astype(np.float32),
-                      rng.standard_normal((1, h, w, 3)).astype(np.float32),
-                      rng.standard_normal((1, h, w, 4)).astype(np.float32)))
+        cases.append(
+            (
+                rng.standard_normal((1, 2 * h, 2 * w, 3)).astype(np.float32),
+                rng.standard_normal((1, h, w, 3)).astype(np.float32),
+                rng.standard_normal((1, h, w, 4)).astype(np.float32),
+            )
+        )
     results, errors = [None] * len(cases), []
 
     def work(index):
@@ -159,14 +184,17 @@ def test_concurrent_calls_from_threads(implementation):
     for t in threads:
         t.join()
     assert not errors, errors
-    for case, result in zip(cases, results):
+    for case, result in zip(cases, results, strict=False):
         np.testing.assert_allclose(result, ref.sapa(*case, 3, 2), rtol=1e-5, atol=1e-5)
 
 
 def _run_script(script, timeout=300, env=None):
     completed = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-        timeout=timeout, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return completed.stdout
@@ -263,7 +291,8 @@ def dataset_fn(ctx):
     per = ctx.get_per_replica_batch_size(GLOBAL)
     i, n = ctx.input_pipeline_id, ctx.num_input_pipelines
     # Worker i takes its slice of every global batch, so the union is the global batch.
-    idx = np.concatenate([np.arange(b * GLOBAL + i * per, b * GLOBAL + (i + 1) * per) for b in range(len(x) // GLOBAL)])
+    idx = np.concatenate([np.arange(b * GLOBAL + i * per, b * GLOBAL + (i + 1) * per)
+                          for b in range(len(x) // GLOBAL)])
     return tf.data.Dataset.from_tensor_slices(((x[idx], g[idx]), y[idx])).batch(per)
 with strategy.scope():
     model = build()
@@ -274,7 +303,8 @@ def step(batch):
     def replica_fn(batch):
         (xb, gb), yb = batch
         with tf.GradientTape() as tape:
-            per_example = tf.reduce_mean(tf.square(model([xb, gb], training=True) - yb), axis=[1, 2, 3])
+            per_example = tf.reduce_mean(tf.square(model([xb, gb], training=True) - yb),
+                                         axis=[1, 2, 3])
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=GLOBAL)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
@@ -289,7 +319,8 @@ for epoch in range(3):
         sl = slice(b * GLOBAL, (b + 1) * GLOBAL)
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.square(ref([x[sl], g[sl]], training=True) - y[sl]))
-        opt.apply_gradients(zip(tape.gradient(loss, ref.trainable_variables), ref.trainable_variables))
+        opt.apply_gradients(zip(tape.gradient(loss, ref.trainable_variables),
+                                ref.trainable_variables))
 diff = max(np.abs(a.numpy() - b.numpy()).max() for a, b in zip(model.weights, ref.weights))
 moved = max(np.abs(a.numpy() - b.numpy()).max() for a, b in zip(ref.weights, build().weights))
 print("replicas", strategy.num_replicas_in_sync, "diff", diff, "moved", moved)
@@ -313,11 +344,22 @@ def test_multi_worker_mirrored_strategy_on_localhost(tmp_path):
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     procs = []
     for index in range(2):
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-               "TF_CONFIG": json.dumps({"cluster": cluster,
-                                        "task": {"type": "worker", "index": index}})}
-        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        env = {
+            **os.environ,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "TF_CONFIG": json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            ),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script)],
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        )
     outputs = []
     try:
         for proc in procs:
@@ -329,7 +371,7 @@ def test_multi_worker_mirrored_strategy_on_localhost(tmp_path):
             if proc.poll() is None:
                 proc.kill()
     for stdout in outputs:
-        line = [l for l in stdout.splitlines() if l.startswith("replicas")][-1]
+        line = [x for x in stdout.splitlines() if x.startswith("replicas")][-1]
         _, replicas, _, diff, _, moved = line.split()
         assert int(replicas) == 2
         assert float(moved) > 1e-4 and float(diff) < 1e-5, line

@@ -14,19 +14,19 @@ one every backend can run, :mod:`._patches`) and the compiled-kernel bindings
 (:mod:`._tf_kernels`, :mod:`._jax_kernels`, :mod:`._torch_kernels`), which also state the
 facts the rule below needs. What ``implementation`` means on each backend:
 
-============  ===========================  ========================  ========================
-              TensorFlow                   JAX                       PyTorch
-============  ===========================  ========================  ========================
-``patches``   ``tf.image.extract_patches``  stacked windows + einsum  stacked windows + einsum
-              + einsum                     (``keras.ops``)           (``keras.ops``)
-``xla``       shifted slices, builtin      shifted slices + einsum,  stacked windows + bmm,
-              ops; compiles with           ``jax.custom_vjp``        ``autograd.Function``
+============  ===============================  ========================  =======================
+              TensorFlow                       JAX                       PyTorch
+============  ===============================  ========================  =======================
+``patches``   ``tf.image.extract_patches``     stacked windows + einsum  stacked windows + einsum
+              + einsum                         (``keras.ops``)           (``keras.ops``)
+``xla``       shifted slices, builtin ops;     shifted slices + einsum,  stacked windows + bmm,
+              compiles with                    ``jax.custom_vjp``        ``autograd.Function``
               ``jit_compile=True``
-``compiled``  the fused C++/CUDA custom    the fused C++ CPU         the fused C++ CPU
-              op; not inside               kernels as XLA FFI        kernels as
-              ``jit_compile=True``         custom calls, also in     ``torch.library`` ops,
-              (``ValueError``)             ``jax.jit``               also in torch.compile
-============  ===========================  ========================  ========================
+``compiled``  the fused C++/CUDA custom op;    the fused C++ CPU         the fused C++ CPU
+              not inside ``jit_compile=True``  kernels as XLA FFI        kernels as
+              (``ValueError``)                 custom calls, also in     ``torch.library`` ops,
+                                               ``jax.jit``               also in torch.compile
+============  ===============================  ========================  =======================
 
 On JAX and PyTorch, ``"compiled"`` binds only the fused ``sapa``; ``similarity`` and
 ``aggregate`` use ``"xla"`` there. The dispatch rule, one function for every backend
@@ -112,8 +112,10 @@ def _builtin(implementation):
     for name in ([f"_{prefix}_builtin"] if prefix else []) + ["_patches"]:
         module = _module(name)
         if hasattr(module, f"similarity_{implementation}"):
-            return (getattr(module, f"similarity_{implementation}"),
-                    getattr(module, f"aggregate_{implementation}"))
+            return (
+                getattr(module, f"similarity_{implementation}"),
+                getattr(module, f"aggregate_{implementation}"),
+            )
     raise AssertionError(implementation)  # pragma: no cover - every backend has both
 
 
@@ -200,8 +202,7 @@ def resolve_implementation(implementation="auto", training=None, like=None):
             raise RuntimeError(
                 "implementation='compiled' was requested but the keras_sapa compiled "
                 f"kernels are not available on the {keras.config.backend()!r} backend "
-                f"({_unavailable(kernels)}). Build them with `python custom_ops/build.py` "
-                "(TensorFlow) or `python custom_ops/build_bindings.py` (JAX, PyTorch), "
+                f"({_unavailable(kernels)}). Build them with `python custom_ops/build.py`, "
                 "or use implementation='auto'."
             )
         if kernels.in_xla_trace():
@@ -300,14 +301,19 @@ def _prepare(tensors, kernel_size, up_factor, implementation):
     _checks.check_float_dtypes(list(zip(names, dtypes, strict=True)))
     high = tensors[0]
     for name, low in zip(names[1:], tensors[1:], strict=True):
-        _checks.check_pair(names[0], tuple(high.shape), name, tuple(low.shape), up_factor,
-                           last_dim="equal" if name == "key" else None)
+        _checks.check_pair(
+            names[0],
+            tuple(high.shape),
+            name,
+            tuple(low.shape),
+            up_factor,
+            last_dim="equal" if name == "key" else None,
+        )
         high = _checked_at_run_time(high, names[0], low, name, up_factor)
     return [high, *tensors[1:]], kernel_size, up_factor
 
 
-def similarity(query, key, kernel_size=5, up_factor=2, implementation="auto",
-               training=None):
+def similarity(query, key, kernel_size=5, up_factor=2, implementation="auto", training=None):
     """Window similarity ``S[b, i, j, n] = <query[b, i, j], key[b, i//s + a, j//s + b']>``.
 
     Args:
@@ -323,13 +329,13 @@ def similarity(query, key, kernel_size=5, up_factor=2, implementation="auto",
         ``(B, s*H, s*W, K*K)``; points outside the map contribute 0.
     """
     (query, key), kernel_size, up_factor = _prepare(
-        (("query", query), ("key", key)), kernel_size, up_factor, implementation)
+        (("query", query), ("key", key)), kernel_size, up_factor, implementation
+    )
     fn, _ = _window_ops(resolve_implementation(implementation, training, like=query))
     return fn(query, key, kernel_size, up_factor)
 
 
-def aggregate(weights, value, kernel_size=5, up_factor=2, implementation="auto",
-              training=None):
+def aggregate(weights, value, kernel_size=5, up_factor=2, implementation="auto", training=None):
     """Window aggregation ``out[b, i, j] = sum_n weights[b, i, j, n] * value[b, window_n]``.
 
     Args:
@@ -344,7 +350,8 @@ def aggregate(weights, value, kernel_size=5, up_factor=2, implementation="auto",
         ``(B, s*H, s*W, C)``; points outside the map contribute 0.
     """
     (weights, value), kernel_size, up_factor = _prepare(
-        (("weights", weights), ("value", value)), kernel_size, up_factor, implementation)
+        (("weights", weights), ("value", value)), kernel_size, up_factor, implementation
+    )
     _checks.check_weights_channels(tuple(weights.shape), kernel_size)
     _, fn = _window_ops(resolve_implementation(implementation, training, like=weights))
     return fn(weights, value, kernel_size, up_factor)
@@ -359,8 +366,7 @@ def _window_ops(resolved):
     return _builtin("xla" if resolved == "compiled" else resolved)
 
 
-def sapa(query, key, value, kernel_size=5, up_factor=2, implementation="auto",
-         training=None):
+def sapa(query, key, value, kernel_size=5, up_factor=2, implementation="auto", training=None):
     """``aggregate(softmax(similarity(query, key)), value)``.
 
     Args:
@@ -379,8 +385,8 @@ def sapa(query, key, value, kernel_size=5, up_factor=2, implementation="auto",
         implementation.
     """
     (query, key, value), kernel_size, up_factor = _prepare(
-        (("query", query), ("key", key), ("value", value)), kernel_size, up_factor,
-        implementation)
+        (("query", query), ("key", key), ("value", value)), kernel_size, up_factor, implementation
+    )
     resolved = resolve_implementation(implementation, training, like=query)
     kernels = _kernels() if resolved == "compiled" else None
     if kernels is not None and kernels.usable(query, key, value):

@@ -64,12 +64,15 @@ def check_float_dtypes(named_dtypes):
     first, first_dtype = named_dtypes[0]
     for name, dtype in named_dtypes:
         if dtype not in FLOAT_DTYPES:
-            raise ValueError(f"`{name}` must be a floating-point tensor "
-                             f"({', '.join(FLOAT_DTYPES)}). Received: {name}.dtype={dtype}")
+            raise ValueError(
+                f"`{name}` must be a floating-point tensor "
+                f"({', '.join(FLOAT_DTYPES)}). Received: {name}.dtype={dtype}"
+            )
         if dtype != first_dtype:
             raise ValueError(
                 f"`{name}` must have the dtype of `{first}` ({first_dtype}); cast the inputs "
-                f"to one dtype. Received: {name}.dtype={dtype}, {first}.dtype={first_dtype}")
+                f"to one dtype. Received: {name}.dtype={dtype}, {first}.dtype={first_dtype}"
+            )
 
 
 def _dims(shape):
@@ -127,8 +130,7 @@ def check_pair(high_name, high_shape, low_name, low_shape, up_factor, last_dim=N
             f"Received: {high_name}.shape={high}, {low_name}.shape={low}"
         )
     for axis, axis_name in ((1, "height"), (2, "width")):
-        if _mismatch(axis_name, None if low[axis] is None else up_factor * low[axis],
-                     high[axis]):
+        if _mismatch(axis_name, None if low[axis] is None else up_factor * low[axis], high[axis]):
             raise ValueError(
                 f"The {axis_name} of `{high_name}` must be exactly up_factor={up_factor} "
                 f"times the {axis_name} of `{low_name}` "
@@ -169,11 +171,5 @@ def runtime_shape_asserts(high, high_name, low, low_name, up_factor):
         f"`{high_name}` must have the batch size of `{low_name}` and exactly "
         f"up_factor={up_factor} times its height and width"
     )
-    expected = tf.stack(
-        [low_shape[0], low_shape[1] * up_factor, low_shape[2] * up_factor]
-    )
-    return [
-        tf.debugging.assert_equal(
-            high_shape[:3], expected, message=msg, summarize=4
-        )
-    ]
+    expected = tf.stack([low_shape[0], low_shape[1] * up_factor, low_shape[2] * up_factor])
+    return [tf.debugging.assert_equal(high_shape[:3], expected, message=msg, summarize=4)]

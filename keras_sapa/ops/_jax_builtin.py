@@ -80,9 +80,7 @@ def _scatter(w, hi, kernel_size, s):
         for col in range(kernel_size):
             n = row * kernel_size + col
             term = jnp.sum(w6[..., n : n + 1] * hi6, axis=(2, 4))
-            term = jnp.pad(
-                term, ((0, 0), (row, 2 * r - row), (col, 2 * r - col), (0, 0))
-            )
+            term = jnp.pad(term, ((0, 0), (row, 2 * r - row), (col, 2 * r - col), (0, 0)))
             acc = term if acc is None else acc + term
     return acc[:, r : r + height, r : r + width, :]
 

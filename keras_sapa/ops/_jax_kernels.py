@@ -2,7 +2,7 @@
 
 :func:`sapa` computes ``aggregate(softmax(similarity(query, key)), value)`` (SAPA_SPEC.md)
 with the fused kernels of ``custom_ops/sapa/kernels/cpu/``, called by XLA through the FFI
-handlers of ``keras_sapa/_lib/_sapa_jax.so`` (built by ``custom_ops/build_bindings.py``):
+handlers of ``keras_sapa/_lib/_sapa_jax.so`` (built by ``custom_ops/build.py``):
 
 - ``keras_sapa_forward``: ``(query, key, value) -> (out, weights)``, the window softmax
   ``weights`` kept for the backward;
@@ -94,8 +94,11 @@ _library = _native.Library("JAX", _load)
 
 def _platform_problem():
     backend = jax.default_backend()
-    return None if backend == "cpu" else (
-        f"the JAX bindings run on CPU only (default backend: {backend})")
+    return (
+        None
+        if backend == "cpu"
+        else (f"the JAX bindings run on CPU only (default backend: {backend})")
+    )
 
 
 def available():
@@ -179,8 +182,12 @@ def _partitioned(body, rule, arrays):
 
     def partition(kernel_size, up_factor, mesh, arg_shapes, result_shape):
         sharding = _batch_sharding(mesh, arg_shapes)
-        return (mesh, lambda *arrays: body(*arrays, kernel_size, up_factor),
-                tuple(sharding for _ in result_shape), tuple(sharding for _ in arg_shapes))
+        return (
+            mesh,
+            lambda *arrays: body(*arrays, kernel_size, up_factor),
+            tuple(sharding for _ in result_shape),
+            tuple(sharding for _ in arg_shapes),
+        )
 
     def infer(kernel_size, up_factor, mesh, arg_shapes, result_shape):
         sharding = _batch_sharding(mesh, arg_shapes)
@@ -191,8 +198,12 @@ def _partitioned(body, rule, arrays):
     for name in rule.replace(",", " ").replace("->", " ").split():
         if name != "b" and name not in factors:
             factors.append(name)
-    op.def_partition(partition=partition, infer_sharding_from_operands=infer,
-                     sharding_rule=rule, need_replication_factors=tuple(factors))
+    op.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=rule,
+        need_replication_factors=tuple(factors),
+    )
     return op
 
 
@@ -211,11 +222,15 @@ def _batched(which, kernel_size, up_factor):
 
     @call.def_vmap
     def _rule(axis_size, in_batched, *arrays):
-        arrays = [a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
-                  for a, batched in zip(arrays, in_batched, strict=True)]
+        arrays = [
+            a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+            for a, batched in zip(arrays, in_batched, strict=True)
+        ]
         outs = call(*(a.reshape((-1,) + a.shape[2:]) for a in arrays))
-        return (tuple(o.reshape((axis_size, -1) + o.shape[1:]) for o in outs),
-                tuple(True for _ in outs))
+        return (
+            tuple(o.reshape((axis_size, -1) + o.shape[1:]) for o in outs),
+            tuple(True for _ in outs),
+        )
 
     return call
 
@@ -253,10 +268,11 @@ def sapa(query, key, value, kernel_size, up_factor):
     unavailable (see :func:`available`).
     """
     if not available():
-        raise RuntimeError("keras_sapa: the compiled SAPA kernels for JAX are unavailable: "
-                           f"{unavailable_reason()}")
+        raise RuntimeError(
+            "keras_sapa: the compiled SAPA kernels for JAX are unavailable: "
+            f"{unavailable_reason()}"
+        )
     dtype = jnp.asarray(value).dtype
     compute = jnp.float64 if dtype == jnp.float64 else jnp.float32
-    out = _fused(*(jnp.asarray(t, compute) for t in (query, key, value)), kernel_size,
-                 up_factor)
+    out = _fused(*(jnp.asarray(t, compute) for t in (query, key, value)), kernel_size, up_factor)
     return out.astype(dtype)

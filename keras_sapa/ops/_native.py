@@ -1,11 +1,11 @@
 """The one loader of keras_sapa's native libraries, for every backend.
 
-Two builds write into ``keras_sapa/_lib/``: ``custom_ops/build.py`` the TensorFlow custom
-op library ``_sapa_ops.so`` (and its GPU twin) with ``build_info.json``, and
-``custom_ops/build_bindings.py`` the framework-free kernel core ``_sapa_core.so`` (PyTorch
-calls it through ctypes) and JAX's XLA FFI handlers ``_sapa_jax.so`` with
-``bindings_build_info.json``. Every backend's library goes through the same checks, in
-this order, before any ``dlopen``:
+``custom_ops/build.py`` writes into ``keras_sapa/_lib/`` the TensorFlow custom op library
+``_sapa_ops.so`` (and its GPU twin) with ``build_info.json``, and the framework-free kernel
+core ``_sapa_core.so`` (PyTorch calls it through ctypes) and JAX's XLA FFI handlers
+``_sapa_jax.so`` with ``bindings_build_info.json`` (``--only bindings`` builds these).
+Every backend's library goes through the same checks, in this order, before any
+``dlopen``:
 
 1. the disable switch: ``KERAS_SAPA_DISABLE_COMPILED`` set to ``1``, ``true``, ``yes`` or
    ``on`` (any case; any other value but ``0``, ``false``, ``no``, ``off`` or empty
@@ -87,14 +87,18 @@ def read_build_info(path, framework=None, version=None, build_command="custom_op
     if not isinstance(info, dict):
         return None, f"{path} is malformed"
     if framework is not None and info.get(f"{framework}_version") != version:
-        return None, (f"the library was built for {framework} "
-                      f"{info.get(f'{framework}_version')} but {framework} {version} is "
-                      f"running ({rebuild})")
+        return None, (
+            f"the library was built for {framework} "
+            f"{info.get(f'{framework}_version')} but {framework} {version} is "
+            f"running ({rebuild})"
+        )
     lacking = missing_cpu_features(info.get("cpu_features"))
     if lacking:
-        return None, (f"the library was built for CPU features {sorted(lacking)} that this "
-                      f"CPU lacks ({rebuild} here, or build a portable library with "
-                      'KERAS_SAPA_CPU_FLAGS="")')
+        return None, (
+            f"the library was built for CPU features {sorted(lacking)} that this "
+            f"CPU lacks ({rebuild} here, or build a portable library with "
+            'KERAS_SAPA_CPU_FLAGS="")'
+        )
     return info, None
 
 
@@ -128,7 +132,9 @@ class Library:
                         warnings.warn(
                             f"keras_sapa: the compiled SAPA kernels for {self.what} are "
                             f"unavailable ({self._reason}); the builtin formulation is used.",
-                            RuntimeWarning, stacklevel=4)
+                            RuntimeWarning,
+                            stacklevel=4,
+                        )
         return self._handle
 
     def reason(self):
@@ -145,19 +151,29 @@ def bindings_dir():
 
 def bindings_build_info(framework=None, version=None):
     """The bindings' build record (see :func:`read_build_info`), its C ABI checked."""
-    info, reason = read_build_info(os.path.join(bindings_dir(), BINDINGS_BUILD_INFO),
-                                   framework, version, "custom_ops/build_bindings.py")
+    info, reason = read_build_info(
+        os.path.join(bindings_dir(), BINDINGS_BUILD_INFO),
+        framework,
+        version,
+        "custom_ops/build.py --only bindings",
+    )
     if info is not None and info.get("core_abi") != CORE_ABI:
         return None, f"the bindings record another C ABI than {CORE_ABI}: rebuild them"
     return info, reason
 
 
 def _declare(lib):
+    """The C signatures: each op's tensors (inputs, outputs) as pointers, then the seven
+    sizes (batch, height, width, up_factor, kernel_size, d, C)."""
+    from keras_sapa.ops import _optable
+
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    for dtype in ("f32", "f64"):
-        for name, pointers in (("forward", 5), ("backward", 8)):
-            fn = getattr(lib, f"keras_sapa_{name}_{dtype}")
-            fn.argtypes = [pointer] * pointers + [size] * 7
+    for spec in _optable.OPS:
+        if spec.family != "sapa" or spec.bindings.c_abi is None:  # SAPA-D declares its own
+            continue
+        for dtype in ("f32", "f64"):
+            fn = getattr(lib, f"{spec.bindings.c_abi}_{dtype}")
+            fn.argtypes = [pointer] * (len(spec.inputs) + len(spec.outputs)) + [size] * 7
             fn.restype = ctypes.c_int
     lib.keras_sapa_core_abi.restype = ctypes.c_int
     lib.keras_sapa_num_threads.restype = ctypes.c_int

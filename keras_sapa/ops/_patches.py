@@ -38,9 +38,7 @@ def stacked_windows(t, kernel_size):
     _, height, width, _ = ops.shape(t)
     padded = ops.pad(t, [[0, 0], [r, r], [r, r], [0, 0]])
     windows = [
-        padded[:, row : row + height, col : col + width, :]
-        for row in range(k)
-        for col in range(k)
+        padded[:, row : row + height, col : col + width, :] for row in range(k) for col in range(k)
     ]
     return ops.stack(windows, axis=3)
 

@@ -51,9 +51,7 @@ def _split_high(t, up_factor):
     """(B, sH, sW, C) -> (B, H, s, W, s, C), with dynamic sizes."""
     shape = tf.shape(t)
     s = up_factor
-    return tf.reshape(
-        t, tf.stack([shape[0], shape[1] // s, s, shape[2] // s, s, shape[3]])
-    )
+    return tf.reshape(t, tf.stack([shape[0], shape[1] // s, s, shape[2] // s, s, shape[3]]))
 
 
 def _merge_high(t6):
@@ -110,9 +108,7 @@ def _shifted_windows(t, kernel_size):
     padded = tf.pad(t, [[0, 0], [r, r], [r, r], [0, 0]])
     for row in range(kernel_size):
         for col in range(kernel_size):
-            yield row * kernel_size + col, padded[
-                :, row : row + height, col : col + width, :
-            ]
+            yield row * kernel_size + col, padded[:, row : row + height, col : col + width, :]
 
 
 def _stacked_windows(t, kernel_size):
@@ -141,9 +137,7 @@ def _similarity_slices(query, key, kernel_size, up_factor):
     q6 = _split_high(query, up_factor)
     columns = []
     for _, window in _shifted_windows(key, kernel_size):
-        columns.append(
-            tf.reduce_sum(q6 * window[:, :, None, :, None, :], axis=-1)
-        )
+        columns.append(tf.reduce_sum(q6 * window[:, :, None, :, None, :], axis=-1))
     return _merge_high(tf.stack(columns, axis=-1))
 
 
@@ -157,17 +151,23 @@ def _aggregate_slices(weights, value, kernel_size, up_factor):
 
 
 def _similarity_stacked(query, key, kernel_size, up_factor):
-    return _merge_high(tf.einsum(
-        "bhiwjd,bhwnd->bhiwjn", _split_high(query, up_factor),
-        _stacked_windows(key, kernel_size),
-    ))
+    return _merge_high(
+        tf.einsum(
+            "bhiwjd,bhwnd->bhiwjn",
+            _split_high(query, up_factor),
+            _stacked_windows(key, kernel_size),
+        )
+    )
 
 
 def _aggregate_stacked(weights, value, kernel_size, up_factor):
-    return _merge_high(tf.einsum(
-        "bhiwjn,bhwnc->bhiwjc", _split_high(weights, up_factor),
-        _stacked_windows(value, kernel_size),
-    ))
+    return _merge_high(
+        tf.einsum(
+            "bhiwjn,bhwnc->bhiwjc",
+            _split_high(weights, up_factor),
+            _stacked_windows(value, kernel_size),
+        )
+    )
 
 
 # Under XLA the forward passes accumulate one window offset at a time, which XLA fuses
@@ -176,8 +176,7 @@ def _aggregate_stacked(weights, value, kernel_size, up_factor):
 # which contract stacked windows with one einsum each.
 
 
-def _xla_window_op(fused_forward, stacked_forward, grad_high_equation,
-                   grad_windows_equation):
+def _xla_window_op(fused_forward, stacked_forward, grad_high_equation, grad_windows_equation):
     """Wraps a forward(high, low, kernel_size, up_factor) (``fused_forward`` under XLA,
     ``stacked_forward`` elsewhere) in the explicit gradient:
     d_high = einsum(grad_high_equation, upstream6, windows(low)) and
@@ -190,12 +189,8 @@ def _xla_window_op(fused_forward, stacked_forward, grad_high_equation,
         def fn(high, low):
             def grad(upstream):
                 g6 = _split_high(upstream, up_factor)
-                d_high = tf.einsum(
-                    grad_high_equation, g6, _stacked_windows(low, kernel_size)
-                )
-                d_windows = tf.einsum(
-                    grad_windows_equation, g6, _split_high(high, up_factor)
-                )
+                d_high = tf.einsum(grad_high_equation, g6, _stacked_windows(low, kernel_size))
+                d_windows = tf.einsum(grad_windows_equation, g6, _split_high(high, up_factor))
                 return (
                     _merge_high(d_high),
                     _stacked_windows_adjoint(d_windows, kernel_size),

@@ -31,6 +31,7 @@ CPU_LIBRARY = "_sapa_ops.so"
 GPU_LIBRARY = "_sapa_ops_gpu.so"
 BUILD_INFO = "build_info.json"
 
+
 def _python_name(op_name):
     """The Python wrapper TensorFlow generates for ``KerasSapa>SimilarityGrad``:
     ``keras_sapa_similarity_grad``."""
@@ -45,7 +46,6 @@ _gpu = {"status": None}
 
 # ------------------------------------------------------------------ facts for the dispatch
 EAGER_BUILTIN = "patches"  # the builtin formulation of eager calls without the kernels
-XLA_HOLDS_KERNELS = False  # the custom op cannot run inside jit_compile=True
 
 
 def traced(tensor=None):
@@ -74,7 +74,8 @@ def _load():
     if not os.path.isfile(lib_path):
         return None, f"no library at {lib_path} (build it with `python custom_ops/build.py`)"
     info, reason = _native.read_build_info(
-        os.path.join(os.path.dirname(lib_path), BUILD_INFO), "tensorflow", tf.__version__)
+        os.path.join(os.path.dirname(lib_path), BUILD_INFO), "tensorflow", tf.__version__
+    )
     if info is None:
         return None, reason
     real = os.path.realpath(lib_path)
@@ -134,8 +135,10 @@ def _self_test_results(module, device):
     import numpy as np
 
     rng = np.random.default_rng(1234)
-    q, k, v, g = (tf.constant(rng.standard_normal(shape).astype(np.float32))
-                  for shape in ((1, 6, 6, 5), (1, 3, 3, 5), (1, 3, 3, 4), (1, 6, 6, 4)))
+    q, k, v, g = (
+        tf.constant(rng.standard_normal(shape).astype(np.float32))
+        for shape in ((1, 6, 6, 5), (1, 3, 3, 5), (1, 3, 3, 4), (1, 6, 6, 4))
+    )
     attrs = {"kernel_size": 3, "up_factor": 2}
     with tf.init_scope(), tf.device(device):
         sim = module.keras_sapa_similarity(q, k, **attrs)
@@ -143,14 +146,24 @@ def _self_test_results(module, device):
         out = module.keras_sapa_aggregate(w, v, **attrs)
         gw, gv = module.keras_sapa_aggregate_grad(g, w, v, **attrs)
         gq, gk = module.keras_sapa_similarity_grad(gw, q, k, **attrs)
-        results = [("similarity", sim), ("aggregate", out), ("aggregate_grad.weights", gw),
-                   ("aggregate_grad.value", gv), ("similarity_grad.query", gq),
-                   ("similarity_grad.key", gk)]
+        results = [
+            ("similarity", sim),
+            ("aggregate", out),
+            ("aggregate_grad.weights", gw),
+            ("aggregate_grad.value", gv),
+            ("similarity_grad.query", gq),
+            ("similarity_grad.key", gk),
+        ]
         if hasattr(module, "keras_sapa_sapa"):
             fused, weights = module.keras_sapa_sapa(q, k, v, Tweights=tf.float32, **attrs)
             fq, fk, fv = module.keras_sapa_sapa_grad(g, q, k, v, weights, **attrs)
-            results += [("sapa", fused), ("sapa.weights", weights), ("sapa_grad.query", fq),
-                        ("sapa_grad.key", fk), ("sapa_grad.value", fv)]
+            results += [
+                ("sapa", fused),
+                ("sapa.weights", weights),
+                ("sapa_grad.query", fq),
+                ("sapa_grad.key", fk),
+                ("sapa_grad.value", fv),
+            ]
     return results
 
 
@@ -237,7 +250,8 @@ def _ops():
     module = load_library()
     if module is None:
         raise RuntimeError(
-            f"the keras_sapa custom op library is not available ({unavailable_reason()})")
+            f"the keras_sapa custom op library is not available ({unavailable_reason()})"
+        )
     return module
 
 
@@ -278,7 +292,11 @@ def sapa_with_weights(query, key, value, kernel_size, up_factor):
     ``(B, sH, sW, K*K)`` (float32 for half, bfloat16 and float32 inputs, float64 for
     float64), which its gradient reuses. ``weights`` is not differentiable."""
     return _ops().keras_sapa_sapa(
-        query, key, value, kernel_size=int(kernel_size), up_factor=int(up_factor),
+        query,
+        key,
+        value,
+        kernel_size=int(kernel_size),
+        up_factor=int(up_factor),
         Tweights=_weights_dtype(tf.as_dtype(query.dtype)),
     )
 
@@ -293,7 +311,12 @@ def sapa(query, key, value, kernel_size, up_factor):
 def sapa_grad(grad, query, key, value, weights, kernel_size, up_factor):
     """``KerasSapa>SapaGrad`` -> (grad_query, grad_key, grad_value)."""
     return _ops().keras_sapa_sapa_grad(
-        grad, query, key, value, weights, kernel_size=int(kernel_size),
+        grad,
+        query,
+        key,
+        value,
+        weights,
+        kernel_size=int(kernel_size),
         up_factor=int(up_factor),
     )
 
@@ -345,8 +368,11 @@ def _register_first_order_gradient(spec):
         tensors = dict(zip(names, list(op.inputs) + list(op.outputs), strict=True))
         kernel_size, up_factor = _attrs(op)
         return getattr(_ops(), _python_name(spec.gradient))(
-            grad, *(tensors[name] for name in spec.gradient_inputs),
-            kernel_size=kernel_size, up_factor=up_factor)
+            grad,
+            *(tensors[name] for name in spec.gradient_inputs),
+            kernel_size=kernel_size,
+            up_factor=up_factor,
+        )
 
 
 for _spec in _optable.OPS:
@@ -388,8 +414,9 @@ def _aggregate_grad_grad(op, up_weights, up_value):
 
 def _unfused_sapa(query, key, value, kernel_size, up_factor):
     logits = similarity(query, key, kernel_size, up_factor)
-    weights = tf.cast(tf.nn.softmax(tf.cast(logits, _weights_dtype(logits.dtype)), axis=-1),
-                      value.dtype)
+    weights = tf.cast(
+        tf.nn.softmax(tf.cast(logits, _weights_dtype(logits.dtype)), axis=-1), value.dtype
+    )
     return aggregate(weights, value, kernel_size, up_factor)
 
 
@@ -403,8 +430,10 @@ def _sapa_grad_grad(op, up_query, up_key, up_value):
     grad, query, key, value, _ = op.inputs
     compute = _weights_dtype(grad.dtype)
     inputs = [tf.cast(t, compute) for t in (grad, query, key, value)]
-    ups = [tf.zeros_like(t) if u is None else tf.cast(u, compute)
-           for t, u in zip(inputs[1:], (up_query, up_key, up_value), strict=True)]
+    ups = [
+        tf.zeros_like(t) if u is None else tf.cast(u, compute)
+        for t, u in zip(inputs[1:], (up_query, up_key, up_value), strict=True)
+    ]
     with tf.GradientTape() as outer:
         outer.watch(inputs)
         with tf.GradientTape() as inner:

@@ -2,7 +2,7 @@
 
 :func:`sapa` computes ``aggregate(softmax(similarity(query, key)), value)`` (SAPA_SPEC.md)
 with the fused kernels of ``custom_ops/sapa/kernels/cpu/``, through the C entry points of
-``keras_sapa/_lib/_sapa_core.so`` (built by ``custom_ops/build_bindings.py``). Two ops:
+``keras_sapa/_lib/_sapa_core.so`` (built by ``custom_ops/build.py``). Two ops:
 
 - ``torch.ops.keras_sapa.sapa_forward(query, key, value, kernel_size, up_factor)
   -> (out, weights)``, the window softmax ``weights`` kept for the backward;
@@ -22,8 +22,10 @@ record, CPU features; ctypes ties it to no PyTorch version) on the first call of
 import torch
 
 from keras_sapa.ops import _native
+from keras_sapa.ops import _optable
 
 _NATIVE = {torch.float32: "f32", torch.float64: "f64"}
+_FORWARD, _BACKWARD = (_optable.op(name).bindings for name in ("Sapa", "SapaGrad"))
 
 # ------------------------------------------------------------------ facts for the dispatch
 EAGER_BUILTIN = "xla"  # the builtin formulation without the kernels
@@ -49,8 +51,9 @@ def layer_supports_jit(implementation="auto"):
     return True
 
 
-_library = _native.Library("PyTorch", lambda: (_native.load_core()[0],
-                                               _native.unavailable_reason()))
+_library = _native.Library(
+    "PyTorch", lambda: (_native.load_core()[0], _native.unavailable_reason())
+)
 
 
 def available():
@@ -82,8 +85,10 @@ def _reset():
 
 def _library_handle():
     if not available():
-        raise RuntimeError("keras_sapa: the compiled SAPA kernels for PyTorch are "
-                           f"unavailable: {unavailable_reason()}")
+        raise RuntimeError(
+            "keras_sapa: the compiled SAPA kernels for PyTorch are "
+            f"unavailable: {unavailable_reason()}"
+        )
     return _library.get()
 
 
@@ -101,18 +106,25 @@ def _check_native(*tensors):
             )
 
 
-@torch.library.custom_op("keras_sapa::sapa_forward", mutates_args=(), device_types="cpu")
-def sapa_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 kernel_size: int, up_factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(_FORWARD.torch, mutates_args=(), device_types="cpu")
+def sapa_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: int, up_factor: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused SAPA forward on CPU: ``(out, weights)`` (see the module docs)."""
     _check_native(query, key, value)
     query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     high = tuple(query.shape[:-1])
     out = query.new_empty(high + (value.shape[-1],))
     weights = query.new_empty(high + (kernel_size * kernel_size,))
-    fn = getattr(_library_handle(), "keras_sapa_forward_" + _NATIVE[query.dtype])
-    rc = fn(query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
-            weights.data_ptr(), *_sizes(key, value, kernel_size, up_factor))
+    fn = getattr(_library_handle(), f"{_FORWARD.c_abi}_{_NATIVE[query.dtype]}")
+    rc = fn(
+        query.data_ptr(),
+        key.data_ptr(),
+        value.data_ptr(),
+        out.data_ptr(),
+        weights.data_ptr(),
+        *_sizes(key, value, kernel_size, up_factor),
+    )
     if rc != 0:
         raise RuntimeError(f"keras_sapa_forward failed (code {rc})")
     return out, weights
@@ -121,23 +133,38 @@ def sapa_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 @sapa_forward.register_fake
 def _(query, key, value, kernel_size, up_factor):
     high = tuple(query.shape[:-1])
-    return (query.new_empty(high + (value.shape[-1],)),
-            query.new_empty(high + (kernel_size * kernel_size,)))
+    return (
+        query.new_empty(high + (value.shape[-1],)),
+        query.new_empty(high + (kernel_size * kernel_size,)),
+    )
 
 
-@torch.library.custom_op("keras_sapa::sapa_backward", mutates_args=(), device_types="cpu")
-def sapa_backward(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                  value: torch.Tensor, weights: torch.Tensor, kernel_size: int,
-                  up_factor: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(_BACKWARD.torch, mutates_args=(), device_types="cpu")
+def sapa_backward(
+    grad: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    weights: torch.Tensor,
+    kernel_size: int,
+    up_factor: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused SAPA backward on CPU: ``(dquery, dkey, dvalue)`` (see the module docs)."""
     _check_native(grad, query, key, value, weights)
-    grad, query, key, value, weights = (
-        t.contiguous() for t in (grad, query, key, value, weights))
+    grad, query, key, value, weights = (t.contiguous() for t in (grad, query, key, value, weights))
     dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-    fn = getattr(_library_handle(), "keras_sapa_backward_" + _NATIVE[query.dtype])
-    rc = fn(grad.data_ptr(), query.data_ptr(), key.data_ptr(), value.data_ptr(),
-            weights.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-            *_sizes(key, value, kernel_size, up_factor))
+    fn = getattr(_library_handle(), f"{_BACKWARD.c_abi}_{_NATIVE[query.dtype]}")
+    rc = fn(
+        grad.data_ptr(),
+        query.data_ptr(),
+        key.data_ptr(),
+        value.data_ptr(),
+        weights.data_ptr(),
+        dq.data_ptr(),
+        dk.data_ptr(),
+        dv.data_ptr(),
+        *_sizes(key, value, kernel_size, up_factor),
+    )
     if rc != 0:
         raise RuntimeError(f"keras_sapa_backward failed (code {rc})")
     return dq, dk, dv
@@ -161,8 +188,9 @@ def _backward(ctx, grad_out, grad_weights):
     query, key, value, weights = ctx.saved_tensors
     if grad_out is None:
         return None, None, None, None, None
-    dq, dk, dv = sapa_backward(grad_out, query, key, value, weights, ctx.kernel_size,
-                               ctx.up_factor)
+    dq, dk, dv = sapa_backward(
+        grad_out, query, key, value, weights, ctx.kernel_size, ctx.up_factor
+    )
     return dq, dk, dv, None, None
 
 
@@ -181,6 +209,7 @@ def sapa(query, key, value, kernel_size, up_factor):
     _library_handle()
     dtype = value.dtype
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    out, _ = sapa_forward(query.to(compute), key.to(compute), value.to(compute), kernel_size,
-                          up_factor)
+    out, _ = sapa_forward(
+        query.to(compute), key.to(compute), value.to(compute), kernel_size, up_factor
+    )
     return out.to(dtype)

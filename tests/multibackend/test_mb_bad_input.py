@@ -66,8 +66,11 @@ def test_degenerate_shapes_forward_and_backward(case, implementation):
         return ops.sapa(q, kk, v, k, s, implementation=implementation, training=True)
 
     _close(to_numpy(fused(query, key, value)), reference.sapa(query, key, value, k, s))
-    for got, want in zip(vjp(fused, [query, key, value], grad),
-                         reference.sapa_vjp(query, key, value, grad, k, s), strict=True):
+    for got, want in zip(
+        vjp(fused, [query, key, value], grad),
+        reference.sapa_vjp(query, key, value, grad, k, s),
+        strict=True,
+    ):
         _close(got, want)
 
     weights = reference.softmax(reference.similarity(query, key, k, s))
@@ -81,11 +84,17 @@ def test_degenerate_shapes_forward_and_backward(case, implementation):
 
     _close(to_numpy(similarity(query, key)), reference.similarity(query, key, k, s))
     _close(to_numpy(aggregate(weights, value)), reference.aggregate(weights, value, k, s))
-    for got, want in zip(vjp(similarity, [query, key], window_grad),
-                         reference.similarity_vjp(query, key, window_grad, k, s), strict=True):
+    for got, want in zip(
+        vjp(similarity, [query, key], window_grad),
+        reference.similarity_vjp(query, key, window_grad, k, s),
+        strict=True,
+    ):
         _close(got, want)
-    for got, want in zip(vjp(aggregate, [weights, value], grad),
-                         reference.aggregate_vjp(weights, value, grad, k, s), strict=True):
+    for got, want in zip(
+        vjp(aggregate, [weights, value], grad),
+        reference.aggregate_vjp(weights, value, grad, k, s),
+        strict=True,
+    ):
         _close(got, want)
 
 
@@ -100,8 +109,12 @@ def _calls(implementation, query, key, value, weights):
 
 def _good(dtype="float32"):
     rng = np.random.default_rng(2)
-    shapes = {"query": (1, 4, 6, 3), "key": (1, 2, 3, 3), "value": (1, 2, 3, 5),
-              "weights": (1, 4, 6, 9)}
+    shapes = {
+        "query": (1, 4, 6, 3),
+        "key": (1, 2, 3, 3),
+        "value": (1, 2, 3, 5),
+        "weights": (1, 4, 6, 9),
+    }
     return {name: rng.standard_normal(shape).astype(dtype) for name, shape in shapes.items()}
 
 
@@ -118,8 +131,11 @@ def test_bad_dtypes_name_the_argument(argument, bad_dtype, implementation):
     received = keras.backend.standardize_dtype(tensors[argument].dtype)
     if received == "float32":  # JAX without x64 narrows float64: nothing is mixed then
         pytest.skip(f"{keras.config.backend()} holds {bad_dtype} as float32 here")
-    used = {"sapa": ("query", "key", "value"), "similarity": ("query", "key"),
-            "aggregate": ("weights", "value")}
+    used = {
+        "sapa": ("query", "key", "value"),
+        "similarity": ("query", "key"),
+        "aggregate": ("weights", "value"),
+    }
     for op_name, call in _calls(implementation, **tensors):
         if argument not in used[op_name]:
             continue
@@ -127,7 +143,9 @@ def test_bad_dtypes_name_the_argument(argument, bad_dtype, implementation):
             call()
         message = str(info.value)
         assert f"`{argument}`" in message and f"{argument}.dtype={received}" in message, (
-            op_name, message)
+            op_name,
+            message,
+        )
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -138,15 +156,28 @@ def test_half_precision_inputs_keep_their_dtype(dtype, implementation):
     half = {name: keras.ops.cast(t, dtype) for name, t in tensors.items()}
     out = ops.sapa(half["query"], half["key"], half["value"], 3, 2, implementation)
     assert keras.backend.standardize_dtype(out.dtype) == dtype
-    want = reference.sapa(*(to_numpy(keras.ops.cast(half[n], "float32"))
-                            for n in ("query", "key", "value")), 3, 2)
-    np.testing.assert_allclose(to_numpy(keras.ops.cast(out, "float32")), want,
-                               rtol=3e-2, atol=3e-2)
+    want = reference.sapa(
+        *(to_numpy(keras.ops.cast(half[n], "float32")) for n in ("query", "key", "value")), 3, 2
+    )
+    np.testing.assert_allclose(
+        to_numpy(keras.ops.cast(out, "float32")), want, rtol=3e-2, atol=3e-2
+    )
 
 
-@pytest.mark.parametrize("value,disables", [
-    ("1", True), ("TRUE", True), ("yes", True), ("on", True),
-    ("0", False), ("false", False), ("No", False), ("off", False), ("", False)])
+@pytest.mark.parametrize(
+    "value,disables",
+    [
+        ("1", True),
+        ("TRUE", True),
+        ("yes", True),
+        ("on", True),
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+        ("", False),
+    ],
+)
 def test_disable_switch_reads_the_same_on_every_backend(value, disables, monkeypatch):
     monkeypatch.delenv(_native.ENV_DISABLE, raising=False)
     built = ops.compiled_available()
