@@ -466,7 +466,11 @@ __device__ __forceinline__ void cast(DeformArgs g, const typename Acc<T>::type* 
 // <t>: f32, f64, f16, bf16; A: float (double for f64); W: <t>, or A for the _wacc
 // variants (f16, bf16 only; for f32/f64 the plain ones already read A).
 
-#define SAPA_DEFORM_KERNEL extern "C" __global__ void __launch_bounds__(256)
+// At most 256 threads per block and a minimum of two blocks per SM: ptxas may then use up
+// to 128 registers a thread (with the thread count alone it aimed lower and spilled the
+// f64 aggregate and similarity backward on sm_70). No kernel spills on sm_60 .. sm_90
+// (custom_ops/build.py fails the build on a spill).
+#define SAPA_DEFORM_KERNEL extern "C" __global__ void __launch_bounds__(256, 2)
 #define SAPA_DEFORM_ARGS ::sapa::deform::DeformArgs g
 
 #define SAPA_DEFORM_WINDOW(TN, T, W, SUFFIX)                                                \
