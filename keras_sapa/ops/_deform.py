@@ -26,8 +26,22 @@ taken outside the gradient, so a position's derivative is the one of the cell of
 ``floor`` (towards increasing coordinate at an integer position); a dropped point is
 replaced by a constant before anything is computed from it, so its value and every
 gradient are 0, NaN offsets included. It does gather ``P * 4`` copies of the key and
-value per output point; the compiled kernels (not bound yet) do not.
+value per output point.
+
+The compiled kernels (``custom_ops/sapa/kernels/cpu/sapa_deform_cpu.h``, fused forward and
+backward that never materialise those copies) serve the fused :func:`sapa_deform`: the
+``KerasSapa>SapaDeform`` custom op on TensorFlow (:mod:`._tf_deform_kernels`), XLA FFI
+custom calls on JAX (:mod:`._jax_deform_kernels`) and ``torch.library`` ops on PyTorch
+(:mod:`._torch_deform_kernels`), all on the CPU. ``implementation`` is resolved by the
+one dispatch rule of :func:`keras_sapa.ops.resolve_implementation`, as for ``sapa``:
+``"auto"`` takes the compiled kernels for eager calls and training traces where they are
+loaded, and this builtin formulation in exports and under XLA (``"patches"`` and
+``"xla"`` both name it). The halves :func:`deform_similarity` and
+:func:`deform_aggregate` always run the builtin formulation (no compiled halves are
+bound), as SAPA's halves do on JAX and PyTorch.
 """
+
+import sys
 
 import keras
 from keras import ops
@@ -36,29 +50,56 @@ from keras_sapa.ops import _checks
 
 _HALF_DTYPES = ("float16", "bfloat16")
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-_COMPILED_MISSING = (
-    "implementation='compiled' was requested for a SAPA-D op, but the compiled SAPA-D "
-    "kernels are not available in this build of keras_sapa (they are not bound to any "
-    "backend yet). Use implementation='auto' (the builtin formulation)."
-)
+_PREFIXES = {"tensorflow": "tf", "jax": "jax", "torch": "torch"}
 
 
 # ------------------------------------------------------------------ dispatch
 
 
-def resolve_deform_implementation(implementation="auto", training=None):
-    """The formulation that ``implementation`` stands for in the SAPA-D ops.
+def _deform_kernels():
+    """The SAPA-D compiled-kernel bindings of the running backend, or None."""
+    from keras_sapa.ops import _optable
 
-    ``"auto"``, ``"xla"`` and ``"patches"`` all mean the builtin formulation of this
-    module (``"builtin"``); ``"compiled"`` raises ``RuntimeError`` while the SAPA-D
-    kernels are not bound. The one place that decides, so that it can join the
-    dispatch rule of :func:`keras_sapa.ops.resolve_implementation` later (which is
-    why it takes ``training``, unused until then, as that rule does).
+    prefix = _PREFIXES.get(keras.config.backend())
+    if prefix is None or "SapaDeform" not in _optable.BY_NAME:
+        return None
+    name = f"keras_sapa.ops._{prefix}_deform_kernels"
+    if name not in sys.modules:  # a dict lookup first: torch.compile traces it
+        __import__(name)
+    return sys.modules[name]
+
+
+def resolve_deform_implementation(implementation="auto", training=None, like=None):
+    """The formulation that ``implementation`` stands for in the SAPA-D ops here and
+    now: ``"compiled"`` or ``"builtin"``.
+
+    The decision is :func:`keras_sapa.ops.resolve_implementation`'s (the one dispatch
+    rule, with the same ``training`` and ``like`` arguments): where it picks the
+    compiled kernels, SAPA-D takes its own when the loaded library has them (a library
+    built before SAPA-D serves SAPA only: ``"auto"`` then stays builtin, an explicit
+    ``"compiled"`` raises ``RuntimeError``); ``"patches"`` and ``"xla"`` name the
+    builtin formulation.
+
+    Raises:
+        RuntimeError: ``"compiled"`` where the SAPA-D kernels are not available.
+        ValueError: ``"compiled"`` inside TensorFlow's ``jit_compile=True``.
     """
-    del training
-    _checks.check_implementation(implementation)
+    from keras_sapa import ops as _ops  # the package imports this module
+
+    resolved = _ops.resolve_implementation(implementation, training, like=like)
+    if resolved != "compiled":
+        return "builtin"
+    kernels = _deform_kernels()
+    if kernels is not None and kernels.available():
+        return "compiled"
     if implementation == "compiled":
-        raise RuntimeError(_COMPILED_MISSING)
+        reason = "no bindings" if kernels is None else kernels.unavailable_reason()
+        raise RuntimeError(
+            "implementation='compiled' was requested for a SAPA-D op, but the compiled "
+            f"SAPA-D kernels are not available on the {keras.config.backend()!r} backend "
+            f"({reason}). Build them with `python custom_ops/build.py`, or use "
+            "implementation='auto'."
+        )
     return "builtin"
 
 
@@ -103,8 +144,9 @@ def _check_offsets(offsets, high_name, high, num_points, groups):
     _dtype("offsets", offsets)
     offsets_shape, high_shape = tuple(offsets.shape), tuple(high.shape)
     _checks.check_rank4("offsets", offsets_shape)
-    _check_channels("offsets", offsets_shape, None, "2 * groups * num_points",
-                    exact=2 * groups * num_points)
+    _check_channels(
+        "offsets", offsets_shape, None, "2 * groups * num_points", exact=2 * groups * num_points
+    )
     # Same batch and spatial size as the high-resolution operand (up_factor 1 between).
     _checks.check_pair("offsets", offsets_shape, high_name, high_shape, 1)
 
@@ -117,8 +159,9 @@ def _prepare_similarity(query, key, offsets, num_points, up_factor, groups):
             "`query` and `key` must have the same dtype. Received: "
             f"query.dtype={q_dtype}, key.dtype={k_dtype}"
         )
-    _checks.check_pair("query", tuple(query.shape), "key", tuple(key.shape), up_factor,
-                       last_dim="equal")
+    _checks.check_pair(
+        "query", tuple(query.shape), "key", tuple(key.shape), up_factor, last_dim="equal"
+    )
     _check_channels("key", tuple(key.shape), groups, "G * embedding_dim")
     _check_offsets(offsets, "query", query, num_points, groups)
     return query, key, offsets
@@ -128,10 +171,10 @@ def _prepare_aggregate(weights, value, offsets, num_points, up_factor, groups):
     weights, value, offsets = (ops.convert_to_tensor(t) for t in (weights, value, offsets))
     _dtype("weights", weights)
     _dtype("value", value)
-    _checks.check_pair("weights", tuple(weights.shape), "value", tuple(value.shape),
-                       up_factor)
-    _check_channels("weights", tuple(weights.shape), None, "groups * num_points",
-                    exact=groups * num_points)
+    _checks.check_pair("weights", tuple(weights.shape), "value", tuple(value.shape), up_factor)
+    _check_channels(
+        "weights", tuple(weights.shape), None, "groups * num_points", exact=groups * num_points
+    )
     _check_channels("value", tuple(value.shape), groups, "C / groups channels per group")
     _check_offsets(offsets, "weights", weights, num_points, groups)
     return weights, value, offsets
@@ -216,8 +259,11 @@ def _similarity(query, key, index, tap_w, num_points, groups):
     sampled = _gather(key, index, groups)  # (B*sH*sW*G*P*4, E)
     # Rank-3 batched products (LiteRT's builtin BatchMatMul stops below rank 6), as
     # einsums: keras.ops.matmul computes float64 in float32 on PyTorch.
-    dots = ops.einsum("nte,nek->ntk", ops.reshape(sampled, (-1, num_points * 4, e)),
-                      ops.reshape(query, (-1, e, 1)))
+    dots = ops.einsum(
+        "nte,nek->ntk",
+        ops.reshape(sampled, (-1, num_points * 4, e)),
+        ops.reshape(query, (-1, e, 1)),
+    )
     dots = ops.reshape(dots, (batch, out_h, out_w, groups * num_points, 4))
     return ops.sum(dots * tap_w, axis=-1)
 
@@ -228,8 +274,11 @@ def _aggregate(weights, value, index, tap_w, num_points, groups):
     channels = ops.shape(value)[3]
     w = ops.expand_dims(weights, -1) * tap_w  # (B, sH, sW, G*P, 4)
     sampled = _gather(value, index, groups)  # (B*sH*sW*G*P*4, C/G)
-    out = ops.einsum("nkt,ntc->nkc", ops.reshape(w, (-1, 1, num_points * 4)),
-                     ops.reshape(sampled, (-1, num_points * 4, ops.shape(sampled)[1])))
+    out = ops.einsum(
+        "nkt,ntc->nkc",
+        ops.reshape(w, (-1, 1, num_points * 4)),
+        ops.reshape(sampled, (-1, num_points * 4, ops.shape(sampled)[1])),
+    )
     return ops.reshape(out, (batch, out_h, out_w, channels))
 
 
@@ -247,8 +296,9 @@ def _low_size(t):
 # ------------------------------------------------------------------ public ops
 
 
-def deform_similarity(query, key, offsets, num_points=9, up_factor=2, groups=4,
-                      implementation="auto", training=None):
+def deform_similarity(
+    query, key, offsets, num_points=9, up_factor=2, groups=4, implementation="auto", training=None
+):
     """SAPA-D's similarity: ``logits[b, i, j, g*P + p] = <query[b, i, j, group g],
     bilinear(key[b, ..., group g], position of point (g, p))>``.
 
@@ -261,11 +311,11 @@ def deform_similarity(query, key, offsets, num_points=9, up_factor=2, groups=4,
         num_points: points per group ``P``.
         up_factor: integer upsampling factor ``s``.
         groups: ``G``.
-        implementation: ``"auto"``, ``"xla"`` or ``"patches"`` (the builtin
-            formulation); ``"compiled"`` raises ``RuntimeError`` while the SAPA-D
-            kernels are not bound.
-        training: whether the caller trains (a Keras layer's argument); reserved for
-            the dispatch rule shared with :func:`keras_sapa.ops.sapa`.
+        implementation: ``"auto"``, ``"xla"``, ``"patches"`` or ``"compiled"``, checked
+            and resolved by the dispatch rule (see the module docs); the halves always
+            run the builtin formulation.
+        training: whether the caller trains (a Keras layer's argument), as for
+            :func:`keras_sapa.ops.sapa`.
 
     Returns:
         ``(B, s*H, s*W, G*P)`` logits, in float32 for float16/bfloat16 inputs (so the
@@ -273,18 +323,27 @@ def deform_similarity(query, key, offsets, num_points=9, up_factor=2, groups=4,
         point's logit is 0.
     """
     num_points, up_factor, groups = _check_args(num_points, up_factor, groups)
-    resolve_deform_implementation(implementation, training)
-    query, key, offsets = _prepare_similarity(query, key, offsets, num_points, up_factor,
-                                              groups)
+    _checks.check_implementation(implementation)
+    query, key, offsets = _prepare_similarity(query, key, offsets, num_points, up_factor, groups)
+    resolve_deform_implementation(implementation, training, like=query)  # raises only
     dtype = _compute_dtype(_dtype("query", query), _dtype("offsets", offsets))
     height, width = _low_size(key)
     index, tap_w = _sampling(offsets, height, width, num_points, up_factor, groups, dtype)
-    return _similarity(ops.cast(query, dtype), ops.cast(key, dtype), index, tap_w,
-                       num_points, groups)
+    return _similarity(
+        ops.cast(query, dtype), ops.cast(key, dtype), index, tap_w, num_points, groups
+    )
 
 
-def deform_aggregate(weights, value, offsets, num_points=9, up_factor=2, groups=4,
-                     implementation="auto", training=None):
+def deform_aggregate(
+    weights,
+    value,
+    offsets,
+    num_points=9,
+    up_factor=2,
+    groups=4,
+    implementation="auto",
+    training=None,
+):
     """SAPA-D's aggregation: ``out[b, i, j, c] = sum_p weights[b, i, j, g*P + p] *
     bilinear(value[b, ..., c], position of point (g, p))`` with ``g = c // (C / G)``.
 
@@ -300,21 +359,32 @@ def deform_aggregate(weights, value, offsets, num_points=9, up_factor=2, groups=
         inputs).
     """
     num_points, up_factor, groups = _check_args(num_points, up_factor, groups)
-    resolve_deform_implementation(implementation, training)
-    weights, value, offsets = _prepare_aggregate(weights, value, offsets, num_points,
-                                                 up_factor, groups)
+    _checks.check_implementation(implementation)
+    weights, value, offsets = _prepare_aggregate(
+        weights, value, offsets, num_points, up_factor, groups
+    )
+    resolve_deform_implementation(implementation, training, like=weights)  # raises only
     out_dtype = _dtype("value", value)
-    dtype = _compute_dtype(out_dtype, _dtype("weights", weights),
-                           _dtype("offsets", offsets))
+    dtype = _compute_dtype(out_dtype, _dtype("weights", weights), _dtype("offsets", offsets))
     height, width = _low_size(value)
     index, tap_w = _sampling(offsets, height, width, num_points, up_factor, groups, dtype)
-    out = _aggregate(ops.cast(weights, dtype), ops.cast(value, dtype), index, tap_w,
-                     num_points, groups)
+    out = _aggregate(
+        ops.cast(weights, dtype), ops.cast(value, dtype), index, tap_w, num_points, groups
+    )
     return ops.cast(out, out_dtype)
 
 
-def sapa_deform(query, key, value, offsets, num_points=9, up_factor=2, groups=4,
-                implementation="auto", training=None):
+def sapa_deform(
+    query,
+    key,
+    value,
+    offsets,
+    num_points=9,
+    up_factor=2,
+    groups=4,
+    implementation="auto",
+    training=None,
+):
     """SAPA-D, fused: ``deform_aggregate(softmax_per_group(deform_similarity(query, key,
     offsets)), value, offsets)``.
 
@@ -323,21 +393,31 @@ def sapa_deform(query, key, value, offsets, num_points=9, up_factor=2, groups=4,
     official kernels' border rule). Similarity and softmax run in float32 when the
     inputs are float16 or bfloat16; the result has ``value``'s dtype. Shapes and
     arguments as in :func:`deform_similarity` and :func:`deform_aggregate`; the
-    bilinear sampling positions are computed once for both halves.
+    bilinear sampling positions are computed once for both halves. Where the dispatch
+    rule picks ``"compiled"`` (see the module docs) the fused kernels run instead,
+    forward and backward (gradients of query, key, value and offsets).
     """
     num_points, up_factor, groups = _check_args(num_points, up_factor, groups)
-    resolve_deform_implementation(implementation, training)
-    query, key, offsets = _prepare_similarity(query, key, offsets, num_points, up_factor,
-                                              groups)
+    _checks.check_implementation(implementation)
+    query, key, offsets = _prepare_similarity(query, key, offsets, num_points, up_factor, groups)
     value = ops.convert_to_tensor(value)
     out_dtype = _dtype("value", value)
     _checks.check_pair("query", tuple(query.shape), "value", tuple(value.shape), up_factor)
     _check_channels("value", tuple(value.shape), groups, "C / groups channels per group")
     dtype = _compute_dtype(_dtype("query", query), out_dtype, _dtype("offsets", offsets))
+    if resolve_deform_implementation(implementation, training, like=query) == "compiled":
+        kernels = _deform_kernels()
+        tensors = (query, key, value, offsets)
+        if kernels.usable(*tensors):
+            if len({_dtype("", t) for t in tensors}) > 1:  # one dtype for the kernels
+                tensors = tuple(ops.cast(t, dtype) for t in tensors)
+            out = kernels.sapa_deform(*tensors, num_points, up_factor, groups)
+            return ops.cast(out, out_dtype)
     height, width = _low_size(key)
     index, tap_w = _sampling(offsets, height, width, num_points, up_factor, groups, dtype)
-    logits = _similarity(ops.cast(query, dtype), ops.cast(key, dtype), index, tap_w,
-                         num_points, groups)
+    logits = _similarity(
+        ops.cast(query, dtype), ops.cast(key, dtype), index, tap_w, num_points, groups
+    )
     weights = _group_softmax(logits, num_points, groups)
     out = _aggregate(weights, ops.cast(value, dtype), index, tap_w, num_points, groups)
     return ops.cast(out, out_dtype)

@@ -1,0 +1,200 @@
+"""SAPA-D's compiled kernels on the running backend (TensorFlow custom op, JAX XLA FFI,
+PyTorch ``torch.library``): forward and the gradients of all four inputs against the
+NumPy loop reference of the spec (``tests/reference_deform.py``), at real sizes (C=256,
+E=32, P=9, G=4) and odd ones, float64 central differences of the op itself away from
+integer positions, and the dispatch rule's choice between the kernels and the builtin
+formulation. Skipped where the kernels are not built."""
+
+import keras
+import numpy as np
+import pytest
+
+import reference_deform as ref
+from backend_utils import to_numpy
+from backend_utils import vjp
+from keras_sapa.ops import _deform as deform_ops
+
+BACKEND = keras.config.backend()
+
+
+def _kernels():
+    kernels = deform_ops._deform_kernels()
+    return kernels if kernels is not None and kernels.available() else None
+
+
+pytestmark = pytest.mark.skipif(
+    _kernels() is None, reason="the compiled SAPA-D kernels are not built for this backend"
+)
+
+
+def _inputs(
+    rng, batch, height, width, groups, e, points, s, channels, dtype=np.float64, away=False
+):
+    out = (batch, s * height, s * width)
+    shape = out + (2 * groups * points,)
+    if away:
+        o = ref.offsets_away_from_integers(rng, shape, spread=2.5)
+    else:
+        o = rng.uniform(-2.5, 2.5, shape)
+        o[0, 0, 0, :4] = [0.0, 1.0, float(width), -1.0]  # integer positions, a dropped point
+        o[0, -1, -1, 2 * groups * points - 1] = np.nan  # a NaN offset: dropped
+    f = lambda *dims: rng.standard_normal(dims)  # noqa: E731
+    arrays = (
+        0.5 * f(*out, groups * e),
+        f(batch, height, width, groups * e),
+        f(batch, height, width, channels),
+        o,
+    )
+    return [a.astype(dtype) for a in arrays]
+
+
+CASES = {
+    # (B, H, W, G, E, P, s, C)
+    "real-C256-E32-P9-G4": (1, 4, 4, 4, 32, 9, 2, 256),
+    "odd-B2-3x5-G3-P5-s3": (2, 3, 5, 3, 3, 5, 3, 6),
+}
+
+
+def _fn(points, s, groups, implementation="compiled"):
+    def fn(q, k, v, o):
+        return deform_ops.sapa_deform(
+            q,
+            k,
+            v,
+            o,
+            num_points=points,
+            up_factor=s,
+            groups=groups,
+            implementation=implementation,
+        )
+
+    return fn
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_forward_and_gradients_match_reference(case):
+    _, height, width, groups, _, points, s, channels = case
+    rng = np.random.default_rng(sum(case))
+    q, k, v, o = _inputs(rng, *case)
+    fn = _fn(points, s, groups)
+    want = ref.sapa_deform(q, k, v, o, points, s, groups)
+    np.testing.assert_allclose(to_numpy(fn(q, k, v, o)), want, rtol=1e-10, atol=1e-11)
+    got32 = to_numpy(fn(*(a.astype(np.float32) for a in (q, k, v, o))))
+    assert got32.dtype == np.float32
+    np.testing.assert_allclose(got32, want, rtol=1e-4, atol=1e-4)
+
+    g = rng.standard_normal(want.shape)
+    grads = vjp(fn, [q, k, v, o], g)
+    expected = ref.sapa_deform_vjp(q, k, v, o, g, points, s, groups)
+    for name, got, exp in zip(("query", "key", "value", "offsets"), grads, expected, strict=True):
+        assert np.isfinite(got).all(), name
+        np.testing.assert_allclose(got, exp, rtol=1e-9, atol=1e-10, err_msg=name)
+
+
+def test_gradients_match_central_differences():
+    """float64 central differences of the compiled op itself (positions away from
+    integers), every element of all four inputs."""
+    rng = np.random.default_rng(11)
+    case = (1, 2, 2, 2, 2, 2, 2, 4)
+    _, _, _, groups, _, points, s, _ = case
+    q, k, v, o = _inputs(rng, *case, away=True)
+    fn = _fn(points, s, groups)
+    g = rng.standard_normal(q.shape[:3] + (4,))
+    grads = vjp(fn, [q, k, v, o], g)
+    eps = 1e-6
+    for index, arg in enumerate((q, k, v, o)):
+        numeric = np.zeros_like(arg)
+        for position in np.ndindex(arg.shape):
+            plus, minus = [a.copy() for a in (q, k, v, o)], [a.copy() for a in (q, k, v, o)]
+            plus[index][position] += eps
+            minus[index][position] -= eps
+            numeric[position] = np.sum((to_numpy(fn(*plus)) - to_numpy(fn(*minus))) * g) / (
+                2 * eps
+            )
+        np.testing.assert_allclose(grads[index], numeric, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_inputs_compute_in_float32(dtype):
+    rng = np.random.default_rng(3)
+    case = (1, 3, 3, 2, 8, 4, 2, 8)
+    _, _, _, groups, _, points, s, _ = case
+    arrays = _inputs(rng, *case, dtype=np.float32)
+    half = [keras.ops.cast(a, dtype) for a in arrays]
+    out = _fn(points, s, groups)(*half)
+    assert keras.backend.standardize_dtype(out.dtype) == dtype
+    rounded = [to_numpy(keras.ops.cast(a, "float32")).astype(np.float64) for a in half]
+    np.testing.assert_allclose(
+        to_numpy(keras.ops.cast(out, "float32")),
+        ref.sapa_deform(*rounded, points, s, groups),
+        rtol=2e-2,
+        atol=2e-2,
+    )
+
+
+def test_empty_batch_runs_forward_and_backward():
+    rng = np.random.default_rng(4)
+    q, k, v, o = _inputs(rng, 1, 2, 2, 2, 2, 3, 2, 4)
+    q, k, v, o = (a[:0] for a in (q, k, v, o))
+    fn = _fn(3, 2, 2)
+    assert to_numpy(fn(q, k, v, o)).shape == (0, 4, 4, 4)
+    grads = vjp(fn, [q, k, v, o], np.zeros((0, 4, 4, 4)))
+    assert [g.shape for g in grads] == [a.shape for a in (q, k, v, o)]
+
+
+def test_auto_resolves_like_sapa(monkeypatch):
+    """The "auto" choice: the kernels for eager calls and training traces; explicit "compiled"
+    raises where the kernels are disabled; "xla" and "patches" name the builtin."""
+    resolve = deform_ops.resolve_deform_implementation
+    rng = np.random.default_rng(5)
+    q = keras.ops.convert_to_tensor(_inputs(rng, 1, 2, 2, 1, 2, 2, 2, 2)[0])
+    assert resolve("auto", like=q) == "compiled"
+    assert resolve("compiled", like=q) == "compiled"
+    assert resolve("xla", like=q) == resolve("patches", like=q) == "builtin"
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        seen = {}
+
+        @tf.function
+        def traced(x):
+            seen["inference"] = resolve("auto", training=None, like=x)
+            seen["training"] = resolve("auto", training=True, like=x)
+            return x
+
+        traced(q)
+        assert seen == {"inference": "builtin", "training": "compiled"}
+    elif BACKEND == "jax":
+        import jax
+
+        seen = {}
+
+        def traced(x):
+            seen["inference"] = resolve("auto", training=None, like=x)
+            seen["training"] = resolve("auto", training=True, like=x)
+            return x
+
+        jax.jit(traced)(q)
+        assert seen == {"inference": "builtin", "training": "compiled"}
+    monkeypatch.setenv("KERAS_SAPA_DISABLE_COMPILED", "1")
+    assert resolve("auto", like=q) == "builtin"
+    with pytest.raises(RuntimeError, match="compiled"):
+        resolve("compiled", like=q)
+
+
+def test_auto_calls_the_kernels_eagerly(monkeypatch):
+    kernels = _kernels()
+    calls = []
+    original = kernels.sapa_deform
+    monkeypatch.setattr(
+        kernels, "sapa_deform", lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    )
+    rng = np.random.default_rng(6)
+    q, k, v, o = _inputs(rng, 1, 2, 2, 1, 2, 2, 2, 2)
+    out = _fn(2, 2, 1, implementation="auto")(q, k, v, o)
+    assert calls == [1]
+    np.testing.assert_allclose(
+        to_numpy(out), ref.sapa_deform(q, k, v, o, 2, 2, 1), rtol=1e-10, atol=1e-11
+    )
+    _fn(2, 2, 1, implementation="xla")(q, k, v, o)
+    assert calls == [1]
