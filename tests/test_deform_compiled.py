@@ -60,18 +60,16 @@ def test_fit_uses_the_kernels_and_export_holds_builtin_ops(monkeypatch, tmp_path
     path = str(tmp_path / "auto")
     model.export(path, format="tf_saved_model", verbose=False)
     assert custom_op_types(path) == []
-    np.testing.assert_allclose(
-        tf.saved_model.load(path).serve([x, y]).numpy(), expected, rtol=1e-5, atol=1e-5
-    )
+    loaded = tf.saved_model.load(path)
+    np.testing.assert_allclose(loaded.serve([x, y]).numpy(), expected, rtol=1e-5, atol=1e-5)
 
     # Exported with the op on purpose: the SavedModel holds it and still runs.
     path = str(tmp_path / "compiled")
     with use_implementation("compiled"):
         model.export(path, format="tf_saved_model", verbose=False)
     assert custom_op_types(path) == ["KerasSapa>SapaDeform"]
-    np.testing.assert_allclose(
-        tf.saved_model.load(path).serve([x, y]).numpy(), expected, rtol=1e-5, atol=1e-5
-    )
+    loaded = tf.saved_model.load(path)
+    np.testing.assert_allclose(loaded.serve([x, y]).numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_jit_compile_takes_the_builtin_formulation():

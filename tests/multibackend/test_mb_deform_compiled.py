@@ -198,3 +198,42 @@ def test_auto_calls_the_kernels_eagerly(monkeypatch):
     )
     _fn(2, 2, 1, implementation="xla")(q, k, v, o)
     assert calls == [1]
+
+
+def test_framework_transforms_keep_the_kernels():
+    """PyTorch: ``torch.compile(fullgraph=True)`` holds the custom ops (forward and
+    backward); JAX: ``jax.vmap`` over an extra leading axis. TensorFlow: nothing to do."""
+    rng = np.random.default_rng(7)
+    case = (2, 2, 3, 2, 2, 3, 2, 4)
+    _, _, _, groups, _, points, s, _ = case
+    q, k, v, o = _inputs(rng, *case)
+    kernels = _kernels()
+    expected = [
+        ref.sapa_deform(*(a[i : i + 1] for a in (q, k, v, o)), points, s, groups) for i in range(2)
+    ]
+    if BACKEND == "torch":
+        import torch
+
+        fn = torch.compile(
+            lambda *a: kernels.sapa_deform(*a, points, s, groups),
+            fullgraph=True,
+            backend="aot_eager",
+        )
+        tensors = [torch.tensor(a, requires_grad=True) for a in (q, k, v, o)]
+        out = fn(*tensors)
+        np.testing.assert_allclose(
+            out.detach().numpy(), np.concatenate(expected), rtol=1e-10, atol=1e-11
+        )
+        g = rng.standard_normal(tuple(out.shape))
+        grads = torch.autograd.grad(out, tensors, torch.tensor(g))
+        want = ref.sapa_deform_vjp(q, k, v, o, g, points, s, groups)
+        for got, exp in zip(grads, want, strict=True):
+            np.testing.assert_allclose(got.numpy(), exp, rtol=1e-9, atol=1e-10)
+    elif BACKEND == "jax":
+        import jax
+
+        stacked = [a[:, None] for a in (q, k, v, o)]  # (2, 1, ...): vmap over axis 0
+        out = jax.jit(jax.vmap(lambda *a: kernels.sapa_deform(*a, points, s, groups)))(*stacked)
+        np.testing.assert_allclose(
+            np.asarray(out)[:, 0], np.concatenate(expected), rtol=1e-10, atol=1e-11
+        )
