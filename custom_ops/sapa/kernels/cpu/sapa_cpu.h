@@ -206,7 +206,7 @@ void Scatter(const ParallelFor& pool, const Shape& d, int64_t channels, const T*
 namespace tiled {
 
 constexpr int64_t kTileCols = 8;   // anchors per column tile
-constexpr int64_t kRunUnits = 16;  // units of work wanted per call (for the pool to share)
+constexpr int64_t kRunUnits = 48;  // units of work wanted per call: the pool balances them
 
 // The split of a call into units (b, column tile, run of rows).
 struct Grid {
