@@ -181,7 +181,8 @@ def test_sapa_real_widths(implementation, pair, dtype):
         args, cotangent, dtype,
     )
     _assert_close(out, expected, dtype, "sapa")
-    for name, got, want in zip(("d query", "d key", "d value"), grads, expected_grads, strict=True):
+    names = ("d query", "d key", "d value")
+    for name, got, want in zip(names, grads, expected_grads, strict=True):
         _assert_close(got, want, dtype, name)
 
 
