@@ -37,11 +37,18 @@ def main():
             model.train_on_batch(*train.train_batch(step, args.batch_size, 64, 0))
         loop.append((time.perf_counter() - start) / args.steps)
         start = time.perf_counter()
-        model.fit(train.static_dataset(train.ShapesBatches(args.steps, args.batch_size, 64, 0)), verbose=0)
+        model.fit(
+            train.static_dataset(train.ShapesBatches(args.steps, args.batch_size, 64, 0)),
+            verbose=0,
+        )
         fit.append((time.perf_counter() - start) / args.steps)
     loop_s, fit_s = float(np.median(loop)), float(np.median(fit))
-    print(f"train_on_batch loop: {1000 * loop_s:.1f} ms/step (rounds {[round(1000 * v) for v in loop]})")
-    print(f"model.fit:           {1000 * fit_s:.1f} ms/step (rounds {[round(1000 * v) for v in fit]})")
+    for label, seconds, rounds in (
+        ("train_on_batch loop", loop_s, loop),
+        ("model.fit", fit_s, fit),
+    ):
+        per_round = [round(1000 * v) for v in rounds]
+        print(f"{label + ':':<20} {1000 * seconds:.1f} ms/step (rounds {per_round})")
     print(f"fit / loop: {fit_s / loop_s:.2f}")
 
 

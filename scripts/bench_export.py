@@ -36,8 +36,7 @@ def main(argv=None):
     b, h, c = args.batch, args.low, args.channels
     x_in = keras.Input((h, h, c), batch_size=b)
     g_in = keras.Input((2 * h, 2 * h, c), batch_size=b)
-    model = keras.Model([x_in, g_in],
-                        keras_sapa.SAPA(kernel_size=5, embedding_dim=64)(x_in, g_in))
+    model = keras.Model([x_in, g_in], keras_sapa.SAPA(kernel_size=5, embedding_dim=64)(x_in, g_in))
     rng = np.random.default_rng(0)
     for weight in model.weights:  # distinct kernels, so none is stored once for two
         if weight.path.endswith("kernel"):
@@ -74,10 +73,14 @@ def main(argv=None):
 
     weights = sum(int(np.prod(w.shape)) * 4 for w in model.weights)
     print(f"SAPA bilinear K=5 d=64: x {x.shape}, guide {g.shape}")
-    print(f"  .tflite size {os.path.getsize(path) / 1024:.1f} KiB "
-          f"(float32 weights {weights / 1024:.1f} KiB), conversion {convert_s:.1f} s")
-    print(f"  max |LiteRT - eager| {np.abs(litert_out - eager_out).max():.2e}, "
-          f"max |graph - eager| {np.abs(graph_out - eager_out).max():.2e}")
+    print(
+        f"  .tflite size {os.path.getsize(path) / 1024:.1f} KiB "
+        f"(float32 weights {weights / 1024:.1f} KiB), conversion {convert_s:.1f} s"
+    )
+    print(
+        f"  max |LiteRT - eager| {np.abs(litert_out - eager_out).max():.2e}, "
+        f"max |graph - eager| {np.abs(graph_out - eager_out).max():.2e}"
+    )
     base = float(np.median(times["TF graph (builtin)"]))
     for name, values in times.items():
         ms = 1e3 * float(np.median(values))

@@ -147,7 +147,7 @@ def check_stock_weights_load(ours, stock):
         assert tuple(mine.shape) == tuple(theirs.shape), (mine.path, theirs.path)
         np.testing.assert_array_equal(to_np(mine), to_np(theirs), err_msg=mine.path)
     sapa_after = [to_np(v) for v in ours.weights if is_sapa_variable(v)]
-    for a, b in zip(sapa_before, sapa_after):
+    for a, b in zip(sapa_before, sapa_after, strict=False):
         np.testing.assert_array_equal(a, b)
 
 
@@ -163,7 +163,9 @@ def check_fit_lowers_loss(model, x, y, loss, lr=3e-3, epochs=5):
     assert np.all(np.isfinite(losses))
     assert losses[-1] < losses[0], losses
     after = [to_np(w) for w in sapa.trainable_weights]
-    assert any(not np.allclose(a, b) for a, b in zip(before, after)), "SAPA got no gradient"
+    assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=False)), (
+        "SAPA got no gradient"
+    )
 
 
 def without_encoder(config):
@@ -184,9 +186,7 @@ def check_keras_round_trip(model, tmp_path, x, name):
     assert [layer.name for layer in sapa_layers_of(restored)] == [
         layer.name for layer in sapa_layers_of(model)
     ]
-    np.testing.assert_allclose(
-        to_np(restored(x)), expected, rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(to_np(restored(x)), expected, rtol=1e-5, atol=1e-5)
     return restored
 
 
@@ -203,7 +203,10 @@ def test_upstream_private_classes_are_the_stock_ones():
     )
     assert any(type(layer) is _upstream.SpatialPyramidPooling for layer in stock.layers)
     retina = keras_hub.models.RetinaNetBackbone(
-        image_encoder=resnet_encoder(), min_level=3, max_level=5, use_p5=False,
+        image_encoder=resnet_encoder(),
+        min_level=3,
+        max_level=5,
+        use_p5=False,
         image_shape=(IMAGE, IMAGE, 3),
     )
     assert type(retina.feature_pyramid) is _upstream.FeaturePyramid
@@ -220,8 +223,10 @@ def segformer_pair():
         num_classes=NUM_CLASSES,
     )
     ours = sapa_models.SAPASegFormer(
-        backbone=mit_encoder(), num_classes=NUM_CLASSES,
-        projection_filters=FILTERS, upsampler={"embedding_dim": EMBED},
+        backbone=mit_encoder(),
+        num_classes=NUM_CLASSES,
+        projection_filters=FILTERS,
+        upsampler={"embedding_dim": EMBED},
     )
     return ours, stock
 
@@ -241,8 +246,14 @@ def test_segformer_structure(segformer_pair):
     assert resizings(ours.backbone) == []
     sapa = sapa_layers_of(ours.backbone)
     assert sorted(layer.name for layer in sapa) == sorted(
-        ["sapa_P4_to_P3", "sapa_P4_to_P2", "sapa_P4_to_P1",
-         "sapa_P3_to_P2", "sapa_P3_to_P1", "sapa_P2_to_P1"]
+        [
+            "sapa_P4_to_P3",
+            "sapa_P4_to_P2",
+            "sapa_P4_to_P1",
+            "sapa_P3_to_P2",
+            "sapa_P3_to_P1",
+            "sapa_P2_to_P1",
+        ]
     )
     # Paper defaults: SAPA-B, K=5; d as asked; every stage 2x on the decoder width.
     for layer in sapa:
@@ -264,7 +275,9 @@ def test_segformer_defaults_are_the_papers():
     model = sapa_models.SAPASegFormer(backbone=encoder, num_classes=2)
     assert model.backbone.projection_filters == 256
     gated = sapa_models.SAPASegFormer(
-        backbone=encoder, num_classes=2, projection_filters=16,
+        backbone=encoder,
+        num_classes=2,
+        projection_filters=16,
         upsampler={"variant": "gated", "norm": None},
     )
     assert {layer.variant for layer in sapa_layers_of(gated)} == {"gated"}
@@ -315,8 +328,10 @@ def test_segformer_stock_weights_load(segformer_pair):
     ours, stock = segformer_pair
     keras.utils.set_random_seed(3)
     fresh = sapa_models.SAPASegFormer(
-        backbone=mit_encoder(), num_classes=NUM_CLASSES,
-        projection_filters=FILTERS, upsampler={"embedding_dim": EMBED},
+        backbone=mit_encoder(),
+        num_classes=NUM_CLASSES,
+        projection_filters=FILTERS,
+        upsampler={"embedding_dim": EMBED},
     )
     check_stock_weights_load(fresh, stock)
 
@@ -349,7 +364,11 @@ def custom_sapa():
     """A SAPA template whose every argument differs from the model's default: the whole
     layer config, not five scalars, reaches each stage."""
     return keras_sapa.SAPA(
-        variant="gated", embedding_dim=EMBED, norm="group", norm_groups=8, use_bias=False,
+        variant="gated",
+        embedding_dim=EMBED,
+        norm="group",
+        norm_groups=8,
+        use_bias=False,
         kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.01, seed=3),
         name="template",
     )
@@ -359,7 +378,9 @@ def custom_sapa():
 def deeplab_pair():
     keras.utils.set_random_seed(2)
     stock = keras_hub.models.DeepLabV3ImageSegmenter(
-        backbone=keras_hub.models.DeepLabV3Backbone(image_encoder=resnet_encoder(), **DEEPLAB_ARGS),
+        backbone=keras_hub.models.DeepLabV3Backbone(
+            image_encoder=resnet_encoder(), **DEEPLAB_ARGS
+        ),
         num_classes=NUM_CLASSES,
     )
     ours = keras_hub.models.DeepLabV3ImageSegmenter(
@@ -384,7 +405,9 @@ def test_deeplab_v3_structure_and_overhead(deeplab_pair):
     assert stock_names - {"encoder_output_upsampling"} - unnamed <= our_names
     sapa = sapa_layers_of(ours.backbone)
     assert [layer.name for layer in sapa] == [
-        "sapa_upsampling_P4", "sapa_upsampling_P3", "sapa_upsampling_P2"
+        "sapa_upsampling_P4",
+        "sapa_upsampling_P3",
+        "sapa_upsampling_P2",
     ]
     assert all(layer.variant == "gated" for layer in sapa)
     for layer in sapa:
@@ -453,7 +476,9 @@ RETINA_ARGS = dict(min_level=3, max_level=5, use_p5=False, image_shape=(IMAGE, I
 
 def per_stage_sapa(stage_index, name):
     """A callable upsampler: K=3 for the first stage (P4 -> P3), K=5 after."""
-    return keras_sapa.SAPA(kernel_size=3 if stage_index == 0 else 5, embedding_dim=EMBED, name=name)
+    return keras_sapa.SAPA(
+        kernel_size=3 if stage_index == 0 else 5, embedding_dim=EMBED, name=name
+    )
 
 
 @pytest.fixture(scope="module")
@@ -520,7 +545,7 @@ def test_retinanet_detector_fit_and_round_trip(retinanet_pair, tmp_path):
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     assert any(
-        not np.allclose(a, to_np(b)) for a, b in zip(before, sapa.trainable_weights)
+        not np.allclose(a, to_np(b)) for a, b in zip(before, sapa.trainable_weights, strict=False)
     )
 
     path = str(tmp_path / "retinanet.keras")
@@ -546,10 +571,15 @@ def test_overhead_of_a_segformer_b1_is_computed_without_weights():
     if keras.config.backend() != "tensorflow":
         pytest.skip("one backend is enough for a count")
     encoder = keras_hub.models.MiTBackbone(
-        image_shape=(512, 512, 3), num_layers=4, hidden_dims=[64, 128, 320, 512],
-        layerwise_depths=[2, 2, 2, 2], layerwise_num_heads=[1, 2, 5, 8],
-        layerwise_sr_ratios=[8, 4, 2, 1], layerwise_patch_sizes=[7, 3, 3, 3],
-        layerwise_strides=[4, 2, 2, 2], max_drop_path_rate=0.1,
+        image_shape=(512, 512, 3),
+        num_layers=4,
+        hidden_dims=[64, 128, 320, 512],
+        layerwise_depths=[2, 2, 2, 2],
+        layerwise_num_heads=[1, 2, 5, 8],
+        layerwise_sr_ratios=[8, 4, 2, 1],
+        layerwise_patch_sizes=[7, 3, 3, 3],
+        layerwise_strides=[4, 2, 2, 2],
+        max_drop_path_rate=0.1,
     )
     model = sapa_models.SAPASegFormerBackbone(image_encoder=encoder, projection_filters=256)
     report = sapa_models.sapa_overhead(model)

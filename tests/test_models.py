@@ -48,8 +48,7 @@ def sapa_layers_of(model):
 
 def upsampling_layers_of(model):
     return [
-        layer for layer in model._flatten_layers()
-        if isinstance(layer, keras.layers.UpSampling2D)
+        layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.UpSampling2D)
     ]
 
 
@@ -105,8 +104,13 @@ def gated_nearest_reference(x, guide, kernel, bias):
 # A SAPA whose every argument differs from the model's default: the whole layer config,
 # not five scalars, reaches each stage.
 CUSTOM_SAPA = dict(
-    kernel_size=KERNEL, embedding_dim=EMBED, norm="group", norm_groups=8, use_bias=False,
-    kernel_initializer=keras.initializers.HeNormal(seed=3), value_projection=True,
+    kernel_size=KERNEL,
+    embedding_dim=EMBED,
+    norm="group",
+    norm_groups=8,
+    use_bias=False,
+    kernel_initializer=keras.initializers.HeNormal(seed=3),
+    value_projection=True,
 )
 
 
@@ -115,9 +119,14 @@ CUSTOM_SAPA = dict(
 def deeplab():
     keras.utils.set_random_seed(1)
     # The upsampler as serialize_keras_object gives it.
-    upsampler = keras.saving.serialize_keras_object(keras_sapa.SAPA(variant="gated", **CUSTOM_SAPA))
+    upsampler = keras.saving.serialize_keras_object(
+        keras_sapa.SAPA(variant="gated", **CUSTOM_SAPA)
+    )
     return sapa_models.SAPADeepLabV3Plus(
-        tiny_backbone(), NUM_CLASSES, upsampler=upsampler, spatial_pyramid_pooling=tiny_spp(),
+        tiny_backbone(),
+        NUM_CLASSES,
+        upsampler=upsampler,
+        spatial_pyramid_pooling=tiny_spp(),
     )
 
 
@@ -134,12 +143,14 @@ def test_deeplab_structure(deeplab):
 
     sapa = sapa_layers_of(deeplab)
     assert [layer.name for layer in sapa] == [
-        "sapa_upsampling_P4", "sapa_upsampling_P3", "sapa_upsampling_P2"
+        "sapa_upsampling_P4",
+        "sapa_upsampling_P3",
+        "sapa_upsampling_P2",
     ]
     assert all(layer.variant == "gated" and layer.up_factor == 2 for layer in sapa)
     # Each stage doubles the size and keeps the ASPP's 32 channels; guides are the
     # backbone levels (128, 64, 32 channels).
-    for layer, size, guide_channels in zip(sapa, (4, 8, 16), (128, 64, 32)):
+    for layer, size, guide_channels in zip(sapa, (4, 8, 16), (128, 64, 32), strict=False):
         assert tuple(layer.output.shape) == (None, size, size, 32)
         assert layer.qy.kernel.shape == (guide_channels, EMBED)
         # Every argument of the upsampler config reached the stage.
@@ -159,7 +170,9 @@ def test_deeplab_other_backbone_and_bad_backbone():
         input_shape=(IMAGE, IMAGE, 3),
     )
     model = sapa_models.SAPADeepLabV3Plus(
-        backbone, 2, upsampler={"variant": "bilinear", "embedding_dim": 8},
+        backbone,
+        2,
+        upsampler={"variant": "bilinear", "embedding_dim": 8},
         spatial_pyramid_pooling=tiny_spp(),
     )
     assert tuple(model(images(1)).shape) == (1, IMAGE, IMAGE, 2)
@@ -205,21 +218,44 @@ def test_deeplab_keeps_stock_names_and_loads_stock_weights():
         tiny_backbone(), NUM_CLASSES, spatial_pyramid_pooling=tiny_spp()
     )
     ours = sapa_models.SAPADeepLabV3Plus(
-        tiny_backbone(), NUM_CLASSES, upsampler={"embedding_dim": EMBED},
+        tiny_backbone(),
+        NUM_CLASSES,
+        upsampler={"embedding_dim": EMBED},
         spatial_pyramid_pooling=tiny_spp(),
     )
+
     # Every explicitly named stock layer is in ours, under the same name.
     def named(model):
         return {
-            layer.name for layer in model._flatten_layers()
-            if not any(layer.name.startswith(p) for p in (
-                "sequential", "concatenate", "up_sampling2d", "functional", "input_layer",
-                "spatial_pyramid_pooling", "res_net", "conv2d", "batch_normalization",
-                "dropout", "re_lu", "activation", "global_average_pooling2d", "reshape",
-            ))
+            layer.name
+            for layer in model._flatten_layers()
+            if not any(
+                layer.name.startswith(p)
+                for p in (
+                    "sequential",
+                    "concatenate",
+                    "up_sampling2d",
+                    "functional",
+                    "input_layer",
+                    "spatial_pyramid_pooling",
+                    "res_net",
+                    "conv2d",
+                    "batch_normalization",
+                    "dropout",
+                    "re_lu",
+                    "activation",
+                    "global_average_pooling2d",
+                    "reshape",
+                )
+            )
         }
+
     stock_names = named(stock)
-    assert {"low_level_feature_conv", "segmentation_head_norm", "segmentation_output"} <= stock_names
+    assert {
+        "low_level_feature_conv",
+        "segmentation_head_norm",
+        "segmentation_output",
+    } <= stock_names
     assert stock_names - {"encoder_output_upsampling", stock.name} <= named(ours)
 
     # Scramble the stock weights, transfer, and compare variable by variable.
@@ -230,10 +266,10 @@ def test_deeplab_keeps_stock_names_and_loads_stock_weights():
     sapa_before = [np.array(v) for v in ours.weights if "sapa_" in v.path]
     assert len(kept) == len(stock.weights)
     sapa_models.load_stock_weights(ours, stock)
-    for mine, theirs in zip(kept, stock.weights):
+    for mine, theirs in zip(kept, stock.weights, strict=False):
         assert tuple(mine.shape) == tuple(theirs.shape), (mine.path, theirs.path)
         np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs), err_msg=mine.path)
-    for a, b in zip(sapa_before, [v for v in ours.weights if "sapa_" in v.path]):
+    for a, b in zip(sapa_before, [v for v in ours.weights if "sapa_" in v.path], strict=False):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
@@ -286,7 +322,9 @@ def detection_batch():
 def retinanet():
     keras.utils.set_random_seed(4)
     return sapa_models.SAPARetinaNet(
-        tiny_backbone(), NUM_CLASSES, "xywh",
+        tiny_backbone(),
+        NUM_CLASSES,
+        "xywh",
         upsampler={"embedding_dim": EMBED, "kernel_size": KERNEL},
     )
 
@@ -295,18 +333,20 @@ def test_feature_pyramid_standalone():
     keras.utils.set_random_seed(5)
     rng = np.random.default_rng(8)
     feats = {
-        f"P{level}": rng.normal(size=(2, IMAGE // 2**level, IMAGE // 2**level, c)).astype("float32")
+        f"P{level}": rng.normal(size=(2, IMAGE // 2**level, IMAGE // 2**level, c)).astype(
+            "float32"
+        )
         for level, c in ((3, 64), (4, 128), (5, 256))
     }
     pyramid = sapa_models.SAPAFeaturePyramid(num_channels=32, upsampler={"embedding_dim": EMBED})
     outputs = pyramid(feats)
     sizes = (8, 4, 2, 1, 1)
     assert [tuple(o.shape) for o in outputs] == [(2, s, s, 32) for s in sizes]
-    assert [tuple(s) for s in pyramid.compute_output_shape(
-        {k: v.shape for k, v in feats.items()}
-    )] == [(2, s, s, 32) for s in sizes]
+    assert [
+        tuple(s) for s in pyramid.compute_output_shape({k: v.shape for k, v in feats.items()})
+    ] == [(2, s, s, 32) for s in sizes]
     as_list = pyramid([feats["P3"], feats["P4"], feats["P5"]])
-    for a, b in zip(outputs, as_list):
+    for a, b in zip(outputs, as_list, strict=False):
         assert_close(a, b, atol=0)
     assert [layer.name for layer in pyramid.upsamplers] == ["sapa_P4_to_P3", "sapa_P5_to_P4"]
     # The top-down path really uses SAPA: the merged P4 is lateral + SAPA(P5 lateral).
@@ -336,7 +376,9 @@ def test_feature_pyramid_takes_any_guided_layer(tmp_path):
     pyramid = sapa_models.SAPAFeaturePyramid(
         num_channels=8, max_level=5, upsampler=GatedNearest(name="template")
     )
-    inputs = {level: keras.Input((size, size, c), name=level) for level, (size, c) in shapes.items()}
+    inputs = {
+        level: keras.Input((size, size, c), name=level) for level, (size, c) in shapes.items()
+    }
     model = keras.Model(inputs, pyramid(inputs))
     outputs = model(feats)
     assert [type(layer) for layer in pyramid.upsamplers] == [GatedNearest, GatedNearest]
@@ -355,7 +397,7 @@ def test_feature_pyramid_takes_any_guided_layer(tmp_path):
     path = str(tmp_path / "pyramid.keras")
     model.save(path)
     restored = keras.models.load_model(path)
-    for a, b in zip(restored(feats), outputs):
+    for a, b in zip(restored(feats), outputs, strict=False):
         assert_close(a, b, atol=1e-6)
 
 
@@ -363,16 +405,21 @@ def test_upsampler_argument():
     """Each accepted form of `upsampler=`, and a ValueError naming it for the others."""
     make = sapa_models.SAPAFeaturePyramid
     default = make(num_channels=8)
-    assert {(layer.variant, layer.kernel_size, layer.embedding_dim, layer.norm)
-            for layer in default.upsamplers} == {("bilinear", 5, 64, "layer")}
+    assert {
+        (layer.variant, layer.kernel_size, layer.embedding_dim, layer.norm)
+        for layer in default.upsamplers
+    } == {("bilinear", 5, 64, "layer")}
     # A plain dict holds SAPA arguments; those left out keep the model's defaults.
     no_norm = make(num_channels=8, upsampler={"norm": None, "implementation": "patches"})
-    assert {(layer.variant, layer.norm, layer.implementation)
-            for layer in no_norm.upsamplers} == {("bilinear", None, "patches")}
+    assert {(layer.variant, layer.norm, layer.implementation) for layer in no_norm.upsamplers} == {
+        ("bilinear", None, "patches")
+    }
     clone = make.from_config(no_norm.get_config())
     assert {layer.norm for layer in clone.upsamplers} == {None}
     # One entry per stage.
-    per_stage = make(num_channels=8, upsampler=[{"kernel_size": 3}, keras_sapa.SAPA(kernel_size=7)])
+    per_stage = make(
+        num_channels=8, upsampler=[{"kernel_size": 3}, keras_sapa.SAPA(kernel_size=7)]
+    )
     assert [layer.kernel_size for layer in per_stage.upsamplers] == [3, 7]
     assert make.from_config(per_stage.get_config()).get_config() == per_stage.get_config()
 
@@ -461,7 +508,9 @@ def test_retinanet_config_keeps_pyramid_where_stock_drops_it(retinanet):
     # the nearest-neighbour FeaturePyramid.
     keras.utils.set_random_seed(6)
     stock = keras_cv.models.RetinaNet(
-        tiny_backbone(), NUM_CLASSES, "xywh",
+        tiny_backbone(),
+        NUM_CLASSES,
+        "xywh",
         feature_pyramid=sapa_models.SAPAFeaturePyramid(**pyramid_config),
     )
     assert "feature_pyramid" not in stock.get_config()
@@ -470,7 +519,9 @@ def test_retinanet_config_keeps_pyramid_where_stock_drops_it(retinanet):
 
     # SAPARetinaNet keeps it, whatever its configuration.
     ours = sapa_models.SAPARetinaNet(
-        tiny_backbone(), NUM_CLASSES, "xywh",
+        tiny_backbone(),
+        NUM_CLASSES,
+        "xywh",
         feature_pyramid=sapa_models.SAPAFeaturePyramid(**pyramid_config),
     )
     config = ours.get_config()
@@ -486,8 +537,11 @@ def test_retinanet_config_keeps_pyramid_where_stock_drops_it(retinanet):
 
     with pytest.raises(ValueError, match="feature_pyramid"):
         sapa_models.SAPARetinaNet(
-            tiny_backbone(), NUM_CLASSES, "xywh",
-            feature_pyramid=sapa_models.SAPAFeaturePyramid(), upsampler={"variant": "gated"},
+            tiny_backbone(),
+            NUM_CLASSES,
+            "xywh",
+            feature_pyramid=sapa_models.SAPAFeaturePyramid(),
+            upsampler={"variant": "gated"},
         )
 
 

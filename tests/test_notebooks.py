@@ -43,7 +43,10 @@ def _execute(nb, cwd):
     os.environ["PYTHONPATH"] = ROOT + (os.pathsep + path_before if path_before else "")
     try:
         client = nbclient.NotebookClient(
-            nb, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+            nb,
+            timeout=CELL_TIMEOUT,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(cwd)}},
         )
         client.execute()
     finally:
@@ -61,10 +64,16 @@ def _execute(nb, cwd):
 def test_notebooks_match_their_sources_and_have_no_outputs():
     result = subprocess.run(
         [sys.executable, os.path.join(NOTEBOOK_DIR, "build.py"), "--check"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert NOTEBOOKS == ["01_quickstart.ipynb", "02_segmentation.ipynb", "03_detection.ipynb", "04_export.ipynb"]
+    assert NOTEBOOKS == [
+        "01_quickstart.ipynb",
+        "02_segmentation.ipynb",
+        "03_detection.ipynb",
+        "04_export.ipynb",
+    ]
     assert [n[:-3] for n in SOURCES] == [n[:-6] for n in NOTEBOOKS]
     for name in NOTEBOOKS:
         with open(os.path.join(NOTEBOOK_DIR, name)) as f:
@@ -85,7 +94,10 @@ def test_build_check_sees_an_edited_source(tmp_path):
     check = [sys.executable, str(copy / "build.py"), "--check"]
     result = subprocess.run(check, capture_output=True, text=True)
     assert result.returncode == 1 and NOTEBOOKS[0] in result.stdout
-    assert subprocess.run([sys.executable, str(copy / "build.py")], capture_output=True).returncode == 0
+    assert (
+        subprocess.run([sys.executable, str(copy / "build.py")], capture_output=True).returncode
+        == 0
+    )
     assert subprocess.run(check, capture_output=True).returncode == 0
     assert "an extra cell" in (copy / NOTEBOOKS[0]).read_text()
 
@@ -96,18 +108,24 @@ def test_sources_compile_and_use_public_api_only(name):
         source = f.read()
     tree = ast.parse(source, filename=name)  # a SyntaxError fails here
     private = sorted(
-        f"{node.value.id}.{node.attr}" for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-        and node.attr.startswith("_") and not node.attr.startswith("__")
+        f"{node.value.id}.{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
     )
     private += sorted(
-        node.module for node in ast.walk(tree)
+        node.module
+        for node in ast.walk(tree)
         if isinstance(node, ast.ImportFrom) and node.module and "._" in node.module
     )
     assert not private, f"{name} uses private names: {private}"
     # Every notebook says which Keras backend it runs on, before Keras is imported.
     first_import = re.search(r"^(import keras|from keras)\b", source, re.M)
-    setting = re.search(r'^os\.environ(\["KERAS_BACKEND"\] = |\.setdefault\("KERAS_BACKEND")', source, re.M)
+    setting = re.search(
+        r'^os\.environ(\["KERAS_BACKEND"\] = |\.setdefault\("KERAS_BACKEND")', source, re.M
+    )
     assert setting and first_import and setting.start() < first_import.start(), name
 
 
@@ -129,13 +147,19 @@ def test_notebook_runs(name, tmp_path):
     _execute(nb, tmp_path)
     elapsed = time.perf_counter() - start
     errors = [
-        output for cell in nb.cells if cell.cell_type == "code"
-        for output in cell.outputs if output.output_type == "error"
+        output
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if output.output_type == "error"
     ]
     assert not errors
     images = sum(
-        1 for cell in nb.cells if cell.cell_type == "code"
-        for output in cell.outputs if "image/png" in output.get("data", {})
+        1
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if "image/png" in output.get("data", {})
     )
     if name != "04_export.ipynb":
         assert images > 0, f"{name} produced no plot"

@@ -39,8 +39,7 @@ def check_backbone(backbone, levels, model_name):
 def pyramid_extractor(backbone, levels, name=None):
     """A functional model from the backbone's input to a dict of its pyramid levels."""
     outputs = {
-        level: backbone.get_layer(backbone.pyramid_level_inputs[level]).output
-        for level in levels
+        level: backbone.get_layer(backbone.pyramid_level_inputs[level]).output for level in levels
     }
     return keras.Model(inputs=backbone.inputs, outputs=outputs, name=name)
 

@@ -33,9 +33,7 @@ def sapa_layer_macs(layer, low_res_hw, x_channels, guide_channels):
     n_lo = h * w
     n_hi = n_lo * s * s
     cx, cy = int(x_channels), int(guide_channels)
-    has_v = layer.value_projection or (
-        layer.output_dim is not None and layer.output_dim != cx
-    )
+    has_v = layer.value_projection or (layer.output_dim is not None and layer.output_dim != cx)
     c_out = (layer.output_dim or cx) if has_v else cx
     d = cx if layer.variant == "identity" else layer.embedding_dim
 

@@ -20,7 +20,7 @@ def _relative_paths(layer):
     for variable in layer.weights:
         path = variable.path
         index = path.find(marker)
-        out[path[index + len(marker):] if index >= 0 else path] = variable
+        out[path[index + len(marker) :] if index >= 0 else path] = variable
     return out
 
 

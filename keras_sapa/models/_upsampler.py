@@ -43,7 +43,9 @@ def _deserialize(config, what):
     try:
         layer = keras.saving.deserialize_keras_object(copy.deepcopy(config))
     except TypeError as error:  # unknown or missing constructor arguments
-        raise ValueError(f"{what} does not make a layer ({error}). Received: {config!r}") from error
+        raise ValueError(
+            f"{what} does not make a layer ({error}). Received: {config!r}"
+        ) from error
     if not isinstance(layer, keras.layers.Layer):
         raise ValueError(
             f"{what} must make a keras.layers.Layer. Received: {config!r}, which made "

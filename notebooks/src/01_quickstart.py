@@ -34,7 +34,14 @@ import keras_sapa
 from keras_sapa import demo
 from keras_sapa import ops
 
-print("keras", keras.__version__, "| backend", keras.config.backend(), "| keras_sapa", keras_sapa.__version__)
+print(
+    "keras",
+    keras.__version__,
+    "| backend",
+    keras.config.backend(),
+    "| keras_sapa",
+    keras_sapa.__version__,
+)
 print("compiled SAPA op available:", ops.compiled_available())
 
 # %% [markdown]
@@ -46,9 +53,15 @@ print("compiled SAPA op available:", ops.compiled_available())
 
 # %%
 inputs = keras.Input((64, 64, 3))
-guide = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="enc_s2")(inputs)
-low = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu", name="enc_s4")(guide)
-up = keras_sapa.SAPA(up_factor=2, kernel_size=5, embedding_dim=16, variant="gated", name="sapa")(low, guide)
+guide = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="enc_s2")(
+    inputs
+)
+low = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu", name="enc_s4")(
+    guide
+)
+up = keras_sapa.SAPA(up_factor=2, kernel_size=5, embedding_dim=16, variant="gated", name="sapa")(
+    low, guide
+)
 outputs = keras.layers.Conv2D(2, 1, activation="softmax", name="classifier")(up)
 model = keras.Model(inputs, outputs)
 model.summary()
@@ -67,21 +80,24 @@ history = model.fit(x_train, y_train, epochs=2, batch_size=4, verbose=0)
 print("losses:", [round(v, 4) for v in history.history["loss"]])
 
 try:
-    keras_sapa.SAPA(up_factor=2)(np.zeros((1, 8, 8, 4), "float32"), np.zeros((1, 15, 16, 4), "float32"))
+    keras_sapa.SAPA(up_factor=2)(
+        np.zeros((1, 8, 8, 4), "float32"), np.zeros((1, 15, 16, 4), "float32")
+    )
 except ValueError as error:
     print("ValueError:", error)
 
 # %% [markdown]
 # ## The variants
 #
-# | variant | query | key | paper |
-# |---|---|---|---|
-# | `identity` | `norm(guide)` | `norm(x)` | SAPA-I, no projection; needs `Cx == Cy` |
-# | `bilinear` | `Dense_q(norm(guide))` | `Dense_k(norm(x))` | SAPA-B |
-# | `gated` | gate-weighted mix of `Dense_qy(norm(guide))` and `Dense_qx(up(x))` | `Dense_k(norm(x))` | SAPA-G, the paper's best |
-# | `concat` | `Dense_q([norm(guide), up(x)])` | `Dense_k(norm(x))` | ablation of the official code |
+# | variant | query | paper |
+# |---|---|---|
+# | `identity` | `norm(guide)` | SAPA-I, no projection; needs `Cx == Cy` |
+# | `bilinear` | `Dense_q(norm(guide))` | SAPA-B |
+# | `gated` | gated mix of `Dense_qy(norm(guide))` and `Dense_qx(up(x))` | SAPA-G, the best |
+# | `concat` | `Dense_q([norm(guide), up(x)])` | ablation of the official code |
 #
-# The value is `x` itself (or `Dense_v(norm(x))` when `output_dim` differs from `Cx`).
+# The key is `norm(x)` for `identity` and `Dense_k(norm(x))` for the others. The value is
+# `x` itself (or `Dense_v(norm(x))` when `output_dim` differs from `Cx`).
 
 # %%
 rng = np.random.default_rng(2)
@@ -91,7 +107,10 @@ for variant in ("identity", "bilinear", "gated", "concat"):
     layer = keras_sapa.SAPA(up_factor=2, kernel_size=5, embedding_dim=16, variant=variant)
     out = layer(x, g)
     names = sorted({w.path.split("/")[-2] for w in layer.weights})
-    print(f"{variant:>8}: output {tuple(out.shape)}, {layer.count_params():5d} params, sublayers {names}")
+    print(
+        f"{variant:>8}: output {tuple(out.shape)}, {layer.count_params():5d} params, "
+        f"sublayers {names}"
+    )
 
 # %% [markdown]
 # ## The functional ops
@@ -110,8 +129,12 @@ logits = ops.similarity(q, k, kernel_size=3, up_factor=2)
 weights = keras.ops.softmax(logits, axis=-1)
 manual = ops.aggregate(weights, v, kernel_size=3, up_factor=2)
 fused = ops.sapa(q, k, v, kernel_size=3, up_factor=2)
-print("logits", tuple(logits.shape), "| max |sapa - aggregate(softmax(similarity))| =",
-      float(keras.ops.max(keras.ops.abs(fused - manual))))
+print(
+    "logits",
+    tuple(logits.shape),
+    "| max |sapa - aggregate(softmax(similarity))| =",
+    float(keras.ops.max(keras.ops.abs(fused - manual))),
+)
 print("implementation used by 'auto' here:", ops.resolve_implementation("auto"))
 
 # %% [markdown]
@@ -148,7 +171,7 @@ panels = {
     "SAPA, colour embedding": result["outputs"]["SAPA"],
 }
 fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
-for ax, (name, image) in zip(axes, panels.items()):
+for ax, (name, image) in zip(axes, panels.items(), strict=False):
     ax.imshow(image)
     title = name if name == "original" else f"{name}\nPSNR {demo.psnr(image, reference):.1f} dB"
     ax.set_title(title, fontsize=10)
@@ -166,8 +189,10 @@ print(demo.format_table(result["metrics"]))
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-for ax, sigma in zip(axes, (0.03, 0.1, 0.3)):
-    _, w = demo.sapa_upsample(low, reference, scale, kernel_size=5, color_sigma=sigma, return_weights=True)
+for ax, sigma in zip(axes, (0.03, 0.1, 0.3), strict=False):
+    _, w = demo.sapa_upsample(
+        low, reference, scale, kernel_size=5, color_sigma=sigma, return_weights=True
+    )
     shown = ax.imshow(demo.kernel_spread(w), vmin=1, vmax=25, cmap="viridis")
     ax.set_title(f"points mixed, color_sigma={sigma}")
     ax.axis("off")
@@ -183,8 +208,8 @@ plt.show()
 (ey, ex), points = demo.boundary_points(result, crop=96)
 fig, axes = plt.subplots(1, 5, figsize=(16, 3.4))
 y0, x0 = max(ey - 12, 0), max(ex - 12, 0)
-axes[0].imshow(reference[y0:ey + 12, x0:ex + 12])
-for label, (py, px) in zip("ABCD", points):
+axes[0].imshow(reference[y0 : ey + 12, x0 : ex + 12])
+for label, (py, px) in zip("ABCD", points, strict=False):
     axes[0].plot(px - x0, py - y0, "o", mfc="none", mec="yellow")
     axes[0].text(px - x0 + 1, py - y0 - 1, label, color="yellow")
 axes[0].set_title("guide near an edge")

@@ -33,7 +33,14 @@ import keras_sapa
 from keras_sapa import demo
 from keras_sapa.demo import data
 
-print("keras", keras.__version__, "| backend", keras.config.backend(), "| keras_sapa", keras_sapa.__version__)
+print(
+    "keras",
+    keras.__version__,
+    "| backend",
+    keras.config.backend(),
+    "| keras_sapa",
+    keras_sapa.__version__,
+)
 
 # %%
 images, masks = data.make_shapes(6, 64, seed=0)
@@ -44,7 +51,9 @@ for i in range(6):
     axes[0, i].axis("off")
     axes[1, i].axis("off")
 axes[1, 0].set_title(
-    "classes: " + ", ".join(f"{i} {n}" for i, n in enumerate(data.CLASS_NAMES)), loc="left", fontsize=9
+    "classes: " + ", ".join(f"{i} {n}" for i, n in enumerate(data.CLASS_NAMES)),
+    loc="left",
+    fontsize=9,
 )
 plt.show()
 
@@ -65,8 +74,12 @@ plt.show()
 STEPS = 6 if QUICK else 400
 EVERY = 3 if QUICK else 50
 run = demo.train_and_evaluate(
-    steps=STEPS, batch_size=4 if QUICK else 16, seed=0, eval_images=8 if QUICK else 64,
-    history_every=EVERY, progress=not QUICK,
+    steps=STEPS,
+    batch_size=4 if QUICK else 16,
+    seed=0,
+    eval_images=8 if QUICK else 64,
+    history_every=EVERY,
+    progress=not QUICK,
 )
 print(demo.format_training_table(run["results"]))
 
@@ -81,7 +94,11 @@ for name, log in run["history"].items():
     axes[0].plot(np.arange(len(smooth)) + 1, smooth, label=name)
     axes[1].plot(log["eval_step"], log["miou"], "o-", label=name)
     axes[2].plot(log["eval_step"], log["boundary_f"], "o-", label=name)
-for ax, title in zip(axes, ("training loss (5-step mean)", "held-out mIoU", "held-out boundary F (1 px)")):
+for ax, title in zip(
+    axes,
+    ("training loss (5-step mean)", "held-out mIoU", "held-out boundary F (1 px)"),
+    strict=False,
+):
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.legend()
@@ -106,7 +123,9 @@ for row in range(4):
         axes[row, 2 + 2 * j].imshow(data.colorize(pred), interpolation="nearest")
         wrong = (pred != eval_y[row]) & near_boundary[row]
         axes[row, 3 + 2 * j].imshow(np.where(wrong[..., None], [1.0, 0, 0], [0.9, 0.9, 0.9]))
-for j, title in enumerate(["image", "truth"] + sum(([n, n + ": boundary errors"] for n in names), [])):
+for j, title in enumerate(
+    ["image", "truth"] + sum(([n, n + ": boundary errors"] for n in names), [])
+):
     axes[0, j].set_title(title, fontsize=8)
 for ax in axes.flat:
     ax.axis("off")
@@ -114,8 +133,11 @@ plt.show()
 
 for name in names:
     correct = run["predictions"][name] == eval_y
-    print(f"{name:>16}: pixel accuracy within 1 px of a boundary {correct[near_boundary].mean():.3f}, "
-          f"elsewhere {correct[~near_boundary].mean():.3f}")
+    print(
+        f"{name:>16}: pixel accuracy within 1 px of a boundary "
+        f"{correct[near_boundary].mean():.3f}, "
+        f"elsewhere {correct[~near_boundary].mean():.3f}"
+    )
 
 # %% [markdown]
 # The same comparison from the command line, with Keras's progress bar:
@@ -141,8 +163,12 @@ from keras_sapa.demo import train as segtrain
 
 SEEDS = [0] if QUICK else [0, 1, 2]
 segformer = segtrain.train_seeds(
-    SEEDS, model="segformer", steps=1 if QUICK else 200, batch_size=2 if QUICK else 8,
-    eval_images=4 if QUICK else 64, progress=False,
+    SEEDS,
+    model="segformer",
+    steps=1 if QUICK else 200,
+    batch_size=2 if QUICK else 8,
+    eval_images=4 if QUICK else 64,
+    progress=False,
 )
 print(segtrain.format_seed_table(segformer["per_seed"]))
 

@@ -30,7 +30,14 @@ import keras_sapa
 from keras_sapa.models import SAPAFeaturePyramid
 from keras_sapa.models import SAPARetinaNet
 
-print("keras", keras.__version__, "| keras_cv", keras_cv.__version__, "| keras_sapa", keras_sapa.__version__)
+print(
+    "keras",
+    keras.__version__,
+    "| keras_cv",
+    keras_cv.__version__,
+    "| keras_sapa",
+    keras_sapa.__version__,
+)
 
 # %%
 IMAGE = 64
@@ -47,7 +54,7 @@ def synthetic_boxes(n, seed):
             w, h = rng.integers(12, 32, size=2)
             x0, y0 = rng.integers(0, IMAGE - w), rng.integers(0, IMAGE - h)
             cls = rng.integers(NUM_CLASSES)
-            images[i, y0:y0 + h, x0:x0 + w] = 0.95 if cls == 0 else 0.05
+            images[i, y0 : y0 + h, x0 : x0 + w] = 0.95 if cls == 0 else 0.05
             boxes[i, j] = (x0, y0, w, h)
             classes[i, j] = cls
     return images, {"boxes": boxes, "classes": classes}
@@ -55,7 +62,7 @@ def synthetic_boxes(n, seed):
 
 x_train, y_train = synthetic_boxes(16, seed=0)
 plt.imshow(x_train[0])
-for (x0, y0, w, h), c in zip(y_train["boxes"][0], y_train["classes"][0]):
+for (x0, y0, w, h), c in zip(y_train["boxes"][0], y_train["classes"][0], strict=False):
     if c >= 0:
         plt.gca().add_patch(plt.Rectangle((x0, y0), w, h, fill=False, ec="red"))
 plt.title("a training image and its boxes (xywh)")
@@ -68,11 +75,16 @@ plt.show()
 # %%
 keras.utils.set_random_seed(0)
 backbone = keras_cv.models.ResNetV2Backbone(
-    stackwise_filters=[8, 16, 32, 64], stackwise_blocks=[2, 2, 2, 2],
-    stackwise_strides=[1, 2, 2, 2], include_rescaling=False, input_shape=(IMAGE, IMAGE, 3),
+    stackwise_filters=[8, 16, 32, 64],
+    stackwise_blocks=[2, 2, 2, 2],
+    stackwise_strides=[1, 2, 2, 2],
+    include_rescaling=False,
+    input_shape=(IMAGE, IMAGE, 3),
 )
 # The upsampler is one argument: SAPA-B (the default) with a narrower embedding here.
-pyramid = SAPAFeaturePyramid(num_channels=64, upsampler={"variant": "bilinear", "embedding_dim": 16})
+pyramid = SAPAFeaturePyramid(
+    num_channels=64, upsampler={"variant": "bilinear", "embedding_dim": 16}
+)
 prior = -np.log((1 - 0.01) / 0.01)
 model = SAPARetinaNet(
     backbone=backbone,
@@ -80,11 +92,14 @@ model = SAPARetinaNet(
     bounding_box_format="xywh",
     feature_pyramid=pyramid,
     classification_head=keras_cv.models.retinanet.PredictionHead(
-        output_filters=9 * NUM_CLASSES, bias_initializer=keras.initializers.Constant(prior),
+        output_filters=9 * NUM_CLASSES,
+        bias_initializer=keras.initializers.Constant(prior),
         num_conv_layers=1,
     ),
     box_head=keras_cv.models.retinanet.PredictionHead(
-        output_filters=9 * 4, bias_initializer="zeros", num_conv_layers=1,
+        output_filters=9 * 4,
+        bias_initializer="zeros",
+        num_conv_layers=1,
     ),
 )
 print("SAPA layers in the pyramid:", [layer.name for layer in model.feature_pyramid.upsamplers])
@@ -131,5 +146,10 @@ restored = keras.models.load_model(path)
 print(type(restored).__name__, type(restored.feature_pyramid).__name__)
 a = model(x_train[:2], training=False)
 b = restored(x_train[:2], training=False)
-print("max |difference| of the raw outputs:",
-      max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in ("box", "classification")))
+print(
+    "max |difference| of the raw outputs:",
+    max(
+        float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k]))))
+        for k in ("box", "classification")
+    ),
+)

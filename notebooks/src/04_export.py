@@ -31,7 +31,14 @@ import tensorflow as tf
 import keras_sapa
 from keras_sapa import ops
 
-print("keras", keras.__version__, "| tensorflow", tf.__version__, "| keras_sapa", keras_sapa.__version__)
+print(
+    "keras",
+    keras.__version__,
+    "| tensorflow",
+    tf.__version__,
+    "| keras_sapa",
+    keras_sapa.__version__,
+)
 print("compiled SAPA op available:", ops.compiled_available())
 
 # %%
@@ -54,7 +61,10 @@ print("output", expected.shape)
 keras_path = os.path.join(workdir, "model.keras")
 model.save(keras_path)
 reloaded = keras.models.load_model(keras_path)
-print("max |difference|:", float(np.max(np.abs(keras.ops.convert_to_numpy(reloaded(images)) - expected))))
+print(
+    "max |difference|:",
+    float(np.max(np.abs(keras.ops.convert_to_numpy(reloaded(images)) - expected))),
+)
 
 # %% [markdown]
 # ## SavedModel, portable
@@ -71,7 +81,7 @@ np.save(os.path.join(workdir, "images.npy"), images)
 np.save(os.path.join(workdir, "expected.npy"), expected)
 
 # A fresh process that imports TensorFlow only: no keras_sapa, no custom-op library.
-FRESH = '''
+FRESH = """
 import sys, numpy as np, tensorflow as tf
 workdir, name = sys.argv[1], sys.argv[2]
 loaded = tf.saved_model.load(workdir + "/" + name)
@@ -79,11 +89,16 @@ fn = loaded.signatures["serving_default"]
 images = np.load(workdir + "/images.npy")
 out = list(fn(tf.constant(images)).values())[0].numpy()
 print("signature inputs:", list(fn.structured_input_signature[1]))
-print("max |difference| vs the Keras model:", float(np.max(np.abs(out - np.load(workdir + "/expected.npy")))))
-'''
+difference = float(np.max(np.abs(out - np.load(workdir + "/expected.npy"))))
+print("max |difference| vs the Keras model:", difference)
+"""
 quiet = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-result = subprocess.run([sys.executable, "-c", FRESH, workdir, "portable_savedmodel"],
-                        capture_output=True, text=True, env=quiet)
+result = subprocess.run(
+    [sys.executable, "-c", FRESH, workdir, "portable_savedmodel"],
+    capture_output=True,
+    text=True,
+    env=quiet,
+)
 print(result.stdout or result.stderr[-2000:])
 assert result.returncode == 0
 
@@ -110,16 +125,27 @@ else:
         graph_ops |= {op.type for op in function.graph.get_operations()}
         for f in function.graph.as_graph_def().library.function:
             graph_ops |= {node.op for node in f.node_def}
-    print("custom ops in the SavedModel:", sorted(op for op in graph_ops if op.startswith("KerasSapa")))
+    print(
+        "custom ops in the SavedModel:",
+        sorted(op for op in graph_ops if op.startswith("KerasSapa")),
+    )
 
-    plain = subprocess.run([sys.executable, "-c", FRESH, workdir, compiled_dir],
-                           capture_output=True, text=True, env=quiet)
+    plain = subprocess.run(
+        [sys.executable, "-c", FRESH, workdir, compiled_dir],
+        capture_output=True,
+        text=True,
+        env=quiet,
+    )
     print("fresh process, library not loaded -> exit code", plain.returncode)
     print("  ", [line for line in plain.stderr.splitlines() if "KerasSapa" in line][-1:])
 
     LOAD_FIRST = "import keras_sapa.ops; assert keras_sapa.ops.load_compiled_library()\n" + FRESH
-    loaded_first = subprocess.run([sys.executable, "-c", LOAD_FIRST, workdir, compiled_dir],
-                                  capture_output=True, text=True, env=quiet)
+    loaded_first = subprocess.run(
+        [sys.executable, "-c", LOAD_FIRST, workdir, compiled_dir],
+        capture_output=True,
+        text=True,
+        env=quiet,
+    )
     print("fresh process, library loaded first -> exit code", loaded_first.returncode)
     print(loaded_first.stdout)
     assert plain.returncode != 0 and loaded_first.returncode == 0

@@ -131,7 +131,11 @@ class SAPADeepLabV3Plus(keras_cv.models.Task):
             guide = features[f"P{level}"]
             layer = factory.make(index, f"sapa_upsampling_P{level}")
             stages.append(
-                {"level": level, "x_channels": int(x.shape[-1]), "guide_channels": int(guide.shape[-1])}
+                {
+                    "level": level,
+                    "x_channels": int(x.shape[-1]),
+                    "guide_channels": int(guide.shape[-1]),
+                }
             )
             x = layer(x, guide)
             sapa_layers.append(layer)
@@ -184,7 +188,7 @@ class SAPADeepLabV3Plus(keras_cv.models.Task):
         ``guide_channels`` (read by :func:`keras_sapa.models.sapa_overhead`)."""
         return [
             dict(info, layer=self.get_layer(name))
-            for info, name in zip(self._stage_info, self._sapa_layer_names)
+            for info, name in zip(self._stage_info, self._sapa_layer_names, strict=False)
         ]
 
     def replaced_upsampling_macs(self, image_hw):
@@ -207,14 +211,15 @@ class SAPADeepLabV3Plus(keras_cv.models.Task):
                 "spatial_pyramid_pooling": keras.saving.serialize_keras_object(
                     self.spatial_pyramid_pooling
                 ),
-                "segmentation_head": keras.saving.serialize_keras_object(
-                    self.segmentation_head
-                ),
+                "segmentation_head": keras.saving.serialize_keras_object(self.segmentation_head),
             }
         )
         return config
 
     @classmethod
     def from_config(cls, config):
-        return cls(**deserialize_nested(
-            config, "backbone", "spatial_pyramid_pooling", "segmentation_head"))
+        return cls(
+            **deserialize_nested(
+                config, "backbone", "spatial_pyramid_pooling", "segmentation_head"
+            )
+        )

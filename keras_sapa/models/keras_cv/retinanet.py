@@ -92,7 +92,10 @@ class SAPAFeaturePyramid(keras.layers.Layer):
         self.input_levels = tuple(range(self.min_level, top + 1))
         self.lateral_convs = [
             keras.layers.Conv2D(
-                num_channels, 1, padding="same", dtype=self.dtype_policy,
+                num_channels,
+                1,
+                padding="same",
+                dtype=self.dtype_policy,
                 name=f"lateral_P{level}",
             )
             for level in self.input_levels
@@ -100,21 +103,26 @@ class SAPAFeaturePyramid(keras.layers.Layer):
         # upsamplers[i] brings merged level input_levels[i] + 1 to input_levels[i].
         self._upsampler.check_stages(len(self.input_levels) - 1)
         self.upsamplers = [
-            self._upsampler.make(
-                index, f"sapa_P{level + 1}_to_P{level}", dtype=self.dtype_policy
-            )
+            self._upsampler.make(index, f"sapa_P{level + 1}_to_P{level}", dtype=self.dtype_policy)
             for index, level in enumerate(self.input_levels[:-1])
         ]
         self.output_convs = [
             keras.layers.Conv2D(
-                num_channels, 3, padding="same", dtype=self.dtype_policy,
+                num_channels,
+                3,
+                padding="same",
+                dtype=self.dtype_policy,
                 name=f"output_P{level}",
             )
             for level in self.input_levels
         ]
         self.extra_convs = [
             keras.layers.Conv2D(
-                num_channels, 3, strides=2, padding="same", dtype=self.dtype_policy,
+                num_channels,
+                3,
+                strides=2,
+                padding="same",
+                dtype=self.dtype_policy,
                 name=f"output_P{level}",
             )
             for level in range(top + 1, self.max_level + 1)
@@ -149,7 +157,7 @@ class SAPAFeaturePyramid(keras.layers.Layer):
     def build(self, input_shape):
         shapes = self._as_list(input_shape, "input shapes")
         c = self.num_channels
-        for conv, shape in zip(self.lateral_convs, shapes):
+        for conv, shape in zip(self.lateral_convs, shapes, strict=False):
             conv.build((None, None, None, shape[-1]))
         for layer in self.upsamplers:
             layer.build((None, None, None, c), (None, None, None, c))
@@ -161,13 +169,13 @@ class SAPAFeaturePyramid(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         features = self._as_list(inputs)
-        laterals = [conv(f) for conv, f in zip(self.lateral_convs, features)]
+        laterals = [conv(f) for conv, f in zip(self.lateral_convs, features, strict=False)]
         merged = laterals[-1]
         merged_levels = [merged]
         for i in range(len(laterals) - 2, -1, -1):
             merged = laterals[i] + self.upsamplers[i](merged, laterals[i])
             merged_levels.insert(0, merged)
-        outputs = [conv(m) for conv, m in zip(self.output_convs, merged_levels)]
+        outputs = [conv(m) for conv, m in zip(self.output_convs, merged_levels, strict=False)]
         x = features[-1]
         for i, conv in enumerate(self.extra_convs):
             x = conv(x if i == 0 else keras.ops.relu(x))
@@ -196,7 +204,7 @@ class SAPAFeaturePyramid(keras.layers.Layer):
                 "x_channels": self.num_channels,
                 "guide_channels": self.num_channels,
             }
-            for layer, level in zip(self.upsamplers, self.input_levels[:-1])
+            for layer, level in zip(self.upsamplers, self.input_levels[:-1], strict=False)
         ]
 
     def replaced_upsampling_macs(self, image_hw):

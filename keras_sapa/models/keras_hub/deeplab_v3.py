@@ -196,7 +196,7 @@ class SAPADeepLabV3Backbone(keras_hub.models.Backbone):
         ``guide_channels`` (read by :func:`keras_sapa.models.sapa_overhead`)."""
         return [
             dict(info, layer=self.get_layer(name))
-            for info, name in zip(self._stage_info, self._sapa_layer_names)
+            for info, name in zip(self._stage_info, self._sapa_layer_names, strict=False)
         ]
 
     def replaced_upsampling_macs(self, image_hw):

@@ -99,9 +99,7 @@ class SAPAKerasHubFeaturePyramid(FeaturePyramid):
                 upper = self.sapa_layers[level](merged[f"P{i + 1}"], lateral)
                 lateral = self.merge_op([lateral, upper])
             merged[level] = (
-                self.lateral_batch_norm_layers[level](lateral)
-                if self.use_batch_norm
-                else lateral
+                self.lateral_batch_norm_layers[level](lateral) if self.use_batch_norm else lateral
             )
         outputs = {
             f"P{i}": self.output_conv_layers[f"P{i}"](merged[f"P{i}"])
@@ -109,10 +107,9 @@ class SAPAKerasHubFeaturePyramid(FeaturePyramid):
         }
         for i in range(top + 1, self.max_level + 1):
             level = f"P{i}"
-            if i == top + 1 and self.use_p5:
-                source = inputs[f"P{i - 1}"]
-            else:
-                source = outputs[f"P{i - 1}"]
+            # The first level above the backbone's comes from its top input (use_p5)
+            # or its top output; the next ones from the previous output.
+            source = (inputs if i == top + 1 and self.use_p5 else outputs)[f"P{i - 1}"]
             if i > top + 1:
                 source = self.activation(source)
             out = self.output_conv_layers[level](source)
@@ -198,7 +195,8 @@ class SAPARetinaNetBackbone(keras_hub.models.Backbone):
                 f"{max_level}. Received encoder levels {sorted(image_encoder.pyramid_outputs)}"
             )
         missing = [
-            f"P{level}" for level in range(min_level, top + 1)
+            f"P{level}"
+            for level in range(min_level, top + 1)
             if f"P{level}" not in image_encoder.pyramid_outputs
         ]
         if missing:

@@ -105,9 +105,7 @@ class SAPASegFormerBackbone(keras_hub.models.Backbone):
 
         # === Layers and graph, in the stock model's order ===
         inputs = keras.layers.Input(shape=image_encoder.input.shape[1:])
-        self.feature_extractor = keras.Model(
-            image_encoder.inputs, image_encoder.pyramid_outputs
-        )
+        self.feature_extractor = keras.Model(image_encoder.inputs, image_encoder.pyramid_outputs)
         features = self.feature_extractor(inputs)
         keys = list(features)
         strides = _stage_strides(image_encoder, keys)
@@ -116,7 +114,7 @@ class SAPASegFormerBackbone(keras_hub.models.Backbone):
                 raise ValueError(
                     "SAPASegFormerBackbone upsamples 2x per stage: each encoder stage "
                     "must have twice the stride of the previous one. Received stage "
-                    f"strides {dict(zip(keys, strides))}"
+                    f"strides {dict(zip(keys, strides, strict=False))}"
                 )
 
         self.mlp_blocks = [
@@ -126,14 +124,12 @@ class SAPASegFormerBackbone(keras_hub.models.Backbone):
         self.concat = keras.layers.Concatenate(axis=-1)
         self.linear_fuse = keras.Sequential(
             [
-                keras.layers.Conv2D(
-                    filters=projection_filters, kernel_size=1, use_bias=False
-                ),
+                keras.layers.Conv2D(filters=projection_filters, kernel_size=1, use_bias=False),
                 keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9),
                 keras.layers.Activation("relu"),
             ]
         )
-        projected = [mlp(features[key]) for mlp, key in zip(self.mlp_blocks, keys)]
+        projected = [mlp(features[key]) for mlp, key in zip(self.mlp_blocks, keys, strict=False)]
 
         factory.check_stages(len(keys) * (len(keys) - 1) // 2)
         self.sapa_blocks = []
@@ -172,7 +168,10 @@ class SAPASegFormerBackbone(keras_hub.models.Backbone):
         """The SAPA stages: dicts of ``layer``, output ``level`` (log2 of its stride),
         ``x_channels`` and ``guide_channels`` (read by
         :func:`keras_sapa.models.sapa_overhead`)."""
-        return [dict(info, layer=layer) for info, layer in zip(self._stage_info, self.sapa_blocks)]
+        return [
+            dict(info, layer=layer)
+            for info, layer in zip(self._stage_info, self.sapa_blocks, strict=False)
+        ]
 
     def replaced_upsampling_macs(self, image_hw):
         """Multiply-adds of the stock bilinear resizing of stages 2.. to the finest
@@ -210,7 +209,8 @@ class SAPASegFormer(keras_hub.models.SegFormerImageSegmenter):
         model = keras_sapa.models.SAPASegFormer(backbone=encoder, num_classes=150)
 
     or pass a ready :class:`SAPASegFormerBackbone` (then leave ``projection_filters``
-    and ``upsampler`` out). Like the stock segmenter it returns logits (``from_logits=True`` losses).
+    and ``upsampler`` out). Like the stock segmenter it returns logits
+    (``from_logits=True`` losses).
 
     Args:
         backbone: a ``keras_hub.models.MiTBackbone`` (any encoder with
@@ -235,7 +235,10 @@ class SAPASegFormer(keras_hub.models.SegFormerImageSegmenter):
     ):
         decoder_args = {
             key: value
-            for key, value in (("projection_filters", projection_filters), ("upsampler", upsampler))
+            for key, value in (
+                ("projection_filters", projection_filters),
+                ("upsampler", upsampler),
+            )
             if value is not None
         }
         num_classes = _checks.positive_int("num_classes", num_classes)
