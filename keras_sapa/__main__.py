@@ -12,7 +12,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("keras_sapa.demo.cli", "guided upsampling on sample photos; --train for segmentation"),
+    "demo": (
+        "keras_sapa.demo.cli",
+        "guided upsampling on sample photos; --train for segmentation",
+    ),
     "bench": ("keras_sapa.bench", "benchmark the implementations against bilinear resize"),
 }
 
