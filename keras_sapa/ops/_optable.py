@@ -82,7 +82,9 @@ class Op:
     gradient (None for gradient ops), which takes ``grad`` of each differentiable output
     followed by the inputs listed in ``gradient_inputs`` and returns one gradient per
     ``differentiable`` input, in order. ``type_pairs`` lists the (T, Tweights) kernel
-    instantiations of ops with a ``Tweights`` attribute."""
+    instantiations of ops with a ``Tweights`` attribute. ``devices`` lists where
+    TensorFlow has kernels for it (``"cpu"``, ``"gpu"``): the CPU and GPU adapters each
+    register the ops of their device."""
 
     name: str
     family: str
@@ -96,6 +98,7 @@ class Op:
     type_attrs: dict = field(default_factory=lambda: {"T": FLOAT_TYPES})
     type_pairs: tuple = ()
     bindings: Bindings = Bindings()
+    devices: tuple = ("cpu", "gpu")
 
     @property
     def tf_name(self):
