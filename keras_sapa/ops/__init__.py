@@ -67,7 +67,6 @@ Float16 and bfloat16 similarities and softmax run in float32. A layer saved with
 """
 
 import contextlib
-import sys
 import threading
 
 import keras
@@ -87,36 +86,46 @@ __all__ = [
 ]
 
 _HALF_DTYPES = ("float16", "bfloat16")
-_PREFIXES = {"tensorflow": "tf", "jax": "jax", "torch": "torch"}
 _override = threading.local()
 
 
-def _module(name):
-    """``keras_sapa.ops.<name>``, imported on first use (through the builtin
-    ``__import__``, which TensorFlow's autograph does not try to convert)."""
-    __import__(f"keras_sapa.ops.{name}")
-    return sys.modules[f"keras_sapa.ops.{name}"]
+def _modules():
+    """``(kernel bindings, builtin formulations)`` of the running backend; ``(None,
+    None)`` on a backend without its own. Plain import statements: TensorFlow's autograph
+    and PyTorch's Dynamo trace through them (not through ``importlib``)."""
+    backend = keras.config.backend()
+    if backend == "tensorflow":
+        from keras_sapa.ops import _tf_builtin as builtin
+        from keras_sapa.ops import _tf_kernels as kernels
+    elif backend == "jax":
+        from keras_sapa.ops import _jax_builtin as builtin
+        from keras_sapa.ops import _jax_kernels as kernels
+    elif backend == "torch":
+        from keras_sapa.ops import _torch_builtin as builtin
+        from keras_sapa.ops import _torch_kernels as kernels
+    else:
+        return None, None
+    return kernels, builtin
 
 
 def _kernels():
     """The compiled-kernel bindings of the running backend (a module stating the
     dispatch facts), or None on a backend without them."""
-    prefix = _PREFIXES.get(keras.config.backend())
-    return None if prefix is None else _module(f"_{prefix}_kernels")
+    return _modules()[0]
 
 
 def _builtin(implementation):
     """``(similarity, aggregate)`` of a builtin formulation (``"patches"``, ``"xla"``) on
     the running backend; the ``keras.ops`` one where the backend has none of its own."""
-    prefix = _PREFIXES.get(keras.config.backend())
-    for name in ([f"_{prefix}_builtin"] if prefix else []) + ["_patches"]:
-        module = _module(name)
-        if hasattr(module, f"similarity_{implementation}"):
-            return (
-                getattr(module, f"similarity_{implementation}"),
-                getattr(module, f"aggregate_{implementation}"),
-            )
-    raise AssertionError(implementation)  # pragma: no cover - every backend has both
+    from keras_sapa.ops import _patches
+
+    module = _modules()[1]
+    if module is None or not hasattr(module, f"similarity_{implementation}"):
+        module = _patches
+    return (
+        getattr(module, f"similarity_{implementation}"),
+        getattr(module, f"aggregate_{implementation}"),
+    )
 
 
 def compiled_available():

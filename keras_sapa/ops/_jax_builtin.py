@@ -32,15 +32,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from keras_sapa.ops._patches import high4
+from keras_sapa.ops._patches import high6
+
 
 def _split_high(t, s):
-    batch, height, width, channels = t.shape
-    return t.reshape(batch, height // s, s, width // s, s, channels)
+    return t.reshape(high6(t.shape, s))
 
 
 def _merge_high(t6):
-    batch, height, s1, width, s2, channels = t6.shape
-    return t6.reshape(batch, height * s1, width * s2, channels)
+    return t6.reshape(high4(t6.shape))
 
 
 def _shifted(lo, kernel_size):
@@ -85,43 +86,34 @@ def _scatter(w, hi, kernel_size, s):
     return acc[:, r : r + height, r : r + width, :]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def similarity_xla(query, key, kernel_size, up_factor):
-    """``(B, sH, sW, d) x (B, H, W, d) -> (B, sH, sW, K*K)``."""
-    return _similarity(query, key, kernel_size, up_factor)
+def _window_op(forward, transpose, grad_is_window, doc):
+    """``forward(high, low, kernel_size, up_factor)`` with its hand-written VJP:
+    ``d high = transpose(grad, low)`` and ``d low`` the scatter of the K*K-channel tensor
+    (``grad`` when ``grad_is_window``, else ``high``) with the other."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+    def op(high, low, kernel_size, up_factor):
+        return forward(high, low, kernel_size, up_factor)
+
+    def fwd(high, low, kernel_size, up_factor):
+        return forward(high, low, kernel_size, up_factor), (high, low)
+
+    def bwd(kernel_size, up_factor, residuals, grad):
+        high, low = residuals
+        window, other = (grad, high) if grad_is_window else (high, grad)
+        return (
+            transpose(grad, low, kernel_size, up_factor).astype(high.dtype),
+            _scatter(window, other, kernel_size, up_factor).astype(low.dtype),
+        )
+
+    op.defvjp(fwd, bwd)
+    op.__doc__ = doc
+    return op
 
 
-def _similarity_fwd(query, key, kernel_size, up_factor):
-    return _similarity(query, key, kernel_size, up_factor), (query, key)
-
-
-def _similarity_bwd(kernel_size, up_factor, residuals, grad):
-    query, key = residuals
-    return (
-        _aggregate(grad, key, kernel_size, up_factor).astype(query.dtype),
-        _scatter(grad, query, kernel_size, up_factor).astype(key.dtype),
-    )
-
-
-similarity_xla.defvjp(_similarity_fwd, _similarity_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def aggregate_xla(weights, value, kernel_size, up_factor):
-    """``(B, sH, sW, K*K) x (B, H, W, C) -> (B, sH, sW, C)``."""
-    return _aggregate(weights, value, kernel_size, up_factor)
-
-
-def _aggregate_fwd(weights, value, kernel_size, up_factor):
-    return _aggregate(weights, value, kernel_size, up_factor), (weights, value)
-
-
-def _aggregate_bwd(kernel_size, up_factor, residuals, grad):
-    weights, value = residuals
-    return (
-        _similarity(grad, value, kernel_size, up_factor).astype(weights.dtype),
-        _scatter(weights, grad, kernel_size, up_factor).astype(value.dtype),
-    )
-
-
-aggregate_xla.defvjp(_aggregate_fwd, _aggregate_bwd)
+similarity_xla = _window_op(
+    _similarity, _aggregate, True, "``(B, sH, sW, d) x (B, H, W, d) -> (B, sH, sW, K*K)``."
+)
+aggregate_xla = _window_op(
+    _aggregate, _similarity, False, "``(B, sH, sW, K*K) x (B, H, W, C) -> (B, sH, sW, C)``."
+)

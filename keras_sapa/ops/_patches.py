@@ -17,17 +17,28 @@ uses :mod:`keras_sapa.ops._tf_builtin`, which also handles unknown sizes).
 from keras import ops
 
 
+def high6(shape, up_factor):
+    """(B, sH, sW, C) -> (B, H, s, W, s, C): the shape under which the s x s output points
+    of one anchor share its window (the JAX and PyTorch formulations use it too)."""
+    batch, height, width, channels = shape
+    s = up_factor
+    return (batch, height // s, s, width // s, s, channels)
+
+
+def high4(shape6):
+    """The inverse of :func:`high6`."""
+    batch, height, s1, width, s2, channels = shape6
+    return (batch, height * s1, width * s2, channels)
+
+
 def split_high(t, up_factor):
     """(B, sH, sW, C) -> (B, H, s, W, s, C)."""
-    batch, height, width, channels = ops.shape(t)
-    s = up_factor
-    return ops.reshape(t, (batch, height // s, s, width // s, s, channels))
+    return ops.reshape(t, high6(ops.shape(t), up_factor))
 
 
 def merge_high(t6):
     """(B, H, s, W, s, C) -> (B, sH, sW, C)."""
-    batch, height, s1, width, s2, channels = ops.shape(t6)
-    return ops.reshape(t6, (batch, height * s1, width * s2, channels))
+    return ops.reshape(t6, high4(ops.shape(t6)))
 
 
 def stacked_windows(t, kernel_size):

@@ -21,15 +21,16 @@ alive until the backward pass; here only the op's two inputs are saved.
 import torch
 import torch.nn.functional as F
 
+from keras_sapa.ops._patches import high4
+from keras_sapa.ops._patches import high6
+
 
 def _split_high(t, s):
-    batch, height, width, channels = t.shape
-    return t.reshape(batch, height // s, s, width // s, s, channels)
+    return t.reshape(high6(t.shape, s))
 
 
 def _merge_high(t6):
-    batch, height, s1, width, s2, channels = t6.shape
-    return t6.reshape(batch, height * s1, width * s2, channels)
+    return t6.reshape(high4(t6.shape))
 
 
 def _windows(lo, kernel_size):
@@ -74,51 +75,41 @@ def _scatter(w, hi, kernel_size, s):
     return padded[:, r : r + height, r : r + width, :]
 
 
-class _Similarity(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, query, key, kernel_size, up_factor):
-        ctx.save_for_backward(query, key)
-        ctx.window = (kernel_size, up_factor)
-        return _similarity(query, key, kernel_size, up_factor)
+def _window_op(forward, transpose, grad_is_window, doc):
+    """``forward(high, low, kernel_size, up_factor)`` as an ``autograd.Function`` with
+    ``d high = transpose(grad, low)`` and ``d low`` the scatter of the K*K-channel tensor
+    (``grad`` when ``grad_is_window``, else ``high``) with the other."""
 
-    @staticmethod
-    def backward(ctx, grad):
-        query, key = ctx.saved_tensors
-        kernel_size, up_factor = ctx.window
-        grad = grad.contiguous()
-        d_query = d_key = None
-        if ctx.needs_input_grad[0]:
-            d_query = _aggregate(grad, key, kernel_size, up_factor)
-        if ctx.needs_input_grad[1]:
-            d_key = _scatter(grad, query, kernel_size, up_factor)
-        return d_query, d_key, None, None
+    class Op(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, high, low, kernel_size, up_factor):
+            ctx.save_for_backward(high, low)
+            ctx.window = (kernel_size, up_factor)
+            return forward(high, low, kernel_size, up_factor)
 
+        @staticmethod
+        def backward(ctx, grad):
+            high, low = ctx.saved_tensors
+            kernel_size, up_factor = ctx.window
+            grad = grad.contiguous()
+            d_high = d_low = None
+            if ctx.needs_input_grad[0]:
+                d_high = transpose(grad, low, kernel_size, up_factor)
+            if ctx.needs_input_grad[1]:
+                window, other = (grad, high) if grad_is_window else (high, grad)
+                d_low = _scatter(window, other, kernel_size, up_factor)
+            return d_high, d_low, None, None
 
-class _Aggregate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weights, value, kernel_size, up_factor):
-        ctx.save_for_backward(weights, value)
-        ctx.window = (kernel_size, up_factor)
-        return _aggregate(weights, value, kernel_size, up_factor)
+    def op(high, low, kernel_size, up_factor):
+        return Op.apply(high, low, kernel_size, up_factor)
 
-    @staticmethod
-    def backward(ctx, grad):
-        weights, value = ctx.saved_tensors
-        kernel_size, up_factor = ctx.window
-        grad = grad.contiguous()
-        d_weights = d_value = None
-        if ctx.needs_input_grad[0]:
-            d_weights = _similarity(grad, value, kernel_size, up_factor)
-        if ctx.needs_input_grad[1]:
-            d_value = _scatter(weights, grad, kernel_size, up_factor)
-        return d_weights, d_value, None, None
+    op.__doc__ = doc
+    return op
 
 
-def similarity_xla(query, key, kernel_size, up_factor):
-    """``(B, sH, sW, d) x (B, H, W, d) -> (B, sH, sW, K*K)``."""
-    return _Similarity.apply(query, key, kernel_size, up_factor)
-
-
-def aggregate_xla(weights, value, kernel_size, up_factor):
-    """``(B, sH, sW, K*K) x (B, H, W, C) -> (B, sH, sW, C)``."""
-    return _Aggregate.apply(weights, value, kernel_size, up_factor)
+similarity_xla = _window_op(
+    _similarity, _aggregate, True, "``(B, sH, sW, d) x (B, H, W, d) -> (B, sH, sW, K*K)``."
+)
+aggregate_xla = _window_op(
+    _aggregate, _similarity, False, "``(B, sH, sW, K*K) x (B, H, W, C) -> (B, sH, sW, C)``."
+)
