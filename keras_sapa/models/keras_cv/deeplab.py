@@ -6,6 +6,7 @@ import keras_cv
 from keras_sapa.models._common import check_backbone
 from keras_sapa.models._common import deserialize_nested
 from keras_sapa.models._common import pyramid_extractor
+from keras_sapa.models._upsampler import SAPA_G
 from keras_sapa.models._upsampler import Upsampler
 from keras_sapa.ops import _checks
 
@@ -13,8 +14,7 @@ _LEVELS = ("P2", "P3", "P4", "P5")
 # Encoder output (P5 resolution) is brought to P2 by one SAPA 2x stage per level, each
 # guided by the backbone feature of the level it produces.
 _GUIDE_LEVELS = (4, 3, 2)
-# SAPA-G, K=5, d=64 (the official NeurIPS defaults), LayerNorm.
-DEFAULT_UPSAMPLER = {"variant": "gated", "kernel_size": 5, "embedding_dim": 64, "norm": "layer"}
+DEFAULT_UPSAMPLER = SAPA_G
 
 
 @keras.saving.register_keras_serializable(package="keras_sapa")

@@ -5,12 +5,12 @@ import keras_hub
 
 from keras_sapa.models._common import deserialize_nested
 from keras_sapa.models._common import power_of_two_log
+from keras_sapa.models._upsampler import SAPA_G
 from keras_sapa.models._upsampler import Upsampler
 from keras_sapa.models.keras_hub._upstream import SpatialPyramidPooling
 from keras_sapa.ops import _checks
 
-# SAPA-G, K=5, d=64 (the official NeurIPS defaults), LayerNorm.
-DEFAULT_UPSAMPLER = {"variant": "gated", "kernel_size": 5, "embedding_dim": 64, "norm": "layer"}
+DEFAULT_UPSAMPLER = SAPA_G
 
 
 @keras.saving.register_keras_serializable(package="keras_sapa")

@@ -4,11 +4,11 @@ import keras
 import keras_hub
 
 from keras_sapa.models._common import deserialize_nested
+from keras_sapa.models._upsampler import SAPA_B
 from keras_sapa.models._upsampler import Upsampler
 from keras_sapa.models.keras_hub._upstream import FeaturePyramid
 
-# SAPA-B (the paper's detection variant), K=5, d=64, LayerNorm.
-DEFAULT_UPSAMPLER = {"variant": "bilinear", "kernel_size": 5, "embedding_dim": 64, "norm": "layer"}
+DEFAULT_UPSAMPLER = SAPA_B
 
 
 def _backbone_max_level(levels, max_level):

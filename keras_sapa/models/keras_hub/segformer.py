@@ -4,12 +4,11 @@ import keras
 import keras_hub
 
 from keras_sapa.models._common import deserialize_nested
+from keras_sapa.models._upsampler import SAPA_B_SEGFORMER
 from keras_sapa.models._upsampler import Upsampler
 from keras_sapa.ops import _checks
 
-# The configuration of the paper's SegFormer-B1 runs (shared/SAPA_SPEC.md): SAPA-B,
-# K=5, d=32 (the official logs' upsample_cfg), LayerNorm.
-DEFAULT_UPSAMPLER = {"variant": "bilinear", "kernel_size": 5, "embedding_dim": 32, "norm": "layer"}
+DEFAULT_UPSAMPLER = SAPA_B_SEGFORMER
 
 
 def _check_encoder(image_encoder, model_name):
