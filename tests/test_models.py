@@ -310,6 +310,101 @@ def test_deeplab_keras_round_trip(deeplab, tmp_path):
     assert clone.get_config() == config
 
 
+# ------------------------------------------------------------------- SAPA-D in KerasCV
+def deform_macs(low_hw, cx, cy, groups, points, embed, s=2, high_offset=True):
+    """SAPA-D's cost model (shared/SAPA_SPEC.md, SAPA-D "Cost"), written out here: per
+    output point 4 taps x E channels and an E-long dot product per sampled point, 4 taps
+    x Cx for the values; q at high, k and offset at low resolution."""
+    n_lo = low_hw[0] * low_hw[1]
+    n_hi = n_lo * s * s
+    offsets = groups * points * 2 * (s * s if high_offset else 1)
+    return (
+        n_hi * groups * points * (4 * embed + embed)
+        + n_hi * points * 4 * cx
+        + n_hi * cy * groups * embed
+        + n_lo * cx * (groups * embed + offsets)
+    )
+
+
+def test_deeplab_with_sapa_deform(tmp_path):
+    """SAPA-D as every DeepLabV3Plus stage, given as a serialized layer: its cost, a few
+    fit steps with falling loss that move the offset branch, and a .keras reload."""
+    keras.utils.set_random_seed(21)
+    groups, points, embed = 4, 4, 4
+    upsampler = keras.saving.serialize_keras_object(
+        keras_sapa.SAPADeform(num_points=points, groups=groups, embedding_dim=embed)
+    )
+    model = sapa_models.SAPADeepLabV3Plus(
+        tiny_backbone(), NUM_CLASSES, upsampler=upsampler, spatial_pyramid_pooling=tiny_spp()
+    )
+    x = images(seed=22)
+    deform = [
+        layer for layer in model._flatten_layers() if isinstance(layer, keras_sapa.SAPADeform)
+    ]
+    assert [layer.name for layer in deform] == [
+        "sapa_upsampling_P4",
+        "sapa_upsampling_P3",
+        "sapa_upsampling_P2",
+    ]
+    assert not sapa_layers_of(model)
+
+    report = sapa_models.sapa_overhead(model)
+    per_layer = [
+        # q (Cy -> G*E), k (32 -> G*E), offset (32 -> G*P*2*4), with biases.
+        (cy + 1) * groups * embed + 33 * groups * embed + 33 * groups * points * 8
+        for cy in (128, 64, 32)
+    ]
+    assert report["params"] == sum(per_layer)
+    assert [stage["params"] for stage in report["stages"]] == per_layer
+    want = sum(
+        deform_macs(hw, 32, cy, groups, points, embed)
+        for hw, cy in (((2, 2), 128), ((4, 4), 64), ((8, 8), 32))
+    )
+    assert report["macs"] == want
+
+    y = np.random.default_rng(23).integers(0, NUM_CLASSES, size=(2, IMAGE, IMAGE, 1))
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        run_eagerly=True,
+    )
+    offset_kernel = model.get_layer("sapa_upsampling_P3").offset.kernel
+    before = np.array(offset_kernel.numpy())
+    losses = model.fit(x, y, epochs=4, batch_size=2, verbose=0).history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert not np.allclose(before, offset_kernel.numpy())  # the offsets learn
+
+    path = str(tmp_path / "deeplab_deform.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    assert isinstance(restored.get_layer("sapa_upsampling_P2"), keras_sapa.SAPADeform)
+    assert_close(restored(x), model(x))
+
+
+def test_feature_pyramid_with_sapa_deform():
+    """SAPA-D in the KerasCV pyramid's top-down steps (a layer template), checked against
+    the pyramid's own parts: merged P4 = lateral P4 + SAPA-D(lateral P5, lateral P4)."""
+    keras.utils.set_random_seed(24)
+    rng = np.random.default_rng(25)
+    feats = {
+        f"P{level}": rng.normal(size=(1, IMAGE // 2**level, IMAGE // 2**level, c)).astype(
+            "float32"
+        )
+        for level, c in ((3, 16), (4, 16), (5, 16))
+    }
+    template = keras_sapa.SAPADeform(num_points=4, groups=2, embedding_dim=4, norm="group")
+    pyramid = sapa_models.SAPAFeaturePyramid(num_channels=32, upsampler=template)
+    outputs = pyramid(feats)
+    assert all(isinstance(layer, keras_sapa.SAPADeform) for layer in pyramid.upsamplers)
+    assert all(layer.norm == "group" and layer.num_points == 4 for layer in pyramid.upsamplers)
+    assert not template.built  # a template, never called
+    lat4 = pyramid.lateral_convs[1](feats["P4"])
+    lat5 = pyramid.lateral_convs[2](feats["P5"])
+    assert_close(outputs[1], pyramid.output_convs[1](lat4 + pyramid.upsamplers[1](lat5, lat4)))
+    clone = sapa_models.SAPAFeaturePyramid.from_config(pyramid.get_config())
+    assert clone.get_config() == pyramid.get_config()
+
+
 # ------------------------------------------------------------------------- RetinaNet
 def detection_batch():
     x = images(seed=7)

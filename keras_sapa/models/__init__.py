@@ -45,6 +45,7 @@ import importlib
 
 import keras
 
+from keras_sapa.models._counting import sapa_deform_layer_macs
 from keras_sapa.models._counting import sapa_layer_macs
 from keras_sapa.models._counting import sapa_overhead
 from keras_sapa.models._transfer import load_stock_weights
@@ -64,6 +65,7 @@ _SUBPACKAGES = ("keras_cv", "keras_hub")
 
 __all__ = sorted(_LAZY_CLASSES) + [
     "load_stock_weights",
+    "sapa_deform_layer_macs",
     "sapa_layer_macs",
     "sapa_overhead",
 ]

@@ -9,7 +9,7 @@ counters for convolutional networks usually do.
 
 import math
 
-__all__ = ["layer_macs", "sapa_layer_macs", "sapa_overhead"]
+__all__ = ["layer_macs", "sapa_deform_layer_macs", "sapa_layer_macs", "sapa_overhead"]
 
 
 def sapa_layer_macs(layer, low_res_hw, x_channels, guide_channels):
@@ -60,18 +60,56 @@ def sapa_layer_macs(layer, low_res_hw, x_channels, guide_channels):
     return parts
 
 
+def sapa_deform_layer_macs(layer, low_res_hw, x_channels, guide_channels):
+    """Analytic multiply-adds of one :class:`keras_sapa.SAPADeform` (SAPA-D) layer for
+    one image, as the official module computes it (``shared/SAPA_SPEC.md``, SAPA-D).
+
+    With ``s`` the factor, ``G`` groups, ``P`` points, ``E`` the embedding per group and
+    4 bilinear taps per sample, per output (high-resolution) point: ``G*P*4*E`` for
+    interpolating the key at the sampled points and ``G*P*E`` for the dot products
+    (``similarity``), ``P*4*Cx`` for interpolating and weighting the values
+    (``aggregation``, each channel reads the ``P`` points of its group). The 1x1
+    projections at the resolution the official module runs them: ``q`` (``Cy -> G*E``)
+    on the guide at high resolution, ``k`` (``Cx -> G*E``) and ``offset``
+    (``Cx -> G*P*2*s*s`` with ``high_offset``, else ``Cx -> G*P*2``) on ``x`` at low
+    resolution. The offset rearrangement (pixel shuffle or nearest), the norms and the
+    softmax are not multiply-adds of a product and are left out, as for SAPA.
+
+    Returns:
+        A dict of multiply-adds by part (``similarity``, ``aggregation``, ``q``, ``k``,
+        ``offset``) and their sum under ``total``.
+    """
+    h, w = (int(v) for v in low_res_hw)
+    s = layer.up_factor
+    g, p, e = layer.groups, layer.num_points, layer.embedding_dim
+    n_lo = h * w
+    n_hi = n_lo * s * s
+    cx, cy = int(x_channels), int(guide_channels)
+    offset_channels = g * p * 2 * (s * s if layer.high_offset else 1)
+    parts = {
+        "similarity": n_hi * g * p * 5 * e,
+        "aggregation": n_hi * p * 4 * cx,
+        "q": n_hi * cy * g * e,
+        "k": n_lo * cx * g * e,
+        "offset": n_lo * cx * offset_channels,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
 def _cost_models():
     """Layer class -> its multiply-add count ``fn(layer, low_res_hw, x_channels,
     guide_channels)``: one entry per upsampler class the models can count."""
+    from keras_sapa.deform import SAPADeform
     from keras_sapa.layers import SAPA
 
-    return {SAPA: sapa_layer_macs}
+    return {SAPA: sapa_layer_macs, SAPADeform: sapa_deform_layer_macs}
 
 
 def layer_macs(layer, low_res_hw, x_channels, guide_channels):
     """Multiply-adds of one upsampling layer for one image, by its class's cost model
-    (:func:`sapa_layer_macs` for :class:`keras_sapa.SAPA`); ``ValueError`` for a layer
-    class without one."""
+    (:func:`sapa_layer_macs` for :class:`keras_sapa.SAPA`, :func:`sapa_deform_layer_macs`
+    for :class:`keras_sapa.SAPADeform`); ``ValueError`` for a layer class without one."""
     for cls, count in _cost_models().items():
         if isinstance(layer, cls):
             return count(layer, low_res_hw, x_channels, guide_channels)
