@@ -85,8 +85,8 @@ def all_layers(model):
     return list(model._flatten_layers())
 
 
-def sapa_layers_of(model):
-    return [layer for layer in all_layers(model) if isinstance(layer, keras_sapa.SAPA)]
+def sapa_layers_of(model, cls=keras_sapa.SAPA):
+    return [layer for layer in all_layers(model) if isinstance(layer, cls)]
 
 
 def is_sapa_variable(variable):
@@ -105,6 +105,20 @@ def expected_macs(variant, low_hw, cx, cy, d, k=5, s=2):
     else:
         raise AssertionError(variant)
     return total
+
+
+def deform_macs(low_hw, cx, cy, groups, points, embed, s=2):
+    """SAPA-D's cost model (shared/SAPA_SPEC.md, SAPA-D "Cost"; high offsets), written
+    out independently of _counting.py."""
+    n_lo = low_hw[0] * low_hw[1]
+    n_hi = n_lo * s * s
+    sampled = groups * points
+    return (
+        n_hi * sampled * 5 * embed  # 4 taps x E, then the E-long dot product
+        + n_hi * points * 4 * cx  # 4 taps per value channel, P points of its group
+        + n_hi * cy * groups * embed  # q at high resolution
+        + n_lo * cx * (groups * embed + sampled * 2 * s * s)  # k and offset, low
+    )
 
 
 def counterparts(ours, stock):
@@ -151,12 +165,12 @@ def check_stock_weights_load(ours, stock):
         np.testing.assert_array_equal(a, b)
 
 
-def check_fit_lowers_loss(model, x, y, loss, lr=3e-3, epochs=5):
+def check_fit_lowers_loss(model, x, y, loss, lr=3e-3, epochs=5, cls=keras_sapa.SAPA):
     # TensorFlow: eager, since tracing the train step of these models costs more than
     # a few steps. JAX: jitted, since op-by-op dispatch is far slower there.
     eager = keras.config.backend() == "tensorflow"
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, run_eagerly=eager)
-    sapa = sapa_layers_of(model)[0]
+    sapa = sapa_layers_of(model, cls)[0]
     before = [to_np(w) for w in sapa.trainable_weights]
     history = model.fit(x, y, epochs=epochs, batch_size=len(x), verbose=0)
     losses = history.history["loss"]
@@ -176,15 +190,15 @@ def without_encoder(config):
     )
 
 
-def check_keras_round_trip(model, tmp_path, x, name):
+def check_keras_round_trip(model, tmp_path, x, name, cls=keras_sapa.SAPA):
     path = str(tmp_path / f"{name}.keras")
     expected = to_np(model(x))
     model.save(path)
     restored = keras.models.load_model(path)
     assert type(restored) is type(model)
     assert type(restored.backbone) is type(model.backbone)
-    assert [layer.name for layer in sapa_layers_of(restored)] == [
-        layer.name for layer in sapa_layers_of(model)
+    assert [layer.name for layer in sapa_layers_of(restored, cls)] == [
+        layer.name for layer in sapa_layers_of(model, cls)
     ]
     np.testing.assert_allclose(to_np(restored(x)), expected, rtol=1e-5, atol=1e-5)
     return restored
@@ -348,6 +362,43 @@ def test_segformer_fit_and_round_trip(segformer_pair, tmp_path):
     config = ours.backbone.get_config()
     clone = sapa_models.SAPASegFormerBackbone.from_config(config)
     assert without_encoder(clone.get_config()) == without_encoder(config)
+
+
+def test_segformer_with_sapa_deform(tmp_path):
+    """SAPA-D as every SegFormer stage (a layer template): its cost against the model
+    written out above, a few fit steps with falling loss that move the offset branch,
+    and a .keras reload with equal outputs. Three encoder stages at 32x32 keep it short."""
+    keras.utils.set_random_seed(6)
+    groups, points, embed = 4, 4, 4
+    template = keras_sapa.SAPADeform(num_points=points, groups=groups, embedding_dim=embed)
+    model = sapa_models.SAPASegFormer(
+        backbone=mit_encoder(3, 32),
+        num_classes=NUM_CLASSES,
+        projection_filters=FILTERS,
+        upsampler=template,
+    )
+    deform = sapa_layers_of(model, keras_sapa.SAPADeform)
+    assert len(deform) == 3 and not sapa_layers_of(model)
+    report = sapa_models.sapa_overhead(model)
+    # Stage sizes 8, 4, 2: streams P3 (2->4->8) and P2 (4->8).
+    lows = [(2, 2), (4, 4), (4, 4)]
+    assert report["macs"] == sum(
+        deform_macs(hw, FILTERS, FILTERS, groups, points, embed) for hw in lows
+    )
+    per_layer = 2 * (FILTERS + 1) * groups * embed + (FILTERS + 1) * groups * points * 8
+    assert report["params"] == 3 * per_layer
+
+    x = images(seed=7, size=32)
+    y = np.random.default_rng(8).integers(0, NUM_CLASSES, size=(2, 32, 32, 1))
+    check_fit_lowers_loss(
+        model,
+        x,
+        y,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        lr=1e-2,
+        cls=keras_sapa.SAPADeform,
+    )
+    check_keras_round_trip(model, tmp_path, x, "segformer_deform", cls=keras_sapa.SAPADeform)
 
 
 # ---------------------------------------------------------------------- DeepLabV3
@@ -588,6 +639,15 @@ def test_overhead_of_a_segformer_b1_is_computed_without_weights():
     lows = [(16, 16), (32, 32), (64, 64), (32, 32), (64, 64), (64, 64)]
     assert report["macs"] == sum(expected_macs("bilinear", hw, 256, 256, 32) for hw in lows)
     assert math.isclose(report["replaced_macs"], 3 * 4 * 128 * 128 * 256)
+
+    # SAPA-D with the official defaults (P=9, G=4, E=32, high offsets, no norm) at the
+    # same six stages (docs/models.md): q and k 256 -> 128, offset 256 -> 9*4*2*4 = 288.
+    deform = sapa_models.SAPASegFormerBackbone(
+        image_encoder=encoder, projection_filters=256, upsampler=keras_sapa.SAPADeform()
+    )
+    report = sapa_models.sapa_overhead(deform)
+    assert report["params"] == 6 * (2 * (256 * 128 + 128) + 256 * 288 + 288)
+    assert report["macs"] == sum(deform_macs(hw, 256, 256, 4, 9, 32) for hw in lows)
 
 
 # ------------------------------------------------------------ on JAX and PyTorch
