@@ -261,7 +261,8 @@ def test_bad_arguments_raise():
         deform_ops.sapa_deform(q, k, v, o, num_points=3, up_factor=0, groups=2)
     with pytest.raises(ValueError, match="implementation='fast'"):
         deform_ops.sapa_deform(q, k, v, o, implementation="fast", **args)
-    with pytest.raises(RuntimeError, match="compiled SAPA-D kernels"):
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(RuntimeError, match="not available"):
+        mp.setenv("KERAS_SAPA_DISABLE_COMPILED", "1")  # compiled where the kernels are not
         deform_ops.sapa_deform(q, k, v, o, implementation="compiled", **args)
     with pytest.raises(ValueError, match="offsets.shape"):
         deform_ops.sapa_deform(q, k, v, o[..., :-2], **args)
@@ -283,7 +284,10 @@ def test_bad_arguments_raise():
         deform_ops.deform_aggregate(q[..., :5], v, o, **args)
     with pytest.raises(ValueError, match="rank-4"):
         deform_ops.sapa_deform(q[0], k, v, o, **args)
-    assert deform_ops.resolve_deform_implementation("auto") == "builtin"
+    assert deform_ops.resolve_deform_implementation("xla") == "builtin"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KERAS_SAPA_DISABLE_COMPILED", "1")
+        assert deform_ops.resolve_deform_implementation("auto") == "builtin"
 
 
 # ------------------------------------------------------------------ the layer
@@ -385,7 +389,8 @@ def test_layer_bad_arguments_and_shapes():
     with pytest.raises(ValueError, match="rank-4"):
         SAPADeform().build((1, 4, 8), (1, 8, 8, 8))
     layer = SAPADeform(implementation="compiled")
-    with pytest.raises(RuntimeError, match="compiled SAPA-D kernels"):
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(RuntimeError, match="not available"):
+        mp.setenv("KERAS_SAPA_DISABLE_COMPILED", "1")
         layer(np.zeros((1, 2, 2, 4), np.float32), np.zeros((1, 4, 4, 4), np.float32))
 
 
