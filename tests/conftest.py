@@ -3,12 +3,6 @@
 ``implementation``: every available SAPA implementation in turn ("patches", "xla",
 "compiled"); "compiled" is skipped, saying why, when its library is unavailable.
 
-XLA compiles without LLVM's optimisations (``--xla_backend_optimization_level=0`` added
-to ``XLA_FLAGS``, unless it names a level already): the suite compiles hundreds of tiny
-programs (TensorFlow's ``jit_compile``, every JAX call, here and in the processes the
-tests start) whose run time is negligible, and this halves their compile time. The HLO
-XLA optimises is the same; only the machine code generated from it is less tuned.
-
 A test module that defines ``start_in_background(config)`` (``tests/test_backends.py``:
 the JAX and PyTorch processes) has it called once collection ends, and its tests moved
 to the end of the run, so that the work it started runs beside the other tests. Its
@@ -21,10 +15,6 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = " ".join(
-        [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
 
 
 def _compiled_skip_reason():
