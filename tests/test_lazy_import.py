@@ -56,7 +56,7 @@ def test_saved_model_reloads_after_plain_import(kind, tmp_path):
                 stackwise_strides=[1, 2, 2, 2], include_rescaling=False,
                 input_shape=(32, 32, 3))
             model = keras_sapa.models.SAPADeepLabV3Plus(
-                backbone, 2, embedding_dim=4, kernel_size=3,
+                backbone, 2, upsampler={"embedding_dim": 4, "kernel_size": 3},
                 spatial_pyramid_pooling=keras_cv.layers.SpatialPyramidPooling(
                     dilation_rates=[1], num_channels=8))
         """
@@ -70,7 +70,8 @@ def test_saved_model_reloads_after_plain_import(kind, tmp_path):
                 layerwise_sr_ratios=[2, 1], layerwise_patch_sizes=[7, 3],
                 layerwise_strides=[4, 2], max_drop_path_rate=0.0)
             model = keras_sapa.models.SAPASegFormer(
-                backbone=encoder, num_classes=2, projection_filters=8, embedding_dim=4)
+                backbone=encoder, num_classes=2, projection_filters=8,
+                upsampler={"embedding_dim": 4})
         """
         real = "keras_sapa.models.keras_hub.segformer.SAPASegFormer"
     save = f"""
