@@ -167,6 +167,97 @@ def test_guided_upsampling_metrics_are_sane(astronaut_result):
     assert "SAPA" in table and "bilinear" in table and "PSNR" in table
 
 
+def _bilinear_np(m, ph, pw):
+    """SAPA-D's sampling (shared/SAPA_SPEC.md): 4 taps, zero padding, dropped outright
+    at or beyond -1 and H (W)."""
+    height, width = m.shape[:2]
+    if ph <= -1 or ph >= height or pw <= -1 or pw >= width:
+        return np.zeros(m.shape[2:])
+    h0, w0 = int(np.floor(ph)), int(np.floor(pw))
+    lh, lw = ph - h0, pw - w0
+    out = np.zeros(m.shape[2:])
+    for hh, ww, wt in (
+        (h0, w0, (1 - lh) * (1 - lw)),
+        (h0, w0 + 1, (1 - lh) * lw),
+        (h0 + 1, w0, lh * (1 - lw)),
+        (h0 + 1, w0 + 1, lh * lw),
+    ):
+        if 0 <= hh < height and 0 <= ww < width:
+            out = out + wt * m[hh, ww]
+    return out
+
+
+def test_sapa_d_demo_layer_is_a_colour_gaussian_over_its_sampled_points():
+    """The untrained SAPA-D of the demo, against NumPy: 9 points on a square of spacing 1
+    around each output pixel's own position, weights softmax(100 - |y - c|^2 / 2 sigma^2)
+    over the bilinearly sampled colours c (padded points at logit 0)."""
+    from keras_sapa.demo import deform
+
+    rng = np.random.default_rng(3)
+    scale, sigma = 2, 0.2
+    low = rng.uniform(size=(5, 6, 3))
+    guide = np.repeat(np.repeat(low, scale, 0), scale, 1) + rng.normal(0, 0.05, (10, 12, 3))
+    guide = np.clip(guide, 0, 1)
+    layer = deform.build_deform_upsampler(scale, grid=3, color_sigma=sigma)
+    out = deform.deform_upsample(layer, low, guide)
+
+    feature = np.concatenate([low, -0.5 * (low**2).sum(-1, keepdims=True), np.ones((5, 6, 1))], -1)
+    expected = np.zeros((10, 12, 3))
+    want_positions = {}
+    for i in range(10):
+        for j in range(12):
+            ci, cj = (i + 0.5) / scale - 0.5, (j + 0.5) / scale - 0.5
+            y = guide[i, j]
+            q = np.concatenate([y / sigma**2, [1 / sigma**2], [100 - 0.5 * (y @ y) / sigma**2]])
+            logits, values, positions = [], [], []
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    k = _bilinear_np(feature, ci + dy, cj + dx)
+                    logits.append(q @ k if k.any() else 0.0)
+                    values.append(k[:3])
+                    positions.append((ci + dy, cj + dx))
+            w = np.exp(np.array(logits) - max(logits))
+            expected[i, j] = (w[:, None] * np.array(values)).sum(0) / w.sum()
+            want_positions[i, j] = np.array(positions)
+    np.testing.assert_allclose(out, np.clip(expected, 0, 1), atol=1e-4)
+
+    points = [(0, 0), (3, 7), (9, 11)]
+    got = deform.sampling_positions(layer, low, points)
+    for n, point in enumerate(points):
+        np.testing.assert_allclose(got[n], want_positions[point], atol=1e-5)
+    # In full-resolution pixels the square has spacing `scale`, centred on the pixel.
+    full = deform.to_full_resolution(got[1], scale)
+    np.testing.assert_allclose(full.mean(0), [3, 7], atol=1e-5)
+
+
+def test_sapa_d_demo_offsets_learn(tmp_path):
+    """Two training steps move the offsets (and so the sampled points), and the SAPA-D
+    row and figure come out of guided_upsampling."""
+    from keras_sapa.demo import deform
+
+    image = demo.center_crop(demo.load_image("astronaut"), 64)
+    train_image = demo.center_crop(demo.load_image("chelsea"), 48)
+    result = demo.guided_upsampling(
+        image, scale=4, kernel_size=3, deform_steps=2, deform_image=train_image
+    )
+    assert list(result["outputs"]) == list(guided.METHODS) + [guided.DEFORM_METHOD]
+    layer = result["deform"]["layer"]
+    assert len(result["deform"]["losses"]) == 2
+    assert np.all(np.isfinite(result["deform"]["losses"]))
+    assert 12.0 < result["metrics"][guided.DEFORM_METHOD]["psnr"] < 60.0
+    untrained = deform.build_deform_upsampler(4)
+    points = [(20, 30), (40, 9)]
+    moved = deform.sampling_positions(layer, result["low"], points)
+    start = deform.sampling_positions(untrained, result["low"], points)
+    assert np.abs(moved - start).max() > 1e-3
+    # q and k stay fixed: only the offset branch trains.
+    np.testing.assert_array_equal(layer.k.get_weights()[0], untrained.k.get_weights()[0])
+    path = demo.save_deform_figure(result, str(tmp_path / "deform.png"), crop=48)
+    assert os.path.getsize(path) > 5_000
+    with pytest.raises(ValueError, match="deform_steps"):
+        demo.deform_figure({"scale": 4})
+
+
 def test_figures_are_written(astronaut_result, tmp_path):
     path = demo.save_figure(astronaut_result, str(tmp_path / "figure.png"), crop=96)
     assert os.path.getsize(path) > 10_000
@@ -428,6 +519,16 @@ def test_main_writes_table_and_figure(tmp_path, capsys):
     assert (out / "guided_coffee_x3.png").is_file()
 
 
+def test_main_deform_adds_a_row_and_a_figure(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--image", "coffee", "--crop", "48", "--scale", "4", "--kernel-size", "3"]
+    code = demo.main(argv + ["--deform", "--deform-steps", "1", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^SAPA-D\s+\d", printed, re.M), printed
+    assert (out / "guided_coffee_x4_deform.png").is_file()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -441,6 +542,7 @@ def test_main_writes_table_and_figure(tmp_path, capsys):
         (["--batch-size", "0"], "--batch-size"),
         (["--seed", "-1"], "--seed"),
         (["--kernel-size", "4"], "--kernel-size"),
+        (["--deform-steps", "0"], "--deform-steps"),
         (["--color-sigma", "0"], "--color-sigma"),
         (["--bogus"], "unrecognized"),
     ],

@@ -17,12 +17,17 @@ super-resolution benchmark.
   :func:`check_scale`, :data:`SAMPLE_IMAGES`, :class:`DemoError`.
 - :mod:`~keras_sapa.demo.guided`: :func:`colour_embedding`, :func:`sapa_upsample`,
   :func:`guided_upsampling` (every method, with measures).
+- :mod:`~keras_sapa.demo.deform`: SAPA-D (:class:`keras_sapa.SAPADeform`) on the same
+  task, its similarity fixed and its offsets trained on another photograph
+  (``guided_upsampling(deform_steps=...)``, ``--deform``): :func:`build_deform_upsampler`,
+  :func:`fit_deform_upsampler`, :func:`deform_upsample`, :func:`sampling_positions`.
 - :mod:`~keras_sapa.demo.metrics`: :func:`psnr`, :class:`EdgeReference` (PSNR at edges,
   edge sharpness, edge F1), :func:`kernel_spread`, :func:`format_table`; the
   segmentation metrics :func:`mean_iou`, :func:`boundary_f_score` (from
   :mod:`keras_sapa.demo.data`).
 - :mod:`~keras_sapa.demo.figures`: :func:`save_figure` / :func:`guided_figure`,
   :func:`pick_crop`, :func:`boundary_points`, :func:`draw_kernels`,
+  :func:`save_deform_figure` / :func:`deform_figure` (where SAPA-D's points moved),
   :func:`save_training_figure` / :func:`training_figure`.
 
 Segmentation training (:mod:`keras_sapa.demo.train`, KerasCV, TensorFlow backend):
@@ -46,10 +51,16 @@ Command line (:mod:`keras_sapa.demo.cli`): :func:`main`, :func:`build_parser`.
 
 from keras_sapa.demo.cli import build_parser
 from keras_sapa.demo.cli import main
+from keras_sapa.demo.deform import build_deform_upsampler
+from keras_sapa.demo.deform import deform_upsample
+from keras_sapa.demo.deform import fit_deform_upsampler
+from keras_sapa.demo.deform import sampling_positions
 from keras_sapa.demo.figures import boundary_points
+from keras_sapa.demo.figures import deform_figure
 from keras_sapa.demo.figures import draw_kernels
 from keras_sapa.demo.figures import guided_figure
 from keras_sapa.demo.figures import pick_crop
+from keras_sapa.demo.figures import save_deform_figure
 from keras_sapa.demo.figures import save_figure
 from keras_sapa.demo.figures import save_training_figure
 from keras_sapa.demo.figures import training_figure
@@ -88,14 +99,18 @@ __all__ = [
     "StepLog",
     "boundary_f_score",
     "boundary_points",
+    "build_deform_upsampler",
     "build_parser",
     "build_segformer_models",
     "build_segmentation_models",
     "center_crop",
     "check_scale",
     "colour_embedding",
+    "deform_figure",
+    "deform_upsample",
     "downsample",
     "draw_kernels",
+    "fit_deform_upsampler",
     "format_seed_table",
     "format_table",
     "format_training_table",
@@ -107,7 +122,9 @@ __all__ = [
     "mean_iou",
     "pick_crop",
     "psnr",
+    "sampling_positions",
     "sapa_upsample",
+    "save_deform_figure",
     "save_figure",
     "save_training_figure",
     "static_dataset",

@@ -1,7 +1,8 @@
 """``python -m keras_sapa demo``: the command line of the demo.
 
 Guided upsampling of a photograph (:func:`keras_sapa.demo.guided_upsampling`), a table
-and a figure; with ``--train``, a segmentation comparison, stock against SAPA
+and a figure; with ``--deform``, SAPA-D beside it and a figure of its sampled points;
+with ``--train``, a segmentation comparison, stock against SAPA
 (:func:`keras_sapa.demo.train_and_evaluate`; ``--model deeplab`` or ``segformer``,
 ``--seeds`` for several seeds).
 """
@@ -11,6 +12,7 @@ import math
 import os
 import time
 
+from keras_sapa.demo import deform
 from keras_sapa.demo import figures
 from keras_sapa.demo import guided
 from keras_sapa.demo import images
@@ -141,6 +143,20 @@ def build_parser():
         help="use the centred CROP x CROP part of the image (default: the whole image)",
     )
     parser.add_argument(
+        "--deform",
+        action="store_true",
+        help="also run SAPA-D (keras_sapa.SAPADeform) on the photo: a fixed colour "
+        "similarity with P=9 sampled points per output pixel whose offsets are first "
+        f"trained on another photograph ({deform.DEFAULT_TRAIN_IMAGE!r}); adds a SAPA-D "
+        "row and a figure of where the points moved",
+    )
+    parser.add_argument(
+        "--deform-steps",
+        type=_integer_option("--deform-steps"),
+        default=deform.DEFAULT_STEPS,
+        help="with --deform: training steps of the SAPA-D offsets (default: %(default)s)",
+    )
+    parser.add_argument(
         "--out", default=DEFAULT_OUT, help="directory for the figures (default: %(default)s)"
     )
     parser.add_argument(
@@ -225,19 +241,37 @@ def run(args, parser=None):
 
     start = time.perf_counter()
     result = guided.guided_upsampling(
-        image, args.scale, args.kernel_size, args.color_sigma, args.space_sigma
+        image,
+        args.scale,
+        args.kernel_size,
+        args.color_sigma,
+        args.space_sigma,
+        deform_steps=args.deform_steps if args.deform else None,
     )
     ref = result["reference"]
     print(
         f"Guided upsampling of {name!r} ({ref.shape[1]}x{ref.shape[0]}), x{args.scale}, "
         f"SAPA K={args.kernel_size}, color_sigma={args.color_sigma}, "
-        f"space_sigma={args.space_sigma}, no training:"
+        f"space_sigma={args.space_sigma}, no training"
+        + (
+            f" (SAPA-D: offsets trained on {deform.DEFAULT_TRAIN_IMAGE!r}):"
+            if args.deform
+            else ":"
+        )
     )
     print(metrics.format_table(result["metrics"]))
     stem = os.path.splitext(name)[0]
     figure = figures.save_figure(
         result, os.path.join(args.out, f"guided_{stem}_x{args.scale}.png")
     )
+    if args.deform:
+        deform_path = figures.save_deform_figure(
+            result, os.path.join(args.out, f"guided_{stem}_x{args.scale}_deform.png")
+        )
+        print(
+            f"SAPA-D: offsets trained {args.deform_steps} steps on "
+            f"{deform.DEFAULT_TRAIN_IMAGE!r}; figure: {deform_path}"
+        )
     print(
         "SAPA sees the full-resolution photo (the guide); nearest, bilinear and bicubic do "
         "not.\nSo this shows what the guide lets SAPA do, not a fair super-resolution "

@@ -5,6 +5,9 @@
   points across an edge.
 - :func:`pick_crop`, :func:`boundary_points`, :func:`draw_kernels`: the pieces of that
   figure, for notebooks.
+- :func:`deform_figure` / :func:`save_deform_figure`: SAPA-D on the same task, where the
+  sampled points of four output pixels across an edge moved to (from
+  :meth:`keras_sapa.SAPADeform.sampling_offsets`).
 - :func:`training_figure` / :func:`save_training_figure`: held-out images, their masks
   and each model's prediction after :func:`keras_sapa.demo.train_and_evaluate`.
 """
@@ -195,6 +198,84 @@ def _save(fig, path):
 def save_figure(result, path, crop=128):
     """Writes :func:`guided_figure` of ``result`` to ``path`` (PNG); returns ``path``."""
     return _save(guided_figure(result, crop), path)
+
+
+def deform_figure(result, crop=128, labels="ABCD"):
+    """Where SAPA-D samples, for ``result`` of :func:`keras_sapa.demo.guided_upsampling`
+    with ``deform_steps``: the SAPA-D crop beside SAPA's, the guide near an edge with the
+    sampled points of four output pixels across it (dots: the initial square; crosses:
+    where the trained offsets put them, as :meth:`SAPADeform.sampling_offsets
+    <keras_sapa.SAPADeform.sampling_offsets>` gives them), and the training loss.
+    Returns the matplotlib figure."""
+    from keras_sapa.demo import deform
+    from keras_sapa.demo.guided import DEFORM_METHOD
+
+    if "deform" not in result:
+        raise ValueError(
+            "deform_figure needs a guided_upsampling result with SAPA-D: pass "
+            "deform_steps=... to guided_upsampling. Received a result without 'deform'."
+        )
+    plt = _pyplot()
+    layer, scale = result["deform"]["layer"], result["scale"]
+    reference = result["reference"]
+    top, left, size = pick_crop(result["edges"].edges, crop)
+    window = (slice(top, top + size), slice(left, left + size))
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
+    for ax, name in zip(axes[:2], ("SAPA", DEFORM_METHOD), strict=False):
+        ax.imshow(result["outputs"][name][window], interpolation="nearest")
+        ax.set_title(f"{name}\nPSNR {result['metrics'][name]['psnr']:.1f} dB", fontsize=10)
+
+    ax = axes[2]
+    picked = boundary_points(result, window=(top, left, size))
+    if picked is None:
+        ax.imshow(reference[window], interpolation="nearest")
+        ax.set_title("guide (no edge found in the crop)", fontsize=10)
+    else:
+        (ey, ex), points = picked
+        grid = int(round(layer.num_points**0.5))
+        moved = deform.to_full_resolution(
+            deform.sampling_positions(layer, result["low"], points), scale
+        )
+        # Wide enough for every point drawn (within the figure's sense: 6 low-res pixels).
+        reach = np.abs(moved - np.array([ey, ex])).max()
+        half = int(np.ceil(min(max(reach, (grid - 1) / 2 * scale + scale), 6 * scale))) + scale
+        zy0, zx0 = max(ey - half, 0), max(ex - half, 0)
+        ax.imshow(reference[zy0 : ey + half, zx0 : ex + half], interpolation="nearest")
+        steps = np.arange(grid) - (grid - 1) / 2
+        dy, dx = (v.ravel() * scale for v in np.meshgrid(steps, steps, indexing="ij"))
+        colours = plt.get_cmap("tab10").colors
+        for n, (label, (py, px)) in enumerate(zip(labels, points, strict=False)):
+            colour = colours[n % len(colours)]
+            ax.plot(px + dx - zx0, py + dy - zy0, ".", color=colour, ms=3, alpha=0.6)
+            ax.plot(moved[n, :, 1] - zx0, moved[n, :, 0] - zy0, "x", color=colour, ms=6, mew=1.5)
+            ax.plot(px - zx0, py - zy0, "o", ms=7, mfc="none", mec=colour, mew=2)
+            ax.text(px - zx0 + 1.5, py - zy0 - 1.5, label, color=colour, fontsize=10)
+        ax.set_title(
+            "SAPA-D sampled points of A-D (o):\ninitial square (.), trained offsets (x)",
+            fontsize=10,
+        )
+    ax = axes[3]
+    losses = result["deform"]["losses"]
+    if losses:
+        ax.plot(np.arange(1, len(losses) + 1), losses)
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title("offset training loss (MSE,\nanother photograph)", fontsize=10)
+    for ax in axes[:3]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(
+        f"x{scale} guided upsampling with SAPA-D: P={layer.num_points} points per output "
+        "pixel, fixed colour similarity, offsets learned",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def save_deform_figure(result, path, crop=128):
+    """Writes :func:`deform_figure` of ``result`` to ``path`` (PNG); returns ``path``."""
+    return _save(deform_figure(result, crop), path)
 
 
 def training_figure(run, count=4):

@@ -36,6 +36,8 @@ DEFAULT_SPACE_SIGMA = 1.0
 BORDER_OFFSET = 100.0
 #: The methods of :func:`guided_upsampling`, in table order.
 METHODS = ("nearest", "bilinear", "bicubic", "SAPA, gray guide", "SAPA")
+#: The method :func:`guided_upsampling` adds with ``deform_steps`` (after :data:`METHODS`).
+DEFORM_METHOD = "SAPA-D"
 
 
 def colour_embedding(guide, low, scale, color_sigma, space_sigma):
@@ -142,19 +144,28 @@ def guided_upsampling(
     kernel_size=DEFAULT_KERNEL_SIZE,
     color_sigma=DEFAULT_COLOR_SIGMA,
     space_sigma=DEFAULT_SPACE_SIGMA,
+    deform_steps=None,
+    deform_image=None,
 ):
     """Shrink ``image`` by ``scale`` and bring it back with every method of
     :data:`METHODS`, measuring each against the original.
 
     Args:
         image: float ``(H, W, 3)`` in [0, 1] (see :func:`~keras_sapa.demo.load_image`).
+        deform_steps: ``None`` (default) leaves SAPA-D out; an integer adds the method
+            :data:`DEFORM_METHOD` (:mod:`keras_sapa.demo.deform`): a
+            :class:`keras_sapa.SAPADeform` with a fixed colour similarity whose offset
+            branch is first trained for that many steps on ``deform_image``.
+        deform_image: the photograph (``(H, W, 3)``) the SAPA-D offsets are trained on;
+            default :data:`keras_sapa.demo.deform.DEFAULT_TRAIN_IMAGE`.
 
     Returns:
         A dict with ``reference`` (the cropped original), ``low``, ``outputs`` (method
         -> image), ``metrics`` (method -> dict of :meth:`EdgeReference.measure
         <keras_sapa.demo.metrics.EdgeReference.measure>`), ``weights`` (the SAPA
         weights, ``(sH, sW, K*K)``), ``edges`` (the :class:`EdgeReference`), ``scale``
-        and ``kernel_size``.
+        and ``kernel_size``; with ``deform_steps``, also ``deform``: a dict with the
+        trained ``layer``, its training ``losses`` and ``steps``.
     """
     scale = images.check_scale(scale, image.shape)
     low, reference = images.downsample(image, scale)
@@ -170,8 +181,18 @@ def guided_upsampling(
     outputs["SAPA"], weights = sapa_upsample(
         low, reference, scale, kernel_size, color_sigma, space_sigma, return_weights=True
     )
+    deform_result = None
+    if deform_steps is not None:
+        from keras_sapa.demo import deform
+
+        if deform_image is None:
+            deform_image = images.load_image(deform.DEFAULT_TRAIN_IMAGE)
+        layer = deform.build_deform_upsampler(scale, color_sigma=color_sigma)
+        losses = deform.fit_deform_upsampler(layer, deform_image, scale, deform_steps)
+        outputs[DEFORM_METHOD] = deform.deform_upsample(layer, low, reference)
+        deform_result = {"layer": layer, "losses": losses, "steps": deform_steps}
     edges = metrics.EdgeReference(reference)
-    return {
+    result = {
         "reference": reference,
         "low": low,
         "outputs": outputs,
@@ -181,3 +202,6 @@ def guided_upsampling(
         "scale": scale,
         "kernel_size": kernel_size,
     }
+    if deform_result is not None:
+        result["deform"] = deform_result
+    return result
