@@ -103,8 +103,8 @@ GPU_ADAPTER_SOURCE = os.path.join(SRC, "kernels", "sapa_kernels_gpu.cc")
 LAUNCHER_SOURCE = os.path.join(LAUNCHER_DIR, "sapa_launcher.cc")
 CUDA_SOURCE = os.path.join(CUDA_DIR, "sapa_kernels.cu")
 # One op family per source: a new family adds its C entry points and FFI handlers here.
-CORE_SOURCES = [os.path.join(BINDINGS, "sapa_core_c.cc")]
-JAX_SOURCES = [os.path.join(BINDINGS, "sapa_xla_ffi.cc")]
+CORE_SOURCES = [os.path.join(BINDINGS, n) for n in ("sapa_core_c.cc", "sapa_deform_core_c.cc")]
+JAX_SOURCES = [os.path.join(BINDINGS, n) for n in ("sapa_xla_ffi.cc", "sapa_deform_xla_ffi.cc")]
 
 TARGETS = ("tf", "bindings", "cuda", "launcher")
 GPU_TARGETS = ("cuda", "launcher")

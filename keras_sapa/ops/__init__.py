@@ -29,7 +29,9 @@ facts the rule below needs. What ``implementation`` means on each backend:
 ============  ===============================  ========================  =======================
 
 On JAX and PyTorch, ``"compiled"`` binds only the fused ``sapa``; ``similarity`` and
-``aggregate`` use ``"xla"`` there. The dispatch rule, one function for every backend
+``aggregate`` use ``"xla"`` there. SAPA-D's ops (``sapa_deform``, ``deform_similarity``,
+``deform_aggregate``, :mod:`._deform`) take the same rule; their compiled kernels are the
+fused ``sapa_deform`` on every backend (CPU). The dispatch rule, one function for every backend
 (:func:`resolve_implementation`), decides what ``"auto"`` stands for, in this order:
 
 ====  ==========================================================  ===========================
@@ -73,11 +75,17 @@ import keras
 import numpy as np
 
 from keras_sapa.ops import _checks
+from keras_sapa.ops._deform import deform_aggregate
+from keras_sapa.ops._deform import deform_similarity
+from keras_sapa.ops._deform import sapa_deform
 
 __all__ = [
     "similarity",
     "aggregate",
     "sapa",
+    "deform_similarity",
+    "deform_aggregate",
+    "sapa_deform",
     "compiled_available",
     "load_compiled_library",
     "resolve_implementation",

@@ -41,8 +41,6 @@ loaded, and this builtin formulation in exports and under XLA (``"patches"`` and
 bound), as SAPA's halves do on JAX and PyTorch.
 """
 
-import sys
-
 import keras
 from keras import ops
 
@@ -50,23 +48,29 @@ from keras_sapa.ops import _checks
 
 _HALF_DTYPES = ("float16", "bfloat16")
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-_PREFIXES = {"tensorflow": "tf", "jax": "jax", "torch": "torch"}
 
 
 # ------------------------------------------------------------------ dispatch
 
 
 def _deform_kernels():
-    """The SAPA-D compiled-kernel bindings of the running backend, or None."""
+    """The SAPA-D compiled-kernel bindings of the running backend, or None (another
+    backend, or an op table without SAPA-D). Plain import statements: TensorFlow's
+    autograph and PyTorch's Dynamo trace through them."""
     from keras_sapa.ops import _optable
 
-    prefix = _PREFIXES.get(keras.config.backend())
-    if prefix is None or "SapaDeform" not in _optable.BY_NAME:
+    backend = keras.config.backend()
+    if "SapaDeform" not in _optable.BY_NAME:
         return None
-    name = f"keras_sapa.ops._{prefix}_deform_kernels"
-    if name not in sys.modules:  # a dict lookup first: torch.compile traces it
-        __import__(name)
-    return sys.modules[name]
+    if backend == "tensorflow":
+        from keras_sapa.ops import _tf_deform_kernels as kernels
+    elif backend == "jax":
+        from keras_sapa.ops import _jax_deform_kernels as kernels
+    elif backend == "torch":
+        from keras_sapa.ops import _torch_deform_kernels as kernels
+    else:
+        return None
+    return kernels
 
 
 def resolve_deform_implementation(implementation="auto", training=None, like=None):

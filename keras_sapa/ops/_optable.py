@@ -226,6 +226,83 @@ OPS = (
     ),
 )
 
+# SAPA-D (dynamic point selection): G = groups point sets of P = num_points points; query
+# and key have groups*E channels, value and output groups*Cg, offsets 2*G*P (channel 2k the
+# width shift, 2k+1 the height shift of point k = g*P + p).
+DEFORM_ATTRS = (
+    Attr("num_points", 9, "positive", "P, the sampled points per group"),
+    Attr("up_factor", 2, "positive", "s, the integer upsampling factor"),
+    Attr("groups", 4, "positive", "G, the point groups (channel groups)"),
+)
+DEFORM_POINTS = "groups*num_points"
+DEFORM_OFFSETS = "2*groups*num_points"
+
+OPS += (
+    Op(
+        name="SapaDeform",
+        family="sapa_deform",
+        inputs=(
+            Tensor("query", HIGH + ("groups*E",)),
+            Tensor("key", LOW + ("groups*E",)),
+            Tensor("value", LOW + ("groups*Cg",)),
+            Tensor("offsets", HIGH + (DEFORM_OFFSETS,)),
+        ),
+        outputs=(
+            Tensor("output", HIGH + ("groups*Cg",)),
+            Tensor("weights", HIGH + (DEFORM_POINTS,), dtype="Tweights"),
+        ),
+        attrs=DEFORM_ATTRS,
+        doc="Fused SAPA-D: output = deform_aggregate(softmax_per_group(deform_similarity("
+        "query, key, offsets)), value, offsets), key and value sampled "
+        "bilinearly (zero padding) at the anchor (i/s, j/s) plus each point's offset; a "
+        "point outside (-1, H) x (-1, W) is dropped (logit 0, zero value). weights is the "
+        "softmax in Tweights, kept for the gradient; it is not differentiable.",
+        gradient="SapaDeformGrad",
+        differentiable=("query", "key", "value", "offsets"),
+        gradient_inputs=("query", "key", "value", "offsets", "weights"),
+        type_attrs={"T": FLOAT_TYPES, "Tweights": ACCUMULATION_TYPES},
+        type_pairs=FUSED_TYPES,
+        bindings=Bindings(
+            cpu_core="DeformForward",
+            c_abi="keras_sapa_deform_forward",
+            xla_ffi=("keras_sapa_deform_forward", "KerasSapaDeformForward"),
+            torch="keras_sapa::sapa_deform_forward",
+        ),
+        devices=("cpu",),
+    ),
+    Op(
+        name="SapaDeformGrad",
+        family="sapa_deform",
+        inputs=(
+            Tensor("grad", HIGH + ("groups*Cg",)),
+            Tensor("query", HIGH + ("groups*E",)),
+            Tensor("key", LOW + ("groups*E",)),
+            Tensor("value", LOW + ("groups*Cg",)),
+            Tensor("offsets", HIGH + (DEFORM_OFFSETS,)),
+            Tensor("weights", HIGH + (DEFORM_POINTS,), dtype="Tweights"),
+        ),
+        outputs=(
+            Tensor("grad_query", HIGH + ("groups*E",)),
+            Tensor("grad_key", LOW + ("groups*E",)),
+            Tensor("grad_value", LOW + ("groups*Cg",)),
+            Tensor("grad_offsets", HIGH + (DEFORM_OFFSETS,)),
+        ),
+        attrs=DEFORM_ATTRS,
+        doc="Gradient of KerasSapa>SapaDeform with respect to query, key, value and "
+        "offsets (a position's derivative taken in the cell of floor, as the official "
+        "kernels do).",
+        type_attrs={"T": FLOAT_TYPES, "Tweights": ACCUMULATION_TYPES},
+        type_pairs=FUSED_TYPES,
+        bindings=Bindings(
+            cpu_core="DeformBackward",
+            c_abi="keras_sapa_deform_backward",
+            xla_ffi=("keras_sapa_deform_backward", "KerasSapaDeformBackward"),
+            torch="keras_sapa::sapa_deform_backward",
+        ),
+        devices=("cpu",),
+    ),
+)
+
 BY_NAME = {op.name: op for op in OPS}
 
 

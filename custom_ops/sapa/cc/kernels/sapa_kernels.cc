@@ -239,6 +239,12 @@ struct SapaBackward<CPUDevice, T, F> {
 
 }  // namespace functor
 
+}  // namespace keras_sapa
+
+#include "sapa_deform_body.h"  // SAPA-D's op bodies (they use the tf_cpu helpers above)
+
+namespace keras_sapa {
+
 // Every op of the table, for every type it lists, on DEVICE_CPU.
 #define KERAS_SAPA_CPU_KERNEL(NAME, T, F) \
   KERAS_SAPA_REGISTER_KERNEL_TYPED(tensorflow::DEVICE_CPU, CPUDevice, NAME, T, F)
