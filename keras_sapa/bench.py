@@ -110,6 +110,51 @@ def _bilinear(wl, query, key, value):
     return keras.ops.image.resize(value, size, interpolation="bilinear")
 
 
+#: SAPA-D's configuration in the benchmark: the official defaults (points P, groups G,
+#: embedding E per group), on each workload's sizes, channels and factor.
+DEFORM_POINTS, DEFORM_GROUPS, DEFORM_EMBED = 9, 4, 32
+
+
+def _deform_inputs(wl):
+    """Shapes of SAPA-D's differentiated inputs for workload ``wl`` (the offsets are
+    normal noise: points within about a pixel or two of their anchors)."""
+    b, h, w, s = wl["batch"], wl["height"], wl["width"], wl["up"]
+    width = DEFORM_GROUPS * DEFORM_EMBED
+    return {
+        "query": (b, s * h, s * w, width),
+        "key": (b, h, w, width),
+        "value": (b, h, w, wl["channels"]),
+        "offsets": (b, s * h, s * w, 2 * DEFORM_GROUPS * DEFORM_POINTS),
+    }
+
+
+def _deform(implementation):
+    def forward(wl, query, key, value, offsets):
+        from keras_sapa import ops
+
+        return ops.sapa_deform(
+            query,
+            key,
+            value,
+            offsets,
+            num_points=DEFORM_POINTS,
+            up_factor=wl["up"],
+            groups=DEFORM_GROUPS,
+            implementation=implementation,
+        )
+
+    return forward
+
+
+def _deform_compiled_available():
+    from keras_sapa.ops._deform import resolve_deform_implementation
+
+    try:
+        return resolve_deform_implementation("compiled") == "compiled"
+    except (RuntimeError, ValueError):
+        return False
+
+
 def _compiled_available():
     from keras_sapa import ops
 
@@ -146,12 +191,23 @@ class Case:
     fits: Callable = lambda wl: True
 
 
-#: The baseline, then SAPA's implementations (the names of ``implementation=``).
+#: The baseline, then SAPA's implementations (the names of ``implementation=``), then
+#: SAPA-D's (``deform-`` and the ``implementation=`` of :func:`keras_sapa.ops.sapa_deform`).
 CASES = {
     "bilinear": Case(_bilinear, grads=("value",)),
     "compiled": Case(_sapa("compiled"), sweep=True, available=_compiled_available),
     "patches": Case(_sapa("patches"), sweep=True, fits=_patches_fit),
     "xla": Case(_sapa("xla"), jit=True),
+    # SAPA-D (P=9, G=4, E=32): its builtin gather formulation and its compiled kernels.
+    "deform-xla": Case(
+        _deform("xla"), inputs=_deform_inputs, grads=("query", "key", "value", "offsets"), jit=True
+    ),
+    "deform-compiled": Case(
+        _deform("compiled"),
+        inputs=_deform_inputs,
+        grads=("query", "key", "value", "offsets"),
+        available=_deform_compiled_available,
+    ),
 }
 BASELINE = "bilinear"
 #: The case the ``patches fwd / fwd`` column divides by.
