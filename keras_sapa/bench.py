@@ -39,6 +39,10 @@ the default device.
 Targets (issue 16, on workload W1 unless noted): compiled forward >= 10x faster than
 patches; <= 2.5x bilinear resize; forward+backward <= 3.5x forward; peak extra memory of
 forward+backward at B=4, 64x64 -> 128x128, C=256 (workload M1) <= 2x the output.
+SAPA-D rows (``deform-xla``, ``deform-compiled``; P=9, G=4, E=32, random offsets), issue
+22: compiled forward within 2x of SAPA-B's compiled forward (the ``compiled`` row of the
+same workload), forward+backward within 3.5x of its own forward, peak forward+backward
+memory at M1 within 3x of the output.
 """
 
 import argparse
