@@ -10,7 +10,7 @@
 # alike, so the edge stays sharp.
 #
 # This notebook: SAPA in a functional Keras model, its four variants, the functional ops,
-# and what the kernels look like on a real photograph.
+# what the kernels look like on a real photograph, and SAPA-D's moving sample points.
 #
 # **Backend.** Keras 3 runs on JAX, PyTorch or TensorFlow, chosen by the `KERAS_BACKEND`
 # environment variable before Keras is first imported: set it in the shell
@@ -216,6 +216,35 @@ axes[0].set_title("guide near an edge")
 axes[0].axis("off")
 demo.draw_kernels(axes[1:], result, points)
 plt.show()
+
+# %% [markdown]
+# ## SAPA-D: points that move
+#
+# `keras_sapa.SAPADeform` (SAPA-D, the extended paper's dynamic point selection) drops the
+# fixed `K x K` window: each output pixel samples `P` points (bilinearly) wherever its
+# offset branch, a 1x1 convolution of `x`, puts them, and weights them by similarity.
+# Here the similarity is the same colour Gaussian and only the offsets are learned: they
+# start as a 3 x 3 square around each output pixel and are trained for a few steps on
+# *another* photograph (`coffee`), then SAPA-D upsamples this one
+# (`guided_upsampling(deform_steps=...)`, or `python -m keras_sapa demo --deform`). The
+# figure draws, for the four points across the edge, the initial square (dots) and where
+# the trained offsets moved the points (crosses), read from
+# `SAPADeform.sampling_offsets(x)`.
+
+# %%
+result_d = demo.guided_upsampling(
+    photo,
+    scale=scale,
+    kernel_size=5,
+    deform_steps=3 if QUICK else 150,
+    deform_image=demo.load_image("coffee"),
+)
+print(demo.format_table(result_d["metrics"]))
+demo.deform_figure(result_d, crop=96)
+plt.show()
+layer = result_d["deform"]["layer"]
+print(layer.num_points, "points per output pixel; where pixel A samples (low-res row, column):")
+print(demo.sampling_positions(layer, low, points[:1])[0].round(2))
 
 # %% [markdown]
 # The same on any photo, as a table and a figure: `python -m keras_sapa demo --image
