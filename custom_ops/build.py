@@ -624,6 +624,25 @@ def kernel_names():
             for op in ("gather", "scatter"):
                 names += [f"sapa_{op}_{t}{suffix}", f"sapa_{op}_{t}{suffix}_any"]
         names += [f"sapa_dot_{t}_any", f"sapa_dsoftmax_{t}_any", f"sapa_fused_{t}_any"]
+    # SAPA-D (kernels/cuda/sapa_deform_kernels.cuh, included by sapa_kernels.cu).
+    for t in ("f32", "f64", "f16", "bf16"):
+        names += [
+            f"sapa_deform_{op}_{t}"
+            for op in (
+                "forward",
+                "similarity",
+                "aggregate",
+                "backward",
+                "similarity_backward",
+                "aggregate_backward",
+                "scatter",
+            )
+        ]
+    names += [
+        f"sapa_deform_{op}_{t}_wacc" for t in ("f16", "bf16") for op in ("aggregate", "scatter")
+    ]
+    names += ["sapa_deform_zero_f32", "sapa_deform_zero_f64"]
+    names += ["sapa_deform_cast_f16", "sapa_deform_cast_bf16"]
     return names
 
 

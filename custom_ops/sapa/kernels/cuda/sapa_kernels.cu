@@ -16,6 +16,8 @@
 // against the compiled images.
 
 #include "sapa_kernels.cuh"
+// SAPA-D's entry points (sapa_deform_*, listed in that header), in the same images.
+#include "sapa_deform_kernels.cuh"
 
 #define SAPA_ARGS ::sapa::Args g
 #define SAPA_ACC(T) typename ::sapa::Acc<T>::type

@@ -51,9 +51,14 @@ thread_local dim3 gridDim;
 thread_local std::barrier<>* t_barrier;
 inline void __syncthreads() { t_barrier->arrive_and_wait(); }
 inline float __expf(float x) { return std::exp(x); }
+template <typename A>
+inline A atomicAdd(A* address, A value) {  // SAPA-D's scatter kernels
+  return std::atomic_ref<A>(*address).fetch_add(value);
+}
 
 #define __global__
 #define __device__
+#define __host__
 #define __forceinline__ inline
 #define __shared__
 #define __align__(n) __attribute__((aligned(n)))
@@ -61,7 +66,10 @@ inline float __expf(float x) { return std::exp(x); }
 
 namespace sapa {
 alignas(16) unsigned char smem_raw[256 * 1024];
-}
+namespace deform {  // SAPA-D's kernels (sapa_deform_kernels.cuh) keep their own
+alignas(16) unsigned char smem_raw[256 * 1024];
+}  // namespace deform
+}  // namespace sapa
 
 #include "../../kernels/cuda/sapa_kernels.cu"
 
