@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_sapa.layers import GuidedUpsampler
+from keras_sapa.layers import nearest_up
 from keras_sapa.ops import _checks
 from keras_sapa.ops import _deform
 
@@ -10,17 +12,6 @@ NORMS = ("group", None)
 # torch.nn.GroupNorm(32, C) with its default epsilon, as in the official module.
 NORM_GROUPS = 32
 NORM_EPSILON = 1e-5
-
-
-def _default_kernel_initializer():
-    return keras.initializers.RandomNormal(stddev=0.02)
-
-
-def nearest_up(t, up_factor):
-    """Nearest-neighbour upsampling by an integer factor, channels last."""
-    if up_factor == 1:
-        return t
-    return ops.repeat(ops.repeat(t, up_factor, axis=1), up_factor, axis=2)
 
 
 def pixel_shuffle(t, up_factor):
@@ -41,7 +32,7 @@ def pixel_shuffle(t, up_factor):
 
 
 @keras.saving.register_keras_serializable(package="keras_sapa")
-class SAPADeform(keras.layers.Layer):
+class SAPADeform(GuidedUpsampler):
     """SAPA-D: similarity-aware upsampling with dynamic point selection.
 
     The extension of SAPA (github.com/tiny-smart/sapa, module ``SAPADeform``): instead
@@ -83,8 +74,9 @@ class SAPADeform(keras.layers.Layer):
             stddev 0.02, so every point starts on its anchor).
         bias_initializer: initialiser of the biases (official: zeros).
         implementation: ``"auto"``, ``"xla"``, ``"patches"`` (the builtin
-            formulation, :mod:`keras_sapa.ops._deform`) or ``"compiled"`` (raises
-            ``RuntimeError`` while the SAPA-D kernels are not bound).
+            formulation, gather-based sampling in ``keras.ops``) or ``"compiled"``
+            (the fused C++ CPU kernels on every backend); ``"auto"`` follows the one
+            dispatch rule of :mod:`keras_sapa.ops`, as :class:`keras_sapa.SAPA` does.
         **kwargs: base ``keras.layers.Layer`` arguments (``name``, ``dtype``, ...).
 
     Weights are sublayers named after the official parameters: ``q`` (guide ->
@@ -92,6 +84,10 @@ class SAPADeform(keras.layers.Layer):
     ``high_offset``, else ``2*G*P``, its output channels in the official order) and,
     with ``norm="group"``, ``norm_x`` and ``norm_y``.
     """
+
+    @staticmethod
+    def _default_kernel_initializer():
+        return keras.initializers.RandomNormal(stddev=0.02)
 
     def __init__(
         self,
@@ -108,31 +104,22 @@ class SAPADeform(keras.layers.Layer):
         implementation="auto",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.up_factor = _checks.check_up_factor(up_factor)
+        super().__init__(
+            up_factor=up_factor,
+            use_bias=use_bias,
+            data_format=data_format,
+            implementation=implementation,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            **kwargs,
+        )
         self.num_points = _checks.positive_int("num_points", num_points)
         self.groups = _checks.positive_int("groups", groups)
         self.embedding_dim = _checks.positive_int("embedding_dim", embedding_dim)
-        self.use_bias = bool(use_bias)
         self.high_offset = bool(high_offset)
         if norm not in NORMS:
             raise ValueError(f"`norm` must be one of {NORMS}. Received: norm={norm!r}")
         self.norm = norm
-        if data_format is None:
-            data_format = keras.config.image_data_format()
-        if data_format not in ("channels_last", "channels_first"):
-            raise ValueError(
-                "`data_format` must be 'channels_last' or 'channels_first'. "
-                f"Received: data_format={data_format!r}"
-            )
-        self.data_format = data_format
-        self.implementation = _checks.check_implementation(implementation)
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer
-            if kernel_initializer is not None
-            else _default_kernel_initializer()
-        )
-        self.bias_initializer = keras.initializers.get(bias_initializer)
         for name in ("norm_x", "norm_y", "q", "k", "offset"):
             setattr(self, name, None)
 
@@ -143,25 +130,9 @@ class SAPADeform(keras.layers.Layer):
         per_point = 2 * self.groups * self.num_points
         return per_point * self.up_factor**2 if self.high_offset else per_point
 
-    def _to_channels_last(self, shape):
-        shape = tuple(shape)
-        if self.data_format == "channels_first" and len(shape) == 4:
-            return (shape[0], shape[2], shape[3], shape[1])
-        return shape
-
     def _check_shapes(self, x_shape, guide_shape):
-        x_shape = _checks.check_rank4("x", x_shape)
-        guide_shape = _checks.check_rank4("guide", guide_shape)
-        x_shape = self._to_channels_last(x_shape)
-        guide_shape = self._to_channels_last(guide_shape)
-        _checks.check_pair("guide", guide_shape, "x", x_shape, self.up_factor)
+        x_shape, guide_shape = self._channels_last_shapes(x_shape, guide_shape)
         cx, cy = x_shape[3], guide_shape[3]
-        if cx is None or cy is None:
-            raise ValueError(
-                "The channel dimensions of `x` and `guide` must be known. "
-                f"Received: x.shape={x_shape}, guide.shape={guide_shape} "
-                f"(data_format={self.data_format!r})"
-            )
         if cx % self.groups:
             raise ValueError(
                 f"The channels of `x` must be divisible by groups={self.groups}. "
@@ -182,61 +153,30 @@ class SAPADeform(keras.layers.Layer):
         if self.norm is None:
             return None
         layer = keras.layers.GroupNormalization(
-            groups=NORM_GROUPS, axis=-1, epsilon=NORM_EPSILON,
-            dtype=self.dtype_policy, name=name,
-        )
-        layer.build((None, None, None, channels))
-        return layer
-
-    def _sublayer_initializer(self, index):
-        """A fresh copy of ``kernel_initializer`` per projection: one unseeded Keras
-        initializer instance returns the same values at every call, so sharing it
-        would start ``q`` and ``k`` with identical kernels. A seeded one stays
-        reproducible, its seed offset by the projection's index."""
-        initializer = keras.initializers.deserialize(
-            keras.initializers.serialize(self.kernel_initializer)
-        )
-        seed = getattr(initializer, "seed", None)
-        if isinstance(seed, int) and not isinstance(seed, bool):
-            initializer.seed = seed + index
-        return initializer
-
-    def _make_dense(self, name, units, in_channels, index):
-        layer = keras.layers.Dense(
-            units,
-            use_bias=self.use_bias,
-            kernel_initializer=self._sublayer_initializer(index),
-            bias_initializer=self.bias_initializer,
+            groups=NORM_GROUPS,
+            axis=-1,
+            epsilon=NORM_EPSILON,
             dtype=self.dtype_policy,
             name=name,
         )
-        layer.build((None, None, None, in_channels))
+        layer.build((None, None, None, channels))
         return layer
 
     def build(self, x_shape, guide_shape):
         x_shape, guide_shape = self._check_shapes(x_shape, guide_shape)
         cx, cy = x_shape[3], guide_shape[3]
         width = self.groups * self.embedding_dim
+        self._projections_made = 0
         self.norm_x = self._make_norm("norm_x", cx)
         self.norm_y = self._make_norm("norm_y", cy)
-        self.q = self._make_dense("q", width, cy, 0)
-        self.k = self._make_dense("k", width, cx, 1)
-        self.offset = self._make_dense("offset", self.offset_channels, cx, 2)
+        self.q = self._make_dense("q", width, cy)
+        self.k = self._make_dense("k", width, cx)
+        self.offset = self._make_dense("offset", self.offset_channels, cx)
         self.built = True
 
     def compute_output_shape(self, x_shape, guide_shape):
         x_shape, guide_shape = self._check_shapes(x_shape, guide_shape)
-        s = self.up_factor
-
-        def high(axis):
-            if guide_shape[axis] is not None:
-                return guide_shape[axis]
-            return None if x_shape[axis] is None else s * x_shape[axis]
-
-        batch = x_shape[0] if x_shape[0] is not None else guide_shape[0]
-        if self.data_format == "channels_first":
-            return (batch, x_shape[3], high(1), high(2))
-        return (batch, high(1), high(2), x_shape[3])
+        return self._output_shape(x_shape, guide_shape, x_shape[3])
 
     # -------------------------------------------------------------------- call
     def _offsets(self, x_n):
@@ -245,13 +185,6 @@ class SAPADeform(keras.layers.Layer):
         if self.high_offset:
             return pixel_shuffle(raw, self.up_factor)
         return nearest_up(raw, self.up_factor)
-
-    def _channels_last_inputs(self, x, guide):
-        if self.data_format == "channels_first":
-            x = ops.transpose(x, (0, 2, 3, 1))
-            guide = ops.transpose(guide, (0, 2, 3, 1))
-        _checks.check_pair("guide", tuple(guide.shape), "x", tuple(x.shape), self.up_factor)
-        return x, guide
 
     def sampling_offsets(self, x):
         """The offsets the layer predicts for input ``x`` (in the layer's data format),
@@ -265,37 +198,35 @@ class SAPADeform(keras.layers.Layer):
         return self._offsets(x_n)
 
     def call(self, x, guide, training=None):
-        x, guide = self._channels_last_inputs(x, guide)
+        x, guide = self._inputs_channels_last(x, guide)
         x_n = x if self.norm_x is None else self.norm_x(x)
         y_n = guide if self.norm_y is None else self.norm_y(guide)
         query = self.q(y_n)
         key = self.k(x_n)
         offsets = self._offsets(x_n)
         out = _deform.sapa_deform(
-            query, key, x, offsets, num_points=self.num_points, up_factor=self.up_factor,
-            groups=self.groups, implementation=self.implementation, training=training,
+            query,
+            key,
+            x,
+            offsets,
+            num_points=self.num_points,
+            up_factor=self.up_factor,
+            groups=self.groups,
+            implementation=self.implementation,
+            training=training,
         )
-        out = ops.cast(out, self.compute_dtype)
-        if self.data_format == "channels_first":
-            out = ops.transpose(out, (0, 3, 1, 2))
-        return out
+        return self._output_in_data_format(out)
 
     # ------------------------------------------------------------------ config
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "up_factor": self.up_factor,
                 "num_points": self.num_points,
                 "groups": self.groups,
                 "embedding_dim": self.embedding_dim,
-                "use_bias": self.use_bias,
                 "high_offset": self.high_offset,
                 "norm": self.norm,
-                "data_format": self.data_format,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
-                "implementation": self.implementation,
             }
         )
         return config

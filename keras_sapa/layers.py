@@ -15,19 +15,191 @@ NORMS = ("layer", "group", None)
 NORM_EPSILON = 1e-5
 
 
-def _default_kernel_initializer():
-    return keras.initializers.TruncatedNormal(stddev=0.02)
-
-
-def _nearest_up(t, up_factor):
+def nearest_up(t, up_factor):
     """Nearest-neighbour upsampling by an integer factor, channels last."""
     if up_factor == 1:
         return t
     return ops.repeat(ops.repeat(t, up_factor, axis=1), up_factor, axis=2)
 
 
+class GuidedUpsampler(keras.layers.Layer):
+    """What the guided upsamplers (:class:`SAPA`, :class:`keras_sapa.SAPADeform`) share:
+    the call convention ``layer(x, guide)`` with ``guide`` exactly ``up_factor`` times
+    ``x`` spatially, ``data_format``, ``implementation`` (and the ``supports_jit`` that
+    follows it), the projections' initialisers and biases, and the config keys of
+    these arguments. Subclasses build their weights and compute in channels last."""
+
+    @staticmethod
+    def _default_kernel_initializer():
+        return keras.initializers.TruncatedNormal(stddev=0.02)
+
+    def __init__(
+        self,
+        up_factor,
+        use_bias,
+        data_format,
+        implementation,
+        kernel_initializer,
+        bias_initializer,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.up_factor = _checks.check_up_factor(up_factor)
+        self.use_bias = bool(use_bias)
+        if data_format is None:
+            data_format = keras.config.image_data_format()
+        if data_format not in ("channels_last", "channels_first"):
+            raise ValueError(
+                "`data_format` must be 'channels_last' or 'channels_first'. "
+                f"Received: data_format={data_format!r}"
+            )
+        self.data_format = data_format
+        self.implementation = _checks.check_implementation(implementation)
+        self.kernel_initializer = keras.initializers.get(
+            kernel_initializer
+            if kernel_initializer is not None
+            else self._default_kernel_initializer()
+        )
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self._projections_made = 0
+
+    @property
+    def supports_jit(self):
+        """Whether Keras may compile this layer with XLA, read when a model is compiled
+        (no GPU probe at construction) and following :attr:`implementation` (so
+        :func:`keras_sapa.ops.set_implementation` keeps it right). False on TensorFlow
+        for ``"compiled"`` (XLA cannot hold the custom op) and for ``"auto"`` where the
+        compiled GPU op runs, so that ``fit`` reaches it; see
+        :func:`keras_sapa.ops.layer_supports_jit`."""
+        return self._supports_jit and sapa_ops.layer_supports_jit(self.implementation)
+
+    @supports_jit.setter
+    def supports_jit(self, value):
+        self._supports_jit = bool(value)
+
+    # ------------------------------------------------------------------ shapes
+    def _to_channels_last(self, shape):
+        shape = tuple(shape)
+        if self.data_format == "channels_first" and len(shape) == 4:
+            return (shape[0], shape[2], shape[3], shape[1])
+        return shape
+
+    def _channels_last_shapes(self, x_shape, guide_shape):
+        """Both shapes checked (rank 4, ``guide`` = ``up_factor`` x ``x``, channels
+        known) and in channels-last order."""
+        x_shape = self._to_channels_last(_checks.check_rank4("x", x_shape))
+        guide_shape = self._to_channels_last(_checks.check_rank4("guide", guide_shape))
+        _checks.check_pair("guide", guide_shape, "x", x_shape, self.up_factor)
+        if x_shape[3] is None or guide_shape[3] is None:
+            raise ValueError(
+                "The channel dimensions of `x` and `guide` must be known. "
+                f"Received: x.shape={x_shape}, guide.shape={guide_shape} "
+                f"(data_format={self.data_format!r})"
+            )
+        return x_shape, guide_shape
+
+    def _output_shape(self, x_shape, guide_shape, channels):
+        """The output shape in the layer's data format, from checked channels-last
+        input shapes."""
+
+        def high(axis):
+            if guide_shape[axis] is not None:
+                return guide_shape[axis]
+            return None if x_shape[axis] is None else self.up_factor * x_shape[axis]
+
+        batch = x_shape[0] if x_shape[0] is not None else guide_shape[0]
+        if self.data_format == "channels_first":
+            return (batch, channels, high(1), high(2))
+        return (batch, high(1), high(2), channels)
+
+    # ------------------------------------------------------------------- build
+    def _sublayer_initializer(self):
+        """A fresh copy of ``kernel_initializer`` for the next projection.
+
+        One Keras random initializer instance returns the same values at every call
+        (an unseeded one draws its seed once, when it is created), so sharing it would
+        start every projection with identical kernels. Each projection gets its own
+        copy; a seeded initializer stays reproducible, its seed offset by the
+        projection's index."""
+        initializer = keras.initializers.deserialize(
+            keras.initializers.serialize(self.kernel_initializer)
+        )
+        seed = getattr(initializer, "seed", None)
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            initializer.seed = seed + self._projections_made
+        self._projections_made += 1
+        return initializer
+
+    def _make_dense(self, name, units, in_channels):
+        layer = keras.layers.Dense(
+            units,
+            use_bias=self.use_bias,
+            kernel_initializer=self._sublayer_initializer(),
+            bias_initializer=self.bias_initializer,
+            dtype=self.dtype_policy,
+            name=name,
+        )
+        layer.build((None, None, None, in_channels))
+        return layer
+
+    # -------------------------------------------------------------------- call
+    def _inputs_channels_last(self, x, guide):
+        """``x`` and ``guide`` in channels last, their sizes checked: static sizes are
+        concrete in eager mode and under ``jax.jit`` (a bad size raises ``ValueError``
+        here); sizes unknown in a TensorFlow graph are checked at run time."""
+        if self.data_format == "channels_first":
+            x = ops.transpose(x, (0, 2, 3, 1))
+            guide = ops.transpose(guide, (0, 2, 3, 1))
+        _checks.check_pair("guide", tuple(guide.shape), "x", tuple(x.shape), self.up_factor)
+        guide = sapa_ops._checked_at_run_time(guide, "guide", x, "x", self.up_factor)
+        return x, guide
+
+    def _output_in_data_format(self, out):
+        out = ops.cast(out, self.compute_dtype)
+        if self.data_format == "channels_first":
+            out = ops.transpose(out, (0, 3, 1, 2))
+        return out
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def from_config(cls, config):
+        """Rebuilds a layer from :meth:`get_config`, on any backend.
+
+        A config saved with ``implementation="compiled"`` still loads where the
+        compiled kernels are missing, or on a backend that has none: the layer then
+        runs on ``"auto"``, the backend's builtin path, and one warning says so.
+        Constructing the layer with ``implementation="compiled"`` directly keeps the
+        request, and calling it without the kernels raises ``RuntimeError``.
+        """
+        config = dict(config)
+        if config.get("implementation") == "compiled" and not sapa_ops.compiled_available():
+            warnings.warn(
+                f"{cls.__name__} layer {config.get('name')!r} was saved with "
+                "implementation='compiled', but the keras_sapa compiled kernels are not "
+                f"available on the {keras.config.backend()!r} backend here: it runs "
+                "with implementation='auto' (same numbers, builtin path).",
+                stacklevel=2,
+            )
+            config["implementation"] = "auto"
+        return super().from_config(config)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "up_factor": self.up_factor,
+                "use_bias": self.use_bias,
+                "data_format": self.data_format,
+                "implementation": self.implementation,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            }
+        )
+        return config
+
+
 @keras.saving.register_keras_serializable(package="keras_sapa")
-class SAPA(keras.layers.Layer):
+class SAPA(GuidedUpsampler):
     """Similarity-Aware Point Affiliation upsampling.
 
     Written with ``keras.ops``: the same class, config and weights work with
@@ -102,8 +274,15 @@ class SAPA(keras.layers.Layer):
         bias_initializer="zeros",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.up_factor = _checks.check_up_factor(up_factor)
+        super().__init__(
+            up_factor=up_factor,
+            use_bias=use_bias,
+            data_format=data_format,
+            implementation=implementation,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            **kwargs,
+        )
         self.kernel_size = _checks.check_kernel_size(kernel_size)
         self.embedding_dim = _checks.positive_int("embedding_dim", embedding_dim)
         if variant not in VARIANTS:
@@ -113,61 +292,17 @@ class SAPA(keras.layers.Layer):
             raise ValueError(f"`norm` must be one of {NORMS}. Received: norm={norm!r}")
         self.norm = norm
         self.norm_groups = _checks.positive_int("norm_groups", norm_groups)
-        self.use_bias = bool(use_bias)
         self.output_dim = (
             None if output_dim is None else _checks.positive_int("output_dim", output_dim)
         )
         self.value_projection = bool(value_projection)
-        if data_format is None:
-            data_format = keras.config.image_data_format()
-        if data_format not in ("channels_last", "channels_first"):
-            raise ValueError(
-                "`data_format` must be 'channels_last' or 'channels_first'. "
-                f"Received: data_format={data_format!r}"
-            )
-        self.data_format = data_format
-        self.implementation = _checks.check_implementation(implementation)
-        self.kernel_initializer = keras.initializers.get(
-            kernel_initializer if kernel_initializer is not None else _default_kernel_initializer()
-        )
-        self.bias_initializer = keras.initializers.get(bias_initializer)
         for name in ("norm_x", "norm_y", "q", "k", "qy", "qx", "gate", "v"):
             setattr(self, name, None)
 
-    @property
-    def supports_jit(self):
-        """Whether Keras may compile this layer with XLA, read when a model is compiled
-        (no GPU probe at construction) and following :attr:`implementation` (so
-        :func:`keras_sapa.ops.set_implementation` keeps it right). False on TensorFlow
-        for ``"compiled"`` (XLA cannot hold the custom op) and for ``"auto"`` where the
-        compiled GPU op runs, so that ``fit`` reaches it; see
-        :func:`keras_sapa.ops.layer_supports_jit`."""
-        return self._supports_jit and sapa_ops.layer_supports_jit(self.implementation)
-
-    @supports_jit.setter
-    def supports_jit(self, value):
-        self._supports_jit = bool(value)
-
     # ------------------------------------------------------------------ shapes
-    def _to_channels_last(self, shape):
-        shape = tuple(shape)
-        if self.data_format == "channels_first" and len(shape) == 4:
-            return (shape[0], shape[2], shape[3], shape[1])
-        return shape
-
     def _check_shapes(self, x_shape, guide_shape):
-        x_shape = _checks.check_rank4("x", x_shape)
-        guide_shape = _checks.check_rank4("guide", guide_shape)
-        x_shape = self._to_channels_last(x_shape)
-        guide_shape = self._to_channels_last(guide_shape)
-        _checks.check_pair("guide", guide_shape, "x", x_shape, self.up_factor)
+        x_shape, guide_shape = self._channels_last_shapes(x_shape, guide_shape)
         cx, cy = x_shape[3], guide_shape[3]
-        if cx is None or cy is None:
-            raise ValueError(
-                "The channel dimensions of `x` and `guide` must be known. "
-                f"Received: x.shape={x_shape}, guide.shape={guide_shape} "
-                f"(data_format={self.data_format!r})"
-            )
         if self.variant == "identity" and cx != cy:
             raise ValueError(
                 "variant='identity' compares `x` and `guide` directly, so they need the "
@@ -204,35 +339,6 @@ class SAPA(keras.layers.Layer):
         layer.build((None, None, None, channels))
         return layer
 
-    def _sublayer_initializer(self):
-        """A fresh copy of ``kernel_initializer`` for the next projection.
-
-        One Keras random initializer instance returns the same values at every call
-        (an unseeded one draws its seed once, when it is created), so sharing it would
-        start ``q``, ``k``, ``qy`` and ``qx`` with identical kernels. Each projection
-        gets its own copy; a seeded initializer stays reproducible, its seed offset by
-        the projection's index."""
-        initializer = keras.initializers.deserialize(
-            keras.initializers.serialize(self.kernel_initializer)
-        )
-        seed = getattr(initializer, "seed", None)
-        if isinstance(seed, int) and not isinstance(seed, bool):
-            initializer.seed = seed + self._projections_made
-        self._projections_made += 1
-        return initializer
-
-    def _make_dense(self, name, units, in_channels):
-        layer = keras.layers.Dense(
-            units,
-            use_bias=self.use_bias,
-            kernel_initializer=self._sublayer_initializer(),
-            bias_initializer=self.bias_initializer,
-            dtype=self.dtype_policy,
-            name=name,
-        )
-        layer.build((None, None, None, in_channels))
-        return layer
-
     def build(self, x_shape, guide_shape):
         x_shape, guide_shape = self._check_shapes(x_shape, guide_shape)
         cx, cy = x_shape[3], guide_shape[3]
@@ -257,32 +363,11 @@ class SAPA(keras.layers.Layer):
 
     def compute_output_shape(self, x_shape, guide_shape):
         x_shape, guide_shape = self._check_shapes(x_shape, guide_shape)
-        s = self.up_factor
-        height = (
-            guide_shape[1]
-            if guide_shape[1] is not None
-            else (None if x_shape[1] is None else s * x_shape[1])
-        )
-        width = (
-            guide_shape[2]
-            if guide_shape[2] is not None
-            else (None if x_shape[2] is None else s * x_shape[2])
-        )
-        batch = x_shape[0] if x_shape[0] is not None else guide_shape[0]
-        channels = self.output_dim or x_shape[3]
-        if self.data_format == "channels_first":
-            return (batch, channels, height, width)
-        return (batch, height, width, channels)
+        return self._output_shape(x_shape, guide_shape, self.output_dim or x_shape[3])
 
     # -------------------------------------------------------------------- call
     def call(self, x, guide, training=None):
-        if self.data_format == "channels_first":
-            x = ops.transpose(x, (0, 2, 3, 1))
-            guide = ops.transpose(guide, (0, 2, 3, 1))
-        # Static shapes are concrete in eager mode and under jax.jit: bad sizes raise
-        # ValueError here. Sizes unknown in a TensorFlow graph are checked at run time.
-        _checks.check_pair("guide", tuple(guide.shape), "x", tuple(x.shape), self.up_factor)
-        guide = sapa_ops._checked_at_run_time(guide, "guide", x, "x", self.up_factor)
+        x, guide = self._inputs_channels_last(x, guide)
 
         s = self.up_factor
         x_n = x if self.norm_x is None else self.norm_x(x)
@@ -295,10 +380,10 @@ class SAPA(keras.layers.Layer):
                 query = self.q(y_n)
             elif self.variant == "concat":
                 # The official module concatenates the *raw* upsampled x.
-                query = self.q(ops.concatenate([y_n, _nearest_up(x, s)], axis=-1))
+                query = self.q(ops.concatenate([y_n, nearest_up(x, s)], axis=-1))
             else:  # gated
-                gate = _nearest_up(ops.sigmoid(self.gate(x_n)), s)
-                query = gate * self.qy(y_n) + (1.0 - gate) * self.qx(_nearest_up(x, s))
+                gate = nearest_up(ops.sigmoid(self.gate(x_n)), s)
+                query = gate * self.qy(y_n) + (1.0 - gate) * self.qx(nearest_up(x, s))
         value = x if self.v is None else self.v(x_n)
         out = sapa_ops.sapa(
             query,
@@ -309,52 +394,20 @@ class SAPA(keras.layers.Layer):
             implementation=self.implementation,
             training=training,
         )
-        out = ops.cast(out, self.compute_dtype)
-        if self.data_format == "channels_first":
-            out = ops.transpose(out, (0, 3, 1, 2))
-        return out
+        return self._output_in_data_format(out)
 
     # ------------------------------------------------------------------ config
-    @classmethod
-    def from_config(cls, config):
-        """Rebuilds a layer from :meth:`get_config`, on any backend.
-
-        A config saved with ``implementation="compiled"`` (on TensorFlow, with the
-        compiled op built) still loads where that op is missing, or on a backend
-        that has none: the layer then runs on ``"auto"``, the backend's pure path,
-        and one warning says so. Constructing ``SAPA(implementation="compiled")``
-        directly keeps the request, and calling it without the op raises
-        ``RuntimeError``.
-        """
-        config = dict(config)
-        if config.get("implementation") == "compiled" and not sapa_ops.compiled_available():
-            warnings.warn(
-                f"SAPA layer {config.get('name')!r} was saved with "
-                "implementation='compiled', but the keras_sapa compiled op is not "
-                f"available on the {keras.config.backend()!r} backend here: it runs "
-                "with implementation='auto' (same numbers, pure path).",
-                stacklevel=2,
-            )
-            config["implementation"] = "auto"
-        return super().from_config(config)
-
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "up_factor": self.up_factor,
                 "kernel_size": self.kernel_size,
                 "embedding_dim": self.embedding_dim,
                 "variant": self.variant,
                 "norm": self.norm,
                 "norm_groups": self.norm_groups,
-                "use_bias": self.use_bias,
                 "output_dim": self.output_dim,
                 "value_projection": self.value_projection,
-                "data_format": self.data_format,
-                "implementation": self.implementation,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
             }
         )
         return config
