@@ -71,7 +71,8 @@ def filtered_stderr():
             os.close(saved)
             captured.seek(0)
             kept = [
-                line for line in captured.read().decode("utf-8", "replace").splitlines(True)
+                line
+                for line in captured.read().decode("utf-8", "replace").splitlines(True)
                 if not is_log_line(line)
             ]
             if kept and sys.stderr is not None:

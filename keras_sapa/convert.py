@@ -140,7 +140,7 @@ def _entries_under(state_dict, prefix):
             f"Received: an object of type {type(state_dict).__name__}"
         )
     return {
-        key[len(prefix):]: value
+        key[len(prefix) :]: value
         for key, value in state_dict.items()
         if isinstance(key, str) and key.startswith(prefix)
     }
@@ -241,8 +241,9 @@ def _deform_hints(layer, missing, unexpected, present, mismatched):
         hints.append("The checkpoint has norms (norm=True); build the layer with norm='group'.")
     if missing_modules & set(_NORM_NAMES) and not present_modules & set(_NORM_NAMES):
         hints.append("The checkpoint has no norms (norm=False); build the layer with norm=None.")
-    biases_present = any(n.endswith(".bias") and n.split(".", 1)[0] in _PROJECTION_NAMES
-                         for n in present)
+    biases_present = any(
+        n.endswith(".bias") and n.split(".", 1)[0] in _PROJECTION_NAMES for n in present
+    )
     if biases_present and not layer.use_bias:
         hints.append("The checkpoint has biases (qkv_bias=True); build with use_bias=True.")
     if not biases_present and layer.use_bias and missing:
@@ -277,8 +278,7 @@ def _hints(layer, missing, unexpected, present, mismatched=()):
     guessed = _guess_variant(present)
     if guessed and layer.variant not in guessed.split(" or "):
         hints.append(
-            f"The entries look like variant={guessed!r}; the layer has "
-            f"variant={layer.variant!r}."
+            f"The entries look like variant={guessed!r}; the layer has variant={layer.variant!r}."
         )
     if unexpected_modules & set(_NORM_NAMES) and layer.norm is None:
         hints.append("The checkpoint has norms; build the layer with norm='layer' or 'group'.")
@@ -299,12 +299,14 @@ def _hints(layer, missing, unexpected, present, mismatched=()):
             "The layer has a value projection `v` that the checkpoint lacks; build it "
             "without output_dim / value_projection."
         )
-    projection_bias = [n for n in unexpected if n.endswith(".bias")
-                       and n.split(".", 1)[0] in _PROJECTION_NAMES]
+    projection_bias = [
+        n for n in unexpected if n.endswith(".bias") and n.split(".", 1)[0] in _PROJECTION_NAMES
+    ]
     if projection_bias and not layer.use_bias:
         hints.append("The checkpoint has projection biases; build the layer with use_bias=True.")
-    missing_bias = [n for n in missing if n.endswith(".bias")
-                    and n.split(".", 1)[0] in _PROJECTION_NAMES]
+    missing_bias = [
+        n for n in missing if n.endswith(".bias") and n.split(".", 1)[0] in _PROJECTION_NAMES
+    ]
     if missing_bias and not any(
         n.endswith(".bias") and n.split(".", 1)[0] in _PROJECTION_NAMES for n in present
     ):
@@ -375,9 +377,7 @@ def load_torch_state_dict(layer, state_dict, prefix="", strict=True):
         value = None if array is None else _convert_in(array, variable, kind)
         if value is None:
             got = "not a numeric array" if array is None else f"got {tuple(array.shape)}"
-            mismatched.append(
-                (name, f"{got}, expected {_expected_description(variable, kind)}")
-            )
+            mismatched.append((name, f"{got}, expected {_expected_description(variable, kind)}"))
             continue
         assignments.append((name, variable, value))
     unexpected = [name for name in entries if name not in expected]
@@ -385,7 +385,8 @@ def load_torch_state_dict(layer, state_dict, prefix="", strict=True):
     if missing or unexpected or mismatched:
         lines = [
             f"Cannot load the PyTorch state dict into the {type(layer).__name__} layer "
-            f"{layer.name!r}" + (f" (prefix {prefix!r})" if prefix else "")
+            f"{layer.name!r}"
+            + (f" (prefix {prefix!r})" if prefix else "")
             + f": the layer has {_describe_layer(layer)}."
         ]
         if missing:
@@ -406,8 +407,9 @@ def load_torch_state_dict(layer, state_dict, prefix="", strict=True):
         message = "\n".join(lines)
         if strict:
             raise ValueError(message)
-        warnings.warn(message + "\nLoaded the entries that fit (strict=False).",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            message + "\nLoaded the entries that fit (strict=False).", UserWarning, stacklevel=2
+        )
 
     for _, variable, value in assignments:
         variable.assign(np.asarray(value, dtype=variable.dtype))
@@ -491,8 +493,11 @@ def _unwrap(checkpoint):
         if not isinstance(checkpoint, collections.abc.Mapping):
             break
         inner = next(
-            (checkpoint[key] for key in _WRAPPER_KEYS
-             if isinstance(checkpoint.get(key), collections.abc.Mapping)),
+            (
+                checkpoint[key]
+                for key in _WRAPPER_KEYS
+                if isinstance(checkpoint.get(key), collections.abc.Mapping)
+            ),
             None,
         )
         if inner is None:
@@ -532,8 +537,10 @@ def _infer_settings(entries, x_channels, guide_channels, variant):
     k, q, qy, qx, gate, v = (out_in(m) for m in ("k", "q", "qy", "qx", "gate", "v"))
     cx = first(norm_size("norm_x"), k and k[1], qx and qx[1], gate and gate[1], v and v[1])
     cy = first(norm_size("norm_y"), qy and qy[1])
-    for name, given, inferred in (("x_channels", x_channels, cx),
-                                  ("guide_channels", guide_channels, cy)):
+    for name, given, inferred in (
+        ("x_channels", x_channels, cx),
+        ("guide_channels", guide_channels, cy),
+    ):
         if given is not None and inferred is not None and given != inferred:
             raise ValueError(
                 f"`{name}` does not match the checkpoint's weights. "
@@ -564,9 +571,13 @@ def _infer_settings(entries, x_channels, guide_channels, variant):
     if variant == "identity":
         cx, cy = first(cx, cy), first(cy, cx)
 
-    projections = [shape for name, shape in shapes.items()
-                   if name.split(".", 1)[0] in _PROJECTION_NAMES
-                   and name.endswith(".weight") and shape is not None]
+    projections = [
+        shape
+        for name, shape in shapes.items()
+        if name.split(".", 1)[0] in _PROJECTION_NAMES
+        and name.endswith(".weight")
+        and shape is not None
+    ]
     if not any(name.split(".", 1)[0] in _NORM_NAMES for name in entries):
         settings["norm"] = None
     elif projections:
@@ -585,8 +596,7 @@ def _infer_settings(entries, x_channels, guide_channels, variant):
     return settings, variant, cx, cy
 
 
-def _deform_from_entries(entries, state_dict, prefix, x_channels, guide_channels,
-                         layer_kwargs):
+def _deform_from_entries(entries, state_dict, prefix, x_channels, guide_channels, layer_kwargs):
     """Builds and loads a :class:`keras_sapa.SAPADeform` from the entries of an
     official ``SAPADeform`` module. ``groups``, ``up_factor`` and ``high_offset`` leave
     no unambiguous trace in the weights: they are the official defaults (4, 2, True)
@@ -600,8 +610,10 @@ def _deform_from_entries(entries, state_dict, prefix, x_channels, guide_channels
     q, k, offset = out_in("q"), out_in("k"), out_in("offset")
     cx = offset[1] if offset else None
     cy = q[1] if q else None
-    for name, given, inferred in (("x_channels", x_channels, cx),
-                                  ("guide_channels", guide_channels, cy)):
+    for name, given, inferred in (
+        ("x_channels", x_channels, cx),
+        ("guide_channels", guide_channels, cy),
+    ):
         if given is not None and inferred is not None and given != inferred:
             raise ValueError(
                 f"`{name}` does not match the checkpoint's weights. "
@@ -638,8 +650,9 @@ def _deform_from_entries(entries, state_dict, prefix, x_channels, guide_channels
     return layer
 
 
-def from_torch_checkpoint(path, prefix="", x_channels=None, guide_channels=None,
-                          weights_only=True, **layer_kwargs):
+def from_torch_checkpoint(
+    path, prefix="", x_channels=None, guide_channels=None, weights_only=True, **layer_kwargs
+):
     """Builds a :class:`keras_sapa.SAPA` from a PyTorch ``.pth`` file and loads it
     (a :class:`keras_sapa.SAPADeform` when the entries have an ``offset`` projection,
     the official ``SAPADeform``; pass its ``groups``, ``up_factor`` and
@@ -690,7 +703,8 @@ def from_torch_checkpoint(path, prefix="", x_channels=None, guide_channels=None,
     # Only the module's own entries (official names right under the prefix) tell its
     # settings; anything else under the prefix is reported by the loader.
     entries = {
-        name: value for name, value in _entries_under(state_dict, prefix).items()
+        name: value
+        for name, value in _entries_under(state_dict, prefix).items()
         if name in _KNOWN_ENTRIES
     }
     if not entries:
@@ -698,13 +712,17 @@ def from_torch_checkpoint(path, prefix="", x_channels=None, guide_channels=None,
         raise ValueError(
             f"The checkpoint {_describe_path(path)} has no SAPA entries (norm_x, k, "
             f"q, ... weights) right under the prefix {prefix!r}. "
-            + (f"SAPA modules found at prefixes: {found}." if found
-               else "No SAPA module was found in it.")
+            + (
+                f"SAPA modules found at prefixes: {found}."
+                if found
+                else "No SAPA module was found in it."
+            )
         )
 
     if "offset.weight" in entries:
-        return _deform_from_entries(entries, state_dict, prefix, x_channels,
-                                    guide_channels, layer_kwargs)
+        return _deform_from_entries(
+            entries, state_dict, prefix, x_channels, guide_channels, layer_kwargs
+        )
     settings, variant, cx, cy = _infer_settings(
         entries, x_channels, guide_channels, layer_kwargs.get("variant")
     )

@@ -41,7 +41,8 @@ FLOP_PER_CYCLE = 32  # fp32: 8 lanes x 2 (multiply and add) x 2 FMA pipes
 def simd_flags(cxx):
     """The SIMD flags custom_ops/build.py would use."""
     spec = importlib.util.spec_from_file_location(
-        "_sapa_build", os.path.join(ROOT, "custom_ops", "build.py"))
+        "_sapa_build", os.path.join(ROOT, "custom_ops", "build.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module._cpu_simd_flags(cxx)
@@ -53,7 +54,10 @@ def baseline_headers(rev, workdir):
     for name in ("sapa_cpu.h", "simd.h"):
         text = subprocess.run(
             ["git", "-C", ROOT, "show", f"{rev}:custom_ops/sapa/kernels/cpu/{name}"],
-            check=True, capture_output=True, text=True).stdout
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         text = re.sub(r"KERAS_SAPA_KERNELS_CPU_(\w+)_H_", r"BASELINE_\1_H_", text)
         with open(os.path.join(workdir, name), "w") as f:
             f.write(text)
@@ -108,8 +112,12 @@ def main(argv=None):
             return subprocess.run([exe, "check"]).returncode
         mhz = cpu_mhz()
         print(f"flags: {' '.join(flags)}")
-        print(f"nominal peak per core: {mhz:.0f} MHz x {FLOP_PER_CYCLE} FLOP/cycle = "
-              f"{mhz * FLOP_PER_CYCLE / 1e3:.1f} GFLOP/s" if mhz else "cpu MHz unknown")
+        print(
+            f"nominal peak per core: {mhz:.0f} MHz x {FLOP_PER_CYCLE} FLOP/cycle = "
+            f"{mhz * FLOP_PER_CYCLE / 1e3:.1f} GFLOP/s"
+            if mhz
+            else "cpu MHz unknown"
+        )
         entries = "fwd,bwd,fma_peak" + (",base_fwd,base_bwd" if args.baseline else "")
         for name in args.shapes.split(","):
             shape = SHAPES.get(name) or tuple(int(x) for x in name.split(","))
@@ -117,36 +125,53 @@ def main(argv=None):
             flop_fwd = 2.0 * b * h * w * s * s * k * k * (d + c)
             for threads in (int(t) for t in args.threads.split(",")):
                 out = subprocess.run(
-                    [exe, "time", ",".join(map(str, shape)), str(threads), str(args.reps),
-                     entries], check=True, capture_output=True, text=True).stdout
+                    [
+                        exe,
+                        "time",
+                        ",".join(map(str, shape)),
+                        str(threads),
+                        str(args.reps),
+                        entries,
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
                 t = parse(out)
                 measured = t["fma_peak_mflop"] / t["fma_peak"]["median_ms"]  # MFLOP/ms
-                measured_cpu = (t["fma_peak_mflop"] / t["fma_peak"]["cpu_median_ms"]
-                                * threads)
+                measured_cpu = t["fma_peak_mflop"] / t["fma_peak"]["cpu_median_ms"] * threads
                 nominal = threads * mhz * FLOP_PER_CYCLE / 1e3 if mhz else float("nan")
-                print(f"\n{name} {shape} threads={threads}: forward {flop_fwd / 1e6:.0f} MFLOP; "
-                      f"peak nominal {nominal:.0f}, measured {measured:.0f} GFLOP/s wall "
-                      f"({measured_cpu:.0f} from CPU time)")
-                for label, keys, flop in (("forward", ["fwd"], flop_fwd),
-                                          ("fwd+bwd", ["fwd", "bwd"], 3 * flop_fwd)):
+                print(
+                    f"\n{name} {shape} threads={threads}: forward {flop_fwd / 1e6:.0f} MFLOP; "
+                    f"peak nominal {nominal:.0f}, measured {measured:.0f} GFLOP/s wall "
+                    f"({measured_cpu:.0f} from CPU time)"
+                )
+                for label, keys, flop in (
+                    ("forward", ["fwd"], flop_fwd),
+                    ("fwd+bwd", ["fwd", "bwd"], 3 * flop_fwd),
+                ):
                     for prefix in ("", "base_") if args.baseline else ("",):
                         wall = sum(t[prefix + key]["median_ms"] for key in keys)
                         cpu = sum(t[prefix + key]["cpu_median_ms"] for key in keys) / threads
                         rate = flop / wall / 1e6
                         rate_cpu = flop / cpu / 1e6
-                        print(f"  {prefix + label:13s} wall {wall:8.3f} ms {rate:6.1f} GFLOP/s "
-                              f"({100 * rate / nominal:4.1f}% nominal, "
-                              f"{100 * rate / measured:4.1f}% measured) | CPU/thread "
-                              f"{cpu:8.3f} ms {rate_cpu:6.1f} GFLOP/s "
-                              f"({100 * rate_cpu / nominal:4.1f}% nominal, "
-                              f"{100 * rate_cpu / measured_cpu:4.1f}% measured)")
+                        print(
+                            f"  {prefix + label:13s} wall {wall:8.3f} ms {rate:6.1f} GFLOP/s "
+                            f"({100 * rate / nominal:4.1f}% nominal, "
+                            f"{100 * rate / measured:4.1f}% measured) | CPU/thread "
+                            f"{cpu:8.3f} ms {rate_cpu:6.1f} GFLOP/s "
+                            f"({100 * rate_cpu / nominal:4.1f}% nominal, "
+                            f"{100 * rate_cpu / measured_cpu:4.1f}% measured)"
+                        )
                     ratio = t["bwd"]["cpu_median_ms"] / t["fwd"]["cpu_median_ms"] + 1
                 print(f"  fwd+bwd / fwd (CPU time): {ratio:.2f}")
                 if args.baseline:
                     for key in ("fwd", "bwd"):
-                        print(f"  {key} current / baseline: wall "
-                              f"{t[key]['median_ms'] / t['base_' + key]['median_ms']:.2f}, CPU "
-                              f"{t[key]['cpu_median_ms'] / t['base_' + key]['cpu_median_ms']:.2f}")
+                        print(
+                            f"  {key} current / baseline: wall "
+                            f"{t[key]['median_ms'] / t['base_' + key]['median_ms']:.2f}, CPU "
+                            f"{t[key]['cpu_median_ms'] / t['base_' + key]['cpu_median_ms']:.2f}"
+                        )
     return 0
 
 

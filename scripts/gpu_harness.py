@@ -33,6 +33,7 @@ the message says which.
 """
 
 import argparse
+import contextlib
 import ctypes
 import importlib.util
 import os
@@ -48,8 +49,15 @@ LAUNCHER_LIB = "libsapa_launcher.so"
 SAPA_OK, SAPA_ERR_NO_DRIVER, SAPA_ERR_DRIVER, SAPA_ERR_NO_IMAGE = 0, 1, 2, 3
 SAPA_ERR_LAUNCH, SAPA_ERR_INVALID, SAPA_ERR_IO = 4, 5, 6
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
-STATUS_NAMES = {0: "ok", 1: "no driver", 2: "driver error", 3: "no image", 4: "launch failed",
-                5: "invalid argument", 6: "io error"}
+STATUS_NAMES = {
+    0: "ok",
+    1: "no driver",
+    2: "driver error",
+    3: "no image",
+    4: "launch failed",
+    5: "invalid argument",
+    6: "io error",
+}
 
 
 class LauncherError(RuntimeError):
@@ -59,13 +67,16 @@ class LauncherError(RuntimeError):
 
 
 class SapaDims(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int64) for name in
-                ("batch", "height", "width", "up", "kernel", "channels", "channels_v")]
+    _fields_ = [
+        (name, ctypes.c_int64)
+        for name in ("batch", "height", "width", "up", "kernel", "channels", "channels_v")
+    ]
 
 
 def dims(batch, height, width, up, kernel, channels, channels_v=None):
-    return SapaDims(batch, height, width, up, kernel, channels,
-                    channels if channels_v is None else channels_v)
+    return SapaDims(
+        batch, height, width, up, kernel, channels, channels if channels_v is None else channels_v
+    )
 
 
 class Launcher:
@@ -79,21 +90,40 @@ class Launcher:
         lib.sapa_init.argtypes = [ctypes.c_char_p]
         lib.sapa_add_image.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
         lib.sapa_load_image_dir.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)]
-        lib.sapa_select_image.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
-                                          ctypes.c_size_t]
-        lib.sapa_device_info.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int),
-                                         ctypes.POINTER(ctypes.c_int), ctypes.c_char_p,
-                                         ctypes.c_size_t]
+        lib.sapa_select_image.argtypes = [
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+        ]
+        lib.sapa_device_info.argtypes = [
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_int),
+            ctypes.POINTER(ctypes.c_int),
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+        ]
         lib.sapa_set_untiled.argtypes = [ctypes.c_int]
-        lib.sapa_last_launch.argtypes = [ctypes.c_char_p, ctypes.c_size_t,
-                                         ctypes.POINTER(ctypes.c_int64),
-                                         ctypes.POINTER(ctypes.c_int),
-                                         ctypes.POINTER(ctypes.c_int)]
+        lib.sapa_last_launch.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.POINTER(ctypes.c_int64),
+            ctypes.POINTER(ctypes.c_int),
+            ctypes.POINTER(ctypes.c_int),
+        ]
         p = ctypes.c_void_p
-        for name, npointers in (("sapa_dot", 3), ("sapa_gather", 3), ("sapa_scatter", 3),
-                                ("sapa_gather_acc", 3), ("sapa_scatter_acc", 3),
-                                ("sapa_forward", 5), ("sapa_softmax_backward", 4)):
-            getattr(lib, name).argtypes = [p, ctypes.c_int, ctypes.POINTER(SapaDims)] + [p] * npointers
+        for name, npointers in (
+            ("sapa_dot", 3),
+            ("sapa_gather", 3),
+            ("sapa_scatter", 3),
+            ("sapa_gather_acc", 3),
+            ("sapa_scatter_acc", 3),
+            ("sapa_forward", 5),
+            ("sapa_softmax_backward", 4),
+        ):
+            getattr(lib, name).argtypes = [p, ctypes.c_int, ctypes.POINTER(SapaDims)] + [
+                p
+            ] * npointers
 
     def _check(self, status):
         if status != SAPA_OK:
@@ -120,8 +150,9 @@ class Launcher:
 
     def device_info(self, stream=None):
         major, minor, target = ctypes.c_int(), ctypes.c_int(), ctypes.create_string_buffer(64)
-        self._check(self.lib.sapa_device_info(stream, ctypes.byref(major), ctypes.byref(minor),
-                                              target, 64))
+        self._check(
+            self.lib.sapa_device_info(stream, ctypes.byref(major), ctypes.byref(minor), target, 64)
+        )
         return major.value, minor.value, target.value.decode()
 
     def set_untiled(self, untiled):
@@ -130,13 +161,15 @@ class Launcher:
     def last_launch(self):
         name = ctypes.create_string_buffer(128)
         grid, block, smem = ctypes.c_int64(), ctypes.c_int(), ctypes.c_int()
-        self.lib.sapa_last_launch(name, 128, ctypes.byref(grid), ctypes.byref(block),
-                                  ctypes.byref(smem))
+        self.lib.sapa_last_launch(
+            name, 128, ctypes.byref(grid), ctypes.byref(block), ctypes.byref(smem)
+        )
         return name.value.decode(), grid.value, block.value, smem.value
 
     def call(self, name, stream, dtype, d, *pointers):
-        self._check(getattr(self.lib, f"sapa_{name}")(stream, DTYPES[dtype], ctypes.byref(d),
-                                                      *pointers))
+        self._check(
+            getattr(self.lib, f"sapa_{name}")(stream, DTYPES[dtype], ctypes.byref(d), *pointers)
+        )
 
 
 def load_reference():
@@ -161,8 +194,12 @@ class TorchBackend:
             raise LauncherError(SAPA_ERR_DRIVER, "PyTorch sees no CUDA GPU")
         self.torch = torch
         self.stream = torch.cuda.Stream()
-        self.types = {"float32": torch.float32, "float16": torch.float16,
-                      "bfloat16": torch.bfloat16, "float64": torch.float64}
+        self.types = {
+            "float32": torch.float32,
+            "float16": torch.float16,
+            "bfloat16": torch.bfloat16,
+            "float64": torch.float64,
+        }
 
     def device_name(self):
         return self.torch.cuda.get_device_name()
@@ -213,8 +250,7 @@ class CupyBackend:
 
         self.cp = cupy
         self.stream = cupy.cuda.Stream(non_blocking=True)
-        self.types = {"float32": cupy.float32, "float16": cupy.float16,
-                      "float64": cupy.float64}
+        self.types = {"float32": cupy.float32, "float16": cupy.float16, "float64": cupy.float64}
 
     def device_name(self):
         props = self.cp.cuda.runtime.getDeviceProperties(self.cp.cuda.Device().id)
@@ -257,7 +293,7 @@ class CupyBackend:
 
 def make_backend(name):
     errors = []
-    for candidate in ([name] if name != "auto" else ["torch", "cupy"]):
+    for candidate in [name] if name != "auto" else ["torch", "cupy"]:
         try:
             return TorchBackend() if candidate == "torch" else CupyBackend()
         except ImportError as exc:
@@ -266,8 +302,9 @@ def make_backend(name):
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. CuPy without a usable GPU
             errors.append(f"{candidate}: {exc}")
-    raise LauncherError(SAPA_ERR_DRIVER, "no usable PyTorch or CuPy GPU backend ("
-                        + "; ".join(errors) + ")")
+    raise LauncherError(
+        SAPA_ERR_DRIVER, "no usable PyTorch or CuPy GPU backend (" + "; ".join(errors) + ")"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,33 +416,42 @@ class Checker:
             mode = "untiled" if untiled else "tiled"
             sim = be.empty((batch, hs, ws, kk), dtype)
             L.call("dot", stream, dtype, dd, P(dq), P(dk), P(sim))
-            self.expect(f"{mode} dot", be.to_host(sim), refs["dot"], tol * max(1, d ** 0.5))
+            self.expect(f"{mode} dot", be.to_host(sim), refs["dot"], tol * max(1, d**0.5))
             out = be.empty((batch, hs, ws, c), dtype)
             L.call("gather", stream, dtype, dc, P(dw), P(dv), P(out))
             self.expect(f"{mode} gather", be.to_host(out), refs["gather"], tol)
             low = be.empty((batch, height, width, c), dtype)
             L.call("scatter", stream, dtype, dc, P(dw), P(dg), P(low))
-            self.expect(f"{mode} scatter", be.to_host(low), refs["scatter"], tol * kk ** 0.5)
+            self.expect(f"{mode} scatter", be.to_host(low), refs["scatter"], tol * kk**0.5)
             # Fused forward.
             out_f = be.empty((batch, hs, ws, c), dtype)
             attn = be.empty((batch, hs, ws, kk), acc)
             L.call("forward", stream, dtype, dd, P(dq), P(dk), P(dv), P(out_f), P(attn))
             self.expect(f"{mode} fused forward", be.to_host(out_f), refs["forward"], tol)
-            self.expect(f"{mode} fused forward weights", be.to_host(attn), w_ref,
-                        TOLERANCES[acc] * max(1, d ** 0.5))
+            self.expect(
+                f"{mode} fused forward weights",
+                be.to_host(attn),
+                w_ref,
+                TOLERANCES[acc] * max(1, d**0.5),
+            )
             # Backward: logits gradient, then three gathers.
             dl = be.empty((batch, hs, ws, kk), acc)
             L.call("softmax_backward", stream, dtype, dc, P(dg), P(dv), P(attn), P(dl))
-            self.expect(f"{mode} softmax backward", be.to_host(dl), gl_ref,
-                        tol * max(1, c ** 0.5))
-            gq, gk, gv = (be.empty(shape, dtype) for shape in
-                          ((batch, hs, ws, d), (batch, height, width, d), (batch, height, width, c)))
+            self.expect(f"{mode} softmax backward", be.to_host(dl), gl_ref, tol * max(1, c**0.5))
+            gq, gk, gv = (
+                be.empty(shape, dtype)
+                for shape in (
+                    (batch, hs, ws, d),
+                    (batch, height, width, d),
+                    (batch, height, width, c),
+                )
+            )
             L.call("gather_acc", stream, dtype, dd, P(dl), P(dk), P(gq))
             L.call("scatter_acc", stream, dtype, dd, P(dl), P(dq), P(gk))
             L.call("scatter_acc", stream, dtype, dc, P(attn), P(dg), P(gv))
             grads = [be.to_host(x) for x in (gq, gk, gv)]
-            for name, got in zip(("grad query", "grad key", "grad value"), grads):
-                self.expect(f"{mode} {name}", got, refs[name], tol * max(1, c ** 0.5) * kk ** 0.25)
+            for name, got in zip(("grad query", "grad key", "grad value"), grads, strict=True):
+                self.expect(f"{mode} {name}", got, refs[name], tol * max(1, c**0.5) * kk**0.25)
             if dtype == "float64":
                 self.directional(q, key, v, g, grads, k, s)
         L.set_untiled(False)
@@ -422,9 +468,13 @@ class Checker:
         plus = f(q + eps * u[0], key + eps * u[1], v + eps * u[2])
         minus = f(q - eps * u[0], key - eps * u[1], v - eps * u[2])
         numeric = (plus - minus) / (2 * eps)
-        analytic = sum(float(np.sum(gr * uu)) for gr, uu in zip(grads, u))
-        self.expect("directional derivative of the reference", np.array([analytic]),
-                    np.array([numeric]), 1e-6)
+        analytic = sum(float(np.sum(gr * uu)) for gr, uu in zip(grads, u, strict=True))
+        self.expect(
+            "directional derivative of the reference",
+            np.array([analytic]),
+            np.array([numeric]),
+            1e-6,
+        )
 
     def big_case(self, dtype="float16"):
         """Output past 2**31 elements: B=1, 512x512 -> 2048x2048, C=520, d=8, K=3, s=4."""
@@ -432,7 +482,7 @@ class Checker:
         batch, height, width, s, k, d, c = 1, 512, 512, 4, 3, 8, 520
         hs, ws = s * height, s * width
         total = batch * hs * ws * c
-        self.log(f"case big: output {total} elements (> 2**31 = {2 ** 31}), {dtype}")
+        self.log(f"case big: output {total} elements (> 2**31 = {2**31}), {dtype}")
         rng = np.random.default_rng(99)
         q = quantise(rng.standard_normal((batch, hs, ws, d)) * 0.5, dtype, be)
         key = quantise(rng.standard_normal((batch, height, width, d)) * 0.5, dtype, be)
@@ -440,8 +490,17 @@ class Checker:
         dq, dk, dv = (be.to_device(x, dtype) for x in (q, key, v))
         out = be.full((batch, hs, ws, c), dtype, float("nan"))
         attn = be.empty((batch, hs, ws, k * k), "float32")
-        L.call("forward", be.stream_handle(), dtype, dims(batch, height, width, s, k, d, c),
-               be.pointer(dq), be.pointer(dk), be.pointer(dv), be.pointer(out), be.pointer(attn))
+        L.call(
+            "forward",
+            be.stream_handle(),
+            dtype,
+            dims(batch, height, width, s, k, d, c),
+            be.pointer(dq),
+            be.pointer(dk),
+            be.pointer(dv),
+            be.pointer(out),
+            be.pointer(attn),
+        )
         points = [(hs - 1, ws - 1), (hs - 1, 0), (hs // 2, ws - 3), (0, 0)]
         points += [tuple(p) for p in rng.integers(0, [hs, ws], size=(60, 2))]
         got_all, want_all = [], []
@@ -449,16 +508,28 @@ class Checker:
             base = ((0 * hs + i) * ws + j) * c
             got_all.append(be.gather_host(out, np.arange(base, base + c)))
             want_all.append(sapa_point(q, key, v, 0, i, j, k, s)[0])
-        self.expect("big fused forward (sampled, incl. the last elements)",
-                    np.array(got_all), np.array(want_all), TOLERANCES[dtype])
+        self.expect(
+            "big fused forward (sampled, incl. the last elements)",
+            np.array(got_all),
+            np.array(want_all),
+            TOLERANCES[dtype],
+        )
         # scatter over the same sizes: grad of the value (B,H,W,C) from a (B,sH,sW,C) grad.
         del dq
         low = be.full((batch, height, width, c), dtype, float("nan"))
-        L.call("scatter_acc", be.stream_handle(), dtype, dims(batch, height, width, s, k, c, c),
-               be.pointer(attn), be.pointer(out), be.pointer(low))
+        L.call(
+            "scatter_acc",
+            be.stream_handle(),
+            dtype,
+            dims(batch, height, width, s, k, c, c),
+            be.pointer(attn),
+            be.pointer(out),
+            be.pointer(low),
+        )
         got_all, want_all = [], []
-        for p, t in [(height - 1, width - 1), (0, 0)] + [tuple(x) for x in
-                                                         rng.integers(0, [height, width], size=(6, 2))]:
+        for p, t in [(height - 1, width - 1), (0, 0)] + [
+            tuple(x) for x in rng.integers(0, [height, width], size=(6, 2))
+        ]:
             acc = np.zeros(c)
             r = k // 2
             for a in range(-r, r + 1):
@@ -470,24 +541,27 @@ class Checker:
                     for ci in range(s):
                         for cj in range(s):
                             i, j = ap * s + ci, aq * s + cj
-                            point = (i * ws + j)
+                            point = i * ws + j
                             wv = be.gather_host(attn, [point * k * k + n])[0]
                             ov = be.gather_host(out, np.arange(point * c, point * c + c))
                             acc += wv * ov
-            got_all.append(be.gather_host(low, np.arange(((p * width) + t) * c, ((p * width) + t) * c + c)))
+            got_all.append(
+                be.gather_host(low, np.arange(((p * width) + t) * c, ((p * width) + t) * c + c))
+            )
             want_all.append(acc)
-        self.expect("big scatter (sampled)", np.array(got_all), np.array(want_all),
-                    TOLERANCES[dtype] * 4)
+        self.expect(
+            "big scatter (sampled)", np.array(got_all), np.array(want_all), TOLERANCES[dtype] * 4
+        )
 
 
 CASES = [
     # (batch, height, width, s, K, d, C)
-    (1, 6, 7, 2, 5, 64, 256),   # real channel counts, odd width
-    (2, 5, 3, 1, 3, 5, 7),      # s = 1, odd everything
-    (1, 4, 5, 4, 7, 3, 33),     # s = 4, K = 7
-    (1, 3, 4, 3, 5, 8, 9),      # s = 3
-    (1, 5, 4, 2, 9, 6, 10),     # K = 9: untiled dot/fused, tiled gather/scatter
-    (1, 4, 4, 2, 1, 4, 5),      # K = 1
+    (1, 6, 7, 2, 5, 64, 256),  # real channel counts, odd width
+    (2, 5, 3, 1, 3, 5, 7),  # s = 1, odd everything
+    (1, 4, 5, 4, 7, 3, 33),  # s = 4, K = 7
+    (1, 3, 4, 3, 5, 8, 9),  # s = 3
+    (1, 5, 4, 2, 9, 6, 10),  # K = 9: untiled dot/fused, tiled gather/scatter
+    (1, 4, 4, 2, 1, 4, 5),  # K = 1
     (1, 9, 11, 2, 3, 65, 257),  # channels past a chunk boundary
 ]
 
@@ -556,13 +630,19 @@ def jax_xla_sapa(jnp, q, k, v, kernel_size, s):
     def up(t):
         return jnp.repeat(jnp.repeat(t, s, axis=1), s, axis=2)
 
-    logits = jnp.stack([jnp.sum(q * up(kp[:, a:a + h, b:b + w]), axis=-1)
-                        for a in range(kernel_size) for b in range(kernel_size)], axis=-1)
+    logits = jnp.stack(
+        [
+            jnp.sum(q * up(kp[:, a : a + h, b : b + w]), axis=-1)
+            for a in range(kernel_size)
+            for b in range(kernel_size)
+        ],
+        axis=-1,
+    )
     weights = jax_softmax(logits.astype(jnp.float32)).astype(q.dtype)
     out = 0
     for n in range(kernel_size * kernel_size):
         a, b = divmod(n, kernel_size)
-        out = out + weights[..., n:n + 1] * up(vp[:, a:a + h, b:b + w])
+        out = out + weights[..., n : n + 1] * up(vp[:, a : a + h, b : b + w])
     return out
 
 
@@ -611,10 +691,8 @@ def run_jax_bench(log, dtype_names=("float32", "float16"), forward_ms=None):
         for label, fn in (("forward", fwd), ("fwd+bwd", both)):
             compiled = fn.lower(q, kk_, v).compile()
             temp = None
-            try:
+            with contextlib.suppress(Exception):  # not every backend reports it
                 temp = compiled.memory_analysis().temp_size_in_bytes
-            except Exception:  # noqa: BLE001 - not every backend reports it
-                pass
             jax.block_until_ready(fn(q, kk_, v))
             runs = []
             for _ in range(20):
@@ -622,12 +700,14 @@ def run_jax_bench(log, dtype_names=("float32", "float16"), forward_ms=None):
                 jax.block_until_ready(fn(q, kk_, v))
                 runs.append((time.perf_counter() - start) * 1e3)
             times[label] = float(np.median(runs))
-            mem = f", XLA temp memory {temp / 2 ** 20:.1f} MiB" if temp is not None else ""
+            mem = f", XLA temp memory {temp / 2**20:.1f} MiB" if temp is not None else ""
             log(f"[{name}] JAX/XLA {label:8s} {times[label]:8.3f} ms{mem}")
         if forward_ms and name in forward_ms:
             ours_fwd, ours_both = forward_ms[name]
-            log(f"[{name}] ours vs XLA: forward {times['forward'] / ours_fwd:.2f}x faster, "
-                f"fwd+bwd {times['fwd+bwd'] / ours_both:.2f}x faster")
+            log(
+                f"[{name}] ours vs XLA: forward {times['forward'] / ours_fwd:.2f}x faster, "
+                f"fwd+bwd {times['fwd+bwd'] / ours_both:.2f}x faster"
+            )
 
 
 def load_official(path, log):
@@ -651,16 +731,22 @@ def load_official(path, log):
     except Exception as exc:  # noqa: BLE001
         log(f"official SAPA kernels: build failed ({str(exc).splitlines()[0]}); skipped")
         return None
-    log(f"official SAPA kernels: built from {len(sources)} files; functions "
-        f"{[n for n in dir(module) if not n.startswith('_')]}")
+    log(
+        f"official SAPA kernels: built from {len(sources)} files; functions "
+        f"{[n for n in dir(module) if not n.startswith('_')]}"
+    )
     return module
 
 
 def run_official(torch, module, q, k, v, kernel_size, s):
     """Calls the official sim/atn forward kernels (NCHW) if their names are as expected."""
     names = [n for n in dir(module) if not n.startswith("_")]
-    sim_fn = next((getattr(module, n) for n in names if "sim" in n.lower() and "forward" in n.lower()), None)
-    atn_fn = next((getattr(module, n) for n in names if "atn" in n.lower() and "forward" in n.lower()), None)
+    sim_fn = next(
+        (getattr(module, n) for n in names if "sim" in n.lower() and "forward" in n.lower()), None
+    )
+    atn_fn = next(
+        (getattr(module, n) for n in names if "atn" in n.lower() and "forward" in n.lower()), None
+    )
     if sim_fn is None or atn_fn is None:
         return None
     b, _, hh, ww = q.shape
@@ -685,12 +771,14 @@ def run_bench(launcher, backend, log, official_path):
     official = load_official(official_path, log)
     stream = backend.stream_handle()
     with torch.cuda.stream(backend.stream):
-        big = torch.empty(64 * 2 ** 20, device="cuda", dtype=torch.float32)
+        big = torch.empty(64 * 2**20, device="cuda", dtype=torch.float32)
         dst = torch.empty_like(big)
         copy_ms = timed(backend, lambda: dst.copy_(big))
         copy_gbs = 2 * big.numel() * 4 / copy_ms / 1e6
-        log(f"device: {backend.device_name()}; copy bandwidth {copy_gbs:.0f} GB/s "
-            f"(256 MiB device-to-device)")
+        log(
+            f"device: {backend.device_name()}; copy bandwidth {copy_gbs:.0f} GB/s "
+            f"(256 MiB device-to-device)"
+        )
         log(f"M1: B={batch}, {height}x{width} -> {hs}x{ws}, C={c}, d={d}, K={k}, s={s}")
         for dtype in ("float32", "float16"):
             tt = backend.types[dtype]
@@ -722,7 +810,8 @@ def run_bench(launcher, backend, log, official_path):
 
             x_nchw = v.permute(0, 3, 1, 2)  # channels-last memory, as v
             bilinear = lambda: torch.nn.functional.interpolate(  # noqa: E731
-                x_nchw, scale_factor=s, mode="bilinear", align_corners=False)
+                x_nchw, scale_factor=s, mode="bilinear", align_corners=False
+            )
             qc, kc, vc = (t.permute(0, 3, 1, 2).contiguous() for t in (q, key, v))
             unfold = lambda: torch_unfold_sapa(torch, qc, kc, vc, k, s)  # noqa: E731
             # Correctness of the benchmark's own output against the unfold version.
@@ -734,33 +823,45 @@ def run_bench(launcher, backend, log, official_path):
             t_both = timed(backend, both)
             t_bil = timed(backend, bilinear)
             t_unf = timed(backend, unfold)
-            must_move = (q.numel() + key.numel() + v.numel() + out.numel()) * size + attn.numel() * 4
+            must_move = (
+                q.numel() + key.numel() + v.numel() + out.numel()
+            ) * size + attn.numel() * 4
             bw = must_move / t_fwd / 1e6
             bil_bytes = (v.numel() + out.numel()) * size
             log(f"[{dtype}] ours vs unfold max rel diff {agree:.1e}")
             log(f"[{dtype}] copy            {'':>9}  {copy_gbs:7.0f} GB/s")
             log(f"[{dtype}] bilinear        {t_bil:8.3f} ms  {bil_bytes / t_bil / 1e6:7.0f} GB/s")
-            log(f"[{dtype}] ours forward    {t_fwd:8.3f} ms  {bw:7.0f} GB/s "
-                f"({100 * bw / copy_gbs:.0f}% of copy)  {t_fwd / t_bil:.2f}x bilinear")
+            log(
+                f"[{dtype}] ours forward    {t_fwd:8.3f} ms  {bw:7.0f} GB/s "
+                f"({100 * bw / copy_gbs:.0f}% of copy)  {t_fwd / t_bil:.2f}x bilinear"
+            )
             log(f"[{dtype}] ours fwd+bwd    {t_both:8.3f} ms  {t_both / t_fwd:.2f}x forward")
             log(f"[{dtype}] torch unfold    {t_unf:8.3f} ms  ours is {t_unf / t_fwd:.1f}x faster")
             if official is not None:
                 try:
                     t_off = timed(backend, lambda: run_official(torch, official, qc, kc, vc, k, s))
-                    log(f"[{dtype}] official SAPA   {t_off:8.3f} ms  ours is {t_off / t_fwd:.1f}x faster")
+                    log(
+                        f"[{dtype}] official SAPA   {t_off:8.3f} ms  "
+                        f"ours is {t_off / t_fwd:.1f}x faster"
+                    )
                 except Exception as exc:  # noqa: BLE001
                     log(f"[{dtype}] official SAPA failed: {str(exc).splitlines()[0]}")
-            log(f"[{dtype}] targets: forward <= 3x bilinear: {t_fwd / t_bil <= 3}; "
+            log(
+                f"[{dtype}] targets: forward <= 3x bilinear: {t_fwd / t_bil <= 3}; "
                 f"fwd+bwd <= 3.5x forward: {t_both / t_fwd <= 3.5}; "
-                f">= 50% of copy bandwidth: {bw >= 0.5 * copy_gbs}")
+                f">= 50% of copy bandwidth: {bw >= 0.5 * copy_gbs}"
+            )
             results[dtype] = (t_fwd, t_both)
     return results
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lib-dir", default=DEFAULT_LIB_DIR,
-                        help="folder with libsapa_launcher.so and the kernel images")
+    parser.add_argument(
+        "--lib-dir",
+        default=DEFAULT_LIB_DIR,
+        help="folder with libsapa_launcher.so and the kernel images",
+    )
     parser.add_argument("--driver", default=None, help="path of libcuda (default libcuda.so.1)")
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "cupy"))
     parser.add_argument("--skip-check", action="store_true")
@@ -771,7 +872,8 @@ def main(argv=None):
     parser.add_argument("--log", default="gpu_harness.log")
     args = parser.parse_args(argv)
 
-    log_file = open(args.log, "a") if args.log else None
+    # Kept open for the whole run and closed by the interpreter at exit.
+    log_file = open(args.log, "a") if args.log else None  # noqa: SIM115
 
     def log(line):
         print(line, flush=True)
@@ -791,8 +893,10 @@ def main(argv=None):
             raise LauncherError(SAPA_ERR_NO_IMAGE, f"no sapa_kernels.* images in {args.lib_dir}")
         backend = make_backend(args.backend)
         major, minor, target = launcher.device_info(backend.stream_handle())
-        log(f"GPU {backend.device_name()} (sm_{major}{minor}); image {target}; "
-            f"{count} images; backend {backend.name}")
+        log(
+            f"GPU {backend.device_name()} (sm_{major}{minor}); image {target}; "
+            f"{count} images; backend {backend.name}"
+        )
     except LauncherError as exc:
         log(f"cannot run: {exc}")
         return 2

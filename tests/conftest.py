@@ -53,8 +53,9 @@ def _background_modules(items):
 def pytest_collection_modifyitems(config, items):
     modules = _background_modules(items)
     if modules:
-        items[:] = ([i for i in items if getattr(i, "module", None) not in modules]
-                    + [i for i in items if getattr(i, "module", None) in modules])
+        items[:] = [i for i in items if getattr(i, "module", None) not in modules] + [
+            i for i in items if getattr(i, "module", None) in modules
+        ]
 
 
 def pytest_collection_finish(session):

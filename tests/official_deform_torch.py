@@ -160,8 +160,18 @@ class SAPADeformTorch(nn.Module):
     """The official ``SAPADeform`` module (same arguments, parameter names, init and
     forward), running :func:`deform_qk` / :func:`deform_av` on CPU."""
 
-    def __init__(self, dim_y, dim_x=None, up_factor=2, num_point=9, groups=4,
-                 embedding_dim=32, qkv_bias=True, high_offset=True, norm=False):
+    def __init__(
+        self,
+        dim_y,
+        dim_x=None,
+        up_factor=2,
+        num_point=9,
+        groups=4,
+        embedding_dim=32,
+        qkv_bias=True,
+        high_offset=True,
+        norm=False,
+    ):
         super().__init__()
         dim_x = dim_y if dim_x is None else dim_x
         self.up_factor, self.num_point, self.groups = up_factor, num_point, groups
@@ -172,8 +182,9 @@ class SAPADeformTorch(nn.Module):
         self.q = nn.Conv2d(dim_y, groups * embedding_dim, 1, bias=qkv_bias)
         self.k = nn.Conv2d(dim_x, groups * embedding_dim, 1, bias=qkv_bias)
         per_point = groups * num_point * 2
-        self.offset = nn.Conv2d(dim_x, per_point * up_factor**2 if high_offset else per_point,
-                                1, bias=qkv_bias)
+        self.offset = nn.Conv2d(
+            dim_x, per_point * up_factor**2 if high_offset else per_point, 1, bias=qkv_bias
+        )
         for conv in (self.q, self.k, self.offset):
             nn.init.normal_(conv.weight, std=0.02)
             if conv.bias is not None:

@@ -100,13 +100,15 @@ def sigmoid(t):
     return 1.0 / (1.0 + np.exp(-np.asarray(t, np.float64)))
 
 
-def sapa_layer(x, y, params, variant, kernel_size, up_factor, norm="layer", groups=32,
-               value_projection=False):
+def sapa_layer(
+    x, y, params, variant, kernel_size, up_factor, norm="layer", groups=32, value_projection=False
+):
     """The SAPA module of the spec on channels-last ``x`` (low-res) and ``y`` (guide).
 
     ``params`` maps official parameter names (``norm_x.weight``, ``q.weight`` with
     the Keras (in, out) layout, ...) to arrays; biases may be absent.
     """
+
     def lin(name, t):
         return dense(t, params[f"{name}.weight"], params.get(f"{name}.bias"))
 

@@ -294,8 +294,9 @@ def layer_offsets(x_n, params, up_factor, high_offset):
     return pixel_shuffle(o, up_factor) if high_offset else nearest_up(o, up_factor)
 
 
-def sapa_deform_layer(x, y, params, num_points=9, up_factor=2, groups=4, high_offset=True,
-                      norm=False):
+def sapa_deform_layer(
+    x, y, params, num_points=9, up_factor=2, groups=4, high_offset=True, norm=False
+):
     """The SAPADeform module of the spec on channels-last ``x`` (low-res) and ``y`` (guide).
 
     ``params`` maps official names (``q.weight`` in the Keras (in, out) layout,

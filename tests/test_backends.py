@@ -59,8 +59,12 @@ def start_in_background(config=None):
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
         with open(log, "w") as out:
             proc = subprocess.Popen(
-                [sys.executable, os.path.join(MULTI, "run_backend.py"), exchange, others,
-                 *PATHS], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+                [sys.executable, os.path.join(MULTI, "run_backend.py"), exchange, others, *PATHS],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         _state[backend] = (proc, log, time.monotonic())
 
 
@@ -86,7 +90,7 @@ def summaries():
             with open(_state[backend][1]) as f:
                 text = f.read()
             found = re.search(r"^=+ slowest .*durations =+$", text, re.M)
-            texts[backend] = text[found.start() if found else -3000:].strip()
+            texts[backend] = text[found.start() if found else -3000 :].strip()
     return texts
 
 
@@ -132,9 +136,11 @@ def test_keras_file_loads_across_backends():
     if isinstance(saved, Exception):
         raise saved
     text = "".join(results.values()) + "\n".join(
-        keras_files.load(_state["exchange"], BACKENDS, timeout=5))
+        keras_files.load(_state["exchange"], BACKENDS, timeout=5)
+    )
     for source in ("tensorflow", *BACKENDS):
         for target in ("tensorflow", *BACKENDS):
             if source != target:
                 assert f"{source} -> {target}: ok" in text, (
-                    f"{source} -> {target} missing:\n{text[-6000:]}")
+                    f"{source} -> {target} missing:\n{text[-6000:]}"
+                )

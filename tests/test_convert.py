@@ -25,8 +25,9 @@ RTOL = 1e-4
 
 
 # --------------------------------------------------------------------- helpers
-def make_state_dict(rng, variant, cx, cy, d=8, norm="layer", use_bias=True, v_out=None,
-                    fmt="linear", prefix=""):
+def make_state_dict(
+    rng, variant, cx, cy, d=8, norm="layer", use_bias=True, v_out=None, fmt="linear", prefix=""
+):
     """A random state dict of the official module, in torch names and layouts."""
     sd = {}
 
@@ -68,7 +69,7 @@ def reference_params(sd, prefix=""):
         value = np.asarray(value, np.float64)
         if value.ndim == 4:
             value = value[:, :, 0, 0]
-        params[key[len(prefix):]] = value.T if value.ndim == 2 else value
+        params[key[len(prefix) :]] = value.T if value.ndim == 2 else value
     return params
 
 
@@ -110,7 +111,18 @@ CASES = {
     "gated-v-embed": ("gated", 6, 5, "layer", 1, "linear", True, 6, 2, 3, None),
     "bilinear-groupnorm-conv": ("bilinear", 8, 12, "group", 4, "conv", True, None, 2, 5, None),
     "bilinear-groupnorm32-conv-nchw": (
-        "bilinear", 32, 64, "group", 32, "conv", True, None, 2, 3, "channels_first"),
+        "bilinear",
+        32,
+        64,
+        "group",
+        32,
+        "conv",
+        True,
+        None,
+        2,
+        3,
+        "channels_first",
+    ),
     "gated-groupnorm-conv": ("gated", 8, 12, "group", 4, "conv", True, None, 2, 3, None),
     "bilinear-nonorm-conv": ("bilinear", 6, 5, None, 1, "conv", False, None, 2, 5, None),
 }
@@ -118,8 +130,16 @@ CASES = {
 
 def layer_kwargs(case):
     variant, _, _, norm, groups, _, use_bias, v_out, up, ks, data_format = case
-    kwargs = dict(variant=variant, norm=norm, norm_groups=groups, use_bias=use_bias,
-                  embedding_dim=8, up_factor=up, kernel_size=ks, data_format=data_format)
+    kwargs = dict(
+        variant=variant,
+        norm=norm,
+        norm_groups=groups,
+        use_bias=use_bias,
+        embedding_dim=8,
+        up_factor=up,
+        kernel_size=ks,
+        data_format=data_format,
+    )
     if v_out is not None:
         kwargs.update(output_dim=v_out, value_projection=True)
     return kwargs
@@ -127,8 +147,17 @@ def layer_kwargs(case):
 
 def expected_output(case, sd, x, y, prefix=""):
     variant, _, _, norm, groups, _, _, v_out, up, ks, _ = case
-    return ref.sapa_layer(x, y, reference_params(sd, prefix), variant, ks, up, norm=norm,
-                          groups=groups, value_projection=v_out is not None)
+    return ref.sapa_layer(
+        x,
+        y,
+        reference_params(sd, prefix),
+        variant,
+        ks,
+        up,
+        norm=norm,
+        groups=groups,
+        value_projection=v_out is not None,
+    )
 
 
 # ------------------------------------------------------------ load vs reference
@@ -137,8 +166,7 @@ def test_loaded_layer_matches_reference(case_id):
     case = CASES[case_id]
     variant, cx, cy, norm, _, fmt, use_bias, v_out, up, _, _ = case
     rng = np.random.default_rng(sum(map(ord, case_id)))
-    sd = make_state_dict(rng, variant, cx, cy, norm=norm, use_bias=use_bias, v_out=v_out,
-                         fmt=fmt)
+    sd = make_state_dict(rng, variant, cx, cy, norm=norm, use_bias=use_bias, v_out=v_out, fmt=fmt)
     layer = build_layer(cx, cy, **layer_kwargs(case))
     report = convert.load_torch_state_dict(layer, sd)
     assert sorted(report["loaded"]) == sorted(sd)
@@ -225,7 +253,8 @@ def test_prefix_selects_the_module_and_ignores_the_rest():
         np.testing.assert_allclose(
             run_layer(layer, x, y),
             expected_output(case, sd, x, y, prefix="decoder.upsample1."),
-            rtol=RTOL, atol=ATOL,
+            rtol=RTOL,
+            atol=ATOL,
         )
 
 
@@ -280,8 +309,12 @@ def test_unexpected_entries_raise():
 
 @pytest.mark.parametrize(
     "name,shape",
-    [("m.q.weight", (5, 8)), ("m.k.weight", (8, 6, 3, 3)), ("m.k.bias", (9,)),
-     ("m.norm_x.weight", (6, 1))],
+    [
+        ("m.q.weight", (5, 8)),
+        ("m.k.weight", (8, 6, 3, 3)),
+        ("m.k.bias", (9,)),
+        ("m.norm_x.weight", (6, 1)),
+    ],
 )
 def test_mis_shaped_entries_raise(name, shape):
     layer, sd = _loaded_layer_and_dict()
@@ -368,15 +401,18 @@ def test_bad_arguments_raise():
 
 
 # ------------------------------------------------------------------ round trip
-@pytest.mark.parametrize("case_id", ["gated-v-embed", "concat-layernorm",
-                                     "gated-groupnorm-conv", "bilinear-nonorm-conv"])
+@pytest.mark.parametrize(
+    "case_id",
+    ["gated-v-embed", "concat-layernorm", "gated-groupnorm-conv", "bilinear-nonorm-conv"],
+)
 @pytest.mark.parametrize("fmt", ["linear", "conv"])
 def test_round_trip(case_id, fmt):
     case = CASES[case_id]
     variant, cx, cy, norm, _, _, use_bias, v_out, _, _, _ = case
     rng = np.random.default_rng(8)
-    sd = make_state_dict(rng, variant, cx, cy, norm=norm, use_bias=use_bias, v_out=v_out,
-                         fmt=fmt, prefix="net.up.")
+    sd = make_state_dict(
+        rng, variant, cx, cy, norm=norm, use_bias=use_bias, v_out=v_out, fmt=fmt, prefix="net.up."
+    )
     first = build_layer(cx, cy, **layer_kwargs(case))
     convert.load_torch_state_dict(first, sd, prefix="net.up.")
 
@@ -419,8 +455,17 @@ def test_checkpoint_settings_are_inferred(case_id, fake_torch):
     case = CASES[case_id]
     variant, cx, cy, norm, groups, fmt, use_bias, v_out, up, ks, data_format = case
     rng = np.random.default_rng(9)
-    sd = make_state_dict(rng, variant, cx, cy, norm=norm, use_bias=use_bias, v_out=v_out,
-                         fmt=fmt, prefix="decoder.up.")
+    sd = make_state_dict(
+        rng,
+        variant,
+        cx,
+        cy,
+        norm=norm,
+        use_bias=use_bias,
+        v_out=v_out,
+        fmt=fmt,
+        prefix="decoder.up.",
+    )
     sd["backbone.stem.weight"] = np.zeros((3, 3), np.float32)
     fake_torch["ckpt.pth"] = {"meta": {"epoch": 1}, "state_dict": sd}
     kwargs = dict(up_factor=up, kernel_size=ks, data_format=data_format)
@@ -438,8 +483,10 @@ def test_checkpoint_settings_are_inferred(case_id, fake_torch):
     assert (layer.v is None) == (v_out is None)
     x, y = random_inputs(rng, cx, cy, up)
     np.testing.assert_allclose(
-        run_layer(layer, x, y), expected_output(case, sd, x, y, prefix="decoder.up."),
-        rtol=RTOL, atol=ATOL,
+        run_layer(layer, x, y),
+        expected_output(case, sd, x, y, prefix="decoder.up."),
+        rtol=RTOL,
+        atol=ATOL,
     )
 
 
@@ -498,9 +545,21 @@ def _torch_sapa_class(torch):
         return t.repeat_interleave(s, 2).repeat_interleave(s, 3)
 
     class TorchSAPA(nn.Module):
-        def __init__(self, dim_y, dim_x, mode="bilinear", conv=False, norm=True, groups=32,
-                     embedding_dim=8, out_dim=None, v_embed=False, up_factor=2,
-                     kernel_size=5, bias=True):
+        def __init__(
+            self,
+            dim_y,
+            dim_x,
+            mode="bilinear",
+            conv=False,
+            norm=True,
+            groups=32,
+            embedding_dim=8,
+            out_dim=None,
+            v_embed=False,
+            up_factor=2,
+            kernel_size=5,
+            bias=True,
+        ):
             super().__init__()
             self.mode, self.conv, self.use_norm = mode, conv, norm
             self.s, self.ks = up_factor, kernel_size
@@ -544,7 +603,8 @@ def _torch_sapa_class(torch):
             else:
                 g = up(torch.sigmoid(self._apply_nchw(self.gate, x_n)), self.s)
                 q = g * self._apply_nchw(self.qy, y_n) + (1 - g) * self._apply_nchw(
-                    self.qx, up(x, self.s))
+                    self.qx, up(x, self.s)
+                )
             k = self._apply_nchw(self.k, x_n)
             v = self._apply_nchw(self.v, x_n) if hasattr(self, "v") else x
             sim = (q.unsqueeze(2) * windows(k, self.ks, self.s)).sum(1)
@@ -557,13 +617,20 @@ def _torch_sapa_class(torch):
 TORCH_CASES = {
     # id: (TorchSAPA kwargs, Keras layer kwargs besides the shared ones, cx, cy)
     "neurips-bilinear": (dict(mode="bilinear"), dict(variant="bilinear"), 6, 5),
-    "exp-gated-v": (dict(mode="gated", out_dim=4),
-                    dict(variant="gated", output_dim=4), 6, 5),
+    "exp-gated-v": (dict(mode="gated", out_dim=4), dict(variant="gated", output_dim=4), 6, 5),
     "exp-concat": (dict(mode="concat"), dict(variant="concat"), 6, 5),
-    "extended-groupnorm-conv": (dict(mode="bilinear", conv=True),
-                                dict(variant="bilinear", norm="group"), 32, 64),
-    "extended-nonorm-conv-nobias": (dict(mode="bilinear", conv=True, norm=False, bias=False),
-                                    dict(variant="bilinear", norm=None, use_bias=False), 6, 5),
+    "extended-groupnorm-conv": (
+        dict(mode="bilinear", conv=True),
+        dict(variant="bilinear", norm="group"),
+        32,
+        64,
+    ),
+    "extended-nonorm-conv-nobias": (
+        dict(mode="bilinear", conv=True, norm=False, bias=False),
+        dict(variant="bilinear", norm=None, use_bias=False),
+        6,
+        5,
+    ),
 }
 
 
@@ -573,15 +640,18 @@ def _torch_outputs(torch, module, x, y):
 
     module64 = copy.deepcopy(module).double()
     with torch.no_grad():
-        out = module64(torch.from_numpy(np.transpose(y, (0, 3, 1, 2))).double(),
-                       torch.from_numpy(np.transpose(x, (0, 3, 1, 2))).double())
+        out = module64(
+            torch.from_numpy(np.transpose(y, (0, 3, 1, 2))).double(),
+            torch.from_numpy(np.transpose(x, (0, 3, 1, 2))).double(),
+        )
     return np.transpose(out.numpy(), (0, 2, 3, 1))
 
 
 @pytest.mark.parametrize("case_id", sorted(TORCH_CASES))
 def test_against_pytorch_module(case_id):
     torch = pytest.importorskip(
-        "torch", reason="PyTorch not installed (optional: pip install keras_sapa[torch])")
+        "torch", reason="PyTorch not installed (optional: pip install keras_sapa[torch])"
+    )
     torch_kwargs, keras_kwargs, cx, cy = TORCH_CASES[case_id]
     torch.manual_seed(sum(map(ord, case_id)))
     module = _torch_sapa_class(torch)(cy, cx, up_factor=2, kernel_size=5, **torch_kwargs)
@@ -590,8 +660,9 @@ def test_against_pytorch_module(case_id):
 
     rng = np.random.default_rng(12)
     x, y = random_inputs(rng, cx, cy, 2)
-    np.testing.assert_allclose(run_layer(layer, x, y), _torch_outputs(torch, module, x, y),
-                               rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(
+        run_layer(layer, x, y), _torch_outputs(torch, module, x, y), rtol=RTOL, atol=ATOL
+    )
 
     # Exported weights are accepted by the torch module as they are (names, shapes).
     fmt = "conv" if torch_kwargs.get("conv") else "linear"
@@ -606,24 +677,27 @@ def test_against_pytorch_module(case_id):
 @pytest.mark.parametrize("case_id", ["exp-gated-v", "extended-groupnorm-conv"])
 def test_from_torch_checkpoint_reads_pth(case_id, wrapper, tmp_path):
     torch = pytest.importorskip(
-        "torch", reason="PyTorch not installed (optional: pip install keras_sapa[torch])")
+        "torch", reason="PyTorch not installed (optional: pip install keras_sapa[torch])"
+    )
     torch_kwargs, keras_kwargs, cx, cy = TORCH_CASES[case_id]
     torch.manual_seed(13)
     model = torch.nn.Module()
     model.backbone = torch.nn.Conv2d(3, cy, 3)
     model.decoder = torch.nn.ModuleDict(
-        {"up1": _torch_sapa_class(torch)(cy, cx, up_factor=2, kernel_size=3, **torch_kwargs)})
+        {"up1": _torch_sapa_class(torch)(cy, cx, up_factor=2, kernel_size=3, **torch_kwargs)}
+    )
     path = tmp_path / "model.pth"
     state = model.state_dict()
     torch.save(state if wrapper is None else {wrapper: state, "epoch": 7}, path)
 
-    layer = convert.from_torch_checkpoint(path, prefix="decoder.up1.", up_factor=2,
-                                          kernel_size=3)
+    layer = convert.from_torch_checkpoint(path, prefix="decoder.up1.", up_factor=2, kernel_size=3)
     for key, value in keras_kwargs.items():
         assert getattr(layer, key) == value
     rng = np.random.default_rng(14)
     x, y = random_inputs(rng, cx, cy, 2)
     np.testing.assert_allclose(
-        run_layer(layer, x, y), _torch_outputs(torch, model.decoder["up1"], x, y),
-        rtol=RTOL, atol=ATOL,
+        run_layer(layer, x, y),
+        _torch_outputs(torch, model.decoder["up1"], x, y),
+        rtol=RTOL,
+        atol=ATOL,
     )

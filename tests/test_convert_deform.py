@@ -35,27 +35,45 @@ BATCH, HEIGHT, WIDTH = 2, 3, 2
 def _case_id(case):
     points, groups, s, high, norm, fmt = case
     return f"p{points}-g{groups}-s{s}-{'high' if high else 'low'}-" + (
-        f"{'gn' if norm else 'nonorm'}-{'nchw' if fmt == 'channels_first' else 'nhwc'}")
+        f"{'gn' if norm else 'nonorm'}-{'nchw' if fmt == 'channels_first' else 'nhwc'}"
+    )
 
 
 def _official(case, seed):
     points, groups, s, high, norm, _ = case
     cx, cy = (64, 32) if norm else (8, 6)
     torch.manual_seed(seed)
-    module = official.SAPADeformTorch(cy, cx, up_factor=s, num_point=points, groups=groups,
-                                      embedding_dim=4, high_offset=high, norm=norm).double()
+    module = official.SAPADeformTorch(
+        cy,
+        cx,
+        up_factor=s,
+        num_point=points,
+        groups=groups,
+        embedding_dim=4,
+        high_offset=high,
+        norm=norm,
+    ).double()
     with torch.no_grad():
         for name, p in module.named_parameters():
             scale = 0.6 if name.startswith("offset") else 0.3
-            p.copy_((1.0 if name.startswith("norm") and name.endswith("weight") else 0.0)
-                    + scale * torch.randn_like(p))
+            p.copy_(
+                (1.0 if name.startswith("norm") and name.endswith("weight") else 0.0)
+                + scale * torch.randn_like(p)
+            )
     return module, cx, cy
 
 
 def _keras_layer(case, cx, cy, state_dict):
     points, groups, s, high, norm, fmt = case
-    layer = SAPADeform(up_factor=s, num_points=points, groups=groups, embedding_dim=4,
-                       high_offset=high, norm="group" if norm else None, data_format=fmt)
+    layer = SAPADeform(
+        up_factor=s,
+        num_points=points,
+        groups=groups,
+        embedding_dim=4,
+        high_offset=high,
+        norm="group" if norm else None,
+        data_format=fmt,
+    )
     if fmt == "channels_first":
         layer.build((None, cx, None, None), (None, cy, None, None))
     else:
@@ -96,13 +114,13 @@ def test_layer_matches_official_module(case):
     variables = layer.trainable_weights
     grads = tape.gradient(loss, [kx, ky] + variables)
 
-    np.testing.assert_allclose(out_k.numpy(), _to_layer(out_t.detach().numpy(), fmt),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out_k.numpy(), _to_layer(out_t.detach().numpy(), fmt), rtol=1e-5, atol=1e-5
+    )
 
     def close(got, expected, what):
         scale = np.abs(expected).max()
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * scale,
-                                   err_msg=what)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * scale, err_msg=what)
 
     close(grads[0].numpy(), _to_layer(tx.grad.numpy(), fmt), "d x")
     close(grads[1].numpy(), _to_layer(ty.grad.numpy(), fmt), "d guide")
@@ -128,10 +146,12 @@ def test_exported_dict_loads_into_the_official_module():
     layer = _keras_layer(case, cx, cy, state_dict)
     exported = convert.to_torch_state_dict(layer, prefix="up")
     assert list(exported) == [f"up.{n}" for n in module.state_dict()]  # official order
-    fresh = official.SAPADeformTorch(cy, cx, up_factor=2, num_point=4, groups=4,
-                                     embedding_dim=4, norm=True).double()
-    fresh.load_state_dict({k[3:]: torch.tensor(v, dtype=torch.float64)
-                           for k, v in exported.items()})
+    fresh = official.SAPADeformTorch(
+        cy, cx, up_factor=2, num_point=4, groups=4, embedding_dim=4, norm=True
+    ).double()
+    fresh.load_state_dict(
+        {k[3:]: torch.tensor(v, dtype=torch.float64) for k, v in exported.items()}
+    )
     for name, value in fresh.state_dict().items():
         np.testing.assert_allclose(value.numpy(), state_dict[name], rtol=1e-6, atol=1e-7)
 
@@ -140,21 +160,30 @@ def test_from_torch_checkpoint_builds_sapa_deform(tmp_path):
     case = (9, 4, 2, False, True, "channels_last")
     module, cx, cy = _official(case, seed=7)
     path = tmp_path / "deform.pth"
-    torch.save({"state_dict": {f"decoder.up.{k}": v for k, v in module.state_dict().items()}},
-               path)
+    torch.save(
+        {"state_dict": {f"decoder.up.{k}": v for k, v in module.state_dict().items()}}, path
+    )
     layer = convert.from_torch_checkpoint(path, prefix="decoder.up", high_offset=False)
     assert isinstance(layer, SAPADeform)
-    assert (layer.num_points, layer.groups, layer.embedding_dim, layer.norm,
-            layer.use_bias) == (9, 4, 4, "group", True)
+    assert (layer.num_points, layer.groups, layer.embedding_dim, layer.norm, layer.use_bias) == (
+        9,
+        4,
+        4,
+        "group",
+        True,
+    )
     assert convert.find_sapa_prefixes(torch.load(path)["state_dict"]) == ["decoder.up."]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, cx, 2, 2))
     y = rng.standard_normal((1, cy, 4, 4))
     expected = module(torch.tensor(y), torch.tensor(x)).detach().numpy()
-    got = keras.ops.convert_to_numpy(layer(_to_layer(x, "channels_last").astype(np.float32),
-                                           _to_layer(y, "channels_last").astype(np.float32)))
-    np.testing.assert_allclose(got, _to_layer(expected, "channels_last"), rtol=1e-5,
-                               atol=1e-5)
+    got = keras.ops.convert_to_numpy(
+        layer(
+            _to_layer(x, "channels_last").astype(np.float32),
+            _to_layer(y, "channels_last").astype(np.float32),
+        )
+    )
+    np.testing.assert_allclose(got, _to_layer(expected, "channels_last"), rtol=1e-5, atol=1e-5)
 
 
 def test_mismatched_dicts_are_explained():
@@ -170,8 +199,7 @@ def test_mismatched_dicts_are_explained():
     normed = SAPADeform(embedding_dim=4, norm="group")
     normed.build((None, None, None, 32), (None, None, None, 32))
     with pytest.raises(ValueError, match="norm=None"):
-        convert.load_torch_state_dict(
-            normed, {k: v for k, v in state_dict.items()}, strict=True)
+        convert.load_torch_state_dict(normed, {k: v for k, v in state_dict.items()}, strict=True)
     sapa = SAPA(embedding_dim=16, norm=None)
     sapa.build((None, None, None, cx), (None, None, None, cy))
     with pytest.raises(ValueError, match="keras_sapa.SAPADeform"):
@@ -188,22 +216,35 @@ def test_official_stand_in_is_right():
     q = rng.standard_normal((batch, groups * e, s * height, s * width))
     k = rng.standard_normal((batch, groups * e, height, width))
     v = rng.standard_normal((batch, channels, height, width))
-    o = ref.offsets_away_from_integers(rng, (batch, 2 * groups * points, s * height,
-                                             s * width), spread=2.5)
+    o = ref.offsets_away_from_integers(
+        rng, (batch, 2 * groups * points, s * height, s * width), spread=2.5
+    )
     attn = rng.standard_normal((batch, groups, points, s * height, s * width))
     t = [torch.tensor(a, requires_grad=True) for a in (q, k, v, o, attn)]
     args = (points, s, groups)
-    assert torch.autograd.gradcheck(lambda a, b, c: official.deform_qk(a, b, c, *args),
-                                    (t[0], t[1], t[3]))
-    assert torch.autograd.gradcheck(lambda a, b, c: official.deform_av(a, b, c, *args),
-                                    (t[4], t[2], t[3]))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: official.deform_qk(a, b, c, *args), (t[0], t[1], t[3])
+    )
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: official.deform_av(a, b, c, *args), (t[4], t[2], t[3])
+    )
     last = lambda a: a.transpose(0, 2, 3, 1)  # noqa: E731
     logits = official.deform_qk(*(t[i] for i in (0, 1, 3)), *args).detach().numpy()
     np.testing.assert_allclose(
         last(logits.reshape(batch, groups * points, s * height, s * width)),
-        ref.deform_similarity(last(q), last(k), last(o), points, s, groups), atol=1e-12)
+        ref.deform_similarity(last(q), last(k), last(o), points, s, groups),
+        atol=1e-12,
+    )
     out = official.deform_av(t[4], t[2], t[3], *args).detach().numpy()
     np.testing.assert_allclose(
-        last(out), ref.deform_aggregate(
-            last(attn.reshape(batch, groups * points, s * height, s * width)), last(v),
-            last(o), points, s, groups), atol=1e-12)
+        last(out),
+        ref.deform_aggregate(
+            last(attn.reshape(batch, groups * points, s * height, s * width)),
+            last(v),
+            last(o),
+            points,
+            s,
+            groups,
+        ),
+        atol=1e-12,
+    )

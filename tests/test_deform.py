@@ -18,26 +18,51 @@ from keras_sapa.deform import SAPADeform
 from keras_sapa.ops import _deform as deform_ops
 
 
-def _inputs(rng, batch, height, width, groups, e, points, s, channels, dtype=np.float32,
-            spread=2.5, away=True):
+def _inputs(
+    rng,
+    batch,
+    height,
+    width,
+    groups,
+    e,
+    points,
+    s,
+    channels,
+    dtype=np.float32,
+    spread=2.5,
+    away=True,
+):
     f = lambda *shape: rng.standard_normal(shape).astype(dtype)  # noqa: E731
     out_shape = (batch, s * height, s * width)
     if away:
-        offsets = ref.offsets_away_from_integers(rng, out_shape + (2 * groups * points,),
-                                                 spread=spread)
+        offsets = ref.offsets_away_from_integers(
+            rng, out_shape + (2 * groups * points,), spread=spread
+        )
     else:
         offsets = rng.uniform(-spread, spread, out_shape + (2 * groups * points,))
-    return (f(*out_shape, groups * e) * 0.5, f(batch, height, width, groups * e),
-            f(batch, height, width, channels), offsets.astype(dtype))
+    return (
+        f(*out_shape, groups * e) * 0.5,
+        f(batch, height, width, groups * e),
+        f(batch, height, width, channels),
+        offsets.astype(dtype),
+    )
 
 
 def _with_edge_points(offsets, height, width):
     """Puts some points exactly on integers, on the drop boundary (-1, H, W), just
     inside it, and one NaN, at output point (0, 0) (anchor (0, 0))."""
     o = offsets.copy()
-    values = [(0.0, 0.0), (1.0, 2.0), (-1.0, 0.5), (0.5, -1.0), (float(width), 0.0),
-              (0.0, float(height)), (-0.999, -0.5), (width - 1.0, height - 1.0),
-              (np.nan, 0.25)]
+    values = [
+        (0.0, 0.0),
+        (1.0, 2.0),
+        (-1.0, 0.5),
+        (0.5, -1.0),
+        (float(width), 0.0),
+        (0.0, float(height)),
+        (-0.999, -0.5),
+        (width - 1.0, height - 1.0),
+        (np.nan, 0.25),
+    ]
     for k, (w, h) in enumerate(values[: o.shape[-1] // 2]):
         o[0, 0, 0, 2 * k], o[0, 0, 0, 2 * k + 1] = w, h
     return o
@@ -67,16 +92,23 @@ def test_ops_match_reference(case):
     o = _with_edge_points(o, height, width)
     w = rng.standard_normal(q.shape[:3] + (groups * points,)).astype(np.float32)
     args = dict(num_points=points, up_factor=s, groups=groups)
-    np.testing.assert_allclose(_np(deform_ops.deform_similarity(q, k, o, **args)),
-                               ref.deform_similarity(q, k, o, points, s, groups),
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(_np(deform_ops.deform_aggregate(w, v, o, **args)),
-                               ref.deform_aggregate(w, v, o, points, s, groups),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        _np(deform_ops.deform_similarity(q, k, o, **args)),
+        ref.deform_similarity(q, k, o, points, s, groups),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        _np(deform_ops.deform_aggregate(w, v, o, **args)),
+        ref.deform_aggregate(w, v, o, points, s, groups),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     out = _np(deform_ops.sapa_deform(q, k, v, o, **args))
     assert not np.isnan(out).any()
-    np.testing.assert_allclose(out, ref.sapa_deform(q, k, v, o, points, s, groups),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out, ref.sapa_deform(q, k, v, o, points, s, groups), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_real_sizes_match_reference():
@@ -85,8 +117,9 @@ def test_real_sizes_match_reference():
     q, k, v, o = _inputs(rng, 1, 4, 5, 4, 32, 9, 2, 256, spread=3.0, away=False)
     q *= 0.3
     out = deform_ops.sapa_deform(q, k, v, o, num_points=9, up_factor=2, groups=4)
-    np.testing.assert_allclose(_np(out), ref.sapa_deform(q, k, v, o, 9, 2, 4),
-                               rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(
+        _np(out), ref.sapa_deform(q, k, v, o, 9, 2, 4), rtol=1e-5, atol=2e-5
+    )
 
 
 def test_dropped_points_keep_logit_zero():
@@ -147,13 +180,15 @@ def test_half_gradients_match_numeric():
     got = _tape_grads(lambda *a: deform_ops.deform_similarity(*a, **args), [q, k, o], g_sim)
     for index, grad in enumerate(got):
         numeric = ref.numeric_gradient(
-            lambda *a: ref.deform_similarity(*a, points, s, groups), [q, k, o], index, g_sim)
+            lambda *a: ref.deform_similarity(*a, points, s, groups), [q, k, o], index, g_sim
+        )
         np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-7)
     g_agg = rng.standard_normal(q.shape[:3] + (2,))
     got = _tape_grads(lambda *a: deform_ops.deform_aggregate(*a, **args), [w, v, o], g_agg)
     for index, grad in enumerate(got):
         numeric = ref.numeric_gradient(
-            lambda *a: ref.deform_aggregate(*a, points, s, groups), [w, v, o], index, g_agg)
+            lambda *a: ref.deform_aggregate(*a, points, s, groups), [w, v, o], index, g_agg
+        )
         np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-7)
 
 
@@ -209,8 +244,9 @@ def test_jit_compile_matches_eager():
     eager_out, eager_grads = loss_and_grads(*inputs)
     jit_out, jit_grads = tf.function(loss_and_grads, jit_compile=True)(*inputs)
     np.testing.assert_allclose(jit_out.numpy(), eager_out.numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(jit_out.numpy(), ref.sapa_deform(q, k, v, o, 3, 2, 2),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        jit_out.numpy(), ref.sapa_deform(q, k, v, o, 3, 2, 2), rtol=1e-5, atol=1e-5
+    )
     for a, b in zip(jit_grads, eager_grads, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
 
@@ -223,8 +259,9 @@ def test_unknown_spatial_sizes_in_a_graph():
         lambda *a: deform_ops.sapa_deform(*a, num_points=2, up_factor=2, groups=2),
         input_signature=[spec(4), spec(4), spec(4), spec(8)],
     )
-    np.testing.assert_allclose(fn(q, k, v, o).numpy(), ref.sapa_deform(q, k, v, o, 2, 2, 2),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        fn(q, k, v, o).numpy(), ref.sapa_deform(q, k, v, o, 2, 2, 2), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -236,14 +273,14 @@ def test_half_inputs(dtype):
     cast = [keras.ops.cast(t, dtype) for t in (q, k, v, o)]
     out = deform_ops.sapa_deform(*cast, num_points=3, up_factor=2, groups=2)
     assert keras.backend.standardize_dtype(out.dtype) == dtype
-    logits = deform_ops.deform_similarity(cast[0], cast[1], cast[3], num_points=3,
-                                          up_factor=2, groups=2)
+    logits = deform_ops.deform_similarity(
+        cast[0], cast[1], cast[3], num_points=3, up_factor=2, groups=2
+    )
     assert keras.backend.standardize_dtype(logits.dtype) == "float32"
     rounded = [_np(keras.ops.cast(t, "float32")) for t in cast]
     expected = ref.sapa_deform(*rounded, 3, 2, 2)
     tol = 2e-2 if dtype == "bfloat16" else 3e-3
-    np.testing.assert_allclose(_np(keras.ops.cast(out, "float32")), expected, rtol=tol,
-                               atol=tol)
+    np.testing.assert_allclose(_np(keras.ops.cast(out, "float32")), expected, rtol=tol, atol=tol)
 
 
 # ------------------------------------------------------------------ bad input
@@ -323,31 +360,49 @@ LAYER_CASES = [  # (up_factor, points, groups, high_offset, norm, data_format, c
 ]
 
 
-@pytest.mark.parametrize("case", LAYER_CASES,
-                         ids=lambda c: "s{}p{}g{}-{}-{}-{}".format(*c[:6]))
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: "s{}p{}g{}-{}-{}-{}".format(*c[:6]))
 def test_layer_matches_reference(case):
     s, points, groups, high_offset, norm, data_format, cx, cy = case
     rng = np.random.default_rng(s * 100 + points)
     x = rng.standard_normal((2, 3, 2, cx)).astype(np.float32)
     y = rng.standard_normal((2, 3 * s, 2 * s, cy)).astype(np.float32)
-    layer = SAPADeform(up_factor=s, num_points=points, groups=groups, embedding_dim=4,
-                       high_offset=high_offset, norm=norm, data_format=data_format)
-    to_layer = (lambda t: t.transpose(0, 3, 1, 2)) if data_format == "channels_first" else (
-        lambda t: t)
+    layer = SAPADeform(
+        up_factor=s,
+        num_points=points,
+        groups=groups,
+        embedding_dim=4,
+        high_offset=high_offset,
+        norm=norm,
+        data_format=data_format,
+    )
+    to_layer = (
+        (lambda t: t.transpose(0, 3, 1, 2)) if data_format == "channels_first" else (lambda t: t)
+    )
     layer(to_layer(x), to_layer(y))
     params = _randomise(layer, rng)
     out = _np(layer(to_layer(x), to_layer(y)))
     if data_format == "channels_first":
         out = out.transpose(0, 2, 3, 1)
-    expected = ref.sapa_deform_layer(x, y, params, num_points=points, up_factor=s,
-                                     groups=groups, high_offset=high_offset,
-                                     norm=norm == "group")
+    expected = ref.sapa_deform_layer(
+        x,
+        y,
+        params,
+        num_points=points,
+        up_factor=s,
+        groups=groups,
+        high_offset=high_offset,
+        norm=norm == "group",
+    )
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
     offsets = _np(layer.sampling_offsets(to_layer(x)))
-    x_n = x if norm is None else ref.group_norm(x, 32, params["norm_x.weight"],
-                                                params["norm_x.bias"])
-    np.testing.assert_allclose(offsets, ref.layer_offsets(x_n, params, s, high_offset),
-                               rtol=1e-4, atol=1e-4)
+    x_n = (
+        x
+        if norm is None
+        else ref.group_norm(x, 32, params["norm_x.weight"], params["norm_x.bias"])
+    )
+    np.testing.assert_allclose(
+        offsets, ref.layer_offsets(x_n, params, s, high_offset), rtol=1e-4, atol=1e-4
+    )
     shape = layer.compute_output_shape(to_layer(x).shape, to_layer(y).shape)
     assert tuple(shape) == tuple(to_layer(expected).shape)
 
@@ -398,14 +453,29 @@ def test_layer_config_and_keras_file_round_trip(tmp_path):
     rng = np.random.default_rng(41)
     x = rng.standard_normal((1, 3, 3, 32)).astype(np.float32)
     y = rng.standard_normal((1, 6, 6, 32)).astype(np.float32)
-    layer = SAPADeform(up_factor=2, num_points=4, groups=2, embedding_dim=8, use_bias=False,
-                       high_offset=False, norm="group", name="sapa_d",
-                       kernel_initializer=keras.initializers.RandomNormal(stddev=0.1, seed=3))
+    layer = SAPADeform(
+        up_factor=2,
+        num_points=4,
+        groups=2,
+        embedding_dim=8,
+        use_bias=False,
+        high_offset=False,
+        norm="group",
+        name="sapa_d",
+        kernel_initializer=keras.initializers.RandomNormal(stddev=0.1, seed=3),
+    )
     config = layer.get_config()
     clone = SAPADeform.from_config(config)
     assert clone.get_config() == config
-    for key, value in dict(up_factor=2, num_points=4, groups=2, embedding_dim=8,
-                           use_bias=False, high_offset=False, norm="group").items():
+    for key, value in dict(
+        up_factor=2,
+        num_points=4,
+        groups=2,
+        embedding_dim=8,
+        use_bias=False,
+        high_offset=False,
+        norm="group",
+    ).items():
         assert config[key] == value
 
     xi = keras.Input((3, 3, 32))
@@ -467,7 +537,9 @@ def test_exports_with_builtin_ops(tmp_path):
     path = str(tmp_path / "deform.tflite")
     model.export(path, format="litert", verbose=False)
     runner = interpreter_module.Interpreter(model_path=path).get_signature_runner()
-    feeds = {name: x if tuple(spec["shape"][1:]) == (4, 4, 16) else y
-             for name, spec in runner.get_input_details().items()}
+    feeds = {
+        name: x if tuple(spec["shape"][1:]) == (4, 4, 16) else y
+        for name, spec in runner.get_input_details().items()
+    }
     got = list(runner(**feeds).values())[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

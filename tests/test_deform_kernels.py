@@ -73,31 +73,37 @@ def _compiled(name, main, sources, flags):
     target = os.path.join(folder, f"{name}-{digest.hexdigest()[:16]}.so")
     if not os.path.isfile(target):
         partial = target + f".{os.getpid()}.tmp"
-        subprocess.run([cxx, "-shared", "-fPIC", *flags, main, "-o", partial, "-lpthread",
-                        "-ldl"], check=True)
+        subprocess.run(
+            [cxx, "-shared", "-fPIC", *flags, main, "-o", partial, "-lpthread", "-ldl"], check=True
+        )
         os.replace(partial, target)
     return target
 
 
 def _cpu_sources():
-    return [CAPI, *(os.path.join(CPU_DIR, n) for n in ("sapa_deform_cpu.h", "sapa_cpu.h",
-                                                       "simd.h"))]
+    return [
+        CAPI,
+        *(os.path.join(CPU_DIR, n) for n in ("sapa_deform_cpu.h", "sapa_cpu.h", "simd.h")),
+    ]
 
 
 @pytest.fixture(scope="session")
 def capi():
-    path = _compiled("deform_capi", CAPI, _cpu_sources(),
-                     ["-std=c++17", "-O3", *_simd_flags()])
+    path = _compiled("deform_capi", CAPI, _cpu_sources(), ["-std=c++17", "-O3", *_simd_flags()])
     return Core(ctypes.CDLL(path))
 
 
 @pytest.fixture(scope="session")
 def emulated():
-    sources = [EMULATION, os.path.join(CUDA_DIR, "sapa_deform_kernels.cuh"),
-               os.path.join(CUDA_DIR, "sapa_kernels.cuh"),
-               *(os.path.join(EMULATED_INCLUDE, n) for n in os.listdir(EMULATED_INCLUDE))]
-    path = _compiled("deform_emulated", EMULATION, sources,
-                     ["-std=c++20", "-O1", "-I" + EMULATED_INCLUDE])
+    sources = [
+        EMULATION,
+        os.path.join(CUDA_DIR, "sapa_deform_kernels.cuh"),
+        os.path.join(CUDA_DIR, "sapa_kernels.cuh"),
+        *(os.path.join(EMULATED_INCLUDE, n) for n in os.listdir(EMULATED_INCLUDE)),
+    ]
+    path = _compiled(
+        "deform_emulated", EMULATION, sources, ["-std=c++20", "-O1", "-I" + EMULATED_INCLUDE]
+    )
     return Emulated(ctypes.CDLL(path))
 
 
@@ -133,57 +139,93 @@ class Core:
         b, h, w, s, p, g = _shape(q, k, off, points, groups)
         out = np.empty(q.shape[:3] + (v.shape[-1],), q.dtype)
         wt = np.empty(q.shape[:3] + (g * p,), q.dtype) if weights else None
-        self._call("forward", q.dtype, [q, k, v, off, out, wt],
-                   [b, h, w, s, p, g, q.shape[-1], v.shape[-1]], threads)
+        self._call(
+            "forward",
+            q.dtype,
+            [q, k, v, off, out, wt],
+            [b, h, w, s, p, g, q.shape[-1], v.shape[-1]],
+            threads,
+        )
         return out, wt
 
     def backward(self, grad, q, k, v, off, wt, points, groups, threads=2):
         b, h, w, s, p, g = _shape(q, k, off, points, groups)
         outs = [np.full_like(a, np.nan) for a in (q, k, v, off)]
-        self._call("backward", q.dtype, [grad, q, k, v, off, wt, *outs],
-                   [b, h, w, s, p, g, q.shape[-1], v.shape[-1]], threads)
+        self._call(
+            "backward",
+            q.dtype,
+            [grad, q, k, v, off, wt, *outs],
+            [b, h, w, s, p, g, q.shape[-1], v.shape[-1]],
+            threads,
+        )
         return outs
 
     def similarity(self, q, k, off, points, groups, threads=2):
         b, h, w, s, p, g = _shape(q, k, off, points, groups)
         logits = np.full(q.shape[:3] + (g * p,), np.nan, q.dtype)
-        self._call("similarity", q.dtype, [q, k, off, logits],
-                   [b, h, w, s, p, g, q.shape[-1], 0], threads)
+        self._call(
+            "similarity", q.dtype, [q, k, off, logits], [b, h, w, s, p, g, q.shape[-1], 0], threads
+        )
         return logits
 
     def similarity_backward(self, dlogits, q, k, off, points, groups, threads=2):
         b, h, w, s, p, g = _shape(q, k, off, points, groups)
         outs = [np.full_like(a, np.nan) for a in (q, k, off)]
-        self._call("similarity_backward", q.dtype, [dlogits, q, k, off, *outs],
-                   [b, h, w, s, p, g, q.shape[-1], 0], threads)
+        self._call(
+            "similarity_backward",
+            q.dtype,
+            [dlogits, q, k, off, *outs],
+            [b, h, w, s, p, g, q.shape[-1], 0],
+            threads,
+        )
         return outs
 
     def aggregate(self, wt, v, off, points, groups, threads=2):
         b, h, w, s, p, g = _shape(wt, v, off, points, groups)
         out = np.full(wt.shape[:3] + (v.shape[-1],), np.nan, v.dtype)
-        self._call("aggregate", v.dtype, [wt, v, off, out],
-                   [b, h, w, s, p, g, 0, v.shape[-1]], threads)
+        self._call(
+            "aggregate", v.dtype, [wt, v, off, out], [b, h, w, s, p, g, 0, v.shape[-1]], threads
+        )
         return out
 
     def aggregate_backward(self, grad, wt, v, off, points, groups, threads=2):
         b, h, w, s, p, g = _shape(wt, v, off, points, groups)
         outs = [np.full_like(a, np.nan) for a in (wt, v, off)]
-        self._call("aggregate_backward", v.dtype, [grad, wt, v, off, *outs],
-                   [b, h, w, s, p, g, 0, v.shape[-1]], threads)
+        self._call(
+            "aggregate_backward",
+            v.dtype,
+            [grad, wt, v, off, *outs],
+            [b, h, w, s, p, g, 0, v.shape[-1]],
+            threads,
+        )
         return outs
 
 
 class DeformArgs(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int64) for n in (
-        "batch", "height", "width", "up", "points", "groups", "dim", "channels", "tile",
-        "count")]
+    _fields_ = [
+        (n, ctypes.c_int64)
+        for n in (
+            "batch",
+            "height",
+            "width",
+            "up",
+            "points",
+            "groups",
+            "dim",
+            "channels",
+            "tile",
+            "count",
+        )
+    ]
 
 
 # dtype name -> (kernel suffix, NumPy storage, accumulation NumPy type)
-CUDA_TYPES = {"float32": ("f32", np.float32, np.float32),
-              "float64": ("f64", np.float64, np.float64),
-              "float16": ("f16", np.float16, np.float32),
-              "bfloat16": ("bf16", np.uint16, np.float32)}
+CUDA_TYPES = {
+    "float32": ("f32", np.float32, np.float32),
+    "float64": ("f64", np.float64, np.float64),
+    "float16": ("f16", np.float16, np.float32),
+    "bfloat16": ("bf16", np.uint16, np.float32),
+}
 
 
 def _to_storage(x, dtype):
@@ -214,16 +256,23 @@ class Emulated:
         acc = 8 if kernel.endswith("f64") else 4
         smem = self.tile * dims[4] * dims[5] * (7 * acc + 8)
         ptrs = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
-        rc = self.lib.deform_emu_launch(kernel.encode(), self.grid, self.block,
-                                        ctypes.c_size_t(smem), ctypes.byref(args), ptrs,
-                                        len(arrays))
+        rc = self.lib.deform_emu_launch(
+            kernel.encode(),
+            self.grid,
+            self.block,
+            ctypes.c_size_t(smem),
+            ctypes.byref(args),
+            ptrs,
+            len(arrays),
+        )
         assert rc == 0, kernel
 
     def _scatter(self, t, dims, coef, src, off, like, wacc):
         _, _, acc = CUDA_TYPES[t]
         dst = np.full(like.shape, np.nan, acc)
-        self.launch(f"sapa_deform_zero_{'f64' if acc is np.float64 else 'f32'}",
-                    dims, dst.size, dst)
+        self.launch(
+            f"sapa_deform_zero_{'f64' if acc is np.float64 else 'f32'}", dims, dst.size, dst
+        )
         sfx = CUDA_TYPES[t][0] + ("_wacc" if wacc and acc is not CUDA_TYPES[t][1] else "")
         self.launch(f"sapa_deform_scatter_{sfx}", dims, src.shape[-1], coef, src, off, dst)
         if acc is CUDA_TYPES[t][1]:
@@ -243,8 +292,7 @@ class Emulated:
         self.launch(f"sapa_deform_forward_{sfx}", dims, 0, q, k, v, off, out, attn)
         dl = np.full_like(attn, np.nan)
         dq, doff = np.full_like(q, 7), np.full_like(off, 7)
-        self.launch(f"sapa_deform_backward_{sfx}", dims, 0, grad, q, k, v, off, attn, dl,
-                    dq, doff)
+        self.launch(f"sapa_deform_backward_{sfx}", dims, 0, grad, q, k, v, off, attn, dl, dq, doff)
         dk = self._scatter(t, dims, dl, q, off, k, True)
         dv = self._scatter(t, dims, attn, grad, off, v, True)
         return [_from_storage(a, t) for a in (out, dq, dk, dv, doff)]
@@ -252,21 +300,22 @@ class Emulated:
     def halves(self, t, q, k, v, off, wt, dlogits, grad, points, groups):
         """(logits, dq, dk, doff_sim, out, dw, dv, doff_agg) in float64."""
         sfx = CUDA_TYPES[t][0]
-        q, k, v, off, wt, dlogits, grad = (_to_storage(a, t)
-                                           for a in (q, k, v, off, wt, dlogits, grad))
+        q, k, v, off, wt, dlogits, grad = (
+            _to_storage(a, t) for a in (q, k, v, off, wt, dlogits, grad)
+        )
         b, h, w, s, p, g = _shape(q, k, off, points, groups)
         dims = (b, h, w, s, p, g, q.shape[-1], v.shape[-1])
         logits = np.full(q.shape[:3] + (g * p,), 7, q.dtype)
         self.launch(f"sapa_deform_similarity_{sfx}", dims, 0, q, k, off, logits)
         dq, doff_s = np.full_like(q, 7), np.full_like(off, 7)
-        self.launch(f"sapa_deform_similarity_backward_{sfx}", dims, 0, dlogits, q, k, off, dq,
-                    doff_s)
+        self.launch(
+            f"sapa_deform_similarity_backward_{sfx}", dims, 0, dlogits, q, k, off, dq, doff_s
+        )
         dk = self._scatter(t, dims, dlogits, q, off, k, False)
         out = np.full(q.shape[:3] + (v.shape[-1],), 7, q.dtype)
         self.launch(f"sapa_deform_aggregate_{sfx}", dims, 0, wt, v, off, out)
         dw, doff_a = np.full_like(wt, 7), np.full_like(off, 7)
-        self.launch(f"sapa_deform_aggregate_backward_{sfx}", dims, 0, grad, wt, v, off, dw,
-                    doff_a)
+        self.launch(f"sapa_deform_aggregate_backward_{sfx}", dims, 0, grad, wt, v, off, dw, doff_a)
         dv = self._scatter(t, dims, wt, grad, off, v, False)
         return [_from_storage(a, t) for a in (logits, dq, dk, doff_s, out, dw, dv, doff_a)]
 
@@ -275,8 +324,9 @@ class Emulated:
 # Inputs
 
 
-def make_inputs(seed, batch, height, width, up, points, groups, embed, channels, spread=1.5,
-                margin=0.05):
+def make_inputs(
+    seed, batch, height, width, up, points, groups, embed, channels, spread=1.5, margin=0.05
+):
     """query, key, value, offsets, grad (float64); offsets keep `margin` off integers."""
     rng = np.random.default_rng(seed)
     dim = groups * embed
@@ -284,18 +334,18 @@ def make_inputs(seed, batch, height, width, up, points, groups, embed, channels,
     k = rng.standard_normal((batch, height, width, dim))
     v = rng.standard_normal((batch, height, width, channels))
     off = ref.offsets_away_from_integers(
-        rng, (batch, up * height, up * width, 2 * groups * points), spread=spread,
-        margin=margin)
+        rng, (batch, up * height, up * width, 2 * groups * points), spread=spread, margin=margin
+    )
     grad = rng.standard_normal((batch, up * height, up * width, channels))
     return q, k, v, off, grad
 
 
 # (batch, height, width, up, points, groups, embed, channels, spread)
 ODD = [
-    (1, 3, 4, 2, 4, 1, 5, 3, 2.5),   # P=4, G=1, odd channel counts, points outside
-    (2, 2, 3, 3, 3, 2, 3, 6, 1.5),   # s=3, non-square
-    (1, 4, 2, 1, 5, 3, 2, 9, 4.0),   # s=1, far offsets: many dropped points
-    (1, 1, 1, 2, 2, 2, 4, 4, 0.8),   # a 1x1 map
+    (1, 3, 4, 2, 4, 1, 5, 3, 2.5),  # P=4, G=1, odd channel counts, points outside
+    (2, 2, 3, 3, 3, 2, 3, 6, 1.5),  # s=3, non-square
+    (1, 4, 2, 1, 5, 3, 2, 9, 4.0),  # s=1, far offsets: many dropped points
+    (1, 1, 1, 2, 2, 2, 4, 4, 0.8),  # a 1x1 map
 ]
 REAL = (1, 5, 4, 2, 9, 4, 32, 256, 1.5)  # C=256, E=32, P=9, G=4, few pixels
 IDS = ["P4-G1", "s3-nonsquare", "s1-far", "1x1"]
@@ -402,8 +452,10 @@ def test_cpu_integer_positions_use_the_cell_of_floor(capi, position):
         assert abs(got[3][0, 1, 1, channel] - right) < 1e-5, (channel, right)
 
 
-@pytest.mark.parametrize("position", [(-2.0, 0.0), (0.0, -2.0), (3.0, 0.0), (0.0, 2.0),
-                                      (-2.5, 0.3), (np.nan, 0.0), (0.2, np.inf)])
+@pytest.mark.parametrize(
+    "position",
+    [(-2.0, 0.0), (0.0, -2.0), (3.0, 0.0), (0.0, 2.0), (-2.5, 0.3), (np.nan, 0.0), (0.2, np.inf)],
+)
 def test_cpu_dropped_points_have_zero_value_and_gradients(capi, position):
     """A point at ph <= -1, ph >= H, pw <= -1 or pw >= W (here from the anchor (1, 1) of a
     3 x 4 map), or NaN, samples 0 (logit 0 in the softmax) and gets no gradient."""
@@ -487,13 +539,28 @@ def test_cuda_kernels_compile_for_every_target():
     options = build.nvrtc_options(build.find_cuda_include())
     names = []
     for t in ("f32", "f64", "f16", "bf16"):
-        names += [f"sapa_deform_{n}_{t}" for n in (
-            "forward", "similarity", "aggregate", "backward", "similarity_backward",
-            "aggregate_backward", "scatter")]
-    names += ["sapa_deform_aggregate_f16_wacc", "sapa_deform_scatter_f16_wacc",
-              "sapa_deform_aggregate_bf16_wacc", "sapa_deform_scatter_bf16_wacc",
-              "sapa_deform_zero_f32", "sapa_deform_zero_f64", "sapa_deform_cast_f16",
-              "sapa_deform_cast_bf16"]
+        names += [
+            f"sapa_deform_{n}_{t}"
+            for n in (
+                "forward",
+                "similarity",
+                "aggregate",
+                "backward",
+                "similarity_backward",
+                "aggregate_backward",
+                "scatter",
+            )
+        ]
+    names += [
+        "sapa_deform_aggregate_f16_wacc",
+        "sapa_deform_scatter_f16_wacc",
+        "sapa_deform_aggregate_bf16_wacc",
+        "sapa_deform_scatter_bf16_wacc",
+        "sapa_deform_zero_f32",
+        "sapa_deform_zero_f64",
+        "sapa_deform_cast_f16",
+        "sapa_deform_cast_bf16",
+    ]
     source = '#include "sapa_deform_kernels.cuh"\n'
     digest = hashlib.sha256(repr((options, nvrtc.version)).encode())
     for name in ("sapa_deform_kernels.cuh", "sapa_kernels.cuh"):
@@ -526,8 +593,11 @@ def _cuda_tolerance(dtype, gradient=False):
     return {"float64": 1e-12, "float32": 2e-5}[dtype] * (5 if gradient else 1)
 
 
-@pytest.mark.parametrize("case", [ODD[0], ODD[1], ODD[3], (1, 2, 3, 2, 9, 4, 32, 64, 1.5)],
-                         ids=["P4-G1", "s3-nonsquare", "1x1", "real-E"])
+@pytest.mark.parametrize(
+    "case",
+    [ODD[0], ODD[1], ODD[3], (1, 2, 3, 2, 9, 4, 32, 64, 1.5)],
+    ids=["P4-G1", "s3-nonsquare", "1x1", "real-E"],
+)
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
 def test_cuda_fused_in_emulation_matches_reference(emulated, case, dtype):
     *sizes, spread = case
@@ -535,10 +605,10 @@ def test_cuda_fused_in_emulation_matches_reference(emulated, case, dtype):
     q, k, v, off, grad = make_inputs(8, *sizes, spread=spread)
     seen = [_from_storage(_to_storage(a, dtype), dtype) for a in (q, k, v, off, grad)]
     got = emulated.fused(dtype, q, k, v, off, grad, p, g)
-    expected = [ref.sapa_deform(*seen[:4], p, s, g),
-                *ref.sapa_deform_vjp(*seen, p, s, g)]
-    for name, a, b_ in zip(("out", "query", "key", "value", "offsets"), got, expected,
-                           strict=True):
+    expected = [ref.sapa_deform(*seen[:4], p, s, g), *ref.sapa_deform_vjp(*seen, p, s, g)]
+    for name, a, b_ in zip(
+        ("out", "query", "key", "value", "offsets"), got, expected, strict=True
+    ):
         assert np.isfinite(a).all(), name
         _close(a, b_, _cuda_tolerance(dtype, gradient=name != "out"))
 
@@ -551,14 +621,15 @@ def test_cuda_halves_in_emulation_match_reference(emulated, dtype):
     rng = np.random.default_rng(10)
     wt = rng.uniform(-1, 1, q.shape[:3] + (g * p,))
     dlogits = rng.standard_normal(wt.shape)
-    seen = [_from_storage(_to_storage(a, dtype), dtype)
-            for a in (q, k, v, off, wt, dlogits, grad)]
+    seen = [_from_storage(_to_storage(a, dtype), dtype) for a in (q, k, v, off, wt, dlogits, grad)]
     qs, ks, vs, offs, wts, dls, grads = seen
     got = emulated.halves(dtype, q, k, v, off, wt, dlogits, grad, p, g)
-    expected = [ref.deform_similarity(qs, ks, offs, p, s, g),
-                *ref.deform_similarity_vjp(qs, ks, offs, dls, p, s, g),
-                ref.deform_aggregate(wts, vs, offs, p, s, g),
-                *ref.deform_aggregate_vjp(wts, vs, offs, grads, p, s, g)]
+    expected = [
+        ref.deform_similarity(qs, ks, offs, p, s, g),
+        *ref.deform_similarity_vjp(qs, ks, offs, dls, p, s, g),
+        ref.deform_aggregate(wts, vs, offs, p, s, g),
+        *ref.deform_aggregate_vjp(wts, vs, offs, grads, p, s, g),
+    ]
     for a, b_ in zip(got, expected, strict=True):
         _close(a, b_, _cuda_tolerance(dtype, gradient=True))
 
@@ -588,8 +659,7 @@ def benchmark(rounds=10):
     keras_sapa/_lib/_sapa_core.so is built."""
     import time
 
-    path = _compiled("deform_capi", CAPI, _cpu_sources(),
-                     ["-std=c++17", "-O3", *_simd_flags()])
+    path = _compiled("deform_capi", CAPI, _cpu_sources(), ["-std=c++17", "-O3", *_simd_flags()])
     core = Core(ctypes.CDLL(path))
     threads = int(os.environ.get("KERAS_SAPA_NUM_THREADS", os.cpu_count() or 1))
     rng = np.random.default_rng(0)
@@ -613,8 +683,19 @@ def benchmark(rounds=10):
         out = np.empty((2, 64, 64, 256), f)
         wb = np.empty((2, 64, 64, 25), f)
         runs["sapa_b_forward"] = lambda: sapa.keras_sapa_forward_f32(
-            _ptr(qb), _ptr(kb), _ptr(v), _ptr(out), _ptr(wb), I64(2), I64(32), I64(32), I64(2),
-            I64(5), I64(64), I64(256))
+            _ptr(qb),
+            _ptr(kb),
+            _ptr(v),
+            _ptr(out),
+            _ptr(wb),
+            I64(2),
+            I64(32),
+            I64(32),
+            I64(2),
+            I64(5),
+            I64(64),
+            I64(256),
+        )
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(rounds):
         for name, fn in runs.items():

@@ -61,8 +61,9 @@ def _inputs(shapes, seed):
 def variants():
     """(dynamic model, static model, reference function) sharing one set of layers."""
     layers = {
-        name: keras_sapa.SAPA(kernel_size=k, embedding_dim=EMBED, variant=variant,
-                              output_dim=out, name=name)
+        name: keras_sapa.SAPA(
+            kernel_size=k, embedding_dim=EMBED, variant=variant, output_dim=out, name=name
+        )
         for name, (variant, k, out) in VARIANTS.items()
     }
 
@@ -79,8 +80,7 @@ def variants():
 
     def reference(x, guide):
         return [
-            ref.sapa_layer(x, guide, params[name], variant, k, 2,
-                           value_projection=out is not None)
+            ref.sapa_layer(x, guide, params[name], variant, k, 2, value_projection=out is not None)
             for name, (variant, k, out) in VARIANTS.items()
         ]
 
@@ -123,8 +123,11 @@ def _tiny_backbone():
     import keras_cv
 
     return keras_cv.models.ResNetV2Backbone(
-        stackwise_filters=[8, 16, 32, 64], stackwise_blocks=[2, 2, 2, 2],
-        stackwise_strides=[1, 2, 2, 2], include_rescaling=False, input_shape=(64, 64, 3),
+        stackwise_filters=[8, 16, 32, 64],
+        stackwise_blocks=[2, 2, 2, 2],
+        stackwise_strides=[1, 2, 2, 2],
+        include_rescaling=False,
+        input_shape=(64, 64, 3),
     )
 
 
@@ -137,9 +140,12 @@ def kerascv_models():
     keras.utils.set_random_seed(7)
     upsampler = {"embedding_dim": 8, "kernel_size": 3}
     deeplab = models.SAPADeepLabV3Plus(
-        _tiny_backbone(), 3, upsampler=upsampler,
+        _tiny_backbone(),
+        3,
+        upsampler=upsampler,
         spatial_pyramid_pooling=keras_cv.layers.SpatialPyramidPooling(
-            dilation_rates=[1, 2], num_channels=16),
+            dilation_rates=[1, 2], num_channels=16
+        ),
     )
     retinanet = models.SAPARetinaNet(_tiny_backbone(), 3, "xywh", upsampler=upsampler)
     images = np.random.default_rng(8).uniform(size=(2, 64, 64, 3)).astype("float32")
@@ -176,15 +182,25 @@ def savedmodels(variants, kerascv_models, tmp_path_factory):
     for name, model in models.items():
         paths[name] = str(root / name)
         model.export(paths[name], verbose=False)
-        cases.append({"name": name, "path": paths[name],
-                      "inputs": {"a": [str(root / "images.npy")]}})
+        cases.append(
+            {"name": name, "path": paths[name], "inputs": {"a": [str(root / "images.npy")]}}
+        )
     (root / "cases.json").write_text(json.dumps(cases))
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(RUNNER), str(root / "cases.json"),
-         str(root / "results.npz")],
-        capture_output=True, text=True, timeout=300, cwd=str(root), env=env,
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(RUNNER),
+            str(root / "cases.json"),
+            str(root / "results.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(root),
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "keras_sapa imported: False" in proc.stdout, proc.stdout
@@ -217,8 +233,9 @@ def test_kerascv_savedmodel_in_fresh_process(kerascv_models, savedmodels, name):
     if not isinstance(expected, dict):
         expected = {"output_0": expected}
     for key, value in expected.items():
-        np.testing.assert_allclose(results[f"{name}/a/{key}"], np.asarray(value),
-                                   rtol=1e-4, atol=1e-4, err_msg=key)
+        np.testing.assert_allclose(
+            results[f"{name}/a/{key}"], np.asarray(value), rtol=1e-4, atol=1e-4, err_msg=key
+        )
 
 
 def test_export_keeps_compiled_op_when_asked(variants, tmp_path):
@@ -244,8 +261,14 @@ def _run_onnx(path, arrays):
     by_shape = {a.shape: a for a in arrays}
     feeds = {}
     for spec in session.get_inputs():
-        matches = [a for a in arrays if len(a.shape) == len(spec.shape) and all(
-            not isinstance(d, int) or d == n for d, n in zip(spec.shape, a.shape, strict=True))]
+        matches = [
+            a
+            for a in arrays
+            if len(a.shape) == len(spec.shape)
+            and all(
+                not isinstance(d, int) or d == n for d, n in zip(spec.shape, a.shape, strict=True)
+            )
+        ]
         assert len(matches) == 1, (spec.name, spec.shape, list(by_shape))
         feeds[spec.name] = matches[0]
     return session.run(None, feeds)

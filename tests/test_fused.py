@@ -30,10 +30,12 @@ needs_fused = pytest.mark.skipif(
 
 def _inputs(rng, batch, height, width, dim, channels, up_factor, scale=1.0):
     s = up_factor
-    return (rng.standard_normal((batch, s * height, s * width, dim)) * scale,
-            rng.standard_normal((batch, height, width, dim)) * scale,
-            rng.standard_normal((batch, height, width, channels)),
-            rng.standard_normal((batch, s * height, s * width, channels)))
+    return (
+        rng.standard_normal((batch, s * height, s * width, dim)) * scale,
+        rng.standard_normal((batch, height, width, dim)) * scale,
+        rng.standard_normal((batch, height, width, channels)),
+        rng.standard_normal((batch, s * height, s * width, channels)),
+    )
 
 
 def _fused_grads(query, key, value, grad, kernel_size, up_factor):
@@ -46,44 +48,47 @@ def _fused_grads(query, key, value, grad, kernel_size, up_factor):
 
 CASES = [
     # kernel_size, up_factor, batch, height, width, dim d, channels C
-    (5, 2, 1, 6, 7, 64, 256),   # the real channel sizes (vector paths, no tails)
-    (5, 2, 1, 5, 6, 65, 257),   # odd sizes: vector tails
-    (1, 1, 2, 3, 4, 3, 5),      # K=1, s=1: the softmax of one point and no padding
+    (5, 2, 1, 6, 7, 64, 256),  # the real channel sizes (vector paths, no tails)
+    (5, 2, 1, 5, 6, 65, 257),  # odd sizes: vector tails
+    (1, 1, 2, 3, 4, 3, 5),  # K=1, s=1: the softmax of one point and no padding
     (3, 3, 1, 3, 5, 4, 7),
-    (7, 2, 1, 4, 3, 5, 3),      # window larger than the map
+    (7, 2, 1, 4, 3, 5, 3),  # window larger than the map
     (5, 4, 1, 2, 3, 3, 9),
-    (3, 2, 2, 1, 1, 2, 3),      # a 1x1 map
-    (7, 1, 1, 1, 5, 4, 6),      # one row
-    (3, 4, 1, 5, 1, 3, 4),      # one column
-    (3, 3, 1, 2, 2, 0, 4),      # d=0: uniform weights over the window
+    (3, 2, 2, 1, 1, 2, 3),  # a 1x1 map
+    (7, 1, 1, 1, 5, 4, 6),  # one row
+    (3, 4, 1, 5, 1, 3, 4),  # one column
+    (3, 3, 1, 2, 2, 0, 4),  # d=0: uniform weights over the window
 ]
 
 
 @needs_fused
 @pytest.mark.parametrize("kernel_size,up_factor,batch,height,width,dim,channels", CASES)
-def test_fused_matches_reference_float64(kernel_size, up_factor, batch, height, width, dim,
-                                         channels):
+def test_fused_matches_reference_float64(
+    kernel_size, up_factor, batch, height, width, dim, channels
+):
     rng = np.random.default_rng(kernel_size * 1000 + up_factor * 100 + channels)
     k, s = kernel_size, up_factor
-    query, key, value, grad = _inputs(rng, batch, height, width, dim, channels, s,
-                                      scale=0.3)
+    query, key, value, grad = _inputs(rng, batch, height, width, dim, channels, s, scale=0.3)
     out, weights = _compiled.sapa_with_weights(query, key, value, k, s)
     assert out.dtype == tf.float64 and weights.dtype == tf.float64
-    np.testing.assert_allclose(out, ref.sapa(query, key, value, k, s), rtol=1e-10,
-                               atol=1e-10)
+    np.testing.assert_allclose(out, ref.sapa(query, key, value, k, s), rtol=1e-10, atol=1e-10)
     # The saved softmax, padded window points included.
-    np.testing.assert_allclose(weights, ref.softmax(ref.similarity(query, key, k, s)),
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        weights, ref.softmax(ref.similarity(query, key, k, s)), rtol=1e-10, atol=1e-12
+    )
     _, grads = _fused_grads(query, key, value, grad, k, s)
     for got, want in zip(grads, ref.sapa_vjp(query, key, value, grad, k, s), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
 @needs_fused
-@pytest.mark.parametrize("dtype,tol", [(tf.float32, 2e-5), (tf.float16, 2e-2),
-                                       (tf.bfloat16, 1e-1)])
-@pytest.mark.parametrize("kernel_size,up_factor,height,width,dim,channels",
-                         [(5, 2, 6, 7, 64, 256), (3, 3, 3, 5, 65, 257)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(tf.float32, 2e-5), (tf.float16, 2e-2), (tf.bfloat16, 1e-1)]
+)
+@pytest.mark.parametrize(
+    "kernel_size,up_factor,height,width,dim,channels",
+    [(5, 2, 6, 7, 64, 256), (3, 3, 3, 5, 65, 257)],
+)
 def test_fused_dtypes(dtype, tol, kernel_size, up_factor, height, width, dim, channels):
     """float32 / half / bfloat16 against the float64 reference of the rounded inputs;
     the softmax is kept in float32 for all three."""
@@ -91,8 +96,7 @@ def test_fused_dtypes(dtype, tol, kernel_size, up_factor, height, width, dim, ch
     k, s = kernel_size, up_factor
     inputs = _inputs(rng, 1, height, width, dim, channels, s, scale=1.0 / np.sqrt(dim))
     # The reference sees exactly the values the op sees.
-    query, key, value, grad = (tf.cast(tf.cast(t, dtype), tf.float64).numpy()
-                               for t in inputs)
+    query, key, value, grad = (tf.cast(tf.cast(t, dtype), tf.float64).numpy() for t in inputs)
     args = [tf.cast(t, dtype) for t in (query, key, value)]
     with tf.GradientTape() as tape:
         tape.watch(args)
@@ -100,14 +104,17 @@ def test_fused_dtypes(dtype, tol, kernel_size, up_factor, height, width, dim, ch
     grads = tape.gradient(out, args, output_gradients=tf.cast(grad, dtype))
     assert out.dtype == dtype and weights.dtype == tf.float32
     assert [g.dtype for g in grads] == [dtype] * 3
-    np.testing.assert_allclose(tf.cast(out, tf.float64), ref.sapa(query, key, value, k, s),
-                               rtol=tol, atol=tol)
-    np.testing.assert_allclose(weights, ref.softmax(ref.similarity(query, key, k, s)),
-                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        tf.cast(out, tf.float64), ref.sapa(query, key, value, k, s), rtol=tol, atol=tol
+    )
+    np.testing.assert_allclose(
+        weights, ref.softmax(ref.similarity(query, key, k, s)), rtol=tol, atol=tol
+    )
     for got, want in zip(grads, ref.sapa_vjp(query, key, value, grad, k, s), strict=True):
         scale = max(1.0, float(np.max(np.abs(want))))
-        np.testing.assert_allclose(tf.cast(got, tf.float64) / scale, want / scale,
-                                   rtol=tol, atol=tol)
+        np.testing.assert_allclose(
+            tf.cast(got, tf.float64) / scale, want / scale, rtol=tol, atol=tol
+        )
 
 
 @needs_fused
@@ -125,15 +132,17 @@ def test_large_logits_are_stable():
 @needs_fused
 def test_ops_sapa_compiled_uses_the_fused_op():
     rng = np.random.default_rng(1)
-    query, key, value, _ = (tf.constant(t, tf.float32)
-                            for t in _inputs(rng, 2, 4, 5, 8, 16, 2))
+    query, key, value, _ = (tf.constant(t, tf.float32) for t in _inputs(rng, 2, 4, 5, 8, 16, 2))
     fn = tf.function(lambda q, k, v: ops.sapa(q, k, v, 3, 2, implementation="compiled"))
     graph = fn.get_concrete_function(query, key, value).graph
     types = {op.type for op in graph.get_operations()}
     assert "KerasSapa>Sapa" in types and "KerasSapa>Similarity" not in types
-    np.testing.assert_allclose(fn(query, key, value),
-                               ref.sapa(query.numpy(), key.numpy(), value.numpy(), 3, 2),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        fn(query, key, value),
+        ref.sapa(query.numpy(), key.numpy(), value.numpy(), 3, 2),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @needs_fused
@@ -157,8 +166,12 @@ def test_second_order_directional_float64():
     directions = [rng.standard_normal(t.shape) for t in (query, key, value, grad)]
 
     def inner(q, key_, v, g):
-        return float(sum(np.sum(d.numpy() * u)
-                         for d, u in zip(_fused_grads(q, key_, v, g, k, s)[1], ups, strict=True)))
+        return float(
+            sum(
+                np.sum(d.numpy() * u)
+                for d, u in zip(_fused_grads(q, key_, v, g, k, s)[1], ups, strict=True)
+            )
+        )
 
     args = [tf.constant(t) for t in (query, key, value, grad)]
     with tf.GradientTape() as tape:
@@ -194,8 +207,9 @@ def test_bad_shapes_raise():
 
 @needs_fused
 def test_empty_batch():
-    out, weights = _compiled.sapa_with_weights(tf.zeros((0, 4, 4, 3)), tf.zeros((0, 2, 2, 3)),
-                                               tf.zeros((0, 2, 2, 5)), 3, 2)
+    out, weights = _compiled.sapa_with_weights(
+        tf.zeros((0, 4, 4, 3)), tf.zeros((0, 2, 2, 3)), tf.zeros((0, 2, 2, 5)), 3, 2
+    )
     assert out.shape == (0, 4, 4, 5) and weights.shape == (0, 4, 4, 9)
 
 
@@ -260,23 +274,40 @@ def test_core_builds_and_runs_without_tensorflow(tmp_path):
     Eigen include path) and matches the reference with a serial and a threaded pool."""
     (tmp_path / "driver.cc").write_text(_CORE_DRIVER)
     exe = tmp_path / "driver"
-    subprocess.run([os.environ.get("CXX", "g++"), "-std=c++17", "-O1", "-pthread",
-                    "-I" + CORE_DIR, str(tmp_path / "driver.cc"), "-o", str(exe)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            os.environ.get("CXX", "g++"),
+            "-std=c++17",
+            "-O1",
+            "-pthread",
+            "-I" + CORE_DIR,
+            str(tmp_path / "driver.cc"),
+            "-o",
+            str(exe),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     rng = np.random.default_rng(9)
     batch, height, width, s, k, dim, channels = 2, 4, 5, 2, 5, 9, 11
     query, key, value, grad = _inputs(rng, batch, height, width, dim, channels, s, 0.5)
     for name, t in zip("qkvg", (query, key, value, grad), strict=True):
         t.astype(np.float64).tofile(tmp_path / name)
-    subprocess.run([str(exe), *map(str, (batch, height, width, s, k, dim, channels)),
-                    str(tmp_path)], check=True, timeout=120)
+    subprocess.run(
+        [str(exe), *map(str, (batch, height, width, s, k, dim, channels)), str(tmp_path)],
+        check=True,
+        timeout=120,
+    )
     result = np.fromfile(tmp_path / "result", np.float64)
-    want = [ref.sapa(query, key, value, k, s), ref.softmax(ref.similarity(query, key, k, s)),
-            *ref.sapa_vjp(query, key, value, grad, k, s)]
+    want = [
+        ref.sapa(query, key, value, k, s),
+        ref.softmax(ref.similarity(query, key, k, s)),
+        *ref.sapa_vjp(query, key, value, grad, k, s),
+    ]
     sizes = [w.size for w in want]
     assert result.size == 2 * sum(sizes)
-    serial, threaded = result[: sum(sizes)], result[sum(sizes):]
+    serial, threaded = result[: sum(sizes)], result[sum(sizes) :]
     np.testing.assert_array_equal(serial, threaded)  # the split into ranges changes nothing
     for got, expected in zip(np.split(serial, np.cumsum(sizes)[:-1]), want, strict=True):
-        np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=1e-10,
-                                   atol=1e-10)
+        np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=1e-10, atol=1e-10)

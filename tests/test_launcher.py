@@ -45,29 +45,58 @@ KERNEL_DIR = os.path.join(ROOT, "custom_ops", "sapa", "kernels", "cuda")
 # the last test checks it): static libstdc++, the system's libgcc_s (a static libgcc
 # needs glibc 2.35's _dl_find_object), and libdl/libpthread named so that the original
 # dl*/pthread symbols, which live there before glibc 2.34, are found on old systems.
-LAUNCHER_FLAGS = ["-shared", "-fPIC", "-O2", "-std=c++17", "-static-libstdc++",
-                  "-Wl,--no-as-needed", "-l:libdl.so.2", "-l:libpthread.so.0"]
-EMULATED_FLAGS = ["-std=c++20", "-O1", "-shared", "-fPIC", "-w",
-                  "-I" + os.path.join(TESTING_DIR, "emulated_include"), "-ldl", "-lpthread"]
+LAUNCHER_FLAGS = [
+    "-shared",
+    "-fPIC",
+    "-O2",
+    "-std=c++17",
+    "-static-libstdc++",
+    "-Wl,--no-as-needed",
+    "-l:libdl.so.2",
+    "-l:libpthread.so.0",
+]
+EMULATED_FLAGS = [
+    "-std=c++20",
+    "-O1",
+    "-shared",
+    "-fPIC",
+    "-w",
+    "-I" + os.path.join(TESTING_DIR, "emulated_include"),
+    "-ldl",
+    "-lpthread",
+]
 MAX_GLIBC = (2, 28)
 
 SAPA_OK, SAPA_ERR_DRIVER, SAPA_ERR_INVALID, SAPA_ERR_MISMATCH = 0, 2, 5, 7
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
 OPS = {  # entry point: number of pointer arguments
-    "sapa_dot": 3, "sapa_gather": 3, "sapa_scatter": 3, "sapa_gather_acc": 3,
-    "sapa_scatter_acc": 3, "sapa_forward": 5, "sapa_softmax_backward": 4,
+    "sapa_dot": 3,
+    "sapa_gather": 3,
+    "sapa_scatter": 3,
+    "sapa_gather_acc": 3,
+    "sapa_scatter_acc": 3,
+    "sapa_forward": 5,
+    "sapa_softmax_backward": 4,
 }
 TILED_MAX_UP = 8
 
 
 class SapaDims(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int64) for n in
-                ("batch", "height", "width", "up", "kernel", "channels", "channels_v")]
+    _fields_ = [
+        (n, ctypes.c_int64)
+        for n in ("batch", "height", "width", "up", "kernel", "channels", "channels_v")
+    ]
 
 
 class SapaLaunchConfig(ctypes.Structure):
-    _fields_ = [("kernel", ctypes.c_char * 48), ("tile", ctypes.c_int), ("block", ctypes.c_int),
-                ("smem", ctypes.c_int), ("up", ctypes.c_int), ("ksize", ctypes.c_int)]
+    _fields_ = [
+        ("kernel", ctypes.c_char * 48),
+        ("tile", ctypes.c_int),
+        ("block", ctypes.c_int),
+        ("smem", ctypes.c_int),
+        ("up", ctypes.c_int),
+        ("ksize", ctypes.c_int),
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,15 +135,23 @@ def _files(directory, pattern):
 @pytest.fixture(scope="session")
 def launcher_build():
     source = os.path.join(LAUNCHER_DIR, "sapa_launcher.cc")
-    return _cached_build("launcher", "g++", [source],
-                         [source, os.path.join(LAUNCHER_DIR, "sapa_launcher.h")], LAUNCHER_FLAGS)
+    return _cached_build(
+        "launcher",
+        "g++",
+        [source],
+        [source, os.path.join(LAUNCHER_DIR, "sapa_launcher.h")],
+        LAUNCHER_FLAGS,
+    )
 
 
 @pytest.fixture(scope="session")
 def emulated_build():
     source = os.path.join(TESTING_DIR, "emulated_libcuda.cc")
-    inputs = [source, *_files(KERNEL_DIR, r"^sapa_kernels\.cuh?$"),
-              *_files(os.path.join(TESTING_DIR, "emulated_include"), r"\.h$")]
+    inputs = [
+        source,
+        *_files(KERNEL_DIR, r"^sapa_kernels\.cuh?$"),
+        *_files(os.path.join(TESTING_DIR, "emulated_include"), r"\.h$"),
+    ]
     return _cached_build("emulated_libcuda", "g++", [source], inputs, EMULATED_FLAGS)
 
 
@@ -135,14 +172,23 @@ class Launcher:
         self.emu.cuCtxPushCurrent_v2.argtypes = [ctypes.c_void_p]
         self.emu.cuCtxGetCurrent.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
         for name, n in OPS.items():
-            getattr(self.lib, name).argtypes = ([ctypes.c_void_p, ctypes.c_int,
-                                                ctypes.POINTER(SapaDims)]
-                                                + [ctypes.c_void_p] * n)
-        self.lib.sapa_self_test.argtypes = [ctypes.c_void_p, ctypes.c_int,
-                                            ctypes.POINTER(ctypes.c_int)]
-        self.lib.sapa_launch_configs.argtypes = [ctypes.c_void_p, ctypes.c_int,
-                                                 ctypes.POINTER(SapaLaunchConfig), ctypes.c_int,
-                                                 ctypes.POINTER(ctypes.c_int)]
+            getattr(self.lib, name).argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_int,
+                ctypes.POINTER(SapaDims),
+            ] + [ctypes.c_void_p] * n
+        self.lib.sapa_self_test.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.POINTER(ctypes.c_int),
+        ]
+        self.lib.sapa_launch_configs.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.POINTER(SapaLaunchConfig),
+            ctypes.c_int,
+            ctypes.POINTER(ctypes.c_int),
+        ]
         self.emu.emu_configure(8, 0, 1)
         self.check(self.lib.sapa_init(driver_path.encode()))
         for target in ("sm_75", "sm_80"):  # the emulated driver ignores the image's bytes
@@ -175,19 +221,31 @@ class Launcher:
         name = ctypes.create_string_buffer(96)
         block, smem, device, tile = (ctypes.c_int() for _ in range(4))
         for i in range(self.emu.emu_log_size()):
-            assert self.emu.emu_log_entry(i, name, 96, ctypes.byref(block), ctypes.byref(smem),
-                                          ctypes.byref(device), ctypes.byref(tile)) == 0
+            assert (
+                self.emu.emu_log_entry(
+                    i,
+                    name,
+                    96,
+                    ctypes.byref(block),
+                    ctypes.byref(smem),
+                    ctypes.byref(device),
+                    ctypes.byref(tile),
+                )
+                == 0
+            )
             out.append((name.value.decode(), block.value, smem.value, device.value, tile.value))
         return out
 
     def configs(self, dtype):
         count = ctypes.c_int()
         buf = (SapaLaunchConfig * 2000)()
-        self.check(self.lib.sapa_launch_configs(None, DTYPES[dtype], buf, 2000,
-                                                ctypes.byref(count)))
+        self.check(
+            self.lib.sapa_launch_configs(None, DTYPES[dtype], buf, 2000, ctypes.byref(count))
+        )
         assert 0 < count.value <= 2000
-        return [(c.kernel.decode(), c.tile, c.block, c.smem, c.up, c.ksize)
-                for c in buf[:count.value]]
+        return [
+            (c.kernel.decode(), c.tile, c.block, c.smem, c.up, c.ksize) for c in buf[: count.value]
+        ]
 
 
 @pytest.fixture
@@ -209,8 +267,9 @@ def _forward(launcher, stream, seed, case=(2, 5, 6, 2, 3, 4, 5)):
     out = np.full((batch, s * height, s * width, c), np.nan, np.float32)
     attn = np.full((batch, s * height, s * width, k * k), np.nan, np.float32)
     dims = SapaDims(batch, height, width, s, k, d, c)
-    status = launcher.lib.sapa_forward(stream, 0, ctypes.byref(dims), _ptr(q), _ptr(key),
-                                       _ptr(v), _ptr(out), _ptr(attn))
+    status = launcher.lib.sapa_forward(
+        stream, 0, ctypes.byref(dims), _ptr(q), _ptr(key), _ptr(v), _ptr(out), _ptr(attn)
+    )
     launcher.check(status)
     return out, reference.sapa(q, key, v, k, s)
 
@@ -300,8 +359,11 @@ def test_streams_of_another_device_and_the_callers_context(launcher):
     assert L.log()[-1][3] == 0
     major, minor = ctypes.c_int(), ctypes.c_int()
     target = ctypes.create_string_buffer(16)
-    L.check(L.lib.sapa_device_info(ctypes.c_void_p(stream1), ctypes.byref(major),
-                                   ctypes.byref(minor), target, 16))
+    L.check(
+        L.lib.sapa_device_info(
+            ctypes.c_void_p(stream1), ctypes.byref(major), ctypes.byref(minor), target, 16
+        )
+    )
     assert (major.value, minor.value, target.value) == (7, 5, b"sm_75")
     L.check(L.lib.sapa_device_info(None, ctypes.byref(major), ctypes.byref(minor), target, 16))
     assert (major.value, minor.value, target.value) == (8, 0, b"sm_80")
@@ -351,10 +413,10 @@ def _choices(L, dtype):
             for k in range(1, 32, 2):
                 dims = SapaDims(0, 4, 4, up, k, 8, 8)
                 for op, n in OPS.items():
-                    L.check(getattr(L.lib, op)(None, DTYPES[dtype], ctypes.byref(dims),
-                                               *dummy[:n]))
-                    L.lib.sapa_last_launch(name, 64, None, ctypes.byref(block),
-                                           ctypes.byref(smem))
+                    L.check(
+                        getattr(L.lib, op)(None, DTYPES[dtype], ctypes.byref(dims), *dummy[:n])
+                    )
+                    L.lib.sapa_last_launch(name, 64, None, ctypes.byref(block), ctypes.byref(smem))
                     chosen.add((name.value.decode(), block.value, smem.value))
                     if up > TILED_MAX_UP or untiled:
                         assert name.value.endswith(b"_any"), (op, up, k, name.value)
@@ -372,18 +434,27 @@ def test_launch_configs_are_every_choice(launcher, dtype):
     assert _choices(L, dtype) == {(name, block, smem) for name, _, block, smem, _, _ in configs}
     short = ("f32", "f16", "bf16", "f64")[DTYPES[dtype]]
     tiled = {c[0] for c in configs if c[1] > 0}
-    assert tiled >= {f"sapa_{op}_{short}_k{k}" for op in ("dot", "fused", "dsoftmax")
-                     for k in (3, 5, 7)}
+    assert tiled >= {
+        f"sapa_{op}_{short}_k{k}" for op in ("dot", "fused", "dsoftmax") for k in (3, 5, 7)
+    }
 
 
 SELF_TEST_PER_TILE = 256
 
 
-@pytest.mark.parametrize("dtype,per_tile", [
-    ("float32", False), ("float16", True), ("bfloat16", True), ("float64", True),
-    *(pytest.param(d, False, marks=pytest.mark.benchmark)
-      for d in ("float16", "bfloat16", "float64")),
-])
+@pytest.mark.parametrize(
+    "dtype,per_tile",
+    [
+        ("float32", False),
+        ("float16", True),
+        ("bfloat16", True),
+        ("float64", True),
+        *(
+            pytest.param(d, False, marks=pytest.mark.benchmark)
+            for d in ("float16", "bfloat16", "float64")
+        ),
+    ],
+)
 def test_self_test_runs_every_configuration_and_passes(launcher, dtype, per_tile):
     """The self-test runs every configuration through the real kernels, and they agree
     with its CPU reference; the emulated driver's log shows what actually ran. float32:
@@ -429,8 +500,9 @@ def test_self_test_reports_a_wrong_kernel(launcher):
 def _glibc_versions(path):
     if shutil.which("objdump") is None:
         pytest.skip("objdump (binutils) is not installed: cannot read symbol versions")
-    text = subprocess.run(["objdump", "-T", path], capture_output=True, text=True,
-                          check=True).stdout
+    text = subprocess.run(
+        ["objdump", "-T", path], capture_output=True, text=True, check=True
+    ).stdout
     found = {}
     for line in text.splitlines():
         m = re.search(r"\(?GLIBC_(\d+)\.(\d+)(?:\.\d+)?\)?\s+(\S+)$", line)
@@ -442,11 +514,11 @@ def _glibc_versions(path):
 
 def _assert_old_glibc(path):
     versions = _glibc_versions(path)
-    too_new = {f"GLIBC_{a}.{b}": names for (a, b), names in versions.items()
-               if (a, b) > MAX_GLIBC}
+    too_new = {f"GLIBC_{a}.{b}": names for (a, b), names in versions.items() if (a, b) > MAX_GLIBC}
     assert not too_new, f"{path} needs a glibc newer than 2.28: {too_new}"
-    needed = subprocess.run(["readelf", "-d", path], capture_output=True, text=True,
-                            check=True).stdout
+    needed = subprocess.run(
+        ["readelf", "-d", path], capture_output=True, text=True, check=True
+    ).stdout
     # Before glibc 2.34 the original dl*/pthread symbols live in these two libraries.
     assert "libdl.so.2" in needed and "libpthread.so.0" in needed, needed
 
@@ -460,7 +532,8 @@ def test_the_build_scripts_launcher_needs_no_glibc_newer_than_2_28(tmp_path, mon
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "keras_sapa_build_for_glibc", os.path.join(ROOT, "custom_ops", "build.py"))
+        "keras_sapa_build_for_glibc", os.path.join(ROOT, "custom_ops", "build.py")
+    )
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     if shutil.which("g++") is None:

@@ -21,9 +21,21 @@ def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
     pytest.importorskip("setuptools")
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-         "--no-build-isolation", ROOT, "-w", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            ROOT,
+            "-w",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = glob.glob(os.path.join(out, "*.whl"))
@@ -34,8 +46,11 @@ def test_wheel_is_pure_python_and_carries_no_native_files(wheel):
     assert os.path.basename(wheel).endswith("-py3-none-any.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-    native = [n for n in names if n.endswith((".so", ".dll", ".dylib", ".cubin", ".ptx"))
-              or "/_lib/" in n]
+    native = [
+        n
+        for n in names
+        if n.endswith((".so", ".dll", ".dylib", ".cubin", ".ptx")) or "/_lib/" in n
+    ]
     assert native == [], f"the pure-Python wheel carries native or build files: {native}"
     assert "keras_sapa/layers.py" in names
 

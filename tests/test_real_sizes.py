@@ -143,8 +143,9 @@ def _cases(widths, jit_widths, jit_dtypes=("float32",)):
                     continue
                 marks = getattr(implementation, "marks", ())
                 label = "C{}-d{}".format(*width) if isinstance(width, tuple) else width
-                cases.append(pytest.param(name, width, dtype, marks=marks,
-                                          id=f"{name}-{label}-{dtype}"))
+                cases.append(
+                    pytest.param(name, width, dtype, marks=marks, id=f"{name}-{label}-{dtype}")
+                )
     return cases
 
 
@@ -152,8 +153,11 @@ def _cases(widths, jit_widths, jit_dtypes=("float32",)):
 def test_similarity_real_widths(implementation, d, dtype):
     args, cotangent, expected, expected_grads = _similarity_case(d, dtype)
     out, grads = _run(
-        implementation, lambda q, k, impl: ops.similarity(q, k, KERNEL, UP, impl),
-        args, cotangent, dtype,
+        implementation,
+        lambda q, k, impl: ops.similarity(q, k, KERNEL, UP, impl),
+        args,
+        cotangent,
+        dtype,
     )
     _assert_close(out, expected, dtype, "similarity")
     for name, got, want in zip(("d query", "d key"), grads, expected_grads, strict=True):
@@ -164,8 +168,11 @@ def test_similarity_real_widths(implementation, d, dtype):
 def test_aggregate_real_widths(implementation, c, dtype):
     args, cotangent, expected, expected_grads = _aggregate_case(c, dtype)
     out, grads = _run(
-        implementation, lambda w, v, impl: ops.aggregate(w, v, KERNEL, UP, impl),
-        args, cotangent, dtype,
+        implementation,
+        lambda w, v, impl: ops.aggregate(w, v, KERNEL, UP, impl),
+        args,
+        cotangent,
+        dtype,
     )
     _assert_close(out, expected, dtype, "aggregate")
     for name, got, want in zip(("d weights", "d value"), grads, expected_grads, strict=True):
@@ -177,8 +184,11 @@ def test_sapa_real_widths(implementation, pair, dtype):
     c, d = pair
     args, cotangent, expected, expected_grads = _sapa_case(c, d, dtype)
     out, grads = _run(
-        implementation, lambda q, k, v, impl: ops.sapa(q, k, v, KERNEL, UP, impl),
-        args, cotangent, dtype,
+        implementation,
+        lambda q, k, v, impl: ops.sapa(q, k, v, KERNEL, UP, impl),
+        args,
+        cotangent,
+        dtype,
     )
     _assert_close(out, expected, dtype, "sapa")
     names = ("d query", "d key", "d value")
@@ -188,8 +198,12 @@ def test_sapa_real_widths(implementation, pair, dtype):
 
 # (kernel_size, up_factor, batch, height, width, d, channels): the window inside the map,
 # K=1 with s=1 (no padding), a window larger than the map, a 1x1 map, one channel.
-VJP_CASES = [(3, 2, 1, 2, 3, 3, 5), (1, 1, 2, 2, 2, 2, 3), (5, 3, 1, 2, 3, 2, 2),
-             (3, 2, 2, 1, 1, 1, 1)]
+VJP_CASES = [
+    (3, 2, 1, 2, 3, 3, 5),
+    (1, 1, 2, 2, 2, 2, 3),
+    (5, 3, 1, 2, 3, 2, 2),
+    (3, 2, 2, 1, 1, 1, 1),
+]
 
 
 @pytest.mark.parametrize("k,s,batch,height,width,d,c", VJP_CASES)
@@ -214,11 +228,13 @@ def test_reference_vjps_match_directional_derivatives(k, s, batch, height, width
                 direction = _random(seed + 10 * index + trial + 50, args[index].shape)
                 plus = [a + eps * direction if i == index else a for i, a in enumerate(args)]
                 minus = [a - eps * direction if i == index else a for i, a in enumerate(args)]
-                numeric = (np.sum(fn(*plus, k, s) * cotangent)
-                           - np.sum(fn(*minus, k, s) * cotangent)) / (2 * eps)
+                numeric = (
+                    np.sum(fn(*plus, k, s) * cotangent) - np.sum(fn(*minus, k, s) * cotangent)
+                ) / (2 * eps)
                 analytic = np.sum(grads[index] * direction)
-                np.testing.assert_allclose(analytic, numeric, rtol=1e-7, atol=1e-7,
-                                           err_msg=f"{fn.__name__} d{name}")
+                np.testing.assert_allclose(
+                    analytic, numeric, rtol=1e-7, atol=1e-7, err_msg=f"{fn.__name__} d{name}"
+                )
 
     check(ref.similarity, ref.similarity_vjp, ("q", "k"), k * k)
     check(ref.aggregate, ref.aggregate_vjp, ("w", "v"), c)

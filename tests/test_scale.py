@@ -83,6 +83,7 @@ def test_similarity_past_int32():
         for n, p, t, inside in _window_points(i, j):
             expected = 0.0
             if inside:
-                expected = float(np.dot(q[0, i, j].astype(np.float64),
-                                        k[0, p, t].astype(np.float64)))
+                expected = float(
+                    np.dot(q[0, i, j].astype(np.float64), k[0, p, t].astype(np.float64))
+                )
             np.testing.assert_allclose(float(sim[0, i, j, n]), expected, rtol=1e-4, atol=1e-5)

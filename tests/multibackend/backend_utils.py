@@ -82,6 +82,4 @@ def directional_derivative(fn, args, directions, cotangent, eps=1e-5, jit=True):
         fn = _compiled(fn)
     plus = [a + eps * d for a, d in zip(args, directions, strict=True)]
     minus = [a - eps * d for a, d in zip(args, directions, strict=True)]
-    return float(
-        np.sum((to_numpy(fn(*plus)) - to_numpy(fn(*minus))) * cotangent) / (2 * eps)
-    )
+    return float(np.sum((to_numpy(fn(*plus)) - to_numpy(fn(*minus))) * cotangent) / (2 * eps))

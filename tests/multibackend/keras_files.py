@@ -26,8 +26,10 @@ from keras_sapa import ops as sapa_ops
 
 def _inputs():
     rng = np.random.default_rng(0)
-    return (rng.standard_normal((2, 3, 5, 8)).astype(np.float32),
-            rng.standard_normal((2, 6, 10, 6)).astype(np.float32))
+    return (
+        rng.standard_normal((2, 3, 5, 8)).astype(np.float32),
+        rng.standard_normal((2, 6, 10, 6)).astype(np.float32),
+    )
 
 
 def _build():
@@ -38,16 +40,24 @@ def _build():
     up = keras.layers.Permute((3, 1, 2))(up)
     guide_cf = keras.layers.Permute((3, 1, 2))(guide_in)
     x_cf = keras.layers.Permute((3, 1, 2))(x_in)
-    up2 = SAPA(kernel_size=5, embedding_dim=4, variant="bilinear", output_dim=5,
-               data_format="channels_first", implementation=implementation,
-               name="sapa_b")(x_cf, guide_cf)
+    up2 = SAPA(
+        kernel_size=5,
+        embedding_dim=4,
+        variant="bilinear",
+        output_dim=5,
+        data_format="channels_first",
+        implementation=implementation,
+        name="sapa_b",
+    )(x_cf, guide_cf)
     out = keras.layers.Concatenate(axis=1)([up, up2])
     return keras.Model([x_in, guide_in], keras.layers.Permute((2, 3, 1))(out))
 
 
 def _paths(directory, backend):
-    return (os.path.join(directory, f"model_{backend}.keras"),
-            os.path.join(directory, f"out_{backend}.npy"))
+    return (
+        os.path.join(directory, f"model_{backend}.keras"),
+        os.path.join(directory, f"out_{backend}.npy"),
+    )
 
 
 def save(directory):
@@ -56,8 +66,13 @@ def save(directory):
     backend = keras.config.backend()
     model = _build()
     rng = np.random.default_rng(2)
-    model.set_weights([rng.standard_normal(w.shape).astype("float32") * 0.5 + (
-        1.0 if "gamma" in w.path else 0.0) for w in model.weights])
+    model.set_weights(
+        [
+            rng.standard_normal(w.shape).astype("float32") * 0.5
+            + (1.0 if "gamma" in w.path else 0.0)
+            for w in model.weights
+        ]
+    )
     out = model.predict(list(_inputs()), verbose=0)
     model_path, out_path = _paths(directory, backend)
     model.save(model_path)
@@ -85,8 +100,11 @@ def load(directory, others, timeout=1200):
         notes = [str(w.message)[:60] for w in caught if "compiled" in str(w.message)]
         out = model.predict(list(_inputs()), verbose=0)
         expected = np.load(out_path)
-        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5,
-                                   err_msg=f"{other} file on {backend}")
-        lines.append(f"{other} -> {backend}: ok, max diff {np.abs(out - expected).max():.2e}, "
-                     f"warnings {notes}")
+        np.testing.assert_allclose(
+            out, expected, rtol=1e-5, atol=1e-5, err_msg=f"{other} file on {backend}"
+        )
+        lines.append(
+            f"{other} -> {backend}: ok, max diff {np.abs(out - expected).max():.2e}, "
+            f"warnings {notes}"
+        )
     return lines

@@ -15,21 +15,33 @@ from keras_sapa.deform import SAPADeform
 from keras_sapa.ops import _deform as deform_ops
 
 
-def _inputs(rng, batch, height, width, groups, e, points, s, channels, dtype=np.float32,
-            away=False):
+def _inputs(
+    rng, batch, height, width, groups, e, points, s, channels, dtype=np.float32, away=False
+):
     f = lambda *shape: rng.standard_normal(shape).astype(dtype)  # noqa: E731
     out = (batch, s * height, s * width)
     if away:
         o = ref.offsets_away_from_integers(rng, out + (2 * groups * points,), spread=2.5)
     else:
         o = rng.uniform(-2.5, 2.5, out + (2 * groups * points,))
-        o[0, 0, 0, : 2 * min(points * groups, 4)] = [0.0, 1.0, -1.0, 0.5, float(width),
-                                                     0.0, 2.0, float(height)][
-            : 2 * min(points * groups, 4)]
+        o[0, 0, 0, : 2 * min(points * groups, 4)] = [
+            0.0,
+            1.0,
+            -1.0,
+            0.5,
+            float(width),
+            0.0,
+            2.0,
+            float(height),
+        ][: 2 * min(points * groups, 4)]
         if points * groups > 5:
             o[0, 0, 1, 10] = np.nan  # point 5 of output point (0, 1) is dropped
-    return (f(*out, groups * e) * 0.5, f(batch, height, width, groups * e),
-            f(batch, height, width, channels), o.astype(dtype))
+    return (
+        f(*out, groups * e) * 0.5,
+        f(batch, height, width, groups * e),
+        f(batch, height, width, channels),
+        o.astype(dtype),
+    )
 
 
 def _compiled(fn):
@@ -58,15 +70,18 @@ def _numeric_vjp(fn, args, cotangent, eps=1e-6):
             plus, minus = [a.copy() for a in args], [a.copy() for a in args]
             plus[index][position] += eps
             minus[index][position] -= eps
-            grad[position] = np.sum(
-                (to_numpy(fn(*plus)) - to_numpy(fn(*minus))) * cotangent) / (2 * eps)
+            grad[position] = np.sum((to_numpy(fn(*plus)) - to_numpy(fn(*minus))) * cotangent) / (
+                2 * eps
+            )
         grads.append(grad)
     return grads
 
 
-@pytest.mark.parametrize("case", [(2, 3, 4, 2, 3, 3, 2, 4), (1, 4, 4, 4, 32, 9, 2, 256),
-                                  (1, 2, 3, 1, 2, 4, 3, 3)],
-                         ids=["small", "real-C256-E32-P9-G4", "odd-s3"])
+@pytest.mark.parametrize(
+    "case",
+    [(2, 3, 4, 2, 3, 3, 2, 4), (1, 4, 4, 4, 32, 9, 2, 256), (1, 2, 3, 1, 2, 4, 3, 3)],
+    ids=["small", "real-C256-E32-P9-G4", "odd-s3"],
+)
 def test_ops_match_reference(case):
     _, height, width, groups, _, points, s, _ = case
     rng = np.random.default_rng(sum(case))
@@ -78,15 +93,24 @@ def test_ops_match_reference(case):
     sapa_deform = jit(lambda *a: deform_ops.sapa_deform(*a, **args))
     similarity = jit(lambda *a: deform_ops.deform_similarity(*a, **args))
     aggregate = jit(lambda *a: deform_ops.deform_aggregate(*a, **args))
-    np.testing.assert_allclose(to_numpy(sapa_deform(q, k, v, o)),
-                               ref.sapa_deform(q, k, v, o, points, s, groups),
-                               rtol=1e-5, atol=2e-5)
-    np.testing.assert_allclose(to_numpy(similarity(q, k, o)),
-                               ref.deform_similarity(q, k, o, points, s, groups),
-                               rtol=1e-5, atol=2e-5)
-    np.testing.assert_allclose(to_numpy(aggregate(w, v, o)),
-                               ref.deform_aggregate(w, v, o, points, s, groups),
-                               rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(
+        to_numpy(sapa_deform(q, k, v, o)),
+        ref.sapa_deform(q, k, v, o, points, s, groups),
+        rtol=1e-5,
+        atol=2e-5,
+    )
+    np.testing.assert_allclose(
+        to_numpy(similarity(q, k, o)),
+        ref.deform_similarity(q, k, o, points, s, groups),
+        rtol=1e-5,
+        atol=2e-5,
+    )
+    np.testing.assert_allclose(
+        to_numpy(aggregate(w, v, o)),
+        ref.deform_aggregate(w, v, o, points, s, groups),
+        rtol=1e-5,
+        atol=2e-5,
+    )
 
 
 def test_gradients_match_reference_and_numeric():
@@ -112,8 +136,7 @@ def test_gradients_match_reference_and_numeric():
     q, k, v, o = _inputs(rng, 1, 1, 2, 1, 1, 2, s, 2, dtype=np.float64, away=True)
     args.update(num_points=2, groups=1)
     g = rng.standard_normal(q.shape[:3] + (2,))
-    for got, want in zip(vjp(fn, [q, k, v, o], g), _numeric_vjp(fn, [q, k, v, o], g),
-                         strict=True):
+    for got, want in zip(vjp(fn, [q, k, v, o], g), _numeric_vjp(fn, [q, k, v, o], g), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
@@ -147,17 +170,20 @@ def _layer_grads(layer, x, y, cotangent):
             return out, pull(cot)
 
         out, (d_weights, d_x, d_y) = forward_backward(
-            [w.value for w in weights], x, y, jax.numpy.asarray(cotangent))
+            [w.value for w in weights], x, y, jax.numpy.asarray(cotangent)
+        )
         return np.asarray(out), [np.asarray(d_x), np.asarray(d_y)] + [
-            np.asarray(d) for d in d_weights]
+            np.asarray(d) for d in d_weights
+        ]
     if backend == "torch":
         import torch
 
         xt = torch.tensor(x, requires_grad=True)
         yt = torch.tensor(y, requires_grad=True)
         out = layer(xt, yt)
-        grads = torch.autograd.grad(out, [xt, yt] + [w.value for w in weights],
-                                    torch.as_tensor(cotangent))
+        grads = torch.autograd.grad(
+            out, [xt, yt] + [w.value for w in weights], torch.as_tensor(cotangent)
+        )
         return out.detach().cpu().numpy(), [g.detach().cpu().numpy() for g in grads]
     import tensorflow as tf
 
@@ -169,9 +195,11 @@ def _layer_grads(layer, x, y, cotangent):
     return out.numpy(), [g.numpy() for g in grads]
 
 
-@pytest.mark.parametrize("case", [(9, 4, 2, True, False, "channels_last"),
-                                  (4, 1, 3, False, True, "channels_first")],
-                         ids=["p9-g4-s2-high-nonorm-nhwc", "p4-g1-s3-low-gn-nchw"])
+@pytest.mark.parametrize(
+    "case",
+    [(9, 4, 2, True, False, "channels_last"), (4, 1, 3, False, True, "channels_first")],
+    ids=["p9-g4-s2-high-nonorm-nhwc", "p4-g1-s3-low-gn-nchw"],
+)
 def test_layer_matches_official_module(case):
     torch = pytest.importorskip("torch")
     import official_deform_torch as official
@@ -180,8 +208,16 @@ def test_layer_matches_official_module(case):
     points, groups, s, high, norm, fmt = case
     cx, cy = (64, 32) if norm else (8, 6)
     torch.manual_seed(points)
-    module = official.SAPADeformTorch(cy, cx, up_factor=s, num_point=points, groups=groups,
-                                      embedding_dim=4, high_offset=high, norm=norm).double()
+    module = official.SAPADeformTorch(
+        cy,
+        cx,
+        up_factor=s,
+        num_point=points,
+        groups=groups,
+        embedding_dim=4,
+        high_offset=high,
+        norm=norm,
+    ).double()
     with torch.no_grad():
         for name, p in module.named_parameters():
             base = 1.0 if name.startswith("norm") and name.endswith("weight") else 0.0
@@ -194,21 +230,31 @@ def test_layer_matches_official_module(case):
     out_t = module(ty, tx)
     (out_t * torch.tensor(cot)).sum().backward()
 
-    layer = SAPADeform(up_factor=s, num_points=points, groups=groups, embedding_dim=4,
-                       high_offset=high, norm="group" if norm else None, data_format=fmt)
+    layer = SAPADeform(
+        up_factor=s,
+        num_points=points,
+        groups=groups,
+        embedding_dim=4,
+        high_offset=high,
+        norm="group" if norm else None,
+        data_format=fmt,
+    )
     last = fmt == "channels_last"
-    to_layer = (lambda t: np.ascontiguousarray(t.transpose(0, 2, 3, 1))) if last else (
-        lambda t: t)
+    to_layer = (lambda t: np.ascontiguousarray(t.transpose(0, 2, 3, 1))) if last else (lambda t: t)
     layer.build(to_layer(x).shape, to_layer(y).shape)
     convert.load_torch_state_dict(layer, module.state_dict())
-    out, grads = _layer_grads(layer, to_layer(x).astype(np.float32),
-                              to_layer(y).astype(np.float32),
-                              to_layer(cot).astype(np.float32))
+    out, grads = _layer_grads(
+        layer,
+        to_layer(x).astype(np.float32),
+        to_layer(y).astype(np.float32),
+        to_layer(cot).astype(np.float32),
+    )
     np.testing.assert_allclose(out, to_layer(out_t.detach().numpy()), rtol=1e-5, atol=1e-5)
 
     def close(got, expected, what):
-        np.testing.assert_allclose(got, expected, rtol=1e-4,
-                                   atol=1e-4 * np.abs(expected).max(), err_msg=what)
+        np.testing.assert_allclose(
+            got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(), err_msg=what
+        )
 
     close(grads[0], to_layer(tx.grad.numpy()), "d x")
     close(grads[1], to_layer(ty.grad.numpy()), "d guide")

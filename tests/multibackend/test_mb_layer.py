@@ -43,8 +43,14 @@ def test_layer_matches_reference(variant, norm, data_format):
     seed = 10 * VARIANTS.index(variant) + NORMS.index(norm) + 100 * (data_format[-4:] == "last")
     rng = np.random.default_rng(seed)
     x, guide = _pair(rng)
-    layer = SAPA(kernel_size=3, embedding_dim=6, variant=variant, norm=norm, norm_groups=4,
-                 data_format=data_format)
+    layer = SAPA(
+        kernel_size=3,
+        embedding_dim=6,
+        variant=variant,
+        norm=norm,
+        norm_groups=4,
+        data_format=data_format,
+    )
     if data_format == "channels_first":
         x_in, guide_in = x.transpose(0, 3, 1, 2), guide.transpose(0, 3, 1, 2)
     else:
@@ -68,14 +74,20 @@ def test_layer_sizes_and_value_projection(kernel_size, up_factor, height, width)
     map), with ``output_dim`` (a value projection)."""
     rng = np.random.default_rng(kernel_size + 10 * up_factor)
     x, guide = _pair(rng, height=height, width=width, s=up_factor, cx=6, cy=4)
-    layer = SAPA(up_factor=up_factor, kernel_size=kernel_size, embedding_dim=5,
-                 variant="gated", output_dim=3)
+    layer = SAPA(
+        up_factor=up_factor,
+        kernel_size=kernel_size,
+        embedding_dim=5,
+        variant="gated",
+        output_dim=3,
+    )
     layer(x, guide)
     params = randomise(layer, rng)
     out = to_numpy(layer(x, guide))
     assert out.shape == (2, up_factor * height, up_factor * width, 3)
-    expected = ref.sapa_layer(x, guide, params, "gated", kernel_size, up_factor,
-                              value_projection=True)
+    expected = ref.sapa_layer(
+        x, guide, params, "gated", kernel_size, up_factor, value_projection=True
+    )
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -95,12 +107,16 @@ def test_layer_real_sizes(implementation):
     """C=256 channels, d=64, K=5, with a value projection, through every implementation
     ("compiled": the backend's compiled kernels, skipped saying why where not built)."""
     if implementation == "compiled" and not sapa_ops.compiled_available():
-        pytest.skip(f"the compiled kernels of the {BACKEND} backend are not built or are "
-                    "disabled")
+        pytest.skip(f"the compiled kernels of the {BACKEND} backend are not built or are disabled")
     rng = np.random.default_rng(41)
     x, guide = _pair(rng, batch=1, height=4, width=5, cx=256, cy=64)
-    layer = SAPA(kernel_size=5, embedding_dim=64, variant="gated", output_dim=128,
-                 implementation=implementation)
+    layer = SAPA(
+        kernel_size=5,
+        embedding_dim=64,
+        variant="gated",
+        output_dim=128,
+        implementation=implementation,
+    )
     layer(x, guide)
     params = randomise(layer, rng, scale=0.1)
     expected = ref.sapa_layer(x, guide, params, "gated", 5, 2, value_projection=True)
@@ -123,12 +139,21 @@ def test_layer_gradients_match_reference(variant):
     rng = np.random.default_rng(21 + VARIANTS.index(variant))
     x, guide = _pair(rng, batch=1, height=2, width=3, cx=4, cy=4, dtype=np.float64)
     projected = variant == "gated"  # one case with the value projection's weights
-    layer = SAPA(kernel_size=3, embedding_dim=3, variant=variant, value_projection=projected,
-                 dtype="float64")
+    layer = SAPA(
+        kernel_size=3,
+        embedding_dim=3,
+        variant=variant,
+        value_projection=projected,
+        dtype="float64",
+    )
     layer(x, guide)
     params = randomise(layer, rng)
-    names = {id(w): f"{n}.{suffix}" for n in PARAM_NAMES if getattr(layer, n) is not None
-             for w, suffix in zip(getattr(layer, n).weights, ("weight", "bias"), strict=False)}
+    names = {
+        id(w): f"{n}.{suffix}"
+        for n in PARAM_NAMES
+        if getattr(layer, n) is not None
+        for w, suffix in zip(getattr(layer, n).weights, ("weight", "bias"), strict=False)
+    }
     keys = [names[id(w)] for w in layer.trainable_weights]
     assert len(keys) == len(params) > 0
     non_trainable = [v.value for v in layer.non_trainable_variables]
@@ -137,8 +162,15 @@ def test_layer_gradients_match_reference(variant):
         return layer.stateless_call(list(weights), non_trainable, x_t, guide_t)[0]
 
     def reference(x_a, guide_a, *weights):
-        return ref.sapa_layer(x_a, guide_a, dict(zip(keys, weights, strict=True)), variant, 3, 2,
-                              value_projection=projected)
+        return ref.sapa_layer(
+            x_a,
+            guide_a,
+            dict(zip(keys, weights, strict=True)),
+            variant,
+            3,
+            2,
+            value_projection=projected,
+        )
 
     args = [x, guide] + [params[k] for k in keys]
     cotangent = rng.standard_normal((1, 4, 6, 4))
@@ -147,17 +179,22 @@ def test_layer_gradients_match_reference(variant):
         assert grad.dtype == np.float64, name
         directions = [np.zeros_like(a) for a in args]
         directions[index] = rng.standard_normal(args[index].shape)
-        expected = directional_derivative(reference, args, directions, cotangent,
-                                          jit=False)
-        np.testing.assert_allclose(float(np.sum(grad * directions[index])), expected,
-                                   rtol=GRADIENT_RTOL, atol=1e-9, err_msg=name)
+        expected = directional_derivative(reference, args, directions, cotangent, jit=False)
+        np.testing.assert_allclose(
+            float(np.sum(grad * directions[index])),
+            expected,
+            rtol=GRADIENT_RTOL,
+            atol=1e-9,
+            err_msg=name,
+        )
 
 
 def _functional(cx=8, cy=6, head=True, **kwargs):
     x_in = keras.Input((None, None, cx), name="x")
     guide_in = keras.Input((None, None, cy), name="guide")
     out = SAPA(kernel_size=3, embedding_dim=4, variant="gated", name="sapa", **kwargs)(
-        x_in, guide_in)
+        x_in, guide_in
+    )
     if head:
         out = keras.layers.Conv2D(3, 1, name="head")(out)
     return keras.Model([x_in, guide_in], out)
@@ -177,8 +214,11 @@ def test_functional_model_trains_saves_and_reloads(tmp_path):
     assert np.isfinite(history.history["loss"][0])
     after = [to_numpy(w) for w in model.trainable_weights]
     sapa_weights = {id(w) for w in model.get_layer("sapa").trainable_weights}
-    changed = [not np.allclose(b, a) for b, a, w in
-               zip(before, after, model.trainable_weights, strict=True) if id(w) in sapa_weights]
+    changed = [
+        not np.allclose(b, a)
+        for b, a, w in zip(before, after, model.trainable_weights, strict=True)
+        if id(w) in sapa_weights
+    ]
     assert changed and all(changed), "every SAPA weight gets a gradient"
 
     expected = model.predict([x, guide], verbose=0)
@@ -186,8 +226,9 @@ def test_functional_model_trains_saves_and_reloads(tmp_path):
     model.save(path)
     reloaded = keras.saving.load_model(path)  # registered: no custom_objects
     assert isinstance(reloaded.get_layer("sapa"), SAPA)
-    np.testing.assert_allclose(reloaded.predict([x, guide], verbose=0), expected,
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        reloaded.predict([x, guide], verbose=0), expected, rtol=1e-6, atol=1e-6
+    )
     # Unknown spatial size: other image sizes run through the same model.
     x2, guide2 = _pair(rng, height=4, width=4, cx=8, cy=6)
     assert reloaded.predict([x2, guide2], verbose=0).shape == (2, 8, 8, 3)
@@ -209,8 +250,12 @@ def test_jit_compile_forward_and_training_step():
         model = _functional(head=False, implementation="auto")
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=jit)
         if jit:
-            np.testing.assert_allclose(model.predict([x, guide], verbose=0),
-                                       to_numpy(model([x, guide])), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                model.predict([x, guide], verbose=0),
+                to_numpy(model([x, guide])),
+                rtol=1e-5,
+                atol=1e-6,
+            )
         history = model.fit([x, guide], target, epochs=1, batch_size=2, verbose=0)
         assert np.isfinite(history.history["loss"][0])
         weights_after.append([to_numpy(w) for w in model.trainable_weights])
@@ -243,22 +288,46 @@ def test_mixed_precision(policy):
     assert np.isfinite(to_numpy(keras.ops.cast(big, "float32"))).all()
     expected = ref.sapa_layer(x, guide, params, "gated", 3, 2)
     tol = 5e-2 if compute == "bfloat16" else 1e-2
-    np.testing.assert_allclose(to_numpy(keras.ops.cast(out, "float32")), expected,
-                               atol=tol * 4, rtol=tol)
+    np.testing.assert_allclose(
+        to_numpy(keras.ops.cast(out, "float32")), expected, atol=tol * 4, rtol=tol
+    )
 
 
 def test_config_round_trip():
-    layer = SAPA(up_factor=3, kernel_size=7, embedding_dim=16, variant="concat", norm="group",
-                 norm_groups=2, use_bias=False, output_dim=12, value_projection=True,
-                 data_format="channels_first", implementation="xla",
-                 kernel_initializer=keras.initializers.HeNormal(seed=1),
-                 bias_initializer="ones", name="my_sapa", dtype="float64")
+    layer = SAPA(
+        up_factor=3,
+        kernel_size=7,
+        embedding_dim=16,
+        variant="concat",
+        norm="group",
+        norm_groups=2,
+        use_bias=False,
+        output_dim=12,
+        value_projection=True,
+        data_format="channels_first",
+        implementation="xla",
+        kernel_initializer=keras.initializers.HeNormal(seed=1),
+        bias_initializer="ones",
+        name="my_sapa",
+        dtype="float64",
+    )
     config = layer.get_config()
     json.dumps(config)
     clone = SAPA.from_config(config)
     assert clone.get_config() == config
-    for key in ("up_factor", "kernel_size", "embedding_dim", "variant", "norm", "norm_groups",
-                "use_bias", "output_dim", "value_projection", "data_format", "implementation"):
+    for key in (
+        "up_factor",
+        "kernel_size",
+        "embedding_dim",
+        "variant",
+        "norm",
+        "norm_groups",
+        "use_bias",
+        "output_dim",
+        "value_projection",
+        "data_format",
+        "implementation",
+    ):
         assert getattr(clone, key) == getattr(layer, key), key
     assert isinstance(clone.kernel_initializer, keras.initializers.HeNormal)
     assert clone.dtype_policy.name == "float64"
@@ -273,12 +342,15 @@ def test_projections_start_from_different_kernels(variant):
     # by the projections, it would start q and k (qy, qx, v, ...) identical.
     layer = SAPA(kernel_size=3, embedding_dim=8, variant=variant, output_dim=12)
     layer.build((None, 4, 4, 16), (None, 8, 8, 16))
-    kernels = {name: to_numpy(getattr(layer, name).kernel)
-               for name in ("q", "k", "qy", "qx", "v") if getattr(layer, name) is not None}
+    kernels = {
+        name: to_numpy(getattr(layer, name).kernel)
+        for name in ("q", "k", "qy", "qx", "v")
+        if getattr(layer, name) is not None
+    }
     assert len(kernels) >= 3
     names = sorted(kernels)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             rows = min(kernels[a].shape[0], kernels[b].shape[0])
             cols = min(kernels[a].shape[1], kernels[b].shape[1])
             assert not np.allclose(kernels[a][:rows, :cols], kernels[b][:rows, :cols]), (a, b)
@@ -289,8 +361,11 @@ def test_projections_start_from_different_kernels(variant):
 
 def test_seeded_initializer_is_reproducible_and_still_distinct():
     def build():
-        layer = SAPA(kernel_size=3, embedding_dim=8,
-                     kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02, seed=7))
+        layer = SAPA(
+            kernel_size=3,
+            embedding_dim=8,
+            kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02, seed=7),
+        )
         layer.build((None, 4, 4, 16), (None, 8, 8, 16))
         return to_numpy(layer.q.kernel), to_numpy(layer.k.kernel)
 
@@ -315,8 +390,9 @@ def test_compiled_from_config_falls_back_with_one_warning(monkeypatch):
         assert SAPA(kernel_size=3, embedding_dim=4)(x, guide).shape == (2, 6, 10, 8)
     assert not [w for w in caught if "compiled" in str(w.message)]
     # A config (as saved where the op was built) loads and runs on the pure path.
-    config = SAPA(kernel_size=3, embedding_dim=4, implementation="compiled",
-                  name="saved").get_config()
+    config = SAPA(
+        kernel_size=3, embedding_dim=4, implementation="compiled", name="saved"
+    ).get_config()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = SAPA.from_config(config)
@@ -325,9 +401,12 @@ def test_compiled_from_config_falls_back_with_one_warning(monkeypatch):
     assert loaded.implementation == "auto"
     loaded(x, guide)
     params = randomise(loaded, rng)
-    np.testing.assert_allclose(to_numpy(loaded(x, guide)),
-                               ref.sapa_layer(x, guide, params, "bilinear", 3, 2),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(loaded(x, guide)),
+        ref.sapa_layer(x, guide, params, "bilinear", 3, 2),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize(
@@ -407,10 +486,12 @@ def test_set_implementation_and_training_argument():
     for implementation in ("patches", "xla"):
         assert sapa_ops.set_implementation(model, implementation) == 1
         assert model.get_layer("sapa").implementation == implementation
-        np.testing.assert_allclose(model.predict([x, guide], verbose=0), expected,
-                                   rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(to_numpy(model([x, guide], training=True)), expected,
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            model.predict([x, guide], verbose=0), expected, rtol=1e-5, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            to_numpy(model([x, guide], training=True)), expected, rtol=1e-5, atol=1e-5
+        )
     with pytest.raises(ValueError, match="no SAPA layer"):
         sapa_ops.set_implementation(keras.Sequential([keras.layers.Dense(2)]), "auto")
     if not sapa_ops.compiled_available():
@@ -428,8 +509,9 @@ def test_supports_jit_declines_xla_only_where_the_gpu_op_runs(monkeypatch):
     from keras_sapa.ops import _tf_kernels as _compiled
 
     # Where the compiled GPU op is usable, jit_compile="auto" must not pick XLA.
-    monkeypatch.setattr(tf.config, "list_physical_devices",
-                        lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    monkeypatch.setattr(
+        tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else []
+    )
     monkeypatch.setattr(_compiled, "gpu_op_usable", lambda: True)
     assert SAPA().supports_jit is False
     assert SAPA(implementation="xla").supports_jit is True

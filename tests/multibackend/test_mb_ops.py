@@ -22,16 +22,23 @@ from keras_sapa import ops as sapa_ops
 IMPLEMENTATIONS = (
     "patches",
     "xla",
-    pytest.param("compiled", marks=pytest.mark.skipif(
-        not sapa_ops.compiled_available(),
-        reason="the compiled kernels of this backend are not built or are disabled")),
+    pytest.param(
+        "compiled",
+        marks=pytest.mark.skipif(
+            not sapa_ops.compiled_available(),
+            reason="the compiled kernels of this backend are not built or are disabled",
+        ),
+    ),
 )
 
 
 def _inputs(rng, batch, height, width, d, channels, s, dtype=np.float32):
     f = lambda *shape: rng.standard_normal(shape).astype(dtype)  # noqa: E731
-    return (f(batch, s * height, s * width, d), f(batch, height, width, d),
-            f(batch, height, width, channels))
+    return (
+        f(batch, s * height, s * width, d),
+        f(batch, height, width, d),
+        f(batch, height, width, channels),
+    )
 
 
 @pytest.mark.filterwarnings("ignore:You are using a softmax over axis -1")  # K=1
@@ -44,13 +51,22 @@ def test_ops_match_reference(implementation, kernel_size, up_factor):
     kw = dict(kernel_size=kernel_size, up_factor=up_factor, implementation=implementation)
     np.testing.assert_allclose(
         to_numpy(sapa_ops.similarity(query, key, **kw)),
-        ref.similarity(query, key, kernel_size, up_factor), rtol=1e-5, atol=1e-5)
+        ref.similarity(query, key, kernel_size, up_factor),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     np.testing.assert_allclose(
         to_numpy(sapa_ops.aggregate(weights, value, **kw)),
-        ref.aggregate(weights, value, kernel_size, up_factor), rtol=1e-5, atol=1e-5)
+        ref.aggregate(weights, value, kernel_size, up_factor),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     np.testing.assert_allclose(
         to_numpy(sapa_ops.sapa(query, key, value, **kw)),
-        ref.sapa(query, key, value, kernel_size, up_factor), rtol=1e-5, atol=1e-5)
+        ref.sapa(query, key, value, kernel_size, up_factor),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -60,19 +76,25 @@ def test_real_sizes_match_reference(implementation):
     query, key, value = _inputs(rng, 1, 6, 7, 64, 256, 2)
     query *= 0.2  # logits of order 1: a softmax that is not one-hot
     out = sapa_ops.sapa(query, key, value, 5, 2, implementation=implementation)
-    np.testing.assert_allclose(to_numpy(out), ref.sapa(query, key, value, 5, 2),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(out), ref.sapa(query, key, value, 5, 2), rtol=1e-5, atol=1e-5
+    )
 
 
 def _op(name, implementation, kernel_size, up_factor):
     def fn(*args):
-        return getattr(sapa_ops, name)(*args, kernel_size=kernel_size, up_factor=up_factor,
-                                        implementation=implementation)
+        return getattr(sapa_ops, name)(
+            *args, kernel_size=kernel_size, up_factor=up_factor, implementation=implementation
+        )
+
     return fn
 
 
-REFERENCE_VJPS = {"similarity": ref.similarity_vjp, "aggregate": ref.aggregate_vjp,
-                  "sapa": ref.sapa_vjp}
+REFERENCE_VJPS = {
+    "similarity": ref.similarity_vjp,
+    "aggregate": ref.aggregate_vjp,
+    "sapa": ref.sapa_vjp,
+}
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -177,10 +199,14 @@ def test_resolve_and_use_implementation():
         (lambda q, k, v, w: sapa_ops.similarity(q[:, :-1], k), "height of `query`"),
         (lambda q, k, v, w: sapa_ops.similarity(q, k[:1]), "same batch size"),
         (lambda q, k, v, w: sapa_ops.similarity(q[0], k), "rank-4"),
-        (lambda q, k, v, w: sapa_ops.aggregate(w[..., :8], v, kernel_size=3),
-         "kernel_size\\*\\*2=9"),
-        (lambda q, k, v, w: sapa_ops.sapa(q, k, v, implementation="cuda"),
-         "implementation='cuda'"),
+        (
+            lambda q, k, v, w: sapa_ops.aggregate(w[..., :8], v, kernel_size=3),
+            "kernel_size\\*\\*2=9",
+        ),
+        (
+            lambda q, k, v, w: sapa_ops.sapa(q, k, v, implementation="cuda"),
+            "implementation='cuda'",
+        ),
         (lambda q, k, v, w: sapa_ops.sapa(q, k, v[:, :-1]), "height of `query`"),
     ],
 )
@@ -211,8 +237,9 @@ def test_torch_compile_forward_and_backward():
     # loaded 2-core CI machine; the bench's torch rows can time it).
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     out = compiled(*[torch.tensor(a) for a in (query, key, value)])
-    np.testing.assert_allclose(to_numpy(out), ref.sapa(query, key, value, 3, 2),
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        to_numpy(out), ref.sapa(query, key, value, 3, 2), rtol=1e-10, atol=1e-12
+    )
     cotangent = rng.standard_normal(tuple(out.shape))
     got = vjp(compiled, [query, key, value], cotangent)
     expected = ref.sapa_vjp(query, key, value, cotangent, 3, 2)
