@@ -25,21 +25,21 @@ from keras_sapa.ops import _torch_kernels
 _NATIVE = {torch.float32: "f32", torch.float64: "f64"}
 _FORWARD = _optable.op("SapaDeform").bindings
 _BACKWARD = _optable.op("SapaDeformGrad").bindings
-_declared = set()
 _state = {}
 
 
 def _entry(bindings, dtype):
-    """The C function of an op for a dtype, its signature declared on first use; None
-    when the library predates SAPA-D."""
+    """The C function of an op for a dtype, its signature declared on first use of each
+    library handle (the loader may hand out a new one after a reset, whose functions
+    start undeclared: int64 sizes would then go through as C ints); None when the
+    library predates SAPA-D."""
     lib = _torch_kernels._library_handle()
     name = f"{bindings.c_abi}_{_NATIVE[dtype]}"
     fn = getattr(lib, name, None)
-    if fn is not None and name not in _declared:
+    if fn is not None and fn.argtypes is None:
         pointers = 6 if bindings is _FORWARD else 10
         fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 8
         fn.restype = ctypes.c_int
-        _declared.add(name)
     return fn
 
 
