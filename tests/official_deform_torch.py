@@ -206,3 +206,27 @@ class SAPADeformTorch(nn.Module):
         args = (self.num_point, self.up_factor, self.groups)
         attn = F.softmax(deform_qk(q, k, offset, *args), dim=2)
         return deform_av(attn, x, offset, *args)
+
+
+def random_module(case, seed):
+    """A float64 ``SAPADeformTorch`` for a test case ``(points, groups, up_factor,
+    high_offset, norm, data_format)`` with random weights (offsets large enough to move
+    points across cells, norm scales around 1), and its ``(cx, cy)`` channel counts."""
+    points, groups, s, high, norm, _ = case
+    cx, cy = (64, 32) if norm else (8, 6)
+    torch.manual_seed(seed)
+    module = SAPADeformTorch(
+        cy,
+        cx,
+        up_factor=s,
+        num_point=points,
+        groups=groups,
+        embedding_dim=4,
+        high_offset=high,
+        norm=norm,
+    ).double()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            base = 1.0 if name.startswith("norm") and name.endswith("weight") else 0.0
+            p.copy_(base + (0.6 if name.startswith("offset") else 0.3) * torch.randn_like(p))
+    return module, cx, cy

@@ -39,30 +39,6 @@ def _case_id(case):
     )
 
 
-def _official(case, seed):
-    points, groups, s, high, norm, _ = case
-    cx, cy = (64, 32) if norm else (8, 6)
-    torch.manual_seed(seed)
-    module = official.SAPADeformTorch(
-        cy,
-        cx,
-        up_factor=s,
-        num_point=points,
-        groups=groups,
-        embedding_dim=4,
-        high_offset=high,
-        norm=norm,
-    ).double()
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            scale = 0.6 if name.startswith("offset") else 0.3
-            p.copy_(
-                (1.0 if name.startswith("norm") and name.endswith("weight") else 0.0)
-                + scale * torch.randn_like(p)
-            )
-    return module, cx, cy
-
-
 def _keras_layer(case, cx, cy, state_dict):
     points, groups, s, high, norm, fmt = case
     layer = SAPADeform(
@@ -92,7 +68,7 @@ def test_layer_matches_official_module(case):
     import tensorflow as tf
 
     points, groups, s, high, norm, fmt = case
-    module, cx, cy = _official(case, seed=sum(case[:3]))
+    module, cx, cy = official.random_module(case, seed=sum(case[:3]))
     rng = np.random.default_rng(sum(case[:3]))
     x = rng.standard_normal((BATCH, cx, HEIGHT, WIDTH))
     y = rng.standard_normal((BATCH, cy, s * HEIGHT, s * WIDTH))
@@ -141,7 +117,7 @@ def test_layer_matches_official_module(case):
 
 def test_exported_dict_loads_into_the_official_module():
     case = (4, 4, 2, True, True, "channels_last")
-    module, cx, cy = _official(case, seed=5)
+    module, cx, cy = official.random_module(case, seed=5)
     state_dict = {k: v.detach().numpy() for k, v in module.state_dict().items()}
     layer = _keras_layer(case, cx, cy, state_dict)
     exported = convert.to_torch_state_dict(layer, prefix="up")
@@ -158,7 +134,7 @@ def test_exported_dict_loads_into_the_official_module():
 
 def test_from_torch_checkpoint_builds_sapa_deform(tmp_path):
     case = (9, 4, 2, False, True, "channels_last")
-    module, cx, cy = _official(case, seed=7)
+    module, cx, cy = official.random_module(case, seed=7)
     path = tmp_path / "deform.pth"
     torch.save(
         {"state_dict": {f"decoder.up.{k}": v for k, v in module.state_dict().items()}}, path
@@ -190,7 +166,7 @@ def test_mismatched_dicts_are_explained():
     from keras_sapa import SAPA
 
     case = (9, 4, 2, True, False, "channels_last")
-    module, cx, cy = _official(case, seed=9)
+    module, cx, cy = official.random_module(case, seed=9)
     state_dict = {k: v.detach().numpy() for k, v in module.state_dict().items()}
     wrong = SAPADeform(num_points=4, embedding_dim=4)
     wrong.build((None, None, None, cx), (None, None, None, cy))

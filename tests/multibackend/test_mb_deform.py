@@ -206,22 +206,7 @@ def test_layer_matches_official_module(case):
     from keras_sapa import convert
 
     points, groups, s, high, norm, fmt = case
-    cx, cy = (64, 32) if norm else (8, 6)
-    torch.manual_seed(points)
-    module = official.SAPADeformTorch(
-        cy,
-        cx,
-        up_factor=s,
-        num_point=points,
-        groups=groups,
-        embedding_dim=4,
-        high_offset=high,
-        norm=norm,
-    ).double()
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            base = 1.0 if name.startswith("norm") and name.endswith("weight") else 0.0
-            p.copy_(base + (0.6 if name.startswith("offset") else 0.3) * torch.randn_like(p))
+    module, cx, cy = official.random_module(case, seed=points)
     rng = np.random.default_rng(points)
     x = rng.standard_normal((2, cx, 3, 2))
     y = rng.standard_normal((2, cy, 3 * s, 2 * s))
