@@ -15,9 +15,7 @@ jaxlib version, CPU features); this module only registers the two extra targets.
 only; float32 and float64 natively, float16 / bfloat16 computed in float32.
 """
 
-import ctypes
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -36,21 +34,9 @@ def _load():
     """(True, None) once the SAPA-D targets are registered, else (None, reason)."""
     if not _jax_kernels.available():
         return None, _jax_kernels.unavailable_reason()
-    path = os.path.join(_native.bindings_dir(), _native.JAX_LIBRARY)
-    try:
-        lib = ctypes.CDLL(path)
-        handlers = [getattr(lib, o.bindings.xla_ffi[1]) for o in (_FORWARD, _BACKWARD)]
-    except (OSError, AttributeError) as exc:
-        return (
-            None,
-            f"{path} has no SAPA-D handlers ({exc}); rebuild with `python custom_ops/build.py`",
-        )
-    try:
-        for target, handler in zip((FORWARD_TARGET, BACKWARD_TARGET), handlers, strict=True):
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
-    except Exception as exc:  # a JAX without these APIs, or a rejected registration
-        return None, f"registering the SAPA-D XLA FFI targets failed ({exc!r})"
-    return True, None
+    return _jax_kernels.register_ffi_targets(
+        [o.bindings.xla_ffi for o in (_FORWARD, _BACKWARD)], "SAPA-D "
+    )
 
 
 # SAPA's loader warns about a missing or stale library; an older library without the

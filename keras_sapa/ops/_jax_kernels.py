@@ -75,17 +75,28 @@ def _load():
         return None, reason
     if not info.get("jax_library"):
         return None, f"the JAX library was not built ({info.get('jax_status')})"
+    return register_ffi_targets(_FFI, "")
+
+
+def register_ffi_targets(ffi, what):
+    """Registers the ``(target, handler symbol)`` pairs ``ffi`` of ``_sapa_jax.so`` as
+    XLA FFI targets for the CPU: ``(True, None)``, or ``(None, reason)``. ``what``
+    names the ops in the reason (``""`` for SAPA's, ``"SAPA-D "``)."""
     path = os.path.join(_native.bindings_dir(), _native.JAX_LIBRARY)
     try:
         lib = ctypes.CDLL(path)
-        handlers = [getattr(lib, symbol) for _, symbol in _FFI]
+        handlers = [getattr(lib, symbol) for _, symbol in ffi]
     except (OSError, AttributeError) as exc:
-        return None, f"{path} failed to load ({exc})"
+        return (
+            None,
+            f"{path} failed to load or has no {what}handlers ({exc}); rebuild with "
+            "`python custom_ops/build.py`",
+        )
     try:
-        for name, handler in zip((FORWARD_TARGET, BACKWARD_TARGET), handlers, strict=True):
-            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
+        for (target, _), handler in zip(ffi, handlers, strict=True):
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     except Exception as exc:  # a JAX without these APIs, or a rejected registration
-        return None, f"registering the XLA FFI targets failed ({exc!r})"
+        return None, f"registering the {what}XLA FFI targets failed ({exc!r})"
     return True, None
 
 
