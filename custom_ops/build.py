@@ -36,7 +36,7 @@ The op set is data (``keras_sapa/ops/_optable.py``); every build first regenerat
 C++ header the adapters include from it (``custom_ops/sapa/cc/sapa_optable.inc``,
 committed; ``--generate`` only writes it).
 
-``-O3``; ``-mavx2 -mfma`` are added only when both the compiler and this CPU support them
+``-O3``; ``-mavx2 -mfma -mf16c`` are added only when the compiler and this CPU support them
 (``KERAS_SAPA_CPU_FLAGS`` overrides, e.g. ``KERAS_SAPA_CPU_FLAGS=""`` for a portable
 build); the CPU features those flags need are recorded (``cpu_features``) and checked by
 the loaders.
@@ -113,6 +113,8 @@ GPU_TARGETS = ("cuda", "launcher")
 REQUIRED_TARGETS = ("sm_75",)
 # Used when TensorFlow (and its build info) is absent: Pascal to Hopper, PTX for the newest.
 DEFAULT_TARGETS = ["sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "compute_90"]
+# The SIMD flags of the CPU kernels, where the compiler and the CPU support them all.
+SIMD_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 # The CPU feature (as in /proc/cpuinfo) each SIMD flag requires.
 FLAG_FEATURES = {
     "-mavx2": "avx2",
@@ -203,14 +205,16 @@ def _compiler_version(cxx):
 
 
 def _cpu_simd_flags(cxx):
-    """['-mavx2', '-mfma'] when the compiler accepts them and this CPU runs them."""
+    """['-mavx2', '-mfma', '-mf16c'] when the compiler accepts them and this CPU runs them
+    (F16C converts the half-precision tiles of the kernels; every AVX2 CPU has it)."""
     if "KERAS_SAPA_CPU_FLAGS" in os.environ:
         return os.environ["KERAS_SAPA_CPU_FLAGS"].split()
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return []
     probe = (
         "int main() { __builtin_cpu_init(); "
-        'return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 0 : 1; }\n'
+        'return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && '
+        '__builtin_cpu_supports("f16c")) ? 0 : 1; }\n'
     )
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "probe.cc")
@@ -219,7 +223,7 @@ def _cpu_simd_flags(cxx):
             f.write(probe)
         try:
             subprocess.run(
-                [cxx, "-mavx2", "-mfma", src, "-o", exe],
+                [cxx, *SIMD_FLAGS, src, "-o", exe],
                 check=True,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -227,7 +231,7 @@ def _cpu_simd_flags(cxx):
             ok = subprocess.run([exe]).returncode == 0
         except (OSError, subprocess.CalledProcessError):
             ok = False
-    return ["-mavx2", "-mfma"] if ok else []
+    return list(SIMD_FLAGS) if ok else []
 
 
 def cpu_features_for(flags):
@@ -613,37 +617,44 @@ def image_name(target):
     return f"sapa_kernels.{target}." + ("cubin" if target.startswith("sm_") else "ptx")
 
 
-def kernel_names():
-    """Every extern "C" kernel the image must define (as the launcher names them)."""
+TYPE_NAMES = ("f32", "f64", "f16", "bf16")  # <t> of the entry points (SAPA_FOR_EACH_TYPE)
+HALF_NAMES = ("f16", "bf16")  # those with _wacc gather/scatter variants (SAPA_FOR_EACH_WACC)
+
+
+def sapa_kernel_names():
+    """SAPA's extern "C" kernels (kernels/cuda/sapa_kernels.cu), as the launcher names them."""
     names = []
-    for t in ("f32", "f64", "f16", "bf16"):
+    for t in TYPE_NAMES:
         for k in (3, 5, 7):
             names += [f"sapa_dot_{t}_k{k}", f"sapa_dsoftmax_{t}_k{k}", f"sapa_fused_{t}_k{k}"]
-        suffixes = ["", "_wacc"] if t in ("f16", "bf16") else [""]
-        for suffix in suffixes:
+        for suffix in ["", "_wacc"] if t in HALF_NAMES else [""]:
             for op in ("gather", "scatter"):
                 names += [f"sapa_{op}_{t}{suffix}", f"sapa_{op}_{t}{suffix}_any"]
         names += [f"sapa_dot_{t}_any", f"sapa_dsoftmax_{t}_any", f"sapa_fused_{t}_any"]
-    # SAPA-D (kernels/cuda/sapa_deform_kernels.cuh, included by sapa_kernels.cu).
-    for t in ("f32", "f64", "f16", "bf16"):
-        names += [
-            f"sapa_deform_{op}_{t}"
-            for op in (
-                "forward",
-                "similarity",
-                "aggregate",
-                "backward",
-                "similarity_backward",
-                "aggregate_backward",
-                "scatter",
-            )
-        ]
-    names += [
-        f"sapa_deform_{op}_{t}_wacc" for t in ("f16", "bf16") for op in ("aggregate", "scatter")
-    ]
-    names += ["sapa_deform_zero_f32", "sapa_deform_zero_f64"]
-    names += ["sapa_deform_cast_f16", "sapa_deform_cast_bf16"]
     return names
+
+
+def deform_kernel_names():
+    """SAPA-D's extern "C" kernels (kernels/cuda/sapa_deform_kernels.cuh)."""
+    ops = (
+        "forward",
+        "similarity",
+        "aggregate",
+        "backward",
+        "similarity_backward",
+        "aggregate_backward",
+        "scatter",
+    )
+    names = [f"sapa_deform_{op}_{t}" for t in TYPE_NAMES for op in ops]
+    names += [f"sapa_deform_{op}_{t}_wacc" for t in HALF_NAMES for op in ("aggregate", "scatter")]
+    names += ["sapa_deform_zero_f32", "sapa_deform_zero_f64"]
+    return names + [f"sapa_deform_cast_{t}" for t in HALF_NAMES]
+
+
+def kernel_names():
+    """Every extern "C" kernel the image must define (as the launcher names them): SAPA's
+    and SAPA-D's (sapa_kernels.cu includes sapa_deform_kernels.cuh)."""
+    return sapa_kernel_names() + deform_kernel_names()
 
 
 def nvrtc_options(include):
@@ -1166,6 +1177,16 @@ def _build_bindings_part(args, cxx, simd):
     return 1 if args.strict and (not core or not jax_lib) else 0
 
 
+# The on/off options of main().
+SWITCHES = (
+    ("--no-gpu", "skip the CUDA kernels, the launcher and the GPU library"),
+    ("--force", "rebuild even when the stamp says nothing changed"),
+    ("--strict", "also exit non-zero when the JAX/PyTorch bindings were not built"),
+    ("--generate", "only regenerate custom_ops/sapa/cc/sapa_optable.inc"),
+    ("--verbose", "print the compiler commands and their output"),
+)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -1173,26 +1194,9 @@ def main(argv=None):
         default=",".join(TARGETS),
         help=f"comma-separated targets among {', '.join(TARGETS)} (default: all)",
     )
-    parser.add_argument(
-        "--no-gpu",
-        action="store_true",
-        help="skip the CUDA kernels, the launcher and the GPU library",
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="rebuild even when the stamp says nothing changed"
-    )
-    parser.add_argument(
-        "--strict",
-        action="store_true",
-        help="also exit non-zero when the JAX/PyTorch bindings were not built",
-    )
-    parser.add_argument(
-        "--generate",
-        action="store_true",
-        help="only regenerate custom_ops/sapa/cc/sapa_optable.inc",
-    )
+    for flag, help_text in SWITCHES:
+        parser.add_argument(flag, action="store_true", help=help_text)
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     targets = [t.strip() for t in args.only.split(",") if t.strip()]
     unknown = sorted(set(targets) - set(TARGETS))

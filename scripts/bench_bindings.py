@@ -22,7 +22,7 @@ input, given a fixed upstream gradient. Rounds interleave every case; a round's 
 the median of ``--calls`` calls, the table gives the median over rounds with the min-max
 spread, and every ratio is computed within each round before its median is taken, so the
 ratios compare cases measured under the same load. Targets (issue 17): JAX and PyTorch
-compiled within 1.3x of TensorFlow's compiled op, fwd+bwd <= 3.5x fwd.
+compiled within 1.3x of TensorFlow's compiled op (issue 24: 1.2x), fwd+bwd <= 3.5x fwd.
 
 ``--profile`` adds, for PyTorch's compiled case, where the fwd+bwd time goes
 (``torch.profiler``, self CPU time per call): the C kernels run inside the two custom
@@ -31,6 +31,7 @@ node), so every other row is the binding's own cost (allocations, autograd, disp
 """
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -50,6 +51,18 @@ def _inputs(b, h, w, s, k, d, c, seed=0):
     v = rng.normal(size=(b, h, w, c)).astype(np.float32)
     g = rng.normal(size=(b, h * s, w * s, c)).astype(np.float32)
     return q, key, v, g
+
+
+def _builtin(name, skip):
+    """The module keras_sapa.ops.<name> (a pure formulation), or None where it is skipped
+    or does not import (said so)."""
+    if skip:
+        return None
+    try:
+        return importlib.import_module(f"keras_sapa.ops.{name}")
+    except ImportError as exc:
+        print(f"# {name} unavailable: {exc}")
+        return None
 
 
 def jax_cases(arrays, k, s, skip_pure):
@@ -77,18 +90,15 @@ def jax_cases(arrays, k, s, skip_pure):
             (0, 1, 2),
             (q, key, v),
         )
-    if not skip_pure:
-        try:
-            from keras_sapa.ops import _jax_builtin as _jax
-        except ImportError as exc:
-            print(f"# pure JAX path unavailable: {exc}")
-        else:
-
-            def pure(a, b, c):
-                w = jax.nn.softmax(_jax.similarity_xla(a, b, k, s), axis=-1)
-                return _jax.aggregate_xla(w, c, k, s)
-
-            add("jax pure", pure, (0, 1, 2), (q, key, v))
+    pure = _builtin("_jax_builtin", skip_pure)
+    if pure is not None:
+        softmax = jax.nn.softmax
+        add(
+            "jax pure",
+            lambda a, b, c: pure.aggregate_xla(softmax(pure.similarity_xla(a, b, k, s)), c, k, s),
+            (0, 1, 2),
+            (q, key, v),
+        )
     add("jax bilinear", lambda c: jax.image.resize(c, high, "bilinear"), (0,), (v,))
     return cases
 
@@ -121,18 +131,17 @@ def torch_cases(arrays, k, s, skip_pure):
             (q, key, v),
             grads,
         )
-    if not skip_pure:
-        try:
-            from keras_sapa.ops import _torch_builtin as _torch
-        except ImportError as exc:
-            print(f"# pure PyTorch path unavailable: {exc}")
-        else:
-
-            def pure(a, b, c):
-                w = torch.softmax(_torch.similarity_xla(a, b, k, s), dim=-1)
-                return _torch.aggregate_xla(w, c, k, s)
-
-            add("torch pure", pure, (q, key, v), grads)
+    pure = _builtin("_torch_builtin", skip_pure)
+    if pure is not None:
+        softmax = torch.softmax
+        add(
+            "torch pure",
+            lambda a, b, c: pure.aggregate_xla(
+                softmax(pure.similarity_xla(a, b, k, s), -1), c, k, s
+            ),
+            (q, key, v),
+            grads,
+        )
 
     def bilinear(c):  # NHWC in, NHWC out; the NCHW view is channels-last in memory
         up = torch.nn.functional.interpolate(
@@ -220,6 +229,23 @@ def fmt(stats, unit=""):
     return f"{med:7.2f}{unit} ({lo:.2f}-{hi:.2f})"
 
 
+def ratio(samples, num, den):
+    """Median (min, max) over rounds of samples[num] / samples[den], taken round by round."""
+    return spread(np.asarray(samples[num]) / np.asarray(samples[den]))
+
+
+def print_table(cases, samples):
+    print(
+        f"{'case':<16} {'fwd ms (min-max)':>24} {'fwd+bwd ms (min-max)':>24} {'fwd+bwd/fwd':>22}"
+    )
+    for label in cases:
+        print(
+            f"{label:<16} {fmt(spread(samples[(label, 'fwd')])):>24} "
+            f"{fmt(spread(samples[(label, 'fb')])):>24} "
+            f"{fmt(ratio(samples, (label, 'fb'), (label, 'fwd')), 'x'):>22}"
+        )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -260,27 +286,16 @@ def main(argv=None):
         f" ({' '.join(info['cxx_flags']) if info else 'library not built'})"
     )
     samples = time_rounds(cases, args.rounds, args.calls)
-
-    def ratio(num, den):
-        return spread(np.asarray(samples[num]) / np.asarray(samples[den]))
-
-    print(
-        f"{'case':<16} {'fwd ms (min-max)':>24} {'fwd+bwd ms (min-max)':>24} {'fwd+bwd/fwd':>22}"
-    )
-    for label in cases:
-        print(
-            f"{label:<16} {fmt(spread(samples[(label, 'fwd')])):>24} "
-            f"{fmt(spread(samples[(label, 'fb')])):>24} "
-            f"{fmt(ratio((label, 'fb'), (label, 'fwd')), 'x'):>22}"
-        )
+    print_table(cases, samples)
     print("\nratios (per round, median (min-max)):")
     for fw in ("jax", "torch", "tf"):
         comp, bil, pure = f"{fw} compiled", f"{fw} bilinear", f"{fw} pure"
         for other, what in ((bil, "bilinear"), (pure, "pure"), ("tf compiled", "TF compiled")):
             if comp in cases and other in cases and other != comp:
                 print(
-                    f"  {comp} / {what:<12} fwd {fmt(ratio((comp, 'fwd'), (other, 'fwd')), 'x')}"
-                    f"   fwd+bwd {fmt(ratio((comp, 'fb'), (other, 'fb')), 'x')}"
+                    f"  {comp} / {what:<12} "
+                    f"fwd {fmt(ratio(samples, (comp, 'fwd'), (other, 'fwd')), 'x')}   "
+                    f"fwd+bwd {fmt(ratio(samples, (comp, 'fb'), (other, 'fb')), 'x')}"
                 )
     if args.profile and "torch compiled" in cases:
         torch_profile(cases)

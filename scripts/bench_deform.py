@@ -9,21 +9,24 @@ E=32, offsets uniform in +-1.5 pixels), SAPA-B with K=5, d=64. Cases, each throu
 SAPA-D compiled and builtin (``"xla"``) forward and forward+backward, and bilinear
 resizing of the value. TensorFlow runs eagerly (the custom ops), JAX under ``jax.jit``,
 PyTorch eagerly. ``fwd+bwd`` is the forward and the gradients of every input for a
-fixed upstream gradient. Rounds interleave the cases; each ratio is taken within a round
-and the median over rounds printed (with the min-max spread), so the ratios compare
-cases measured under the same load. Targets (issue 22): SAPA-D compiled forward within
-2x of SAPA-B's, its forward+backward within 3.5x of its forward.
+fixed upstream gradient. Rounds interleave the cases (``bench_bindings.time_rounds``);
+each ratio is taken within a round and the median over rounds printed (with the min-max
+spread), so the ratios compare cases measured under the same load. Targets (issue 22):
+SAPA-D compiled forward within 2x of SAPA-B's, its forward+backward within 3.5x of its
+forward.
 """
 
 import argparse
 import os
-import statistics
-import time
+import sys
 
 import keras
 import numpy as np
 
 from keras_sapa import ops as sapa_ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_bindings  # noqa: E402  (the interleaved timing loop and the ratio table)
 
 B, H, W, C, S = 2, 32, 32, 256, 2
 P, G, E, K, D = 9, 4, 32, 5, 64
@@ -124,14 +127,15 @@ def _runners(grad):
     return fwd, fwd_bwd
 
 
-RATIOS = {
-    "D compiled fwd / B compiled fwd": ("D compiled fwd", "B compiled fwd"),
-    "D compiled fwd+bwd / D compiled fwd": ("D compiled fwd+bwd", "D compiled fwd"),
-    "B compiled fwd+bwd / B compiled fwd": ("B compiled fwd+bwd", "B compiled fwd"),
-    "D builtin fwd / D compiled fwd": ("D builtin fwd", "D compiled fwd"),
-    "D builtin fwd+bwd / D compiled fwd+bwd": ("D builtin fwd+bwd", "D compiled fwd+bwd"),
-    "D compiled fwd / bilinear": ("D compiled fwd", "bilinear"),
-}
+# (label, (numerator case, phase), (denominator case, phase)); phase "fwd" or "fb".
+RATIOS = [
+    ("D compiled fwd / B compiled fwd", ("D compiled", "fwd"), ("B compiled", "fwd")),
+    ("D compiled fwd+bwd / D compiled fwd", ("D compiled", "fb"), ("D compiled", "fwd")),
+    ("B compiled fwd+bwd / B compiled fwd", ("B compiled", "fb"), ("B compiled", "fwd")),
+    ("D builtin fwd / D compiled fwd", ("D builtin", "fwd"), ("D compiled", "fwd")),
+    ("D builtin fwd+bwd / D compiled fwd+bwd", ("D builtin", "fb"), ("D compiled", "fb")),
+    ("D compiled fwd / bilinear", ("D compiled", "fwd"), ("bilinear", "fwd")),
+]
 
 
 def main():
@@ -141,35 +145,23 @@ def main():
     data = _data()
     fwd, fwd_bwd = _runners(data["grad"])
     sapa_b, sapa_d, sapa_d_builtin, bilinear = _functions()
-    cases = {
-        "B compiled fwd": fwd(sapa_b, *data["sapa_b"]),
-        "B compiled fwd+bwd": fwd_bwd(sapa_b, *data["sapa_b"]),
-        "D compiled fwd": fwd(sapa_d, *data["sapa_d"]),
-        "D compiled fwd+bwd": fwd_bwd(sapa_d, *data["sapa_d"]),
-        "D builtin fwd": fwd(sapa_d_builtin, *data["sapa_d"]),
-        "D builtin fwd+bwd": fwd_bwd(sapa_d_builtin, *data["sapa_d"]),
-        "bilinear": fwd(bilinear, data["sapa_d"][2]),
+    cases = {  # label: (forward, forward+backward)
+        label: (fwd(fn, *inputs), fwd_bwd(fn, *inputs))
+        for label, fn, inputs in (
+            ("B compiled", sapa_b, data["sapa_b"]),
+            ("D compiled", sapa_d, data["sapa_d"]),
+            ("D builtin", sapa_d_builtin, data["sapa_d"]),
+            ("bilinear", bilinear, data["sapa_d"][2:3]),
+        )
     }
-    for run in cases.values():  # warm-up: library loads, traces, compilation
-        run()
-        run()
-    times = {name: [] for name in cases}
-    for _ in range(args.rounds):
-        for name, run in cases.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+    samples = bench_bindings.time_rounds(cases, args.rounds, calls=1)
     print(
         f"W1 on {keras.config.backend()}, {args.rounds} rounds, "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
-    for name, values in times.items():
-        print(f"  {name:22s} median {statistics.median(values) * 1e3:8.1f} ms")
-    for label, (a, b) in RATIOS.items():
-        ratios = [x / y for x, y in zip(times[a], times[b], strict=True)]
-        print(
-            f"  {label:40s} {statistics.median(ratios):6.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
-        )
+    bench_bindings.print_table(cases, samples)
+    for label, num, den in RATIOS:
+        print(f"  {label:40s} {bench_bindings.fmt(bench_bindings.ratio(samples, num, den))}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ The similarity depends only on d and the aggregation only on C, so each is swept
 its own width; ``sapa`` (which the compiled op may run as one fused pass) takes
 (C, d) pairs that cover every value. ``xla-jit`` is the ``xla`` implementation inside
 ``tf.function(jit_compile=True)``, whose forward is the fused accumulation rather than
-the stacked windows used elsewhere.
+the stacked windows used elsewhere; it runs the real sizes (d=64, C=256) only.
 
 The reference VJPs themselves are checked here against central differences of the
 reference forward, at small sizes that include the edge cases (K=1, a window larger than
@@ -129,70 +129,62 @@ def _sapa_case(c, d, dtype):
 
 
 # ----------------------------------------------------------------------------- tests
-def _cases(widths, jit_widths, jit_dtypes=("float32",)):
-    """(implementation, width, dtype) for every implementation, width and dtype, except
-    that XLA (which compiles each case for several seconds here) runs ``jit_widths`` in
-    ``jit_dtypes`` only: its fused forward is generated code, not a kernel with
+# op -> (its reference case for a width, the op as each implementation runs it, the names
+# of its gradients).
+OPS = {
+    "similarity": (
+        _similarity_case,
+        lambda q, k, impl: ops.similarity(q, k, KERNEL, UP, impl),
+        ("d query", "d key"),
+    ),
+    "aggregate": (
+        _aggregate_case,
+        lambda w, v, impl: ops.aggregate(w, v, KERNEL, UP, impl),
+        ("d weights", "d value"),
+    ),
+    "sapa": (
+        lambda pair, dtype: _sapa_case(*pair, dtype),
+        lambda q, k, v, impl: ops.sapa(q, k, v, KERNEL, UP, impl),
+        ("d query", "d key", "d value"),
+    ),
+}
+
+
+def _cases(op, widths, real_width):
+    """(op, implementation, width, dtype) for every implementation, width and dtype, except
+    that XLA under jit (which compiles each case for a second or more) runs the real width
+    in float32 only: its fused forward is generated code, not a kernel with
     width-dependent blocks."""
     cases = []
     for implementation in IMPLEMENTATIONS:
         name = getattr(implementation, "values", (implementation,))[0]
         for width in widths:
             for dtype in DTYPES:
-                if name == "xla-jit" and (width not in jit_widths or dtype not in jit_dtypes):
+                if name == "xla-jit" and (width != real_width or dtype != "float32"):
                     continue
                 marks = getattr(implementation, "marks", ())
                 label = "C{}-d{}".format(*width) if isinstance(width, tuple) else width
                 cases.append(
-                    pytest.param(name, width, dtype, marks=marks, id=f"{name}-{label}-{dtype}")
+                    pytest.param(
+                        op, name, width, dtype, marks=marks, id=f"{op}-{name}-{label}-{dtype}"
+                    )
                 )
     return cases
 
 
-@pytest.mark.parametrize("implementation,d,dtype", _cases(EMBEDDINGS, EMBEDDINGS))
-def test_similarity_real_widths(implementation, d, dtype):
-    args, cotangent, expected, expected_grads = _similarity_case(d, dtype)
-    out, grads = _run(
-        implementation,
-        lambda q, k, impl: ops.similarity(q, k, KERNEL, UP, impl),
-        args,
-        cotangent,
-        dtype,
-    )
-    _assert_close(out, expected, dtype, "similarity")
-    for name, got, want in zip(("d query", "d key"), grads, expected_grads, strict=True):
-        _assert_close(got, want, dtype, name)
-
-
-@pytest.mark.parametrize("implementation,c,dtype", _cases(CHANNELS, CHANNELS))
-def test_aggregate_real_widths(implementation, c, dtype):
-    args, cotangent, expected, expected_grads = _aggregate_case(c, dtype)
-    out, grads = _run(
-        implementation,
-        lambda w, v, impl: ops.aggregate(w, v, KERNEL, UP, impl),
-        args,
-        cotangent,
-        dtype,
-    )
-    _assert_close(out, expected, dtype, "aggregate")
-    for name, got, want in zip(("d weights", "d value"), grads, expected_grads, strict=True):
-        _assert_close(got, want, dtype, name)
-
-
-@pytest.mark.parametrize("implementation,pair,dtype", _cases(SAPA_PAIRS, [(257, 65)]))
-def test_sapa_real_widths(implementation, pair, dtype):
-    c, d = pair
-    args, cotangent, expected, expected_grads = _sapa_case(c, d, dtype)
-    out, grads = _run(
-        implementation,
-        lambda q, k, v, impl: ops.sapa(q, k, v, KERNEL, UP, impl),
-        args,
-        cotangent,
-        dtype,
-    )
-    _assert_close(out, expected, dtype, "sapa")
-    names = ("d query", "d key", "d value")
-    for name, got, want in zip(names, grads, expected_grads, strict=True):
+@pytest.mark.parametrize(
+    "op,implementation,width,dtype",
+    _cases("similarity", EMBEDDINGS, 64)
+    + _cases("aggregate", CHANNELS, 256)
+    + _cases("sapa", SAPA_PAIRS, (256, 64)),
+)
+def test_real_widths(op, implementation, width, dtype):
+    """Forward and every gradient of one op at one width against the float64 reference."""
+    make_case, fn, grad_names = OPS[op]
+    args, cotangent, expected, expected_grads = make_case(width, dtype)
+    out, grads = _run(implementation, fn, args, cotangent, dtype)
+    _assert_close(out, expected, dtype, op)
+    for name, got, want in zip(grad_names, grads, expected_grads, strict=True):
         _assert_close(got, want, dtype, name)
 
 

@@ -76,27 +76,30 @@ __device__ __forceinline__ Shared<A> shared_arrays(const DeformArgs& g) {
   return s;
 }
 
-// Cell (h0, w0) and fractions of point k of output point `point`; h0 = -2 when dropped.
+// Cell (h0, w0) and fractions of point k of output point `point`, stored in slot e of the
+// shared arrays (h0, w0, acc[4] = lh, acc[5] = lw); returns h0, which is -2 when dropped.
 template <typename T, typename A>
-__device__ __forceinline__ void point_cell(const DeformArgs& g, const T* __restrict__ off,
-                                           i64 point, i64 k, int* h0, int* w0, A* lh, A* lw) {
+__device__ __forceinline__ int store_cell(const DeformArgs& g, const T* __restrict__ off,
+                                          i64 point, i64 k, i64 e, Shared<A>& s) {
   const i64 hw = g.width * g.up, hh = g.height * g.up;
   const i64 j = point % hw, i = (point / hw) % hh;
   const T* o = off + point * 2 * g.groups * g.points + 2 * k;
   const A ph = A(i / g.up) + to_acc(o[1]);
   const A pw = A(j / g.up) + to_acc(o[0]);
-  if (!(ph > A(-1) && ph < A(g.height) && pw > A(-1) && pw < A(g.width))) {
-    *h0 = -2;
-    *w0 = -2;
-    *lh = A(0);
-    *lw = A(0);
-    return;
+  int h0 = -2, w0 = -2;
+  A lh = A(0), lw = A(0);
+  if (ph > A(-1) && ph < A(g.height) && pw > A(-1) && pw < A(g.width)) {
+    const A fh = floor(ph), fw = floor(pw);
+    h0 = (int)fh;
+    w0 = (int)fw;
+    lh = ph - fh;
+    lw = pw - fw;
   }
-  const A fh = floor(ph), fw = floor(pw);
-  *h0 = (int)fh;
-  *w0 = (int)fw;
-  *lh = ph - fh;
-  *lw = pw - fw;
+  s.h0[e] = h0;
+  s.w0[e] = w0;
+  s.acc[4][e] = lh;
+  s.acc[5][e] = lw;
+  return h0;
 }
 
 // The four taps of a kept point: values v[a] of channel c of a map (stride channels per
@@ -122,12 +125,42 @@ __device__ __forceinline__ void corner_weights(A lh, A lw, A wt[4], A dw[4], A d
   dh[0] = -hw;     dh[1] = -lw;     dh[2] = hw;      dh[3] = lw;
 }
 
-__device__ __forceinline__ i64 total_points(const DeformArgs& g) {
-  return g.batch * g.height * g.up * g.width * g.up;
+// sum over the corners of coef[a] * v[a].
+template <typename A>
+__device__ __forceinline__ A blend(const A coef[4], const A v[4]) {
+  return coef[0] * v[0] + coef[1] * v[1] + coef[2] * v[2] + coef[3] * v[3];
+}
+
+// sum[j] = sum over channels c of the point's group (per of them, from c0) of
+// x[c] * blend(coef[j], taps of the map at c), for the corner coefficients coef = {the
+// bilinear weights, their d/dw, their d/dh}: the sample's dot product with x and its
+// derivatives along w and h.
+template <typename T, typename A>
+__device__ __forceinline__ void tap_sums(const DeformArgs& g, const T* __restrict__ img,
+                                         const T* __restrict__ x, i64 stride, i64 c0, i64 per,
+                                         int h0, int w0, const A* const coef[3], A sum[3]) {
+  sum[0] = sum[1] = sum[2] = A(0);
+  for (i64 c = c0; c < c0 + per; ++c) {
+    A v[4];
+    taps<T, A>(g, img, stride, c, h0, w0, v);
+    const A xc = to_acc(x[c]);
+#pragma unroll
+    for (int j = 0; j < 3; ++j) sum[j] += xc * blend(coef[j], v);
+  }
 }
 
 __device__ __forceinline__ i64 image_of(const DeformArgs& g, i64 point) {
   return point / (g.height * g.up * g.width * g.up);
+}
+
+// Runs fn(first, n) for each tile of the block (grid-stride): output points
+// [first, first + n), n <= g.tile. Every thread of the block runs every tile.
+template <typename Fn>
+__device__ __forceinline__ void for_each_tile(const DeformArgs& g, Fn fn) {
+  const i64 total = g.batch * g.height * g.up * g.width * g.up;
+  for (i64 first = blockIdx.x * g.tile; first < total; first += (i64)gridDim.x * g.tile) {
+    fn(first, total - first < g.tile ? total - first : g.tile);
+  }
 }
 
 // Phase 1 of every kernel: the cells of the tile's (point, k) into shared memory; with
@@ -139,56 +172,46 @@ __device__ __forceinline__ void phase_cells(const DeformArgs& g, i64 first, i64 
                                             Shared<typename Acc<T>::type>& s) {
   typedef typename Acc<T>::type A;
   const i64 GP = g.groups * g.points, E = g.dim / g.groups;
-  DEFORM_LOOP(e, g.tile * GP) {
-    if (e / GP >= n) continue;
+  DEFORM_LOOP(e, n * GP) {
     const i64 point = first + e / GP, k = e % GP;
-    int h0, w0;
-    A lh, lw;
-    point_cell<T, A>(g, off, point, k, &h0, &w0, &lh, &lw);
-    s.h0[e] = h0;
-    s.w0[e] = w0;
-    s.acc[4][e] = lh;
-    s.acc[5][e] = lw;
+    const int h0 = store_cell<T, A>(g, off, point, k, e, s);
     if (DOT) {
-      A logit = A(0);
+      A sums[3] = {A(0), A(0), A(0)};  // the logit (0 when dropped) and, unused, its derivatives
       if (h0 != -2) {
         A wt[4], dw[4], dh[4];
-        corner_weights(lh, lw, wt, dw, dh);
-        const i64 c0 = (k / g.points) * E;
-        const T* img = key + image_of(g, point) * g.height * g.width * g.dim;
-        const T* qp = q + point * g.dim;
-        for (i64 c = c0; c < c0 + E; ++c) {
-          A v[4];
-          taps<T, A>(g, img, g.dim, c, h0, w0, v);
-          logit += to_acc(qp[c]) * (wt[0] * v[0] + wt[1] * v[1] + wt[2] * v[2] + wt[3] * v[3]);
-        }
+        corner_weights(s.acc[4][e], s.acc[5][e], wt, dw, dh);
+        const A* const coef[3] = {wt, dw, dh};
+        tap_sums<T, A>(g, key + image_of(g, point) * g.height * g.width * g.dim, q + point * g.dim,
+                       g.dim, (k / g.points) * E, E, h0, s.w0[e], coef, sums);
       }
-      s.acc[0][e] = logit;
+      s.acc[0][e] = sums[0];
     }
   }
 }
 
-// Phase 3 of the forwards: out[point, c] = sum_p w[point, g(c)*P + p] * sample(value, c),
-// the weights in s.acc[0].
+// Phase 3 of the forwards (map = value, ch = C) and of the query gradient (map = key,
+// ch = D): out[point, c] = sum_p s.acc[0][point, g(c)*P + p] * sample(map, c) over the kept
+// points p of the group g(c) of channel c.
 template <typename T>
-__device__ __forceinline__ void phase_aggregate(const DeformArgs& g, i64 first, i64 n,
-                                                const T* __restrict__ value, T* __restrict__ out,
-                                                const Shared<typename Acc<T>::type>& s) {
+__device__ __forceinline__ void phase_gather(const DeformArgs& g, i64 first, i64 n,
+                                             const T* __restrict__ map, i64 ch,
+                                             T* __restrict__ out,
+                                             const Shared<typename Acc<T>::type>& s) {
   typedef typename Acc<T>::type A;
-  const i64 GP = g.groups * g.points, Cg = g.channels / g.groups;
-  DEFORM_LOOP(e, n * g.channels) {
-    const i64 lp = e / g.channels, c = e % g.channels, point = first + lp;
-    const T* img = value + image_of(g, point) * g.height * g.width * g.channels;
+  const i64 GP = g.groups * g.points, per = ch / g.groups;
+  DEFORM_LOOP(e, n * ch) {
+    const i64 lp = e / ch, c = e % ch, point = first + lp;
+    const T* img = map + image_of(g, point) * g.height * g.width * ch;
     A acc = A(0);
     for (i64 p = 0; p < g.points; ++p) {
-      const i64 idx = lp * GP + (c / Cg) * g.points + p;
+      const i64 idx = lp * GP + (c / per) * g.points + p;
       if (s.h0[idx] == -2) continue;
       A wt[4], dw[4], dh[4], v[4];
       corner_weights(s.acc[4][idx], s.acc[5][idx], wt, dw, dh);
-      taps<T, A>(g, img, g.channels, c, s.h0[idx], s.w0[idx], v);
-      acc += s.acc[0][idx] * (wt[0] * v[0] + wt[1] * v[1] + wt[2] * v[2] + wt[3] * v[3]);
+      taps<T, A>(g, img, ch, c, s.h0[idx], s.w0[idx], v);
+      acc += s.acc[0][idx] * blend(wt, v);
     }
-    out[point * g.channels + c] = from_acc<T>(acc);
+    out[point * ch + c] = from_acc<T>(acc);
   }
 }
 
@@ -201,9 +224,8 @@ __device__ __forceinline__ void forward(DeformArgs g, const T* __restrict__ q,
                                         typename Acc<T>::type* __restrict__ attn) {
   typedef typename Acc<T>::type A;
   Shared<A> s = shared_arrays<A>(g);
-  const i64 GP = g.groups * g.points, total = total_points(g);
-  for (i64 first = blockIdx.x * g.tile; first < total; first += (i64)gridDim.x * g.tile) {
-    const i64 n = total - first < g.tile ? total - first : g.tile;
+  const i64 GP = g.groups * g.points;
+  for_each_tile(g, [&](i64 first, i64 n) {
     phase_cells<T, true>(g, first, n, q, key, off, s);
     __syncthreads();
     DEFORM_LOOP(e, n * g.groups) {  // softmax over the P points of a group, in place
@@ -222,9 +244,9 @@ __device__ __forceinline__ void forward(DeformArgs g, const T* __restrict__ q,
       }
     }
     __syncthreads();
-    phase_aggregate<T>(g, first, n, value, out, s);
+    phase_gather<T>(g, first, n, value, g.channels, out, s);
     __syncthreads();
-  }
+  });
 }
 
 // logits = similarity(q, key, off).
@@ -234,14 +256,25 @@ __device__ __forceinline__ void similarity(DeformArgs g, const T* __restrict__ q
                                            T* __restrict__ logits) {
   typedef typename Acc<T>::type A;
   Shared<A> s = shared_arrays<A>(g);
-  const i64 GP = g.groups * g.points, total = total_points(g);
-  for (i64 first = blockIdx.x * g.tile; first < total; first += (i64)gridDim.x * g.tile) {
-    const i64 n = total - first < g.tile ? total - first : g.tile;
+  const i64 GP = g.groups * g.points;
+  for_each_tile(g, [&](i64 first, i64 n) {
     phase_cells<T, true>(g, first, n, q, key, off, s);
     __syncthreads();
     DEFORM_LOOP(e, n * GP) logits[first * GP + e] = from_acc<T>(s.acc[0][e]);
     __syncthreads();
-  }
+  });
+}
+
+// The cells of the tile and s.acc[0] = coef (of type W) for its (point, k): the setup of
+// the aggregation and of the scatter.
+template <typename T, typename W>
+__device__ __forceinline__ void phase_coef(const DeformArgs& g, i64 first, i64 n,
+                                           const W* __restrict__ coef, const T* __restrict__ off,
+                                           Shared<typename Acc<T>::type>& s) {
+  const i64 GP = g.groups * g.points;
+  phase_cells<T, false>(g, first, n, nullptr, nullptr, off, s);
+  DEFORM_LOOP(e, n * GP) s.acc[0][e] = to_acc(coef[first * GP + e]);
+  __syncthreads();
 }
 
 // out = aggregate(w, value, off), weights of type W.
@@ -251,15 +284,11 @@ __device__ __forceinline__ void aggregate(DeformArgs g, const W* __restrict__ w,
                                           T* __restrict__ out) {
   typedef typename Acc<T>::type A;
   Shared<A> s = shared_arrays<A>(g);
-  const i64 GP = g.groups * g.points, total = total_points(g);
-  for (i64 first = blockIdx.x * g.tile; first < total; first += (i64)gridDim.x * g.tile) {
-    const i64 n = total - first < g.tile ? total - first : g.tile;
-    phase_cells<T, false>(g, first, n, nullptr, nullptr, off, s);
-    DEFORM_LOOP(e, n * GP) s.acc[0][e] = to_acc(w[first * GP + e]);
+  for_each_tile(g, [&](i64 first, i64 n) {
+    phase_coef<T, W>(g, first, n, w, off, s);
+    phase_gather<T>(g, first, n, value, g.channels, out, s);
     __syncthreads();
-    phase_aggregate<T>(g, first, n, value, out, s);
-    __syncthreads();
-  }
+  });
 }
 
 // Backward, per output point. MODE 3 (fused): grad, q, key, value, off, the forward's
@@ -280,56 +309,35 @@ __device__ __forceinline__ void point_backward(DeformArgs g, const T* __restrict
   typedef typename Acc<T>::type A;
   const bool sim = MODE & 1, agg = MODE & 2;
   Shared<A> s = shared_arrays<A>(g);
-  const i64 GP = g.groups * g.points, total = total_points(g);
+  const i64 GP = g.groups * g.points;
   const i64 E = g.dim / g.groups, Cg = g.channels / g.groups;
-  for (i64 first = blockIdx.x * g.tile; first < total; first += (i64)gridDim.x * g.tile) {
-    const i64 n = total - first < g.tile ? total - first : g.tile;
+  for_each_tile(g, [&](i64 first, i64 n) {
     // 1. per (point, k): acc[0] = <grad_g, sample(value)>, acc[1] and acc[2] its
     //    derivatives along w and h; acc[3] and acc[6] those of <q_g, sample(key)>.
-    DEFORM_LOOP(e, g.tile * GP) {
-      if (e / GP >= n) continue;
+    DEFORM_LOOP(e, n * GP) {
       const i64 point = first + e / GP, k = e % GP, grp = k / g.points;
-      int h0, w0;
-      A lh, lw;
-      point_cell<T, A>(g, off, point, k, &h0, &w0, &lh, &lw);
-      s.h0[e] = h0;
-      s.w0[e] = w0;
-      s.acc[4][e] = lh;
-      s.acc[5][e] = lw;
-      A gv = A(0), gw = A(0), gh = A(0), qw = A(0), qh = A(0);
+      const int h0 = store_cell<T, A>(g, off, point, k, e, s);
+      const int w0 = s.w0[e];
+      A gs[3] = {A(0), A(0), A(0)}, qs[3] = {A(0), A(0), A(0)};
       if (h0 != -2) {
         A wt[4], dw[4], dh[4];
-        corner_weights(lh, lw, wt, dw, dh);
+        corner_weights(s.acc[4][e], s.acc[5][e], wt, dw, dh);
+        const A* const coef[3] = {wt, dw, dh};
         const i64 b = image_of(g, point);
         if (agg) {
-          const T* img = value + b * g.height * g.width * g.channels;
-          const T* gp = grad + point * g.channels;
-          for (i64 c = grp * Cg; c < (grp + 1) * Cg; ++c) {
-            A v[4];
-            taps<T, A>(g, img, g.channels, c, h0, w0, v);
-            const A x = to_acc(gp[c]);
-            gv += x * (wt[0] * v[0] + wt[1] * v[1] + wt[2] * v[2] + wt[3] * v[3]);
-            gw += x * (dw[0] * v[0] + dw[1] * v[1] + dw[2] * v[2] + dw[3] * v[3]);
-            gh += x * (dh[0] * v[0] + dh[1] * v[1] + dh[2] * v[2] + dh[3] * v[3]);
-          }
+          tap_sums<T, A>(g, value + b * g.height * g.width * g.channels,
+                         grad + point * g.channels, g.channels, grp * Cg, Cg, h0, w0, coef, gs);
         }
-        if (sim) {
-          const T* img = key + b * g.height * g.width * g.dim;
-          const T* qp = q + point * g.dim;
-          for (i64 c = grp * E; c < (grp + 1) * E; ++c) {
-            A v[4];
-            taps<T, A>(g, img, g.dim, c, h0, w0, v);
-            const A x = to_acc(qp[c]);
-            qw += x * (dw[0] * v[0] + dw[1] * v[1] + dw[2] * v[2] + dw[3] * v[3]);
-            qh += x * (dh[0] * v[0] + dh[1] * v[1] + dh[2] * v[2] + dh[3] * v[3]);
-          }
+        if (sim) {  // (its qs[0], the logit, is not needed here)
+          tap_sums<T, A>(g, key + b * g.height * g.width * g.dim, q + point * g.dim, g.dim,
+                         grp * E, E, h0, w0, coef, qs);
         }
       }
-      s.acc[0][e] = gv;
-      s.acc[1][e] = gw;
-      s.acc[2][e] = gh;
-      s.acc[3][e] = qw;
-      s.acc[6][e] = qh;
+      s.acc[0][e] = gs[0];
+      s.acc[1][e] = gs[1];
+      s.acc[2][e] = gs[2];
+      s.acc[3][e] = qs[1];
+      s.acc[6][e] = qs[2];
     }
     __syncthreads();
     // 2. per (point, group): the logits' gradient and the offsets' gradients.
@@ -369,24 +377,9 @@ __device__ __forceinline__ void point_backward(DeformArgs g, const T* __restrict
     }
     __syncthreads();
     // 3. dq[point, c] = sum_p dl[point, g(c)*P + p] * sample(key, c).
-    if (sim) {
-      DEFORM_LOOP(e, n * g.dim) {
-        const i64 lp = e / g.dim, c = e % g.dim, point = first + lp;
-        const T* img = key + image_of(g, point) * g.height * g.width * g.dim;
-        A acc = A(0);
-        for (i64 p = 0; p < g.points; ++p) {
-          const i64 idx = lp * GP + (c / E) * g.points + p;
-          if (s.h0[idx] == -2) continue;
-          A wt[4], dw[4], dh[4], v[4];
-          corner_weights(s.acc[4][idx], s.acc[5][idx], wt, dw, dh);
-          taps<T, A>(g, img, g.dim, c, s.h0[idx], s.w0[idx], v);
-          acc += s.acc[0][idx] * (wt[0] * v[0] + wt[1] * v[1] + wt[2] * v[2] + wt[3] * v[3]);
-        }
-        dq[point * g.dim + c] = from_acc<T>(acc);
-      }
-    }
+    if (sim) phase_gather<T>(g, first, n, key, g.dim, dq, s);
     __syncthreads();
-  }
+  });
 }
 
 // Scatter: dst[cell, c] += coef[point, g(c)*P + p] * weight(tap) * src[point, c] over every
@@ -398,13 +391,10 @@ __device__ __forceinline__ void scatter(DeformArgs g, const W* __restrict__ coef
                                         typename Acc<T>::type* __restrict__ dst) {
   typedef typename Acc<T>::type A;
   Shared<A> s = shared_arrays<A>(g);
-  const i64 GP = g.groups * g.points, total = total_points(g), ch = g.count;
+  const i64 GP = g.groups * g.points, ch = g.count;
   const i64 per = ch / g.groups;
-  for (i64 first = blockIdx.x * g.tile; first < total; first += (i64)gridDim.x * g.tile) {
-    const i64 n = total - first < g.tile ? total - first : g.tile;
-    phase_cells<T, false>(g, first, n, nullptr, nullptr, off, s);
-    DEFORM_LOOP(e, n * GP) s.acc[0][e] = to_acc(coef[first * GP + e]);
-    __syncthreads();
+  for_each_tile(g, [&](i64 first, i64 n) {
+    phase_coef<T, W>(g, first, n, coef, off, s);
     DEFORM_LOOP(e, n * ch) {
       const i64 lp = e / ch, c = e % ch, point = first + lp;
       A* img = dst + image_of(g, point) * g.height * g.width * ch;
@@ -426,7 +416,7 @@ __device__ __forceinline__ void scatter(DeformArgs g, const W* __restrict__ coef
       }
     }
     __syncthreads();
-  }
+  });
 }
 
 // x[0 .. g.count) = 0.
@@ -516,12 +506,8 @@ __device__ __forceinline__ void cast(DeformArgs g, const typename Acc<T>::type* 
   }                                                                                         \
   SAPA_DEFORM_WINDOW(TN, T, T, )
 
-SAPA_DEFORM_TYPE(f32, float, float)
-SAPA_DEFORM_TYPE(f64, double, double)
-SAPA_DEFORM_TYPE(f16, __half, float)
-SAPA_DEFORM_TYPE(bf16, __nv_bfloat16, float)
-SAPA_DEFORM_WINDOW(f16, __half, float, _wacc)
-SAPA_DEFORM_WINDOW(bf16, __nv_bfloat16, float, _wacc)
+SAPA_FOR_EACH_TYPE(SAPA_DEFORM_TYPE)
+SAPA_FOR_EACH_WACC(SAPA_DEFORM_WINDOW)
 
 SAPA_DEFORM_KERNEL sapa_deform_zero_f32(SAPA_DEFORM_ARGS, float* x) {
   ::sapa::deform::zero<float>(g, x);

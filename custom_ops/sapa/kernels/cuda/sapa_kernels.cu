@@ -90,9 +90,5 @@
     ::sapa::fused_any<T>(g, q, k, v, out, attn);                                            \
   }
 
-SAPA_TYPE(f32, float, float)
-SAPA_TYPE(f64, double, double)
-SAPA_TYPE(f16, __half, float)
-SAPA_TYPE(bf16, __nv_bfloat16, float)
-SAPA_WINDOW(f16, __half, float, _wacc)
-SAPA_WINDOW(bf16, __nv_bfloat16, float, _wacc)
+SAPA_FOR_EACH_TYPE(SAPA_TYPE)
+SAPA_FOR_EACH_WACC(SAPA_WINDOW)

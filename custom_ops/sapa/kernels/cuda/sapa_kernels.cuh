@@ -66,6 +66,14 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
   return __float2bfloat16_rn(x);
 }
 
+// The element types of the entry points, X(name, storage type, accumulation type), and the
+// half types again with the weights of the accumulation type (gather and scatter variants
+// whose names end in _wacc): sapa_kernels.cu and sapa_deform_kernels.cuh instantiate their
+// kernels for each.
+#define SAPA_FOR_EACH_TYPE(X) \
+  X(f32, float, float) X(f64, double, double) X(f16, __half, float) X(bf16, __nv_bfloat16, float)
+#define SAPA_FOR_EACH_WACC(X) X(f16, __half, float, _wacc) X(bf16, __nv_bfloat16, float, _wacc)
+
 __device__ __forceinline__ float acc_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double acc_exp(double x) { return exp(x); }
 
@@ -79,6 +87,13 @@ struct Tile {
   int T, HT, P;   // anchors per side, halo side, high-res points per tile ((T*s)^2)
   int TS;         // T * s
 };
+
+// The block's dynamic shared memory, as an array of the accumulation type A.
+template <typename A>
+__device__ __forceinline__ A* shared_acc() {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  return reinterpret_cast<A*>(smem_raw);
+}
 
 __device__ __forceinline__ Tile make_tile(const Args& g) {
   Tile t;
@@ -107,6 +122,33 @@ __device__ __forceinline__ i64 high_point(const Args& g, const Tile& t, int l) {
 __device__ __forceinline__ int halo_index(const Args& g, const Tile& t, int l, int n, int K) {
   const int ai = (l / t.TS) / (int)g.up, aj = (l % t.TS) / (int)g.up;
   return (ai + n / K) * t.HT + aj + n % K;
+}
+
+// Runs fn(ap, aq, n) for every anchor (ap, aq) in the map whose window holds the
+// low-resolution point (p, q), n being (p, q)'s index in that window: the scatter's view of
+// the windows.
+template <typename Fn>
+__device__ __forceinline__ void for_each_anchor_of(const Args& g, i64 p, i64 q, Fn fn) {
+  const i64 K = g.kernel, r = K / 2;
+  for (i64 a = -r; a <= r; ++a) {
+    const i64 ap = p - a;
+    if (ap < 0 || ap >= g.height) continue;
+    for (i64 b = -r; b <= r; ++b) {
+      const i64 aq = q - b;
+      if (aq < 0 || aq >= g.width) continue;
+      fn(ap, aq, (a + r) * K + (b + r));
+    }
+  }
+}
+
+// The low-resolution point (*p, *q) of window point n of the high-resolution point (i, j);
+// false where it lies outside the map.
+__device__ __forceinline__ bool window_point(const Args& g, i64 i, i64 j, i64 n, i64* p,
+                                             i64* q) {
+  const i64 K = g.kernel, r = K / 2;
+  *p = i / g.up + n / K - r;
+  *q = j / g.up + n % K - r;
+  return *p >= 0 && *p < g.height && *q >= 0 && *q < g.width;
 }
 
 // Loads channels [c0, c0 + CW) of the low-res halo into dst[h * stride + c], zero outside
@@ -187,8 +229,7 @@ __device__ __forceinline__ void dot_tiled(Args g, const T* __restrict__ hi,
                                           const typename Acc<T>::type* __restrict__ attn,
                                           O* __restrict__ out) {
   typedef typename Acc<T>::type A;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* smem = reinterpret_cast<A*>(smem_raw);
+  A* smem = shared_acc<A>();
   const Tile t = make_tile(g);
   A acc[K * K];
   tile_dot<T, K>(g, t, hi, lo, g.ch, smem, acc);
@@ -248,8 +289,7 @@ __device__ __forceinline__ void fused_tiled(Args g, const T* __restrict__ q,
                                             T* __restrict__ out,
                                             typename Acc<T>::type* __restrict__ attn) {
   typedef typename Acc<T>::type A;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* smem = reinterpret_cast<A*>(smem_raw);
+  A* smem = shared_acc<A>();
   const Tile t = make_tile(g);
   A* sh_w = smem;
   A* work = smem + t.P * K * K;
@@ -285,8 +325,7 @@ template <typename T, typename W>
 __device__ __forceinline__ void gather_tiled(Args g, const W* __restrict__ w,
                                              const T* __restrict__ lo, T* __restrict__ out) {
   typedef typename Acc<T>::type A;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* smem = reinterpret_cast<A*>(smem_raw);
+  A* smem = shared_acc<A>();
   const Tile t = make_tile(g);
   const int KK = (int)(g.kernel * g.kernel);
   A* sh_w = smem;
@@ -306,8 +345,7 @@ template <typename T, typename W>
 __device__ __forceinline__ void scatter_tiled(Args g, const W* __restrict__ w,
                                               const T* __restrict__ hi, T* __restrict__ out) {
   typedef typename Acc<T>::type A;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  A* sh_hi = reinterpret_cast<A*>(smem_raw);
+  A* sh_hi = shared_acc<A>();
   const Tile t = make_tile(g);
   const int DV = Chunk<A>::kScatter;
   const int K = (int)g.kernel, KK = K * K, r = K / 2, s = (int)g.up;
@@ -330,24 +368,16 @@ __device__ __forceinline__ void scatter_tiled(Args g, const W* __restrict__ w,
       const i64 p = t.p0 + lp / t.T, q = t.q0 + lp % t.T;
       if (p >= g.height || q >= g.width || c0 + c >= g.ch) continue;
       A sum = A(0);
-      for (int a = -r; a <= r; ++a) {
-        const i64 ap = p - a;
-        if (ap < 0 || ap >= g.height) continue;
-        for (int b = -r; b <= r; ++b) {
-          const i64 aq = q - b;
-          if (aq < 0 || aq >= g.width) continue;
-          const int n = (a + r) * K + (b + r);
-          // Children of the anchor (ap, aq), local to the staged region.
-          const int li = (int)((ap - (t.p0 - r)) * s), lj = (int)((aq - (t.q0 - r)) * s);
-          for (int ci = 0; ci < s; ++ci) {
-            const i64 row = (t.b * Hh + ap * g.up + ci) * Wh + aq * g.up;
-            for (int cj = 0; cj < s; ++cj) {
-              sum += to_acc(w[(row + cj) * KK + n]) *
-                     sh_hi[((li + ci) * HS + lj + cj) * DV + c];
-            }
+      for_each_anchor_of(g, p, q, [&](i64 ap, i64 aq, i64 n) {
+        // Children of the anchor (ap, aq), local to the staged region.
+        const int li = (int)((ap - (t.p0 - r)) * s), lj = (int)((aq - (t.q0 - r)) * s);
+        for (int ci = 0; ci < s; ++ci) {
+          const i64 row = (t.b * Hh + ap * g.up + ci) * Wh + aq * g.up;
+          for (int cj = 0; cj < s; ++cj) {
+            sum += to_acc(w[(row + cj) * KK + n]) * sh_hi[((li + ci) * HS + lj + cj) * DV + c];
           }
         }
-      }
+      });
       out[((t.b * g.height + p) * g.width + q) * g.ch + c0 + c] = from_acc<T>(sum);
     }
     __syncthreads();
@@ -365,11 +395,11 @@ template <typename T>
 __device__ __forceinline__ typename Acc<T>::type window_dot(const Args& g, const T* hi,
                                                             const T* lo, i64 point, int n) {
   typedef typename Acc<T>::type A;
-  const i64 Wh = g.width * g.up, Hh = g.height * g.up, K = g.kernel, r = K / 2;
+  const i64 Wh = g.width * g.up, Hh = g.height * g.up;
   const i64 j = point % Wh, i = (point / Wh) % Hh, b = point / (Wh * Hh);
-  const i64 p = i / g.up + n / K - r, q = j / g.up + n % K - r;
+  i64 p, q;
   A sum = A(0);
-  if (p >= 0 && p < g.height && q >= 0 && q < g.width) {
+  if (window_point(g, i, j, n, &p, &q)) {
     const T* x = hi + point * g.ch;
     const T* y = lo + ((b * g.height + p) * g.width + q) * g.ch;
     for (i64 c = 0; c < g.ch; ++c) sum += to_acc(x[c]) * to_acc(y[c]);
@@ -414,7 +444,7 @@ __device__ __forceinline__ void fused_any(Args g, const T* __restrict__ q,
                                           T* __restrict__ out,
                                           typename Acc<T>::type* __restrict__ attn) {
   typedef typename Acc<T>::type A;
-  const i64 K = g.kernel, KK = K * K, r = K / 2;
+  const i64 KK = g.kernel * g.kernel;
   const i64 Wh = g.width * g.up, Hh = g.height * g.up;
   const i64 points = g.batch * Hh * Wh;
   SAPA_LOOP(point, points) {
@@ -435,8 +465,8 @@ __device__ __forceinline__ void fused_any(Args g, const T* __restrict__ q,
     for (i64 c = 0; c < g.ch_v; ++c) {
       A acc = A(0);
       for (i64 n = 0; n < KK; ++n) {
-        const i64 p = i / g.up + n / K - r, qq = j / g.up + n % K - r;
-        if (p < 0 || p >= g.height || qq < 0 || qq >= g.width) continue;
+        i64 p, qq;
+        if (!window_point(g, i, j, n, &p, &qq)) continue;
         acc += a[n] * to_acc(v[((b * g.height + p) * g.width + qq) * g.ch_v + c]);
       }
       out[point * g.ch_v + c] = from_acc<T>(acc);
@@ -448,7 +478,7 @@ template <typename T, typename W>
 __device__ __forceinline__ void gather_any(Args g, const W* __restrict__ w,
                                            const T* __restrict__ lo, T* __restrict__ out) {
   typedef typename Acc<T>::type A;
-  const i64 K = g.kernel, KK = K * K, r = K / 2;
+  const i64 KK = g.kernel * g.kernel;
   const i64 Wh = g.width * g.up, Hh = g.height * g.up;
   const i64 total = g.batch * Hh * Wh * g.ch;
   SAPA_LOOP(e, total) {
@@ -456,8 +486,8 @@ __device__ __forceinline__ void gather_any(Args g, const W* __restrict__ w,
     const i64 j = point % Wh, i = (point / Wh) % Hh, b = point / (Wh * Hh);
     A sum = A(0);
     for (i64 n = 0; n < KK; ++n) {
-      const i64 p = i / g.up + n / K - r, q = j / g.up + n % K - r;
-      if (p < 0 || p >= g.height || q < 0 || q >= g.width) continue;
+      i64 p, q;
+      if (!window_point(g, i, j, n, &p, &q)) continue;
       sum += to_acc(w[point * KK + n]) * to_acc(lo[((b * g.height + p) * g.width + q) * g.ch + c]);
     }
     out[e] = from_acc<T>(sum);
@@ -468,28 +498,21 @@ template <typename T, typename W>
 __device__ __forceinline__ void scatter_any(Args g, const W* __restrict__ w,
                                             const T* __restrict__ hi, T* __restrict__ out) {
   typedef typename Acc<T>::type A;
-  const i64 K = g.kernel, KK = K * K, r = K / 2;
+  const i64 KK = g.kernel * g.kernel;
   const i64 Wh = g.width * g.up, Hh = g.height * g.up;
   const i64 total = g.batch * g.height * g.width * g.ch;
   SAPA_LOOP(e, total) {
     const i64 c = e % g.ch, lp = e / g.ch;
     const i64 q = lp % g.width, p = (lp / g.width) % g.height, b = lp / (g.width * g.height);
     A sum = A(0);
-    for (i64 a = -r; a <= r; ++a) {
-      const i64 ap = p - a;
-      if (ap < 0 || ap >= g.height) continue;
-      for (i64 bb = -r; bb <= r; ++bb) {
-        const i64 aq = q - bb;
-        if (aq < 0 || aq >= g.width) continue;
-        const i64 n = (a + r) * K + (bb + r);
-        for (i64 ci = 0; ci < g.up; ++ci) {
-          for (i64 cj = 0; cj < g.up; ++cj) {
-            const i64 point = (b * Hh + ap * g.up + ci) * Wh + aq * g.up + cj;
-            sum += to_acc(w[point * KK + n]) * to_acc(hi[point * g.ch + c]);
-          }
+    for_each_anchor_of(g, p, q, [&](i64 ap, i64 aq, i64 n) {
+      for (i64 ci = 0; ci < g.up; ++ci) {
+        for (i64 cj = 0; cj < g.up; ++cj) {
+          const i64 point = (b * Hh + ap * g.up + ci) * Wh + aq * g.up + cj;
+          sum += to_acc(w[point * KK + n]) * to_acc(hi[point * g.ch + c]);
         }
       }
-    }
+    });
     out[e] = from_acc<T>(sum);
   }
 }
