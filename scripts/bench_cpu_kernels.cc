@@ -1,6 +1,6 @@
 // Standalone microbenchmark of the framework-free SAPA CPU kernels
 // (custom_ops/sapa/kernels/cpu/sapa_cpu.h), driven by scripts/bench_cpu_kernels.py, which
-// compiles it with the flags of custom_ops/build.py (-O3 -mavx2 -mfma).
+// compiles it with the flags of custom_ops/build.py (-O3 -mavx2 -mfma -mf16c).
 //
 //   bench_cpu_kernels check                  compare against a float64 loop reference
 //   bench_cpu_kernels peak THREADS           measured FMA throughput (GFLOP/s)
@@ -335,6 +335,15 @@ int Time(const Shape& d, int64_t dim, int64_t ch, int threads, int reps,
   std::vector<float> out(d.high_points() * ch), w(d.high_points() * kk), dl(w.size());
   std::vector<float> dq(q.size()), dk(k.size()), dv(v.size());
   namespace cur = keras_sapa::cpu;
+  using Half = keras_sapa::cpu::Half;
+  auto half = [](const std::vector<float>& x) {
+    std::vector<Half> h(x.size());
+    keras_sapa::cpu::RoundRow<Half, float>(x.data(), int64_t(x.size()), h.data());
+    return h;
+  };
+  const auto hq = half(q), hk = half(k), hv = half(v), hg = half(g);
+  std::vector<Half> hout(out.size()), hdq(q.size()), hdk(k.size()), hdv(v.size());
+  auto P = [](auto& x) { return x.data(); };  // the entries below read better without .data()
 
   struct Entry {
     std::string name;
@@ -342,52 +351,44 @@ int Time(const Shape& d, int64_t dim, int64_t ch, int threads, int reps,
     std::vector<double> ms, cpu;
   };
   std::vector<Entry> entries;
-  entries.push_back({"fwd", [&] {
-                       cur::SapaForward<float>(pf, d, dim, ch, q.data(), k.data(), v.data(),
-                                               out.data(), w.data());
-                     }, {}});
-  entries.push_back({"bwd", [&] {
-                       cur::SapaBackward<float>(pf, d, dim, ch, g.data(), q.data(), k.data(),
-                                                v.data(), w.data(), dl.data(), dq.data(),
-                                                dk.data(), dv.data());
-                     }, {}});
-  entries.push_back({"dot_qk", [&] {
-                       cur::Dot<float>(pf, d, dim, q.data(), k.data(), dl.data());
-                     }, {}});
-  entries.push_back({"gather_wv", [&] {
-                       cur::Gather<float>(pf, d, ch, w.data(), v.data(), out.data());
-                     }, {}});
-  entries.push_back({"dot_gv", [&] {
-                       cur::Dot<float>(pf, d, ch, g.data(), v.data(), dl.data());
-                     }, {}});
-  entries.push_back({"gather_lk", [&] {
-                       cur::Gather<float>(pf, d, dim, w.data(), k.data(), dq.data());
-                     }, {}});
-  entries.push_back({"scatter_lq", [&] {
-                       cur::Scatter<float>(pf, d, dim, w.data(), q.data(), dk.data());
-                     }, {}});
-  entries.push_back({"scatter_wg", [&] {
-                       cur::Scatter<float>(pf, d, ch, w.data(), g.data(), dv.data());
-                     }, {}});
-  entries.push_back({"tscatter_wg", [&] {
-                       cur::tiled::ScatterTiled<float>(pf, d, ch, w.data(), g.data(), dv.data());
-                     }, {}});
-  entries.push_back({"fma_peak", [&] {  // 12.8 MFLOP of pure FMA per thread, all threads
-                       pool.Run(threads, [&](int64_t b, int64_t e) {
-                         for (int64_t u = b; u < e; ++u) sink.store(sink.load() + FmaLoop(50000, 1.f + u));
-                       });
-                     }, {}});
-  entries.push_back({"write_out", [&] {  // memory floor: write the output once
-                       float* o = out.data();
-                       const int64_t n = int64_t(out.size());
-                       pool.Run(threads * 4, [&](int64_t b, int64_t e) {
-                         const int64_t per = (n + threads * 4 - 1) / (threads * 4);
-                         for (int64_t u = b; u < e; ++u) {
-                           const int64_t lo = u * per, hi = std::min(n, lo + per);
-                           if (lo < hi) std::memset(o + lo, 0, (hi - lo) * sizeof(float));
-                         }
-                       });
-                     }, {}});
+  auto add = [&](const char* name, std::function<void()> fn) {
+    entries.push_back({name, std::move(fn), {}, {}});
+  };
+  add("fwd", [&] { cur::SapaForward<float>(pf, d, dim, ch, P(q), P(k), P(v), P(out), P(w)); });
+  add("bwd", [&] {
+    cur::SapaBackward<float>(pf, d, dim, ch, P(g), P(q), P(k), P(v), P(w), P(dl), P(dq), P(dk),
+                             P(dv));
+  });
+  // Half-precision storage, converted per tile inside the kernels.
+  add("fwd_f16", [&] {
+    cur::SapaForward<float>(pf, d, dim, ch, P(hq), P(hk), P(hv), P(hout), P(w));
+  });
+  add("bwd_f16", [&] {
+    cur::SapaBackward<float>(pf, d, dim, ch, P(hg), P(hq), P(hk), P(hv), P(w), P(dl), P(hdq),
+                             P(hdk), P(hdv));
+  });
+  add("dot_qk", [&] { cur::Dot<float>(pf, d, dim, P(q), P(k), P(dl)); });
+  add("gather_wv", [&] { cur::Gather<float>(pf, d, ch, P(w), P(v), P(out)); });
+  add("dot_gv", [&] { cur::Dot<float>(pf, d, ch, P(g), P(v), P(dl)); });
+  add("gather_lk", [&] { cur::Gather<float>(pf, d, dim, P(w), P(k), P(dq)); });
+  add("scatter_lq", [&] { cur::Scatter<float>(pf, d, dim, P(w), P(q), P(dk)); });
+  add("scatter_wg", [&] { cur::Scatter<float>(pf, d, ch, P(w), P(g), P(dv)); });
+  add("fma_peak", [&] {  // 12.8 MFLOP of pure FMA per thread, all threads
+    pool.Run(threads, [&](int64_t b, int64_t e) {
+      for (int64_t u = b; u < e; ++u) sink.store(sink.load() + FmaLoop(50000, 1.f + u));
+    });
+  });
+  add("write_out", [&] {  // memory floor: write the output once
+    float* o = out.data();
+    const int64_t n = int64_t(out.size());
+    pool.Run(threads * 4, [&](int64_t b, int64_t e) {
+      const int64_t per = (n + threads * 4 - 1) / (threads * 4);
+      for (int64_t u = b; u < e; ++u) {
+        const int64_t lo = u * per, hi = std::min(n, lo + per);
+        if (lo < hi) std::memset(o + lo, 0, (hi - lo) * sizeof(float));
+      }
+    });
+  });
 #ifdef BASELINE_HEADER
   namespace old = baseline::keras_sapa::cpu;
   baseline::keras_sapa::cpu::Shape od;
@@ -397,15 +398,13 @@ int Time(const Shape& d, int64_t dim, int64_t ch, int threads, int reps,
                                                    const baseline::keras_sapa::cpu::Range& fn) {
     pool.Run(units, fn);
   };
-  entries.push_back({"base_fwd", [&] {
-                       old::SapaForward<float>(opf, od, dim, ch, q.data(), k.data(), v.data(),
-                                               out.data(), w.data());
-                     }, {}});
-  entries.push_back({"base_bwd", [&] {
-                       old::SapaBackward<float>(opf, od, dim, ch, g.data(), q.data(), k.data(),
-                                                v.data(), w.data(), dl.data(), dq.data(),
-                                                dk.data(), dv.data());
-                     }, {}});
+  add("base_fwd", [&] {
+    old::SapaForward<float>(opf, od, dim, ch, P(q), P(k), P(v), P(out), P(w));
+  });
+  add("base_bwd", [&] {
+    old::SapaBackward<float>(opf, od, dim, ch, P(g), P(q), P(k), P(v), P(w), P(dl), P(dq),
+                             P(dk), P(dv));
+  });
 #endif
   if (!only.empty()) {  // keep the entries named in the comma-separated list `only`
     std::vector<Entry> kept;

@@ -2,7 +2,7 @@
 """Microbenchmark of the framework-free SAPA CPU kernels, outside any framework.
 
 Compiles ``scripts/bench_cpu_kernels.cc`` with the flags of ``custom_ops/build.py``
-(``-O3``, plus ``-mavx2 -mfma`` where the compiler and CPU support them) and reports, per
+(``-O3``, plus ``-mavx2 -mfma -mf16c`` where the compiler and CPU support them) and reports, per
 shape and thread count, the fused forward and forward+backward times, their GFLOP/s and
 the fraction of the FMA peak::
 
@@ -13,6 +13,8 @@ the fraction of the FMA peak::
 Shapes: ``W1`` = B=2, 32x32 -> 64x64 (s=2), K=5, d=64, C=256; ``M1`` = the same at
 128x128 -> 256x256; or ``B,H,W,s,K,d,C``. FLOPs: 2 * K*K * (d + C) per output point for
 the forward (similarity and aggregation multiply-adds), twice that for the backward.
+The same calls on float16 storage (converted per tile inside the kernels) are timed beside
+float32.
 
 Peak: ``nominal`` = cores x frequency (``cpu MHz`` of /proc/cpuinfo, the base clock) x 32
 FLOP/cycle (two 8-lane fp32 FMA pipes, as on Haswell and later and on Zen 2-4);
@@ -118,7 +120,8 @@ def main(argv=None):
             if mhz
             else "cpu MHz unknown"
         )
-        entries = "fwd,bwd,fma_peak" + (",base_fwd,base_bwd" if args.baseline else "")
+        entries = "fwd,bwd,fwd_f16,bwd_f16,fma_peak"
+        entries += ",base_fwd,base_bwd" if args.baseline else ""
         for name in args.shapes.split(","):
             shape = SHAPES.get(name) or tuple(int(x) for x in name.split(","))
             b, h, w, s, k, d, c = shape
@@ -165,6 +168,13 @@ def main(argv=None):
                         )
                     ratio = t["bwd"]["cpu_median_ms"] / t["fwd"]["cpu_median_ms"] + 1
                 print(f"  fwd+bwd / fwd (CPU time): {ratio:.2f}")
+                print(
+                    "  float16 storage / float32 (CPU time, tiles converted in the kernels): "
+                    + ", ".join(
+                        f"{key} {t[key + '_f16']['cpu_median_ms'] / t[key]['cpu_median_ms']:.2f}"
+                        for key in ("fwd", "bwd")
+                    )
+                )
                 if args.baseline:
                     for key in ("fwd", "bwd"):
                         print(

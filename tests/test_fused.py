@@ -216,8 +216,10 @@ def test_empty_batch():
 # ------------------------------------------------------------ the core, without TensorFlow
 
 _CORE_DRIVER = r"""
-// Runs the framework-free core on float64 inputs read from files, with a serial pool and
-// with a threaded pool that hands out small ranges in reverse order; writes both results.
+// Runs the framework-free core on inputs read from files (float64 values, stored in the
+// type named by argv[9]: f64, or f16 / bf16 storage computed in float, converted per tile
+// by the kernels), with a serial pool and with a threaded pool that hands out small
+// ranges in reverse order; writes both results as float64.
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -226,25 +228,32 @@ _CORE_DRIVER = r"""
 #include "sapa_cpu.h"
 using namespace keras_sapa::cpu;
 
-static std::vector<double> Read(const char* path, size_t n) {
+template <typename In>
+static std::vector<In> Read(const std::string& path, size_t n) {
   std::vector<double> v(n);
-  FILE* f = std::fopen(path, "rb");
+  FILE* f = std::fopen(path.c_str(), "rb");
   if (!f || std::fread(v.data(), sizeof(double), n, f) != n) std::exit(2);
   std::fclose(f);
-  return v;
+  std::vector<In> r(n);
+  for (size_t i = 0; i < n; ++i) r[i] = FromCompute<In>(typename ComputeOf<In>::type(v[i]));
+  return r;
 }
 
-int main(int argc, char** argv) {
-  Shape d;
-  d.batch = std::atol(argv[1]); d.height = std::atol(argv[2]); d.width = std::atol(argv[3]);
-  d.up = std::atol(argv[4]); d.kernel = std::atol(argv[5]);
-  const long dim = std::atol(argv[6]), channels = std::atol(argv[7]);
-  const char* dir = argv[8];
-  std::string base(dir);
-  auto q = Read((base + "/q").c_str(), d.high_points() * dim);
-  auto k = Read((base + "/k").c_str(), d.low_points() * dim);
-  auto v = Read((base + "/v").c_str(), d.low_points() * channels);
-  auto g = Read((base + "/g").c_str(), d.high_points() * channels);
+template <typename X>
+static void Write(FILE* out, const std::vector<X>& x) {
+  for (const X& e : x) {
+    const double y = ToCompute(e);
+    std::fwrite(&y, sizeof(double), 1, out);
+  }
+}
+
+template <typename In>
+static void Run(const Shape& d, long dim, long channels, const std::string& base) {
+  using T = typename ComputeOf<In>::type;
+  auto q = Read<In>(base + "/q", d.high_points() * dim);
+  auto k = Read<In>(base + "/k", d.low_points() * dim);
+  auto v = Read<In>(base + "/v", d.low_points() * channels);
+  auto g = Read<In>(base + "/g", d.high_points() * channels);
   ParallelFor threaded = [](int64_t units, int64_t, const Range& fn) {
     std::vector<std::thread> threads;
     for (int64_t begin = units - (units > 3 ? 3 : units), end = units; end > 0;
@@ -255,33 +264,81 @@ int main(int argc, char** argv) {
   };
   FILE* out = std::fopen((base + "/result").c_str(), "wb");
   for (const ParallelFor& pool : {Serial(), threaded}) {
-    std::vector<double> o(d.high_points() * channels), w(d.high_points() * d.window()),
-        dl(w.size()), dq(q.size()), dk(k.size()), dv(v.size());
-    SapaForward<double>(pool, d, dim, channels, q.data(), k.data(), v.data(), o.data(), w.data());
-    SapaBackward<double>(pool, d, dim, channels, g.data(), q.data(), k.data(), v.data(),
-                         w.data(), dl.data(), dq.data(), dk.data(), dv.data());
-    for (auto* t : {&o, &w, &dq, &dk, &dv}) std::fwrite(t->data(), sizeof(double), t->size(), out);
+    std::vector<In> o(d.high_points() * channels), dq(q.size()), dk(k.size()), dv(v.size());
+    std::vector<T> w(d.high_points() * d.window()), dl(w.size());
+    SapaForward<T>(pool, d, dim, channels, q.data(), k.data(), v.data(), o.data(), w.data());
+    SapaBackward<T>(pool, d, dim, channels, g.data(), q.data(), k.data(), v.data(), w.data(),
+                    dl.data(), dq.data(), dk.data(), dv.data());
+    Write(out, o);
+    Write(out, w);
+    Write(out, dq);
+    Write(out, dk);
+    Write(out, dv);
   }
+  std::fclose(out);
+}
+
+int main(int argc, char** argv) {
+  Shape d;
+  d.batch = std::atol(argv[1]); d.height = std::atol(argv[2]); d.width = std::atol(argv[3]);
+  d.up = std::atol(argv[4]); d.kernel = std::atol(argv[5]);
+  const long dim = std::atol(argv[6]), channels = std::atol(argv[7]);
+  const std::string base(argv[8]), type(argv[9]);
+  if (type == "f64") Run<double>(d, dim, channels, base);
+  if (type == "f16") Run<Half>(d, dim, channels, base);
+  if (type == "bf16") Run<BFloat16>(d, dim, channels, base);
+  return 0;
+}
+"""
+
+_CONVERT_DRIVER = r"""
+// The half-precision conversions of simd.h: every binary16 and bfloat16 bit pattern to
+// float (ConvertRow), and the float32 values of argv[1] rounded to both (RoundRow).
+#include <cstdio>
+#include <vector>
+#include "simd.h"
+using namespace keras_sapa::cpu;
+
+int main(int argc, char** argv) {
+  std::vector<Half> h(65536);
+  std::vector<BFloat16> b(65536);
+  for (int i = 0; i < 65536; ++i) h[i].bits = b[i].bits = uint16_t(i);
+  std::vector<float> fh(65536), fb(65536);
+  ConvertRow<float, Half>(h.data(), 65536, fh.data());
+  ConvertRow<float, BFloat16>(b.data(), 65536, fb.data());
+  FILE* in = std::fopen(argv[1], "rb");
+  std::vector<float> x;
+  for (float f; std::fread(&f, sizeof f, 1, in) == 1;) x.push_back(f);
+  std::fclose(in);
+  std::vector<Half> rh(x.size());
+  std::vector<BFloat16> rb(x.size());
+  RoundRow<Half, float>(x.data(), int64_t(x.size()), rh.data());
+  RoundRow<BFloat16, float>(x.data(), int64_t(x.size()), rb.data());
+  FILE* out = std::fopen(argv[2], "wb");
+  std::fwrite(fh.data(), sizeof(float), fh.size(), out);
+  std::fwrite(fb.data(), sizeof(float), fb.size(), out);
+  std::fwrite(rh.data(), 2, rh.size(), out);
+  std::fwrite(rb.data(), 2, rb.size(), out);
   std::fclose(out);
   return 0;
 }
 """
 
+needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no g++")
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no g++")
-def test_core_builds_and_runs_without_tensorflow(tmp_path):
-    """The CPU core compiles with nothing but the C++ standard library (no TensorFlow or
-    Eigen include path) and matches the reference with a serial and a threaded pool."""
-    (tmp_path / "driver.cc").write_text(_CORE_DRIVER)
-    exe = tmp_path / "driver"
+
+def _compile(tmp_path, name, source, flags=()):
+    (tmp_path / f"{name}.cc").write_text(source)
+    exe = tmp_path / name
     subprocess.run(
         [
             os.environ.get("CXX", "g++"),
             "-std=c++17",
             "-O1",
             "-pthread",
+            *flags,
             "-I" + CORE_DIR,
-            str(tmp_path / "driver.cc"),
+            str(tmp_path / f"{name}.cc"),
             "-o",
             str(exe),
         ],
@@ -289,25 +346,111 @@ def test_core_builds_and_runs_without_tensorflow(tmp_path):
         capture_output=True,
         timeout=300,
     )
+    return exe
+
+
+@needs_cxx
+def test_core_builds_and_runs_without_tensorflow(tmp_path):
+    """The CPU core compiles with nothing but the C++ standard library (no TensorFlow or
+    Eigen include path, no SIMD flags) and matches the reference with a serial and a
+    threaded pool: in float64, and on float16 / bfloat16 storage (the tiles converted to
+    float inside the kernels, the results rounded once) against the float64 reference of
+    the rounded inputs, with tolerances of those types."""
+    exe = _compile(tmp_path, "driver", _CORE_DRIVER)
     rng = np.random.default_rng(9)
     batch, height, width, s, k, dim, channels = 2, 4, 5, 2, 5, 9, 11
-    query, key, value, grad = _inputs(rng, batch, height, width, dim, channels, s, 0.5)
-    for name, t in zip("qkvg", (query, key, value, grad), strict=True):
-        t.astype(np.float64).tofile(tmp_path / name)
-    subprocess.run(
-        [str(exe), *map(str, (batch, height, width, s, k, dim, channels)), str(tmp_path)],
-        check=True,
-        timeout=120,
-    )
-    result = np.fromfile(tmp_path / "result", np.float64)
-    want = [
-        ref.sapa(query, key, value, k, s),
-        ref.softmax(ref.similarity(query, key, k, s)),
-        *ref.sapa_vjp(query, key, value, grad, k, s),
+    inputs = _inputs(rng, batch, height, width, dim, channels, s, 0.5)
+    # float16 values are exact in bfloat16's exponent range but not its mantissa: round
+    # each input to the storage type first, so the reference sees what the kernels see.
+    bf16 = tf.bfloat16.as_numpy_dtype
+    # Tolerances: the outputs' rounding to the storage type (2^-11, 2^-8 relative).
+    for dtype, tol in ((np.float64, 1e-10), (np.float16, 2e-3), (bf16, 1.6e-2)):
+        rounded = [t.astype(dtype).astype(np.float64) for t in inputs]
+        for name, t in zip("qkvg", rounded, strict=True):
+            t.tofile(tmp_path / name)
+        type_name = {np.float64: "f64", np.float16: "f16"}.get(dtype, "bf16")
+        args = (batch, height, width, s, k, dim, channels)
+        subprocess.run(
+            [str(exe), *map(str, args), str(tmp_path), type_name], check=True, timeout=120
+        )
+        query, key, value, grad = rounded
+        result = np.fromfile(tmp_path / "result", np.float64)
+        want = [
+            ref.sapa(query, key, value, k, s),
+            ref.softmax(ref.similarity(query, key, k, s)),
+            *ref.sapa_vjp(query, key, value, grad, k, s),
+        ]
+        sizes = [w.size for w in want]
+        assert result.size == 2 * sum(sizes)
+        serial, threaded = result[: sum(sizes)], result[sum(sizes) :]
+        np.testing.assert_array_equal(serial, threaded)  # the split into ranges changes nothing
+        for got, expected in zip(np.split(serial, np.cumsum(sizes)[:-1]), want, strict=True):
+            scale = max(1.0, float(np.max(np.abs(expected))))
+            np.testing.assert_allclose(
+                got.reshape(expected.shape) / scale,
+                expected / scale,
+                rtol=tol,
+                atol=tol,
+                err_msg=type_name,
+            )
+
+
+@needs_cxx
+@pytest.mark.parametrize("simd", [False, True], ids=["portable", "build-flags"])
+def test_half_conversions_match_numpy_and_tensorflow(tmp_path, simd):
+    """simd.h's binary16 / bfloat16 conversions, in the portable code and with the build's
+    SIMD flags (F16C where this CPU has it): every bit pattern to float against NumPy's
+    float16 and TensorFlow's bfloat16, and float32 values (ties, subnormals, overflow,
+    infinities, NaN, random) rounded to nearest even as NumPy and TensorFlow round them."""
+    import importlib.util
+
+    flags = ()
+    if simd:
+        spec = importlib.util.spec_from_file_location(
+            "_sapa_build", os.path.join(ROOT, "custom_ops", "build.py")
+        )
+        build = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(build)
+        flags = build._cpu_simd_flags(os.environ.get("CXX", "g++"))
+        if not flags:
+            pytest.skip("no SIMD flags for this compiler and CPU")
+    exe = _compile(tmp_path, "convert", _CONVERT_DRIVER, flags)
+    rng = np.random.default_rng(5)
+    half_bits = np.arange(65536, dtype=np.uint16)
+    # Every float16 and bfloat16 value, the midpoints between neighbours (ties), values
+    # just beside them, and random floats of every magnitude.
+    f16 = half_bits.view(np.float16).astype(np.float32)
+    bf = (half_bits.astype(np.uint32) << 16).view(np.float32)
+    finite16, finitebf = f16[np.isfinite(f16)], bf[np.isfinite(bf)]
+    mids = [
+        (np.sort(finite16)[1:] + np.sort(finite16)[:-1]) / 2,
+        (np.sort(finitebf)[1:].astype(np.float64) + np.sort(finitebf)[:-1]) / 2,
     ]
-    sizes = [w.size for w in want]
-    assert result.size == 2 * sum(sizes)
-    serial, threaded = result[: sum(sizes)], result[sum(sizes) :]
-    np.testing.assert_array_equal(serial, threaded)  # the split into ranges changes nothing
-    for got, expected in zip(np.split(serial, np.cumsum(sizes)[:-1]), want, strict=True):
-        np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=1e-10, atol=1e-10)
+    x = np.concatenate(
+        [
+            f16,
+            bf,
+            *[m.astype(np.float32) for m in mids],
+            *[np.nextafter(m.astype(np.float32), np.float32(np.inf)) for m in mids],
+            (rng.standard_normal(4096) * np.exp(rng.uniform(-80, 80, 4096))).astype(np.float32),
+            np.array([65504, 65519.99, 65520, 1e9, -1e9, np.inf, -np.inf, np.nan], np.float32),
+        ]
+    )
+    x.tofile(tmp_path / "x")
+    subprocess.run([str(exe), str(tmp_path / "x"), str(tmp_path / "out")], check=True, timeout=60)
+    out = np.fromfile(tmp_path / "out", np.uint8)
+    got_f16 = out[: 4 * 65536].view(np.float32)
+    got_bf = out[4 * 65536 : 8 * 65536].view(np.float32)
+    got_rh = out[8 * 65536 : 8 * 65536 + 2 * x.size].view(np.uint16)
+    got_rb = out[8 * 65536 + 2 * x.size :].view(np.uint16)
+    want_bf = tf.cast(tf.bitcast(tf.constant(half_bits), tf.bfloat16), tf.float32).numpy()
+    np.testing.assert_array_equal(got_f16, f16)  # NaN == NaN here
+    np.testing.assert_array_equal(got_bf, want_bf)
+    with np.errstate(over="ignore"):
+        want_rh = x.astype(np.float16)
+    want_rb = tf.cast(tf.constant(x), tf.bfloat16).numpy()
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(got_rh[~nan], want_rh[~nan].view(np.uint16))
+    np.testing.assert_array_equal(got_rb[~nan], np.asarray(want_rb[~nan]).view(np.uint16))
+    assert np.all(np.isnan(got_rh[nan].view(np.float16)))
+    assert np.all(np.isnan((got_rb[nan].astype(np.uint32) << 16).view(np.float32)))

@@ -38,20 +38,26 @@
 namespace keras_sapa {
 namespace cpu {
 
-// Sizes of one call (channels are passed per tensor). Products are formed in int64.
-struct Shape {
+// The maps of one call, SAPA's and SAPA-D's: B images of H x W low-resolution points, each
+// with up x up high-resolution children. Products are formed in int64.
+struct UpShape {
   int64_t batch = 0;
   int64_t height = 0;  // low-resolution H
   int64_t width = 0;   // low-resolution W
   int64_t up = 1;      // s
-  int64_t kernel = 1;  // K (odd)
 
-  int64_t radius() const { return kernel / 2; }
-  int64_t window() const { return kernel * kernel; }
   int64_t high_height() const { return height * up; }
   int64_t high_width() const { return width * up; }
   int64_t low_points() const { return batch * height * width; }
   int64_t high_points() const { return low_points() * up * up; }
+};
+
+// Sizes of one SAPA call (channels are passed per tensor).
+struct Shape : UpShape {
+  int64_t kernel = 1;  // K (odd)
+
+  int64_t radius() const { return kernel / 2; }
+  int64_t window() const { return kernel * kernel; }
 };
 
 // The thread-pool callback: runs fn(begin, end) over disjoint ranges that cover
@@ -117,24 +123,45 @@ class AnchorWindow {
   int64_t m_ = 0;
 };
 
-// Per-range scratch of the anchor walks: two row-pointer lists of K*K entries and two
-// value buffers of 5 * K*K and 4 * K*K entries (a group of up to four children).
+// Per-range scratch of the anchor walks: the window's row pointers (K*K) and room for the
+// K*K values of a group of up to four children.
 template <typename T>
 struct AnchorScratch {
-  explicit AnchorScratch(int64_t kk) : rows_a(kk), rows_b(kk), buf_a(5 * kk), buf_b(4 * kk) {}
-  std::vector<const T*> rows_a, rows_b;
-  std::vector<T> buf_a, buf_b;
+  explicit AnchorScratch(int64_t kk) : rows(kk), buf(4 * kk) {}
+  std::vector<const T*> rows;
+  std::vector<T> buf;
 };
 
-// Runs fn(window, scratch) for every low-resolution anchor on the pool.
+// A group of children of one anchor for the window primitives: children first .. first + G
+// - 1 of the anchor's window `win`, whose in-map rows of the low-resolution tensor are in
+// rows[0 : m], and room (buf) for the G * K*K values of the group.
+template <typename T>
+struct ChildGroup {
+  const AnchorWindow& win;
+  const T* const* rows;
+  T* buf;
+  int64_t first, m;
+  int64_t point(int g) const { return win.points()[first + g]; }
+  int64_t index(int64_t k) const { return win.index()[k]; }
+};
+
+// Runs fn(child_group, group) on the pool for every low-resolution anchor and every group
+// of its children (group: std::integral_constant<int, G>), the rows those of lo (`channels`
+// wide).
 template <typename T, typename Fn>
-void ForEachAnchor(const ParallelFor& pool, const Shape& d, int64_t cost, Fn fn) {
-  pool(d.low_points(), cost, [&](int64_t begin, int64_t end) {
+void ForEachChildGroup(const ParallelFor& pool, const Shape& d, int64_t channels, const T* lo,
+                       Fn fn) {
+  const int64_t ss = d.up * d.up;
+  pool(d.low_points(), ss * d.window() * (channels + 4), [&](int64_t begin, int64_t end) {
     AnchorWindow window(d);
     AnchorScratch<T> scratch(d.window());
     for (int64_t u = begin; u < end; ++u) {
       window.Set(u);
-      fn(window, scratch);
+      window.Rows(lo, channels, scratch.rows.data());
+      ForGroups(ss, [&](auto group, int64_t first) {
+        fn(ChildGroup<T>{window, scratch.rows.data(), scratch.buf.data(), first, window.m()},
+           group);
+      });
     }
   });
 }
@@ -143,24 +170,17 @@ void ForEachAnchor(const ParallelFor& pool, const Shape& d, int64_t cost, Fn fn)
 template <typename T>
 void Dot(const ParallelFor& pool, const Shape& d, int64_t channels, const T* hi, const T* lo,
          T* out) {
-  const int64_t s = d.up, kk = d.window();
-  ForEachAnchor<T>(pool, d, s * s * kk * (channels + 4), [&](const AnchorWindow& win,
-                                                             AnchorScratch<T>& scratch) {
-    std::vector<const T*>& rows = scratch.rows_a;
-    std::vector<T>& dots = scratch.buf_a;
-    const int64_t m = win.m();
-    win.Rows(lo, channels, rows.data());
-    ForGroups(s * s, [&](auto group, int64_t first) {
-      constexpr int G = decltype(group)::value;
-      const T* xs[G];
-      for (int g = 0; g < G; ++g) xs[g] = hi + win.points()[first + g] * channels;
-      MultiDotRows<T, G>(xs, rows.data(), m, channels, dots.data());
-      for (int g = 0; g < G; ++g) {
-        T* o = out + win.points()[first + g] * kk;
-        if (m < kk) std::fill(o, o + kk, T(0));
-        for (int64_t k = 0; k < m; ++k) o[win.index()[k]] = dots[g * m + k];
-      }
-    });
+  const int64_t kk = d.window();
+  ForEachChildGroup<T>(pool, d, channels, lo, [&](const ChildGroup<T>& c, auto group) {
+    constexpr int G = decltype(group)::value;
+    const T* xs[G];
+    for (int g = 0; g < G; ++g) xs[g] = hi + c.point(g) * channels;
+    MultiDotRows<T, G>(xs, c.rows, c.m, channels, c.buf);
+    for (int g = 0; g < G; ++g) {
+      T* o = out + c.point(g) * kk;
+      if (c.m < kk) std::fill(o, o + kk, T(0));
+      for (int64_t k = 0; k < c.m; ++k) o[c.index(k)] = c.buf[g * c.m + k];
+    }
   });
 }
 
@@ -168,23 +188,15 @@ void Dot(const ParallelFor& pool, const Shape& d, int64_t channels, const T* hi,
 template <typename T>
 void Gather(const ParallelFor& pool, const Shape& d, int64_t channels, const T* wt, const T* lo,
             T* out) {
-  const int64_t s = d.up, kk = d.window();
-  ForEachAnchor<T>(pool, d, s * s * kk * (channels + 4), [&](const AnchorWindow& win,
-                                                             AnchorScratch<T>& scratch) {
-    std::vector<const T*>& rows = scratch.rows_a;
-    std::vector<T>& weights = scratch.buf_a;
-    const int64_t m = win.m();
-    win.Rows(lo, channels, rows.data());
-    ForGroups(s * s, [&](auto group, int64_t first) {
-      constexpr int G = decltype(group)::value;
-      T* outs[G];
-      for (int g = 0; g < G; ++g) {
-        const T* wp = wt + win.points()[first + g] * kk;
-        for (int64_t k = 0; k < m; ++k) weights[k * G + g] = wp[win.index()[k]];
-        outs[g] = out + win.points()[first + g] * channels;
-      }
-      MultiWeightedRowSum<T, G>(weights.data(), rows.data(), m, channels, outs);
-    });
+  const int64_t kk = d.window();
+  ForEachChildGroup<T>(pool, d, channels, lo, [&](const ChildGroup<T>& c, auto group) {
+    constexpr int G = decltype(group)::value;
+    T* outs[G];
+    for (int g = 0; g < G; ++g) {
+      for (int64_t k = 0; k < c.m; ++k) c.buf[k * G + g] = wt[c.point(g) * kk + c.index(k)];
+      outs[g] = out + c.point(g) * channels;
+    }
+    MultiWeightedRowSum<T, G>(c.buf, c.rows, c.m, channels, outs);
   });
 }
 
@@ -197,11 +209,13 @@ void Scatter(const ParallelFor& pool, const Shape& d, int64_t channels, const T*
 // The fused pass (SapaForward, SapaBackward) works on tiles: a unit of work is a run of
 // low-resolution rows of one column tile (up to kTileCols anchors) of one image. Walking
 // down the rows, it keeps the K rows of the window halo (tile + K - 1 points wide) that the
-// current row needs packed in a ring buffer: each packed row is copied once per run, is
-// contiguous (no cache-set collisions between window rows that lie a power of two apart
-// in the tensor) and zero outside the map, so every window is a full K x K window of
-// rows: padded points get logit 0 and contribute a zero value with no branch in the inner
-// loops, exactly as SAPA_SPEC.md defines the border.
+// current row needs packed in a ring buffer: each packed row is copied once per run
+// (converted to the compute type there, for half-precision storage), is contiguous (no
+// cache-set collisions between window rows that lie a power of two apart in the tensor)
+// and zero outside the map. The forward and the backward's first pass list the in-map
+// points of each window, as the anchor walks do (padded points enter the softmax with
+// logit 0 analytically, SAPA_SPEC.md's border rule, and cost no work); the scatter reads
+// full K x K windows of packed children with zero weights for anchors outside the map.
 
 namespace tiled {
 
@@ -241,40 +255,17 @@ struct Unit {
   }
 };
 
-// Packs row h of an anchor grid (H x W anchors, each with up x up children) of the map
-// src (B, H*up, W*up, ch), anchors [u0, u0 + n), channels [c0, c0 + cw), into
-// dst[((u - u0) * up*up + ci * up + cj) * cw + c]; zero outside the map.
-template <typename T>
-void PackRow(const T* src, int64_t height, int64_t width, int64_t up, int64_t ch, int64_t c0,
-             int64_t cw, int64_t b, int64_t h, int64_t u0, int64_t n, T* dst) {
-  const int64_t uu = up * up;
-  if (h < 0 || h >= height) {
-    std::memset(dst, 0, sizeof(T) * n * uu * cw);
-    return;
-  }
-  const int64_t hw = width * up;
-  if (up == 1 && cw == ch) {  // one contiguous copy of the in-map points
-    const int64_t lo = std::max<int64_t>(u0, 0), hi = std::min(u0 + n, width);
-    if (lo > u0) std::memset(dst, 0, sizeof(T) * (lo - u0) * cw);
-    if (hi > lo) std::memcpy(dst + (lo - u0) * cw, src + ((b * height + h) * width + lo) * ch,
-                             sizeof(T) * (hi - lo) * cw);
-    const int64_t from = std::max(hi, lo);
-    if (u0 + n > from) std::memset(dst + (from - u0) * cw, 0, sizeof(T) * (u0 + n - from) * cw);
-    return;
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t u = u0 + i;
-    T* o = dst + i * uu * cw;
-    if (u < 0 || u >= width) {
-      std::memset(o, 0, sizeof(T) * uu * cw);
-      continue;
-    }
-    for (int64_t ci = 0; ci < up; ++ci) {
-      const T* row = src + ((b * height * up + h * up + ci) * hw + u * up) * ch + c0;
-      for (int64_t cj = 0; cj < up; ++cj) std::memcpy(o + (ci * up + cj) * cw, row + cj * ch,
-                                                      sizeof(T) * cw);
-    }
-  }
+// Packs anchors [u0, u0 + n) of row h of the low-resolution map src (B, H, W, ch), converted
+// to T, into dst[(u - u0) * ch + c]; zero outside the map.
+template <typename T, typename In>
+void PackRow(const In* src, const Shape& d, int64_t ch, int64_t b, int64_t h, int64_t u0,
+             int64_t n, T* dst) {
+  const int64_t lo = h < 0 || h >= d.height ? u0 + n : std::max<int64_t>(u0, 0);
+  const int64_t hi = std::max(lo, std::min(u0 + n, d.width));
+  std::memset(dst, 0, sizeof(T) * (lo - u0) * ch);
+  if (hi > lo) ConvertRow<T, In>(src + ((b * d.height + h) * d.width + lo) * ch, (hi - lo) * ch,
+                                 dst + (lo - u0) * ch);
+  std::memset(dst + (hi - u0) * ch, 0, sizeof(T) * (u0 + n - hi) * ch);
 }
 
 // K packed rows of a halo, indexed by map row (ring slot h mod K).
@@ -299,17 +290,6 @@ inline void WithKernel(int64_t kernel, Fn fn) {
     case 5: fn(std::integral_constant<int, 5>()); break;
     case 7: fn(std::integral_constant<int, 7>()); break;
     default: fn(std::integral_constant<int, 0>()); break;
-  }
-}
-
-// rows[a*K + c] = slots[a] + (x + c) * stride for the K x K window of halo column x.
-template <int KC, typename T>
-inline void WindowRows(const Shape& d, T* const* slots, int64_t x, int64_t stride,
-                       const T** rows) {
-  const int64_t K = KC > 0 ? KC : d.kernel;
-  for (int64_t a = 0; a < K; ++a) {
-    const T* base = slots[a] + x * stride;
-    for (int64_t c = 0; c < K; ++c) rows[a * K + c] = base + c * stride;
   }
 }
 
@@ -371,10 +351,10 @@ inline void ScatterPoint(const Shape& d, const T* __restrict wl, const T* const*
   }
 }
 
-// dst[sl * slice_stride + c'] = src[sl * sw + c'] for every channel slice sl of width sw
-// (the last one narrower), c' < the slice's width; src null: zeros.
-template <typename T>
-inline void CopySliced(const T* src, int64_t ch, int64_t sw, int64_t slice_stride, T* dst) {
+// dst[sl * slice_stride + c'] = src[sl * sw + c'] (converted to T) for every channel slice sl
+// of width sw (the last one narrower), c' < the slice's width; src null: zeros.
+template <typename T, typename In>
+inline void CopySliced(const In* src, int64_t ch, int64_t sw, int64_t slice_stride, T* dst) {
   constexpr int L = Simd<T>::kLanes;
   for (int64_t c0 = 0; c0 < ch; c0 += sw, dst += slice_stride) {
     const int64_t w = std::min(sw, ch - c0);
@@ -383,8 +363,7 @@ inline void CopySliced(const T* src, int64_t ch, int64_t sw, int64_t slice_strid
       for (; c + L <= w; c += L) Store(dst + c, Broadcast<T>(0));
       for (; c < w; ++c) dst[c] = T(0);
     } else {
-      for (; c + L <= w; c += L) Store(dst + c, Load(src + c0 + c));
-      for (; c < w; ++c) dst[c] = src[c0 + c];
+      ConvertRow<T, In>(src + c0, w, dst);
     }
   }
 }
@@ -392,8 +371,8 @@ inline void CopySliced(const T* src, int64_t ch, int64_t sw, int64_t slice_strid
 // Packs the children of anchor row h, anchors [u0, u0 + n), of the high-resolution map
 // src (B, H*s, W*s, ch) in channel slices of width sw:
 // dst[sl * slice_stride + ((ci * n + u - u0) * s + cj) * sw + c']; zero outside the map.
-template <typename T>
-void PackChildren(const T* src, const Shape& d, int64_t ch, int64_t sw, int64_t slice_stride,
+template <typename T, typename In>
+void PackChildren(const In* src, const Shape& d, int64_t ch, int64_t sw, int64_t slice_stride,
                   int64_t b, int64_t h, int64_t u0, int64_t n, T* dst) {
   const int64_t s = d.up;
   const bool row_in = h >= 0 && h < d.height;
@@ -401,22 +380,61 @@ void PackChildren(const T* src, const Shape& d, int64_t ch, int64_t sw, int64_t 
     for (int64_t i = 0; i < n; ++i) {
       const int64_t u = u0 + i;
       const bool in = row_in && u >= 0 && u < d.width;
-      const T* row = in ? src + ((b * d.height * s + h * s + ci) * d.width * s + u * s) * ch
-                        : nullptr;
+      const In* row = in ? src + ((b * d.height * s + h * s + ci) * d.width * s + u * s) * ch
+                         : nullptr;
       for (int64_t cj = 0; cj < s; ++cj)
-        CopySliced(in ? row + cj * ch : nullptr, ch, sw, slice_stride,
-                   dst + ((ci * n + i) * s + cj) * sw);
+        CopySliced<T, In>(in ? row + cj * ch : nullptr, ch, sw, slice_stride,
+                          dst + ((ci * n + i) * s + cj) * sw);
     }
   }
+}
+
+// Rows of a tensor of storage type In read or written in the compute type T: the rows
+// themselves when In is T; else a read converts the row into scratch slot `slot`, and a
+// write goes to the slot, to be rounded into the tensor by Flush.
+template <typename T, typename In>
+class RowCache {
+ public:
+  static constexpr bool kDirect = std::is_same<T, In>::value;
+  RowCache(int64_t slots, int64_t width) : width_(width), buf_(kDirect ? 0 : slots * width) {}
+
+  const T* Read(const In* row, int64_t slot) {
+    if constexpr (kDirect) {
+      return row;
+    } else {
+      T* dst = buf_.data() + slot * width_;
+      ConvertRow<T, In>(row, width_, dst);
+      return dst;
+    }
+  }
+  T* Write(In* row, int64_t slot) {
+    if constexpr (kDirect) {
+      return row;
+    } else {
+      return buf_.data() + slot * width_;
+    }
+  }
+  void Flush(In* row, int64_t slot) {
+    if constexpr (!kDirect) RoundRow<In, T>(buf_.data() + slot * width_, width_, row);
+  }
+
+ private:
+  int64_t width_;
+  std::vector<T> buf_;
+};
+
+// The flat index of child i (of s*s, row-major) of the anchor (b, p, w0).
+inline int64_t ChildPoint(const Shape& d, int64_t b, int64_t p, int64_t w0, int64_t i) {
+  return (b * d.high_height() + p * d.up + i / d.up) * d.high_width() + w0 * d.up + i % d.up;
 }
 
 // lo = Scatter(w, hi) over tiles (see ScatterPoint). Per row of a tile: the weights that
 // each window child gives each output point, listed once (zero for anchors outside the
 // map), then the sums channel slice by channel slice, so that the slice of the packed
-// children stays in L1 while the tile's points read it.
-template <typename T>
+// children stays in L1 while the tile's points read it. hi and lo of storage type In.
+template <typename T, typename In = T>
 void ScatterTiled(const ParallelFor& pool, const Shape& d, int64_t channels, const T* wt,
-                  const T* hi, T* out) {
+                  const In* hi, In* out) {
   constexpr int64_t kSlice = 64;
   const int64_t s = d.up, ss = s * s, K = d.kernel, r = d.radius(), kk = K * K;
   const int64_t hh = d.high_height(), hw = d.high_width();
@@ -432,6 +450,8 @@ void ScatterTiled(const ParallelFor& pool, const Shape& d, int64_t channels, con
       std::vector<const T*> xslots(K);
       std::vector<T> wl(grid.tile * kk * ss);
       std::vector<int64_t> roff(K * ss);
+      RowCache<T, In> outs(grid.tile, channels);
+      std::vector<T*> orow(grid.tile);
       for (int64_t u = begin; u < end; ++u) {
         const Unit unit(d, grid, u);
         const int64_t n = unit.tw + 2 * r, u0 = unit.x0 - r;
@@ -439,7 +459,8 @@ void ScatterTiled(const ParallelFor& pool, const Shape& d, int64_t channels, con
           for (int64_t ci = 0; ci < s; ++ci)
             for (int64_t cj = 0; cj < s; ++cj) roff[j++] = ((ci * n + cc) * s + cj) * sw;
         for (int64_t h = unit.h0 - r; h < unit.h1 + r; ++h) {
-          PackChildren(hi, d, channels, sw, slice_stride, unit.b, h, u0, n, xring.Slot(h));
+          PackChildren<T, In>(hi, d, channels, sw, slice_stride, unit.b, h, u0, n,
+                              xring.Slot(h));
           const int64_t p = h - r;  // the row whose window rows are now all packed
           if (p < unit.h0) continue;
           for (int64_t a = 0; a < K; ++a) xslots[a] = xring.Slot(p - r + a);
@@ -463,18 +484,79 @@ void ScatterTiled(const ParallelFor& pool, const Shape& d, int64_t channels, con
               }
             }
           }
-          T* o = out + ((unit.b * d.height + p) * d.width + unit.x0) * channels;
+          In* o = out + ((unit.b * d.height + p) * d.width + unit.x0) * channels;
+          for (int64_t x = 0; x < unit.tw; ++x) orow[x] = outs.Write(o + x * channels, x);
           for (int64_t sl = 0; sl < slices; ++sl) {
             const int64_t c0 = sl * sw, cw = std::min(sw, channels - c0);
             for (int64_t x = 0; x < unit.tw; ++x)
               ScatterPoint<KC, T>(d, wl.data() + x * kk * ss, xslots.data(), roff.data(), x, sw,
-                                  sl * slice_stride, cw, o + x * channels + c0);
+                                  sl * slice_stride, cw, orow[x] + c0);
           }
+          for (int64_t x = 0; x < unit.tw; ++x) outs.Flush(o + x * channels, x);
         }
       }
     });
   });
 }
+
+// The K packed rows of the key and value halos of a unit (PackRow: converted to T, zero
+// outside the map), walked down the unit's rows: Walk runs fn(p) for each anchor row p of
+// the unit once the K rows of its windows are packed; then Window<KC>(p, x) lists the m
+// in-map points of the window of the anchor at column x of the tile: their key and value
+// rows in the rings and their window indices (row-major), as AnchorWindow does.
+template <typename T>
+class KeyValueHalo {
+ public:
+  KeyValueHalo(const Shape& d, const Grid& grid, int64_t dim, int64_t channels)
+      : d_(d), dim_(dim), channels_(channels), halo_(grid.tile + 2 * d.radius()),
+        kring_(d.kernel, halo_ * dim), vring_(d.kernel, halo_ * channels), kslots_(d.kernel),
+        vslots_(d.kernel), krows(d.window()), vrows(d.window()), index(d.window()) {}
+
+  template <typename In, typename Fn>
+  void Walk(const Unit& unit, const In* k, const In* v, Fn fn) {
+    const int64_t r = d_.radius(), n = unit.tw + 2 * r, u0 = unit.x0 - r;
+    x0_ = unit.x0;
+    for (int64_t h = unit.h0 - r; h < unit.h1 + r; ++h) {
+      PackRow<T, In>(k, d_, dim_, unit.b, h, u0, n, kring_.Slot(h));
+      PackRow<T, In>(v, d_, channels_, unit.b, h, u0, n, vring_.Slot(h));
+      const int64_t p = h - r;
+      if (p < unit.h0) continue;
+      for (int64_t a = 0; a < d_.kernel; ++a) {
+        kslots_[a] = kring_.Slot(p - r + a);
+        vslots_[a] = vring_.Slot(p - r + a);
+      }
+      fn(p);
+    }
+  }
+
+  template <int KC>
+  void Window(int64_t p, int64_t x) {
+    const int64_t K = KC > 0 ? KC : d_.kernel, r = K / 2, w0 = x0_ + x;
+    const int64_t a0 = std::max<int64_t>(0, r - p), a1 = std::min<int64_t>(K, d_.height - p + r);
+    const int64_t c0 = std::max<int64_t>(0, r - w0), c1 = std::min<int64_t>(K, d_.width - w0 + r);
+    m = 0;
+    for (int64_t a = a0; a < a1; ++a) {
+      const T* kb = kslots_[a] + x * dim_;
+      const T* vb = vslots_[a] + x * channels_;
+      for (int64_t c = c0; c < c1; ++c, ++m) {
+        krows[m] = kb + c * dim_;
+        vrows[m] = vb + c * channels_;
+        index[m] = a * K + c;
+      }
+    }
+  }
+
+ private:
+  Shape d_;
+  int64_t dim_, channels_, halo_, x0_ = 0;
+  Ring<T> kring_, vring_;
+  std::vector<const T*> kslots_, vslots_;
+
+ public:
+  int64_t m = 0;  // in-map points of the last Window
+  std::vector<const T*> krows, vrows;
+  std::vector<int64_t> index;
+};
 
 }  // namespace tiled
 
@@ -508,58 +590,67 @@ inline void WindowSoftmax(const T* dots, int64_t m, int64_t kk, const int64_t* i
   }
 }
 
-// out = Gather(softmax(Dot(q, k)), v) in one pass over tiles of low-resolution anchors:
-// for each anchor of a tile, the logits of its s x s children (they share the window)
-// and their softmax, kept on the stack; then, for each anchor of the tile, the
-// aggregation of the window's value rows. (Two phases per tile rather than per anchor:
-// the key rows and the value rows of one window together overflow L1 at d=64, C=256.)
-// q (B,sH,sW,dim), k (B,H,W,dim), v (B,H,W,channels) -> out (B,sH,sW,channels);
-// weights (B,sH,sW,K*K), the softmax that the backward needs, written unless null.
-template <typename T>
+// out = Gather(softmax(Dot(q, k)), v) in one pass over tiles (tiled::Grid): per row of a
+// tile, first for each anchor the logits of its s x s children over the full K x K window
+// of the packed halo (padded points read zero rows, so their logit is 0, as the spec's
+// border rule wants) and their softmax, kept for the row; then for each anchor the
+// aggregation of the window's value rows. (Two phases per row rather than per anchor: the
+// key rows and the value rows of one window together overflow L1 at d=64, C=256.)
+// q (B,sH,sW,dim), k (B,H,W,dim), v (B,H,W,channels) -> out (B,sH,sW,channels), all of
+// storage type In (half types: converted per tile, out rounded per row); weights
+// (B,sH,sW,K*K) of type T, the softmax that the backward needs, written unless null.
+template <typename T, typename In = T>
 void SapaForward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t channels,
-                 const T* q, const T* k, const T* v, T* out, T* weights) {
-  const int64_t s = d.up, kk = d.window(), ss = s * s;
-  constexpr int64_t kTile = 8;
-  const int64_t units = d.low_points();
-  pool(units, ss * kk * (dim + channels + 12), [&](int64_t begin, int64_t end) {
-    AnchorWindow win(d);
-    std::vector<const T*> rows(kk);
-    std::vector<T> dots(5 * kk);
-    std::vector<T> tile_weights(kTile * ss * kk);
-    for (int64_t t0 = begin; t0 < end; t0 += kTile) {
-      const int64_t t1 = std::min(end, t0 + kTile);
-      for (int64_t u = t0; u < t1; ++u) {  // logits and softmax
-        win.Set(u);
-        const int64_t m = win.m();
-        T* wt = tile_weights.data() + (u - t0) * ss * kk;
-        win.Rows(k, dim, rows.data());
-        ForGroups(ss, [&](auto group, int64_t first) {
-          constexpr int G = decltype(group)::value;
-          const T* xs[G];
-          T* full[G];
-          for (int g = 0; g < G; ++g) {
-            const int64_t point = win.points()[first + g];
-            xs[g] = q + point * dim;
-            full[g] = weights == nullptr ? nullptr : weights + point * kk;
+                 const In* q, const In* k, const In* v, In* out, T* weights) {
+  using namespace tiled;
+  const int64_t ss = d.up * d.up, kk = d.window();
+  const Grid grid(d, 1);
+  const int64_t cost = grid.run * grid.tile * ss * kk * (dim + channels + 12);
+  WithKernel(d.kernel, [&](auto kc) {
+    constexpr int KC = decltype(kc)::value;
+    pool(grid.units(d), cost, [&](int64_t begin, int64_t end) {
+      KeyValueHalo<T> halo(d, grid, dim, channels);
+      RowCache<T, In> qrows(4, dim), orows(4, channels);
+      std::vector<T> dots(4 * kk), exps(kk), row_weights(grid.tile * ss * kk);
+      for (int64_t u = begin; u < end; ++u) {
+        const Unit unit(d, grid, u);
+        halo.Walk(unit, k, v, [&](int64_t p) {
+          for (int64_t x = 0; x < unit.tw; ++x) {  // logits and softmax
+            halo.template Window<KC>(p, x);
+            T* wt = row_weights.data() + x * ss * kk;
+            ForGroups(ss, [&](auto group, int64_t first) {
+              constexpr int G = decltype(group)::value;
+              const T* xs[G];
+              T* full[G];
+              for (int g = 0; g < G; ++g) {
+                const int64_t point = ChildPoint(d, unit.b, p, unit.x0 + x, first + g);
+                xs[g] = qrows.Read(q + point * dim, g);
+                full[g] = weights == nullptr ? nullptr : weights + point * kk;
+              }
+              MultiDotRows<T, G>(xs, halo.krows.data(), halo.m, dim, dots.data());
+              WindowSoftmax<T, G>(dots.data(), halo.m, kk, halo.index.data(), exps.data(),
+                                  wt + first * halo.m, weights == nullptr ? nullptr : full);
+            });
           }
-          MultiDotRows<T, G>(xs, rows.data(), m, dim, dots.data());
-          WindowSoftmax<T, G>(dots.data(), m, kk, win.index(), dots.data() + 4 * kk,
-                              wt + first * m, weights == nullptr ? nullptr : full);
+          for (int64_t x = 0; x < unit.tw; ++x) {  // aggregation
+            halo.template Window<KC>(p, x);
+            const T* wt = row_weights.data() + x * ss * kk;
+            ForGroups(ss, [&](auto group, int64_t first) {
+              constexpr int G = decltype(group)::value;
+              In* rows[G];
+              T* outs[G];
+              for (int g = 0; g < G; ++g) {
+                rows[g] = out + ChildPoint(d, unit.b, p, unit.x0 + x, first + g) * channels;
+                outs[g] = orows.Write(rows[g], g);
+              }
+              MultiWeightedRowSum<T, G>(wt + first * halo.m, halo.vrows.data(), halo.m,
+                                        channels, outs);
+              for (int g = 0; g < G; ++g) orows.Flush(rows[g], g);
+            });
+          }
         });
       }
-      for (int64_t u = t0; u < t1; ++u) {  // aggregation
-        win.Set(u);
-        const int64_t m = win.m();
-        const T* wt = tile_weights.data() + (u - t0) * ss * kk;
-        win.Rows(v, channels, rows.data());
-        ForGroups(ss, [&](auto group, int64_t first) {
-          constexpr int G = decltype(group)::value;
-          T* outs[G];
-          for (int g = 0; g < G; ++g) outs[g] = out + win.points()[first + g] * channels;
-          MultiWeightedRowSum<T, G>(wt + first * m, rows.data(), m, channels, outs);
-        });
-      }
-    }
+    });
   });
 }
 
@@ -570,77 +661,62 @@ void SapaForward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t c
 //     differentiate), and dq = Gather(dlogits, k); dlogits is kept (B,sH,sW,K*K).
 //  2. per low-resolution point: dk = Scatter(dlogits, q), dv = Scatter(w, g), in gather
 //     form (ScatterTiled).
-template <typename T>
+// grad, q, k, v and the gradients of storage type In; weights and dlogits of type T.
+template <typename T, typename In = T>
 void SapaBackward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t channels,
-                  const T* grad, const T* q, const T* k, const T* v, const T* weights,
-                  T* dlogits, T* dq, T* dk, T* dv) {
+                  const In* grad, const In* q, const In* k, const In* v, const T* weights,
+                  T* dlogits, In* dq, In* dk, In* dv) {
   using namespace tiled;
-  const int64_t s = d.up, ss = s * s, K = d.kernel, r = d.radius(), kk = K * K;
-  const int64_t hh = d.high_height(), hw = d.high_width();
+  const int64_t ss = d.up * d.up, kk = d.window();
   const Grid grid(d, 1);
   const int64_t cost = grid.run * grid.tile * ss * kk * (dim + channels + 16);
-  WithKernel(K, [&](auto kc) {
+  WithKernel(d.kernel, [&](auto kc) {
     constexpr int KC = decltype(kc)::value;
     pool(grid.units(d), cost, [&](int64_t begin, int64_t end) {
-      const int64_t halo = grid.tile + 2 * r;
-      Ring<T> kring(K, halo * dim), vring(K, halo * channels);
-      std::vector<const T*> kslots(K), vslots(K), krows(kk), vrows(kk);
+      KeyValueHalo<T> halo(d, grid, dim, channels);
+      RowCache<T, In> grows(4, channels), dqrows(4, dim);
       std::vector<T> dw(4 * kk), dl(4 * kk);
-      std::vector<unsigned char> inside(kk);
       for (int64_t u = begin; u < end; ++u) {
         const Unit unit(d, grid, u);
-        const int64_t n = unit.tw + 2 * r, u0 = unit.x0 - r;
-        for (int64_t h = unit.h0 - r; h < unit.h1 + r; ++h) {
-          PackRow(k, d.height, d.width, 1, dim, 0, dim, unit.b, h, u0, n, kring.Slot(h));
-          PackRow(v, d.height, d.width, 1, channels, 0, channels, unit.b, h, u0, n,
-                  vring.Slot(h));
-          const int64_t p = h - r;
-          if (p < unit.h0) continue;
-          for (int64_t a = 0; a < K; ++a) {
-            kslots[a] = kring.Slot(p - r + a);
-            vslots[a] = vring.Slot(p - r + a);
-          }
+        halo.Walk(unit, k, v, [&](int64_t p) {
           for (int64_t x = 0; x < unit.tw; ++x) {
-            const int64_t w0 = unit.x0 + x;
-            for (int64_t a = 0; a < K; ++a)
-              for (int64_t c = 0; c < K; ++c)
-                inside[a * K + c] = p - r + a >= 0 && p - r + a < d.height &&
-                                    w0 - r + c >= 0 && w0 - r + c < d.width;
-            WindowRows<KC, const T>(d, kslots.data(), x, dim, krows.data());
-            WindowRows<KC, const T>(d, vslots.data(), x, channels, vrows.data());
+            halo.template Window<KC>(p, x);
             ForGroups(ss, [&](auto group, int64_t first) {
               constexpr int G = decltype(group)::value;
               const T* gs[G];
               T* dqs[G];
               int64_t pts[G];
               for (int g = 0; g < G; ++g) {
-                const int64_t i = first + g;
-                pts[g] = (unit.b * hh + p * s + i / s) * hw + w0 * s + i % s;
-                gs[g] = grad + pts[g] * channels;
-                dqs[g] = dq + pts[g] * dim;
+                pts[g] = ChildPoint(d, unit.b, p, unit.x0 + x, first + g);
+                gs[g] = grows.Read(grad + pts[g] * channels, g);
+                dqs[g] = dqrows.Write(dq + pts[g] * dim, g);
               }
-              MultiDotRows<T, G>(gs, vrows.data(), kk, channels, dw.data());
+              const int64_t m = halo.m;
+              const int64_t* index = halo.index.data();
+              MultiDotRows<T, G>(gs, halo.vrows.data(), m, channels, dw.data());
               for (int g = 0; g < G; ++g) {
                 const T* w = weights + pts[g] * kk;
-                const T* dwg = dw.data() + g * kk;
-                T inner = 0;
-                for (int64_t j = 0; j < kk; ++j) inner += w[j] * dwg[j];
+                const T* dwg = dw.data() + g * m;
+                T inner = 0;  // padded points have dw = 0
+                for (int64_t j = 0; j < m; ++j) inner += w[index[j]] * dwg[j];
                 T* row = dlogits + pts[g] * kk;
-                for (int64_t j = 0; j < kk; ++j) {
-                  const T value = inside[j] ? w[j] * (dwg[j] - inner) : T(0);
+                if (m < kk) std::fill(row, row + kk, T(0));
+                for (int64_t j = 0; j < m; ++j) {
+                  const T value = w[index[j]] * (dwg[j] - inner);
                   dl[j * G + g] = value;
-                  row[j] = value;
+                  row[index[j]] = value;
                 }
               }
-              MultiWeightedRowSum<T, G>(dl.data(), krows.data(), kk, dim, dqs);
+              MultiWeightedRowSum<T, G>(dl.data(), halo.krows.data(), m, dim, dqs);
+              for (int g = 0; g < G; ++g) dqrows.Flush(dq + pts[g] * dim, g);
             });
           }
-        }
+        });
       }
     });
   });
-  tiled::ScatterTiled<T>(pool, d, dim, dlogits, q, dk);
-  tiled::ScatterTiled<T>(pool, d, channels, weights, grad, dv);
+  tiled::ScatterTiled<T, In>(pool, d, dim, dlogits, q, dk);
+  tiled::ScatterTiled<T, In>(pool, d, channels, weights, grad, dv);
 }
 
 }  // namespace cpu

@@ -64,20 +64,13 @@ namespace keras_sapa {
 namespace cpu {
 namespace deform {
 
-// Sizes of one call. Products are formed in int64.
-struct DeformShape {
-  int64_t batch = 0;
-  int64_t height = 0;    // low-resolution H
-  int64_t width = 0;     // low-resolution W
-  int64_t up = 1;        // s
+// Sizes of one call (the maps: UpShape of sapa_cpu.h). Products are formed in int64.
+struct DeformShape : UpShape {
   int64_t points = 1;    // P, per group
   int64_t groups = 1;    // G
   int64_t dim = 0;       // D = G*E, channels of query and key
   int64_t channels = 0;  // C, channels of value and out
 
-  int64_t high_height() const { return height * up; }
-  int64_t high_width() const { return width * up; }
-  int64_t high_points() const { return batch * high_height() * high_width(); }
   int64_t gp() const { return groups * points; }
   int64_t group_dim() const { return dim / groups; }
   int64_t group_channels() const { return channels / groups; }
@@ -400,22 +393,35 @@ inline int64_t PointCost(const DeformShape& d) {
 
 // ---- Forward ---------------------------------------------------------------------------
 
+// Runs fn(point, g, scratch) for every output point and group g on the pool, with
+// scratch.rows holding the tap rows of the group's points in `map` (`stride` channels a
+// cell, the group's `width` channels from g * width), listed by TapRows.
+template <typename T, typename Fn>
+void ForEachGroupTaps(const ParallelFor& pool, const DeformShape& d, const T* offsets,
+                      const T* map, int64_t stride, int64_t width, Fn fn) {
+  const int64_t image_points = d.high_height() * d.high_width();
+  ForEachPoint<T>(pool, d, offsets, d.gp() * (4 * width + 24), [&](int64_t point,
+                                                                    PointScratch<T>& sc) {
+    for (int64_t g = 0; g < d.groups; ++g) {
+      TapRows<T>(d, sc.geometry, g, map, point / image_points, stride, g * width,
+                 sc.zeros.data(), sc.rows.data());
+      fn(point, g, sc);
+    }
+  });
+}
+
 // logits = DeformSimilarity(q, key, offsets).
 template <typename T>
 void DeformSimilarity(const ParallelFor& pool, const DeformShape& d, const T* q, const T* key,
                       const T* offsets, T* logits) {
-  const int64_t E = d.group_dim(), P = d.points, image_points = d.high_height() * d.high_width();
-  ForEachPoint<T>(pool, d, offsets, d.gp() * (4 * E + 24), [&](int64_t point,
-                                                                PointScratch<T>& sc) {
+  const int64_t E = d.group_dim(), P = d.points;
+  ForEachGroupTaps<T>(pool, d, offsets, key, d.dim, E, [&](int64_t point, int64_t g,
+                                                         PointScratch<T>& sc) {
     const TapGeometry<T>& geo = sc.geometry;
-    const int64_t b = point / image_points;
-    for (int64_t g = 0; g < d.groups; ++g) {
-      TapRows<T>(d, geo, g, key, b, d.dim, g * E, sc.zeros.data(), sc.rows.data());
-      DotRows<T>(q + point * d.dim + g * E, sc.rows.data(), 4 * P, E, sc.zeros.data(),
-                 sc.dots.data());
-      CornerSum<T>(geo.weight(0) + g * P, geo.weight(1) + g * P, geo.weight(2) + g * P,
-                   geo.weight(3) + g * P, P, sc.dots.data(), logits + point * d.gp() + g * P);
-    }
+    DotRows<T>(q + point * d.dim + g * E, sc.rows.data(), 4 * P, E, sc.zeros.data(),
+               sc.dots.data());
+    CornerSum<T>(geo.weight(0) + g * P, geo.weight(1) + g * P, geo.weight(2) + g * P,
+                 geo.weight(3) + g * P, P, sc.dots.data(), logits + point * d.gp() + g * P);
   });
 }
 
@@ -434,16 +440,10 @@ template <typename T>
 void DeformAggregate(const ParallelFor& pool, const DeformShape& d, const T* weights,
                      const T* value, const T* offsets, T* out) {
   const int64_t Cg = d.group_channels(), P = d.points;
-  const int64_t image_points = d.high_height() * d.high_width();
-  ForEachPoint<T>(pool, d, offsets, d.gp() * (4 * Cg + 24), [&](int64_t point,
+  ForEachGroupTaps<T>(pool, d, offsets, value, d.channels, Cg, [&](int64_t point, int64_t g,
                                                                  PointScratch<T>& sc) {
-    const TapGeometry<T>& geo = sc.geometry;
-    const int64_t b = point / image_points;
-    for (int64_t g = 0; g < d.groups; ++g) {
-      TapRows<T>(d, geo, g, value, b, d.channels, g * Cg, sc.zeros.data(), sc.rows.data());
-      CornerCoef<T>(geo, g, P, weights + point * d.gp() + g * P, sc.coef.data());
-      RowSum<T>(sc.coef.data(), sc.rows.data(), 4 * P, Cg, out + point * d.channels + g * Cg);
-    }
+    CornerCoef<T>(sc.geometry, g, P, weights + point * d.gp() + g * P, sc.coef.data());
+    RowSum<T>(sc.coef.data(), sc.rows.data(), 4 * P, Cg, out + point * d.channels + g * Cg);
   });
 }
 

@@ -13,7 +13,7 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX__)
+#if defined(__AVX__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -338,6 +338,157 @@ inline void ForGroups(int64_t count, Fn fn) {
   for (; i + 4 <= count; i += 4) fn(std::integral_constant<int, 4>(), i);
   for (; i + 2 <= count; i += 2) fn(std::integral_constant<int, 2>(), i);
   for (; i < count; ++i) fn(std::integral_constant<int, 1>(), i);
+}
+
+// ---- Half-precision storage ------------------------------------------------------------
+//
+// The kernels read and write fp16 / bf16 tensors (IEEE binary16 and bfloat16, 16-bit
+// storage: Eigen::half, Eigen::bfloat16, jnp and torch half types all have this layout)
+// and compute in float: rows are converted as a tile packs or reads them, and results
+// rounded (to nearest even) as a tile writes them; no whole-tensor copy exists. With F16C
+// (-mf16c, every AVX2 CPU has it) binary16 uses the vcvtph2ps / vcvtps2ph instructions,
+// without it the bit manipulations below; bfloat16 is always a shift.
+
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+// The compute type of a storage type: float for the half types, else the type itself.
+template <typename In>
+struct ComputeOf {
+  typedef In type;
+};
+template <>
+struct ComputeOf<Half> {
+  typedef float type;
+};
+template <>
+struct ComputeOf<BFloat16> {
+  typedef float type;
+};
+
+inline float FloatFromBits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint32_t BitsFromFloat(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// binary16 -> float, exact (subnormals, infinities and NaN included).
+inline float HalfToFloat(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu,
+                 mantissa = h & 0x3ffu;
+  if (exponent == 0x1fu) return FloatFromBits(sign | 0x7f800000u | (mantissa << 13));
+  if (exponent != 0) return FloatFromBits(sign | ((exponent + 112) << 23) | (mantissa << 13));
+  // zero or subnormal: mantissa * 2^-24, exact in float
+  const float magnitude = float(mantissa) * 5.9604644775390625e-08f;
+  return sign ? -magnitude : magnitude;
+#endif
+}
+
+// float -> binary16, rounded to nearest even; overflow to infinity, NaN stays NaN.
+inline uint16_t FloatToHalf(float f) {
+#if defined(__F16C__)
+  return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+  const uint32_t u = BitsFromFloat(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  if (a >= 0x7f800000u) return uint16_t(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u));
+  if (a >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds to >= 2^16: infinity
+  if (a < 0x38800000u) {  // below 2^-14: a subnormal half (or zero), rounded by the FPU
+    // adding 0.5 shifts the value's bits so that the float's own rounding (to nearest
+    // even) rounds at the half's last subnormal bit, 2^-24.
+    const float shifted = FloatFromBits(a) + 0.5f;
+    return uint16_t(sign | (BitsFromFloat(shifted) - 0x3f000000u));
+  }
+  const uint32_t odd = (a >> 13) & 1u;  // round half to even
+  return uint16_t(sign | ((a - 0x38000000u + 0xfffu + odd) >> 13));
+#endif
+}
+
+inline float BFloat16ToFloat(uint16_t b) { return FloatFromBits(uint32_t(b) << 16); }
+
+inline uint16_t FloatToBFloat16(float f) {
+  const uint32_t u = BitsFromFloat(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet NaN
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+template <typename T>
+inline T ToCompute(T x) {
+  return x;
+}
+inline float ToCompute(Half x) { return HalfToFloat(x.bits); }
+inline float ToCompute(BFloat16 x) { return BFloat16ToFloat(x.bits); }
+
+template <typename In>
+inline In FromCompute(typename ComputeOf<In>::type x) {
+  if constexpr (std::is_same<In, Half>::value) {
+    return Half{FloatToHalf(x)};
+  } else if constexpr (std::is_same<In, BFloat16>::value) {
+    return BFloat16{FloatToBFloat16(x)};
+  } else {
+    return x;
+  }
+}
+
+// dst[0 : n] = src[0 : n] converted to T (the compute type of In).
+template <typename T, typename In>
+inline void ConvertRow(const In* src, int64_t n, T* dst) {
+  if constexpr (std::is_same<T, In>::value) {
+    std::memcpy(dst, src, sizeof(T) * n);
+  } else {
+    static_assert(std::is_same<T, float>::value, "half types compute in float");
+    int64_t i = 0;
+    if constexpr (std::is_same<In, BFloat16>::value) {
+      typedef uint16_t VH __attribute__((vector_size(16)));
+      typedef uint32_t VU __attribute__((vector_size(32)));
+      for (; i + 8 <= n; i += 8) {
+        VH h;
+        std::memcpy(&h, src + i, sizeof(h));
+        const VU u = __builtin_convertvector(h, VU) << 16;
+        std::memcpy(dst + i, &u, sizeof(u));
+      }
+    }
+#if defined(__F16C__)
+    if constexpr (std::is_same<In, Half>::value) {
+      for (; i + 8 <= n; i += 8) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+      }
+    }
+#endif
+    for (; i < n; ++i) dst[i] = ToCompute(src[i]);
+  }
+}
+
+// dst[0 : n] = src[0 : n] rounded to In (to nearest even).
+template <typename In, typename T>
+inline void RoundRow(const T* src, int64_t n, In* dst) {
+  if constexpr (std::is_same<T, In>::value) {
+    std::memcpy(dst, src, sizeof(T) * n);
+  } else {
+    int64_t i = 0;
+#if defined(__F16C__)
+    if constexpr (std::is_same<In, Half>::value) {
+      for (; i + 8 <= n; i += 8) {
+        const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+      }
+    }
+#endif
+    for (; i < n; ++i) dst[i] = FromCompute<In>(src[i]);
+  }
 }
 
 }  // namespace cpu
