@@ -457,7 +457,8 @@ def build_bindings(cxx, flags, jax_include, jobs, verbose):
     os.makedirs(BUILD_DIR, exist_ok=True)
     common = ["-std=c++17", "-fPIC", "-fvisibility=hidden", "-pthread", *flags]
     core = os.path.join(BUILD_DIR, CORE_LIB)
-    commands = {CORE_LIB: [cxx, *common, "-I" + SRC, "-shared", *CORE_SOURCES, "-o", core]}
+    # -ldl: the core dlopen()s the CUDA launcher; glibc < 2.34 keeps dlopen in libdl.
+    commands = {CORE_LIB: [cxx, *common, "-I" + SRC, "-shared", *CORE_SOURCES, "-o", core, "-ldl"]}
     jax_objects = [os.path.join(BUILD_DIR, os.path.basename(p) + ".o") for p in JAX_SOURCES]
     if jax_include:
         # The FFI headers are third-party: -isystem keeps their warnings out of the log.
