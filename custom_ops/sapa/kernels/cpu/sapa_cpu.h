@@ -578,6 +578,39 @@ class KeyValueHalo {
   std::vector<int64_t> index;
 };
 
+// The walk of the fused pair: on the pool, for every anchor row p of every unit (runs of
+// whole rows), row(halo, unit, p, scratch, windows), where scratch = make_scratch(grid) is
+// made once per pool range and windows(fn) runs fn(x, group, first) for every anchor x of
+// the row (halo.Window set for it) and every group of its children (group:
+// std::integral_constant<int, G>, children first .. first + G - 1). extra_cost: cycles per
+// window point besides the dim + channels multiply-adds.
+template <typename T, typename In, typename Make, typename Row>
+void FusedWalk(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t channels,
+               int64_t extra_cost, const In* k, const In* v, Make make_scratch, Row row) {
+  const Grid grid(d, 1, d.width);  // whole rows (see KeyValueHalo)
+  const int64_t ss = d.up * d.up;
+  const int64_t cost = grid.run * grid.tile * ss * d.window() * (dim + channels + extra_cost);
+  WithKernel(d.kernel, [&](auto kc) {
+    constexpr int KC = decltype(kc)::value;
+    pool(grid.units(d), cost, [&](int64_t begin, int64_t end) {
+      KeyValueHalo<T> halo(d, grid, dim, channels);
+      auto scratch = make_scratch(grid);
+      for (int64_t u = begin; u < end; ++u) {
+        const Unit unit(d, grid, u);
+        halo.Walk(unit, k, v, [&](int64_t p) {
+          auto windows = [&](auto fn) {
+            for (int64_t x = 0; x < unit.tw; ++x) {
+              halo.template Window<KC>(p, x);
+              ForGroups(ss, [&](auto group, int64_t first) { fn(x, group, first); });
+            }
+          };
+          row(halo, unit, p, scratch, windows);
+        });
+      }
+    });
+  });
+}
+
 }  // namespace tiled
 
 template <typename T>
@@ -622,56 +655,44 @@ inline void WindowSoftmax(const T* dots, int64_t m, int64_t kk, const int64_t* i
 template <typename T, typename In = T>
 void SapaForward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t channels,
                  const In* q, const In* k, const In* v, In* out, T* weights) {
-  using namespace tiled;
   const int64_t ss = d.up * d.up, kk = d.window();
-  const Grid grid(d, 1, d.width);  // whole rows (see KeyValueHalo)
-  const int64_t cost = grid.run * grid.tile * ss * kk * (dim + channels + 12);
-  WithKernel(d.kernel, [&](auto kc) {
-    constexpr int KC = decltype(kc)::value;
-    pool(grid.units(d), cost, [&](int64_t begin, int64_t end) {
-      KeyValueHalo<T> halo(d, grid, dim, channels);
-      RowCache<T, In> qrows(4, dim), orows(4, channels);
-      std::vector<T> dots(4 * kk), exps(kk), row_weights(grid.tile * ss * kk);
-      for (int64_t u = begin; u < end; ++u) {
-        const Unit unit(d, grid, u);
-        halo.Walk(unit, k, v, [&](int64_t p) {
-          for (int64_t x = 0; x < unit.tw; ++x) {  // logits and softmax
-            halo.template Window<KC>(p, x);
-            T* wt = row_weights.data() + x * ss * kk;
-            ForGroups(ss, [&](auto group, int64_t first) {
-              constexpr int G = decltype(group)::value;
-              const T* xs[G];
-              T* full[G];
-              for (int g = 0; g < G; ++g) {
-                const int64_t point = ChildPoint(d, unit.b, p, unit.x0 + x, first + g);
-                xs[g] = qrows.Read(q + point * dim, g);
-                full[g] = weights == nullptr ? nullptr : weights + point * kk;
-              }
-              MultiDotRows<T, G>(xs, halo.krows.data(), halo.m, dim, dots.data());
-              WindowSoftmax<T, G>(dots.data(), halo.m, kk, halo.index.data(), exps.data(),
-                                  wt + first * halo.m, weights == nullptr ? nullptr : full);
-            });
-          }
-          for (int64_t x = 0; x < unit.tw; ++x) {  // aggregation
-            halo.template Window<KC>(p, x);
-            const T* wt = row_weights.data() + x * ss * kk;
-            ForGroups(ss, [&](auto group, int64_t first) {
-              constexpr int G = decltype(group)::value;
-              In* rows[G];
-              T* outs[G];
-              for (int g = 0; g < G; ++g) {
-                rows[g] = out + ChildPoint(d, unit.b, p, unit.x0 + x, first + g) * channels;
-                outs[g] = orows.Write(rows[g], g);
-              }
-              MultiWeightedRowSum<T, G>(wt + first * halo.m, halo.vrows.data(), halo.m,
-                                        channels, outs);
-              for (int g = 0; g < G; ++g) orows.Flush(rows[g], g);
-            });
-          }
-        });
+  struct Scratch {
+    tiled::RowCache<T, In> qrows, orows;
+    std::vector<T> dots, exps, row_weights;  // row_weights: the softmax of the row's anchors
+  };
+  auto make_scratch = [&](const tiled::Grid& grid) {
+    return Scratch{{4, dim}, {4, channels}, std::vector<T>(4 * kk), std::vector<T>(kk),
+                   std::vector<T>(grid.tile * ss * kk)};
+  };
+  auto row = [&](auto& halo, const tiled::Unit& unit, int64_t p, Scratch& sc, auto windows) {
+    windows([&](int64_t x, auto group, int64_t first) {  // logits and softmax
+      constexpr int G = decltype(group)::value;
+      const T* xs[G];
+      T* full[G];
+      for (int g = 0; g < G; ++g) {
+        const int64_t point = tiled::ChildPoint(d, unit.b, p, unit.x0 + x, first + g);
+        xs[g] = sc.qrows.Read(q + point * dim, g);
+        full[g] = weights == nullptr ? nullptr : weights + point * kk;
       }
+      MultiDotRows<T, G>(xs, halo.krows.data(), halo.m, dim, sc.dots.data());
+      WindowSoftmax<T, G>(sc.dots.data(), halo.m, kk, halo.index.data(), sc.exps.data(),
+                          sc.row_weights.data() + x * ss * kk + first * halo.m,
+                          weights == nullptr ? nullptr : full);
     });
-  });
+    windows([&](int64_t x, auto group, int64_t first) {  // aggregation
+      constexpr int G = decltype(group)::value;
+      In* rows[G];
+      T* outs[G];
+      for (int g = 0; g < G; ++g) {
+        rows[g] = out + tiled::ChildPoint(d, unit.b, p, unit.x0 + x, first + g) * channels;
+        outs[g] = sc.orows.Write(rows[g], g);
+      }
+      MultiWeightedRowSum<T, G>(sc.row_weights.data() + x * ss * kk + first * halo.m,
+                                halo.vrows.data(), halo.m, channels, outs);
+      for (int g = 0; g < G; ++g) sc.orows.Flush(rows[g], g);
+    });
+  };
+  tiled::FusedWalk<T>(pool, d, dim, channels, 12, k, v, make_scratch, row);
 }
 
 // Backward of SapaForward, given the upstream gradient g (B,sH,sW,channels) and the
@@ -686,55 +707,46 @@ template <typename T, typename In = T>
 void SapaBackward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t channels,
                   const In* grad, const In* q, const In* k, const In* v, const T* weights,
                   T* dlogits, In* dq, In* dk, In* dv) {
-  using namespace tiled;
-  const int64_t ss = d.up * d.up, kk = d.window();
-  const Grid grid(d, 1, d.width);  // whole rows (see KeyValueHalo)
-  const int64_t cost = grid.run * grid.tile * ss * kk * (dim + channels + 16);
-  WithKernel(d.kernel, [&](auto kc) {
-    constexpr int KC = decltype(kc)::value;
-    pool(grid.units(d), cost, [&](int64_t begin, int64_t end) {
-      KeyValueHalo<T> halo(d, grid, dim, channels);
-      RowCache<T, In> grows(4, channels), dqrows(4, dim);
-      std::vector<T> dw(4 * kk), dl(4 * kk);
-      for (int64_t u = begin; u < end; ++u) {
-        const Unit unit(d, grid, u);
-        halo.Walk(unit, k, v, [&](int64_t p) {
-          for (int64_t x = 0; x < unit.tw; ++x) {
-            halo.template Window<KC>(p, x);
-            ForGroups(ss, [&](auto group, int64_t first) {
-              constexpr int G = decltype(group)::value;
-              const T* gs[G];
-              T* dqs[G];
-              int64_t pts[G];
-              for (int g = 0; g < G; ++g) {
-                pts[g] = ChildPoint(d, unit.b, p, unit.x0 + x, first + g);
-                gs[g] = grows.Read(grad + pts[g] * channels, g);
-                dqs[g] = dqrows.Write(dq + pts[g] * dim, g);
-              }
-              const int64_t m = halo.m;
-              const int64_t* index = halo.index.data();
-              MultiDotRows<T, G>(gs, halo.vrows.data(), m, channels, dw.data());
-              for (int g = 0; g < G; ++g) {
-                const T* w = weights + pts[g] * kk;
-                const T* dwg = dw.data() + g * m;
-                T inner = 0;  // padded points have dw = 0
-                for (int64_t j = 0; j < m; ++j) inner += w[index[j]] * dwg[j];
-                T* row = dlogits + pts[g] * kk;
-                if (m < kk) std::fill(row, row + kk, T(0));
-                for (int64_t j = 0; j < m; ++j) {
-                  const T value = w[index[j]] * (dwg[j] - inner);
-                  dl[j * G + g] = value;
-                  row[index[j]] = value;
-                }
-              }
-              MultiWeightedRowSum<T, G>(dl.data(), halo.krows.data(), m, dim, dqs);
-              for (int g = 0; g < G; ++g) dqrows.Flush(dq + pts[g] * dim, g);
-            });
-          }
-        });
+  const int64_t kk = d.window();
+  struct Scratch {
+    tiled::RowCache<T, In> grows, dqrows;
+    std::vector<T> dw, dl;
+  };
+  auto make_scratch = [&](const tiled::Grid&) {
+    return Scratch{{4, channels}, {4, dim}, std::vector<T>(4 * kk), std::vector<T>(4 * kk)};
+  };
+  auto row = [&](auto& halo, const tiled::Unit& unit, int64_t p, Scratch& sc, auto windows) {
+    windows([&](int64_t x, auto group, int64_t first) {
+      constexpr int G = decltype(group)::value;
+      const T* gs[G];
+      T* dqs[G];
+      int64_t pts[G];
+      for (int g = 0; g < G; ++g) {
+        pts[g] = tiled::ChildPoint(d, unit.b, p, unit.x0 + x, first + g);
+        gs[g] = sc.grows.Read(grad + pts[g] * channels, g);
+        dqs[g] = sc.dqrows.Write(dq + pts[g] * dim, g);
       }
+      const int64_t m = halo.m;
+      const int64_t* index = halo.index.data();
+      MultiDotRows<T, G>(gs, halo.vrows.data(), m, channels, sc.dw.data());
+      for (int g = 0; g < G; ++g) {
+        const T* w = weights + pts[g] * kk;
+        const T* dwg = sc.dw.data() + g * m;
+        T inner = 0;  // padded points have dw = 0
+        for (int64_t j = 0; j < m; ++j) inner += w[index[j]] * dwg[j];
+        T* row = dlogits + pts[g] * kk;
+        if (m < kk) std::fill(row, row + kk, T(0));
+        for (int64_t j = 0; j < m; ++j) {
+          const T value = w[index[j]] * (dwg[j] - inner);
+          sc.dl[j * G + g] = value;
+          row[index[j]] = value;
+        }
+      }
+      MultiWeightedRowSum<T, G>(sc.dl.data(), halo.krows.data(), m, dim, dqs);
+      for (int g = 0; g < G; ++g) sc.dqrows.Flush(dq + pts[g] * dim, g);
     });
-  });
+  };
+  tiled::FusedWalk<T>(pool, d, dim, channels, 16, k, v, make_scratch, row);
   tiled::ScatterTiled<T, In>(pool, d, dim, dlogits, q, dk);
   tiled::ScatterTiled<T, In>(pool, d, channels, weights, grad, dv);
 }
