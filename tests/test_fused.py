@@ -82,8 +82,10 @@ def test_fused_matches_reference_float64(
 
 
 @needs_fused
+# Tolerances of the storage type: outputs are rounded once (2^-11, 2^-8 relative); inputs
+# are rounded before the reference sees them, and everything between runs in float.
 @pytest.mark.parametrize(
-    "dtype,tol", [(tf.float32, 2e-5), (tf.float16, 2e-2), (tf.bfloat16, 1e-1)]
+    "dtype,tol", [(tf.float32, 2e-5), (tf.float16, 2e-3), (tf.bfloat16, 1.6e-2)]
 )
 @pytest.mark.parametrize(
     "kernel_size,up_factor,height,width,dim,channels",
