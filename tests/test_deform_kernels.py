@@ -1,96 +1,53 @@
 """The SAPA-D kernels against the NumPy loop reference (tests/reference_deform.py).
 
-- CPU core (custom_ops/sapa/kernels/cpu/sapa_deform_cpu.h), through the test-only C ABI
-  kernels/cpu/testing/deform_capi.cc, compiled here with g++ and called with ctypes:
-  forward and the gradients of query, key, value and offsets, of the fused op and of its
-  two halves, at real sizes (C=256, E=32, P=9, G=4) and odd ones; float64 numeric
-  gradients away from integer positions; the kernels' rule at integer positions and for
-  dropped points; determinism across thread counts.
-- CUDA kernels (kernels/cuda/sapa_deform_kernels.cuh): compiled by NVRTC for every target
-  of the build (skipped without NVRTC), and run on the CPU under the emulation
+- CPU core (custom_ops/sapa/kernels/cpu/sapa_deform_cpu.h), through its C entry points in
+  the built keras_sapa/_lib/_sapa_core.so (bindings/sapa_deform_core_c.h, on the
+  library's thread pool), called with ctypes: forward and the gradients of query, key,
+  value and offsets, of the fused op and of its two halves, at real sizes (C=256, E=32,
+  P=9, G=4) and odd ones; float64 numeric gradients away from integer positions; the
+  kernels' rule at integer positions and for dropped points; determinism across thread
+  counts. Skipped, saying why, where the library is not built.
+- CUDA kernels (kernels/cuda/sapa_deform_kernels.cuh), run on the CPU under the emulation
   launcher/testing/deform_emulated.cc (one std::thread per CUDA thread) against the
-  same reference, in every dtype.
+  same reference, in every dtype. (That NVRTC compiles them for every target, every
+  entry point in every image, is tests/test_cuda_build.py's check of the build's images,
+  which include them.)
 
 `python tests/test_deform_kernels.py` prints CPU timings at W1 (B=2, 32x32 -> 64x64,
 C=256) beside SAPA-B's compiled forward.
 """
 
-import concurrent.futures
 import ctypes
-import hashlib
-import importlib.util
 import os
-import shutil
-import subprocess
-import tempfile
 
 import numpy as np
 import pytest
 
 import reference_deform as ref
+from test_launcher import _cached_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAPA = os.path.join(ROOT, "custom_ops", "sapa")
-CPU_DIR = os.path.join(SAPA, "kernels", "cpu")
 CUDA_DIR = os.path.join(SAPA, "kernels", "cuda")
-CAPI = os.path.join(CPU_DIR, "testing", "deform_capi.cc")
 EMULATION = os.path.join(SAPA, "launcher", "testing", "deform_emulated.cc")
 EMULATED_INCLUDE = os.path.join(SAPA, "launcher", "testing", "emulated_include")
-
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build = _load("keras_sapa_build", os.path.join(ROOT, "custom_ops", "build.py"))
 
 I64 = ctypes.c_int64
 
 
-# ---------------------------------------------------------------------------------------
-# Building the test libraries (cached by the hash of their sources and flags)
+def _core_library():
+    """The built _sapa_core.so through the package's loader (its checks included)."""
+    from keras_sapa.ops import _native
 
-
-def _simd_flags():
-    return build._cpu_simd_flags(os.environ.get("CXX", "g++"))
-
-
-def _compiled(name, main, sources, flags):
-    """Path of a shared library built from `main` with g++, cached in the temp folder by
-    the hash of `sources` (every file it depends on) and the flags."""
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        pytest.skip(f"no C++ compiler ({cxx})")
-    digest = hashlib.sha256(" ".join([cxx, *flags]).encode())
-    for path in sources:
-        with open(path, "rb") as f:
-            digest.update(hashlib.sha256(f.read()).digest())
-    folder = os.path.join(tempfile.gettempdir(), "keras_sapa_test_deform")
-    os.makedirs(folder, exist_ok=True)
-    target = os.path.join(folder, f"{name}-{digest.hexdigest()[:16]}.so")
-    if not os.path.isfile(target):
-        partial = target + f".{os.getpid()}.tmp"
-        subprocess.run(
-            [cxx, "-shared", "-fPIC", *flags, main, "-o", partial, "-lpthread", "-ldl"], check=True
-        )
-        os.replace(partial, target)
-    return target
-
-
-def _cpu_sources():
-    return [
-        CAPI,
-        *(os.path.join(CPU_DIR, n) for n in ("sapa_deform_cpu.h", "sapa_cpu.h", "simd.h")),
-    ]
+    lib, _ = _native.load_core()
+    if lib is None:
+        pytest.skip(f"_sapa_core.so is unavailable: {_native.unavailable_reason()}")
+    return lib
 
 
 @pytest.fixture(scope="session")
 def capi():
-    path = _compiled("deform_capi", CAPI, _cpu_sources(), ["-std=c++17", "-O3", *_simd_flags()])
-    return Core(ctypes.CDLL(path))
+    return Core(_core_library())
 
 
 @pytest.fixture(scope="session")
@@ -101,10 +58,11 @@ def emulated():
         os.path.join(CUDA_DIR, "sapa_kernels.cuh"),
         *(os.path.join(EMULATED_INCLUDE, n) for n in os.listdir(EMULATED_INCLUDE)),
     ]
-    path = _compiled(
-        "deform_emulated", EMULATION, sources, ["-std=c++20", "-O1", "-I" + EMULATED_INCLUDE]
+    flags = ["-std=c++20", "-O1", "-shared", "-fPIC", "-I" + EMULATED_INCLUDE, "-lpthread", "-ldl"]
+    cxx = os.environ.get("CXX", "g++")
+    return Emulated(
+        ctypes.CDLL(_cached_build("deform_emulated", cxx, [EMULATION], sources, flags))
     )
-    return Emulated(ctypes.CDLL(path))
 
 
 # ---------------------------------------------------------------------------------------
@@ -121,84 +79,77 @@ def _shape(query_or_weights, key_or_value, offsets, points, groups):
     return batch, height, width, up, points, groups
 
 
+def _sizes(low, off, points, groups, dim=0, channels=0):
+    """The entry points' sizes (batch, height, width, up, points, groups, dim, channels)
+    from a low-resolution map and the offsets."""
+    return (*_shape(None, low, off, points, groups), dim, channels)
+
+
 class Core:
-    """The C ABI of deform_capi.cc on NumPy arrays (float32 or float64)."""
+    """SAPA-D's C entry points in _sapa_core.so (sapa_deform_core_c.h) on NumPy arrays
+    (float32 or float64). ``threads``: run on a pool of that many threads (the library's
+    pool is resized, then restored to its default)."""
 
     def __init__(self, lib):
         self.lib = lib
 
-    def _call(self, name, dtype, arrays, sizes, threads):
-        suffix = {np.float32: "f32", np.float64: "f64"}[np.dtype(dtype).type]
-        fn = getattr(self.lib, f"deform_{name}_{suffix}")
-        args = [_ptr(a) for a in arrays] + [I64(int(s)) for s in sizes]
-        rc = fn(*args, ctypes.c_int(threads))
+    def _call(self, name, arrays, sizes, threads=None):
+        suffix = {np.float32: "f32", np.float64: "f64"}[np.dtype(arrays[1].dtype).type]
+        fn = getattr(self.lib, f"keras_sapa_deform_{name}_{suffix}")
+        fn.argtypes = [ctypes.c_void_p] * len(arrays) + [I64] * len(sizes)
+        fn.restype = ctypes.c_int
+        if threads is not None:
+            self.lib.keras_sapa_set_num_threads(threads)
+        try:
+            rc = fn(*(_ptr(a) for a in arrays), *(int(s) for s in sizes))
+        finally:
+            if threads is not None:
+                self.lib.keras_sapa_set_num_threads(0)
         if rc != 0:
-            raise ValueError(f"deform_{name}: bad sizes {sizes}")
+            raise ValueError(f"keras_sapa_deform_{name}: bad sizes {sizes}")
 
-    def forward(self, q, k, v, off, points, groups, threads=2, weights=True):
-        b, h, w, s, p, g = _shape(q, k, off, points, groups)
-        out = np.empty(q.shape[:3] + (v.shape[-1],), q.dtype)
-        wt = np.empty(q.shape[:3] + (g * p,), q.dtype) if weights else None
-        self._call(
-            "forward",
-            q.dtype,
-            [q, k, v, off, out, wt],
-            [b, h, w, s, p, g, q.shape[-1], v.shape[-1]],
-            threads,
-        )
-        return out, wt
-
-    def backward(self, grad, q, k, v, off, wt, points, groups, threads=2):
-        b, h, w, s, p, g = _shape(q, k, off, points, groups)
-        outs = [np.full_like(a, np.nan) for a in (q, k, v, off)]
-        self._call(
-            "backward",
-            q.dtype,
-            [grad, q, k, v, off, wt, *outs],
-            [b, h, w, s, p, g, q.shape[-1], v.shape[-1]],
-            threads,
-        )
+    def _grads(self, name, inputs, like, sizes, threads=None):
+        """The outputs shaped like ``like``, NaN-filled first (unwritten ones show)."""
+        outs = [np.full_like(a, np.nan) for a in like]
+        self._call(name, [*inputs, *outs], sizes, threads)
         return outs
 
-    def similarity(self, q, k, off, points, groups, threads=2):
-        b, h, w, s, p, g = _shape(q, k, off, points, groups)
-        logits = np.full(q.shape[:3] + (g * p,), np.nan, q.dtype)
-        self._call(
-            "similarity", q.dtype, [q, k, off, logits], [b, h, w, s, p, g, q.shape[-1], 0], threads
+    def forward(self, q, k, v, off, points, groups, threads=None, weights=True):
+        out = np.empty(q.shape[:3] + (v.shape[-1],), q.dtype)
+        wt = np.empty(q.shape[:3] + (groups * points,), q.dtype) if weights else None
+        sizes = _sizes(k, off, points, groups, q.shape[-1], v.shape[-1])
+        self._call("forward", [q, k, v, off, out, wt], sizes, threads)
+        return out, wt
+
+    def backward(self, grad, q, k, v, off, wt, points, groups, threads=None):
+        sizes = _sizes(k, off, points, groups, q.shape[-1], v.shape[-1])
+        return self._grads("backward", [grad, q, k, v, off, wt], [q, k, v, off], sizes, threads)
+
+    def similarity(self, q, k, off, points, groups):
+        (logits,) = self._grads(
+            "similarity",
+            [q, k, off],
+            [np.empty(q.shape[:3] + (groups * points,), q.dtype)],
+            _sizes(k, off, points, groups, q.shape[-1]),
         )
         return logits
 
-    def similarity_backward(self, dlogits, q, k, off, points, groups, threads=2):
-        b, h, w, s, p, g = _shape(q, k, off, points, groups)
-        outs = [np.full_like(a, np.nan) for a in (q, k, off)]
-        self._call(
-            "similarity_backward",
-            q.dtype,
-            [dlogits, q, k, off, *outs],
-            [b, h, w, s, p, g, q.shape[-1], 0],
-            threads,
-        )
-        return outs
+    def similarity_backward(self, dlogits, q, k, off, points, groups):
+        sizes = _sizes(k, off, points, groups, q.shape[-1])
+        return self._grads("similarity_backward", [dlogits, q, k, off], [q, k, off], sizes)
 
-    def aggregate(self, wt, v, off, points, groups, threads=2):
-        b, h, w, s, p, g = _shape(wt, v, off, points, groups)
-        out = np.full(wt.shape[:3] + (v.shape[-1],), np.nan, v.dtype)
-        self._call(
-            "aggregate", v.dtype, [wt, v, off, out], [b, h, w, s, p, g, 0, v.shape[-1]], threads
+    def aggregate(self, wt, v, off, points, groups):
+        (out,) = self._grads(
+            "aggregate",
+            [wt, v, off],
+            [np.empty(wt.shape[:3] + (v.shape[-1],), v.dtype)],
+            _sizes(v, off, points, groups, 0, v.shape[-1]),
         )
         return out
 
-    def aggregate_backward(self, grad, wt, v, off, points, groups, threads=2):
-        b, h, w, s, p, g = _shape(wt, v, off, points, groups)
-        outs = [np.full_like(a, np.nan) for a in (wt, v, off)]
-        self._call(
-            "aggregate_backward",
-            v.dtype,
-            [grad, wt, v, off, *outs],
-            [b, h, w, s, p, g, 0, v.shape[-1]],
-            threads,
-        )
-        return outs
+    def aggregate_backward(self, grad, wt, v, off, points, groups):
+        sizes = _sizes(v, off, points, groups, 0, v.shape[-1])
+        return self._grads("aggregate_backward", [grad, wt, v, off], [wt, v, off], sizes)
 
 
 class DeformArgs(ctypes.Structure):
@@ -508,83 +459,6 @@ def test_cpu_rejects_bad_sizes(capi):
 # CUDA
 
 
-def _sapa_targets():
-    """The targets the SAPA kernels of this build were compiled for (build_info.json),
-    else those build.py would choose."""
-    import json
-
-    try:
-        with open(os.path.join(ROOT, "keras_sapa", "_lib", build.BUILD_INFO)) as f:
-            targets = json.load(f).get("cuda_targets")
-    except (OSError, ValueError):
-        targets = None
-    if targets:
-        return targets
-    try:
-        import tensorflow as tf
-    except ImportError:
-        tf = None
-    return build.cuda_targets(tf)
-
-
-def test_cuda_kernels_compile_for_every_target():
-    """NVRTC compiles the SAPA-D kernels for every target the SAPA kernels are built for,
-    and every entry point is in every image. (Images are cached in the temp folder by the
-    hash of the sources, options, NVRTC version and target: a few minutes on two cores
-    the first time.)"""
-    if build.find_nvrtc() is None or build.find_cuda_include() is None:
-        pytest.skip("NVRTC (nvidia-cuda-nvrtc-cu12) or cuda_fp16.h not installed")
-    targets = _sapa_targets()
-    nvrtc = build.Nvrtc(build.find_nvrtc())
-    options = build.nvrtc_options(build.find_cuda_include())
-    names = []
-    for t in ("f32", "f64", "f16", "bf16"):
-        names += [
-            f"sapa_deform_{n}_{t}"
-            for n in (
-                "forward",
-                "similarity",
-                "aggregate",
-                "backward",
-                "similarity_backward",
-                "aggregate_backward",
-                "scatter",
-            )
-        ]
-    names += [
-        "sapa_deform_aggregate_f16_wacc",
-        "sapa_deform_scatter_f16_wacc",
-        "sapa_deform_aggregate_bf16_wacc",
-        "sapa_deform_scatter_bf16_wacc",
-        "sapa_deform_zero_f32",
-        "sapa_deform_zero_f64",
-        "sapa_deform_cast_f16",
-        "sapa_deform_cast_bf16",
-    ]
-    source = '#include "sapa_deform_kernels.cuh"\n'
-    digest = hashlib.sha256(repr((options, nvrtc.version)).encode())
-    for name in ("sapa_deform_kernels.cuh", "sapa_kernels.cuh"):
-        with open(os.path.join(CUDA_DIR, name), "rb") as f:
-            digest.update(hashlib.sha256(f.read()).digest())
-    folder = os.path.join(tempfile.gettempdir(), "keras_sapa_test_deform")
-    os.makedirs(folder, exist_ok=True)
-
-    def one(target):
-        path = os.path.join(folder, f"image-{digest.hexdigest()[:16]}-{target}")
-        if not os.path.isfile(path):
-            data = nvrtc.compile(source, "sapa_deform_kernels.cu", target, options)[0]
-            with open(path + f".{os.getpid()}.tmp", "wb") as f:
-                f.write(data)
-            os.replace(path + f".{os.getpid()}.tmp", path)
-        with open(path, "rb") as f:
-            return target, f.read()
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        for target, data in pool.map(one, targets):
-            missing = [n for n in names if n.encode() not in data]
-            assert not missing, (target, missing)
-
-
 def _cuda_tolerance(dtype, gradient=False):
     """Absolute tolerance relative to the largest expected magnitude: float64 and float32
     accumulate in their own type, half types in float32 with inputs and results rounded."""
@@ -655,13 +529,16 @@ def test_cuda_rules_at_integer_and_dropped_points_in_emulation(emulated, capi):
 
 def benchmark(rounds=10):
     """CPU timings at W1 (B=2, 32x32 -> 64x64, C=256, P=9, G=4, E=32, float32), minimum
-    over interleaved rounds, beside SAPA-B's compiled forward (K=5, d=64) when
-    keras_sapa/_lib/_sapa_core.so is built."""
+    over interleaved rounds, beside SAPA-B's compiled forward (K=5, d=64), all from the
+    built keras_sapa/_lib/_sapa_core.so (KERAS_SAPA_NUM_THREADS threads)."""
     import time
 
-    path = _compiled("deform_capi", CAPI, _cpu_sources(), ["-std=c++17", "-O3", *_simd_flags()])
-    core = Core(ctypes.CDLL(path))
-    threads = int(os.environ.get("KERAS_SAPA_NUM_THREADS", os.cpu_count() or 1))
+    from keras_sapa.ops import _native
+    from keras_sapa.ops import _optable
+
+    lib = _core_library()
+    core = Core(lib)
+    threads = lib.keras_sapa_num_threads()
     rng = np.random.default_rng(0)
     f = np.float32
     q = rng.standard_normal((2, 64, 64, 128)).astype(f)
@@ -669,33 +546,20 @@ def benchmark(rounds=10):
     v = rng.standard_normal((2, 32, 32, 256)).astype(f)
     off = rng.uniform(-1.5, 1.5, (2, 64, 64, 72)).astype(f)
     grad = rng.standard_normal((2, 64, 64, 256)).astype(f)
-    _, wt = core.forward(q, k, v, off, 9, 4, threads)
+    _, wt = core.forward(q, k, v, off, 9, 4)
+    qb = rng.standard_normal((2, 64, 64, 64)).astype(f)
+    kb = rng.standard_normal((2, 32, 32, 64)).astype(f)
+    out, wb = np.empty((2, 64, 64, 256), f), np.empty((2, 64, 64, 25), f)
+    sapa = _optable.op("Sapa")
+    attrs = {"kernel_size": 5, "up_factor": 2}
+    sapa_sizes = _native.core_sizes(sapa, [qb.shape, kb.shape, v.shape], attrs)
     runs = {
-        "sapa_d_forward": lambda: core.forward(q, k, v, off, 9, 4, threads),
-        "sapa_d_backward": lambda: core.backward(grad, q, k, v, off, wt, 9, 4, threads),
+        "sapa_d_forward": lambda: core.forward(q, k, v, off, 9, 4),
+        "sapa_d_backward": lambda: core.backward(grad, q, k, v, off, wt, 9, 4),
+        "sapa_b_forward": lambda: _native.call_cpu(
+            lib, sapa, [a.ctypes.data for a in (qb, kb, v, out, wb)], sapa_sizes, "f32"
+        ),
     }
-    lib_path = os.path.join(ROOT, "keras_sapa", "_lib", "_sapa_core.so")
-    if os.path.isfile(lib_path):
-        sapa = ctypes.CDLL(lib_path)
-        sapa.keras_sapa_set_num_threads(threads)
-        qb = rng.standard_normal((2, 64, 64, 64)).astype(f)
-        kb = rng.standard_normal((2, 32, 32, 64)).astype(f)
-        out = np.empty((2, 64, 64, 256), f)
-        wb = np.empty((2, 64, 64, 25), f)
-        runs["sapa_b_forward"] = lambda: sapa.keras_sapa_forward_f32(
-            _ptr(qb),
-            _ptr(kb),
-            _ptr(v),
-            _ptr(out),
-            _ptr(wb),
-            I64(2),
-            I64(32),
-            I64(32),
-            I64(2),
-            I64(5),
-            I64(64),
-            I64(256),
-        )
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(rounds):
         for name, fn in runs.items():
@@ -705,8 +569,7 @@ def benchmark(rounds=10):
     fwd, bwd = best["sapa_d_forward"], best["sapa_d_backward"]
     print(f"W1, {threads} threads: " + ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in best.items()))
     print(f"SAPA-D (forward + backward) / forward: {(fwd + bwd) / fwd:.2f}")
-    if "sapa_b_forward" in best:
-        print(f"SAPA-D forward / SAPA-B forward: {fwd / best['sapa_b_forward']:.2f}")
+    print(f"SAPA-D forward / SAPA-B forward: {fwd / best['sapa_b_forward']:.2f}")
     return best
 
 

@@ -1,12 +1,20 @@
-"""The compiled CPU kernels bound to JAX (XLA FFI) and PyTorch (torch.library), against
-the float64 NumPy loop reference (tests/reference.py).
+"""The compiled kernels bound to JAX (XLA FFI) and PyTorch (torch.library), against the
+float64 NumPy loop reference (tests/reference.py).
 
-Every check runs in a subprocess (this file run as a script: ``python
-tests/test_jax_torch_kernels.py <jax|torch> <group>``) with its own ``KERAS_BACKEND``, so
-neither framework, nor JAX's x64 mode, nor the 2 forced host devices leak into the
-TensorFlow test session. A worker prints one JSON line of measured errors; the tests
-assert on them. Tests skip when the framework is missing or the libraries are not built
-(``python custom_ops/build.py --only bindings``), except the fallback tests, which need neither.
+Every check runs in ONE worker process per framework (this file run as a script:
+``python tests/test_jax_torch_kernels.py <jax|torch>``, both started together on first
+use) with its own ``KERAS_BACKEND``, so neither framework, nor JAX's x64 mode, nor the 2
+forced host devices leak into the TensorFlow test session. A worker runs its groups of
+checks in order (numerics, Keras, data parallelism, CUDA registration, and last the
+fallbacks, which reset the loader) and prints one JSON line of measured errors per
+group; the tests assert on them. Tests skip when the framework is missing or the
+libraries are not built (``python custom_ops/build.py --only bindings``), except the
+fallback tests, which need neither.
+
+CUDA without a GPU: the PyTorch CUDA implementation's body (``run_cuda``) runs on CPU
+tensors through the real launcher and the emulated driver of tests/test_launcher.py
+(device pointers are host pointers there); JAX's CUDA targets are registered only where
+JAX has a CUDA backend, and the CPU-only JAX here must skip them cleanly.
 """
 
 import importlib.util
@@ -14,6 +22,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+import traceback
 
 import numpy as np
 
@@ -32,6 +42,7 @@ CASES = {
     "odd_c257_d65": (1, 3, 4, 1, 7, 65, 257),
     "prod_c256_d64": (2, 12, 10, 2, 5, 64, 256),
 }
+CUDA_CASES = ("small", "k1_s3", "w1_s3")  # under emulation: one std::thread per CUDA thread
 F64_TOL = 1e-10
 F32_TOL = 1e-5  # relative to max(1, max |reference|)
 
@@ -58,11 +69,33 @@ def _err(got, want):
     )
 
 
+def _max_err(got, want):
+    return max(_err(a, b) for a, b in zip(got, want, strict=True))
+
+
 def _reference(case):
     import reference
 
     q, key, v, g, k, s = _inputs(case)
     return reference.sapa(q, key, v, k, s), reference.sapa_vjp(q, key, v, g, k, s)
+
+
+def _entry(out, grads, ref, dtype):
+    """One case's measured errors: the result's dtype, forward and gradient errors."""
+    ref_out, ref_grads = ref
+    return {"dtype": dtype, "forward": _err(out, ref_out), "grads": _max_err(grads, ref_grads)}
+
+
+def _cases(run, cases=CASES):
+    """Each case in float64 and float32 through ``run(q, key, v, g, k, s, dtype) -> (out,
+    grads, dtype of out)``: its errors against the reference, by ``"<case>/<dtype>"``."""
+    out = {}
+    for case in cases:
+        ref = _reference(case)
+        for dtype in ("float64", "float32"):
+            fwd, grads, got = run(*_inputs(case), dtype)
+            out[f"{case}/{dtype}"] = _entry(fwd, grads, ref, got)
+    return out
 
 
 def _errors_value(fn):
@@ -74,40 +107,30 @@ def _errors_value(fn):
     return None
 
 
-def _worker_jax_numerics():
+def _jax_numerics():
     import jax
-
-    jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
 
     from keras_sapa.ops import _jax_kernels as jk
 
     if not jk.available():
         return {"skip": jk.unavailable_reason()}
-    out = {}
-    for case in CASES:
-        q, key, v, g, k, s = _inputs(case)
-        ref_out, ref_grads = _reference(case)
-        for dtype in ("float64", "float32"):
-            args = [jnp.asarray(t, dtype) for t in (q, key, v)]
-            gd = jnp.asarray(g, dtype)
-            fwd = jax.jit(lambda a, b, c, k=k, s=s: jk.sapa(a, b, c, k, s))(*args)
 
-            def loss(a, b, c, k=k, s=s, gd=gd):
-                return jnp.sum(jk.sapa(a, b, c, k, s) * gd)
+    def run(q, key, v, g, k, s, dtype):  # forward and VJP in one compilation
+        def both(a, b, c):
+            fwd, vjp = jax.vjp(lambda *x: jk.sapa(*x, k, s), a, b, c)
+            return fwd, vjp(jnp.asarray(g, dtype))
 
-            grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
-            out[f"{case}/{dtype}"] = {
-                "dtype": str(fwd.dtype),
-                "forward": _err(fwd, ref_out),
-                "grads": max(_err(a, b) for a, b in zip(grads, ref_grads, strict=False)),
-            }
+        fwd, grads = jax.jit(both)(*(jnp.asarray(t, dtype) for t in (q, key, v)))
+        return fwd, grads, str(fwd.dtype)
+
+    out = _cases(run)
     # vmap: a batched query with an unbatched key and value, and all batched.
+    import reference
+
     q, key, v, g, k, s = _inputs("small")
     qs = np.stack([q, 2 * q, -q])
     got = jax.jit(jax.vmap(lambda a: jk.sapa(a, key, v, k, s)))(qs)
-    import reference
-
     out["vmap_query"] = max(_err(got[i], reference.sapa(qs[i], key, v, k, s)) for i in range(3))
     vs = np.stack([v, v * 0.5])
     keys = np.stack([key, -key])
@@ -174,7 +197,13 @@ def _keras_batch():
     return [x, y], t
 
 
-def _worker_keras_step(framework):
+def _weights_moved(model, start, other):
+    """(largest difference to ``other``'s weights, largest step from ``start``)."""
+    weights = model.get_weights()
+    return _max_err(weights, other.get_weights()), _max_err(other.get_weights(), start)
+
+
+def _keras_step(framework):
     """One training step of a Keras model through the compiled kernels equals the same
     step through the pure formulation (same initial weights and batch)."""
     from keras_sapa import ops
@@ -190,22 +219,23 @@ def _worker_keras_step(framework):
     compiled.set_weights(start)
     loss = float(compiled.train_on_batch(inputs, target))
     pred = compiled.predict(inputs, verbose=0)
+    weights, moved = _weights_moved(compiled, start, pure)
     return {
         "loss": abs(loss - loss_pure) / max(1.0, abs(loss_pure)),
-        "weights": max(
-            _err(a, b) for a, b in zip(compiled.get_weights(), pure.get_weights(), strict=False)
-        ),
-        "moved": max(_err(a, b) for a, b in zip(pure.get_weights(), start, strict=False)),
+        "weights": weights,
+        "moved": moved,
         "predict": _err(pred, pure.predict(inputs, verbose=0)),
     }
 
 
-def _worker_jax_distributed():
+def _jax_distributed():
     """keras.distribution.DataParallel on 2 host devices: one training step of a model
-    whose upsampler runs the compiled kernels equals the same step on one device."""
+    whose upsampler runs the compiled kernels equals the same step on one device; SAPA
+    and SAPA-D sharded along the batch run their kernels per shard (no gather)."""
     import jax
     import keras
 
+    from keras_sapa.ops import _jax_deform_kernels as jdk
     from keras_sapa.ops import _jax_kernels as jk
 
     if not jk.available():
@@ -221,37 +251,76 @@ def _worker_jax_distributed():
     dp.set_weights(start)
     loss_dp = float(dp.train_on_batch(inputs, target))
     shards = len(dp.weights[0].value.sharding.device_set)
+    weights, moved = _weights_moved(dp, start, single)
+    keras.distribution.set_distribution(None)
     # At the JAX level: with the batch sharded over the 2 devices, each device runs the
-    # forward and backward kernels on its half (no gather), with the single-device result.
+    # forward and backward kernels on its half (no gather), with the reference result.
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-    q, key, v, g, k, s = _inputs("small")  # B=2
-    grad_fn = jax.grad(lambda a, b, c: (jk.sapa(a, b, c, k, s) * g).sum(), argnums=(0, 1, 2))
-    sharded = [jax.device_put(t.astype("float32"), sharding) for t in (q, key, v)]
-    hlo = jax.jit(grad_fn).lower(*sharded).compile().as_text()
-    calls = [x for x in hlo.splitlines() if 'custom_call_target="keras_sapa_' in x]
-    per_shard = [x.split("=", 1)[1].split("custom-call")[0].strip() for x in calls]
-    grads = jax.jit(grad_fn)(*sharded)
-    import reference
 
-    ref_grads = reference.sapa_vjp(q, key, v, g, k, s)
-    return {
+    def sharded_grads(fn, arrays, g):
+        grad_fn = jax.grad(lambda *a: (fn(*a) * g).sum(), argnums=tuple(range(len(arrays))))
+        placed = [jax.device_put(t.astype("float32"), sharding) for t in arrays]
+        hlo = jax.jit(grad_fn).lower(*placed).compile().as_text()
+        calls = [x for x in hlo.splitlines() if 'custom_call_target="keras_sapa_' in x]
+        shapes = [x.split("=", 1)[1].split("custom-call")[0].strip() for x in calls]
+        return jax.jit(grad_fn)(*placed), shapes, "all-gather" in hlo
+
+    import reference
+    import reference_deform
+
+    q, key, v, g, k, s = _inputs("small")  # B=2
+    grads, per_shard, gathers = sharded_grads(lambda *a: jk.sapa(*a, k, s), (q, key, v), g)
+    out = {
         "custom_calls": per_shard,
-        "gathers": "all-gather" in hlo,
-        "sharded_grads": max(_err(a, b) for a, b in zip(grads, ref_grads, strict=False)),
+        "gathers": gathers,
+        "sharded_grads": _max_err(grads, reference.sapa_vjp(q, key, v, g, k, s)),
         "devices": len(jax.devices()),
         "weight_devices": shards,
         "loss": abs(loss_single - loss_dp) / max(1.0, abs(loss_single)),
-        "weights": max(
-            _err(a, b) for a, b in zip(dp.get_weights(), single.get_weights(), strict=False)
-        ),
-        "moved": max(_err(a, b) for a, b in zip(single.get_weights(), start, strict=False)),
+        "weights": weights,
+        "moved": moved,
+    }
+    if jdk.available():
+        rng = np.random.default_rng(3)
+        p, groups = 3, 2  # B=2, 3x4 -> 6x8, E=2, C=4
+        dq, dk, dv = (rng.normal(size=sh) for sh in ((2, 6, 8, 4), (2, 3, 4, 4), (2, 3, 4, 4)))
+        off = reference_deform.offsets_away_from_integers(rng, (2, 6, 8, 2 * groups * p))
+        gd = rng.normal(size=(2, 6, 8, 4))
+        grads, calls, gathers = sharded_grads(
+            lambda *a: jdk.sapa_deform(*a, p, 2, groups), (dq, dk, dv, off), gd
+        )
+        want = reference_deform.sapa_deform_vjp(dq, dk, dv, off, gd, p, 2, groups)
+        out["deform"] = {"calls": calls, "gathers": gathers, "grads": _max_err(grads, want)}
+    return out
+
+
+def _jax_cuda_registration():
+    """On a JAX without a CUDA backend nothing is registered for CUDA, and the CPU
+    targets serve; the CUDA handlers are compiled into the library all the same."""
+    import ctypes
+
+    from keras_sapa.ops import _jax_deform_kernels as jdk
+    from keras_sapa.ops import _jax_kernels as jk
+    from keras_sapa.ops import _native
+
+    if not jk.available():
+        return {"skip": jk.unavailable_reason()}
+    lib = ctypes.CDLL(os.path.join(_native.bindings_dir(), _native.JAX_LIBRARY))
+    return {
+        "has_cuda": jk.has_cuda(),
+        "cuda": jk._library.get()["cuda"],
+        "deform_cuda": (jdk._library.get() or {}).get("cuda"),
+        "available": [jk.available(), jdk.available()],
+        "handlers": [hasattr(lib, n) for n in ("KerasSapaForwardCuda", "KerasSapaBackwardCuda")],
     }
 
 
-def _worker_fallback(framework):
+def _fallback(framework):
     """Libraries missing (an empty directory): one RuntimeWarning, available() False,
-    sapa() a RuntimeError; KERAS_SAPA_DISABLE_COMPILED=1: False without a warning."""
+    sapa() a RuntimeError; KERAS_SAPA_DISABLE_COMPILED=1: False without a warning.
+    Runs last: it points the loader elsewhere."""
+    import tempfile
     import warnings
 
     if framework == "jax":
@@ -262,6 +331,8 @@ def _worker_fallback(framework):
         import torch as xp
 
         from keras_sapa.ops import _torch_kernels as mod
+    os.environ["KERAS_SAPA_BINDINGS_DIR"] = tempfile.mkdtemp()
+    mod._reset()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first, second = mod.available(), mod.available()
@@ -272,19 +343,15 @@ def _worker_fallback(framework):
             raised = str(exc)
     warned = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     # A build record asking for a CPU feature this CPU lacks: refused before any dlopen.
-    import tempfile
-
     stale = tempfile.mkdtemp()
+    record = {
+        "core_abi": 1,
+        "cpu_features": ["no_such_cpu_feature"],
+        "core_library": "_sapa_core.so",
+        "jax_library": "_sapa_jax.so",
+    }
     with open(os.path.join(stale, "bindings_build_info.json"), "w") as f:
-        json.dump(
-            {
-                "core_abi": 1,
-                "cpu_features": ["no_such_cpu_feature"],
-                "core_library": "_sapa_core.so",
-                "jax_library": "_sapa_jax.so",
-            },
-            f,
-        )
+        json.dump(record, f)
     os.environ["KERAS_SAPA_BINDINGS_DIR"] = stale
     mod._reset()
     with warnings.catch_warnings(record=True) as caught:
@@ -308,7 +375,7 @@ def _worker_fallback(framework):
     }
 
 
-def _worker_torch_numerics():
+def _torch_numerics():
     import threading
 
     import torch
@@ -318,31 +385,27 @@ def _worker_torch_numerics():
 
     if not tk.available():
         return {"skip": tk.unavailable_reason()}
-    out = {}
-    for case in CASES:
-        q, key, v, g, k, s = _inputs(case)
-        ref_out, ref_grads = _reference(case)
-        for dtype in (torch.float64, torch.float32):
-            args = [torch.tensor(t, dtype=dtype, requires_grad=True) for t in (q, key, v)]
-            fwd = tk.sapa(*args, k, s)
-            (fwd * torch.tensor(g, dtype=dtype)).sum().backward()
-            out[f"{case}/{str(dtype)[6:]}"] = {
-                "dtype": str(fwd.dtype)[6:],
-                "forward": _err(fwd.detach(), ref_out),
-                "grads": max(_err(a.grad, b) for a, b in zip(args, ref_grads, strict=False)),
-            }
-    # torch.compile(fullgraph=True): forward and backward through the custom ops.
+
+    def run(q, key, v, g, k, s, dtype):
+        args = [
+            torch.tensor(t, dtype=getattr(torch, dtype), requires_grad=True) for t in (q, key, v)
+        ]
+        fwd = tk.sapa(*args, k, s)
+        (fwd * torch.tensor(g, dtype=fwd.dtype)).sum().backward()
+        return fwd.detach(), [a.grad for a in args], str(fwd.dtype)[6:]
+
+    out = _cases(run)
+    # torch.compile(fullgraph=True): forward and backward through the custom ops, held as
+    # opaque nodes (Dynamo's capture, the fake and autograd registrations; aot_eager runs
+    # the captured graphs without spending a minute on Inductor's code generation).
     q, key, v, g, k, s = _inputs("s3_k5")
-    ref_out, ref_grads = _reference("s3_k5")
     args = [torch.tensor(t, requires_grad=True) for t in (q, key, v)]
-    gt = torch.tensor(g)
-    compiled = torch.compile(lambda a, b, c: tk.sapa(a, b, c, k, s), fullgraph=True)
+    compiled = torch.compile(
+        lambda a, b, c: tk.sapa(a, b, c, k, s), fullgraph=True, backend="aot_eager"
+    )
     fwd = compiled(*args)
-    (fwd * gt).sum().backward()
-    out["compile"] = {
-        "forward": _err(fwd.detach(), ref_out),
-        "grads": max(_err(a.grad, b) for a, b in zip(args, ref_grads, strict=False)),
-    }
+    (fwd * torch.tensor(g)).sum().backward()
+    out["compile"] = _entry(fwd.detach(), [a.grad for a in args], _reference("s3_k5"), "float64")
     # gradcheck (float64 numeric differences) and the op registrations (opcheck).
     small = [torch.tensor(t, requires_grad=True) for t in _inputs("small")[:3]]
     out["gradcheck"] = bool(
@@ -382,6 +445,9 @@ def _worker_torch_numerics():
         fwd, w = torch.ops.keras_sapa.sapa_forward(tq * scale, tkey, tv, k, s)
         return [fwd, *torch.ops.keras_sapa.sapa_backward(tg, tq * scale, tkey, tv, w, k, s)]
 
+    def equal(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
     lib, _ = _native.load_core()
     default_threads = lib.keras_sapa_num_threads()
     expected = run(1.0)
@@ -393,8 +459,8 @@ def _worker_torch_numerics():
     out["threads"] = {
         "default": default_threads,
         "restored": lib.keras_sapa_num_threads(),
-        "serial_equal": all(torch.equal(a, b) for a, b in zip(serial, expected, strict=False)),
-        "pool3_equal": all(torch.equal(a, b) for a, b in zip(pooled, expected, strict=False)),
+        "serial_equal": equal(serial, expected),
+        "pool3_equal": equal(pooled, expected),
     }
     scales = [1.0, 0.5, -1.0, 2.0]
     wanted = [run(c) for c in scales]
@@ -408,58 +474,179 @@ def _worker_torch_numerics():
         t.start()
     for t in threads:
         t.join()
-    out["concurrent_equal"] = all(
-        all(torch.equal(a, b) for a, b in zip(r, w, strict=False))
-        for r, w in zip(results, wanted, strict=False)
+    out["concurrent_equal"] = all(equal(r, w) for r, w in zip(results, wanted, strict=True))
+    return out
+
+
+def _torch_cuda_emulated():
+    """The CUDA implementation's body on CPU tensors, through the real launcher on the
+    emulated driver (tests/test_launcher.py's, built by the test side), forward and
+    backward against the reference; and no CUDA registration on a CPU-only PyTorch."""
+    import tempfile
+
+    import torch
+
+    from keras_sapa.ops import _native
+    from keras_sapa.ops import _optable
+    from keras_sapa.ops import _torch_kernels as tk
+
+    out = {
+        "registered": tk.CUDA_REGISTERED,
+        "cuda_built": torch.backends.cuda.is_built(),
+        "meta_served": tk.serves(tk._OPS, [torch.empty(1, device="meta")]),
+    }
+    paths = os.environ.get("KERAS_SAPA_TEST_EMULATED_CUDA", "")
+    lib = _native.core.get()
+    if not tk.available() or ":" not in paths or not hasattr(lib, "keras_sapa_cuda_open"):
+        return {**out, "skip": tk.unavailable_reason() or paths or "no CUDA entry points"}
+    import test_launcher
+
+    directory = tempfile.mkdtemp()
+    test_launcher.Launcher(*paths.split(":"), directory)  # the emulated driver and images
+    launcher = os.path.join(directory, "libsapa_launcher.so").encode()
+    out["open"] = lib.keras_sapa_cuda_open(launcher, None)
+    forward, backward = _optable.op("Sapa"), _optable.op("SapaGrad")
+
+    def run(q, key, v, g, k, s, dtype):
+        attrs = {"kernel_size": k, "up_factor": s}
+        t = [torch.tensor(a, dtype=getattr(torch, dtype)) for a in (q, key, v, g)]
+        fwd, weights = tk.run_cuda(forward, t[:3], attrs, None)
+        grads = tk.run_cuda(backward, [t[3], *t[:3], weights], attrs, None)
+        return fwd, grads, str(fwd.dtype)[6:]
+
+    out.update(_cases(run, CUDA_CASES))
+    # SAPA-D: B=1, 3x4 -> 6x8, P=3, G=2, E=2, C=4, offsets kept off integer positions.
+    import reference_deform
+
+    rng = np.random.default_rng(5)
+    p, s, groups = 3, 2, 2
+    arrays = [rng.normal(size=sh) for sh in ((1, 6, 8, 4), (1, 3, 4, 4), (1, 3, 4, 4))]
+    arrays.append(reference_deform.offsets_away_from_integers(rng, (1, 6, 8, 2 * groups * p)))
+    g = rng.normal(size=(1, 6, 8, 4))
+    ref = (
+        reference_deform.sapa_deform(*arrays, p, s, groups),
+        reference_deform.sapa_deform_vjp(*arrays, g, p, s, groups),
     )
+    attrs = {"num_points": p, "up_factor": s, "groups": groups}
+    forward, backward = _optable.op("SapaDeform"), _optable.op("SapaDeformGrad")
+    if _native.entry_point(lib, forward, "cuda") is None:
+        out["deform_missing"] = "the core library has no SAPA-D CUDA entry points"
+        return out
+    for dtype in (torch.float64, torch.float32):
+        t = [torch.tensor(a, dtype=dtype) for a in (*arrays, g)]
+        try:
+            fwd, weights = tk.run_cuda(forward, t[:4], attrs, None)
+        except RuntimeError as exc:  # a launcher without SAPA-D's entry points
+            out["deform_missing"] = str(exc)
+            break
+        grads = tk.run_cuda(backward, [t[4], *t[:4], weights], attrs, None)
+        out[f"deform/{str(dtype)[6:]}"] = _entry(fwd, grads, ref, str(fwd.dtype)[6:])
     return out
 
 
 WORKERS = {
-    ("jax", "numerics"): _worker_jax_numerics,
-    ("jax", "distributed"): _worker_jax_distributed,
-    ("jax", "fallback"): lambda: _worker_fallback("jax"),
-    ("jax", "keras"): lambda: _worker_keras_step("jax"),
-    ("torch", "keras"): lambda: _worker_keras_step("torch"),
-    ("torch", "numerics"): _worker_torch_numerics,
-    ("torch", "fallback"): lambda: _worker_fallback("torch"),
+    "jax": {
+        "numerics": _jax_numerics,
+        "keras": lambda: _keras_step("jax"),
+        "distributed": _jax_distributed,
+        "cuda": _jax_cuda_registration,
+        "fallback": lambda: _fallback("jax"),
+    },
+    "torch": {
+        "numerics": _torch_numerics,
+        "keras": lambda: _keras_step("torch"),
+        "cuda": _torch_cuda_emulated,
+        "fallback": lambda: _fallback("torch"),
+    },
 }
+
+
+def _worker(framework):
+    """Runs the framework's groups in order; a group that raises reports its traceback
+    instead of ending the others."""
+    if framework == "jax":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    for group, fn in WORKERS[framework].items():
+        start = time.perf_counter()
+        try:
+            result = fn()
+        except Exception:  # noqa: BLE001 - reported by the group's tests
+            result = {"error": traceback.format_exc()}
+        result["seconds"] = round(time.perf_counter() - start, 2)
+        print(f"RESULT {group} " + json.dumps(result), flush=True)
 
 
 # ----------------------------------------------------------------------------- test side
 
 import pytest  # noqa: E402  (the worker side above does not need pytest)
 
-_results = {}
+from test_launcher import emulated_build  # noqa: E402,F401  (fixtures for the CUDA group)
+from test_launcher import launcher_build  # noqa: E402,F401
+
+_processes = {}  # framework -> Popen, then its parsed results
+TIMEOUT = 900
 
 
-def _run(framework, group, env=None, timeout=900):
-    if importlib.util.find_spec(framework) is None:
+def _start(framework, emulated_cuda):
+    env = dict(os.environ, KERAS_BACKEND=framework, KERAS_SAPA_TEST_EMULATED_CUDA=emulated_cuda)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [ROOT, HERE] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    )
+    env.pop("KERAS_SAPA_DISABLE_COMPILED", None)
+    env.pop("KERAS_SAPA_BINDINGS_DIR", None)
+    if framework == "jax":  # two host devices for the data-parallel group
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    return subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), framework],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture(scope="session")
+def workers(request):
+    """Starts one worker per installed framework, together (they overlap on two cores);
+    the CUDA group gets the emulated launcher when it builds here."""
+    if not _processes:
+        try:
+            emulated_cuda = ":".join(
+                request.getfixturevalue(n) for n in ("launcher_build", "emulated_build")
+            )
+        except pytest.skip.Exception as exc:
+            emulated_cuda = f"emulated driver unavailable: {exc}"
+        for framework in WORKERS:
+            if importlib.util.find_spec(framework) is not None:
+                _processes[framework] = _start(framework, emulated_cuda)
+    return _processes
+
+
+def _group(workers, framework, group):
+    if framework not in workers:
         pytest.skip(f"{framework} is not installed")
-    key = (framework, group)
-    if key not in _results:
-        full_env = dict(os.environ, KERAS_BACKEND=framework, **(env or {}))
-        full_env["PYTHONPATH"] = os.pathsep.join(
-            [ROOT, HERE] + [p for p in [os.environ.get("PYTHONPATH")] if p]
-        )
-        full_env.pop("KERAS_SAPA_DISABLE_COMPILED", None)
-        proc = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), framework, group],
-            env=full_env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=ROOT,
-        )
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        assert proc.returncode == 0 and lines, (
-            f"worker {framework}/{group} failed (rc={proc.returncode}):\n"
-            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        )
-        _results[key] = json.loads(lines[-1][len("RESULT ") :])
-    result = _results[key]
+    proc = workers[framework]
+    if isinstance(proc, subprocess.Popen):
+        try:
+            stdout, stderr = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        results = {}
+        for line in stdout.splitlines():
+            if line.startswith("RESULT "):
+                name, text = line[len("RESULT ") :].split(" ", 1)
+                results[name] = json.loads(text)
+        results["_log"] = f"rc={proc.returncode}\n{stdout[-3000:]}\n{stderr[-6000:]}"
+        workers[framework] = proc = results
+    assert group in proc, f"worker {framework} did not report {group}:\n{proc['_log']}"
+    result = proc[group]
+    assert "error" not in result, f"{framework}/{group} raised:\n{result['error']}"
     if "skip" in result:
-        pytest.skip(f"compiled kernels unavailable: {result['skip']}")
+        pytest.skip(f"{framework}/{group}: {result['skip']}")
     return result
 
 
@@ -473,12 +660,13 @@ def _check_case(result, case, dtype):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_jax_matches_reference(case, dtype):
-    _check_case(_run("jax", "numerics"), case, dtype)
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_matches_reference(workers, framework, case, dtype):
+    _check_case(_group(workers, framework, "numerics"), case, dtype)
 
 
-def test_jax_vmap_half_and_bad_input():
-    r = _run("jax", "numerics")
+def test_jax_vmap_half_and_bad_input(workers):
+    r = _group(workers, "jax", "numerics")
     assert r["vmap_query"] <= F64_TOL and r["vmap_all"] <= F64_TOL and r["vmap_grad"] <= F64_TOL
     assert r["bfloat16"]["dtype"] == "bfloat16" and r["bfloat16"]["forward"] <= 2e-2
     assert "kernel_size" in r["bad_kernel"] and "4" in r["bad_kernel"]
@@ -486,8 +674,8 @@ def test_jax_vmap_half_and_bad_input():
     assert r["hlo_has_custom_call"]
 
 
-def test_jax_data_parallel_two_devices():
-    r = _run("jax", "distributed", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+def test_jax_data_parallel_two_devices(workers):
+    r = _group(workers, "jax", "distributed")
     assert r["devices"] == 2 and r["weight_devices"] == 2, r
     assert r["moved"] > 1e-4, r  # the step changed the weights
     assert r["loss"] <= 1e-5 and r["weights"] <= 1e-5, r
@@ -495,18 +683,31 @@ def test_jax_data_parallel_two_devices():
     assert len(r["custom_calls"]) == 2 and not r["gathers"], r
     assert all(c.startswith("(f32[1,") for c in r["custom_calls"]), r
     assert r["sharded_grads"] <= F32_TOL, r
+    deform = r.get("deform")
+    if deform is not None:  # SAPA-D, partitioned by the same table-derived rule
+        assert len(deform["calls"]) == 2 and not deform["gathers"], deform
+        assert all(c.startswith("(f32[1,") for c in deform["calls"]), deform
+        assert deform["grads"] <= F32_TOL, deform
+
+
+def test_jax_cuda_targets_skipped_without_cuda(workers):
+    r = _group(workers, "jax", "cuda")
+    assert r["handlers"] == [True, True], r  # compiled into the library
+    if not r["has_cuda"]:
+        assert r["cuda"] == "JAX has no CUDA backend" == r["deform_cuda"], r
+        assert r["available"] == [True, True], r  # the CPU targets serve
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
-def test_keras_model_trains_through_kernels(framework):
-    r = _run(framework, "keras")
+def test_keras_model_trains_through_kernels(workers, framework):
+    r = _group(workers, framework, "keras")
     assert r["moved"] > 1e-4, r
     assert r["loss"] <= 1e-5 and r["weights"] <= 1e-5 and r["predict"] <= 1e-5, r
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
-def test_fallback_when_library_missing(framework, tmp_path):
-    r = _run(framework, "fallback", env={"KERAS_SAPA_BINDINGS_DIR": str(tmp_path)})
+def test_fallback_when_library_missing(workers, framework):
+    r = _group(workers, framework, "fallback")
     assert r["available"] == [False, False]
     assert len(r["warnings"]) == 1 and "bindings_build_info.json" in r["warnings"][0], r
     assert r["raised"] is not None and "unavailable" in r["raised"]
@@ -535,14 +736,8 @@ def test_build_script_is_never_fatal(tmp_path):
         assert "not built" in out and "no-such-compiler" in out
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_torch_matches_reference(case, dtype):
-    _check_case(_run("torch", "numerics"), case, dtype)
-
-
-def test_torch_compile_autograd_and_pool():
-    r = _run("torch", "numerics")
+def test_torch_compile_autograd_and_pool(workers):
+    r = _group(workers, "torch", "numerics")
     assert r["compile"]["forward"] <= F64_TOL and r["compile"]["grads"] <= F64_TOL
     assert r["gradcheck"] and r["opcheck"]
     assert r["bfloat16"]["dtype"] == "bfloat16" and r["bfloat16"]["forward"] <= 2e-2
@@ -555,6 +750,23 @@ def test_torch_compile_autograd_and_pool():
     assert r["concurrent_equal"]
 
 
+def test_torch_cuda_implementation_under_emulation(workers):
+    """PyTorch's CUDA implementation (the launcher's entry points on the current stream)
+    marshals tensors, sizes, dtype and scratch right: its body against the reference on
+    the emulated driver. A CPU-only PyTorch registers no CUDA implementation."""
+    r = _group(workers, "torch", "cuda")
+    assert r["registered"] == r["cuda_built"] and not r["meta_served"], r
+    assert r["open"] == 0, r
+    for case in CUDA_CASES:
+        for dtype in ("float64", "float32"):
+            _check_case(r, case, dtype)
+    if "deform_missing" in r:
+        assert "SAPA-D" in r["deform_missing"], r["deform_missing"]
+        pytest.skip(f"SAPA-D under emulation: {r['deform_missing']}")
+    for dtype in ("float64", "float32"):  # SAPA-D's CUDA implementation
+        _check_case(r, "deform", dtype)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, HERE)
-    print("RESULT " + json.dumps(WORKERS[(sys.argv[1], sys.argv[2])]()), flush=True)
+    _worker(sys.argv[1])

@@ -11,7 +11,6 @@
   Keras so that ``jit_compile="auto"`` does not send the compiled GPU op into XLA.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -24,20 +23,9 @@ tf = pytest.importorskip("tensorflow")
 
 from keras_sapa.ops import _native  # noqa: E402
 from keras_sapa.ops import _tf_kernels as _compiled  # noqa: E402
+from test_cuda_build import build  # noqa: E402  (custom_ops/build.py, loaded once)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_build():
-    spec = importlib.util.spec_from_file_location(
-        "keras_sapa_build_for_tests", os.path.join(ROOT, "custom_ops", "build.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build = _load_build()
 
 
 @pytest.fixture
@@ -188,6 +176,9 @@ def fake_build(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "compile_kernels", compile_kernels)
     monkeypatch.setattr(build, "build_launcher", build_launcher)
     monkeypatch.setattr(build, "build_gpu", build_gpu)
+    # The JAX/PyTorch bindings have their own record and stamp (not under test here):
+    # without this, every main() would compile them for real for the fixture's flags.
+    monkeypatch.setattr(build, "_build_bindings_part", lambda args, cxx, simd: 0)
     monkeypatch.setattr(build, "_sources", lambda: [str(source)])
     monkeypatch.setenv("KERAS_SAPA_CUDA_TARGETS", "sm_80,compute_80")
     monkeypatch.setenv("KERAS_SAPA_CPU_FLAGS", "-mavx2 -mfma")

@@ -1,20 +1,28 @@
-"""SAPA's compiled CPU kernels on JAX: XLA FFI custom calls with a hand-written VJP.
+"""SAPA's compiled kernels on JAX: XLA FFI custom calls with a hand-written VJP.
 
 :func:`sapa` computes ``aggregate(softmax(similarity(query, key)), value)`` (SAPA_SPEC.md)
-with the fused kernels of ``custom_ops/sapa/kernels/cpu/``, called by XLA through the FFI
+with the fused kernels of ``custom_ops/sapa/kernels/``, called by XLA through the FFI
 handlers of ``keras_sapa/_lib/_sapa_jax.so`` (built by ``custom_ops/build.py``):
 
 - ``keras_sapa_forward``: ``(query, key, value) -> (out, weights)``, the window softmax
   ``weights`` kept for the backward;
 - ``keras_sapa_backward``: ``(grad, query, key, value, weights) -> (dquery, dkey, dvalue)``.
 
-It works under ``jax.jit``, ``jax.grad`` (:func:`jax.custom_vjp`), ``jax.vmap`` (the
-handlers treat every leading dimension as batch, so the calls are declared
+Every op of the table is bound the same way (:func:`run`, which
+:mod:`._jax_deform_kernels` uses too): its FFI target from the op table, the output
+shapes from the table's shape symbols, the VJP from its ``gradient`` entry. The calls
+work under ``jax.jit``, ``jax.grad`` (:func:`jax.custom_vjp`), ``jax.vmap`` (the handlers
+treat every leading dimension as batch, so the calls are declared
 ``vmap_method="broadcast_all"``, and a ``custom_vmap`` rule folds vmapped axes into the
 batch) and sharding (``keras.distribution.DataParallel``): each call is a
-``custom_partitioning`` op that keeps the batch axis sharded, so every device runs the
-kernels on its own shard instead of XLA gathering the whole batch. CPU only: on other
-platforms :func:`available` is False.
+``custom_partitioning`` op that keeps the batch axis sharded (its sharding rule derived
+from the table's shapes), so every device runs the kernels on its own shard instead of
+XLA gathering the whole batch.
+
+Platforms: the CPU handlers are always registered; the CUDA handlers (the FFI handler
+symbol with ``Cuda`` appended, on XLA's stream through the CUDA launcher that
+``_sapa_core.so`` opens) only when JAX has a CUDA backend and the launcher and its
+kernel images load (:data:`._native.cuda`); a CPU-only JAX registers none.
 
 The library goes through the checks of :mod:`._native` (disable switch, build record,
 jaxlib version, CPU features) on the first call of :func:`available`, never at import.
@@ -36,9 +44,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from keras_sapa.ops import _native
 from keras_sapa.ops import _optable
 
-# (FFI target, handler symbol in _sapa_jax.so) of the fused forward and backward.
-_FFI = (_optable.op("Sapa").bindings.xla_ffi, _optable.op("SapaGrad").bindings.xla_ffi)
-FORWARD_TARGET, BACKWARD_TARGET = (target for target, _ in _FFI)
+SAPA = _optable.op("Sapa")
+FORWARD_TARGET, BACKWARD_TARGET = (o.bindings.xla_ffi[0] for o in (SAPA, _optable.op("SapaGrad")))
 
 # ------------------------------------------------------------------ facts for the dispatch
 EAGER_BUILTIN = "xla"  # the builtin formulation without the kernels
@@ -65,8 +72,17 @@ def layer_supports_jit(implementation="auto"):
     return True
 
 
+def has_cuda():
+    """Whether JAX has a CUDA backend with a device (public API: ``jax.devices``)."""
+    try:
+        return bool(jax.devices("cuda"))
+    except RuntimeError:  # no such backend (a CPU-only jaxlib) or none initialised
+        return False
+
+
 def _load():
-    """(True, None) once the FFI targets are registered, else (False, reason)."""
+    """({"cuda": reason or None}, None) once SAPA's FFI targets are registered, else
+    (None, reason)."""
     core, info = _native.load_core()
     if core is None:
         return None, _native.unavailable_reason()
@@ -75,17 +91,19 @@ def _load():
         return None, reason
     if not info.get("jax_library"):
         return None, f"the JAX library was not built ({info.get('jax_status')})"
-    return register_ffi_targets(_FFI, "")
+    return register_ffi_targets([SAPA, _optable.op(SAPA.gradient)], "")
 
 
-def register_ffi_targets(ffi, what):
-    """Registers the ``(target, handler symbol)`` pairs ``ffi`` of ``_sapa_jax.so`` as
-    XLA FFI targets for the CPU: ``(True, None)``, or ``(None, reason)``. ``what``
-    names the ops in the reason (``""`` for SAPA's, ``"SAPA-D "``)."""
+def register_ffi_targets(ops, what):
+    """Registers the XLA FFI targets of the table's ``ops`` from ``_sapa_jax.so``: the
+    CPU handlers, and where :func:`has_cuda` the CUDA handlers the library has (when the
+    launcher opens). ``({"cuda": None or why not}, None)``, or ``(None, reason)`` when a
+    CPU handler is missing or fails to register. ``what`` names the ops in the reason
+    (``""`` for SAPA's, ``"SAPA-D "``)."""
     path = os.path.join(_native.bindings_dir(), _native.JAX_LIBRARY)
     try:
         lib = ctypes.CDLL(path)
-        handlers = [getattr(lib, symbol) for _, symbol in ffi]
+        handlers = [getattr(lib, o.bindings.xla_ffi[1]) for o in ops]
     except (OSError, AttributeError) as exc:
         return (
             None,
@@ -93,45 +111,73 @@ def register_ffi_targets(ffi, what):
             "`python custom_ops/build.py`",
         )
     try:
-        for (target, _), handler in zip(ffi, handlers, strict=True):
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+        for o, handler in zip(ops, handlers, strict=True):
+            jax.ffi.register_ffi_target(
+                o.bindings.xla_ffi[0], jax.ffi.pycapsule(handler), platform="cpu"
+            )
     except Exception as exc:  # a JAX without these APIs, or a rejected registration
         return None, f"registering the {what}XLA FFI targets failed ({exc!r})"
-    return True, None
+    return {"cuda": _register_cuda(lib, ops, what)}, None
+
+
+def _register_cuda(lib, ops, what):
+    """Registers the CUDA handlers of ``ops``; None when done, else why not (no CUDA
+    backend: nothing is registered)."""
+    if not has_cuda():
+        return "JAX has no CUDA backend"
+    symbols = [o.bindings.xla_ffi[1] + "Cuda" for o in ops]
+    if not all(hasattr(lib, s) for s in symbols):
+        return f"the JAX library has no CUDA handlers for the {what}ops"
+    if _native.cuda.get() is None:
+        return _native.cuda.reason()
+    try:
+        for o, symbol in zip(ops, symbols, strict=True):
+            jax.ffi.register_ffi_target(
+                o.bindings.xla_ffi[0], jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA"
+            )
+    except Exception as exc:  # noqa: BLE001 - the CPU targets stay usable
+        return f"registering the {what}CUDA targets failed ({exc!r})"
+    return None
 
 
 _library = _native.Library("JAX", _load)
 
 
-def _platform_problem():
+def platform_problem(library):
+    """Why the registered targets of ``library`` (a :class:`._native.Library` of
+    :func:`register_ffi_targets`) cannot serve JAX's default backend; None when they
+    can (the CPU, or CUDA with its targets registered)."""
     backend = jax.default_backend()
-    return (
-        None
-        if backend == "cpu"
-        else (f"the JAX bindings run on CPU only (default backend: {backend})")
-    )
+    if backend == "cpu":
+        return None
+    registered = library.get()
+    if backend == "gpu" and registered is not None and registered["cuda"] is None:
+        return None
+    why = registered["cuda"] if registered is not None else library.reason()
+    return f"no compiled kernels for JAX's default backend {backend!r} ({why})"
 
 
 def available():
-    """True when the compiled kernels are registered with JAX (loads them on first call).
+    """True when the compiled kernels are registered with JAX for its default backend
+    (loads them on first call).
 
     False, after one ``RuntimeWarning``, when the library is missing, stale, built for
     another CPU or jaxlib, or fails to load; False without a warning when
-    ``KERAS_SAPA_DISABLE_COMPILED`` is set or JAX's default backend is not the CPU.
+    ``KERAS_SAPA_DISABLE_COMPILED`` is set or the default backend has no kernels.
     """
-    return _platform_problem() is None and _library.get() is not None
+    return _library.get() is not None and platform_problem(_library) is None
 
 
 def usable(query, key, value):
-    """Whether :func:`sapa` can serve these tensors: the kernels are registered (JAX runs
-    them on its default backend, the CPU). The tensors may be tracers."""
+    """Whether :func:`sapa` can serve these tensors: the kernels are registered for
+    JAX's default backend. The tensors may be tracers."""
     del query, key, value
     return available()
 
 
 def unavailable_reason():
     """Why :func:`available` is False (None when it is True)."""
-    return _platform_problem() or _library.reason()
+    return _library.reason() or platform_problem(_library)
 
 
 def _reset():
@@ -140,34 +186,33 @@ def _reset():
     _native.core.reset()
 
 
-def _attrs(kernel_size, up_factor):
-    return {"kernel_size": np.int64(kernel_size), "up_factor": np.int64(up_factor)}
-
-
-def _forward_call(query, key, value, kernel_size, up_factor):
-    high = query.shape[:-1]
+# ------------------------------------------------------------------ the calls
+def _ffi_call(op, attrs, *arrays):
+    """One custom call of the table's ``op``: outputs shaped by the table, typed as the
+    first input."""
+    shapes = _native.output_shapes(op, [a.shape for a in arrays], attrs)
     call = jax.ffi.ffi_call(
-        FORWARD_TARGET,
-        (
-            jax.ShapeDtypeStruct(high + (value.shape[-1],), query.dtype),
-            jax.ShapeDtypeStruct(high + (kernel_size * kernel_size,), query.dtype),
-        ),
+        op.bindings.xla_ffi[0],
+        tuple(jax.ShapeDtypeStruct(s, arrays[0].dtype) for s in shapes),
         vmap_method="broadcast_all",
     )
-    return tuple(call(query, key, value, **_attrs(kernel_size, up_factor)))
+    return tuple(call(*arrays, **{name: np.int64(v) for name, v in attrs.items()}))
 
 
-def _backward_call(grad, query, key, value, weights, kernel_size, up_factor):
-    call = jax.ffi.ffi_call(
-        BACKWARD_TARGET,
-        (
-            jax.ShapeDtypeStruct(query.shape, query.dtype),
-            jax.ShapeDtypeStruct(key.shape, key.dtype),
-            jax.ShapeDtypeStruct(value.shape, value.dtype),
-        ),
-        vmap_method="broadcast_all",
-    )
-    return tuple(call(grad, query, key, value, weights, **_attrs(kernel_size, up_factor)))
+def sharding_rule(op):
+    """The op's ``custom_partitioning`` rule from its table shapes: one factor per
+    distinct dimension (``b`` the batch), e.g. ``"b c d e, b f g e -> ..."``."""
+    letters = iter("cdefghijklmnopqrstuvwxyz")
+    factors = {"B": "b"}
+    for tensor in (*op.inputs, *op.outputs):
+        for dim in tensor.shape:
+            if dim not in factors:
+                factors[dim] = next(letters)
+
+    def spec(tensors):
+        return ", ".join(" ".join(factors[dim] for dim in t.shape) for t in tensors)
+
+    return f"{spec(op.inputs)} -> {spec(op.outputs)}"
 
 
 # Sharding. XLA cannot look into a custom call, so by itself it gathers sharded operands
@@ -176,60 +221,51 @@ def _backward_call(grad, query, key, value, weights, kernel_size, up_factor):
 # batch axis, all other axes replicated, and each device runs the kernel on its shard.
 # ``custom_partitioning`` has no batching rule, so ``custom_vmap`` folds a vmapped axis
 # into the batch axis (broadcasting unbatched operands) before the call.
-_RULES = {
-    "forward": "b h w d, b x y d, b x y c -> b h w c, b h w n",
-    "backward": "b h w c, b h w d, b x y d, b x y c, b h w n -> b h w d, b x y d, b x y c",
-}
+@functools.cache
+def _partitioned(op_name, attr_items):
+    op, attrs = _optable.op(op_name), dict(attr_items)
 
+    def body(*arrays):
+        return _ffi_call(op, attrs, *arrays)
 
-def _batch_sharding(mesh, arg_shapes):
-    spec = arg_shapes[1].sharding.spec if len(arg_shapes) > 3 else arg_shapes[0].sharding.spec
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(spec[0] if spec else None))
+    query = [t.name for t in op.inputs].index("query")
+    partitioned = custom_partitioning(body)
 
+    def batch_sharding(mesh, arg_shapes):
+        spec = arg_shapes[query].sharding.spec
+        return jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(spec[0] if spec else None)
+        )
 
-def _partitioned(body, rule, arrays):
-    """``body(*arrays, kernel_size, up_factor)`` as a batch-partitioned op."""
-    op = custom_partitioning(body, static_argnums=(arrays, arrays + 1))
-
-    def partition(kernel_size, up_factor, mesh, arg_shapes, result_shape):
-        sharding = _batch_sharding(mesh, arg_shapes)
+    def partition(mesh, arg_shapes, result_shape):
+        sharding = batch_sharding(mesh, arg_shapes)
         return (
             mesh,
-            lambda *arrays: body(*arrays, kernel_size, up_factor),
+            body,
             tuple(sharding for _ in result_shape),
             tuple(sharding for _ in arg_shapes),
         )
 
-    def infer(kernel_size, up_factor, mesh, arg_shapes, result_shape):
-        sharding = _batch_sharding(mesh, arg_shapes)
+    def infer(mesh, arg_shapes, result_shape):
+        sharding = batch_sharding(mesh, arg_shapes)
         return tuple(sharding for _ in result_shape)
 
+    rule = sharding_rule(op)
     # Every factor but the batch must stay whole, listed in order of first appearance.
     factors = []
     for name in rule.replace(",", " ").replace("->", " ").split():
         if name != "b" and name not in factors:
             factors.append(name)
-    op.def_partition(
+    partitioned.def_partition(
         partition=partition,
         infer_sharding_from_operands=infer,
         sharding_rule=rule,
         need_replication_factors=tuple(factors),
     )
-    return op
-
-
-_forward_op = _partitioned(_forward_call, _RULES["forward"], 3)
-_backward_op = _partitioned(_backward_call, _RULES["backward"], 5)
-
-
-@functools.cache
-def _batched(which, kernel_size, up_factor):
-    """The partitioned op for fixed sizes, with a vmap rule."""
-    op = _forward_op if which == "forward" else _backward_op
 
     @jax.custom_batching.custom_vmap
     def call(*arrays):
-        return op(*arrays, kernel_size, up_factor)
+        return partitioned(*arrays)
 
     @call.def_vmap
     def _rule(axis_size, in_batched, *arrays):
@@ -246,27 +282,44 @@ def _batched(which, kernel_size, up_factor):
     return call
 
 
-def _forward(query, key, value, kernel_size, up_factor):
-    return _batched("forward", kernel_size, up_factor)(query, key, value)
+@functools.cache
+def _fused(op_name, attr_items):
+    """The table's fused ``op`` (first output) as a ``jax.custom_vjp`` whose backward is
+    its ``gradient`` op: that op takes the output's gradient then ``gradient_inputs``
+    (inputs and outputs by name) and returns the ``differentiable`` inputs' gradients."""
+    op = _optable.op(op_name)
+    forward = _partitioned(op_name, attr_items)
+    backward = _partitioned(op.gradient, attr_items)
+    names = [t.name for t in op.inputs] + [t.name for t in op.outputs]
+
+    @jax.custom_vjp
+    def fused(*inputs):
+        return forward(*inputs)[0]
+
+    def fused_fwd(*inputs):
+        outs = forward(*inputs)
+        named = dict(zip(names, (*inputs, *outs), strict=True))
+        return outs[0], tuple(named[n] for n in op.gradient_inputs)
+
+    def fused_bwd(residuals, grad):
+        grads = iter(backward(grad.astype(residuals[0].dtype), *residuals))
+        return tuple(next(grads) if t.name in op.differentiable else None for t in op.inputs)
+
+    fused.defvjp(fused_fwd, fused_bwd)
+    return fused
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fused(query, key, value, kernel_size, up_factor):
-    return _forward(query, key, value, kernel_size, up_factor)[0]
-
-
-def _fused_fwd(query, key, value, kernel_size, up_factor):
-    out, weights = _forward(query, key, value, kernel_size, up_factor)
-    return out, (query, key, value, weights)
-
-
-def _fused_bwd(kernel_size, up_factor, residuals, grad):
-    query, key, value, weights = residuals
-    grad = grad.astype(query.dtype)
-    return _batched("backward", kernel_size, up_factor)(grad, query, key, value, weights)
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
+def run(op_name, tensors, attrs):
+    """The table's fused op ``op_name`` on the compiled kernels, for inputs that the
+    public op has checked (shapes, floating dtypes): differentiable, also under
+    ``jax.jit``, ``jax.vmap`` and batch sharding. float16 / bfloat16 are computed in
+    float32 (float64 inputs in float64), the result rounded once to ``value``'s dtype."""
+    op = _optable.op(op_name)
+    dtypes = [jnp.asarray(t).dtype for t in tensors]
+    compute = jnp.float64 if jnp.float64 in dtypes else jnp.float32
+    attr_items = tuple((a.name, int(attrs[a.name])) for a in op.attrs)
+    out = _fused(op_name, attr_items)(*(jnp.asarray(t, compute) for t in tensors))
+    return out.astype(dtypes[[t.name for t in op.inputs].index("value")])
 
 
 def sapa(query, key, value, kernel_size, up_factor):
@@ -283,7 +336,4 @@ def sapa(query, key, value, kernel_size, up_factor):
             "keras_sapa: the compiled SAPA kernels for JAX are unavailable: "
             f"{unavailable_reason()}"
         )
-    dtype = jnp.asarray(value).dtype
-    compute = jnp.float64 if dtype == jnp.float64 else jnp.float32
-    out = _fused(*(jnp.asarray(t, compute) for t in (query, key, value)), kernel_size, up_factor)
-    return out.astype(dtype)
+    return run("Sapa", (query, key, value), {"kernel_size": kernel_size, "up_factor": up_factor})

@@ -162,23 +162,125 @@ def bindings_build_info(framework=None, version=None):
     return info, reason
 
 
+def num_core_sizes(op):
+    """How many size arguments the op's C entry points take (:func:`core_sizes`)."""
+    return len(op.attrs) + 5
+
+
+def core_sizes(op, shapes, attrs):
+    """The size arguments of an op's C entry points (``custom_ops/sapa/bindings/``), by
+    one rule for every op of the table: batch, height and width of ``key``,
+    ``up_factor``, the op's other attributes in the table's order, then the channels of
+    ``key`` and of ``value``. ``shapes`` are the inputs' shapes in the op's order (every
+    dimension before the last three a batch dimension), ``attrs`` a dict by name."""
+    names = [t.name for t in op.inputs]
+    key, value = shapes[names.index("key")], shapes[names.index("value")]
+    batch = 1
+    for dim in key[:-3]:
+        batch *= int(dim)
+    others = [int(attrs[a.name]) for a in op.attrs if a.name != "up_factor"]
+    return (
+        batch,
+        *(int(d) for d in key[-3:-1]),
+        int(attrs["up_factor"]),
+        *others,
+        int(key[-1]),
+        int(value[-1]),
+    )
+
+
+def output_shapes(op, shapes, attrs):
+    """The op's output shapes for inputs of ``shapes`` by the op table's symbols
+    (:func:`keras_sapa.ops._optable.output_shape`), every dimension before the last
+    three a batch dimension (that of the first input)."""
+    from keras_sapa.ops import _optable
+
+    lead = tuple(shapes[0][:-3])
+    batch = 1
+    for dim in lead:
+        batch *= dim
+    folded = [(batch, *tuple(s)[-3:]) for s in shapes]
+    return [
+        lead + tuple(_optable.output_shape(op, i, folded, attrs)[1:])
+        for i in range(len(op.outputs))
+    ]
+
+
 def _declare(lib):
-    """The C signatures: each op's tensors (inputs, outputs) as pointers, then the seven
-    sizes (batch, height, width, up_factor, kernel_size, d, C)."""
+    """The C signatures of every op of the table that the library has: the CPU entry
+    points (``<c_abi>_f32`` / ``_f64``: each tensor, inputs then outputs, as a pointer,
+    then :func:`core_sizes`) and the CUDA ones (``<c_abi>_cuda``). A library built
+    before an op (SAPA-D) lacks its entry points: they stay undeclared, and
+    :func:`entry_point` returns None for them."""
     from keras_sapa.ops import _optable
 
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for spec in _optable.OPS:
-        if spec.family != "sapa" or spec.bindings.c_abi is None:  # SAPA-D declares its own
+        if spec.bindings.c_abi is None:
             continue
         for dtype in ("f32", "f64"):
-            fn = getattr(lib, f"{spec.bindings.c_abi}_{dtype}")
-            fn.argtypes = [pointer] * (len(spec.inputs) + len(spec.outputs)) + [size] * 7
+            fn = getattr(lib, f"{spec.bindings.c_abi}_{dtype}", None)
+            if fn is not None:
+                tensors = len(spec.inputs) + len(spec.outputs)
+                fn.argtypes = [pointer] * tensors + [size] * num_core_sizes(spec)
+                fn.restype = ctypes.c_int
+        fn = getattr(lib, f"{spec.bindings.c_abi}_cuda", None)
+        if fn is not None:
+            fn.argtypes = [pointer, ctypes.c_int, pointer, pointer, pointer]
             fn.restype = ctypes.c_int
+            scratch = getattr(lib, f"{spec.bindings.c_abi}_cuda_scratch")
+            scratch.argtypes = [ctypes.c_int, pointer, ctypes.POINTER(ctypes.c_int64)]
+            scratch.restype = ctypes.c_int
     lib.keras_sapa_core_abi.restype = ctypes.c_int
     lib.keras_sapa_num_threads.restype = ctypes.c_int
     lib.keras_sapa_set_num_threads.argtypes = [ctypes.c_int]
     lib.keras_sapa_set_num_threads.restype = None
+    if hasattr(lib, "keras_sapa_cuda_open"):
+        lib.keras_sapa_cuda_open.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        lib.keras_sapa_cuda_open.restype = ctypes.c_int
+        lib.keras_sapa_cuda_error.restype = ctypes.c_char_p
+
+
+def entry_point(lib, op, suffix):
+    """The C function ``<c_abi>_<suffix>`` (``f32``, ``f64``, ``cuda``,
+    ``cuda_scratch``) of the table's op in ``lib``, or None when the library predates
+    it."""
+    return getattr(lib, f"{op.bindings.c_abi}_{suffix}", None)
+
+
+def call_cpu(lib, op, tensors, sizes, dtype):
+    """Runs the op's CPU entry point for ``dtype`` (``"f32"``, ``"f64"``) on the data
+    pointers ``tensors`` (inputs then outputs); RuntimeError on a failure code."""
+    rc = entry_point(lib, op, dtype)(*tensors, *sizes)
+    if rc != 0:
+        raise RuntimeError(f"{op.bindings.c_abi}_{dtype} failed (code {rc})")
+
+
+def _cuda_failure(lib, op, rc):
+    message = lib.keras_sapa_cuda_error().decode(errors="replace")
+    return RuntimeError(f"{op.bindings.c_abi}_cuda failed (code {rc}): {message}")
+
+
+def cuda_scratch_bytes(lib, op, dtype, sizes):
+    """Bytes of device scratch the op's CUDA entry point needs (``<c_abi>_cuda_scratch``)."""
+    values = (ctypes.c_int64 * len(sizes))(*sizes)
+    nbytes = ctypes.c_int64()
+    rc = entry_point(lib, op, "cuda_scratch")(dtype, values, ctypes.byref(nbytes))
+    if rc != 0:
+        raise _cuda_failure(lib, op, rc)
+    return nbytes.value
+
+
+def call_cuda(lib, op, stream, dtype, tensors, sizes, scratch=None):
+    """Runs the op's CUDA entry point (``<c_abi>_cuda``) on ``stream`` (a CUstream
+    handle, None: the default stream) with the launcher's dtype code, device data
+    pointers and ``scratch`` (a device pointer of :func:`cuda_scratch_bytes` bytes);
+    RuntimeError with the launcher's message on a failure."""
+    pointers = (ctypes.c_void_p * len(tensors))(*tensors)
+    values = (ctypes.c_int64 * len(sizes))(*sizes)
+    rc = entry_point(lib, op, "cuda")(stream, dtype, pointers, values, scratch)
+    if rc != 0:
+        raise _cuda_failure(lib, op, rc)
 
 
 def _load_core():
@@ -212,3 +314,41 @@ def load_core():
 def unavailable_reason():
     """Why :func:`load_core` returns None (None when it loads)."""
     return core.reason()
+
+
+# ------------------------------------------------------------------ CUDA
+LAUNCHER_LIBRARY = "libsapa_launcher.so"
+
+
+def launcher_dir():
+    """Directory of the CUDA launcher and its kernel images (``custom_ops/build.py``'s
+    GPU part writes them beside the TensorFlow library)."""
+    return LIB_DIR
+
+
+def _open_cuda():
+    lib = core.get()
+    if lib is None:
+        return None, unavailable_reason()
+    if not hasattr(lib, "keras_sapa_cuda_open"):
+        return None, "the core library predates its CUDA entry points: rebuild the bindings"
+    path = os.path.join(launcher_dir(), LAUNCHER_LIBRARY)
+    if not os.path.isfile(path):
+        return None, f"{path} is missing (build the GPU part: `python custom_ops/build.py`)"
+    rc = lib.keras_sapa_cuda_open(path.encode(), launcher_dir().encode())
+    if rc != 0:
+        return None, lib.keras_sapa_cuda_error().decode(errors="replace")
+    try:
+        from keras_sapa.ops import _gpu_check  # the launcher's first-use self-test
+    except ImportError:  # a package without it runs no GPU kernel unchecked
+        return None, "the GPU self-test (keras_sapa.ops._gpu_check) is missing"
+    _, problem = _gpu_check.self_test(launcher_dir(), library=path)
+    if problem is not None:
+        return None, f"the GPU kernels failed their self-test ({problem})"
+    return lib, None
+
+
+# The core with the CUDA launcher opened (the kernel images of launcher_dir() loaded) and
+# its self-test passed on GPU 0 (keras_sapa.ops._gpu_check), for the JAX and PyTorch CUDA
+# bindings; loaded on their first CUDA use, one warning when it fails.
+cuda = Library("CUDA", _open_cuda)

@@ -1,23 +1,35 @@
-"""SAPA's compiled CPU kernels on PyTorch: ``torch.library`` custom ops over ctypes.
+"""SAPA's compiled kernels on PyTorch: ``torch.library`` custom ops over ctypes.
 
 :func:`sapa` computes ``aggregate(softmax(similarity(query, key)), value)`` (SAPA_SPEC.md)
-with the fused kernels of ``custom_ops/sapa/kernels/cpu/``, through the C entry points of
+with the fused kernels of ``custom_ops/sapa/kernels/``, through the C entry points of
 ``keras_sapa/_lib/_sapa_core.so`` (built by ``custom_ops/build.py``). Two ops:
 
 - ``torch.ops.keras_sapa.sapa_forward(query, key, value, kernel_size, up_factor)
   -> (out, weights)``, the window softmax ``weights`` kept for the backward;
 - ``torch.ops.keras_sapa.sapa_backward(grad, query, key, value, weights, kernel_size,
-  up_factor) -> (dquery, dkey, dvalue)``,
+  up_factor) -> (dquery, dkey, dvalue)``.
 
-with ``register_autograd`` (first-order gradients in all three inputs) and fake
-implementations, so they run eagerly and inside ``torch.compile(fullgraph=True)`` graphs
-as single opaque nodes. CPU tensors of float32 or float64; :func:`sapa` computes float16 /
-bfloat16 in float32 and rounds the result once to ``value``'s dtype.
+Every op of the table is defined the same way (:func:`define`, which
+:mod:`._torch_deform_kernels` uses too): its schema from the table's inputs and
+attributes, fake implementations shaped by the table's shape symbols, ``register_autograd``
+from its ``gradient`` entry (first-order gradients of its ``differentiable`` inputs), so
+the ops run eagerly and inside ``torch.compile(fullgraph=True)`` graphs as single opaque
+nodes. Implementations:
+
+- CPU: the core's ``<c_abi>_f32`` / ``_f64`` on the tensors' data pointers;
+- CUDA (registered only when PyTorch is built with CUDA): the core's ``<c_abi>_cuda`` on
+  ``torch.cuda.current_stream().cuda_stream``, through the CUDA launcher, which the core
+  opens on the first CUDA call (:data:`._native.cuda`); :func:`run_cuda` is its body.
+
+Tensors of float32 or float64; :func:`sapa` computes float16 / bfloat16 in float32 and
+rounds the result once to ``value``'s dtype.
 
 The core library goes through the checks of :mod:`._native` (disable switch, build
 record, CPU features; ctypes ties it to no PyTorch version) on the first call of
 :func:`available`, never at import (importing this module only registers the op schemas).
 """
+
+import ctypes
 
 import torch
 
@@ -25,7 +37,9 @@ from keras_sapa.ops import _native
 from keras_sapa.ops import _optable
 
 _NATIVE = {torch.float32: "f32", torch.float64: "f64"}
-_FORWARD, _BACKWARD = (_optable.op(name).bindings for name in ("Sapa", "SapaGrad"))
+_LAUNCHER_DTYPES = {torch.float32: 0, torch.float64: 3}  # SapaDtype (sapa_launcher.h)
+# CUDA implementations are registered where PyTorch has CUDA (none on a CPU-only build).
+CUDA_REGISTERED = torch.backends.cuda.is_built()
 
 # ------------------------------------------------------------------ facts for the dispatch
 EAGER_BUILTIN = "xla"  # the builtin formulation without the kernels
@@ -61,15 +75,29 @@ def available():
 
     False, after one ``RuntimeWarning``, when the library is missing, stale, built for
     another CPU or fails to load; False without a warning when
-    ``KERAS_SAPA_DISABLE_COMPILED`` is set. The kernels take CPU tensors only.
+    ``KERAS_SAPA_DISABLE_COMPILED`` is set.
     """
     return _library.get() is not None
 
 
+def serves(ops, tensors):
+    """Whether the table's ``ops`` run on these tensors: all on the CPU, or all on one
+    CUDA device with the CUDA implementations registered, the launcher open and the
+    ops' CUDA entry points in the library."""
+    devices = {t.device for t in tensors}
+    kinds = {d.type for d in devices}
+    if kinds == {"cpu"}:
+        return True
+    if kinds != {"cuda"} or len(devices) != 1 or not CUDA_REGISTERED:
+        return False
+    lib = _native.cuda.get()
+    return lib is not None and all(_native.entry_point(lib, o, "cuda") for o in ops)
+
+
 def usable(query, key, value):
-    """Whether :func:`sapa` can serve these tensors: the kernels are loaded and all three
-    tensors are on the CPU (CUDA tensors need the builtin formulation)."""
-    return available() and all(t.device.type == "cpu" for t in (query, key, value))
+    """Whether :func:`sapa` can serve these tensors: the kernels are loaded and the
+    tensors are all on the CPU or all on one CUDA device that the kernels serve."""
+    return available() and serves(_OPS, (query, key, value))
 
 
 def unavailable_reason():
@@ -92,124 +120,160 @@ def _library_handle():
     return _library.get()
 
 
-def _sizes(key, value, kernel_size, up_factor):
-    batch, height, width, dim = key.shape
-    return (batch, height, width, up_factor, kernel_size, dim, value.shape[-1])
+# ------------------------------------------------------------------ op definitions
+def torch_op(op):
+    """``torch.ops.<namespace>.<name>`` of the table's op."""
+    namespace, name = op.bindings.torch.split("::")
+    return getattr(getattr(torch.ops, namespace), name)
 
 
-def _check_native(*tensors):
-    for t in tensors:
-        if t.device.type != "cpu" or t.dtype not in _NATIVE or t.dtype != tensors[0].dtype:
-            raise ValueError(
-                "keras_sapa.sapa_forward/backward take CPU tensors of one dtype, float32 or "
-                f"float64. Received: {[(str(x.dtype), x.device.type) for x in tensors]}"
-            )
+def _split(op, args):
+    """(contiguous input tensors, attributes by name) of a call's arguments."""
+    n = len(op.inputs)
+    return [t.contiguous() for t in args[:n]], {
+        a.name: int(v) for a, v in zip(op.attrs, args[n:], strict=True)
+    }
 
 
-@torch.library.custom_op(_FORWARD.torch, mutates_args=(), device_types="cpu")
-def sapa_forward(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: int, up_factor: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused SAPA forward on CPU: ``(out, weights)`` (see the module docs)."""
-    _check_native(query, key, value)
-    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-    high = tuple(query.shape[:-1])
-    out = query.new_empty(high + (value.shape[-1],))
-    weights = query.new_empty(high + (kernel_size * kernel_size,))
-    fn = getattr(_library_handle(), f"{_FORWARD.c_abi}_{_NATIVE[query.dtype]}")
-    rc = fn(
-        query.data_ptr(),
-        key.data_ptr(),
-        value.data_ptr(),
-        out.data_ptr(),
-        weights.data_ptr(),
-        *_sizes(key, value, kernel_size, up_factor),
+def _outputs(op, tensors, attrs):
+    shapes = _native.output_shapes(op, [tuple(t.shape) for t in tensors], attrs)
+    return [tensors[0].new_empty(s) for s in shapes]
+
+
+def _check(op, tensors, device):
+    if any(
+        t.device.type != device or t.dtype not in _NATIVE or t.dtype != tensors[0].dtype
+        for t in tensors
+    ):
+        raise ValueError(
+            f"{op.bindings.torch} takes {device} tensors of one dtype, float32 or "
+            f"float64. Received: {[(str(t.dtype), t.device.type) for t in tensors]}"
+        )
+
+
+def _cpu_impl(op):
+    def impl(*args):
+        tensors, attrs = _split(op, args)
+        _check(op, tensors, "cpu")
+        outs = _outputs(op, tensors, attrs)
+        _native.call_cpu(
+            _library_handle(),
+            op,
+            [t.data_ptr() for t in (*tensors, *outs)],
+            _native.core_sizes(op, [t.shape for t in tensors], attrs),
+            _NATIVE[tensors[0].dtype],
+        )
+        return tuple(outs)
+
+    return impl
+
+
+def run_cuda(op, tensors, attrs, stream):
+    """The CUDA implementation's body: the op's ``<c_abi>_cuda`` on ``stream`` (a
+    CUstream handle; None: the default stream) with the tensors' data pointers, through
+    the launcher the core has open. The tensors are device memory for the launcher: on
+    a GPU, CUDA tensors; under the emulated driver of the tests, CPU tensors."""
+    tensors = [t.contiguous() for t in tensors]
+    outs = _outputs(op, tensors, attrs)
+    lib, dtype = _native.core.get(), _LAUNCHER_DTYPES[tensors[0].dtype]
+    sizes = _native.core_sizes(op, [t.shape for t in tensors], attrs)
+    nbytes = _native.cuda_scratch_bytes(lib, op, dtype, sizes)
+    scratch = tensors[0].new_empty(nbytes, dtype=torch.uint8) if nbytes else None
+    _native.call_cuda(
+        lib,
+        op,
+        stream,
+        dtype,
+        [t.data_ptr() for t in (*tensors, *outs)],
+        sizes,
+        None if scratch is None else ctypes.c_void_p(scratch.data_ptr()),
     )
-    if rc != 0:
-        raise RuntimeError(f"keras_sapa_forward failed (code {rc})")
-    return out, weights
+    return tuple(outs)
 
 
-@sapa_forward.register_fake
-def _(query, key, value, kernel_size, up_factor):
-    high = tuple(query.shape[:-1])
-    return (
-        query.new_empty(high + (value.shape[-1],)),
-        query.new_empty(high + (kernel_size * kernel_size,)),
-    )
+def _cuda_impl(op):
+    def impl(*args):
+        tensors, attrs = _split(op, args)
+        _check(op, tensors, "cuda")
+        if _native.cuda.get() is None:
+            raise RuntimeError(f"keras_sapa: no CUDA kernels ({_native.cuda.reason()})")
+        stream = torch.cuda.current_stream(tensors[0].device).cuda_stream
+        return run_cuda(op, tensors, attrs, stream)
+
+    return impl
 
 
-@torch.library.custom_op(_BACKWARD.torch, mutates_args=(), device_types="cpu")
-def sapa_backward(
-    grad: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    weights: torch.Tensor,
-    kernel_size: int,
-    up_factor: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused SAPA backward on CPU: ``(dquery, dkey, dvalue)`` (see the module docs)."""
-    _check_native(grad, query, key, value, weights)
-    grad, query, key, value, weights = (t.contiguous() for t in (grad, query, key, value, weights))
-    dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-    fn = getattr(_library_handle(), f"{_BACKWARD.c_abi}_{_NATIVE[query.dtype]}")
-    rc = fn(
-        grad.data_ptr(),
-        query.data_ptr(),
-        key.data_ptr(),
-        value.data_ptr(),
-        weights.data_ptr(),
-        dq.data_ptr(),
-        dk.data_ptr(),
-        dv.data_ptr(),
-        *_sizes(key, value, kernel_size, up_factor),
-    )
-    if rc != 0:
-        raise RuntimeError(f"keras_sapa_backward failed (code {rc})")
-    return dq, dk, dv
+def _autograd(op):
+    """``(backward, setup_context)`` of the fused op from its ``gradient`` entry."""
+    n = len(op.inputs)
+    names = [t.name for t in op.inputs] + [t.name for t in op.outputs]
+    gradient = _optable.op(op.gradient)
+
+    def setup_context(ctx, inputs, output):
+        named = dict(zip(names, (*inputs[:n], *output), strict=True))
+        ctx.save_for_backward(*(named[x] for x in op.gradient_inputs))
+        for extra in output[1:]:
+            ctx.mark_non_differentiable(extra)
+        # No zero-filled gradient for the extra outputs (never differentiated): None.
+        ctx.set_materialize_grads(False)
+        ctx.attrs = inputs[n:]
+
+    def backward(ctx, grad_out, *unused):
+        if grad_out is None:
+            return (None,) * (n + len(op.attrs))
+        grads = iter(torch_op(gradient)(grad_out, *ctx.saved_tensors, *ctx.attrs))
+        return (
+            *(next(grads) if t.name in op.differentiable else None for t in op.inputs),
+            *(None for _ in op.attrs),
+        )
+
+    return backward, setup_context
 
 
-@sapa_backward.register_fake
-def _(grad, query, key, value, weights, kernel_size, up_factor):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+def define(op):
+    """Defines the table's fused ``op`` and its gradient op as ``torch.library`` ops:
+    schemas, CPU (and CUDA) implementations, fake implementations, autograd."""
+    for spec in (op, _optable.op(op.gradient)):
+        name = spec.bindings.torch
+        args = [f"Tensor {t.name}" for t in spec.inputs] + [f"int {a.name}" for a in spec.attrs]
+        results = ", ".join("Tensor" for _ in spec.outputs)
+        torch.library.define(name, f"({', '.join(args)}) -> ({results})")
+        torch.library.impl(name, "cpu", _cpu_impl(spec))
+        if CUDA_REGISTERED:
+            torch.library.impl(name, "cuda", _cuda_impl(spec))
+
+        def fake(*args, spec=spec):
+            return tuple(_outputs(spec, *_split(spec, args)))
+
+        torch.library.register_fake(name, fake)
+    backward, setup_context = _autograd(op)
+    torch.library.register_autograd(op.bindings.torch, backward, setup_context=setup_context)
 
 
-def _setup_context(ctx, inputs, output):
-    query, key, value, kernel_size, up_factor = inputs
-    ctx.save_for_backward(query, key, value, output[1])
-    ctx.mark_non_differentiable(output[1])
-    # No zero-filled gradient for `weights` (it is never differentiated): None instead.
-    ctx.set_materialize_grads(False)
-    ctx.kernel_size, ctx.up_factor = kernel_size, up_factor
+def run(op, tensors, attrs):
+    """The table's fused ``op`` (its first output) on the compiled kernels, for tensors
+    the public op has checked: float16 / bfloat16 computed in float32 (float64 inputs in
+    float64), the result in ``value``'s dtype. Differentiable (first order), eagerly or
+    inside ``torch.compile(fullgraph=True)``."""
+    _library_handle()
+    dtypes = {t.dtype for t in tensors}
+    compute = torch.float64 if torch.float64 in dtypes else torch.float32
+    values = [attrs[a.name] for a in op.attrs]
+    out = torch_op(op)(*(t.to(compute) for t in tensors), *(int(v) for v in values))[0]
+    return out.to(tensors[[t.name for t in op.inputs].index("value")].dtype)
 
 
-def _backward(ctx, grad_out, grad_weights):
-    query, key, value, weights = ctx.saved_tensors
-    if grad_out is None:
-        return None, None, None, None, None
-    dq, dk, dv = sapa_backward(
-        grad_out, query, key, value, weights, ctx.kernel_size, ctx.up_factor
-    )
-    return dq, dk, dv, None, None
-
-
-sapa_forward.register_autograd(_backward, setup_context=_setup_context)
+_OPS = (_optable.op("Sapa"), _optable.op("SapaGrad"))
+define(_OPS[0])
 
 
 def sapa(query, key, value, kernel_size, up_factor):
     """``aggregate(softmax(similarity(query, key)), value)`` on the compiled kernels, for
-    CPU tensors that :func:`keras_sapa.ops.sapa` has checked (shapes, one floating dtype).
+    tensors that :func:`keras_sapa.ops.sapa` has checked (shapes, one floating dtype).
 
     Float16 and bfloat16 are computed in float32, the result rounded once to ``value``'s
     dtype. Differentiable in all three inputs (first order), eagerly or inside
     ``torch.compile(fullgraph=True)``. Raises ``RuntimeError`` when the kernels are
     unavailable (see :func:`available`).
     """
-    _library_handle()
-    dtype = value.dtype
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    out, _ = sapa_forward(
-        query.to(compute), key.to(compute), value.to(compute), kernel_size, up_factor
-    )
-    return out.to(dtype)
+    return run(_OPS[0], (query, key, value), {"kernel_size": kernel_size, "up_factor": up_factor})

@@ -1,16 +1,21 @@
 // _sapa_core.so: the thread pool and the C entry points of sapa_core_c.h, on the
-// framework-free kernel core (kernels/cpu/sapa_cpu.h). Built with g++ alone.
+// framework-free kernel core (kernels/cpu/sapa_cpu.h), and the CUDA entry points on the
+// launcher (opened with dlopen: the core links no CUDA). Built with g++ alone.
 
 #include "sapa_core_c.h"
 
+#include <dlfcn.h>
 #include <sched.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <type_traits>
 
 #include "../kernels/cpu/sapa_cpu.h"
+#include "../launcher/sapa_launcher.h"  // types and signatures only: dlsym'd at open
 #include "thread_pool.h"
 
 namespace keras_sapa {
@@ -173,6 +178,206 @@ int Backward(const T* g, const T* q, const T* k, const T* v, const T* w, T* dq, 
   return KERAS_SAPA_OK;
 }
 
+// ---------------------------------------------------------------------------- CUDA
+
+// The launcher's entry points this library uses, dlsym'd from libsapa_launcher.so.
+struct Launcher {
+  void* handle = nullptr;
+  std::string path;
+  decltype(&sapa_load_image_dir) load_image_dir = nullptr;
+  decltype(&sapa_last_error) last_error = nullptr;
+  decltype(&sapa_forward) forward = nullptr;
+  decltype(&sapa_softmax_backward) softmax_backward = nullptr;
+  decltype(&sapa_gather_acc) gather_acc = nullptr;
+  decltype(&sapa_scatter_acc) scatter_acc = nullptr;
+  // SAPA-D (NULL where the launcher predates them).
+  decltype(&sapa_deform_forward) deform_forward = nullptr;
+  decltype(&sapa_deform_workspace) deform_workspace = nullptr;
+  decltype(&sapa_deform_backward) deform_backward = nullptr;
+};
+
+std::mutex launcher_mu;
+std::shared_ptr<const Launcher> launcher;  // guarded by launcher_mu
+thread_local std::string cuda_error;
+
+int CudaFail(int code, const std::string& message) {
+  cuda_error = message;
+  return code;
+}
+
+std::shared_ptr<const Launcher> CurrentLauncher() {
+  std::lock_guard<std::mutex> lock(launcher_mu);
+  return launcher;
+}
+
+int OpenLauncher(const char* path, const char* image_dir) {
+  if (path == nullptr) return CudaFail(KERAS_SAPA_NO_LAUNCHER, "no launcher path");
+  auto l = std::make_shared<Launcher>();
+  l->path = path;
+  l->handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (l->handle == nullptr) {
+    const char* why = dlerror();
+    return CudaFail(KERAS_SAPA_NO_LAUNCHER,
+                    std::string("cannot load the CUDA launcher: ") + (why ? why : path));
+  }
+  bool ok = true;
+  auto sym = [&](auto* slot, const char* name, bool required = true) {
+    *slot = reinterpret_cast<std::remove_pointer_t<decltype(slot)>>(dlsym(l->handle, name));
+    if (*slot == nullptr && required) {
+      ok = false;
+      cuda_error = std::string(path) + " has no " + name;
+    }
+  };
+  sym(&l->load_image_dir, "sapa_load_image_dir");
+  sym(&l->last_error, "sapa_last_error");
+  sym(&l->forward, "sapa_forward");
+  sym(&l->softmax_backward, "sapa_softmax_backward");
+  sym(&l->gather_acc, "sapa_gather_acc");
+  sym(&l->scatter_acc, "sapa_scatter_acc");
+  if (!ok) return KERAS_SAPA_NO_LAUNCHER;
+  sym(&l->deform_forward, "sapa_deform_forward", false);
+  sym(&l->deform_workspace, "sapa_deform_workspace", false);
+  sym(&l->deform_backward, "sapa_deform_backward", false);
+  if (image_dir != nullptr) {
+    int count = 0;
+    if (l->load_image_dir(image_dir, &count) != SAPA_OK) {
+      return CudaFail(KERAS_SAPA_NO_LAUNCHER, l->last_error());
+    }
+    if (count == 0) {
+      return CudaFail(KERAS_SAPA_NO_LAUNCHER,
+                      std::string("no kernel images (sapa_kernels.*.cubin/ptx) in ") + image_dir);
+    }
+  }
+  std::lock_guard<std::mutex> lock(launcher_mu);
+  launcher = std::move(l);  // a replaced launcher stays loaded (no dlclose)
+  return KERAS_SAPA_OK;
+}
+
+// SapaDims of SAPA's core sizes (batch, height, width, up, kernel, dim, channels), with
+// `channels` channels on both sides.
+SapaDims CudaDims(const int64_t* z, int64_t channels) {
+  return SapaDims{z[0], z[1], z[2], z[3], z[4], channels, channels};
+}
+
+bool ValidSizes(const int64_t* z) {
+  cpu::Shape shape;
+  return MakeShape(z[0], z[1], z[2], z[3], z[4], z[5], z[6], &shape);
+}
+
+bool HasDeform(const Launcher& l) {
+  return l.deform_forward && l.deform_workspace && l.deform_backward;
+}
+
+// The open launcher (with SAPA-D's entry points when `deform`), else null and *rc set.
+std::shared_ptr<const Launcher> OpenOr(bool deform, int* rc) {
+  std::shared_ptr<const Launcher> l = CurrentLauncher();
+  if (!l) {
+    *rc = CudaFail(KERAS_SAPA_NO_LAUNCHER, "the CUDA launcher is not open");
+  } else if (deform && !HasDeform(*l)) {
+    *rc = CudaFail(KERAS_SAPA_NO_LAUNCHER, l->path + " has no SAPA-D entry points");
+    l.reset();
+  }
+  return l;
+}
+
+// Runs `launch` (a sequence of launcher calls returning SapaStatus) on the open launcher,
+// for sizes that `valid` accepts.
+template <typename Fn>
+int WithLauncher(bool valid, Fn launch, bool deform = false) {
+  int rc = KERAS_SAPA_OK;
+  std::shared_ptr<const Launcher> l = OpenOr(deform, &rc);
+  if (!l) return rc;
+  if (!valid) return CudaFail(KERAS_SAPA_BAD_SHAPE, "bad sizes");
+  const int status = launch(*l);
+  if (status != SAPA_OK) {
+    return CudaFail(KERAS_SAPA_CUDA_FAILED, "launcher status " + std::to_string(status) + ": " +
+                                                l->last_error());
+  }
+  return KERAS_SAPA_OK;
+}
+
+// tensors: query, key, value, out, weights.
+int ForwardCuda(void* stream, int dtype, void* const* t, const int64_t* z, void*) {
+  return WithLauncher(ValidSizes(z), [&](const Launcher& l) {
+    SapaDims d = CudaDims(z, z[5]);
+    d.channels_v = z[6];
+    return l.forward(stream, dtype, &d, t[0], t[1], t[2], t[3], t[4]);
+  });
+}
+
+// tensors: grad, query, key, value, weights, dquery, dkey, dvalue. The logits' gradient
+// (scratch), then grad_query = gather(dlogits, key), grad_key = scatter(dlogits, query),
+// grad_value = scatter(weights, grad), as the TensorFlow GPU adapter does.
+int BackwardCuda(void* stream, int dtype, void* const* t, const int64_t* z, void* scratch) {
+  return WithLauncher(ValidSizes(z), [&](const Launcher& l) {
+    const SapaDims dq = CudaDims(z, z[5]);
+    const SapaDims dv = CudaDims(z, z[6]);
+    int status = l.softmax_backward(stream, dtype, &dv, t[0], t[3], t[4], scratch);
+    if (status == SAPA_OK) status = l.gather_acc(stream, dtype, &dq, scratch, t[2], t[5]);
+    if (status == SAPA_OK) status = l.scatter_acc(stream, dtype, &dq, scratch, t[1], t[6]);
+    if (status == SAPA_OK) status = l.scatter_acc(stream, dtype, &dv, t[4], t[0], t[7]);
+    return status;
+  });
+}
+
+int NoScratch(int, const int64_t*, int64_t* bytes) {
+  *bytes = 0;
+  return KERAS_SAPA_OK;
+}
+
+// The logits' gradient, (B, sH, sW, K*K) in the accumulation type.
+int BackwardScratch(int dtype, const int64_t* z, int64_t* bytes) {
+  if (!ValidSizes(z)) return CudaFail(KERAS_SAPA_BAD_SHAPE, "bad sizes");
+  *bytes = (dtype == SAPA_F64 ? 8 : 4) * z[0] * z[1] * z[3] * z[2] * z[3] * z[4] * z[4];
+  return KERAS_SAPA_OK;
+}
+
+// SAPA-D: the sizes (batch, height, width, up, points, groups, dim, channels) are
+// SapaDeformDims field for field; the launcher checks them.
+SapaDeformDims DeformDims(const int64_t* z) {
+  return SapaDeformDims{z[0], z[1], z[2], z[3], z[4], z[5], z[6], z[7]};
+}
+
+// tensors: query, key, value, offsets, out, weights.
+int DeformForwardCuda(void* stream, int dtype, void* const* t, const int64_t* z, void*) {
+  const SapaDeformDims d = DeformDims(z);
+  return WithLauncher(
+      true,
+      [&](const Launcher& l) {
+        return l.deform_forward(stream, dtype, &d, t[0], t[1], t[2], t[3], t[4], t[5]);
+      },
+      true);
+}
+
+// tensors: grad, query, key, value, offsets, weights, dquery, dkey, dvalue, doffsets.
+int DeformBackwardCuda(void* stream, int dtype, void* const* t, const int64_t* z,
+                       void* scratch) {
+  const SapaDeformDims d = DeformDims(z);
+  return WithLauncher(
+      true,
+      [&](const Launcher& l) {
+        return l.deform_backward(stream, dtype, &d, t[0], t[1], t[2], t[3], t[4], t[5],
+                                 scratch, t[6], t[7], t[8], t[9]);
+      },
+      true);
+}
+
+int DeformScratch(int dtype, const int64_t* z, int64_t* bytes) {
+  *bytes = 0;
+  int rc = KERAS_SAPA_OK;
+  std::shared_ptr<const Launcher> l = OpenOr(true, &rc);
+  if (!l) return rc;
+  const SapaDeformDims d = DeformDims(z);
+  size_t size = 0;
+  const int status = l->deform_workspace(dtype, &d, &size);
+  if (status != SAPA_OK) {
+    return CudaFail(KERAS_SAPA_BAD_SHAPE,
+                    std::string("sapa_deform_workspace: ") + l->last_error());
+  }
+  *bytes = static_cast<int64_t>(size);
+  return KERAS_SAPA_OK;
+}
+
 }  // namespace
 }  // namespace bindings
 }  // namespace keras_sapa
@@ -213,5 +418,32 @@ KERAS_SAPA_DEFINE(f32, float)
 KERAS_SAPA_DEFINE(f64, double)
 
 #undef KERAS_SAPA_DEFINE
+
+__attribute__((visibility("default"))) int keras_sapa_cuda_open(const char* launcher_path,
+                                                                const char* image_dir) {
+  return keras_sapa::bindings::OpenLauncher(launcher_path, image_dir);
+}
+
+__attribute__((visibility("default"))) const char* keras_sapa_cuda_error(void) {
+  return keras_sapa::bindings::cuda_error.c_str();
+}
+
+// <prefix>_cuda and <prefix>_cuda_scratch of sapa_core_c.h on `run` and `scratch`.
+#define KERAS_SAPA_CUDA_DEFINE(prefix, run, scratch)                                       \
+  __attribute__((visibility("default"))) int prefix##_cuda(                                \
+      void* stream, int dtype, void* const* tensors, const int64_t* sizes, void* work) {   \
+    return keras_sapa::bindings::run(stream, dtype, tensors, sizes, work);                 \
+  }                                                                                        \
+  __attribute__((visibility("default"))) int prefix##_cuda_scratch(                        \
+      int dtype, const int64_t* sizes, int64_t* bytes) {                                   \
+    return keras_sapa::bindings::scratch(dtype, sizes, bytes);                             \
+  }
+
+KERAS_SAPA_CUDA_DEFINE(keras_sapa_forward, ForwardCuda, NoScratch)
+KERAS_SAPA_CUDA_DEFINE(keras_sapa_backward, BackwardCuda, BackwardScratch)
+KERAS_SAPA_CUDA_DEFINE(keras_sapa_deform_forward, DeformForwardCuda, NoScratch)
+KERAS_SAPA_CUDA_DEFINE(keras_sapa_deform_backward, DeformBackwardCuda, DeformScratch)
+
+#undef KERAS_SAPA_CUDA_DEFINE
 
 }  // extern "C"

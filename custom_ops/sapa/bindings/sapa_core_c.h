@@ -23,6 +23,8 @@ extern "C" {
 #define KERAS_SAPA_CORE_ABI 1
 #define KERAS_SAPA_OK 0
 #define KERAS_SAPA_BAD_SHAPE 1
+#define KERAS_SAPA_NO_LAUNCHER 2  /* CUDA: keras_sapa_cuda_open has not succeeded */
+#define KERAS_SAPA_CUDA_FAILED 3  /* CUDA: the launcher failed (keras_sapa_cuda_error) */
 
 /* KERAS_SAPA_CORE_ABI of the library: callers check it before anything else. */
 int keras_sapa_core_abi(void);
@@ -52,6 +54,32 @@ int keras_sapa_backward_f64(const double* grad, const double* query, const doubl
                             double* grad_key, double* grad_value, int64_t batch,
                             int64_t height, int64_t width, int64_t up, int64_t kernel,
                             int64_t dim, int64_t channels);
+
+/* CUDA, through the launcher (custom_ops/sapa/launcher/sapa_launcher.h, its C API the
+ * only contract): keras_sapa_cuda_open dlopens libsapa_launcher.so at `launcher_path`
+ * and registers the kernel images in `image_dir` (NULL: none, the caller registered
+ * them through the launcher itself). Until it succeeds, the CUDA entry points return
+ * KERAS_SAPA_NO_LAUNCHER. Opening another path later replaces the launcher (for tests).
+ * keras_sapa_cuda_error: the last CUDA failure's message on this thread. */
+int keras_sapa_cuda_open(const char* launcher_path, const char* image_dir);
+const char* keras_sapa_cuda_error(void);
+
+/* <c_abi>_cuda(stream, dtype, tensors, sizes, scratch): an op on a CUstream (NULL: the
+ * current context's default stream), every tensor a device pointer, inputs then
+ * outputs in the op table's order, `sizes` the CPU entry point's size arguments, dtype
+ * the launcher's SapaDtype (0 float32, 3 float64; 1 float16 and 2 bfloat16 keep
+ * `weights` in float32), `scratch` device memory of <c_abi>_cuda_scratch bytes (256-byte
+ * aligned; NULL when 0). Asynchronous on the stream. <c_abi>_cuda_scratch sets *bytes. */
+typedef int (*KerasSapaCudaFn)(void* stream, int dtype, void* const* tensors,
+                               const int64_t* sizes, void* scratch);
+typedef int (*KerasSapaCudaScratchFn)(int dtype, const int64_t* sizes, int64_t* bytes);
+#define KERAS_SAPA_CUDA_DECLARE(prefix)                                                     \
+  int prefix##_cuda(void* stream, int dtype, void* const* tensors, const int64_t* sizes, \
+                    void* scratch);                                                      \
+  int prefix##_cuda_scratch(int dtype, const int64_t* sizes, int64_t* bytes);
+
+KERAS_SAPA_CUDA_DECLARE(keras_sapa_forward)
+KERAS_SAPA_CUDA_DECLARE(keras_sapa_backward)
 
 #ifdef __cplusplus
 }  /* extern "C" */

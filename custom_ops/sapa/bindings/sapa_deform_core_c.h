@@ -5,12 +5,29 @@
  *   query (B, s*H, s*W, D), key (B, H, W, D), value (B, H, W, C), C % groups == 0,
  *   offsets (B, s*H, s*W, 2*GP): channel 2k shifts the point k = g*points + p along the
  *   width, 2k+1 along the height, in low-resolution pixels;
- *   out and grad (B, s*H, s*W, C), weights (B, s*H, s*W, GP).
+ *   out and grad (B, s*H, s*W, C), weights and logits (B, s*H, s*W, GP).
  * weights is the per-group softmax that the backward needs (the forward skips it when
- * NULL). Every output is written whole. Returns KERAS_SAPA_OK, or KERAS_SAPA_BAD_SHAPE
- * (nothing written) when a size is negative, up, points or groups < 1, groups does not
- * divide dim and channels, or (H+1)*(W+1) does not fit in int32. Semantics:
- * shared/SAPA_SPEC.md, section "SAPA-D".
+ * NULL). Every output is written whole. Each function takes the sizes
+ *   (batch, height, width, up, points, groups, dim, channels)
+ * (the halves ignore dim or channels: pass 0) and returns KERAS_SAPA_OK, or
+ * KERAS_SAPA_BAD_SHAPE (nothing written) when a size is negative, up, points or
+ * groups < 1, groups does not divide dim and channels, or (H+1)*(W+1) does not fit in
+ * int32. Semantics: shared/SAPA_SPEC.md, section "SAPA-D".
+ *
+ *   keras_sapa_deform_forward_<t>(query, key, value, offsets, out, weights, sizes...)
+ *   keras_sapa_deform_backward_<t>(grad, query, key, value, offsets, weights,
+ *                                  grad_query, grad_key, grad_value, grad_offsets, ...)
+ *
+ * and the fused op's two halves (the frameworks bind the fused op; tests call these):
+ *
+ *   keras_sapa_deform_similarity_<t>(query, key, offsets, logits, sizes...)
+ *   keras_sapa_deform_similarity_backward_<t>(grad_logits, query, key, offsets,
+ *                                             grad_query, grad_key, grad_offsets, ...)
+ *   keras_sapa_deform_aggregate_<t>(weights, value, offsets, out, sizes...)
+ *   keras_sapa_deform_aggregate_backward_<t>(grad, weights, value, offsets,
+ *                                            grad_weights, grad_value, grad_offsets, ...)
+ *
+ * for <t> = f32 (float) and f64 (double).
  */
 #ifndef KERAS_SAPA_BINDINGS_SAPA_DEFORM_CORE_C_H_
 #define KERAS_SAPA_BINDINGS_SAPA_DEFORM_CORE_C_H_
@@ -23,30 +40,38 @@
 extern "C" {
 #endif
 
-int keras_sapa_deform_forward_f32(const float* query, const float* key, const float* value,
-                                  const float* offsets, float* out, float* weights,
-                                  int64_t batch, int64_t height, int64_t width, int64_t up,
-                                  int64_t points, int64_t groups, int64_t dim,
-                                  int64_t channels);
-int keras_sapa_deform_forward_f64(const double* query, const double* key, const double* value,
-                                  const double* offsets, double* out, double* weights,
-                                  int64_t batch, int64_t height, int64_t width, int64_t up,
-                                  int64_t points, int64_t groups, int64_t dim,
-                                  int64_t channels);
+#define KERAS_SAPA_DEFORM_SIZES                                                         \
+  int64_t batch, int64_t height, int64_t width, int64_t up, int64_t points, int64_t groups, \
+      int64_t dim, int64_t channels
 
-/* (grad_query, grad_key, grad_value, grad_offsets) of the forward, given its weights. */
-int keras_sapa_deform_backward_f32(const float* grad, const float* query, const float* key,
-                                   const float* value, const float* offsets,
-                                   const float* weights, float* grad_query, float* grad_key,
-                                   float* grad_value, float* grad_offsets, int64_t batch,
-                                   int64_t height, int64_t width, int64_t up, int64_t points,
-                                   int64_t groups, int64_t dim, int64_t channels);
-int keras_sapa_deform_backward_f64(const double* grad, const double* query, const double* key,
-                                   const double* value, const double* offsets,
-                                   const double* weights, double* grad_query, double* grad_key,
-                                   double* grad_value, double* grad_offsets, int64_t batch,
-                                   int64_t height, int64_t width, int64_t up, int64_t points,
-                                   int64_t groups, int64_t dim, int64_t channels);
+/* The entry points of one element type T, named with `suffix`. */
+#define KERAS_SAPA_DEFORM_DECLARE(suffix, T)                                                  \
+  int keras_sapa_deform_forward_##suffix(const T* query, const T* key, const T* value,       \
+                                         const T* offsets, T* out, T* weights,               \
+                                         KERAS_SAPA_DEFORM_SIZES);                           \
+  int keras_sapa_deform_backward_##suffix(                                                    \
+      const T* grad, const T* query, const T* key, const T* value, const T* offsets,         \
+      const T* weights, T* grad_query, T* grad_key, T* grad_value, T* grad_offsets,          \
+      KERAS_SAPA_DEFORM_SIZES);                                                               \
+  int keras_sapa_deform_similarity_##suffix(const T* query, const T* key, const T* offsets,  \
+                                            T* logits, KERAS_SAPA_DEFORM_SIZES);             \
+  int keras_sapa_deform_similarity_backward_##suffix(                                         \
+      const T* grad_logits, const T* query, const T* key, const T* offsets, T* grad_query,   \
+      T* grad_key, T* grad_offsets, KERAS_SAPA_DEFORM_SIZES);                                 \
+  int keras_sapa_deform_aggregate_##suffix(const T* weights, const T* value, const T* offsets, \
+                                           T* out, KERAS_SAPA_DEFORM_SIZES);                 \
+  int keras_sapa_deform_aggregate_backward_##suffix(                                          \
+      const T* grad, const T* weights, const T* value, const T* offsets, T* grad_weights,    \
+      T* grad_value, T* grad_offsets, KERAS_SAPA_DEFORM_SIZES);
+
+KERAS_SAPA_DEFORM_DECLARE(f32, float)
+KERAS_SAPA_DEFORM_DECLARE(f64, double)
+
+/* CUDA (the forward and backward; see sapa_core_c.h's <c_abi>_cuda), on the launcher's
+ * sapa_deform_forward / sapa_deform_backward; the backward's scratch is the launcher's
+ * sapa_deform_workspace. KERAS_SAPA_NO_LAUNCHER where the launcher has no SAPA-D. */
+KERAS_SAPA_CUDA_DECLARE(keras_sapa_deform_forward)
+KERAS_SAPA_CUDA_DECLARE(keras_sapa_deform_backward)
 
 #ifdef __cplusplus
 }  /* extern "C" */
