@@ -395,14 +395,10 @@ def _torch_numerics():
         return fwd.detach(), [a.grad for a in args], str(fwd.dtype)[6:]
 
     out = _cases(run)
-    # torch.compile(fullgraph=True): forward and backward through the custom ops, held as
-    # opaque nodes (Dynamo's capture, the fake and autograd registrations; aot_eager runs
-    # the captured graphs without spending a minute on Inductor's code generation).
+    # torch.compile(fullgraph=True): forward and backward through the custom ops.
     q, key, v, g, k, s = _inputs("s3_k5")
     args = [torch.tensor(t, requires_grad=True) for t in (q, key, v)]
-    compiled = torch.compile(
-        lambda a, b, c: tk.sapa(a, b, c, k, s), fullgraph=True, backend="aot_eager"
-    )
+    compiled = torch.compile(lambda a, b, c: tk.sapa(a, b, c, k, s), fullgraph=True)
     fwd = compiled(*args)
     (fwd * torch.tensor(g)).sum().backward()
     out["compile"] = _entry(fwd.detach(), [a.grad for a in args], _reference("s3_k5"), "float64")
