@@ -11,11 +11,15 @@ the NVRTC kernel images (``sapa_kernels.<target>.cubin/.ptx``), and calls the la
 through ctypes with PyTorch (or CuPy) device pointers and the current stream. Needs
 NumPy and PyTorch or CuPy; no TensorFlow, no Keras, no CUDA toolkit.
 
-1. Check: every kernel, forward and backward, tiled and untiled, float32 / float16 /
-   bfloat16 / float64, at C=256 d=64, odd sizes, K 1/3/5/7/9, s 1/2/3/4, against the
-   float64 NumPy reference of ``tests/reference.py`` (plus a float64 directional
-   derivative of the reference for the gradients), and one case whose output is past
-   2**31 elements (checked on sampled points, including the last ones).
+1. Check: the launcher's own self-test (``sapa_self_test``: every launch configuration
+   it can choose on this GPU, every dtype, against its float64 CPU reference); every
+   kernel, forward and backward, tiled and untiled, float32 / float16 / bfloat16 /
+   float64, at C=256 d=64, odd sizes, K 1/3/5/7/9, s 1/2/3/4, against the float64 NumPy
+   reference of ``tests/reference.py`` (plus a float64 directional derivative of the
+   reference for the gradients); SAPA-D's entry points (forward, and the gradients of
+   query, key, value and offsets) at the official P=9, G=4, E=32 with C=256 and at odd
+   sizes against ``tests/reference_deform.py``; and one case whose output is past 2**31
+   elements (checked on sampled points, including the last ones).
 2. Benchmark M1 (B=4, 64x64 -> 128x128, C=256, d=64, K=5, s=2), float32 and float16
    (PyTorch backend):
    a device copy (bandwidth ceiling), bilinear ``torch.nn.functional.interpolate`` of the
@@ -73,6 +77,13 @@ class SapaDims(ctypes.Structure):
     ]
 
 
+class SapaDeformDims(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_int64)
+        for name in ("batch", "height", "width", "up", "points", "groups", "dim", "channels")
+    ]
+
+
 def dims(batch, height, width, up, kernel, channels, channels_v=None):
     return SapaDims(
         batch, height, width, up, kernel, channels, channels if channels_v is None else channels_v
@@ -124,6 +135,16 @@ class Launcher:
             getattr(lib, name).argtypes = [p, ctypes.c_int, ctypes.POINTER(SapaDims)] + [
                 p
             ] * npointers
+        deform = ctypes.POINTER(SapaDeformDims)
+        lib.sapa_deform_forward.argtypes = [p, ctypes.c_int, deform] + [p] * 6
+        lib.sapa_deform_backward.argtypes = [p, ctypes.c_int, deform] + [p] * 11
+        lib.sapa_deform_workspace.argtypes = [
+            ctypes.c_int,
+            deform,
+            ctypes.POINTER(ctypes.c_size_t),
+        ]
+        lib.sapa_set_device.argtypes = [ctypes.c_int]
+        lib.sapa_self_test.argtypes = [p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
 
     def _check(self, status):
         if status != SAPA_OK:
@@ -171,10 +192,25 @@ class Launcher:
             getattr(self.lib, f"sapa_{name}")(stream, DTYPES[dtype], ctypes.byref(d), *pointers)
         )
 
+    def deform_workspace(self, dtype, d):
+        size = ctypes.c_size_t()
+        self._check(
+            self.lib.sapa_deform_workspace(DTYPES[dtype], ctypes.byref(d), ctypes.byref(size))
+        )
+        return size.value
 
-def load_reference():
-    path = os.path.join(ROOT, "tests", "reference.py")
-    spec = importlib.util.spec_from_file_location("sapa_reference", path)
+    def self_test(self, stream=None, flags=0, device=0):
+        """The launcher's sapa_self_test (every launch configuration, every dtype; see
+        sapa_launcher.h) on GPU `device`; returns the configurations run."""
+        self._check(self.lib.sapa_set_device(device))
+        cases = ctypes.c_int()
+        self._check(self.lib.sapa_self_test(stream, flags, ctypes.byref(cases)))
+        return cases.value
+
+
+def load_reference(name="reference"):
+    path = os.path.join(ROOT, "tests", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"sapa_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -367,6 +403,7 @@ class Checker:
     def __init__(self, launcher, backend, log):
         self.launcher, self.backend, self.log = launcher, backend, log
         self.ref = load_reference()
+        self.deform_ref = None  # tests/reference_deform.py, loaded for the first SAPA-D case
         self.failures = 0
         self.checks = 0
 
@@ -476,6 +513,71 @@ class Checker:
             1e-6,
         )
 
+    def deform_case(self, dtype, batch, height, width, s, points, groups, embed, cg, seed):
+        """SAPA-D's entry points (sapa_deform_forward, sapa_deform_backward) against the
+        NumPy loops of tests/reference_deform.py: output, weights, the four gradients."""
+        be, L = self.backend, self.launcher
+        if self.deform_ref is None:
+            self.deform_ref = load_reference("reference_deform")
+        ref = self.deform_ref
+        rng = np.random.default_rng(seed)
+        self.log(
+            f"case SAPA-D {dtype} B={batch} {height}x{width} s={s} P={points} G={groups} "
+            f"E={embed} Cg={cg}"
+        )
+        high, low = (batch, s * height, s * width), (batch, height, width)
+        shapes = (
+            high + (groups * embed,),
+            low + (groups * embed,),
+            low + (groups * cg,),
+            high + (groups * cg,),
+        )
+        q, key, v, g = (
+            quantise(rng.standard_normal(shape) * scale, dtype, be)
+            for shape, scale in zip(shapes, (0.5, 0.5, 1.0, 1.0), strict=True)
+        )
+        off = ref.offsets_away_from_integers(
+            rng, high + (2 * groups * points,), spread=2.0, margin=0.1
+        )
+        off = quantise(off, dtype, be)
+        args = (points, s, groups)
+        want = [
+            ref.sapa_deform(q, key, v, off, *args),
+            ref.group_softmax(ref.deform_similarity(q, key, off, *args), groups),
+            *ref.sapa_deform_vjp(q, key, v, off, g, *args),
+        ]
+        acc = "float64" if dtype == "float64" else "float32"
+        d = SapaDeformDims(batch, height, width, s, points, groups, groups * embed, groups * cg)
+        P = be.pointer
+        arrays = [be.to_device(x, dtype) for x in (q, key, v, off, g)]  # kept alive
+        inputs = [P(x) for x in arrays]
+        out = be.empty(shapes[3], dtype)
+        attn = be.empty(high + (groups * points,), acc)
+        stream, code = be.stream_handle(), DTYPES[dtype]
+        L._check(
+            L.lib.sapa_deform_forward(stream, code, ctypes.byref(d), *inputs[:4], P(out), P(attn))
+        )
+        workspace = be.empty(((L.deform_workspace(dtype, d) + 3) // 4,), "float32")
+        grads = [be.empty(x.shape, dtype) for x in (q, key, v, off)]
+        L._check(
+            L.lib.sapa_deform_backward(
+                stream,
+                code,
+                ctypes.byref(d),
+                inputs[4],
+                *inputs[:4],
+                P(attn),
+                P(workspace),
+                *map(P, grads),
+            )
+        )
+        names = ("forward", "weights", "grad query", "grad key", "grad value", "grad offsets")
+        for name, got, expected in zip(names, [out, attn, *grads], want, strict=True):
+            tol = TOLERANCES[acc if name == "weights" else dtype]
+            self.expect(
+                f"SAPA-D {name}", be.to_host(got), expected, tol * (4 if "grad" in name else 1)
+            )
+
     def big_case(self, dtype="float16"):
         """Output past 2**31 elements: B=1, 512x512 -> 2048x2048, C=520, d=8, K=3, s=4."""
         be, L = self.backend, self.launcher
@@ -564,6 +666,11 @@ CASES = [
     (1, 4, 4, 2, 1, 4, 5),  # K = 1
     (1, 9, 11, 2, 3, 65, 257),  # channels past a chunk boundary
 ]
+DEFORM_CASES = [
+    # (batch, height, width, s, P, G, E, Cg)
+    (1, 6, 7, 2, 9, 4, 32, 64),  # the official P, G, E; C = 256
+    (2, 3, 5, 3, 3, 2, 3, 5),  # s = 3, odd everything, points dropped at the border
+]
 
 
 def run_checks(launcher, backend, log, skip_big):
@@ -576,6 +683,9 @@ def run_checks(launcher, backend, log, skip_big):
         for case in CASES:
             seed += 1
             checker.run_case(dtype, *case, seed=seed)
+        for case in DEFORM_CASES:
+            seed += 1
+            checker.deform_case(dtype, *case, seed=seed)
     if not skip_big:
         checker.big_case()
     log(f"checks: {checker.checks - checker.failures}/{checker.checks} passed")
@@ -902,7 +1012,13 @@ def main(argv=None):
         return 2
     ok = True
     if not args.skip_check:
-        ok = run_checks(launcher, backend, log, args.skip_big)
+        try:
+            cases = launcher.self_test(backend.stream_handle())
+            log(f"self-test: {cases} launch configurations agree with the CPU reference")
+        except LauncherError as exc:
+            log(f"FAIL self-test: {exc}")
+            ok = False
+        ok = run_checks(launcher, backend, log, args.skip_big) and ok
     if not args.skip_bench:
         ours = run_bench(launcher, backend, log, args.official)
         if not args.skip_jax:

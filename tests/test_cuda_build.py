@@ -16,30 +16,27 @@ launcher's paths that need no GPU, and the GPU library's build.
 """
 
 import ctypes
-import importlib.util
 import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+
+# The launcher and the emulated driver, built once (cached by source hash) for both files;
+# the build script and the harness, loaded by path.
+from test_launcher import _load
+from test_launcher import emulated_build  # noqa: F401 - a fixture
+from test_launcher import harness
+from test_launcher import launcher_build  # noqa: F401 - a fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER_DIR = os.path.join(ROOT, "custom_ops", "sapa", "launcher")
 LIB_DIR = os.path.join(ROOT, "keras_sapa", "_lib")
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 build = _load("keras_sapa_build", os.path.join(ROOT, "custom_ops", "build.py"))
-harness = _load("keras_sapa_gpu_harness", os.path.join(ROOT, "scripts", "gpu_harness.py"))
 
 
 def _targets():
@@ -256,30 +253,6 @@ def test_kernel_sources_have_no_framework_or_runtime_api():
 
 
 @pytest.fixture(scope="session")
-def launcher_so(tmp_path_factory):
-    if shutil.which("g++") is None:
-        pytest.skip("no g++ to build the launcher")
-    out = tmp_path_factory.mktemp("launcher") / "libsapa_launcher.so"
-    subprocess.run(
-        [
-            "g++",
-            "-shared",
-            "-fPIC",
-            "-O1",
-            "-std=c++17",
-            "-Wall",
-            "-Werror",
-            os.path.join(LAUNCHER_DIR, "sapa_launcher.cc"),
-            "-o",
-            str(out),
-            "-ldl",
-        ],
-        check=True,
-    )
-    return str(out)
-
-
-@pytest.fixture(scope="session")
 def fake_driver_so(tmp_path_factory):
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
@@ -301,10 +274,10 @@ def fake_driver_so(tmp_path_factory):
 
 
 @pytest.fixture
-def fresh_launcher(launcher_so, tmp_path):
+def fresh_launcher(launcher_build, tmp_path):  # noqa: F811 - the imported fixture
     """A launcher with its own globals (a copy of the library under a new path)."""
     path = tmp_path / "libsapa_launcher_copy.so"
-    shutil.copy(launcher_so, path)
+    shutil.copy(launcher_build, path)
     return harness.Launcher(str(path))
 
 
@@ -534,64 +507,42 @@ def test_gpu_library_links_no_cuda_runtime():
 
 
 def test_gpu_library_loads_into_tensorflow():
-    """Built with g++ against this TensorFlow: it loads (registering DEVICE_GPU kernels)
-    even where no GPU exists."""
-    _built("_sapa_ops_gpu.so")
-    code = (
-        "import os, tensorflow as tf\n"
-        f"lib = os.path.join({LIB_DIR!r}, '_sapa_ops.so')\n"
-        "tf.load_op_library(lib)\n"
-        f"tf.load_library(os.path.join({LIB_DIR!r}, '_sapa_ops_gpu.so'))\n"
-        "print('loaded')\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
-    assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-2000:]
+    """Built with g++ against this TensorFlow: it loads (registering DEVICE_GPU kernels
+    for every op of the table, SAPA-D's included) even where no GPU exists."""
+    gpu_library = _built("_sapa_ops_gpu.so")
+    tf = pytest.importorskip("tensorflow")
+    from keras_sapa.ops import _tf_kernels
+
+    if _tf_kernels.load_library() is None:
+        pytest.skip(f"the CPU library is unavailable: {_tf_kernels.unavailable_reason()}")
+    tf.load_library(gpu_library)  # the ops it registers kernels for are those loaded
+    table = _load("keras_sapa_optable", os.path.join(ROOT, "keras_sapa", "ops", "_optable.py"))
+    assert all("gpu" in op.devices for op in table.OPS)
 
 
-def test_harness_without_a_driver_exits_clearly(tmp_path):
+def _harness(tmp_path, capsys, driver):
+    """(exit status, output) of scripts/gpu_harness.py's main() on a copy of the built
+    launcher (its own globals) with a kernel image file, and this driver."""
+    lib_dir = tmp_path / "lib"
+    lib_dir.mkdir()
+    shutil.copy(_built("libsapa_launcher.so"), lib_dir)
+    (lib_dir / "sapa_kernels.sm_80.cubin").write_bytes(b"\x7fELF (a stand-in image)")
+    status = harness.main(
+        ["--lib-dir", str(lib_dir), "--driver", str(driver), "--log", str(tmp_path / "h.log")]
+    )
+    return status, capsys.readouterr().out
+
+
+def test_harness_without_a_driver_exits_clearly(tmp_path, capsys):
     """The harness's no-GPU path: a clear message and exit status 2."""
-    _built("libsapa_launcher.so")
-    log = tmp_path / "harness.log"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "scripts", "gpu_harness.py"),
-            "--driver",
-            str(tmp_path / "libcuda.so.1"),
-            "--log",
-            str(log),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "cannot run: no driver: no NVIDIA driver" in proc.stdout
-    assert "cannot run" in log.read_text()
+    status, out = _harness(tmp_path, capsys, tmp_path / "libcuda.so.1")
+    assert status == 2, out
+    assert "cannot run: no driver: no NVIDIA driver" in out
+    assert "cannot run" in (tmp_path / "h.log").read_text()
 
 
-def test_harness_without_a_gpu_backend_exits_clearly(tmp_path, fake_driver_so):
+def test_harness_without_a_gpu_backend_exits_clearly(tmp_path, capsys, fake_driver_so):
     """With a driver (the stand-in) but no GPU for PyTorch/CuPy: exit status 2."""
-    _built("libsapa_launcher.so")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "scripts", "gpu_harness.py"),
-            "--driver",
-            fake_driver_so,
-            "--log",
-            str(tmp_path / "h.log"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
     try:
         import torch
 
@@ -599,10 +550,9 @@ def test_harness_without_a_gpu_backend_exits_clearly(tmp_path, fake_driver_so):
             pytest.skip("this machine has a GPU for PyTorch")
     except ImportError:
         pass
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert (
-        "no usable PyTorch or CuPy GPU backend" in proc.stdout or "sees no CUDA GPU" in proc.stdout
-    )
+    status, out = _harness(tmp_path, capsys, fake_driver_so)
+    assert status == 2, out
+    assert "no usable PyTorch or CuPy GPU backend" in out or "sees no CUDA GPU" in out
 
 
 def test_harness_references_agree_with_tests_reference():
@@ -679,32 +629,6 @@ def test_gpu_ops_match_reference_on_the_gpu(dtype):
 # softmax and gradients on every machine; speed and GPU-specific behaviour need a GPU.
 
 
-@pytest.fixture(scope="session")
-def emulated_driver_so(tmp_path_factory):
-    if shutil.which("g++") is None:
-        pytest.skip("no g++ to build the emulated driver")
-    testing = os.path.join(LAUNCHER_DIR, "testing")
-    out = tmp_path_factory.mktemp("emulated_driver") / "libcuda_emulated.so"
-    subprocess.run(
-        [
-            "g++",
-            "-std=c++20",
-            "-O1",
-            "-shared",
-            "-fPIC",
-            "-w",
-            "-I" + os.path.join(testing, "emulated_include"),
-            os.path.join(testing, "emulated_libcuda.cc"),
-            "-o",
-            str(out),
-            "-ldl",
-            "-lpthread",
-        ],
-        check=True,
-    )
-    return str(out)
-
-
 class HostBackend:
     """The harness's device-array interface over host NumPy arrays (the emulated driver
     runs kernels on host memory)."""
@@ -746,18 +670,34 @@ class HostBackend:
 
 
 @pytest.fixture
-def emulated(emulated_driver_so, fresh_launcher):
-    driver = ctypes.CDLL(emulated_driver_so)
+def emulated(emulated_build, fresh_launcher, tmp_path):  # noqa: F811 - the imported fixture
+    path = tmp_path / "libcuda_emulated.so"  # its own globals, as the launcher's copy
+    shutil.copy(emulated_build, path)
+    driver = ctypes.CDLL(str(path))
     driver.emu_configure(8, 0, 1)  # one SM: small grid-stride grids, few host threads
-    fresh_launcher.init(emulated_driver_so)
+    fresh_launcher.init(str(path))
     fresh_launcher.add_image("sm_80", b"\x7fELF (the emulated driver ignores the image)")
     return fresh_launcher, driver
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
-@pytest.mark.parametrize(
-    "case", harness.CASES, ids=lambda c: "B{}_{}x{}_s{}_K{}_d{}_C{}".format(*c)
-)
+def _emulation_cases():
+    """Every case in float32 and float64; float16 and bfloat16 at the real channel
+    counts and past a chunk boundary (their storage is what differs; every kernel and
+    tile of theirs also runs in the launcher's self-test, tests/test_launcher.py), the
+    other shapes with `-m benchmark`."""
+    for case in harness.CASES:
+        for dtype in ("float32", "float64", "float16", "bfloat16"):
+            half = dtype in ("float16", "bfloat16")
+            marks = pytest.mark.benchmark if half and case[-1] < 256 else ()
+            yield pytest.param(
+                dtype,
+                case,
+                marks=marks,
+                id="B{}_{}x{}_s{}_K{}_d{}_C{}".format(*case) + "-" + dtype,
+            )
+
+
+@pytest.mark.parametrize("dtype,case", list(_emulation_cases()))
 def test_kernels_match_reference_in_emulation(emulated, dtype, case):
     launcher, driver = emulated
     lines = []
@@ -768,6 +708,17 @@ def test_kernels_match_reference_in_emulation(emulated, dtype, case):
     # tiled then untiled.
     assert checker.checks >= 18 and driver.emu_launches() - before == 16
     assert checker.failures == 0, "\n".join(lines)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+def test_harness_deform_check_in_emulation(emulated, dtype):
+    """The harness's SAPA-D check (the launcher's deform entry points against
+    tests/reference_deform.py) passes on the emulated GPU, as it must on a real one."""
+    launcher, _ = emulated
+    lines = []
+    checker = harness.Checker(launcher, HostBackend(), lines.append)
+    checker.deform_case(dtype, *harness.DEFORM_CASES[-1], seed=5)
+    assert checker.checks == 6 and checker.failures == 0, "\n".join(lines)
 
 
 def test_harness_jax_formulation_matches_reference():

@@ -14,9 +14,14 @@ tests/reference.py.
   context reset between launches (the module cache reloads instead of launching a stale
   handle), and the caller's context stack left as it was.
 - Self-test: the configurations the launcher lists are every one it can choose (an
-  independent sweep over up and K), the self-test runs every one of them for every dtype
-  and passes, and it reports a corrupted kernel by name.
-- glibc: the built library needs no symbol version newer than GLIBC_2.28.
+  independent sweep over up and K, and over SAPA-D's points per output point), the
+  self-test runs every one of them for every dtype and passes, and it reports a corrupted
+  kernel by name; the Python side of it (keras_sapa/ops/_gpu_check.py, through ctypes)
+  passes, and on a failure warns once and makes TensorFlow fall back.
+- SAPA-D: the launcher's sapa_deform_forward / sapa_deform_backward against
+  tests/reference_deform.py in every dtype, and its checks of bad sizes.
+- glibc: the built library needs no symbol version newer than GLIBC_2.28, and
+  custom_ops/build.py links it with the same flags.
 
 Built libraries are cached under the temporary directory by a hash of their sources and
 build commands, so only the first run compiles (about a minute on 2 cores).
@@ -24,6 +29,7 @@ build commands, so only the first run compiles (about a minute on 2 cores).
 
 import ctypes
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -35,6 +41,7 @@ import numpy as np
 import pytest
 
 import reference
+import reference_deform
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER_DIR = os.path.join(ROOT, "custom_ops", "sapa", "launcher")
@@ -42,7 +49,8 @@ TESTING_DIR = os.path.join(LAUNCHER_DIR, "testing")
 KERNEL_DIR = os.path.join(ROOT, "custom_ops", "sapa", "kernels", "cuda")
 
 # The launcher's link for glibc 2.28 (custom_ops/build.py's build_launcher must match;
-# the last test checks it): static libstdc++, the system's libgcc_s (a static libgcc
+# the last test checks it; -Wall -Werror only here, a check that it compiles cleanly):
+# static libstdc++, the system's libgcc_s (a static libgcc
 # needs glibc 2.35's _dl_find_object), and libdl/libpthread named so that the original
 # dl*/pthread symbols, which live there before glibc 2.34, are found on old systems.
 LAUNCHER_FLAGS = [
@@ -50,6 +58,8 @@ LAUNCHER_FLAGS = [
     "-fPIC",
     "-O2",
     "-std=c++17",
+    "-Wall",
+    "-Werror",
     "-static-libstdc++",
     "-Wl,--no-as-needed",
     "-l:libdl.so.2",
@@ -79,13 +89,20 @@ OPS = {  # entry point: number of pointer arguments
     "sapa_softmax_backward": 4,
 }
 TILED_MAX_UP = 8
+DEFORM_OPS = {"sapa_deform_forward": 6, "sapa_deform_backward": 11}  # pointer arguments
+ACC_SIZE = {"float32": 4, "float16": 4, "bfloat16": 4, "float64": 8}
 
 
-class SapaDims(ctypes.Structure):
-    _fields_ = [
-        (n, ctypes.c_int64)
-        for n in ("batch", "height", "width", "up", "kernel", "channels", "channels_v")
-    ]
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The harness's ctypes mirror of sapa_launcher.h (it needs no framework).
+harness = _load("keras_sapa_gpu_harness", os.path.join(ROOT, "scripts", "gpu_harness.py"))
+SapaDims, SapaDeformDims = harness.SapaDims, harness.SapaDeformDims
 
 
 class SapaLaunchConfig(ctypes.Structure):
@@ -112,11 +129,17 @@ def _digest(paths, command):
     return h.hexdigest()[:20]
 
 
+def _files(directory, pattern):
+    return [os.path.join(directory, n) for n in os.listdir(directory) if re.search(pattern, n)]
+
+
 def _cached_build(name, compiler, sources, inputs, flags):
-    """Builds `sources` into a cached shared library; returns its path."""
+    """Builds `sources` into a cached shared library; returns its path. The cache key
+    hashes `inputs` and the emulation headers (launcher/testing/*.h), which the emulated
+    builds include."""
     if shutil.which(compiler) is None:
         pytest.skip(f"no {compiler} to build {name}")
-    key = _digest(inputs, [compiler, *flags])
+    key = _digest(set(inputs) | set(_files(TESTING_DIR, r"\.h$")), [compiler, *flags])
     cache = os.path.join(tempfile.gettempdir(), "keras_sapa_test_launcher")
     os.makedirs(cache, exist_ok=True)
     path = os.path.join(cache, f"{name}-{key}.so")
@@ -126,10 +149,6 @@ def _cached_build(name, compiler, sources, inputs, flags):
         subprocess.run([compiler, *sources, "-o", partial, *flags], check=True)
         os.replace(partial, path)
     return path
-
-
-def _files(directory, pattern):
-    return [os.path.join(directory, n) for n in os.listdir(directory) if re.search(pattern, n)]
 
 
 @pytest.fixture(scope="session")
@@ -149,7 +168,7 @@ def emulated_build():
     source = os.path.join(TESTING_DIR, "emulated_libcuda.cc")
     inputs = [
         source,
-        *_files(KERNEL_DIR, r"^sapa_kernels\.cuh?$"),
+        *_files(KERNEL_DIR, r"\.cuh?$"),
         *_files(os.path.join(TESTING_DIR, "emulated_include"), r"\.h$"),
     ]
     return _cached_build("emulated_libcuda", "g++", [source], inputs, EMULATED_FLAGS)
@@ -164,6 +183,7 @@ class Launcher:
         shutil.copy(emulated_so, driver_path)
         lib_path = os.path.join(directory, "libsapa_launcher.so")
         shutil.copy(launcher_so, lib_path)
+        self.driver_path, self.lib_path = driver_path, lib_path
         self.emu = ctypes.CDLL(driver_path)  # the instance the launcher dlopens
         self.lib = ctypes.CDLL(lib_path)
         self.lib.sapa_last_error.restype = ctypes.c_char_p
@@ -171,12 +191,18 @@ class Launcher:
         self.emu.emu_stream_create.argtypes = [ctypes.c_void_p]
         self.emu.cuCtxPushCurrent_v2.argtypes = [ctypes.c_void_p]
         self.emu.cuCtxGetCurrent.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
-        for name, n in OPS.items():
-            getattr(self.lib, name).argtypes = [
-                ctypes.c_void_p,
-                ctypes.c_int,
-                ctypes.POINTER(SapaDims),
-            ] + [ctypes.c_void_p] * n
+        for ops, dims in ((OPS, SapaDims), (DEFORM_OPS, SapaDeformDims)):
+            for name, n in ops.items():
+                getattr(self.lib, name).argtypes = [
+                    ctypes.c_void_p,
+                    ctypes.c_int,
+                    ctypes.POINTER(dims),
+                ] + [ctypes.c_void_p] * n
+        self.lib.sapa_deform_workspace.argtypes = [
+            ctypes.c_int,
+            ctypes.POINTER(SapaDeformDims),
+            ctypes.POINTER(ctypes.c_size_t),
+        ]
         self.lib.sapa_self_test.argtypes = [
             ctypes.c_void_p,
             ctypes.c_int,
@@ -424,19 +450,47 @@ def _choices(L, dtype):
     return chosen
 
 
+def _deform_choices(L, dtype):
+    """(kernel, tile, block) of the SAPA-D launches over G*P = 1..300 (zero-batch calls):
+    the forward's, and the last of the backward's (the value's scatter, or the cast into
+    the value's gradient for f16/bf16). The tile is read back from the shared memory,
+    G*P * (7 accumulators + 2 ints) per output point."""
+    chosen = set()
+    name = ctypes.create_string_buffer(64)
+    block, smem = ctypes.c_int(), ctypes.c_int()
+    scratch = np.zeros(8)
+    dummy = [_ptr(scratch)] * 11
+    per_point = 7 * ACC_SIZE[dtype] + 8
+    for gp in range(1, 301):
+        groups = 2 if gp % 2 == 0 else 1
+        dims = SapaDeformDims(0, 3, 4, 2, gp // groups, groups, 2 * groups, 3 * groups)
+        for op, n in DEFORM_OPS.items():
+            L.check(getattr(L.lib, op)(None, DTYPES[dtype], ctypes.byref(dims), *dummy[:n]))
+            L.lib.sapa_last_launch(name, 64, None, ctypes.byref(block), ctypes.byref(smem))
+            chosen.add((name.value.decode(), smem.value // (gp * per_point), block.value))
+    return chosen
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_launch_configs_are_every_choice(launcher, dtype):
     """sapa_launch_configs lists exactly what the entry points choose over a wider sweep,
-    each (kernel, tile, up, K) once, the tiled dot/fused/dsoftmax for K 3, 5, 7 included."""
+    each (kernel, tile, up, K) once, the tiled dot/fused/dsoftmax for K 3, 5, 7 included;
+    and SAPA-D's kernels with every power-of-two tile up to 256."""
     L = launcher
     configs = L.configs(dtype)
     assert len({(c[0], c[1], c[4], c[5]) for c in configs}) == len(configs)
-    assert _choices(L, dtype) == {(name, block, smem) for name, _, block, smem, _, _ in configs}
+    sapa = [c for c in configs if not c[0].startswith("sapa_deform_")]
+    assert _choices(L, dtype) == {(name, block, smem) for name, _, block, smem, _, _ in sapa}
     short = ("f32", "f16", "bf16", "f64")[DTYPES[dtype]]
     tiled = {c[0] for c in configs if c[1] > 0}
     assert tiled >= {
         f"sapa_{op}_{short}_k{k}" for op in ("dot", "fused", "dsoftmax") for k in (3, 5, 7)
     }
+    deform = {(c[0], c[1], c[2]) for c in configs if c[0].startswith("sapa_deform_")}
+    assert _deform_choices(L, dtype) <= deform
+    scatter = f"sapa_deform_scatter_{short}" + ("_wacc" if short in ("f16", "bf16") else "")
+    for kernel in (f"sapa_deform_forward_{short}", f"sapa_deform_backward_{short}", scatter):
+        assert {(t, b) for k, t, b in deform if k == kernel} == {(2**i, 256) for i in range(9)}
 
 
 SELF_TEST_PER_TILE = 256
@@ -455,42 +509,241 @@ SELF_TEST_PER_TILE = 256
         ),
     ],
 )
-def test_self_test_runs_every_configuration_and_passes(launcher, dtype, per_tile):
+def test_self_test_runs_every_configuration_and_passes(launcher, dtype, per_tile, tmp_path):
     """The self-test runs every configuration through the real kernels, and they agree
     with its CPU reference; the emulated driver's log shows what actually ran. float32:
     every (kernel, tile, up, K) (177 configurations, about 30 s in emulation); the
     others every (kernel, tile) once, and every configuration with `-m benchmark`
     (about a minute each)."""
+    from keras_sapa.ops import _gpu_check
+
     L = launcher
     configs = L.configs(dtype)
     L.emu.emu_log_clear()
-    cases = ctypes.c_int()
-    flags = (1 << DTYPES[dtype]) | (SELF_TEST_PER_TILE if per_tile else 0)
-    L.check(L.lib.sapa_self_test(None, flags, ctypes.byref(cases)))
+    # Through the Python side (ctypes: sapa_load_image_dir, sapa_set_device(0),
+    # sapa_self_test), as a framework's first use calls it.
+    cases, problem = _gpu_check.self_test(
+        _image_dir(tmp_path),
+        library=L.lib_path,
+        driver=L.driver_path,
+        dtypes=(dtype,),
+        per_tile=per_tile,
+    )
+    assert problem is None
     log = L.log()
-    assert cases.value == len(log)
+    # SAPA: one launch per case; SAPA-D: a forward and a backward case per tile, the
+    # backward launching the backward kernel, then zero/scatter[/cast] for key and value.
+    sapa = [entry for entry in log if not entry[0].startswith("sapa_deform_")]
+    deform_tiles = {tile for name, _, _, _, tile in log if "deform_forward" in name}
+    per_backward = 7 if dtype in ("float16", "bfloat16") else 5
+    assert len(deform_tiles) == 9
+    assert len(log) - len(sapa) == len(deform_tiles) * (1 + per_backward)
+    assert cases == len(sapa) + 2 * len(deform_tiles)
     if per_tile:
         ran = {(name, tile) for name, _, _, _, tile in log}
         assert ran == {(name, tile) for name, tile, _, _, _, _ in configs}
     else:
-        assert cases.value == len(configs)
+        assert len(sapa) == len([c for c in configs if not c[0].startswith("sapa_deform_")])
         ran = {(name, tile, block, smem) for name, block, smem, _, tile in log}
         assert ran == {(name, tile, block, smem) for name, tile, block, smem, _, _ in configs}
 
 
-def test_self_test_reports_a_wrong_kernel(launcher):
+@pytest.mark.parametrize(
+    "kernel,reported",
+    [
+        ("sapa_scatter_f32", "sapa_scatter_f32"),
+        ("sapa_deform_scatter_bf16_wacc", "sapa_deform_backward_bf16+"),
+    ],
+)
+def test_self_test_reports_a_wrong_kernel(launcher, kernel, reported):
     L = launcher
-    victim = next(c for c in L.configs("float32") if c[0] == "sapa_scatter_f32" and c[1] > 0)
+    dtype = "bfloat16" if "bf16" in kernel else "float32"
+    victim = next(c for c in L.configs(dtype) if c[0] == kernel and c[1] > 0)
     L.emu.emu_corrupt(victim[0].encode())
     cases = ctypes.c_int()
-    flags = (1 << DTYPES["float32"]) | SELF_TEST_PER_TILE
+    flags = (1 << DTYPES[dtype]) | SELF_TEST_PER_TILE
     status = L.lib.sapa_self_test(None, flags, ctypes.byref(cases))
     assert status == SAPA_ERR_MISMATCH, L.error()
-    assert f"sapa_scatter_f32 (tile {victim[1]}, block {victim[2]}" in L.error()
-    assert " f32, case B=2 " in L.error() and "CPU reference" in L.error()
+    assert reported in L.error() and kernel in L.error(), L.error()
+    assert f"(tile {victim[1]}, block {victim[2]}" in L.error(), L.error()
+    assert ", case B=2 " in L.error() and "CPU reference" in L.error()
     L.emu.emu_corrupt(None)
     assert L.lib.sapa_self_test(None, 16, ctypes.byref(cases)) == SAPA_ERR_INVALID
     assert "flags=16" in L.error()
+
+
+# ---------------------------------------------------------------------------------------
+# SAPA-D
+
+
+def _storage(x, dtype):
+    """float64 values -> the device storage of dtype (bfloat16: the top 16 bits of the
+    float32, rounded to nearest even); and back to float64."""
+    if dtype != "bfloat16":
+        stored = np.ascontiguousarray(x, {"float16": np.float16}.get(dtype, dtype))
+        return stored, stored.astype(np.float64)
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    stored = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return stored, (stored.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_deform_entry_points_match_the_reference(launcher, dtype):
+    """sapa_deform_forward and sapa_deform_backward (the kernels the TensorFlow GPU op
+    launches) on the emulated GPU against tests/reference_deform.py: output, weights and
+    the gradients of query, key, value and offsets; G=2, P=3, s=3, odd channel counts,
+    offsets that drop points near the border."""
+    L = launcher
+    batch, height, width, up, points, groups, embed, cg = 2, 3, 4, 3, 3, 2, 3, 5
+    rng = np.random.default_rng(20)
+    high = (batch, up * height, up * width)
+    raw = [
+        rng.standard_normal(high + (groups * embed,)) * 0.5,
+        rng.standard_normal((batch, height, width, groups * embed)) * 0.5,
+        rng.standard_normal((batch, height, width, groups * cg)),
+        reference_deform.offsets_away_from_integers(
+            rng, high + (2 * groups * points,), spread=2.5, margin=0.1
+        ),
+        rng.standard_normal(high + (groups * cg,)),
+    ]
+    stored, seen = zip(*(_storage(x, dtype) for x in raw), strict=True)
+    acc = np.float64 if dtype == "float64" else np.float32
+    dims = SapaDeformDims(batch, height, width, up, points, groups, groups * embed, groups * cg)
+    q, k, v, off, grad = stored
+    nan = 0x7FFF if dtype == "bfloat16" else np.nan  # unwritten elements fail
+    out = np.full_like(grad, nan)
+    attn = np.full(high + (groups * points,), np.nan, acc)
+    L.check(
+        L.lib.sapa_deform_forward(
+            None, DTYPES[dtype], ctypes.byref(dims), *map(_ptr, (q, k, v, off, out, attn))
+        )
+    )
+    size = ctypes.c_size_t()
+    L.check(L.lib.sapa_deform_workspace(DTYPES[dtype], ctypes.byref(dims), ctypes.byref(size)))
+    workspace = np.full(size.value // 8 + 32, np.nan)
+    grads = [np.full_like(a, nan) for a in (q, k, v, off)]
+    L.check(
+        L.lib.sapa_deform_backward(
+            None,
+            DTYPES[dtype],
+            ctypes.byref(dims),
+            *map(_ptr, (grad, q, k, v, off, attn, workspace, *grads)),
+        )
+    )
+    args = (points, up, groups)
+    logits = reference_deform.deform_similarity(seen[0], seen[1], seen[3], *args)
+    want = [
+        reference_deform.sapa_deform(*seen[:4], *args),
+        reference_deform.group_softmax(logits, groups),
+        *reference_deform.sapa_deform_vjp(*seen, *args),
+    ]
+    got = [_storage_back(a, dtype) for a in (out, attn, *grads)]
+    tol = {"float64": 1e-10, "float32": 1e-4, "float16": 4e-3, "bfloat16": 3e-2}[dtype]
+    names = ("output", "weights", "grad_query", "grad_key", "grad_value", "grad_offsets")
+    for name, a, b in zip(names, got, want, strict=True):
+        assert np.isfinite(a).all(), name
+        scale = max(1.0, float(np.abs(b).max()))
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale, err_msg=name)
+    assert L.current() is None  # the launcher popped the context it pushed
+
+
+def _storage_back(stored, dtype):
+    if dtype == "bfloat16" and stored.dtype == np.uint16:
+        return (stored.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return stored.astype(np.float64)
+
+
+def test_deform_rejects_bad_sizes(launcher):
+    L = launcher
+    size = ctypes.c_size_t()
+    bad = [
+        (SapaDeformDims(1, 2, 2, 2, 3, 2, 5, 4), "dim=5, channels=4, groups=2"),
+        (SapaDeformDims(1, 2, 2, 0, 3, 2, 4, 4), "up, points and groups must be >= 1"),
+        (SapaDeformDims(1, 2**31, 2, 2, 3, 2, 4, 4), "height=2147483648"),
+    ]
+    for dims, message in bad:
+        status = L.lib.sapa_deform_workspace(0, ctypes.byref(dims), ctypes.byref(size))
+        assert status == SAPA_ERR_INVALID and message in L.error(), L.error()
+    dims = SapaDeformDims(0, 2, 2, 2, 800, 1, 4, 4)  # 800 points: too much shared memory
+    status = L.lib.sapa_deform_forward(None, 3, ctypes.byref(dims), *[None] * 6)
+    assert status == SAPA_ERR_INVALID and "groups*num_points=800" in L.error(), L.error()
+
+
+# ---------------------------------------------------------------------------------------
+# The Python side of the self-test (keras_sapa/ops/_gpu_check.py)
+
+
+def _image_dir(tmp_path):
+    """A kernel image directory for the emulated driver (which ignores the bytes)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "sapa_kernels.sm_80.cubin").write_bytes(b"\x7fELF emulated sm_80")
+    return str(images)
+
+
+def test_python_self_test_failure_warns_once(launcher, tmp_path):
+    """A kernel that disagrees fails _gpu_check's self-test by name (its passing path is
+    test_self_test_runs_every_configuration_and_passes); passes() then warns once and
+    stays False. A missing launcher or missing images say so."""
+    from keras_sapa.ops import _gpu_check
+
+    L = launcher
+    kwargs = {"library": L.lib_path, "driver": L.driver_path, "dtypes": ("float64",)}
+    images = _image_dir(tmp_path)
+    L.emu.emu_corrupt(b"sapa_deform_forward_f64")  # the first configuration
+    _gpu_check._reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="sapa_deform_forward_f64") as caught:
+            assert not _gpu_check.passes("TestBackend", lib_dir=images, **kwargs)
+            assert not _gpu_check.passes("TestBackend", lib_dir=images, **kwargs)
+        assert len(caught) == 1 and "TestBackend uses the CPU kernels" in str(caught[0].message)
+    finally:
+        L.emu.emu_corrupt(None)
+        _gpu_check._reset()
+    missing = str(tmp_path / "nowhere" / "libsapa_launcher.so")
+    assert _gpu_check.self_test(images, library=missing) == (
+        0,
+        f"no launcher at {missing} (build it with `python custom_ops/build.py`)",
+    )
+    (tmp_path / "empty").mkdir()
+    problem = _gpu_check.self_test(str(tmp_path / "empty"), library=L.lib_path)[1]
+    assert problem.startswith("no kernel images (sapa_kernels.*.cubin/ptx) in "), problem
+
+
+def test_tensorflow_falls_back_when_the_gpu_self_test_fails(launcher, tmp_path, monkeypatch):
+    """TensorFlow's first use with a GPU library loaded: the launcher's self-test (here
+    on the emulated GPU, a kernel corrupted) fails, so the compiled library is refused
+    with one warning naming the kernel, and the ops fall back to the builtin path."""
+    pytest.importorskip("tensorflow")
+    from keras_sapa.ops import _gpu_check
+    from keras_sapa.ops import _tf_kernels
+
+    if not os.path.isfile(_tf_kernels.library_path()):
+        pytest.skip("the TensorFlow library is not built")
+    L = launcher
+    images = _image_dir(tmp_path)
+    real = _gpu_check.self_test
+
+    def emulated(lib_dir):
+        assert lib_dir == os.path.dirname(_tf_kernels.library_path())
+        return real(images, library=L.lib_path, driver=L.driver_path, dtypes=("float32",))
+
+    monkeypatch.delenv("KERAS_SAPA_DISABLE_COMPILED", raising=False)
+    monkeypatch.setattr(_tf_kernels, "_try_load_gpu", lambda lib_path: "loaded")
+    monkeypatch.setattr(_gpu_check, "self_test", emulated)
+    L.emu.emu_corrupt(b"sapa_deform_forward_f32")  # the first configuration
+    _tf_kernels._reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="sapa_deform_forward_f32") as caught:
+            assert _tf_kernels.load_library() is None
+            assert not _tf_kernels.available()
+        assert len(caught) == 1
+        assert "first-use check" in _tf_kernels.unavailable_reason()
+        assert not _tf_kernels.gpu_op_usable()
+    finally:
+        L.emu.emu_corrupt(None)
+        monkeypatch.undo()
+        _tf_kernels._reset()
 
 
 # ---------------------------------------------------------------------------------------
@@ -527,16 +780,18 @@ def test_launcher_needs_no_glibc_newer_than_2_28(launcher_build):
     _assert_old_glibc(launcher_build)
 
 
-def test_the_build_scripts_launcher_needs_no_glibc_newer_than_2_28(tmp_path, monkeypatch):
-    """custom_ops/build.py's own launcher build (into a temporary folder)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "keras_sapa_build_for_glibc", os.path.join(ROOT, "custom_ops", "build.py")
-    )
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    if shutil.which("g++") is None:
-        pytest.skip("no g++")
-    monkeypatch.setattr(build, "BUILD_DIR", str(tmp_path))
-    _assert_old_glibc(build.build_launcher("g++", False))
+def test_the_build_scripts_launcher_is_linked_like_this_one(monkeypatch):
+    """custom_ops/build.py builds the launcher with LAUNCHER_FLAGS (whose build the test
+    above checks for glibc 2.28; -Wall -Werror aside), the libraries after the source:
+    its command, captured instead of run."""
+    build = _load("keras_sapa_build_for_glibc", os.path.join(ROOT, "custom_ops", "build.py"))
+    commands = []
+    monkeypatch.setattr(build, "_run", lambda command, *args: commands.append(command))
+    target = build.build_launcher("g++", False)
+    (command,) = commands
+    source = os.path.join(LAUNCHER_DIR, "sapa_launcher.cc")
+    assert command[0] == "g++" and command.count(source) == 1
+    assert command[command.index("-o") + 1] == target
+    flags = [f for f in command[1:] if f not in (source, "-o", target)]
+    assert flags == [f for f in LAUNCHER_FLAGS if f not in ("-Wall", "-Werror")]
+    assert all(command.index(source) < command.index(f) for f in flags if f.startswith("-l"))

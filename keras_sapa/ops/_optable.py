@@ -20,8 +20,8 @@ and at most one free size symbol (``B``, ``H``, ``W``, ``d``, ``C``, ...). Every
 occurrence of a symbol must agree; ``up_factor*H`` is up_factor times the ``H`` of the
 same call. The shape of an output is then fully determined by the inputs' symbols.
 
-Adding an op = one ``Op`` entry here (plus its kernels); the generated header and the
-Python bindings follow. See ``/work/coord/H2-native.md`` for the fields.
+Adding an op = one ``Op`` entry here, its gradient op derived by :func:`with_gradient`
+(plus its kernels); the generated header and the Python bindings follow.
 """
 
 from dataclasses import dataclass
@@ -118,111 +118,123 @@ WINDOW = "kernel_size*kernel_size"
 # Weights in the accumulation type: float for half and bfloat16, else T.
 FUSED_TYPES = (("float", "float"), ("double", "double"), ("half", "float"), ("bfloat16", "float"))
 
+
+def with_gradient(forward, doc=None, bindings=None):
+    """``(forward, its gradient op)``. The gradient op is named ``forward.gradient``; it
+    takes ``grad`` (shaped like the first output) then the tensors ``gradient_inputs``
+    names, returns ``grad_<name>`` shaped like each ``differentiable`` input, and has the
+    forward's family, attributes, types and devices."""
+    tensors = {t.name: t for t in forward.inputs + forward.outputs}
+    *others, last = forward.differentiable
+    wrt = f"{', '.join(others)} and {last}" if others else last
+    grad = Op(
+        name=forward.gradient,
+        family=forward.family,
+        inputs=(Tensor("grad", forward.outputs[0].shape),)
+        + tuple(tensors[name] for name in forward.gradient_inputs),
+        outputs=tuple(Tensor("grad_" + n, tensors[n].shape) for n in forward.differentiable),
+        attrs=forward.attrs,
+        doc=doc or f"Gradient of {forward.tf_name} with respect to {wrt}.",
+        type_attrs=forward.type_attrs,
+        type_pairs=forward.type_pairs,
+        bindings=bindings or Bindings(),
+        devices=forward.devices,
+    )
+    return forward, grad
+
+
+def window_op(name, inputs, output, doc):
+    """A window op (``WINDOW_ATTRS``, any float type) and its gradient ``<name>Grad``,
+    differentiable in both inputs, which it takes again."""
+    names = tuple(t.name for t in inputs)
+    return with_gradient(
+        Op(
+            name=name,
+            family=name.lower(),
+            inputs=inputs,
+            outputs=(output,),
+            attrs=WINDOW_ATTRS,
+            doc=doc,
+            gradient=name + "Grad",
+            differentiable=names,
+            gradient_inputs=names,
+        )
+    )
+
+
+def bindings(stem, cpu_core, launcher=None):
+    """Where a fused op is bound, named from ``stem`` (``forward``, ``deform_backward``):
+    the C entry points ``keras_sapa_<stem>_f32/_f64``, the XLA FFI target of that name
+    (handler ``KerasSapa<Stem>``), the ``torch.library`` op ``keras_sapa::sapa_<stem>``
+    and the launcher's ``sapa_<stem>`` unless ``launcher`` names another."""
+    c_abi = "keras_sapa_" + stem
+    handler = "KerasSapa" + "".join(word.capitalize() for word in stem.split("_"))
+    return Bindings(
+        cpu_core=cpu_core,
+        c_abi=c_abi,
+        xla_ffi=(c_abi, handler),
+        torch="keras_sapa::sapa_" + stem,
+        launcher=launcher or "sapa_" + stem,
+    )
+
+
+def fused_op(name, inputs, output, weights, attrs, doc, forward, backward, grad_doc=None):
+    """A fused op ``name`` whose outputs are ``output`` and the saved softmax ``weights``
+    (``Tweights``, the accumulation type; not differentiable), and its gradient
+    ``<name>Grad``: differentiable in every input, it takes them and ``weights``.
+    ``forward`` and ``backward`` are the ops' :class:`Bindings`."""
+    names = tuple(t.name for t in inputs)
+    return with_gradient(
+        Op(
+            name=name,
+            family={"Sapa": "sapa", "SapaDeform": "sapa_deform"}[name],
+            inputs=inputs,
+            outputs=(output, Tensor("weights", weights, dtype="Tweights")),
+            attrs=attrs,
+            doc=doc,
+            gradient=name + "Grad",
+            differentiable=names,
+            gradient_inputs=names + ("weights",),
+            type_attrs={"T": FLOAT_TYPES, "Tweights": ACCUMULATION_TYPES},
+            type_pairs=FUSED_TYPES,
+            bindings=forward,
+        ),
+        grad_doc,
+        backward,
+    )
+
+
 OPS = (
-    Op(
-        name="Similarity",
-        family="similarity",
-        inputs=(Tensor("query", HIGH + ("d",)), Tensor("key", LOW + ("d",))),
-        outputs=(Tensor("similarity", HIGH + (WINDOW,)),),
-        attrs=WINDOW_ATTRS,
-        doc="similarity[b,i,j,n] = <query[b,i,j], key[b, i/s + a, j/s + c]>, "
+    *window_op(
+        "Similarity",
+        (Tensor("query", HIGH + ("d",)), Tensor("key", LOW + ("d",))),
+        Tensor("similarity", HIGH + (WINDOW,)),
+        "similarity[b,i,j,n] = <query[b,i,j], key[b, i/s + a, j/s + c]>, "
         "n = (a + r) * K + (c + r), zero outside the key map.",
-        gradient="SimilarityGrad",
-        differentiable=("query", "key"),
-        gradient_inputs=("query", "key"),
     ),
-    Op(
-        name="SimilarityGrad",
-        family="similarity",
-        inputs=(
-            Tensor("grad", HIGH + (WINDOW,)),
-            Tensor("query", HIGH + ("d",)),
-            Tensor("key", LOW + ("d",)),
-        ),
-        outputs=(Tensor("grad_query", HIGH + ("d",)), Tensor("grad_key", LOW + ("d",))),
-        attrs=WINDOW_ATTRS,
-        doc="Gradient of KerasSapa>Similarity with respect to query and key.",
-    ),
-    Op(
-        name="Aggregate",
-        family="aggregate",
-        inputs=(Tensor("weights", HIGH + (WINDOW,)), Tensor("value", LOW + ("C",))),
-        outputs=(Tensor("output", HIGH + ("C",)),),
-        attrs=WINDOW_ATTRS,
-        doc="output[b,i,j] = sum_n weights[b,i,j,n] * value[b, i/s + a, j/s + c], "
+    *window_op(
+        "Aggregate",
+        (Tensor("weights", HIGH + (WINDOW,)), Tensor("value", LOW + ("C",))),
+        Tensor("output", HIGH + ("C",)),
+        "output[b,i,j] = sum_n weights[b,i,j,n] * value[b, i/s + a, j/s + c], "
         "points outside the value map contributing zero.",
-        gradient="AggregateGrad",
-        differentiable=("weights", "value"),
-        gradient_inputs=("weights", "value"),
     ),
-    Op(
-        name="AggregateGrad",
-        family="aggregate",
-        inputs=(
-            Tensor("grad", HIGH + ("C",)),
-            Tensor("weights", HIGH + (WINDOW,)),
-            Tensor("value", LOW + ("C",)),
-        ),
-        outputs=(Tensor("grad_weights", HIGH + (WINDOW,)), Tensor("grad_value", LOW + ("C",))),
-        attrs=WINDOW_ATTRS,
-        doc="Gradient of KerasSapa>Aggregate with respect to weights and value.",
-    ),
-    Op(
-        name="Sapa",
-        family="sapa",
-        inputs=(
+    *fused_op(
+        "Sapa",
+        (
             Tensor("query", HIGH + ("d",)),
             Tensor("key", LOW + ("d",)),
             Tensor("value", LOW + ("C",)),
         ),
-        outputs=(
-            Tensor("output", HIGH + ("C",)),
-            Tensor("weights", HIGH + (WINDOW,), dtype="Tweights"),
-        ),
-        attrs=WINDOW_ATTRS,
-        doc="Fused SAPA: output = aggregate(softmax(similarity(query, key)), value) in one "
-        "pass, padded window points entering the softmax with logit 0. weights is that "
-        "softmax in Tweights (float for half and bfloat16), kept for the gradient; it "
-        "is not differentiable.",
-        gradient="SapaGrad",
-        differentiable=("query", "key", "value"),
-        gradient_inputs=("query", "key", "value", "weights"),
-        type_attrs={"T": FLOAT_TYPES, "Tweights": ACCUMULATION_TYPES},
-        type_pairs=FUSED_TYPES,
-        bindings=Bindings(
-            cpu_core="SapaForward",
-            c_abi="keras_sapa_forward",
-            xla_ffi=("keras_sapa_forward", "KerasSapaForward"),
-            torch="keras_sapa::sapa_forward",
-            launcher="sapa_forward",
-        ),
-    ),
-    Op(
-        name="SapaGrad",
-        family="sapa",
-        inputs=(
-            Tensor("grad", HIGH + ("C",)),
-            Tensor("query", HIGH + ("d",)),
-            Tensor("key", LOW + ("d",)),
-            Tensor("value", LOW + ("C",)),
-            Tensor("weights", HIGH + (WINDOW,), dtype="Tweights"),
-        ),
-        outputs=(
-            Tensor("grad_query", HIGH + ("d",)),
-            Tensor("grad_key", LOW + ("d",)),
-            Tensor("grad_value", LOW + ("C",)),
-        ),
-        attrs=WINDOW_ATTRS,
-        doc="Gradient of KerasSapa>Sapa with respect to query, key and value.",
-        type_attrs={"T": FLOAT_TYPES, "Tweights": ACCUMULATION_TYPES},
-        type_pairs=FUSED_TYPES,
-        bindings=Bindings(
-            cpu_core="SapaBackward",
-            c_abi="keras_sapa_backward",
-            xla_ffi=("keras_sapa_backward", "KerasSapaBackward"),
-            torch="keras_sapa::sapa_backward",
-            launcher="sapa_softmax_backward",
-        ),
+        Tensor("output", HIGH + ("C",)),
+        HIGH + (WINDOW,),
+        WINDOW_ATTRS,
+        "Fused SAPA: output = aggregate(softmax(similarity(query, key)), value) in one pass, "
+        "padded window points entering the softmax with logit 0. weights is that softmax in "
+        "Tweights (float for half and bfloat16), kept for the gradient; it is not "
+        "differentiable.",
+        bindings("forward", "SapaForward"),
+        bindings("backward", "SapaBackward", launcher="sapa_softmax_backward"),
     ),
 )
 
@@ -237,70 +249,26 @@ DEFORM_ATTRS = (
 DEFORM_POINTS = "groups*num_points"
 DEFORM_OFFSETS = "2*groups*num_points"
 
-OPS += (
-    Op(
-        name="SapaDeform",
-        family="sapa_deform",
-        inputs=(
-            Tensor("query", HIGH + ("groups*E",)),
-            Tensor("key", LOW + ("groups*E",)),
-            Tensor("value", LOW + ("groups*Cg",)),
-            Tensor("offsets", HIGH + (DEFORM_OFFSETS,)),
-        ),
-        outputs=(
-            Tensor("output", HIGH + ("groups*Cg",)),
-            Tensor("weights", HIGH + (DEFORM_POINTS,), dtype="Tweights"),
-        ),
-        attrs=DEFORM_ATTRS,
-        doc="Fused SAPA-D: output = deform_aggregate(softmax_per_group(deform_similarity("
-        "query, key, offsets)), value, offsets), key and value sampled "
-        "bilinearly (zero padding) at the anchor (i/s, j/s) plus each point's offset; a "
-        "point outside (-1, H) x (-1, W) is dropped (logit 0, zero value). weights is the "
-        "softmax in Tweights, kept for the gradient; it is not differentiable.",
-        gradient="SapaDeformGrad",
-        differentiable=("query", "key", "value", "offsets"),
-        gradient_inputs=("query", "key", "value", "offsets", "weights"),
-        type_attrs={"T": FLOAT_TYPES, "Tweights": ACCUMULATION_TYPES},
-        type_pairs=FUSED_TYPES,
-        bindings=Bindings(
-            cpu_core="DeformForward",
-            c_abi="keras_sapa_deform_forward",
-            xla_ffi=("keras_sapa_deform_forward", "KerasSapaDeformForward"),
-            torch="keras_sapa::sapa_deform_forward",
-        ),
-        devices=("cpu",),
+OPS += fused_op(
+    "SapaDeform",
+    (
+        Tensor("query", HIGH + ("groups*E",)),
+        Tensor("key", LOW + ("groups*E",)),
+        Tensor("value", LOW + ("groups*Cg",)),
+        Tensor("offsets", HIGH + (DEFORM_OFFSETS,)),
     ),
-    Op(
-        name="SapaDeformGrad",
-        family="sapa_deform",
-        inputs=(
-            Tensor("grad", HIGH + ("groups*Cg",)),
-            Tensor("query", HIGH + ("groups*E",)),
-            Tensor("key", LOW + ("groups*E",)),
-            Tensor("value", LOW + ("groups*Cg",)),
-            Tensor("offsets", HIGH + (DEFORM_OFFSETS,)),
-            Tensor("weights", HIGH + (DEFORM_POINTS,), dtype="Tweights"),
-        ),
-        outputs=(
-            Tensor("grad_query", HIGH + ("groups*E",)),
-            Tensor("grad_key", LOW + ("groups*E",)),
-            Tensor("grad_value", LOW + ("groups*Cg",)),
-            Tensor("grad_offsets", HIGH + (DEFORM_OFFSETS,)),
-        ),
-        attrs=DEFORM_ATTRS,
-        doc="Gradient of KerasSapa>SapaDeform with respect to query, key, value and "
-        "offsets (a position's derivative taken in the cell of floor, as the official "
-        "kernels do).",
-        type_attrs={"T": FLOAT_TYPES, "Tweights": ACCUMULATION_TYPES},
-        type_pairs=FUSED_TYPES,
-        bindings=Bindings(
-            cpu_core="DeformBackward",
-            c_abi="keras_sapa_deform_backward",
-            xla_ffi=("keras_sapa_deform_backward", "KerasSapaDeformBackward"),
-            torch="keras_sapa::sapa_deform_backward",
-        ),
-        devices=("cpu",),
-    ),
+    Tensor("output", HIGH + ("groups*Cg",)),
+    HIGH + (DEFORM_POINTS,),
+    DEFORM_ATTRS,
+    "Fused SAPA-D: output = deform_aggregate(softmax_per_group(deform_similarity(query, key, "
+    "offsets)), value, offsets), key and value sampled bilinearly (zero padding) at the "
+    "anchor (i/s, j/s) plus each point's offset; a point outside (-1, H) x (-1, W) is "
+    "dropped (logit 0, zero value). weights is the softmax in Tweights, kept for the "
+    "gradient; it is not differentiable.",
+    bindings("deform_forward", "DeformForward"),
+    bindings("deform_backward", "DeformBackward"),
+    grad_doc="Gradient of KerasSapa>SapaDeform with respect to query, key, value and offsets "
+    "(a position's derivative taken in the cell of floor, as the official kernels do).",
 )
 
 BY_NAME = {op.name: op for op in OPS}

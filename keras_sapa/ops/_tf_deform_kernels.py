@@ -2,12 +2,14 @@
 its gradient ``KerasSapa>SapaDeformGrad``, from the same library as SAPA's
 (:mod:`._tf_kernels` loads it; the op table :mod:`._optable` describes both ops).
 
-The op runs the fused CPU kernels of ``custom_ops/sapa/kernels/cpu/sapa_deform_cpu.h``:
-forward ``(query, key, value, offsets) -> (output, weights)``, the per-group softmax
+The op runs the fused kernels: on the CPU those of
+``custom_ops/sapa/kernels/cpu/sapa_deform_cpu.h``, on a GPU the CUDA kernels of
+``custom_ops/sapa/kernels/cuda/sapa_deform_kernels.cuh`` through the launcher (the GPU
+library's ``DEVICE_GPU`` kernels, checked at first use with SAPA's: :mod:`._tf_kernels`).
+Forward ``(query, key, value, offsets) -> (output, weights)``, the per-group softmax
 ``weights`` kept for the backward, which gives the gradients of all four inputs without
 materialising any sampled copy of key or value. float16 and bfloat16 compute in float32
-inside the kernel (the softmax stays float32), float64 in float64. It has no GPU kernel
-yet: TensorFlow places it on the CPU.
+inside the kernel (the softmax stays float32), float64 in float64.
 """
 
 import tensorflow as tf
@@ -16,9 +18,7 @@ from keras_sapa.ops import _optable
 from keras_sapa.ops import _tf_kernels
 
 _FORWARD = _optable.op("SapaDeform")
-_BACKWARD = _optable.op(_FORWARD.gradient)
 _FORWARD_FN = _tf_kernels._python_name(_FORWARD.name)  # keras_sapa_sapa_deform
-_BACKWARD_FN = _tf_kernels._python_name(_BACKWARD.name)
 
 
 def available():
@@ -40,7 +40,8 @@ def unavailable_reason():
 
 
 def usable(*tensors):
-    """Whether :func:`sapa_deform` serves these tensors (any device: the op runs on CPU)."""
+    """Whether :func:`sapa_deform` serves these tensors (on the CPU, or on a GPU when the
+    GPU library passed its first-use check; else the library is not used at all)."""
     del tensors
     return available()
 
@@ -73,21 +74,5 @@ def sapa_deform(query, key, value, offsets, num_points, up_factor, groups):
     return sapa_deform_with_weights(query, key, value, offsets, num_points, up_factor, groups)[0]
 
 
-@tf.RegisterGradient(_FORWARD.tf_name)
-def _sapa_deform_gradient(op, grad, unused_weights_grad):
-    # The table's gradient op: grad of the output, then `gradient_inputs` (the forward's
-    # inputs and its saved softmax); one gradient per differentiable input.
-    if grad is None:
-        return [None] * len(_FORWARD.inputs)
-    tensors = dict(
-        zip(
-            [t.name for t in _FORWARD.inputs + _FORWARD.outputs],
-            list(op.inputs) + list(op.outputs),
-            strict=True,
-        )
-    )
-    return getattr(_tf_kernels._ops(), _BACKWARD_FN)(
-        grad,
-        *(tensors[name] for name in _FORWARD.gradient_inputs),
-        **{a.name: op.get_attr(a.name) for a in _FORWARD.attrs},
-    )
+# The gradient (KerasSapa>SapaDeformGrad, as the op table states it) is registered with
+# the other ops' in _tf_kernels.

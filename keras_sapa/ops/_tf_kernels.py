@@ -7,7 +7,9 @@ disable switch, build record, TensorFlow version, CPU features) on the first cal
 :func:`available`, never at import. The GPU kernels live in a second library,
 ``_sapa_ops_gpu.so`` (a thin adapter over the driver-API launcher and the NVRTC-built
 kernel images beside it), loaded after the CPU one when a GPU is visible. At that first
-use a tiny case runs on the GPU and on the CPU and must agree (and must have run on the
+use the launcher's own self-test runs every launch configuration it can choose on the GPU
+against its float64 CPU reference (:mod:`._gpu_check`), then a tiny case of every op runs
+through TensorFlow on the GPU and on the CPU and must agree (and must have run on the
 GPU); a load failure or any disagreement gives one warning, and the compiled ops are then
 not used at all, since TensorFlow would otherwise place them on the GPU.
 
@@ -22,6 +24,7 @@ import warnings
 
 import tensorflow as tf
 
+from keras_sapa.ops import _gpu_check
 from keras_sapa.ops import _native
 from keras_sapa.ops import _optable
 from keras_sapa.ops._tf_builtin import in_xla_context
@@ -92,7 +95,7 @@ def _load():
     module = _loaded_modules[real]
     _gpu["status"] = _try_load_gpu(lib_path)
     if _gpu["status"] == "loaded":
-        problem = _gpu_self_test(module)
+        problem = _gpu_self_test(module, os.path.dirname(lib_path))
         if problem is not None:
             _gpu["status"] = f"failed: {problem}"
             return None, f"the GPU kernels failed their first-use check: {problem}"
@@ -130,14 +133,17 @@ def load_library():
 
 
 def _self_test_results(module, device):
-    """Every compiled op on a tiny case (B=1, 3x3 -> 6x6, d=5, C=4, K=3, s=2) placed on
-    ``device``; returns a list of (name, tensor)."""
+    """Every compiled op on a tiny case (B=1, 3x3 -> 6x6, d=5, C=4, K=3, s=2; SAPA-D: G=2,
+    P=2, E=3, standard normal offsets) placed on ``device``; returns a list of (name,
+    tensor)."""
     import numpy as np
 
     rng = np.random.default_rng(1234)
-    q, k, v, g = (
-        tf.constant(rng.standard_normal(shape).astype(np.float32))
-        for shape in ((1, 6, 6, 5), (1, 3, 3, 5), (1, 3, 3, 4), (1, 6, 6, 4))
+    high, low = (1, 6, 6), (1, 3, 3)
+    shapes = [high + (5,), low + (5,), low + (4,), high + (4,)]  # q, k, v, g
+    shapes += [high + (6,), low + (6,), high + (8,)]  # SAPA-D's q, k, offsets
+    q, k, v, g, dq, dk, off = (
+        tf.constant(rng.standard_normal(shape).astype(np.float32)) for shape in shapes
     )
     attrs = {"kernel_size": 3, "up_factor": 2}
     with tf.init_scope(), tf.device(device):
@@ -164,6 +170,17 @@ def _self_test_results(module, device):
                 ("sapa_grad.key", fk),
                 ("sapa_grad.value", fv),
             ]
+        if hasattr(module, "keras_sapa_sapa_deform"):
+            deform = {"num_points": 2, "up_factor": 2, "groups": 2}
+            out, weights = module.keras_sapa_sapa_deform(
+                dq, dk, v, off, Tweights=tf.float32, **deform
+            )
+            grads = module.keras_sapa_sapa_deform_grad(g, dq, dk, v, off, weights, **deform)
+            results += [("sapa_deform", out), ("sapa_deform.weights", weights)]
+            results += [
+                (f"sapa_deform_grad.{name}", grad)
+                for name, grad in zip(("query", "key", "value", "offsets"), grads, strict=True)
+            ]
     return results
 
 
@@ -186,8 +203,13 @@ def compare_self_test(gpu_results, cpu_results, rtol=1e-4, atol=1e-4):
     return None
 
 
-def _gpu_self_test(module):
-    """Runs the tiny case on the first GPU and on the CPU; None when they agree."""
+def _gpu_self_test(module, lib_dir):
+    """The launcher's self-test on the first GPU (:func:`._gpu_check.self_test`, the
+    kernel images of ``lib_dir``), then the tiny case through TensorFlow on that GPU and on
+    the CPU; None when everything agrees, else why."""
+    _, problem = _gpu_check.self_test(lib_dir)
+    if problem is not None:
+        return problem
     try:
         gpu = _self_test_results(module, "/GPU:0")
         cpu = _self_test_results(module, "/CPU:0")
@@ -359,57 +381,61 @@ def _add(a, b):
 def _register_first_order_gradient(spec):
     """Registers ``spec``'s gradient as the op table states it: its gradient op takes
     the upstream gradient of the first output and the tensors ``gradient_inputs`` names
-    (inputs or outputs of the forward op, e.g. Sapa's saved softmax ``weights``); later
-    outputs (that softmax) are not differentiable."""
+    (inputs or outputs of the forward op, e.g. the saved softmax ``weights``), with the
+    forward's attributes; later outputs (that softmax) are not differentiable."""
     names = [t.name for t in spec.inputs + spec.outputs]
 
     @tf.RegisterGradient(spec.tf_name)
     def _gradient(op, grad, *unused_output_grads):
+        if grad is None:
+            return [None] * len(spec.inputs)
         tensors = dict(zip(names, list(op.inputs) + list(op.outputs), strict=True))
-        kernel_size, up_factor = _attrs(op)
         return getattr(_ops(), _python_name(spec.gradient))(
             grad,
             *(tensors[name] for name in spec.gradient_inputs),
-            kernel_size=kernel_size,
-            up_factor=up_factor,
+            **{a.name: op.get_attr(a.name) for a in spec.attrs},
         )
 
 
+# Every forward op of the table, SAPA-D's included (the registry only records names).
 for _spec in _optable.OPS:
-    if _spec.family in _FAMILIES and _spec.gradient is not None:
+    if _spec.gradient is not None:
         _register_first_order_gradient(_spec)
 
 
-@tf.RegisterGradient("KerasSapa>SimilarityGrad")
-def _similarity_grad_grad(op, up_query, up_key):
-    # Outputs: grad_query = Gather(g, k), grad_key = Scatter(g, q).
-    kernel_size, up_factor = _attrs(op)
-    g, query, key = op.inputs
-    d_g = d_query = d_key = None
-    if up_query is not None:
-        # Gather(g, k) is bilinear: d g = Dot(up_q, k), d k = Scatter(g, up_q).
-        d_g, d_key = aggregate_grad(up_query, g, key, kernel_size, up_factor)
-    if up_key is not None:
-        # Scatter(g, q): d g = Dot(q, up_k), d q = Gather(g, up_k).
-        d_g = _add(d_g, similarity(query, up_key, kernel_size, up_factor))
-        d_query = aggregate(g, up_key, kernel_size, up_factor)
-    return d_g, d_query, d_key
+def _register_gradient_of_window_gradient(name, first, second):
+    """Registers the gradient of the window gradient op ``name``, whose inputs are (g, a,
+    b) and whose outputs are bilinear: ``first(up, g, a, b)`` gives the (g, b) parts of the
+    vector-Jacobian product of its first output, ``second(up, g, a, b)`` the (g, a) parts
+    of its second's (each a composition of the four window ops)."""
+
+    @tf.RegisterGradient(name)
+    def _gradient(op, up_first, up_second):
+        kernel_size, up_factor = _attrs(op)
+        g, a, b = op.inputs
+        d_g = d_a = d_b = None
+        if up_first is not None:
+            d_g, d_b = first(up_first, g, a, b, kernel_size, up_factor)
+        if up_second is not None:
+            extra, d_a = second(up_second, g, a, b, kernel_size, up_factor)
+            d_g = _add(d_g, extra)
+        return d_g, d_a, d_b
 
 
-@tf.RegisterGradient("KerasSapa>AggregateGrad")
-def _aggregate_grad_grad(op, up_weights, up_value):
-    # Outputs: grad_weights = Dot(g, v), grad_value = Scatter(w, g).
-    kernel_size, up_factor = _attrs(op)
-    g, weights, value = op.inputs
-    d_g = d_weights = d_value = None
-    if up_weights is not None:
-        # Dot(g, v): d g = Gather(up_w, v), d v = Scatter(up_w, g).
-        d_g, d_value = similarity_grad(up_weights, g, value, kernel_size, up_factor)
-    if up_value is not None:
-        # Scatter(w, g): d w = Dot(g, up_v), d g = Gather(w, up_v).
-        d_weights = similarity(g, up_value, kernel_size, up_factor)
-        d_g = _add(d_g, aggregate(weights, up_value, kernel_size, up_factor))
-    return d_g, d_weights, d_value
+# SimilarityGrad(g, q, k) = (Gather(g, k), Scatter(g, q)). Gather is bilinear: d g =
+# Dot(up, k), d k = Scatter(g, up); Scatter(g, q): d g = Dot(q, up), d q = Gather(g, up).
+_register_gradient_of_window_gradient(
+    "KerasSapa>SimilarityGrad",
+    lambda up, g, q, k, K, s: aggregate_grad(up, g, k, K, s),
+    lambda up, g, q, k, K, s: (similarity(q, up, K, s), aggregate(g, up, K, s)),
+)
+# AggregateGrad(g, w, v) = (Dot(g, v), Scatter(w, g)). Dot: d g = Gather(up, v), d v =
+# Scatter(up, g); Scatter(w, g): d g = Gather(w, up), d w = Dot(g, up).
+_register_gradient_of_window_gradient(
+    "KerasSapa>AggregateGrad",
+    lambda up, g, w, v, K, s: similarity_grad(up, g, v, K, s),
+    lambda up, g, w, v, K, s: (aggregate(w, up, K, s), similarity(g, up, K, s)),
+)
 
 
 def _unfused_sapa(query, key, value, kernel_size, up_factor):

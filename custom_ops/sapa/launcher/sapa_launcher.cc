@@ -156,6 +156,11 @@ struct KernelArgs {
   int64_t batch, height, width, up, kernel, ch, ch_v, tile, tiles_h, tiles_w;
 };
 
+// Same layout as sapa::deform::DeformArgs in kernels/cuda/sapa_deform_kernels.cuh.
+struct DeformKernelArgs {
+  int64_t batch, height, width, up, points, groups, dim, channels, tile, count;
+};
+
 struct Image {
   std::string target;  // sm_XY or compute_XY
   std::vector<char> data;
@@ -193,6 +198,8 @@ thread_local int64_t t_last_grid = 0;
 thread_local int t_last_block = 0, t_last_smem = 0;
 thread_local int t_device = 0;
 thread_local bool t_untiled = false;  // the self-test's untiled pass
+// The self-test's record of what an entry point launched: (kernel, block, shared memory).
+thread_local std::vector<std::tuple<std::string, int, int>>* t_record = nullptr;
 
 int Fail(int status, const std::string& message) {
   t_error = message;
@@ -598,11 +605,16 @@ bool ChooseTile(DeviceState* dev, CUfunction fn, const std::string& name, Kind k
   return best_tile > 0;
 }
 
-int Check(int dtype, const SapaDims* d) {
+int CheckDtype(int dtype) {
   if (DtypeName(dtype) == nullptr) {
     return Fail(SAPA_ERR_INVALID, "dtype must be SAPA_F32/F16/BF16/F64. Received: dtype=" +
                                       std::to_string(dtype));
   }
+  return SAPA_OK;
+}
+
+int Check(int dtype, const SapaDims* d) {
+  if (CheckDtype(dtype) != SAPA_OK) return SAPA_ERR_INVALID;
   if (d == nullptr || d->batch < 0 || d->height < 0 || d->width < 0 || d->channels < 0 ||
       d->channels_v < 0 || d->up < 1 || d->kernel < 1 || d->kernel % 2 == 0) {
     return Fail(SAPA_ERR_INVALID, "invalid sizes: up must be >= 1, kernel odd and >= 1, "
@@ -617,6 +629,7 @@ int Launch(CUstream stream, const std::string& name, CUfunction fn, int64_t grid
   t_last_grid = grid;
   t_last_block = block;
   t_last_smem = smem;
+  if (t_record) t_record->emplace_back(name, block, smem);
   if (grid == 0) return SAPA_OK;
   const CUresult rc = g_driver.cuLaunchKernel(fn, static_cast<unsigned>(grid), 1, 1,
                                               static_cast<unsigned>(block), 1, 1,
@@ -638,7 +651,8 @@ int64_t StrideGrid(const DeviceState* dev, int64_t work, int block) {
 
 // The public entry points, by what they launch.
 enum Op { kOpDot, kOpGather, kOpScatter, kOpGatherAcc, kOpScatterAcc, kOpForward,
-          kOpSoftmaxBackward, kOpCount };
+          kOpSoftmaxBackward, kOpCount,
+          kOpDeformForward, kOpDeformBackward };  // SAPA-D's (not SAPA's window kernels)
 
 std::string Name(const char* op, int dtype, const std::string& suffix) {
   return std::string("sapa_") + op + "_" + DtypeName(dtype) + suffix;
@@ -769,16 +783,223 @@ int Run(CUstream stream, Op op, int dtype, const SapaDims* d, std::vector<void*>
                 0, params.data());
 }
 
+// --- SAPA-D ---------------------------------------------------------------------------
+
+// Threads per block of the SAPA-D kernels (their __launch_bounds__).
+const int kDeformBlock = 256;
+
+// Dynamic shared memory of a SAPA-D block: per (point, k) 7 accumulators and 2 ints
+// (deform_shared_bytes in sapa_deform_kernels.cuh).
+int64_t DeformSharedBytes(int dtype, int64_t tile, int64_t gp) {
+  return tile * gp * (7 * AccSize(dtype) + 2 * 4);
+}
+
+int CheckDeform(int dtype, const SapaDeformDims* d) {
+  if (CheckDtype(dtype) != SAPA_OK) return SAPA_ERR_INVALID;
+  if (d == nullptr || d->batch < 0 || d->height < 0 || d->width < 0 || d->dim < 0 ||
+      d->channels < 0 || d->up < 1 || d->points < 1 || d->groups < 1) {
+    return Fail(SAPA_ERR_INVALID, "invalid SAPA-D sizes: up, points and groups must be >= 1, "
+                                  "the others >= 0");
+  }
+  if (d->dim % d->groups != 0 || d->channels % d->groups != 0) {
+    return Fail(SAPA_ERR_INVALID, "SAPA-D: dim and channels must be multiples of groups. "
+                                  "Received: dim=" + std::to_string(d->dim) + ", channels=" +
+                                      std::to_string(d->channels) + ", groups=" +
+                                      std::to_string(d->groups));
+  }
+  const int64_t int32_max = 2147483647;
+  if (d->points >= int32_max || d->groups >= int32_max) {
+    return Fail(SAPA_ERR_INVALID, "SAPA-D: points and groups must be below 2**31");
+  }
+  if (d->height >= int32_max || d->width >= int32_max ||
+      (d->height + 1) * (d->width + 1) > int32_max) {
+    return Fail(SAPA_ERR_INVALID, "SAPA-D: (height+1)*(width+1) must be below 2**31. "
+                                  "Received: height=" + std::to_string(d->height) +
+                                      ", width=" + std::to_string(d->width));
+  }
+  return SAPA_OK;
+}
+
+// The kernels of SAPA-D's entry points for a dtype and G*P points per output point.
+struct DeformKernels {
+  Choice forward, backward, scatter;  // tiled
+  Choice zero, cast;                  // grid-stride over elements (cast: f16/bf16 only)
+};
+
+// The launch of SAPA-D kernel `name`. A tiled kernel's block takes `tile` output points
+// at a time: the largest power of two with tile*gp <= the block (one (point, k) item per
+// thread in the kernels' first phase), so the tiles a device can get are the powers of
+// two up to 256, each of which the self-test runs. g_mutex held.
+int DeformChooseLocked(DeviceState* dev, const std::string& name, int dtype, int64_t gp,
+                       bool tiled, Choice* choice) {
+  CUfunction fn;
+  const int status = Function(dev, name, &fn);
+  if (status != SAPA_OK) return status;
+  int limit = 0, block = std::min(kDeformBlock, dev->max_threads);
+  if (g_driver.cuFuncGetAttribute(&limit, FUNC_ATTR_MAX_THREADS_PER_BLOCK, fn) ==
+          CUDA_SUCCESS &&
+      limit > 0) {
+    block = std::min(block, limit);
+  }
+  if (!tiled) {
+    *choice = Choice{name, fn, 0, block, 0};
+    return SAPA_OK;
+  }
+  int64_t tile = kDeformBlock;
+  while (tile > 1 && tile * gp > block) tile /= 2;
+  const int64_t smem = DeformSharedBytes(dtype, tile, gp);
+  if (smem > dev->max_smem) {
+    return Fail(SAPA_ERR_INVALID,
+                "SAPA-D: groups*num_points=" + std::to_string(gp) + " points per output "
+                "point need " + std::to_string(smem) + " bytes of shared memory per block, "
+                "more than the device's " + std::to_string(dev->max_smem) + " (at most " +
+                    std::to_string(dev->max_smem / DeformSharedBytes(dtype, 1, 1)) +
+                    " points per output point)");
+  }
+  *choice = Choice{name, fn, static_cast<int>(tile), block, static_cast<int>(smem)};
+  return SAPA_OK;
+}
+
+int DeformKernelsLocked(DeviceState* dev, int dtype, int64_t gp, DeformKernels* k) {
+  const std::string t = DtypeName(dtype);
+  const std::string wacc = IsHalf(dtype) ? "_wacc" : "";
+  int status = DeformChooseLocked(dev, "sapa_deform_forward_" + t, dtype, gp, true, &k->forward);
+  if (status == SAPA_OK) {
+    status = DeformChooseLocked(dev, "sapa_deform_backward_" + t, dtype, gp, true, &k->backward);
+  }
+  if (status == SAPA_OK) {
+    status = DeformChooseLocked(dev, "sapa_deform_scatter_" + t + wacc, dtype, gp, true,
+                                &k->scatter);
+  }
+  if (status == SAPA_OK) {
+    status = DeformChooseLocked(dev, dtype == SAPA_F64 ? "sapa_deform_zero_f64"
+                                                       : "sapa_deform_zero_f32",
+                                dtype, gp, false, &k->zero);
+  }
+  k->cast = Choice{};
+  if (status == SAPA_OK && IsHalf(dtype)) {
+    status = DeformChooseLocked(dev, "sapa_deform_cast_" + t, dtype, gp, false, &k->cast);
+  }
+  return status;
+}
+
+// Pushes the call's context and chooses its kernels.
+int DeformPrepare(ContextScope* scope, CUstream stream, int dtype, const SapaDeformDims* d,
+                  DeviceState** dev, DeformKernels* kernels) {
+  int status = CheckDeform(dtype, d);
+  if (status != SAPA_OK) return status;
+  status = scope->Enter(stream);
+  if (status != SAPA_OK) return status;
+  std::lock_guard<std::mutex> lock(g_mutex);
+  status = DeviceForLocked(*scope, dev);
+  if (status != SAPA_OK) return status;
+  return DeformKernelsLocked(*dev, dtype, d->groups * d->points, kernels);
+}
+
+int64_t DeformHighPoints(const SapaDeformDims* d) {
+  return d->batch * d->height * d->up * d->width * d->up;
+}
+
+// One SAPA-D launch over `work` items (tiled: output points; else elements), `count` the
+// kernel's DeformArgs::count. Grid-stride kernels: at most 32 blocks per SM.
+int DeformLaunch(CUstream stream, const DeviceState* dev, const Choice& c,
+                 const SapaDeformDims* d, int64_t work, int64_t count, std::vector<void*> ptrs) {
+  DeformKernelArgs args = {d->batch, d->height, d->width, d->up, d->points,
+                           d->groups, d->dim, d->channels, c.tile, count};
+  const int64_t per_block = c.tile > 0 ? c.tile : c.block;
+  const int64_t grid = std::min<int64_t>((work + per_block - 1) / per_block,
+                                         std::min<int64_t>(dev->max_grid, dev->sms * 32LL));
+  std::vector<void*> params;
+  params.push_back(&args);
+  for (void*& p : ptrs) params.push_back(&p);
+  return Launch(stream, c.name, c.fn, grid, c.block, c.smem, params.data());
+}
+
+// The workspace of sapa_deform_backward: the logits' gradient (accumulation type), then
+// for f16/bf16 one float buffer for the key's and then the value's scatter.
+int64_t DeformLogitsBytes(int dtype, const SapaDeformDims* d) {
+  const int64_t bytes = DeformHighPoints(d) * d->groups * d->points * AccSize(dtype);
+  return (bytes + 255) / 256 * 256;
+}
+
+int64_t DeformWorkspaceBytes(int dtype, const SapaDeformDims* d) {
+  const int64_t low = d->batch * d->height * d->width;
+  return DeformLogitsBytes(dtype, d) +
+         (IsHalf(dtype) ? low * std::max(d->dim, d->channels) * AccSize(dtype) : 0);
+}
+
+int DeformForward(CUstream stream, int dtype, const SapaDeformDims* d, const void* q,
+                  const void* key, const void* value, const void* off, void* out, void* attn) {
+  ContextScope scope;
+  DeviceState* dev = nullptr;
+  DeformKernels k;
+  const int status = DeformPrepare(&scope, stream, dtype, d, &dev, &k);
+  if (status != SAPA_OK) return status;
+  return DeformLaunch(stream, dev, k.forward, d, DeformHighPoints(d), 0,
+                      {const_cast<void*>(q), const_cast<void*>(key), const_cast<void*>(value),
+                       const_cast<void*>(off), out, attn});
+}
+
+int DeformBackward(CUstream stream, int dtype, const SapaDeformDims* d, const void* grad,
+                   const void* q, const void* key, const void* value, const void* off,
+                   const void* attn, void* workspace, void* dq, void* dkey, void* dvalue,
+                   void* doff) {
+  ContextScope scope;
+  DeviceState* dev = nullptr;
+  DeformKernels k;
+  int status = DeformPrepare(&scope, stream, dtype, d, &dev, &k);
+  if (status != SAPA_OK) return status;
+  if (workspace == nullptr && DeformWorkspaceBytes(dtype, d) > 0) {
+    return Fail(SAPA_ERR_INVALID, "sapa_deform_backward needs a workspace "
+                                  "(sapa_deform_workspace bytes)");
+  }
+  const int64_t high = DeformHighPoints(d), low = d->batch * d->height * d->width;
+  void* dlogits = workspace;
+  void* acc = IsHalf(dtype) ? static_cast<char*>(workspace) + DeformLogitsBytes(dtype, d)
+                            : nullptr;
+  status = DeformLaunch(stream, dev, k.backward, d, high, 0,
+                        {const_cast<void*>(grad), const_cast<void*>(q), const_cast<void*>(key),
+                         const_cast<void*>(value), const_cast<void*>(off),
+                         const_cast<void*>(attn), dlogits, dq, doff});
+  // grad_key = scatter(dlogits, query), grad_value = scatter(attn, grad), each summed in
+  // the accumulation type (in place for f32/f64) from zero.
+  const struct {
+    const void* coef;
+    const void* src;
+    void* dst;
+    int64_t channels;
+  } scatters[2] = {{dlogits, q, dkey, d->dim}, {attn, grad, dvalue, d->channels}};
+  for (const auto& s : scatters) {
+    void* sum = acc ? acc : s.dst;
+    const int64_t count = low * s.channels;
+    if (status == SAPA_OK) status = DeformLaunch(stream, dev, k.zero, d, count, count, {sum});
+    if (status == SAPA_OK) {
+      status = DeformLaunch(stream, dev, k.scatter, d, high, s.channels,
+                            {const_cast<void*>(s.coef), const_cast<void*>(s.src),
+                             const_cast<void*>(off), sum});
+    }
+    if (status == SAPA_OK && acc) {
+      status = DeformLaunch(stream, dev, k.cast, d, count, count, {sum, s.dst});
+    }
+  }
+  return status;
+}
+
 // --- Launch configurations and the self-test ----------------------------------------
 
 struct PlanEntry {
   Op op;
-  int64_t up, kernel;
-  bool untiled;  // run with the tiled kernels off (covers the untiled ones)
-  Choice choice;
+  int64_t up, kernel;  // SAPA-D: up and G*P
+  bool untiled;        // run with the tiled kernels off (covers the untiled ones)
+  Choice choice;       // the kernel it is listed for
+  std::vector<Choice> also;  // other kernels the entry point launches (SAPA-D's backward)
 };
 
-// Every launch configuration the launcher can choose on dev for dtype: each entry point's
+// The SAPA-D self-test case that gets each tile: G*P = 256 / tile points per output point.
+int64_t DeformGroups(int64_t gp) { return gp >= 16 ? 4 : gp >= 4 ? 2 : 1; }
+
+// Every launch configuration the launcher can choose on dev for dtype: SAPA-D's kernels
+// once per tile, then each SAPA entry point's
 // (kernel, tile) for up 1..SAPA_TILED_MAX_UP and odd K until no tiled kernel fits
 // (dot/fused/dsoftmax: K 3, 5, 7; gather/scatter: any K whose halo fits the shared
 // memory), then every untiled kernel. per_tile: only the first (up, K) of each (kernel,
@@ -794,9 +1015,21 @@ int EnumerateLocked(DeviceState* dev, int dtype, bool per_tile, std::vector<Plan
     const bool any = choice.tile == 0;  // untiled kernels: once each
     const auto key = std::make_tuple(choice.name, choice.tile, per_tile || any ? 0 : up,
                                      per_tile || any ? 0 : kernel);
-    if (seen.insert(key).second) plan->push_back(PlanEntry{op, up, kernel, untiled, choice});
+    if (seen.insert(key).second) plan->push_back(PlanEntry{op, up, kernel, untiled, choice, {}});
     return SAPA_OK;
   };
+  // SAPA-D first: its forward and backward once per tile (G*P = 1, 2, 4, ..., 256 get
+  // the tiles 256, 128, ..., 1 from a 256-thread block).
+  for (int64_t gp = 1; gp <= kDeformBlock; gp *= 2) {
+    DeformKernels k;
+    const int status = DeformKernelsLocked(dev, dtype, gp, &k);
+    if (status != SAPA_OK) return status;
+    if (!seen.insert(std::make_tuple(k.forward.name, k.forward.tile, 0, 0)).second) continue;
+    plan->push_back(PlanEntry{kOpDeformForward, 2, gp, false, k.forward, {}});
+    std::vector<Choice> also = {k.zero, k.scatter};
+    if (IsHalf(dtype)) also.push_back(k.cast);
+    plan->push_back(PlanEntry{kOpDeformBackward, 2, gp, false, k.backward, also});
+  }
   for (int64_t up = 1; up <= SAPA_TILED_MAX_UP; ++up) {
     for (int64_t kernel = 1; kernel <= 63; kernel += 2) {
       bool tiled = false;
@@ -816,10 +1049,7 @@ int EnumerateLocked(DeviceState* dev, int dtype, bool per_tile, std::vector<Plan
 }
 
 int Enumerate(CUstream stream, int dtype, bool per_tile, std::vector<PlanEntry>* plan) {
-  if (DtypeName(dtype) == nullptr) {
-    return Fail(SAPA_ERR_INVALID, "dtype must be SAPA_F32/F16/BF16/F64. Received: dtype=" +
-                                      std::to_string(dtype));
-  }
+  if (CheckDtype(dtype) != SAPA_OK) return SAPA_ERR_INVALID;
   ContextScope scope;
   int status = scope.Enter(stream);
   if (status != SAPA_OK) return status;
@@ -992,47 +1222,174 @@ std::vector<double> RefDot(const Geometry& g, const std::vector<double>& hi,
   return out;
 }
 
-std::vector<double> RefGather(const Geometry& g, const std::vector<double>& w,
-                              const std::vector<double>& lo, int64_t ch) {
-  std::vector<double> out(g.HighPoints() * ch, 0.0);
+// Gather: out[point] = sum_n w[point, n] * src[neighbour n] (high resolution); scatter:
+// out[neighbour n] += w[point, n] * src[point] (low resolution).
+std::vector<double> RefWindow(const Geometry& g, const std::vector<double>& w,
+                              const std::vector<double>& src, int64_t ch, bool scatter) {
+  std::vector<double> out((scatter ? g.LowPoints() : g.HighPoints()) * ch, 0.0);
   for (int64_t point = 0; point < g.HighPoints(); ++point) {
     for (int64_t n = 0; n < g.Taps(); ++n) {
       const int64_t q = g.Neighbour(point, n);
       if (q < 0) continue;
+      const int64_t from = scatter ? point : q, to = scatter ? q : point;
       for (int64_t c = 0; c < ch; ++c) {
-        out[point * ch + c] += w[point * g.Taps() + n] * lo[q * ch + c];
+        out[to * ch + c] += w[point * g.Taps() + n] * src[from * ch + c];
       }
     }
   }
   return out;
 }
 
-std::vector<double> RefScatter(const Geometry& g, const std::vector<double>& w,
-                               const std::vector<double>& hi, int64_t ch) {
-  std::vector<double> out(g.LowPoints() * ch, 0.0);
-  for (int64_t point = 0; point < g.HighPoints(); ++point) {
-    for (int64_t n = 0; n < g.Taps(); ++n) {
-      const int64_t q = g.Neighbour(point, n);
-      if (q < 0) continue;
-      for (int64_t c = 0; c < ch; ++c) {
-        out[q * ch + c] += w[point * g.Taps() + n] * hi[point * ch + c];
-      }
-    }
+
+// Softmax over consecutive runs of `run` values.
+std::vector<double> RefSoftmaxRuns(const std::vector<double>& logits, int64_t run) {
+  std::vector<double> out(logits.size());
+  for (size_t start = 0; start + run <= logits.size(); start += run) {
+    const double* row = logits.data() + start;
+    const double top = *std::max_element(row, row + run);
+    double sum = 0.0;
+    for (int64_t n = 0; n < run; ++n) sum += (out[start + n] = Exp(row[n] - top));
+    for (int64_t n = 0; n < run; ++n) out[start + n] /= sum;
   }
   return out;
 }
 
 std::vector<double> RefSoftmax(const Geometry& g, const std::vector<double>& logits) {
-  std::vector<double> out(logits.size());
-  const int64_t kk = g.Taps();
-  for (int64_t point = 0; point < g.HighPoints(); ++point) {
-    const double* row = logits.data() + point * kk;
-    const double top = *std::max_element(row, row + kk);
-    double sum = 0.0;
-    for (int64_t n = 0; n < kk; ++n) sum += (out[point * kk + n] = Exp(row[n] - top));
-    for (int64_t n = 0; n < kk; ++n) out[point * kk + n] /= sum;
+  return RefSoftmaxRuns(logits, g.Taps());
+}
+
+// SAPA-D's float64 reference (the loops of tests/reference_deform.py, the kernels'
+// rules: the cell of floor, zero outside the map, a point outside (-1, H) x (-1, W)
+// dropped with every gradient 0).
+struct DeformGeometry {
+  int64_t batch, height, width, up, points, groups, dim, channels;
+  int64_t HighPoints() const { return batch * height * up * width * up; }
+  int64_t LowPoints() const { return batch * height * width; }
+  int64_t GP() const { return groups * points; }
+  SapaDeformDims Dims() const {
+    return SapaDeformDims{batch, height, width, up, points, groups, dim, channels};
   }
-  return out;
+
+  // The bilinear taps of point k of output point `point`: cells (-1: outside the map),
+  // weights and their derivatives along the width and the height. False: dropped.
+  bool Taps(const std::vector<double>& off, int64_t point, int64_t k, int64_t cell[4],
+            double wt[4], double dw[4], double dh[4]) const {
+    const int64_t sw = width * up, sh = height * up;
+    const int64_t j = point % sw, i = (point / sw) % sh, b = point / (sw * sh);
+    const double ph = static_cast<double>(i / up) + off[(point * GP() + k) * 2 + 1];
+    const double pw = static_cast<double>(j / up) + off[(point * GP() + k) * 2];
+    if (!(ph > -1.0 && ph < height && pw > -1.0 && pw < width)) return false;
+    int64_t h0 = static_cast<int64_t>(ph), w0 = static_cast<int64_t>(pw);  // floor
+    if (h0 > ph) --h0;
+    if (w0 > pw) --w0;
+    const double lh = ph - h0, lw = pw - w0;
+    const double hh = 1.0 - lh, hw = 1.0 - lw;
+    const double weights[4] = {hh * hw, hh * lw, lh * hw, lh * lw};
+    const double along_w[4] = {-hh, hh, -lh, lh}, along_h[4] = {-hw, -lw, hw, lw};
+    for (int a = 0; a < 4; ++a) {
+      const int64_t h = h0 + a / 2, w = w0 + a % 2;
+      cell[a] = (h >= 0 && h < height && w >= 0 && w < width) ? (b * height + h) * width + w : -1;
+      wt[a] = weights[a];
+      dw[a] = along_w[a];
+      dh[a] = along_h[a];
+    }
+    return true;
+  }
+
+  // sum_a c[a] * map[cell a, ch] for a map of `stride` channels.
+  static double Mix(const std::vector<double>& map, int64_t stride, int64_t ch,
+                    const int64_t cell[4], const double c[4]) {
+    double sum = 0.0;
+    for (int a = 0; a < 4; ++a) {
+      if (cell[a] >= 0) sum += c[a] * map[cell[a] * stride + ch];
+    }
+    return sum;
+  }
+};
+
+// Forward: the softmax weights (B, sH, sW, G*P) and the output (B, sH, sW, C).
+void RefDeformForward(const DeformGeometry& g, const std::vector<double>& q,
+                      const std::vector<double>& key, const std::vector<double>& value,
+                      const std::vector<double>& off, std::vector<double>* attn,
+                      std::vector<double>* out) {
+  const int64_t gp = g.GP(), e_per = g.dim / g.groups, c_per = g.channels / g.groups;
+  std::vector<double> logits(g.HighPoints() * gp, 0.0);
+  int64_t cell[4];
+  double wt[4], dw[4], dh[4];
+  for (int64_t point = 0; point < g.HighPoints(); ++point) {
+    for (int64_t k = 0; k < gp; ++k) {
+      if (!g.Taps(off, point, k, cell, wt, dw, dh)) continue;
+      for (int64_t e = (k / g.points) * e_per; e < (k / g.points + 1) * e_per; ++e) {
+        logits[point * gp + k] += q[point * g.dim + e] * g.Mix(key, g.dim, e, cell, wt);
+      }
+    }
+  }
+  *attn = RefSoftmaxRuns(logits, g.points);
+  out->assign(g.HighPoints() * g.channels, 0.0);
+  for (int64_t point = 0; point < g.HighPoints(); ++point) {
+    for (int64_t k = 0; k < gp; ++k) {
+      if (!g.Taps(off, point, k, cell, wt, dw, dh)) continue;
+      for (int64_t c = (k / g.points) * c_per; c < (k / g.points + 1) * c_per; ++c) {
+        (*out)[point * g.channels + c] +=
+            (*attn)[point * gp + k] * g.Mix(value, g.channels, c, cell, wt);
+      }
+    }
+  }
+}
+
+// Backward from the output's gradient and the weights `attn`: grads = query, key, value,
+// offsets.
+void RefDeformBackward(const DeformGeometry& g, const std::vector<double>& grad,
+                       const std::vector<double>& q, const std::vector<double>& key,
+                       const std::vector<double>& value, const std::vector<double>& off,
+                       const std::vector<double>& attn, std::vector<double> grads[4]) {
+  const int64_t gp = g.GP(), e_per = g.dim / g.groups, c_per = g.channels / g.groups;
+  grads[0].assign(q.size(), 0.0);
+  grads[1].assign(key.size(), 0.0);
+  grads[2].assign(value.size(), 0.0);
+  grads[3].assign(off.size(), 0.0);
+  int64_t cell[4];
+  double wt[4], dw[4], dh[4];
+  for (int64_t point = 0; point < g.HighPoints(); ++point) {
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      const int64_t k0 = grp * g.points, e0 = grp * e_per, c0 = grp * c_per;
+      // <grad, sample(value)> per point, and the softmax's inner product.
+      std::vector<double> gv(g.points, 0.0);
+      double inner = 0.0;
+      for (int64_t p = 0; p < g.points; ++p) {
+        if (!g.Taps(off, point, k0 + p, cell, wt, dw, dh)) continue;
+        for (int64_t c = c0; c < c0 + c_per; ++c) {
+          gv[p] += grad[point * g.channels + c] * g.Mix(value, g.channels, c, cell, wt);
+        }
+        inner += attn[point * gp + k0 + p] * gv[p];
+      }
+      for (int64_t p = 0; p < g.points; ++p) {
+        const int64_t k = k0 + p;
+        if (!g.Taps(off, point, k, cell, wt, dw, dh)) continue;
+        const double w = attn[point * gp + k], dl = w * (gv[p] - inner);
+        double ow = 0.0, oh = 0.0;
+        for (int64_t c = c0; c < c0 + c_per; ++c) {
+          const double x = grad[point * g.channels + c];
+          ow += w * x * g.Mix(value, g.channels, c, cell, dw);
+          oh += w * x * g.Mix(value, g.channels, c, cell, dh);
+          for (int a = 0; a < 4; ++a) {
+            if (cell[a] >= 0) grads[2][cell[a] * g.channels + c] += w * wt[a] * x;
+          }
+        }
+        for (int64_t e = e0; e < e0 + e_per; ++e) {
+          const double x = q[point * g.dim + e];
+          grads[0][point * g.dim + e] += dl * g.Mix(key, g.dim, e, cell, wt);
+          ow += dl * x * g.Mix(key, g.dim, e, cell, dw);
+          oh += dl * x * g.Mix(key, g.dim, e, cell, dh);
+          for (int a = 0; a < 4; ++a) {
+            if (cell[a] >= 0) grads[1][cell[a] * g.dim + e] += dl * wt[a] * x;
+          }
+        }
+        grads[3][(point * gp + k) * 2] = ow;
+        grads[3][(point * gp + k) * 2 + 1] = oh;
+      }
+    }
+  }
 }
 
 // Device buffers of one self-test launch, freed on scope exit.
@@ -1041,18 +1398,31 @@ class DeviceBuffers {
   ~DeviceBuffers() {
     for (CUdeviceptr p : pointers_) g_driver.cuMemFree(p);
   }
-  int Upload(const HostTensor& t, void** pointer) {
-    const std::vector<unsigned char> bytes = t.Encode();
+  int Alloc(size_t bytes, void** pointer) {
     CUdeviceptr p = 0;
-    CUresult rc = g_driver.cuMemAlloc(&p, std::max<size_t>(bytes.size(), 16));
+    const CUresult rc = g_driver.cuMemAlloc(&p, std::max<size_t>(bytes, 16));
     if (rc != CUDA_SUCCESS) return Fail(SAPA_ERR_DRIVER, "cuMemAlloc failed: " + DriverError(rc));
     pointers_.push_back(p);
-    rc = g_driver.cuMemcpyHtoD(p, bytes.data(), bytes.size());
+    *pointer = reinterpret_cast<void*>(static_cast<uintptr_t>(p));
+    return SAPA_OK;
+  }
+  int Upload(const HostTensor& t, void** pointer) {
+    const std::vector<unsigned char> bytes = t.Encode();
+    const int status = Alloc(bytes.size(), pointer);
+    if (status != SAPA_OK) return status;
+    const CUresult rc = g_driver.cuMemcpyHtoD(
+        static_cast<CUdeviceptr>(reinterpret_cast<uintptr_t>(*pointer)), bytes.data(),
+        bytes.size());
     if (rc != CUDA_SUCCESS) {
       return Fail(SAPA_ERR_DRIVER, "cuMemcpyHtoD failed: " + DriverError(rc));
     }
-    *pointer = reinterpret_cast<void*>(static_cast<uintptr_t>(p));
     return SAPA_OK;
+  }
+  // An output buffer of t's size, every element NaN (all bits set), so that an element a
+  // kernel does not write fails the comparison.
+  int Unwritten(const HostTensor& t, void** pointer) {
+    HostTensor nan{t.storage, std::vector<double>(t.values.size(), __builtin_nan(""))};
+    return Upload(nan, pointer);
   }
   int Download(void* pointer, HostTensor* t) {
     std::vector<unsigned char> bytes(t->values.size() * StorageSize(t->storage));
@@ -1080,26 +1450,67 @@ double Tolerance(int storage) {
   }
 }
 
-int Compare(const PlanEntry& e, int dtype, const SapaDims& d, const char* what,
-            const HostTensor& got, const std::vector<double>& want) {
-  const double tol = Tolerance(got.storage);
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double g = got.values[i], w = want[i];
+// "name (tile T, block B, shared S B)" of an entry's kernels.
+std::string Describe(const PlanEntry& e) {
+  std::string names = e.choice.name;
+  for (const Choice& c : e.also) names += "+" + c.name;
+  return names + " (tile " + std::to_string(e.choice.tile) + ", block " +
+         std::to_string(e.choice.block) + ", shared " + std::to_string(e.choice.smem) + " B)";
+}
+
+// One output of a self-test case: its device buffer, its values once downloaded, and the
+// reference.
+struct Output {
+  const char* what;
+  void* device;
+  HostTensor got;
+  std::vector<double> want;
+};
+
+int Compare(const PlanEntry& e, int dtype, const std::string& case_text, const Output& o) {
+  const double tol = Tolerance(o.got.storage);
+  for (size_t i = 0; i < o.want.size(); ++i) {
+    const double g = o.got.values[i], w = o.want[i];
     const double error = g > w ? g - w : w - g;
     if (!(error <= tol * (1.0 + (w < 0 ? -w : w)))) {  // also catches NaN (unwritten)
-      char text[512];
-      std::snprintf(text, sizeof text,
-                    "self-test: %s (tile %d, block %d, shared %d B) %s, case B=%lld "
-                    "%lldx%lld s=%lld K=%lld C=%lld Cv=%lld: %s[%zu] is %.9g, the CPU "
-                    "reference %.9g (tolerance %.1e relative)",
-                    e.choice.name.c_str(), e.choice.tile, e.choice.block, e.choice.smem,
-                    DtypeName(dtype), static_cast<long long>(d.batch),
-                    static_cast<long long>(d.height), static_cast<long long>(d.width),
-                    static_cast<long long>(d.up), static_cast<long long>(d.kernel),
-                    static_cast<long long>(d.channels), static_cast<long long>(d.channels_v),
-                    what, i, g, w, tol);
-      return Fail(SAPA_ERR_MISMATCH, text);
+      char text[160];
+      std::snprintf(text, sizeof text, "%s[%zu] is %.9g, the CPU reference %.9g (tolerance "
+                    "%.1e relative)", o.what, i, g, w, tol);
+      return Fail(SAPA_ERR_MISMATCH, "self-test: " + Describe(e) + " " + DtypeName(dtype) +
+                                         ", case " + case_text + ": " + text);
     }
+  }
+  return SAPA_OK;
+}
+
+// Runs an entry point (`run`), checks that it launched exactly the kernels the plan
+// lists for it, waits for the GPU and compares every output with its reference.
+template <typename Fn>
+int RunAndCompare(CUstream stream, int dtype, const PlanEntry& e, const std::string& case_text,
+                  DeviceBuffers* buffers, std::vector<Output>* outputs, Fn run) {
+  std::vector<std::tuple<std::string, int, int>> record;
+  t_record = &record;
+  int status = run();
+  t_record = nullptr;
+  if (status != SAPA_OK) return status;
+  std::set<std::tuple<std::string, int, int>> planned = {
+      std::make_tuple(e.choice.name, e.choice.block, e.choice.smem)};
+  for (const Choice& c : e.also) planned.insert(std::make_tuple(c.name, c.block, c.smem));
+  if (std::set<std::tuple<std::string, int, int>>(record.begin(), record.end()) != planned) {
+    std::string ran;
+    for (const auto& r : record) ran += (ran.empty() ? "" : ", ") + std::get<0>(r);
+    return Fail(SAPA_ERR_MISMATCH, "self-test: expected a launch of " + Describe(e) +
+                                       ", the launcher ran " + ran);
+  }
+  const CUresult rc = g_driver.cuStreamSynchronize(stream);
+  if (rc != CUDA_SUCCESS) {
+    return Fail(SAPA_ERR_LAUNCH, "self-test: " + Describe(e) + " failed on the GPU: " +
+                                     DriverError(rc));
+  }
+  for (Output& o : *outputs) {
+    status = buffers->Download(o.device, &o.got);
+    if (status == SAPA_OK) status = Compare(e, dtype, case_text, o);
+    if (status != SAPA_OK) return status;
   }
   return SAPA_OK;
 }
@@ -1133,21 +1544,16 @@ int SelfTestEntry(CUstream stream, int dtype, const PlanEntry& e, uint64_t* seed
       break;
     }
     case kOpGather:
-    case kOpGatherAcc: {
-      HostTensor w = Random(e.op == kOpGatherAcc ? acc : dtype, high * taps, seed, 0.5);
-      HostTensor lo = Random(dtype, low * ch, seed, 0.5);
-      status = upload(w) | upload(lo);
-      out.values.assign(high * ch, 0.0);
-      want = RefGather(g, w.values, lo.values, ch);
-      break;
-    }
+    case kOpGatherAcc:
     case kOpScatter:
-    case kOpScatterAcc: {
-      HostTensor w = Random(e.op == kOpScatterAcc ? acc : dtype, high * taps, seed, 0.5);
-      HostTensor hi = Random(dtype, high * ch, seed, 0.5);
-      status = upload(w) | upload(hi);
-      out.values.assign(low * ch, 0.0);
-      want = RefScatter(g, w.values, hi.values, ch);
+    case kOpScatterAcc: {  // weights and a low- (gather) or high-resolution (scatter) map
+      const bool scatter = e.op == kOpScatter || e.op == kOpScatterAcc;
+      const bool weights_acc = e.op == kOpGatherAcc || e.op == kOpScatterAcc;
+      HostTensor w = Random(weights_acc ? acc : dtype, high * taps, seed, 0.5);
+      HostTensor src = Random(dtype, (scatter ? high : low) * ch, seed, 0.5);
+      status = upload(w) | upload(src);
+      out.values.assign((scatter ? low : high) * ch, 0.0);
+      want = RefWindow(g, w.values, src.values, ch, scatter);
       break;
     }
     case kOpForward: {
@@ -1157,7 +1563,7 @@ int SelfTestEntry(CUstream stream, int dtype, const PlanEntry& e, uint64_t* seed
       out.values.assign(high * ch_v, 0.0);
       out2.values.assign(high * taps, 0.0);
       want2 = RefSoftmax(g, RefDot(g, q.values, k.values, ch));
-      want = RefGather(g, want2, v.values, ch_v);
+      want = RefWindow(g, want2, v.values, ch_v, false);
       break;
     }
     default: {  // softmax backward
@@ -1179,38 +1585,106 @@ int SelfTestEntry(CUstream stream, int dtype, const PlanEntry& e, uint64_t* seed
     }
   }
   if (status != SAPA_OK) return SAPA_ERR_DRIVER;
-  // Outputs start as NaN (all bits set), so an element a kernel does not write fails.
-  HostTensor nan_out = out, nan_out2 = out2;
-  for (double& v : nan_out.values) v = __builtin_nan("");
-  for (double& v : nan_out2.values) v = __builtin_nan("");
-  void* p_out = nullptr;
-  void* p_out2 = nullptr;
-  status = buffers.Upload(nan_out, &p_out);
-  if (status == SAPA_OK && !out2.values.empty()) status = buffers.Upload(nan_out2, &p_out2);
-  if (status != SAPA_OK) return status;
+  std::vector<Output> outputs = {{"out", nullptr, out, want}};
+  if (!out2.values.empty()) outputs.push_back(Output{"attn", nullptr, out2, want2});
   std::vector<void*> ptrs = in;
-  ptrs.push_back(p_out);
-  if (p_out2) ptrs.push_back(p_out2);
-  const bool was_untiled = t_untiled;
-  t_untiled = e.untiled;
-  status = Run(stream, e.op, dtype, &d, ptrs);
-  t_untiled = was_untiled;
-  if (status != SAPA_OK) return status;
-  if (t_last_name != e.choice.name) {
-    return Fail(SAPA_ERR_MISMATCH, "self-test: expected a launch of " + e.choice.name +
-                                       ", the launcher ran " + t_last_name);
+  for (Output& o : outputs) {
+    status = buffers.Unwritten(o.got, &o.device);
+    if (status != SAPA_OK) return status;
+    ptrs.push_back(o.device);
   }
-  const CUresult rc = g_driver.cuStreamSynchronize(stream);
-  if (rc != CUDA_SUCCESS) {
-    return Fail(SAPA_ERR_LAUNCH, "self-test: " + e.choice.name + " failed on the GPU: " +
-                                     DriverError(rc));
+  char case_text[128];
+  std::snprintf(case_text, sizeof case_text, "B=%lld %lldx%lld s=%lld K=%lld C=%lld Cv=%lld",
+                static_cast<long long>(d.batch), static_cast<long long>(d.height),
+                static_cast<long long>(d.width), static_cast<long long>(d.up),
+                static_cast<long long>(d.kernel), static_cast<long long>(d.channels),
+                static_cast<long long>(d.channels_v));
+  return RunAndCompare(stream, dtype, e, case_text, &buffers, &outputs, [&] {
+    const bool was_untiled = t_untiled;
+    t_untiled = e.untiled;
+    const int run = Run(stream, e.op, dtype, &d, ptrs);
+    t_untiled = was_untiled;
+    return run;
+  });
+}
+
+// SAPA-D offsets: within +-2.5 low-resolution pixels (points near the border drop out),
+// at least 0.1 from an integer position once rounded to the storage (so that the float
+// and the float64 positions lie in the same cell).
+HostTensor Offsets(int storage, size_t count, uint64_t* seed) {
+  HostTensor t = Random(SAPA_F64, count, seed, 2.5);
+  for (double& v : t.values) {
+    const double nearest = static_cast<double>(static_cast<int64_t>(v + (v < 0 ? -0.5 : 0.5)));
+    if (v - nearest < 0.1 && nearest - v < 0.1) v = nearest + 0.25;
   }
-  status = buffers.Download(p_out, &out);
-  if (status == SAPA_OK && p_out2) status = buffers.Download(p_out2, &out2);
-  if (status != SAPA_OK) return status;
-  status = Compare(e, dtype, d, "out", out, want);
-  if (status == SAPA_OK && p_out2) status = Compare(e, dtype, d, "attn", out2, want2);
-  return status;
+  t.storage = storage;
+  t.Decode(t.Encode());
+  return t;
+}
+
+// Runs a SAPA-D plan entry (the forward, or the backward from the reference's weights)
+// on a case of two or more tiles (the last one partial where the sizes allow: G*P =
+// 256 / tile points per output point, 3 x W maps, batch 2) against the CPU reference.
+int SelfTestDeform(CUstream stream, int dtype, const PlanEntry& e, uint64_t* seed) {
+  const int64_t gp = e.kernel, groups = DeformGroups(gp), up = e.up, rows = 3;
+  const int64_t per_row = 2 * up * up * rows;  // output points per map column, both images
+  const int64_t width = std::max<int64_t>(2, (5 * e.choice.tile / 2 + per_row - 1) / per_row);
+  const DeformGeometry g = {2, rows, width, up, gp / groups, groups, groups * 3, groups * 5};
+  const SapaDeformDims d = g.Dims();
+  const int acc = dtype == SAPA_F64 ? SAPA_F64 : SAPA_F32;
+  const size_t high = g.HighPoints(), low = g.LowPoints();
+  HostTensor q = Random(dtype, high * g.dim, seed, 0.5);
+  HostTensor key = Random(dtype, low * g.dim, seed, 0.5);
+  HostTensor value = Random(dtype, low * g.channels, seed, 1.0);
+  HostTensor off = Offsets(dtype, high * gp * 2, seed);
+  std::vector<double> attn, out;
+  RefDeformForward(g, q.values, key.values, value.values, off.values, &attn, &out);
+  DeviceBuffers buffers;
+  void *dq = nullptr, *dk = nullptr, *dv = nullptr, *doff = nullptr;
+  int status = buffers.Upload(q, &dq) | buffers.Upload(key, &dk) | buffers.Upload(value, &dv) |
+               buffers.Upload(off, &doff);
+  if (status != SAPA_OK) return SAPA_ERR_DRIVER;
+  char case_text[128];
+  std::snprintf(case_text, sizeof case_text,
+                "B=%lld %lldx%lld s=%lld G=%lld P=%lld D=%lld C=%lld",
+                static_cast<long long>(g.batch), static_cast<long long>(g.height),
+                static_cast<long long>(g.width), static_cast<long long>(g.up),
+                static_cast<long long>(g.groups), static_cast<long long>(g.points),
+                static_cast<long long>(g.dim), static_cast<long long>(g.channels));
+  std::vector<Output> outputs;
+  void *dgrad = nullptr, *dweights = nullptr, *workspace = nullptr;
+  if (e.op == kOpDeformForward) {
+    outputs = {{"out", nullptr, HostTensor{dtype, out}, out},
+               {"attn", nullptr, HostTensor{acc, attn}, attn}};
+  } else {
+    // The weights as the forward saves them (rounded to the accumulation type).
+    HostTensor weights{acc, attn};
+    weights.Decode(weights.Encode());
+    HostTensor grad = Random(dtype, high * g.channels, seed, 1.0);
+    std::vector<double> want[4];
+    RefDeformBackward(g, grad.values, q.values, key.values, value.values, off.values,
+                      weights.values, want);
+    const char* names[4] = {"grad_query", "grad_key", "grad_value", "grad_offsets"};
+    for (int i = 0; i < 4; ++i) {
+      outputs.push_back(Output{names[i], nullptr, HostTensor{dtype, want[i]}, want[i]});
+    }
+    status = buffers.Upload(grad, &dgrad) | buffers.Upload(weights, &dweights) |
+             buffers.Alloc(static_cast<size_t>(DeformWorkspaceBytes(dtype, &d)), &workspace);
+    if (status != SAPA_OK) return SAPA_ERR_DRIVER;
+  }
+  for (Output& o : outputs) {
+    status = buffers.Unwritten(o.got, &o.device);
+    if (status != SAPA_OK) return status;
+  }
+  std::vector<void*> o;
+  for (const Output& output : outputs) o.push_back(output.device);
+  return RunAndCompare(stream, dtype, e, case_text, &buffers, &outputs, [&] {
+    if (e.op == kOpDeformForward) {
+      return DeformForward(stream, dtype, &d, dq, dk, dv, doff, o[0], o[1]);
+    }
+    return DeformBackward(stream, dtype, &d, dgrad, dq, dk, dv, doff, dweights, workspace, o[0],
+                          o[1], o[2], o[3]);
+  });
 }
 
 }  // namespace
@@ -1346,17 +1820,32 @@ int sapa_launch_configs(void* stream, int dtype, SapaLaunchConfig* out, int capa
   std::vector<PlanEntry> plan;
   const int status = Enumerate(static_cast<CUstream>(stream), dtype, false, &plan);
   if (status != SAPA_OK) return status;
-  for (size_t i = 0; i < plan.size() && out && static_cast<int>(i) < capacity; ++i) {
-    SapaLaunchConfig& c = out[i];
-    std::memset(&c, 0, sizeof c);
-    std::snprintf(c.kernel, sizeof c.kernel, "%s", plan[i].choice.name.c_str());
-    c.tile = plan[i].choice.tile;
-    c.block = plan[i].choice.block;
-    c.smem = plan[i].choice.smem;
-    c.up = static_cast<int>(plan[i].up);
-    c.ksize = static_cast<int>(plan[i].kernel);
+  // Every kernel of every entry, each (kernel, tile, up, K) once, untiled kernels once.
+  std::set<std::tuple<std::string, int, int64_t, int64_t>> seen;
+  int n = 0;
+  for (const PlanEntry& e : plan) {
+    std::vector<Choice> kernels = {e.choice};
+    kernels.insert(kernels.end(), e.also.begin(), e.also.end());
+    for (const Choice& k : kernels) {
+      const bool any = k.tile == 0;
+      if (!seen.insert(std::make_tuple(k.name, k.tile, any ? 0 : e.up, any ? 0 : e.kernel))
+               .second) {
+        continue;
+      }
+      if (out && n < capacity) {
+        SapaLaunchConfig& c = out[n];
+        std::memset(&c, 0, sizeof c);
+        std::snprintf(c.kernel, sizeof c.kernel, "%s", k.name.c_str());
+        c.tile = k.tile;
+        c.block = k.block;
+        c.smem = k.smem;
+        c.up = static_cast<int>(e.up);
+        c.ksize = static_cast<int>(e.kernel);
+      }
+      ++n;
+    }
   }
-  if (count) *count = static_cast<int>(plan.size());
+  if (count) *count = n;
   return SAPA_OK;
 }
 
@@ -1386,7 +1875,9 @@ int sapa_self_test(void* stream, int flags, int* cases) {
     status = Enumerate(s, dtype, per_tile, &plan);
     if (status != SAPA_OK) return status;
     for (const PlanEntry& entry : plan) {
-      status = SelfTestEntry(s, dtype, entry, &seed);
+      const bool deform = entry.op == kOpDeformForward || entry.op == kOpDeformBackward;
+      status = deform ? SelfTestDeform(s, dtype, entry, &seed)
+                      : SelfTestEntry(s, dtype, entry, &seed);
       if (status != SAPA_OK) return status;
       if (cases) ++*cases;
     }
@@ -1437,6 +1928,31 @@ int sapa_softmax_backward(void* stream, int dtype, const SapaDims* d, const void
                           const void* v, const void* attn, void* out) {
   return Run(static_cast<CUstream>(stream), kOpSoftmaxBackward, dtype, d,
              {const_cast<void*>(grad), const_cast<void*>(v), const_cast<void*>(attn), out});
+}
+
+int sapa_deform_forward(void* stream, int dtype, const SapaDeformDims* dims, const void* query,
+                        const void* key, const void* value, const void* offsets, void* output,
+                        void* attn) {
+  return DeformForward(static_cast<CUstream>(stream), dtype, dims, query, key, value, offsets,
+                       output, attn);
+}
+
+int sapa_deform_workspace(int dtype, const SapaDeformDims* dims, size_t* bytes) {
+  if (bytes) *bytes = 0;
+  const int status = CheckDeform(dtype, dims);
+  if (status != SAPA_OK) return status;
+  if (bytes) *bytes = static_cast<size_t>(DeformWorkspaceBytes(dtype, dims));
+  return SAPA_OK;
+}
+
+int sapa_deform_backward(void* stream, int dtype, const SapaDeformDims* dims, const void* grad,
+                         const void* query, const void* key, const void* value,
+                         const void* offsets, const void* attn, void* workspace,
+                         void* grad_query, void* grad_key, void* grad_value,
+                         void* grad_offsets) {
+  return DeformBackward(static_cast<CUstream>(stream), dtype, dims, grad, query, key, value,
+                        offsets, attn, workspace, grad_query, grad_key, grad_value,
+                        grad_offsets);
 }
 
 }  // extern "C"

@@ -89,16 +89,20 @@ int sapa_module_loads(int* loads, int* entries);
 
 typedef struct SapaLaunchConfig {
   char kernel[48];  // e.g. "sapa_fused_f16_k5"; untiled kernels end in "_any"
-  int tile;         // anchors per tile side; 0 for an untiled kernel
+  int tile;         // anchors per tile side (SAPA-D: output points per block step); 0
+                    // for an untiled kernel
   int block, smem;  // threads per block, dynamic shared memory in bytes
-  int up, ksize;    // the (up, K) it is chosen for (an untiled kernel: the first)
+  int up, ksize;    // the (up, K) it is chosen for (an untiled kernel: the first); SAPA-D
+                    // kernels: up and the points per output point G*P of the self-test
 } SapaLaunchConfig;
 
 // Every launch configuration the launcher can choose on the stream's device for dtype:
 // for each entry point, up in 1..SAPA_TILED_MAX_UP and each odd K for which a tiled
 // kernel fits, the kernel and tile it picks (block and shared memory depend on tile, up
-// and K), each distinct (kernel, tile, up, K) once, and each untiled kernel once. Writes
-// min(*count, capacity) entries; *count is the total.
+// and K), each distinct (kernel, tile, up, K) once, and each untiled kernel once; then
+// SAPA-D's kernels (sapa_deform_*), each tile once (its shared memory grows with G*P: the
+// entry lists it for the G*P the self-test runs). Writes min(*count, capacity) entries;
+// *count is the total.
 int sapa_launch_configs(void* stream, int dtype, SapaLaunchConfig* out, int capacity,
                         int* count);
 
@@ -106,13 +110,14 @@ int sapa_launch_configs(void* stream, int dtype, SapaLaunchConfig* out, int capa
 // SAPA_SELF_TEST_PER_TILE to run only the first (up, K) of each (kernel, tile) instead of
 // every configuration of sapa_launch_configs. Each configuration runs through the public
 // entry points on a small case (two tiles per side, the second partial; batch 2; channels
-// past one 16/32-wide chunk) on the stream's device (it allocates, copies and
-// synchronises itself) and is compared with a float64 CPU loop reference in this library
-// (tolerance relative to 1 + |reference|: f64 1e-10, f32 1e-4, f16 4e-3, bf16 3e-2;
-// unwritten elements fail). SAPA_OK when all agree; SAPA_ERR_MISMATCH with the first
-// difference in sapa_last_error() (kernel, tile, block, shared memory, dtype, case,
-// element, both values); SAPA_ERR_LAUNCH when a kernel faults (the context is then
-// unusable); other statuses when the GPU cannot be used. *cases: configurations run.
+// past one 16/32-wide chunk; SAPA-D: forward and backward, two or more tiles, offsets
+// that drop some points) on the stream's device (it allocates, copies and synchronises
+// itself) and is compared with a float64 CPU loop reference in this library (tolerance
+// relative to 1 + |reference|: f64 1e-10, f32 1e-4, f16 4e-3, bf16 3e-2; unwritten
+// elements fail). SAPA_OK when all agree; SAPA_ERR_MISMATCH with the first difference in
+// sapa_last_error() (kernel, tile, block, shared memory, dtype, case, element, both
+// values); SAPA_ERR_LAUNCH when a kernel faults (the context is then unusable); other
+// statuses when the GPU cannot be used. *cases: entry-point runs (configurations).
 #define SAPA_SELF_TEST_PER_TILE 256
 int sapa_self_test(void* stream, int flags, int* cases);
 
@@ -138,6 +143,38 @@ int sapa_forward(void* stream, int dtype, const SapaDims* dims, const void* q, c
 // <attn, dot(grad, v)>); grad and v have `channels` channels, attn is the forward's.
 int sapa_softmax_backward(void* stream, int dtype, const SapaDims* dims, const void* grad,
                           const void* v, const void* attn, void* out);
+
+// --- SAPA-D (dynamic point selection; shared/SAPA_SPEC.md, section "SAPA-D").
+//
+// Sizes of one call, D = groups*E and C = groups*Cg: query (B, up*H, up*W, D), key (B, H,
+// W, D), value (B, H, W, C), offsets (B, up*H, up*W, 2*groups*points) (channel 2k the
+// shift along the width, 2k+1 along the height of point k = g*points + p), output and
+// its gradient (B, up*H, up*W, C), attn (B, up*H, up*W, groups*points) in the
+// accumulation type. D and C must be multiples of groups, (H+1)*(W+1) below 2**31.
+typedef struct SapaDeformDims {
+  int64_t batch, height, width, up, points, groups, dim, channels;
+} SapaDeformDims;
+
+// Fused forward: attn = softmax over the points of each group of the similarities at
+// the sampled positions (NULL: not written), output = their weighted sum of the sampled
+// values. One launch; blocks take `tile` output points at a time, the largest power of
+// two with tile*G*P <= the block (256 threads).
+int sapa_deform_forward(void* stream, int dtype, const SapaDeformDims* dims, const void* query,
+                        const void* key, const void* value, const void* offsets, void* output,
+                        void* attn);
+// Bytes of device workspace sapa_deform_backward needs for these sizes.
+int sapa_deform_workspace(int dtype, const SapaDeformDims* dims, size_t* bytes);
+// Gradients of the fused forward with respect to query, key, value and offsets, from the
+// output's gradient and the forward's attn: the logits' gradient, the query and offsets
+// gradients per output point, then the key and value gradients (a scatter with atomics
+// into an accumulation-type buffer, converted for f16/bf16): several launches on the
+// stream, none of them deterministic in its summation order. workspace: device memory
+// of sapa_deform_workspace bytes, 256-byte aligned.
+int sapa_deform_backward(void* stream, int dtype, const SapaDeformDims* dims, const void* grad,
+                         const void* query, const void* key, const void* value,
+                         const void* offsets, const void* attn, void* workspace,
+                         void* grad_query, void* grad_key, void* grad_value,
+                         void* grad_offsets);
 
 #ifdef __cplusplus
 }

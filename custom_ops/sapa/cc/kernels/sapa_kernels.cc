@@ -3,11 +3,11 @@
 // which gets TensorFlow's intra-op thread pool as its ParallelFor.
 //
 // Ops: the four window ops (Similarity, Aggregate and their gradients, composed from the
-// core's Dot / Gather / Scatter) and the fused pair Sapa / SapaGrad (the core's
-// SapaForward / SapaBackward).
+// core's Dot / Gather / Scatter), the fused pair Sapa / SapaGrad (the core's SapaForward /
+// SapaBackward) and SAPA-D's SapaDeform / SapaDeformGrad (sapa_deform_cpu.h).
 //
 // float and double compute in their own type; half and bfloat16 are converted to float,
-// computed in float, and the results rounded once. The fused op's saved weights (the
+// computed in float, and the results rounded once. The fused ops' saved weights (the
 // softmax) stay in float (double for double inputs).
 
 #define EIGEN_USE_THREADS
@@ -185,65 +185,91 @@ struct ComputeOut {
   }
 };
 
+// fn(inputs, outputs) on compute-type (F) views of the call's first n_in inputs and
+// compute-type buffers of its first n_out outputs, which are then rounded into the
+// outputs (nothing to convert where T is F).
+template <typename T, typename F, typename Fn>
+Status InCompute(const Call& c, int n_in, int n_out, Fn fn) {
+  Tensor tmp[6];
+  const F* in[6] = {};
+  ComputeOut<T, F> out[4];
+  F* data[4] = {};
+  for (int i = 0; i < n_in; ++i) {
+    TF_RETURN_IF_ERROR((ComputeView<T, F>(c.ctx, c.in(i), &tmp[i], &in[i])));
+  }
+  for (int i = 0; i < n_out; ++i) {
+    TF_RETURN_IF_ERROR(out[i].Init(c.ctx, c.out(i)));
+    data[i] = out[i].data;
+  }
+  fn(in, data);
+  for (int i = 0; i < n_out; ++i) out[i].Finish(c.ctx);
+  return absl::OkStatus();
+}
+
+// A temporary of n elements of F (the logits' gradient of the backwards).
+template <typename F>
+Status Temp(const Call& c, int64_t n, Tensor* t) {
+  return c.ctx->allocate_temp(tensorflow::DataTypeToEnum<F>::value, TensorShape({n}), t);
+}
+
 }  // namespace tf_cpu
 
 namespace functor {
 
 // F (float or double) is the compute type and the type of the saved weights.
 template <typename T, typename F>
-struct SapaForward<CPUDevice, T, F> {
-  Status operator()(OpKernelContext* ctx, const WindowDims& dims, int64_t channels,
-                    const Tensor& query, const Tensor& key, const Tensor& value, Tensor* output,
-                    Tensor* weights) const {
-    Tensor tq, tk, tv;
-    const F *q = nullptr, *k = nullptr, *v = nullptr;
-    TF_RETURN_IF_ERROR((tf_cpu::ComputeView<T, F>(ctx, query, &tq, &q)));
-    TF_RETURN_IF_ERROR((tf_cpu::ComputeView<T, F>(ctx, key, &tk, &k)));
-    TF_RETURN_IF_ERROR((tf_cpu::ComputeView<T, F>(ctx, value, &tv, &v)));
-    tf_cpu::ComputeOut<T, F> o;
-    TF_RETURN_IF_ERROR(o.Init(ctx, output));
-    cpu::SapaForward<F>(tf_cpu::Pool(ctx), dims, dims.channels, channels, q,
-                        k, v, o.data, weights->flat<F>().data());
-    o.Finish(ctx);
-    return absl::OkStatus();
+struct FusedOp<Fused::kSapaForward, CPUDevice, T, F> {
+  Status operator()(const Call& c) const {
+    const WindowDims d = c.dims(c.size("d"));
+    return tf_cpu::InCompute<T, F>(c, 3, 1, [&](const F* const* in, F* const* out) {
+      cpu::SapaForward<F>(tf_cpu::Pool(c.ctx), d, d.channels, c.size("C"), in[0], in[1], in[2],
+                          out[0], c.out_data<F>(1));
+    });
   }
 };
 
 template <typename T, typename F>
-struct SapaBackward<CPUDevice, T, F> {
-  Status operator()(OpKernelContext* ctx, const WindowDims& dims, int64_t channels,
-                    const Tensor& grad, const Tensor& query, const Tensor& key,
-                    const Tensor& value, const Tensor& weights, Tensor* grad_query,
-                    Tensor* grad_key, Tensor* grad_value) const {
-    Tensor tg, tq, tk, tv, dlogits;
-    const F *g = nullptr, *q = nullptr, *k = nullptr, *v = nullptr;
-    TF_RETURN_IF_ERROR((tf_cpu::ComputeView<T, F>(ctx, grad, &tg, &g)));
-    TF_RETURN_IF_ERROR((tf_cpu::ComputeView<T, F>(ctx, query, &tq, &q)));
-    TF_RETURN_IF_ERROR((tf_cpu::ComputeView<T, F>(ctx, key, &tk, &k)));
-    TF_RETURN_IF_ERROR((tf_cpu::ComputeView<T, F>(ctx, value, &tv, &v)));
-    TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DataTypeToEnum<F>::value,
-                                          TensorShape({weights.NumElements()}), &dlogits));
-    tf_cpu::ComputeOut<T, F> dq, dk, dv;
-    TF_RETURN_IF_ERROR(dq.Init(ctx, grad_query));
-    TF_RETURN_IF_ERROR(dk.Init(ctx, grad_key));
-    TF_RETURN_IF_ERROR(dv.Init(ctx, grad_value));
-    cpu::SapaBackward<F>(tf_cpu::Pool(ctx), dims, dims.channels, channels, g,
-                         q, k, v, weights.flat<F>().data(), dlogits.flat<F>().data(), dq.data,
-                         dk.data, dv.data);
-    dq.Finish(ctx);
-    dk.Finish(ctx);
-    dv.Finish(ctx);
-    return absl::OkStatus();
+struct FusedOp<Fused::kSapaBackward, CPUDevice, T, F> {
+  Status operator()(const Call& c) const {
+    const WindowDims d = c.dims(c.size("d"));
+    Tensor dl;
+    TF_RETURN_IF_ERROR(tf_cpu::Temp<F>(c, c.in(4).NumElements(), &dl));
+    return tf_cpu::InCompute<T, F>(c, 4, 3, [&](const F* const* in, F* const* out) {
+      cpu::SapaBackward<F>(tf_cpu::Pool(c.ctx), d, d.channels, c.size("C"), in[0], in[1], in[2],
+                           in[3], c.in_data<F>(4), dl.flat<F>().data(), out[0], out[1], out[2]);
+    });
+  }
+};
+
+// SAPA-D (custom_ops/sapa/kernels/cpu/sapa_deform_cpu.h).
+template <typename T, typename F>
+struct FusedOp<Fused::kDeformForward, CPUDevice, T, F> {
+  Status operator()(const Call& c) const {
+    DeformDims d;
+    TF_RETURN_IF_ERROR(c.deform_dims(&d));
+    return tf_cpu::InCompute<T, F>(c, 4, 1, [&](const F* const* in, F* const* out) {
+      cpu::deform::DeformForward<F>(tf_cpu::Pool(c.ctx), d, in[0], in[1], in[2], in[3], out[0],
+                                    c.out_data<F>(1));
+    });
+  }
+};
+
+template <typename T, typename F>
+struct FusedOp<Fused::kDeformBackward, CPUDevice, T, F> {
+  Status operator()(const Call& c) const {
+    DeformDims d;
+    TF_RETURN_IF_ERROR(c.deform_dims(&d));
+    Tensor dl;
+    TF_RETURN_IF_ERROR(tf_cpu::Temp<F>(c, c.in(5).NumElements(), &dl));
+    return tf_cpu::InCompute<T, F>(c, 5, 4, [&](const F* const* in, F* const* out) {
+      cpu::deform::DeformBackward<F>(tf_cpu::Pool(c.ctx), d, in[0], in[1], in[2], in[3], in[4],
+                                     c.in_data<F>(5), dl.flat<F>().data(), out[0], out[1],
+                                     out[2], out[3]);
+    });
   }
 };
 
 }  // namespace functor
-
-}  // namespace keras_sapa
-
-#include "sapa_deform_body.h"  // SAPA-D's op bodies (they use the tf_cpu helpers above)
-
-namespace keras_sapa {
 
 // Every op of the table, for every type it lists, on DEVICE_CPU.
 #define KERAS_SAPA_CPU_KERNEL(NAME, T, F) \

@@ -3,7 +3,7 @@
 // adapters of the framework-free kernel core, custom_ops/sapa/kernels/cpu/sapa_cpu.h; the
 // GPU ones (sapa_kernels_gpu.cc) hand the stream and pointers to the CUDA launcher.
 //
-// Three window primitives cover the forward and backward passes of both SAPA ops.
+// Three window primitives cover the forward and backward passes of the window ops.
 // With hi (B, sH, sW, D) high resolution, lo (B, H, W, D) low resolution and
 // w (B, sH, sW, K*K) window weights:
 //
@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #include "../../kernels/cpu/sapa_cpu.h"
+#include "../../kernels/cpu/sapa_deform_cpu.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 
@@ -41,8 +42,14 @@ struct WindowDims : cpu::Shape {
   int64_t channels = 0;
 };
 
+// Sizes of one SAPA-D call (the kernel core's shape: D = groups*E, C = groups*Cg).
+using DeformDims = cpu::deform::DeformShape;
+
 // Device tag of the CUDA functors (the host files never need Eigen's GPU headers).
 struct GpuTag {};
+
+// One call of an op (sapa_op_kernels.h).
+struct Call;
 
 namespace functor {
 
@@ -67,27 +74,17 @@ struct WindowScatter {
                                 const T* w, const T* hi, T* out) const;
 };
 
-// The fused pair, F the accumulation type of the saved weights (float for half and
-// bfloat16). dims.channels is d (query and key); channels is C (value, output).
-template <typename Device, typename T, typename F>
-struct SapaForward {
-  // query, key, value -> output (B,sH,sW,C), weights (B,sH,sW,K*K).
-  tensorflow::Status operator()(tensorflow::OpKernelContext* ctx, const WindowDims& dims,
-                                int64_t channels, const tensorflow::Tensor& query,
-                                const tensorflow::Tensor& key, const tensorflow::Tensor& value,
-                                tensorflow::Tensor* output, tensorflow::Tensor* weights) const;
-};
+// The fused ops, F the accumulation type of the saved weights (float for half and
+// bfloat16): SAPA's (query, key, value) -> (output, weights) and its gradient, SAPA-D's
+// (query, key, value, offsets) -> (output, weights) and its gradient. Each device
+// specialises operator(), which reads the inputs from, and writes the outputs the op
+// table allocated into, the call (sapa_op_kernels.h), whose bound sizes give the shape
+// (SAPA-D's: Call::deform_dims).
+enum class Fused { kSapaForward, kSapaBackward, kDeformForward, kDeformBackward };
 
-template <typename Device, typename T, typename F>
-struct SapaBackward {
-  // grad, query, key, value, weights -> grad_query, grad_key, grad_value.
-  tensorflow::Status operator()(tensorflow::OpKernelContext* ctx, const WindowDims& dims,
-                                int64_t channels, const tensorflow::Tensor& grad,
-                                const tensorflow::Tensor& query, const tensorflow::Tensor& key,
-                                const tensorflow::Tensor& value,
-                                const tensorflow::Tensor& weights,
-                                tensorflow::Tensor* grad_query, tensorflow::Tensor* grad_key,
-                                tensorflow::Tensor* grad_value) const;
+template <Fused kOp, typename Device, typename T, typename F>
+struct FusedOp {
+  tensorflow::Status operator()(const Call& c) const;
 };
 
 }  // namespace functor

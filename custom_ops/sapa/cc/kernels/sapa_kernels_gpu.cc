@@ -4,10 +4,11 @@
 // Compiled with g++ alone: no CUDA headers, no CUDA runtime, no nvcc.
 //
 // The kernels (shape checks, output allocation) are the device-generic ones of
-// sapa_op_kernels.h; this file supplies their GpuTag functors: the window primitives and
-// the fused KerasSapa>Sapa / SapaGrad (one fused forward launch; the backward is the logits
-// gradient, then three deterministic gathers). The kernel images are looked up once, in
-// the directory of this library (keras_sapa/_lib/).
+// sapa_op_kernels.h; this file supplies their GpuTag functors: the window primitives, the
+// fused KerasSapa>Sapa / SapaGrad (one fused forward launch; the backward is the logits
+// gradient, then three deterministic gathers) and SAPA-D's SapaDeform / SapaDeformGrad
+// (the launcher's sapa_deform_forward / sapa_deform_backward). The kernel images are
+// looked up once, in the directory of this library (keras_sapa/_lib/).
 
 #include <dlfcn.h>
 
@@ -71,6 +72,14 @@ tensorflow::Status Stream(tensorflow::OpKernelContext* ctx, void** stream) {
   return absl::OkStatus();
 }
 
+// The launcher's sizes of a SAPA-D call (an InvalidArgument where they are too large).
+tensorflow::Status Dims(const Call& c, SapaDeformDims* out) {
+  DeformDims d;
+  TF_RETURN_IF_ERROR(c.deform_dims(&d));
+  *out = SapaDeformDims{d.batch, d.height, d.width, d.up, d.points, d.groups, d.dim, d.channels};
+  return absl::OkStatus();
+}
+
 SapaDims Dims(const WindowDims& d) {
   SapaDims out;
   out.batch = d.batch;
@@ -91,20 +100,21 @@ tensorflow::Status Launched(int status) {
   return absl::OkStatus();
 }
 
-// The images loaded and the op's CUstream.
-tensorflow::Status Prepare(tensorflow::OpKernelContext* ctx, void** stream) {
+// launch(stream) (a launcher status) on the op's CUstream, the images loaded.
+template <typename Fn>
+tensorflow::Status OnStream(tensorflow::OpKernelContext* ctx, Fn launch) {
   TF_RETURN_IF_ERROR(LoadImages());
-  return Stream(ctx, stream);
+  void* stream = nullptr;
+  TF_RETURN_IF_ERROR(Stream(ctx, &stream));
+  return Launched(launch(stream));
 }
 
 // A window primitive: launch(stream, dtype, dims, a, b, out).
 template <typename T>
 tensorflow::Status Window(tensorflow::OpKernelContext* ctx, const WindowDims& dims,
                           decltype(&sapa_dot) launch, const T* a, const T* b, T* out) {
-  void* stream = nullptr;
-  TF_RETURN_IF_ERROR(Prepare(ctx, &stream));
   const SapaDims d = Dims(dims);
-  return Launched(launch(stream, Dtype<T>::value, &d, a, b, out));
+  return OnStream(ctx, [&](void* s) { return launch(s, Dtype<T>::value, &d, a, b, out); });
 }
 
 }  // namespace gpu_adapter
@@ -137,49 +147,74 @@ struct WindowScatter<GpuTag, T> {
 
 // One fused forward launch; F is the type of the weights (the accumulation type).
 template <typename T, typename F>
-struct SapaForward<GpuTag, T, F> {
-  Status operator()(OpKernelContext* ctx, const WindowDims& dims, int64_t channels,
-                    const Tensor& query, const Tensor& key, const Tensor& value, Tensor* output,
-                    Tensor* weights) const {
-    void* stream = nullptr;
-    TF_RETURN_IF_ERROR(gpu_adapter::Prepare(ctx, &stream));
-    SapaDims d = gpu_adapter::Dims(dims);
-    d.channels_v = channels;
-    return gpu_adapter::Launched(sapa_forward(
-        stream, gpu_adapter::Dtype<T>::value, &d, query.flat<T>().data(), key.flat<T>().data(),
-        value.flat<T>().data(), output->flat<T>().data(), weights->flat<F>().data()));
+struct FusedOp<Fused::kSapaForward, GpuTag, T, F> {
+  Status operator()(const Call& c) const {
+    SapaDims d = gpu_adapter::Dims(c.dims(c.size("d")));
+    d.channels_v = c.size("C");
+    return gpu_adapter::OnStream(c.ctx, [&](void* stream) {
+      return sapa_forward(stream, gpu_adapter::Dtype<T>::value, &d, c.in_data<T>(0),
+                          c.in_data<T>(1), c.in_data<T>(2), c.out_data<T>(0), c.out_data<F>(1));
+    });
   }
 };
 
 // dlogits = weights * (Dot(grad, v) - <weights, .>), then grad_query = Gather(dlogits,
 // key), grad_key = Scatter(dlogits, query), grad_value = Scatter(weights, grad).
 template <typename T, typename F>
-struct SapaBackward<GpuTag, T, F> {
-  Status operator()(OpKernelContext* ctx, const WindowDims& dims, int64_t channels,
-                    const Tensor& grad, const Tensor& query, const Tensor& key,
-                    const Tensor& value, const Tensor& weights, Tensor* grad_query,
-                    Tensor* grad_key, Tensor* grad_value) const {
-    void* stream = nullptr;
-    TF_RETURN_IF_ERROR(gpu_adapter::Prepare(ctx, &stream));
+struct FusedOp<Fused::kSapaBackward, GpuTag, T, F> {
+  Status operator()(const Call& c) const {
     Tensor dlogits;
-    TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DataTypeToEnum<F>::value,
-                                          weights.shape(), &dlogits));
+    TF_RETURN_IF_ERROR(c.ctx->allocate_temp(tensorflow::DataTypeToEnum<F>::value,
+                                            c.in(4).shape(), &dlogits));
     const int dtype = gpu_adapter::Dtype<T>::value;
-    SapaDims dq = gpu_adapter::Dims(dims);  // query/key channels
-    SapaDims dv = dq;                       // value channels
-    dv.channels = channels;
-    dv.channels_v = channels;
-    const F* w = weights.flat<F>().data();
+    const SapaDims dq = gpu_adapter::Dims(c.dims(c.size("d")));  // query/key channels
+    const SapaDims dv = gpu_adapter::Dims(c.dims(c.size("C")));  // value channels
+    const T *grad = c.in_data<T>(0), *query = c.in_data<T>(1), *key = c.in_data<T>(2);
+    const F* w = c.in_data<F>(4);
     F* dl = dlogits.flat<F>().data();
-    using gpu_adapter::Launched;
-    TF_RETURN_IF_ERROR(Launched(sapa_softmax_backward(stream, dtype, &dv, grad.flat<T>().data(),
-                                                      value.flat<T>().data(), w, dl)));
-    TF_RETURN_IF_ERROR(Launched(sapa_gather_acc(stream, dtype, &dq, dl, key.flat<T>().data(),
-                                                grad_query->flat<T>().data())));
-    TF_RETURN_IF_ERROR(Launched(sapa_scatter_acc(stream, dtype, &dq, dl, query.flat<T>().data(),
-                                                 grad_key->flat<T>().data())));
-    return Launched(sapa_scatter_acc(stream, dtype, &dv, w, grad.flat<T>().data(),
-                                     grad_value->flat<T>().data()));
+    return gpu_adapter::OnStream(c.ctx, [&](void* s) {
+      int status = sapa_softmax_backward(s, dtype, &dv, grad, c.in_data<T>(3), w, dl);
+      if (status == SAPA_OK) status = sapa_gather_acc(s, dtype, &dq, dl, key, c.out_data<T>(0));
+      if (status == SAPA_OK) status = sapa_scatter_acc(s, dtype, &dq, dl, query, c.out_data<T>(1));
+      if (status == SAPA_OK) status = sapa_scatter_acc(s, dtype, &dv, w, grad, c.out_data<T>(2));
+      return status;
+    });
+  }
+};
+
+// SAPA-D: one fused forward launch; the backward's launches (the launcher's
+// sapa_deform_backward) with a workspace from TensorFlow's allocator.
+template <typename T, typename F>
+struct FusedOp<Fused::kDeformForward, GpuTag, T, F> {
+  Status operator()(const Call& c) const {
+    SapaDeformDims d;
+    TF_RETURN_IF_ERROR(gpu_adapter::Dims(c, &d));
+    return gpu_adapter::OnStream(c.ctx, [&](void* stream) {
+      return sapa_deform_forward(stream, gpu_adapter::Dtype<T>::value, &d, c.in_data<T>(0),
+                                 c.in_data<T>(1), c.in_data<T>(2), c.in_data<T>(3),
+                                 c.out_data<T>(0), c.out_data<F>(1));
+    });
+  }
+};
+
+template <typename T, typename F>
+struct FusedOp<Fused::kDeformBackward, GpuTag, T, F> {
+  Status operator()(const Call& c) const {
+    const int dtype = gpu_adapter::Dtype<T>::value;
+    SapaDeformDims d;
+    TF_RETURN_IF_ERROR(gpu_adapter::Dims(c, &d));
+    size_t bytes = 0;
+    TF_RETURN_IF_ERROR(gpu_adapter::Launched(sapa_deform_workspace(dtype, &d, &bytes)));
+    Tensor workspace;
+    TF_RETURN_IF_ERROR(c.ctx->allocate_temp(
+        tensorflow::DT_INT8, TensorShape({static_cast<int64_t>(bytes)}), &workspace));
+    return gpu_adapter::OnStream(c.ctx, [&](void* stream) {
+      return sapa_deform_backward(stream, dtype, &d, c.in_data<T>(0), c.in_data<T>(1),
+                                  c.in_data<T>(2), c.in_data<T>(3), c.in_data<T>(4),
+                                  c.in_data<F>(5), workspace.flat<int8_t>().data(),
+                                  c.out_data<T>(0), c.out_data<T>(1), c.out_data<T>(2),
+                                  c.out_data<T>(3));
+    });
   }
 };
 

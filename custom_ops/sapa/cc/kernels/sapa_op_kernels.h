@@ -6,11 +6,13 @@
 // (sapa_opspec.h): it reads and checks the attributes, binds the size symbols from the
 // inputs (an InvalidArgument naming the input and its shape otherwise), allocates every
 // output from the table's shapes and hands the call to the op's Body, which names the
-// functors it runs. Adding an op = a table entry, a Body and its functors.
+// functors it runs; each device supplies the functors (sapa_kernels.cc: CPU,
+// sapa_kernels_gpu.cc: GPU). Adding an op = a table entry, a Body and its functors.
 
 #ifndef KERAS_SAPA_KERNELS_SAPA_OP_KERNELS_H_
 #define KERAS_SAPA_KERNELS_SAPA_OP_KERNELS_H_
 
+#include <cstring>
 #include <string>
 
 #include "../sapa_attrs.h"
@@ -50,6 +52,16 @@ struct Call {
   Status Unless0(int i, Fn fn) const {
     return outputs[i]->NumElements() == 0 ? absl::OkStatus() : fn();
   }
+  // The input, else the output, of that name (the table's), or nullptr.
+  const Tensor* named(const char* name) const {
+    for (int i = 0; i < op.num_inputs; ++i) {
+      if (std::strcmp(op.inputs[i].name, name) == 0) return &in(i);
+    }
+    for (int i = 0; i < op.num_outputs; ++i) {
+      if (std::strcmp(op.outputs[i].name, name) == 0) return outputs[i];
+    }
+    return nullptr;
+  }
 
   // The window sizes with `channels` as the high/low channel count.
   WindowDims dims(int64_t channels) const {
@@ -61,6 +73,25 @@ struct Call {
     d.kernel = sizes.attrs[optable::kAttr_kernel_size];
     d.channels = channels;
     return d;
+  }
+
+  // The SAPA-D sizes, or an InvalidArgument when the maps are too large for the kernels.
+  Status deform_dims(DeformDims* d) const {
+    d->batch = size("B");
+    d->height = size("H");
+    d->width = size("W");
+    d->up = sizes.attrs[optable::kAttr_up_factor];
+    d->points = sizes.attrs[optable::kAttr_num_points];
+    d->groups = sizes.attrs[optable::kAttr_groups];
+    d->dim = d->groups * size("E");
+    d->channels = d->groups * size("Cg");
+    if (!d->Valid()) {
+      return tsl::errors::InvalidArgument(
+          "SAPA-D: the low-resolution maps are too large for the kernels ((H+1)*(W+1) must "
+          "fit in int32). Received: H=",
+          d->height, ", W=", d->width);
+    }
+    return absl::OkStatus();
   }
 
   // Binds the sizes from the inputs and allocates every output.
@@ -109,85 +140,72 @@ class TableOp : public OpKernel {
 // ------------------------------------------------------------------------- op bodies
 // Each names the functors its op runs; outputs with no elements are left alone.
 
+// The window ops are compositions of the three primitives (sapa_kernels.h): a step runs
+// one primitive on two inputs into one output, with the channels of the symbol `Channels`.
+enum class Primitive { kDot, kGather, kScatter };
+struct Step {
+  Primitive primitive;
+  int a, b, out;  // input, input, output index
+};
+
+template <typename Device, typename T, size_t N>
+Status RunSteps(const Call& c, const char* channels, const Step (&steps)[N]) {
+  const WindowDims d = c.dims(c.size(channels));
+  for (const Step& s : steps) {
+    TF_RETURN_IF_ERROR(c.Unless0(s.out, [&] {
+      const T *a = c.in_data<T>(s.a), *b = c.in_data<T>(s.b);
+      T* out = c.out_data<T>(s.out);
+      switch (s.primitive) {
+        case Primitive::kDot: return functor::WindowDot<Device, T>()(c.ctx, d, a, b, out);
+        case Primitive::kGather: return functor::WindowGather<Device, T>()(c.ctx, d, a, b, out);
+        default: return functor::WindowScatter<Device, T>()(c.ctx, d, a, b, out);
+      }
+    }));
+  }
+  return absl::OkStatus();
+}
+
+#define KERAS_SAPA_WINDOW_BODY(NAME, CHANNELS, ...)                 \
+  struct NAME##Body {                                              \
+    static constexpr const OpSpec& kSpec = optable::k##NAME;       \
+    template <typename Device, typename T, typename F>             \
+    static Status Run(const Call& c) {                             \
+      static constexpr Step kSteps[] = {__VA_ARGS__};              \
+      return RunSteps<Device, T>(c, CHANNELS, kSteps);             \
+    }                                                              \
+  };
+
 // similarity = Dot(query, key).
-struct SimilarityBody {
-  static constexpr const OpSpec& kSpec = optable::kSimilarity;
-  template <typename Device, typename T, typename F>
-  static Status Run(const Call& c) {
-    return c.Unless0(0, [&] {
-      return functor::WindowDot<Device, T>()(c.ctx, c.dims(c.size("d")), c.in_data<T>(0),
-                                             c.in_data<T>(1), c.out_data<T>(0));
-    });
-  }
-};
-
+KERAS_SAPA_WINDOW_BODY(Similarity, "d", {Primitive::kDot, 0, 1, 0})
 // (grad_query, grad_key) = (Gather(grad, key), Scatter(grad, query)).
-struct SimilarityGradBody {
-  static constexpr const OpSpec& kSpec = optable::kSimilarityGrad;
-  template <typename Device, typename T, typename F>
-  static Status Run(const Call& c) {
-    const WindowDims d = c.dims(c.size("d"));
-    const T *grad = c.in_data<T>(0), *query = c.in_data<T>(1), *key = c.in_data<T>(2);
-    TF_RETURN_IF_ERROR(c.Unless0(0, [&] {
-      return functor::WindowGather<Device, T>()(c.ctx, d, grad, key, c.out_data<T>(0));
-    }));
-    return c.Unless0(1, [&] {
-      return functor::WindowScatter<Device, T>()(c.ctx, d, grad, query, c.out_data<T>(1));
-    });
-  }
-};
-
+KERAS_SAPA_WINDOW_BODY(SimilarityGrad, "d", {Primitive::kGather, 0, 2, 0},
+                       {Primitive::kScatter, 0, 1, 1})
 // output = Gather(weights, value).
-struct AggregateBody {
-  static constexpr const OpSpec& kSpec = optable::kAggregate;
-  template <typename Device, typename T, typename F>
-  static Status Run(const Call& c) {
-    return c.Unless0(0, [&] {
-      return functor::WindowGather<Device, T>()(c.ctx, c.dims(c.size("C")), c.in_data<T>(0),
-                                                c.in_data<T>(1), c.out_data<T>(0));
-    });
-  }
-};
-
+KERAS_SAPA_WINDOW_BODY(Aggregate, "C", {Primitive::kGather, 0, 1, 0})
 // (grad_weights, grad_value) = (Dot(grad, value), Scatter(weights, grad)).
-struct AggregateGradBody {
-  static constexpr const OpSpec& kSpec = optable::kAggregateGrad;
-  template <typename Device, typename T, typename F>
-  static Status Run(const Call& c) {
-    const WindowDims d = c.dims(c.size("C"));
-    const T *grad = c.in_data<T>(0), *weights = c.in_data<T>(1), *value = c.in_data<T>(2);
-    TF_RETURN_IF_ERROR(c.Unless0(0, [&] {
-      return functor::WindowDot<Device, T>()(c.ctx, d, grad, value, c.out_data<T>(0));
-    }));
-    return c.Unless0(1, [&] {
-      return functor::WindowScatter<Device, T>()(c.ctx, d, weights, grad, c.out_data<T>(1));
-    });
-  }
-};
+KERAS_SAPA_WINDOW_BODY(AggregateGrad, "C", {Primitive::kDot, 0, 2, 0},
+                       {Primitive::kScatter, 1, 0, 1})
+#undef KERAS_SAPA_WINDOW_BODY
 
-// (output, weights) = SapaForward(query, key, value).
-struct SapaBody {
-  static constexpr const OpSpec& kSpec = optable::kSapa;
+// The fused ops: SapaForward (query, key, value) -> (output, weights), SapaBackward
+// (grad, query, key, value, weights) -> (grad_query, grad_key, grad_value), and SAPA-D's
+// DeformForward (query, key, value, offsets) -> (output, weights), DeformBackward (grad,
+// query, key, value, offsets, weights) -> (grad_query, grad_key, grad_value,
+// grad_offsets). Nothing to do when the saved softmax `weights` is empty.
+template <const OpSpec& Spec, functor::Fused kOp>
+struct FusedBody {
+  static constexpr const OpSpec& kSpec = Spec;
   template <typename Device, typename T, typename F>
   static Status Run(const Call& c) {
-    return c.Unless0(1, [&] {
-      return functor::SapaForward<Device, T, F>()(c.ctx, c.dims(c.size("d")), c.size("C"),
-                                                  c.in(0), c.in(1), c.in(2), c.out(0), c.out(1));
-    });
+    const Tensor* weights = c.named("weights");
+    return weights->NumElements() == 0 ? absl::OkStatus()
+                                       : functor::FusedOp<kOp, Device, T, F>()(c);
   }
 };
-
-// (grad_query, grad_key, grad_value) = SapaBackward(grad, query, key, value, weights).
-struct SapaGradBody {
-  static constexpr const OpSpec& kSpec = optable::kSapaGrad;
-  template <typename Device, typename T, typename F>
-  static Status Run(const Call& c) {
-    if (c.in(4).NumElements() == 0) return absl::OkStatus();
-    return functor::SapaBackward<Device, T, F>()(c.ctx, c.dims(c.size("d")), c.size("C"),
-                                                 c.in(0), c.in(1), c.in(2), c.in(3), c.in(4),
-                                                 c.out(0), c.out(1), c.out(2));
-  }
-};
+using SapaBody = FusedBody<optable::kSapa, functor::Fused::kSapaForward>;
+using SapaGradBody = FusedBody<optable::kSapaGrad, functor::Fused::kSapaBackward>;
+using SapaDeformBody = FusedBody<optable::kSapaDeform, functor::Fused::kDeformForward>;
+using SapaDeformGradBody = FusedBody<optable::kSapaDeformGrad, functor::Fused::kDeformBackward>;
 
 // Registers every op of the table for DEVICE_NAME with the functors of DEVICE, for each
 // type instantiation the table lists (F = void: no Tweights attribute).

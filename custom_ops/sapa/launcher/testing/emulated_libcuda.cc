@@ -1,14 +1,11 @@
-// An emulated libcuda.so.1 that RUNS the SAPA CUDA kernels on the CPU, for tests on
-// machines without a GPU.
+// An emulated libcuda.so.1 that RUNS the SAPA and SAPA-D CUDA kernels on the CPU, for
+// tests on machines without a GPU.
 //
-// The kernel source (kernels/cuda/sapa_kernels.cu) is compiled here by g++ with the CUDA
-// keywords mapped to host C++: every CUDA thread of a block is a std::thread (the same
-// threads run the blocks one after another), __syncthreads() is a std::barrier, dynamic
-// shared memory is one buffer, filled with garbage before each block. cuLaunchKernel
-// runs the named kernel with the launcher's grid, block and shared memory size, so a test
-// drives the real launcher (tile choice, fallbacks, arguments) and the real kernel code
-// on host memory. It proves the kernels' logic, not
-// their speed or anything specific to a GPU (memory model, warp behaviour).
+// The kernel source (kernels/cuda/sapa_kernels.cu, which includes SAPA-D's) is compiled
+// here by g++ through emulation.h (every CUDA thread a std::thread, __syncthreads() a
+// std::barrier). cuLaunchKernel runs the named kernel with the launcher's grid, block and
+// shared memory size, so a test drives the real launcher (tile choice, fallbacks,
+// arguments) and the real kernel code on host memory.
 //
 // It also models what the launcher's context handling depends on, with the driver's
 // error codes: up to 4 devices (emu_set_device_count, emu_configure_device), one primary
@@ -23,54 +20,13 @@
 // ran (kernel, block, shared memory, device, tile) and an injected fault (emu_corrupt:
 // the named kernel's output gets NaN in its first bytes) serve the tests.
 
-#include <dlfcn.h>
-
-#include <atomic>
-#include <barrier>
-#include <cmath>
-#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
-#include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
-#include <vector>
 
-struct uint3 {
-  unsigned x, y, z;
-};
-struct dim3 {
-  unsigned x, y, z;
-};
-thread_local uint3 threadIdx;
-thread_local uint3 blockIdx;
-thread_local dim3 blockDim;
-thread_local dim3 gridDim;
-thread_local std::barrier<>* t_barrier;
-inline void __syncthreads() { t_barrier->arrive_and_wait(); }
-inline float __expf(float x) { return std::exp(x); }
-template <typename A>
-inline A atomicAdd(A* address, A value) {  // SAPA-D's scatter kernels
-  return std::atomic_ref<A>(*address).fetch_add(value);
-}
-
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __shared__
-#define __align__(n) __attribute__((aligned(n)))
-#define __launch_bounds__(...)
-
-namespace sapa {
-alignas(16) unsigned char smem_raw[256 * 1024];
-namespace deform {  // SAPA-D's kernels (sapa_deform_kernels.cuh) keep their own
-alignas(16) unsigned char smem_raw[256 * 1024];
-}  // namespace deform
-}  // namespace sapa
-
+#include "emulation.h"
+// emulation.h first: the kernels read its CUDA stand-ins.
 #include "../../kernels/cuda/sapa_kernels.cu"
 
 namespace {
@@ -106,8 +62,39 @@ struct LogEntry {
   int block, smem, device, tile;
 };
 
+// A kernel's parameters after its argument struct: how many pointers, which one is its
+// (first) output (emu_corrupt writes there), and whether the struct is SAPA-D's.
+struct Signature {
+  int pointers, output;
+  bool deform;
+};
+
+Signature SignatureOf(const std::string& name) {
+  static const struct {
+    const char* prefix;
+    Signature sig;
+  } table[] = {
+      // Longest prefixes first.
+      {"sapa_deform_similarity_backward", {6, 4, true}},
+      {"sapa_deform_aggregate_backward", {6, 4, true}},
+      {"sapa_deform_backward", {9, 7, true}},
+      {"sapa_deform_forward", {6, 4, true}},
+      {"sapa_deform_similarity", {4, 3, true}},
+      {"sapa_deform_aggregate", {4, 3, true}},
+      {"sapa_deform_scatter", {4, 3, true}},
+      {"sapa_deform_zero", {1, 0, true}},
+      {"sapa_deform_cast", {2, 1, true}},
+      {"sapa_fused", {5, 3, false}},
+      {"sapa_dsoftmax", {4, 3, false}},
+  };
+  for (const auto& entry : table) {
+    if (name.rfind(entry.prefix, 0) == 0) return entry.sig;
+  }
+  return Signature{3, 2, false};  // dot, gather, scatter
+}
+
 std::mutex g_state;  // everything below
-std::mutex g_run;    // one kernel at a time (sapa::smem_raw is shared)
+std::mutex g_run;    // one kernel at a time (the shared-memory buffers are global)
 Device g_devices[4];
 int g_device_count = 1;
 unsigned long long g_next_id = 1;
@@ -116,12 +103,6 @@ std::vector<LogEntry> g_log;
 std::string g_corrupt;
 bool g_hide_ids = false;  // a driver before CUDA 12.0: no cuCtxGetId
 thread_local std::vector<Context*> t_stack;
-
-void* Self() {
-  Dl_info info;
-  dladdr(reinterpret_cast<void*>(&Self), &info);
-  return dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
-}
 
 // The current context if it is alive. g_state held.
 int Current(Context** ctx) {
@@ -337,7 +318,7 @@ int cuModuleGetFunction(void** fn, void* module, const char* name) {
   const int rc = Current(&c);
   if (rc) return rc;
   if (m == nullptr || !Live(m) || m->ctx != c) return kInvalidHandle;
-  void* symbol = dlsym(Self(), name);
+  void* symbol = dlsym(emu::Self(), name);
   if (symbol == nullptr) return kNotFound;
   *fn = new Function{symbol, m};
   return 0;
@@ -426,53 +407,28 @@ int cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsign
   Dl_info info;
   if (!dladdr(fn, &info) || !info.dli_sname) return kNotFound;
   const std::string name = info.dli_sname;
-  int pointers = 3;
-  if (name.rfind("sapa_fused", 0) == 0) pointers = 5;
-  if (name.rfind("sapa_dsoftmax", 0) == 0) pointers = 4;
-  const sapa::Args args = *static_cast<sapa::Args*>(params[0]);
-  void* p[5] = {};
-  for (int i = 0; i < pointers; ++i) p[i] = *static_cast<void**>(params[1 + i]);
-  // Every kernel is (Args, pointer...): called through the matching pointer count.
-  typedef void (*K3)(sapa::Args, void*, void*, void*);
-  typedef void (*K4)(sapa::Args, void*, void*, void*, void*);
-  typedef void (*K5)(sapa::Args, void*, void*, void*, void*, void*);
+  const Signature sig = SignatureOf(name);
+  void* p[emu::kMaxPointers] = {};
+  for (int i = 0; i < sig.pointers; ++i) p[i] = *static_cast<void**>(params[1 + i]);
+  // The tile field of the kernel's argument struct (sapa::Args or DeformArgs).
+  const int64_t tile = sig.deform ? static_cast<sapa::deform::DeformArgs*>(params[0])->tile
+                                  : static_cast<sapa::Args*>(params[0])->tile;
   std::lock_guard<std::mutex> run(g_run);
-  // bx host threads run the grid's blocks one after another: each block has its own
-  // barrier (a thread that returns drops out of it), and `phase` separates the blocks.
-  std::vector<std::unique_ptr<std::barrier<>>> barriers;
-  barriers.reserve(gx);
-  for (unsigned block = 0; block < gx; ++block) {
-    barriers.emplace_back(new std::barrier<>(bx));
+  if (sig.deform) {
+    const sapa::deform::DeformArgs args = *static_cast<sapa::deform::DeformArgs*>(params[0]);
+    emu::RunGrid(gx, bx, sapa::deform::smem_raw, smem,
+                 [&] { emu::CallKernel(fn, args, p, sig.pointers); });
+  } else {
+    const sapa::Args args = *static_cast<sapa::Args*>(params[0]);
+    emu::RunGrid(gx, bx, sapa::smem_raw, smem, [&] { emu::CallKernel(fn, args, p, sig.pointers); });
   }
-  std::barrier<> phase(bx);
-  std::vector<std::thread> threads;
-  threads.reserve(bx);
-  for (unsigned t = 0; t < bx; ++t) {
-    threads.emplace_back([&, t] {
-      for (unsigned block = 0; block < gx; ++block) {
-        if (t == 0) std::memset(sapa::smem_raw, 0xff, smem);  // garbage, as on a GPU
-        phase.arrive_and_wait();
-        threadIdx = {t, 0, 0};
-        blockIdx = {block, 0, 0};
-        blockDim = {bx, 1, 1};
-        gridDim = {gx, 1, 1};
-        t_barrier = barriers[block].get();
-        if (pointers == 3) reinterpret_cast<K3>(fn)(args, p[0], p[1], p[2]);
-        if (pointers == 4) reinterpret_cast<K4>(fn)(args, p[0], p[1], p[2], p[3]);
-        if (pointers == 5) reinterpret_cast<K5>(fn)(args, p[0], p[1], p[2], p[3], p[4]);
-        t_barrier->arrive_and_drop();  // an exited CUDA thread no longer holds a barrier
-        phase.arrive_and_wait();       // the whole block is done
-      }
-    });
-  }
-  for (auto& thread : threads) thread.join();
   {
     std::lock_guard<std::mutex> lock(g_state);
     corrupt = !g_corrupt.empty() && g_corrupt == name;
     g_log.push_back(LogEntry{name, static_cast<int>(bx), static_cast<int>(smem), device,
-                             static_cast<int>(args.tile)});
+                             static_cast<int>(tile)});
   }
-  if (corrupt) std::memset(p[pointers == 3 ? 2 : 3], 0xff, 8);  // NaN in the output
+  if (corrupt) std::memset(p[sig.output], 0xff, 8);  // NaN in the output
   ++g_launches;
   return 0;
 }

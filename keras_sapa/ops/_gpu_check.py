@@ -1,0 +1,109 @@
+"""The GPU kernels' first-use self-test, for every backend (imports no framework).
+
+:func:`self_test` loads the framework-free CUDA launcher
+(``keras_sapa/_lib/libsapa_launcher.so``) through ctypes, registers the kernel images
+beside it and calls its ``sapa_self_test``: every launch configuration the launcher can
+choose on the GPU (each kernel and tile of SAPA and SAPA-D, forward and backward, every
+dtype) runs on a small case and is compared with a float64 CPU reference inside the
+library. It returns ``(cases, None)`` when all agree, else ``(cases, why)`` with the
+launcher's ``sapa_last_error()``.
+
+:func:`passes` runs it once per process for a backend and, when it fails, gives one
+``RuntimeWarning`` naming the failure; the backend then falls back (TensorFlow to its CPU
+kernels and builtin formulations). TensorFlow's GPU op runs it at first use
+(:mod:`._tf_kernels`); the JAX and PyTorch CUDA bindings are to call :func:`passes` the
+same way before registering their GPU kernels.
+"""
+
+import ctypes
+import os
+import threading
+import warnings
+
+from keras_sapa.ops import _native
+
+LAUNCHER_LIBRARY = "libsapa_launcher.so"
+SAPA_OK = 0
+SELF_TEST_PER_TILE = 256  # SAPA_SELF_TEST_PER_TILE of sapa_launcher.h
+DTYPE_FLAGS = {"float32": 1, "float16": 2, "bfloat16": 4, "float64": 8}  # 1 << SapaDtype
+
+_lock = threading.Lock()
+_passed = {}  # backend -> bool
+
+
+def _declare(lib):
+    lib.sapa_last_error.restype = ctypes.c_char_p
+    lib.sapa_init.argtypes = [ctypes.c_char_p]
+    lib.sapa_load_image_dir.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)]
+    lib.sapa_set_device.argtypes = [ctypes.c_int]
+    lib.sapa_self_test.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+
+
+def self_test(lib_dir=None, *, library=None, driver=None, device=0, dtypes=None, per_tile=False):
+    """Runs the launcher's ``sapa_self_test`` on GPU ``device`` (an ordinal) with the
+    kernel images of ``lib_dir`` (default ``keras_sapa/_lib``); returns ``(cases, None)``
+    when every configuration agrees with the CPU reference, else ``(cases, why)``.
+
+    ``library``: the launcher to load (default ``lib_dir/libsapa_launcher.so``);
+    ``driver``: the libcuda to open (default ``libcuda.so.1``); ``dtypes``: a subset of
+    ``"float32"``, ``"float16"``, ``"bfloat16"``, ``"float64"`` (default all);
+    ``per_tile``: each (kernel, tile) once instead of every configuration."""
+    lib_dir = lib_dir or _native.LIB_DIR
+    path = library or os.path.join(lib_dir, LAUNCHER_LIBRARY)
+    if not os.path.isfile(path):
+        return 0, f"no launcher at {path} (build it with `python custom_ops/build.py`)"
+    try:
+        lib = ctypes.CDLL(os.path.realpath(path))
+    except OSError as exc:
+        return 0, f"loading {path} failed: {exc}"
+    _declare(lib)
+
+    def failed(what, status, cases=0):
+        error = lib.sapa_last_error().decode(errors="replace")
+        return cases, f"{what} failed (launcher status {status}): {error}"
+
+    if driver is not None:
+        status = lib.sapa_init(os.fsencode(driver))
+        if status != SAPA_OK:
+            return failed("opening the driver", status)
+    count = ctypes.c_int()
+    status = lib.sapa_load_image_dir(os.fsencode(lib_dir), ctypes.byref(count))
+    if status != SAPA_OK:
+        return failed("loading the kernel images", status)
+    if count.value == 0:
+        return 0, f"no kernel images (sapa_kernels.*.cubin/ptx) in {lib_dir}"
+    status = lib.sapa_set_device(int(device))  # this thread's device for the NULL stream
+    if status != SAPA_OK:
+        return failed(f"choosing GPU {device}", status)
+    flags = sum(DTYPE_FLAGS[d] for d in dtypes or ()) | (SELF_TEST_PER_TILE if per_tile else 0)
+    cases = ctypes.c_int()
+    status = lib.sapa_self_test(None, flags, ctypes.byref(cases))
+    if status != SAPA_OK:
+        return failed(
+            f"the GPU self-test (after {cases.value} passing cases)", status, cases.value
+        )
+    return cases.value, None
+
+
+def passes(backend, fallback="the CPU kernels", **kwargs):
+    """True when :func:`self_test` (with ``kwargs``) passes; run once per process for
+    ``backend`` (e.g. ``"JAX"``). On failure one ``RuntimeWarning`` says why and that
+    ``backend`` uses ``fallback`` instead, and every later call returns False."""
+    with _lock:
+        if backend not in _passed:
+            _, problem = self_test(**kwargs)
+            _passed[backend] = problem is None
+            if problem is not None:
+                warnings.warn(
+                    f"keras_sapa: the GPU kernels failed their self-test ({problem}); "
+                    f"{backend} uses {fallback} instead.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return _passed[backend]
+
+
+def _reset():
+    """Forgets every result (tests)."""
+    with _lock:
+        _passed.clear()
