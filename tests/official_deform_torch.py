@@ -73,34 +73,38 @@ def _scatter(shape, index, values):
     return out.scatter_add_(3, flat, values.reshape(batch, groups, per, -1))
 
 
+def _sampling(feature, offset, num_point, up_factor, groups):
+    """``feature`` (B, C, H, W) grouped as (B, G, C/G, H*W), and the four taps of every
+    point's position in it (:func:`_taps`)."""
+    batch, channels, height, width = feature.shape
+    kh, kw, keep = _positions(offset, num_point, up_factor, groups, height, width)
+    grouped = feature.reshape(batch, groups, channels // groups, height * width)
+    return grouped, _taps(kh, kw, keep, height, width)
+
+
 class DeformQK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, offset, num_point, up_factor, groups):
         ctx.save_for_backward(query, key, offset)
         ctx.args = (num_point, up_factor, groups)
-        batch, channels, height, width = key.shape
-        kh, kw, keep = _positions(offset, num_point, up_factor, groups, height, width)
-        k = key.reshape(batch, groups, channels // groups, height * width)
-        q = query.view(batch, groups, channels // groups, 1, *query.shape[2:])
+        k, taps = _sampling(key, offset, num_point, up_factor, groups)
+        q = query.view(k.shape[:3] + (1,) + query.shape[2:])
         out = 0
-        for index, w, _, _, _ in _taps(kh, kw, keep, height, width):
+        for index, w, _, _, _ in taps:
             out = out + w * (q * _gather(k, index)).sum(2)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         query, key, offset = ctx.saved_tensors
-        num_point, up_factor, groups = ctx.args
-        batch, channels, height, width = key.shape
-        per = channels // groups
-        kh, kw, keep = _positions(offset, num_point, up_factor, groups, height, width)
-        k = key.reshape(batch, groups, per, height * width)
-        q = query.view(batch, groups, per, 1, *query.shape[2:])
+        num_point = ctx.args[0]
+        k, taps = _sampling(key, offset, *ctx.args)
+        q = query.view(k.shape[:3] + (1,) + query.shape[2:])
         g = grad.unsqueeze(2)  # (B, G, 1, P, sH, sW)
         d_q = torch.zeros_like(q.expand(-1, -1, -1, num_point, -1, -1))
         d_k = torch.zeros_like(k)
         d_h, d_w = torch.zeros_like(grad), torch.zeros_like(grad)
-        for index, w, dwh, dww, _ in _taps(kh, kw, keep, height, width):
+        for index, w, dwh, dww, _ in taps:
             sampled = _gather(k, index)
             d_q = d_q + g * w.unsqueeze(2) * sampled
             d_k = d_k + _scatter(k.shape, index, g * w.unsqueeze(2) * q)
@@ -117,28 +121,22 @@ class DeformAV(torch.autograd.Function):
     def forward(ctx, attn, value, offset, num_point, up_factor, groups):
         ctx.save_for_backward(attn, value, offset)
         ctx.args = (num_point, up_factor, groups)
-        batch, channels, height, width = value.shape
-        kh, kw, keep = _positions(offset, num_point, up_factor, groups, height, width)
-        v = value.reshape(batch, groups, channels // groups, height * width)
+        v, taps = _sampling(value, offset, num_point, up_factor, groups)
         a = attn.unsqueeze(2)  # (B, G, 1, P, sH, sW)
         out = 0
-        for index, w, _, _, _ in _taps(kh, kw, keep, height, width):
+        for index, w, _, _, _ in taps:
             out = out + (a * w.unsqueeze(2) * _gather(v, index)).sum(3)
-        return out.reshape(batch, channels, *attn.shape[3:])
+        return out.reshape(value.shape[:2] + attn.shape[3:])
 
     @staticmethod
     def backward(ctx, grad):
         attn, value, offset = ctx.saved_tensors
-        num_point, up_factor, groups = ctx.args
-        batch, channels, height, width = value.shape
-        per = channels // groups
-        kh, kw, keep = _positions(offset, num_point, up_factor, groups, height, width)
-        v = value.reshape(batch, groups, per, height * width)
-        g = grad.reshape(batch, groups, per, 1, *grad.shape[2:])
+        v, taps = _sampling(value, offset, *ctx.args)
+        g = grad.reshape(v.shape[:3] + (1,) + grad.shape[2:])
         d_attn = torch.zeros_like(attn)
         d_v = torch.zeros_like(v)
         d_h, d_w = torch.zeros_like(attn), torch.zeros_like(attn)
-        for index, w, dwh, dww, _ in _taps(kh, kw, keep, height, width):
+        for index, w, dwh, dww, _ in taps:
             dot = (g * _gather(v, index)).sum(2)  # (B, G, P, sH, sW)
             d_attn = d_attn + w * dot
             d_v = d_v + _scatter(v.shape, index, g * (attn * w).unsqueeze(2))
@@ -210,21 +208,15 @@ class SAPADeformTorch(nn.Module):
 
 def random_module(case, seed):
     """A float64 ``SAPADeformTorch`` for a test case ``(points, groups, up_factor,
-    high_offset, norm, data_format)`` with random weights (offsets large enough to move
-    points across cells, norm scales around 1), and its ``(cx, cy)`` channel counts."""
+    high_offset, norm, data_format)`` (``backend_utils.DEFORM_CASE``) with random
+    weights (offsets large enough to move points across cells, norm scales around 1),
+    and its ``(cx, cy)`` channel counts."""
     points, groups, s, high, norm, _ = case
     cx, cy = (64, 32) if norm else (8, 6)
     torch.manual_seed(seed)
-    module = SAPADeformTorch(
-        cy,
-        cx,
-        up_factor=s,
-        num_point=points,
-        groups=groups,
-        embedding_dim=4,
-        high_offset=high,
-        norm=norm,
-    ).double()
+    # The official positional order: dim_y, dim_x, up_factor, num_point, groups,
+    # embedding_dim, qkv_bias, high_offset, norm.
+    module = SAPADeformTorch(cy, cx, s, points, groups, 4, True, high, norm).double()
     with torch.no_grad():
         for name, p in module.named_parameters():
             base = 1.0 if name.startswith("norm") and name.endswith("weight") else 0.0

@@ -1,7 +1,8 @@
 """Independent NumPy reference of SAPA, written with plain loops from the spec.
 
 Nothing here is vectorised the way the package is: every output point walks its
-K x K window explicitly, computing in float64. Slow, so tests keep shapes small.
+K x K window explicitly (``_windows``), computing in float64. Slow, so tests keep
+shapes small.
 """
 
 import numpy as np
@@ -9,41 +10,37 @@ import numpy as np
 LN_EPS = 1e-5
 
 
+def _windows(kernel_size, up_factor, height, width, i, j):
+    """(n, p, t) for the points of output point (i, j)'s ``K x K`` window around its
+    anchor ``(i // s, j // s)`` that lie inside the ``height x width`` map (the others
+    are zero padding)."""
+    s, r = up_factor, kernel_size // 2
+    for a in range(-r, r + 1):
+        for c in range(-r, r + 1):
+            p, t = i // s + a, j // s + c
+            if 0 <= p < height and 0 <= t < width:
+                yield (a + r) * kernel_size + (c + r), p, t
+
+
 def similarity(query, key, kernel_size, up_factor):
     q = np.asarray(query, np.float64)
     k = np.asarray(key, np.float64)
-    batch, height, width, _ = k.shape
-    s, r = up_factor, kernel_size // 2
+    height, width = k.shape[1:3]
     out = np.zeros(q.shape[:3] + (kernel_size * kernel_size,))
-    for b in range(batch):
-        for i in range(s * height):
-            for j in range(s * width):
-                for a in range(-r, r + 1):
-                    for c in range(-r, r + 1):
-                        n = (a + r) * kernel_size + (c + r)
-                        p, t = i // s + a, j // s + c
-                        if 0 <= p < height and 0 <= t < width:
-                            out[b, i, j, n] = np.dot(q[b, i, j], k[b, p, t])
+    for b, i, j in np.ndindex(q.shape[:3]):
+        for n, p, t in _windows(kernel_size, up_factor, height, width, i, j):
+            out[b, i, j, n] = np.dot(q[b, i, j], k[b, p, t])
     return out
 
 
 def aggregate(weights, value, kernel_size, up_factor):
     w = np.asarray(weights, np.float64)
     v = np.asarray(value, np.float64)
-    batch, height, width, channels = v.shape
-    s, r = up_factor, kernel_size // 2
-    out = np.zeros(w.shape[:3] + (channels,))
-    for b in range(batch):
-        for i in range(s * height):
-            for j in range(s * width):
-                acc = np.zeros(channels)
-                for a in range(-r, r + 1):
-                    for c in range(-r, r + 1):
-                        n = (a + r) * kernel_size + (c + r)
-                        p, t = i // s + a, j // s + c
-                        if 0 <= p < height and 0 <= t < width:
-                            acc += w[b, i, j, n] * v[b, p, t]
-                out[b, i, j] = acc
+    height, width = v.shape[1:3]
+    out = np.zeros(w.shape[:3] + v.shape[3:])
+    for b, i, j in np.ndindex(w.shape[:3]):
+        for n, p, t in _windows(kernel_size, up_factor, height, width, i, j):
+            out[b, i, j] += w[b, i, j, n] * v[b, p, t]
     return out
 
 
@@ -142,31 +139,10 @@ def sapa_layer(
 # ------------------------------------------------------------------ reference gradients
 # Vector-Jacobian products of the three ops, written from the chain rule with the same
 # explicit window loops (not by differentiating the functions above): given the
-# cotangent ``grad`` of the output, the gradients with respect to every input.
-
-
-def _windows(kernel_size, up_factor, height, width, i, j):
-    """(n, p, t) for the points of (i, j)'s window that lie inside the map."""
-    s, r = up_factor, kernel_size // 2
-    for a in range(-r, r + 1):
-        for c in range(-r, r + 1):
-            p, t = i // s + a, j // s + c
-            if 0 <= p < height and 0 <= t < width:
-                yield (a + r) * kernel_size + (c + r), p, t
-
-
-def similarity_vjp(query, key, grad, kernel_size, up_factor):
-    """(d query, d key) of ``similarity`` for the cotangent ``grad`` (B, sH, sW, K*K)."""
-    q, k, g = (np.asarray(t, np.float64) for t in (query, key, grad))
-    batch, height, width, _ = k.shape
-    d_query, d_key = np.zeros_like(q), np.zeros_like(k)
-    for b in range(batch):
-        for i in range(q.shape[1]):
-            for j in range(q.shape[2]):
-                for n, p, t in _windows(kernel_size, up_factor, height, width, i, j):
-                    d_query[b, i, j] += g[b, i, j, n] * k[b, p, t]
-                    d_key[b, p, t] += g[b, i, j, n] * q[b, i, j]
-    return d_query, d_key
+# cotangent ``grad`` of the output, the gradients with respect to every input. Each op
+# is bilinear, so half of each VJP is the other op's loop (``similarity`` of the
+# cotangent with the values, ``aggregate`` of the keys weighted by the cotangent) and the
+# other half is the window's adjoint, ``window_scatter``.
 
 
 def window_scatter(weights, high, kernel_size, up_factor, low_hw):
@@ -178,25 +154,28 @@ def window_scatter(weights, high, kernel_size, up_factor, low_hw):
     w, h = np.asarray(weights, np.float64), np.asarray(high, np.float64)
     height, width = low_hw
     out = np.zeros((h.shape[0], height, width, h.shape[3]))
-    for b in range(h.shape[0]):
-        for i in range(h.shape[1]):
-            for j in range(h.shape[2]):
-                for n, p, t in _windows(kernel_size, up_factor, height, width, i, j):
-                    out[b, p, t] += w[b, i, j, n] * h[b, i, j]
+    for b, i, j in np.ndindex(h.shape[:3]):
+        for n, p, t in _windows(kernel_size, up_factor, height, width, i, j):
+            out[b, p, t] += w[b, i, j, n] * h[b, i, j]
     return out
 
 
+def similarity_vjp(query, key, grad, kernel_size, up_factor):
+    """(d query, d key) of ``similarity`` for the cotangent ``grad`` (B, sH, sW, K*K):
+    ``d query[i, j] = sum_n grad[i, j, n] * key[window n]``, the aggregation of the keys
+    with ``grad`` as weights; ``d key`` gathers ``grad[i, j, n] * query[i, j]`` back
+    into the window points."""
+    d_query = aggregate(grad, key, kernel_size, up_factor)
+    d_key = window_scatter(grad, query, kernel_size, up_factor, np.shape(key)[1:3])
+    return d_query, d_key
+
+
 def aggregate_vjp(weights, value, grad, kernel_size, up_factor):
-    """(d weights, d value) of ``aggregate`` for the cotangent ``grad`` (B, sH, sW, C)."""
-    w, v, g = (np.asarray(t, np.float64) for t in (weights, value, grad))
-    batch, height, width, _ = v.shape
-    d_weights, d_value = np.zeros_like(w), np.zeros_like(v)
-    for b in range(batch):
-        for i in range(w.shape[1]):
-            for j in range(w.shape[2]):
-                for n, p, t in _windows(kernel_size, up_factor, height, width, i, j):
-                    d_weights[b, i, j, n] = np.dot(g[b, i, j], v[b, p, t])
-                    d_value[b, p, t] += w[b, i, j, n] * g[b, i, j]
+    """(d weights, d value) of ``aggregate`` for the cotangent ``grad`` (B, sH, sW, C):
+    ``d weights[i, j, n] = <grad[i, j], value[window n]>``, the similarity of ``grad``
+    with the values; ``d value`` gathers ``weights[i, j, n] * grad[i, j]`` back."""
+    d_weights = similarity(grad, value, kernel_size, up_factor)
+    d_value = window_scatter(weights, grad, kernel_size, up_factor, np.shape(value)[1:3])
     return d_weights, d_value
 
 

@@ -23,7 +23,10 @@ import math
 
 import numpy as np
 
-GN_EPS = 1e-5
+from reference import dense
+from reference import group_norm
+from reference import nearest_up
+
 GN_GROUPS = 32
 
 
@@ -59,22 +62,31 @@ def taps(ph, pw, height, width):
     return [t for t in candidates if 0 <= t[0] < height and 0 <= t[1] < width]
 
 
-def bilinear(feature, ph, pw):
-    """Bilinear sample of ``feature`` (H, W, C) at (ph, pw), zero padded, the spec's
-    drop rule applied. Returns (C,) float64."""
-    f = np.asarray(feature, np.float64)
-    height, width = f.shape[:2]
-    out = np.zeros(f.shape[2])
-    if dropped(ph, pw, height, width):
-        return out
-    for r, c, w, _, _ in taps(ph, pw, height, width):
-        out += w * f[r, c]
-    return out
-
-
 def _check(offsets, groups, num_points):
     if offsets.shape[-1] != 2 * groups * num_points:
         raise ValueError(f"offsets need 2*G*P channels, got {offsets.shape}")
+
+
+def _kept_points(offsets, num_points, up_factor, groups, height, width):
+    """``(b, i, j, g, k, taps)`` for every sampled point that is not dropped, one by
+    one: output point (i, j), group ``g``, point index ``k = g*P + p`` and the in-map
+    bilinear taps of its position. Dropped points contribute nothing, to the outputs or
+    to the gradients."""
+    o = np.asarray(offsets, np.float64)
+    _check(o, groups, num_points)
+    for b, i, j in np.ndindex(o.shape[:3]):
+        for g in range(groups):
+            for p in range(num_points):
+                k = g * num_points + p
+                ph, pw = sample_position(o, b, i, j, k, up_factor)
+                if not dropped(ph, pw, height, width):
+                    yield b, i, j, g, k, taps(ph, pw, height, width)
+
+
+def _group(channels, groups, g):
+    """The channel slice of group ``g`` in a tensor of ``channels`` channels."""
+    per = channels // groups
+    return slice(g * per, (g + 1) * per)
 
 
 # ------------------------------------------------------------------ forward
@@ -82,40 +94,30 @@ def _check(offsets, groups, num_points):
 
 def deform_similarity(query, key, offsets, num_points, up_factor, groups):
     """logits (B, sH, sW, G*P): ``<q[i, j, group g], bilinear(key[group g], pos(k))>``."""
-    q, kk, o = (np.asarray(t, np.float64) for t in (query, key, offsets))
-    _check(o, groups, num_points)
-    batch, channels = kk.shape[0], kk.shape[-1]
-    e = channels // groups
+    q, kk = np.asarray(query, np.float64), np.asarray(key, np.float64)
+    height, width, channels = kk.shape[1:]
     out = np.zeros(q.shape[:3] + (groups * num_points,))
-    for b in range(batch):
-        for i in range(q.shape[1]):
-            for j in range(q.shape[2]):
-                for g in range(groups):
-                    for p in range(num_points):
-                        k = g * num_points + p
-                        ph, pw = sample_position(o, b, i, j, k, up_factor)
-                        sample = bilinear(kk[b, :, :, g * e : (g + 1) * e], ph, pw)
-                        out[b, i, j, k] = np.dot(q[b, i, j, g * e : (g + 1) * e], sample)
+    for b, i, j, g, k, point_taps in _kept_points(
+        offsets, num_points, up_factor, groups, height, width
+    ):
+        c = _group(channels, groups, g)
+        for r, col, w, _, _ in point_taps:
+            out[b, i, j, k] += w * np.dot(q[b, i, j, c], kk[b, r, col, c])
     return out
 
 
 def deform_aggregate(weights, value, offsets, num_points, up_factor, groups):
     """out (B, sH, sW, C): ``sum_p w[i, j, g(c), p] * bilinear(value[..., c], pos(g(c), p))``
     with ``g(c) = c // (C / G)``."""
-    w, v, o = (np.asarray(t, np.float64) for t in (weights, value, offsets))
-    _check(o, groups, num_points)
-    batch, channels = v.shape[0], v.shape[-1]
-    per = channels // groups
-    out = np.zeros(w.shape[:3] + (channels,))
-    for b in range(batch):
-        for i in range(w.shape[1]):
-            for j in range(w.shape[2]):
-                for g in range(groups):
-                    for p in range(num_points):
-                        k = g * num_points + p
-                        ph, pw = sample_position(o, b, i, j, k, up_factor)
-                        sample = bilinear(v[b, :, :, g * per : (g + 1) * per], ph, pw)
-                        out[b, i, j, g * per : (g + 1) * per] += w[b, i, j, k] * sample
+    wt, v = np.asarray(weights, np.float64), np.asarray(value, np.float64)
+    height, width, channels = v.shape[1:]
+    out = np.zeros(wt.shape[:3] + (channels,))
+    for b, i, j, g, k, point_taps in _kept_points(
+        offsets, num_points, up_factor, groups, height, width
+    ):
+        c = _group(channels, groups, g)
+        for r, col, w, _, _ in point_taps:
+            out[b, i, j, c] += wt[b, i, j, k] * w * v[b, r, col, c]
     return out
 
 
@@ -141,55 +143,39 @@ def sapa_deform(query, key, value, offsets, num_points, up_factor, groups):
 
 def deform_similarity_vjp(query, key, offsets, grad, num_points, up_factor, groups):
     """(d query, d key, d offsets) of ``deform_similarity`` for the cotangent ``grad``."""
-    q, kk, o, gr = (np.asarray(t, np.float64) for t in (query, key, offsets, grad))
-    batch, height, width, channels = kk.shape
-    e = channels // groups
-    d_q, d_k, d_o = np.zeros_like(q), np.zeros_like(kk), np.zeros_like(o)
-    for b in range(batch):
-        for i in range(q.shape[1]):
-            for j in range(q.shape[2]):
-                for g in range(groups):
-                    cs = slice(g * e, (g + 1) * e)
-                    for p in range(num_points):
-                        k = g * num_points + p
-                        ph, pw = sample_position(o, b, i, j, k, up_factor)
-                        if dropped(ph, pw, height, width):
-                            continue
-                        gk = gr[b, i, j, k]
-                        qv = q[b, i, j, cs]
-                        for r, c, w, dwh, dww in taps(ph, pw, height, width):
-                            d_q[b, i, j, cs] += gk * w * kk[b, r, c, cs]
-                            d_k[b, r, c, cs] += gk * w * qv
-                            dot = np.dot(qv, kk[b, r, c, cs])
-                            d_o[b, i, j, 2 * k] += gk * dww * dot
-                            d_o[b, i, j, 2 * k + 1] += gk * dwh * dot
+    q, kk, gr = (np.asarray(t, np.float64) for t in (query, key, grad))
+    height, width, channels = kk.shape[1:]
+    d_q, d_k = np.zeros_like(q), np.zeros_like(kk)
+    d_o = np.zeros(np.shape(offsets))
+    for b, i, j, g, k, point_taps in _kept_points(
+        offsets, num_points, up_factor, groups, height, width
+    ):
+        c, gk = _group(channels, groups, g), gr[b, i, j, k]
+        for r, col, w, dwh, dww in point_taps:
+            d_q[b, i, j, c] += gk * w * kk[b, r, col, c]
+            d_k[b, r, col, c] += gk * w * q[b, i, j, c]
+            dot = np.dot(q[b, i, j, c], kk[b, r, col, c])
+            d_o[b, i, j, 2 * k] += gk * dww * dot
+            d_o[b, i, j, 2 * k + 1] += gk * dwh * dot
     return d_q, d_k, d_o
 
 
 def deform_aggregate_vjp(weights, value, offsets, grad, num_points, up_factor, groups):
     """(d weights, d value, d offsets) of ``deform_aggregate`` for the cotangent ``grad``."""
-    wt, v, o, gr = (np.asarray(t, np.float64) for t in (weights, value, offsets, grad))
-    batch, height, width, channels = v.shape
-    per = channels // groups
-    d_w, d_v, d_o = np.zeros_like(wt), np.zeros_like(v), np.zeros_like(o)
-    for b in range(batch):
-        for i in range(wt.shape[1]):
-            for j in range(wt.shape[2]):
-                for g in range(groups):
-                    cs = slice(g * per, (g + 1) * per)
-                    go = gr[b, i, j, cs]
-                    for p in range(num_points):
-                        k = g * num_points + p
-                        ph, pw = sample_position(o, b, i, j, k, up_factor)
-                        if dropped(ph, pw, height, width):
-                            continue
-                        a = wt[b, i, j, k]
-                        for r, c, w, dwh, dww in taps(ph, pw, height, width):
-                            dot = np.dot(go, v[b, r, c, cs])
-                            d_w[b, i, j, k] += w * dot
-                            d_v[b, r, c, cs] += a * w * go
-                            d_o[b, i, j, 2 * k] += a * dww * dot
-                            d_o[b, i, j, 2 * k + 1] += a * dwh * dot
+    wt, v, gr = (np.asarray(t, np.float64) for t in (weights, value, grad))
+    height, width, channels = v.shape[1:]
+    d_w, d_v = np.zeros_like(wt), np.zeros_like(v)
+    d_o = np.zeros(np.shape(offsets))
+    for b, i, j, g, k, point_taps in _kept_points(
+        offsets, num_points, up_factor, groups, height, width
+    ):
+        c, a = _group(channels, groups, g), wt[b, i, j, k]
+        for r, col, w, dwh, dww in point_taps:
+            dot = np.dot(gr[b, i, j, c], v[b, r, col, c])
+            d_w[b, i, j, k] += w * dot
+            d_v[b, r, col, c] += a * w * gr[b, i, j, c]
+            d_o[b, i, j, 2 * k] += a * dww * dot
+            d_o[b, i, j, 2 * k + 1] += a * dwh * dot
     return d_w, d_v, d_o
 
 
@@ -244,25 +230,6 @@ def offsets_away_from_integers(rng, shape, spread=1.5, margin=0.05, up_factor=1)
 # ------------------------------------------------------------------ the layer
 
 
-def group_norm(t, groups, gamma, beta, eps=GN_EPS):
-    """torch.nn.GroupNorm on channels-last ``t``."""
-    t = np.asarray(t, np.float64)
-    out = np.empty_like(t)
-    per = t.shape[-1] // groups
-    for b in range(t.shape[0]):
-        for g in range(groups):
-            block = t[b, :, :, g * per : (g + 1) * per]
-            mean = block.mean()
-            var = ((block - mean) ** 2).mean()
-            out[b, :, :, g * per : (g + 1) * per] = (block - mean) / np.sqrt(var + eps)
-    return out * np.asarray(gamma, np.float64) + np.asarray(beta, np.float64)
-
-
-def dense(t, kernel, bias=None):
-    out = np.asarray(t, np.float64) @ np.asarray(kernel, np.float64)
-    return out if bias is None else out + np.asarray(bias, np.float64)
-
-
 def pixel_shuffle(t, s):
     """PyTorch's pixel_shuffle on channels-last ``t`` (B, H, W, C*s*s): output channel
     ``c`` at ``(h*s + a, w*s + b)`` is input channel ``c*s*s + a*s + b`` at ``(h, w)``."""
@@ -276,15 +243,6 @@ def pixel_shuffle(t, s):
                 for bb in range(s):
                     for c in range(c_out):
                         out[:, h * s + a, w * s + bb, c] = t[:, h, w, c * s * s + a * s + bb]
-    return out
-
-
-def nearest_up(t, s):
-    t = np.asarray(t, np.float64)
-    out = np.empty((t.shape[0], t.shape[1] * s, t.shape[2] * s, t.shape[3]))
-    for i in range(out.shape[1]):
-        for j in range(out.shape[2]):
-            out[:, i, j] = t[:, i // s, j // s]
     return out
 
 

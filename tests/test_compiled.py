@@ -30,6 +30,15 @@ def _rand(rng, shape, dtype=np.float64):
     return rng.standard_normal(shape).astype(dtype)
 
 
+def _problem(rng, kernel_size, up_factor, batch, height, width, d, channels):
+    """float64 query, key, value, weights, and cotangents of the similarity (logits) and
+    of the aggregation (output)."""
+    high, low = (batch, up_factor * height, up_factor * width), (batch, height, width)
+    kk = kernel_size * kernel_size
+    shapes = [high + (d,), low + (d,), low + (channels,), high + (kk,), high + (kk,)]
+    return [_rand(rng, shape) for shape in shapes + [high + (channels,)]]
+
+
 CASES = [
     # kernel_size, up_factor, batch, height, width
     (5, 2, 2, 5, 7),  # odd sizes, window wider than the map in one direction
@@ -105,14 +114,9 @@ def test_zero_channels():
 @needs_compiled
 @pytest.mark.parametrize("kernel_size,up_factor", [(3, 2), (5, 3), (1, 1)])
 def test_gradient_ops_match_reference(kernel_size, up_factor):
-    rng = np.random.default_rng(7)
-    s, kk, height, width = up_factor, kernel_size * kernel_size, 3, 4
-    query = _rand(rng, (2, s * height, s * width, 5))
-    key = _rand(rng, (2, height, width, 5))
-    value = _rand(rng, (2, height, width, 7))
-    weights = _rand(rng, (2, s * height, s * width, kk))
-    grad_sim = _rand(rng, (2, s * height, s * width, kk))
-    grad_out = _rand(rng, (2, s * height, s * width, 7))
+    s, height, width = up_factor, 3, 4
+    problem = _problem(np.random.default_rng(7), kernel_size, s, 2, height, width, 5, 7)
+    query, key, value, weights, grad_sim, grad_out = problem
 
     grad_query, grad_key = _compiled.similarity_grad(grad_sim, query, key, kernel_size, s)
     np.testing.assert_allclose(
@@ -146,12 +150,9 @@ def _check_gradients(fn, args):
 @needs_compiled
 @pytest.mark.parametrize("kernel_size,up_factor", [(3, 2), (5, 1), (3, 3)])
 def test_gradients_float64(kernel_size, up_factor):
-    rng = np.random.default_rng(11)
-    s, kk, height, width = up_factor, kernel_size * kernel_size, 3, 2
-    query = _rand(rng, (1, s * height, s * width, 3))
-    key = _rand(rng, (1, height, width, 3))
-    value = _rand(rng, (1, height, width, 4))
-    weights = _rand(rng, (1, s * height, s * width, kk))
+    s = up_factor
+    problem = _problem(np.random.default_rng(11), kernel_size, s, 1, 3, 2, 3, 4)
+    query, key, value, weights = problem[:4]
     k, impl = kernel_size, "compiled"
     _check_gradients(lambda q, key_: ops.similarity(q, key_, k, s, impl), [query, key])
     _check_gradients(lambda w, v: ops.aggregate(w, v, k, s, impl), [weights, value])
@@ -161,14 +162,9 @@ def test_gradients_float64(kernel_size, up_factor):
 @needs_compiled
 def test_gradients_of_gradient_ops_float64():
     """Second order: the registered gradients of SimilarityGrad and AggregateGrad."""
-    rng = np.random.default_rng(5)
-    k, s, height, width = 3, 2, 2, 3
-    query = _rand(rng, (1, s * height, s * width, 3))
-    key = _rand(rng, (1, height, width, 3))
-    value = _rand(rng, (1, height, width, 4))
-    weights = _rand(rng, (1, s * height, s * width, k * k))
-    grad_sim = _rand(rng, (1, s * height, s * width, k * k))
-    grad_out = _rand(rng, (1, s * height, s * width, 4))
+    k, s = 3, 2
+    problem = _problem(np.random.default_rng(5), k, s, 1, 2, 3, 3, 4)
+    query, key, value, weights, grad_sim, grad_out = problem
     for index in (0, 1):
         _check_gradients(
             lambda g, q, key_, i=index: _compiled.similarity_grad(g, q, key_, k, s)[i],

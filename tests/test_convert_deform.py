@@ -20,6 +20,7 @@ import official_deform_torch as official  # noqa: E402
 import reference_deform as ref  # noqa: E402
 from keras_sapa import convert  # noqa: E402
 from keras_sapa.deform import SAPADeform  # noqa: E402
+from multibackend.backend_utils import deform_layer  # noqa: E402
 
 CASES = [  # (num_points, groups, up_factor, high_offset, norm, data_format)
     (9, 4, 2, True, False, "channels_last"),
@@ -40,17 +41,8 @@ def _case_id(case):
 
 
 def _keras_layer(case, cx, cy, state_dict):
-    points, groups, s, high, norm, fmt = case
-    layer = SAPADeform(
-        up_factor=s,
-        num_points=points,
-        groups=groups,
-        embedding_dim=4,
-        high_offset=high,
-        norm="group" if norm else None,
-        data_format=fmt,
-    )
-    if fmt == "channels_first":
+    layer = deform_layer(case)
+    if case[-1] == "channels_first":
         layer.build((None, cx, None, None), (None, cy, None, None))
     else:
         layer.build((None, None, None, cx), (None, None, None, cy))

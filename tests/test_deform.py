@@ -5,7 +5,8 @@ layer against the reference layer, its config, ``.keras`` reload and mixed preci
 
 Parity with the official module (via ``tests/official_deform_torch.py``) is in
 ``tests/test_convert_deform.py``; the JAX and PyTorch runs in
-``tests/multibackend/test_mb_deform.py``.
+``tests/multibackend/test_mb_deform.py``; the portable exports (SavedModel in a fresh
+process, ONNX, LiteRT) in ``tests/test_export.py``, beside SAPA's.
 """
 
 import keras
@@ -16,6 +17,8 @@ import tensorflow as tf
 import reference_deform as ref
 from keras_sapa.deform import SAPADeform
 from keras_sapa.ops import _deform as deform_ops
+from multibackend.backend_utils import deform_layer
+from multibackend.backend_utils import randomise
 
 
 def _inputs(
@@ -330,76 +333,33 @@ def test_bad_arguments_raise():
 # ------------------------------------------------------------------ the layer
 
 
-def _randomise(layer, rng, scale=0.3):
-    """Random weights in the official naming, Keras layouts (what the layer holds)."""
-    params = {}
-    for name in ("norm_x", "norm_y", "q", "k", "offset"):
-        sub = getattr(layer, name)
-        if sub is None:
-            continue
-        values = []
-        suffixes = ("weight", "bias")[: len(sub.weights)]
-        for weight, suffix in zip(sub.weights, suffixes, strict=True):
-            value = rng.standard_normal(weight.shape) * scale
-            if name.startswith("norm") and suffix == "weight":
-                value += 1.0
-            if name == "offset":
-                value = value * 2.0  # offsets of a few pixels, many points dropped
-            value = value.astype(weight.dtype)
-            values.append(value)
-            params[f"{name}.{suffix}"] = value
-        sub.set_weights(values)
-    return params
-
-
-LAYER_CASES = [  # (up_factor, points, groups, high_offset, norm, data_format, cx, cy)
-    (2, 9, 4, True, None, "channels_last", 8, 6),
-    (3, 4, 1, False, None, "channels_first", 3, 5),
-    (2, 4, 2, True, "group", "channels_first", 64, 32),
-    (4, 2, 4, False, "group", "channels_last", 32, 64),
+LAYER_CASES = [  # ((points, groups, up_factor, high_offset, group norm, data_format), cx, cy)
+    ((9, 4, 2, True, False, "channels_last"), 8, 6),
+    ((4, 1, 3, False, False, "channels_first"), 3, 5),
+    ((4, 2, 2, True, True, "channels_first"), 64, 32),
+    ((2, 4, 4, False, True, "channels_last"), 32, 64),
 ]
 
 
-@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: "s{}p{}g{}-{}-{}-{}".format(*c[:6]))
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: "p{}g{}s{}-{}-{}-{}".format(*c[0]))
 def test_layer_matches_reference(case):
-    s, points, groups, high_offset, norm, data_format, cx, cy = case
+    (points, groups, s, high_offset, norm, data_format), cx, cy = case
     rng = np.random.default_rng(s * 100 + points)
     x = rng.standard_normal((2, 3, 2, cx)).astype(np.float32)
     y = rng.standard_normal((2, 3 * s, 2 * s, cy)).astype(np.float32)
-    layer = SAPADeform(
-        up_factor=s,
-        num_points=points,
-        groups=groups,
-        embedding_dim=4,
-        high_offset=high_offset,
-        norm=norm,
-        data_format=data_format,
-    )
+    layer = deform_layer(case[0])
     to_layer = (
         (lambda t: t.transpose(0, 3, 1, 2)) if data_format == "channels_first" else (lambda t: t)
     )
     layer(to_layer(x), to_layer(y))
-    params = _randomise(layer, rng)
+    params = randomise(layer, rng, scale=0.3)
     out = _np(layer(to_layer(x), to_layer(y)))
     if data_format == "channels_first":
         out = out.transpose(0, 2, 3, 1)
-    expected = ref.sapa_deform_layer(
-        x,
-        y,
-        params,
-        num_points=points,
-        up_factor=s,
-        groups=groups,
-        high_offset=high_offset,
-        norm=norm == "group",
-    )
+    expected = ref.sapa_deform_layer(x, y, params, points, s, groups, high_offset, norm)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
     offsets = _np(layer.sampling_offsets(to_layer(x)))
-    x_n = (
-        x
-        if norm is None
-        else ref.group_norm(x, 32, params["norm_x.weight"], params["norm_x.bias"])
-    )
+    x_n = ref.group_norm(x, 32, params["norm_x.weight"], params["norm_x.bias"]) if norm else x
     np.testing.assert_allclose(
         offsets, ref.layer_offsets(x_n, params, s, high_offset), rtol=1e-4, atol=1e-4
     )
@@ -453,35 +413,26 @@ def test_layer_config_and_keras_file_round_trip(tmp_path):
     rng = np.random.default_rng(41)
     x = rng.standard_normal((1, 3, 3, 32)).astype(np.float32)
     y = rng.standard_normal((1, 6, 6, 32)).astype(np.float32)
-    layer = SAPADeform(
-        up_factor=2,
-        num_points=4,
-        groups=2,
-        embedding_dim=8,
-        use_bias=False,
-        high_offset=False,
-        norm="group",
-        name="sapa_d",
-        kernel_initializer=keras.initializers.RandomNormal(stddev=0.1, seed=3),
-    )
+    settings = {
+        "up_factor": 2,
+        "num_points": 4,
+        "groups": 2,
+        "embedding_dim": 8,
+        "use_bias": False,
+        "high_offset": False,
+        "norm": "group",
+    }
+    initializer = keras.initializers.RandomNormal(stddev=0.1, seed=3)
+    layer = SAPADeform(**settings, name="sapa_d", kernel_initializer=initializer)
     config = layer.get_config()
     clone = SAPADeform.from_config(config)
     assert clone.get_config() == config
-    for key, value in dict(
-        up_factor=2,
-        num_points=4,
-        groups=2,
-        embedding_dim=8,
-        use_bias=False,
-        high_offset=False,
-        norm="group",
-    ).items():
-        assert config[key] == value
+    assert {key: config[key] for key in settings} == settings
 
     xi = keras.Input((3, 3, 32))
     yi = keras.Input((6, 6, 32))
     model = keras.Model([xi, yi], SAPADeform(num_points=4, groups=2, norm="group")(xi, yi))
-    _randomise(model.layers[-1], rng)
+    randomise(model.layers[-1], rng, scale=0.3)
     expected = _np(model([x, y]))
     path = str(tmp_path / "deform.keras")
     model.save(path)
@@ -499,7 +450,7 @@ def test_layer_mixed_precision_trains(policy):
     out = layer(x, y)
     assert keras.backend.standardize_dtype(out.dtype) == policy.split("_")[1]
     assert all(keras.backend.standardize_dtype(w.dtype) == "float32" for w in layer.weights)
-    params = _randomise(layer, rng, scale=0.2)
+    params = randomise(layer, rng, scale=0.2)
     expected = ref.sapa_deform_layer(x, y, params, num_points=4, groups=2)
     tol = 6e-2 if policy == "mixed_bfloat16" else 1e-2
     got = _np(keras.ops.cast(layer(x, y), "float32"))
@@ -509,37 +460,3 @@ def test_layer_mixed_precision_trains(policy):
     grads = tape.gradient(loss, layer.trainable_weights)
     assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
     assert np.abs(grads[-2].numpy()).max() > 0  # the offset kernel learns
-
-
-def test_exports_with_builtin_ops(tmp_path):
-    """SavedModel (builtin TensorFlow ops only, no keras_sapa op) and LiteRT with the
-    plain interpreter (builtin ops only) give the layer's numbers."""
-    rng = np.random.default_rng(61)
-    xi, yi = keras.Input((4, 4, 16), batch_size=1), keras.Input((8, 8, 16), batch_size=1)
-    model = keras.Model([xi, yi], SAPADeform(num_points=4, groups=2, embedding_dim=4)(xi, yi))
-    _randomise(model.layers[-1], rng)
-    x = rng.standard_normal((1, 4, 4, 16)).astype(np.float32)
-    y = rng.standard_normal((1, 8, 8, 16)).astype(np.float32)
-    expected = _np(model([x, y]))
-
-    path = str(tmp_path / "saved")
-    model.export(path, format="tf_saved_model", verbose=False)
-    loaded = tf.saved_model.load(path)
-    np.testing.assert_allclose(loaded.serve([x, y]).numpy(), expected, rtol=1e-5, atol=1e-5)
-    graph = loaded.serve.concrete_functions[0].graph.as_graph_def()
-    op_types = {n.op for n in graph.node}
-    for function in graph.library.function:
-        op_types |= {n.op for n in function.node_def}
-    assert "GatherV2" in op_types
-    assert not [op for op in op_types if "Sapa" in op or "sapa" in op]
-
-    interpreter_module = pytest.importorskip("ai_edge_litert.interpreter")
-    path = str(tmp_path / "deform.tflite")
-    model.export(path, format="litert", verbose=False)
-    runner = interpreter_module.Interpreter(model_path=path).get_signature_runner()
-    feeds = {
-        name: x if tuple(spec["shape"][1:]) == (4, 4, 16) else y
-        for name, spec in runner.get_input_details().items()
-    }
-    got = list(runner(**feeds).values())[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -665,25 +665,24 @@ def test_top_level_usage(capsys):
 
 
 # ----------------------------------------------------------------------- train
+# The smallest training run of the command line: 2 steps of 2 images.
+TRAIN_QUICK = [
+    "--image",
+    "chelsea",
+    "--crop",
+    "64",
+    "--train",
+    "--quick",
+    "--steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--no-progress",
+]
+
+
 def test_train_quick_smoke(tmp_path, capsys):
-    code = demo.main(
-        [
-            "--image",
-            "chelsea",
-            "--crop",
-            "64",
-            "--out",
-            str(tmp_path),
-            "--train",
-            "--quick",
-            "--steps",
-            "2",
-            "--batch-size",
-            "2",
-            "--no-progress",
-        ]
-    )
-    assert code == 0
+    assert demo.main(TRAIN_QUICK + ["--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "bilinear (stock)" in printed and "boundary F" in printed
     assert (tmp_path / "train_predictions.png").is_file()
@@ -709,21 +708,7 @@ def _check_segformer_run(printed, tmp_path, seeds):
     assert (tmp_path / "train_predictions_segformer.png").is_file()
 
 
-SEGFORMER_QUICK = [
-    "--image",
-    "chelsea",
-    "--crop",
-    "64",
-    "--train",
-    "--model",
-    "segformer",
-    "--quick",
-    "--steps",
-    "2",
-    "--batch-size",
-    "2",
-    "--no-progress",
-]
+SEGFORMER_QUICK = TRAIN_QUICK + ["--model", "segformer"]
 
 
 def test_train_segformer_quick_tensorflow(tmp_path, capsys):

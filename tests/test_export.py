@@ -10,13 +10,17 @@ loop reference, and the promise that exports hold builtin ops only.
 - ONNX (``format="onnx"``, run by onnxruntime) and LiteRT (``format="litert"``, run
   by the plain ``ai_edge_litert`` interpreter, which has no TensorFlow ops to fall back
   on): every variant, standard ONNX domains only.
-- The KerasCV models (``SAPADeepLabV3Plus``, ``SAPARetinaNet``, tiny backbones):
-  SavedModel in the same fresh process, against the Keras model run eagerly. Their ONNX
+- SAPA-D (``keras_sapa.SAPADeform``) is one more output of the same model, so it goes
+  through every route above (SavedModel in the fresh process, ONNX, LiteRT), checked
+  against the loop reference of ``tests/reference_deform.py``.
+- The KerasCV models (``SAPADeepLabV3Plus``; ``SAPARetinaNet`` with SAPA-D in its
+  pyramid; tiny backbones): SavedModel in the same fresh process, against the Keras model
+  run eagerly. Their ONNX
   and LiteRT conversions take minutes on a small CI machine, so they are marked
   ``benchmark`` (``python -m pytest -m benchmark tests/test_export.py``).
 
-One model holds every variant (one SAPA layer per output), so each format is converted
-once. Inputs and weights come from fixed seeds.
+One model holds every variant (one SAPA layer per output) and SAPA-D, so each format is
+converted once. Inputs and weights come from fixed seeds.
 """
 
 import json
@@ -32,6 +36,7 @@ import tensorflow as tf
 
 import keras_sapa
 import reference as ref
+import reference_deform as ref_deform
 from multibackend.backend_utils import randomise
 from savedmodel_utils import custom_op_types
 
@@ -47,6 +52,10 @@ VARIANTS = {
     "concat": ("concat", 3, None),
     "gated_projected": ("gated", 5, 3),
 }
+# SAPA-D (keras_sapa.SAPADeform) as one more output of the same model: its builtin
+# formulation (bilinear sampling by gathers) goes through every format with the others.
+DEFORM = {"num_points": 4, "groups": 2, "embedding_dim": 4}
+OUTPUTS = (*VARIANTS, "deform")
 STATIC = ((1, 4, 5, CX), (1, 8, 10, CY))
 # Two sizes through one dynamic signature.
 SIZES = {"a": ((1, 4, 5, CX), (1, 8, 10, CY)), "b": ((2, 3, 6, CX), (2, 6, 12, CY))}
@@ -59,13 +68,15 @@ def _inputs(shapes, seed):
 
 @pytest.fixture(scope="module")
 def variants():
-    """(dynamic model, static model, reference function) sharing one set of layers."""
+    """(dynamic model, static model, reference function) sharing one set of layers: one
+    output per SAPA variant, and one SAPA-D output."""
     layers = {
         name: keras_sapa.SAPA(
             kernel_size=k, embedding_dim=EMBED, variant=variant, output_dim=out, name=name
         )
         for name, (variant, k, out) in VARIANTS.items()
     }
+    layers["deform"] = keras_sapa.SAPADeform(**DEFORM, name="deform")
 
     def model(x_shape, g_shape):
         x_in = keras.Input(x_shape, name="x")
@@ -82,6 +93,10 @@ def variants():
         return [
             ref.sapa_layer(x, guide, params[name], variant, k, 2, value_projection=out is not None)
             for name, (variant, k, out) in VARIANTS.items()
+        ] + [
+            ref_deform.sapa_deform_layer(
+                x, guide, params["deform"], DEFORM["num_points"], 2, DEFORM["groups"]
+            )
         ]
 
     return dynamic, static, reference
@@ -89,7 +104,7 @@ def variants():
 
 def _assert_outputs(got, expected, atol=2e-5):
     assert len(got) == len(expected)
-    for name, g, e in zip(VARIANTS, got, expected, strict=True):
+    for name, g, e in zip(OUTPUTS, got, expected, strict=True):
         assert g.shape == e.shape, name
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=atol, err_msg=name)
 
@@ -147,7 +162,9 @@ def kerascv_models():
             dilation_rates=[1, 2], num_channels=16
         ),
     )
-    retinanet = models.SAPARetinaNet(_tiny_backbone(), 3, "xywh", upsampler=upsampler)
+    # SAPA-D in the pyramid (a layer template): the KerasCV route carries it too.
+    deform = keras_sapa.SAPADeform(num_points=4, groups=2, embedding_dim=8)
+    retinanet = models.SAPARetinaNet(_tiny_backbone(), 3, "xywh", upsampler=deform)
     images = np.random.default_rng(8).uniform(size=(2, 64, 64, 3)).astype("float32")
     for model in (deeplab, retinanet):
         model(images)  # Keras's ONNX exporter wants a called model
@@ -221,7 +238,7 @@ def test_savedmodel_dynamic_sizes_in_fresh_process(variants, savedmodels, route)
     _, _, reference = variants
     _, inputs, results = savedmodels
     for size, (x, guide) in inputs.items():
-        got = [results[f"{route}/{size}/output_{i}"] for i in range(len(VARIANTS))]
+        got = [results[f"{route}/{size}/output_{i}"] for i in range(len(OUTPUTS))]
         _assert_outputs(got, reference(x, guide))
 
 
@@ -293,20 +310,19 @@ def _run_litert(path, arrays):
     return list(outputs.values())  # a dict of named outputs (RetinaNet)
 
 
-def test_onnx_every_variant(variants, tmp_path):
-    _, static, reference = variants
-    path = str(tmp_path / "sapa.onnx")
-    static.export(path, format="onnx", verbose=False)
-    x, guide = _inputs(STATIC, seed=5)
-    _assert_outputs(_run_onnx(path, [x, guide]), reference(x, guide))
+def _export_and_run(model, fmt, folder, arrays):
+    """Exports ``model`` in ``fmt`` ("onnx" or "litert") into ``folder`` and runs the
+    file on ``arrays`` with that format's own runtime."""
+    path = str(folder / f"model.{'onnx' if fmt == 'onnx' else 'tflite'}")
+    model.export(path, format=fmt, verbose=False)
+    return (_run_onnx if fmt == "onnx" else _run_litert)(path, arrays)
 
 
-def test_litert_every_variant(variants, tmp_path):
+@pytest.mark.parametrize("fmt", ["onnx", "litert"])
+def test_onnx_and_litert_every_variant(variants, tmp_path, fmt):
     _, static, reference = variants
-    path = str(tmp_path / "sapa.tflite")
-    static.export(path, format="litert", verbose=False)
-    x, guide = _inputs(STATIC, seed=6)
-    _assert_outputs(_run_litert(path, [x, guide]), reference(x, guide))
+    x, guide = _inputs(STATIC, seed=5 if fmt == "onnx" else 6)
+    _assert_outputs(_export_and_run(static, fmt, tmp_path, [x, guide]), reference(x, guide))
 
 
 @pytest.mark.benchmark
@@ -315,11 +331,8 @@ def test_litert_every_variant(variants, tmp_path):
 def test_kerascv_onnx_and_litert(kerascv_models, tmp_path, name, fmt):
     models, images = kerascv_models
     model = models[name]
-    path = str(tmp_path / f"{name}.{'onnx' if fmt == 'onnx' else 'tflite'}")
-    model.export(path, format=fmt, verbose=False)
     batch = images[:1]
-    run = _run_onnx if fmt == "onnx" else _run_litert
-    got = run(path, [batch])
+    got = _export_and_run(model, fmt, tmp_path, [batch])
     expected = model(batch)
     expected = [expected] if not isinstance(expected, dict) else list(expected.values())
     assert len(got) == len(expected)

@@ -3,8 +3,8 @@
 Each notebook runs in a fresh temporary working directory with
 ``KERAS_SAPA_NOTEBOOK_QUICK=1`` (shorter training, same code), on the ``python3``
 kernel. jupyter_client starts that kernel with the interpreter running the tests (it
-replaces the kernelspec's bare ``python`` by ``sys.executable``), which
-``test_kernel_is_this_interpreter`` checks (same ``sys.prefix``).
+replaces the kernelspec's bare ``python`` by ``sys.executable``), which each run checks
+with one extra cell (same ``sys.prefix``).
 
 The notebooks are generated from plain Python sources (``notebooks/src/*.py``, jupytext
 percent format) by ``notebooks/build.py``: the committed ``.ipynb`` must match their
@@ -13,10 +13,10 @@ public API of ``keras_sapa`` (no ``module._private`` names).
 """
 
 import ast
+import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -61,13 +61,18 @@ def _execute(nb, cwd):
     return nb
 
 
-def test_notebooks_match_their_sources_and_have_no_outputs():
-    result = subprocess.run(
-        [sys.executable, os.path.join(NOTEBOOK_DIR, "build.py"), "--check"],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+def _build_module(notebook_dir):
+    """``notebooks/build.py`` of ``notebook_dir``, imported (it reads the sources next to
+    it): the checks below call its ``main`` in this process."""
+    path = os.path.join(notebook_dir, "build.py")
+    spec = importlib.util.spec_from_file_location("notebook_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_notebooks_match_their_sources_and_have_no_outputs(capsys):
+    assert _build_module(NOTEBOOK_DIR).main(["--check"]) == 0, capsys.readouterr().out
     assert NOTEBOOKS == [
         "01_quickstart.ipynb",
         "02_segmentation.ipynb",
@@ -83,7 +88,7 @@ def test_notebooks_match_their_sources_and_have_no_outputs():
                 assert cell["outputs"] == [] and cell["execution_count"] is None, name
 
 
-def test_build_check_sees_an_edited_source(tmp_path):
+def test_build_check_sees_an_edited_source(tmp_path, capsys):
     """``build.py --check`` fails when a notebook differs from its source."""
     import shutil
 
@@ -91,14 +96,11 @@ def test_build_check_sees_an_edited_source(tmp_path):
     shutil.copytree(NOTEBOOK_DIR, copy, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     source = copy / "src" / SOURCES[0]
     source.write_text(source.read_text() + "\n# %%\nprint('an extra cell')\n")
-    check = [sys.executable, str(copy / "build.py"), "--check"]
-    result = subprocess.run(check, capture_output=True, text=True)
-    assert result.returncode == 1 and NOTEBOOKS[0] in result.stdout
-    assert (
-        subprocess.run([sys.executable, str(copy / "build.py")], capture_output=True).returncode
-        == 0
-    )
-    assert subprocess.run(check, capture_output=True).returncode == 0
+    build = _build_module(str(copy))
+    capsys.readouterr()
+    assert build.main(["--check"]) == 1 and NOTEBOOKS[0] in capsys.readouterr().out
+    assert build.main([]) == 0
+    assert build.main(["--check"]) == 0
     assert "an extra cell" in (copy / NOTEBOOKS[0]).read_text()
 
 
@@ -129,20 +131,13 @@ def test_sources_compile_and_use_public_api_only(name):
     assert setting and first_import and setting.start() < first_import.start(), name
 
 
-def test_kernel_is_this_interpreter(tmp_path):
-    nb = nbformat.v4.new_notebook(
-        cells=[nbformat.v4.new_code_cell("import sys, keras_sapa; print(sys.prefix)")]
-    )
-    _execute(nb, tmp_path)
-    printed = "".join(o.get("text", "") for o in nb.cells[0].outputs if o.get("name") == "stdout")
-    # The same environment (a venv's python is often a symlink to the base one, so
-    # compare prefixes, not executables).
-    assert printed.strip() == sys.prefix
-
-
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, tmp_path):
+    """Runs the notebook, then one more cell that prints ``sys.prefix``: the kernel is
+    this interpreter's environment (a venv's python is often a symlink to the base one,
+    so prefixes are compared, not executables)."""
     nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("import sys\nprint(sys.prefix)"))
     start = time.perf_counter()
     _execute(nb, tmp_path)
     elapsed = time.perf_counter() - start
@@ -154,6 +149,8 @@ def test_notebook_runs(name, tmp_path):
         if output.output_type == "error"
     ]
     assert not errors
+    printed = [o.get("text", "") for o in nb.cells[-1].outputs if o.get("name") == "stdout"]
+    assert "".join(printed).strip() == sys.prefix
     images = sum(
         1
         for cell in nb.cells

@@ -6,6 +6,7 @@ several hundred cases in all) or ``nightly`` (``HYPOTHESIS_PROFILE=nightly``, te
 more).
 """
 
+import collections
 import os
 import subprocess
 import sys
@@ -42,6 +43,11 @@ IMPLEMENTATIONS = ["patches", "xla"] + (["compiled"] if ops.compiled_available()
 TOLERANCE = {"float64": 1e-9, "float32": 2e-5, "float16": 3e-2, "bfloat16": 2e-1}
 
 
+Problem = collections.namedtuple(
+    "Problem", "query key value kernel_size up_factor dtype implementation"
+)
+
+
 @st.composite
 def problems(draw, dtypes=("float32", "float64", "float16")):
     """A random SAPA problem: sizes including 1 and an empty batch."""
@@ -57,15 +63,7 @@ def problems(draw, dtypes=("float32", "float64", "float16")):
     query = rng.standard_normal((batch, up_factor * height, up_factor * width, d))
     key = rng.standard_normal((batch, height, width, d))
     value = rng.standard_normal((batch, height, width, c))
-    return dict(
-        query=query,
-        key=key,
-        value=value,
-        kernel_size=kernel_size,
-        up_factor=up_factor,
-        dtype=dtype,
-        implementation=implementation,
-    )
+    return Problem(query, key, value, kernel_size, up_factor, dtype, implementation)
 
 
 def _cast(array, dtype):
@@ -78,9 +76,9 @@ def _cast(array, dtype):
 
 @given(problems(dtypes=("float32", "float64", "float16", "bfloat16")))
 def test_forward_property(p):
-    k, s, impl, dtype = p["kernel_size"], p["up_factor"], p["implementation"], p["dtype"]
+    k, s, impl, dtype = p.kernel_size, p.up_factor, p.implementation, p.dtype
     tf_dtype = tf.as_dtype(dtype)
-    q, key, v = (tf.cast(_cast(p[n], dtype), tf_dtype) for n in ("query", "key", "value"))
+    q, key, v = (tf.cast(_cast(a, dtype), tf_dtype) for a in (p.query, p.key, p.value))
     # The reference sees exactly the rounded inputs the op sees.
     q64, k64, v64 = (t.numpy().astype(np.float64) for t in (q, key, v))
     tol = TOLERANCE[dtype]
@@ -106,10 +104,10 @@ def test_forward_property(p):
 def test_gradient_property(p):
     """Gradients of every implementation against the reference's analytic VJP (itself
     checked against central differences in test_real_sizes)."""
-    k, s, impl = p["kernel_size"], p["up_factor"], p["implementation"]
-    args = [p["query"], p["key"], p["value"]]
+    k, s, impl = p.kernel_size, p.up_factor, p.implementation
+    args = [p.query, p.key, p.value]
     rng = np.random.default_rng(0)
-    cotangent = rng.standard_normal(p["query"].shape[:3] + p["value"].shape[3:])
+    cotangent = rng.standard_normal(p.query.shape[:3] + p.value.shape[3:])
     tensors = [tf.constant(a) for a in args]
     with tf.GradientTape() as tape:
         tape.watch(tensors)
@@ -184,77 +182,77 @@ def _run_script(script, timeout=300, env=None):
     return completed.stdout
 
 
-def test_op_determinism_bitwise():
+# One fresh process for two checks that need one (logical devices are set before
+# TensorFlow starts; op determinism is process-wide): the MirroredStrategy run first, then
+# op determinism switched on for the bitwise check.
+FRESH_SCRIPT = f"""
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, keras_sapa
+from keras_sapa import ops
+
+def build():
+    keras.utils.set_random_seed(0)
+    x_in = keras.Input((4, 4, 8)); g_in = keras.Input((8, 8, 6))
+    h = keras_sapa.SAPA(kernel_size=3, embedding_dim=4, variant="gated")(x_in, g_in)
+    model = keras.Model([x_in, g_in], keras.layers.Conv2D(2, 1)(h))
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    return model
+
+rng = np.random.default_rng(0)
+x = rng.standard_normal((8, 4, 4, 8)).astype("float32")
+g = rng.standard_normal((8, 8, 8, 6)).astype("float32")
+y = rng.standard_normal((8, 8, 8, 2)).astype("float32")
+single = build()
+single.fit([x, g], y, batch_size=4, epochs=3, shuffle=False, verbose=0)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+assert strategy.num_replicas_in_sync == 2
+with strategy.scope():
+    mirrored = build()
+mirrored.fit([x, g], y, batch_size=4, epochs=3, shuffle=False, verbose=0)
+initial = build()
+moved = max(np.abs(a - b).max() for a, b in zip(single.get_weights(), initial.get_weights()))
+assert moved > 1e-4, moved
+diff = max(np.abs(a - b).max() for a, b in zip(single.get_weights(), mirrored.get_weights()))
+print("max weight difference", diff, "moved", moved)
+assert diff < 1e-5, diff
+
+tf.config.experimental.enable_op_determinism()
+q = tf.constant(rng.standard_normal((2, 16, 12, 8)), tf.float32)
+k = tf.constant(rng.standard_normal((2, 8, 6, 8)), tf.float32)
+v = tf.constant(rng.standard_normal((2, 8, 6, 16)), tf.float32)
+for impl in {IMPLEMENTATIONS!r}:
+    runs = []
+    for _ in range(3):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v])
+            out = ops.sapa(q, k, v, 5, 2, impl)
+            loss = tf.reduce_sum(tf.sin(out))
+        grads = tape.gradient(loss, [q, k, v])
+        runs.append([out.numpy()] + [g.numpy() for g in grads])
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert a.tobytes() == b.tobytes(), impl
+    print("deterministic", impl)
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process_output():
+    return _run_script(FRESH_SCRIPT)
+
+
+def test_op_determinism_bitwise(fresh_process_output):
     """With op determinism on, repeated runs give bitwise-equal outputs and gradients."""
-    out = _run_script(
-        f"""
-        import numpy as np, tensorflow as tf
-        tf.config.experimental.enable_op_determinism()
-        from keras_sapa import ops
-        rng = np.random.default_rng(0)
-        q = tf.constant(rng.standard_normal((2, 16, 12, 8)), tf.float32)
-        k = tf.constant(rng.standard_normal((2, 8, 6, 8)), tf.float32)
-        v = tf.constant(rng.standard_normal((2, 8, 6, 16)), tf.float32)
-        for impl in {IMPLEMENTATIONS!r}:
-            runs = []
-            for _ in range(3):
-                with tf.GradientTape() as tape:
-                    tape.watch([q, k, v])
-                    out = ops.sapa(q, k, v, 5, 2, impl)
-                    loss = tf.reduce_sum(tf.sin(out))
-                grads = tape.gradient(loss, [q, k, v])
-                runs.append([out.numpy()] + [g.numpy() for g in grads])
-            for run in runs[1:]:
-                for a, b in zip(runs[0], run):
-                    assert a.tobytes() == b.tobytes(), impl
-            print("deterministic", impl)
-        """
-    )
     for impl in IMPLEMENTATIONS:
-        assert f"deterministic {impl}" in out
+        assert f"deterministic {impl}" in fresh_process_output
 
 
-def test_mirrored_strategy_matches_single_device():
+def test_mirrored_strategy_matches_single_device(fresh_process_output):
     """Two logical CPU replicas reach the weights of one device on the same global
     batch."""
-    out = _run_script(
-        """
-        import numpy as np, tensorflow as tf
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        import keras, keras_sapa
-
-        def build():
-            keras.utils.set_random_seed(0)
-            x_in = keras.Input((4, 4, 8)); g_in = keras.Input((8, 8, 6))
-            h = keras_sapa.SAPA(kernel_size=3, embedding_dim=4, variant="gated")(x_in, g_in)
-            model = keras.Model([x_in, g_in], keras.layers.Conv2D(2, 1)(h))
-            model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
-            return model
-
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((8, 4, 4, 8)).astype("float32")
-        g = rng.standard_normal((8, 8, 8, 6)).astype("float32")
-        y = rng.standard_normal((8, 8, 8, 2)).astype("float32")
-        single = build()
-        single.fit([x, g], y, batch_size=4, epochs=3, shuffle=False, verbose=0)
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        assert strategy.num_replicas_in_sync == 2
-        with strategy.scope():
-            mirrored = build()
-        mirrored.fit([x, g], y, batch_size=4, epochs=3, shuffle=False, verbose=0)
-        initial = build()
-        moved = max(np.abs(a - b).max() for a, b in
-                    zip(single.get_weights(), initial.get_weights()))
-        assert moved > 1e-4, moved
-        diff = max(np.abs(a - b).max() for a, b in
-                   zip(single.get_weights(), mirrored.get_weights()))
-        print("max weight difference", diff, "moved", moved)
-        assert diff < 1e-5, diff
-        """
-    )
-    assert "max weight difference" in out
+    assert "max weight difference" in fresh_process_output
 
 
 MULTI_WORKER_SCRIPT = """

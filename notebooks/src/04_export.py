@@ -92,13 +92,19 @@ print("signature inputs:", list(fn.structured_input_signature[1]))
 difference = float(np.max(np.abs(out - np.load(workdir + "/expected.npy"))))
 print("max |difference| vs the Keras model:", difference)
 """
-quiet = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-result = subprocess.run(
-    [sys.executable, "-c", FRESH, workdir, "portable_savedmodel"],
-    capture_output=True,
-    text=True,
-    env=quiet,
-)
+
+
+def run_fresh(script, savedmodel):
+    """Runs ``script`` in a new Python process (quiet TensorFlow logs)."""
+    return subprocess.run(
+        [sys.executable, "-c", script, workdir, savedmodel],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+
+
+result = run_fresh(FRESH, "portable_savedmodel")
 print(result.stdout or result.stderr[-2000:])
 assert result.returncode == 0
 
@@ -130,22 +136,12 @@ else:
         sorted(op for op in graph_ops if op.startswith("KerasSapa")),
     )
 
-    plain = subprocess.run(
-        [sys.executable, "-c", FRESH, workdir, compiled_dir],
-        capture_output=True,
-        text=True,
-        env=quiet,
-    )
+    plain = run_fresh(FRESH, compiled_dir)
     print("fresh process, library not loaded -> exit code", plain.returncode)
     print("  ", [line for line in plain.stderr.splitlines() if "KerasSapa" in line][-1:])
 
     LOAD_FIRST = "import keras_sapa.ops; assert keras_sapa.ops.load_compiled_library()\n" + FRESH
-    loaded_first = subprocess.run(
-        [sys.executable, "-c", LOAD_FIRST, workdir, compiled_dir],
-        capture_output=True,
-        text=True,
-        env=quiet,
-    )
+    loaded_first = run_fresh(LOAD_FIRST, compiled_dir)
     print("fresh process, library loaded first -> exit code", loaded_first.returncode)
     print(loaded_first.stdout)
     assert plain.returncode != 0 and loaded_first.returncode == 0

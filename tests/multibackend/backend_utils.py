@@ -1,11 +1,14 @@
 """Small backend-neutral helpers for the tests in this folder: NumPy conversion,
 gradients through each backend's own autodiff, float64 directional finite differences,
-and the layer-weight randomisation shared with ``tests/test_export.py``."""
+the layer-weight randomisation and the SAPA-D layer of a test case, shared with
+``tests/test_export.py``, ``tests/test_deform.py`` and ``tests/test_convert_deform.py``."""
 
 import keras
 import numpy as np
 
-PARAM_NAMES = ("norm_x", "norm_y", "q", "k", "qy", "qx", "gate", "v")
+# The sublayers of SAPA (norms, projections) and SAPA-D (norms, q, k, the offset conv),
+# by their names in the official modules.
+PARAM_NAMES = ("norm_x", "norm_y", "q", "k", "qy", "qx", "gate", "v", "offset")
 
 
 def to_numpy(t):
@@ -13,9 +16,11 @@ def to_numpy(t):
 
 
 def randomise(layer, rng, scale=0.5):
-    """Gives every weight of a built SAPA layer a random value (initial weights are too
-    tame to test with) and returns them as reference params in the official naming,
-    Keras layouts. Shared by the layer, backend and export tests."""
+    """Gives every weight of a built SAPA or SAPADeform layer a random value (initial
+    weights are too tame to test with) and returns them as reference params in the
+    official naming, Keras layouts. Norm scales are centred on 1; SAPA-D's offset conv
+    gets twice the scale (offsets of a few pixels: many points move across cells or are
+    dropped). Shared by the layer, backend and export tests."""
     params = {}
     for name in PARAM_NAMES:
         sub = getattr(layer, name, None)
@@ -26,11 +31,27 @@ def randomise(layer, rng, scale=0.5):
             value = rng.standard_normal(weight.shape) * scale
             if name.startswith("norm") and suffix == "weight":
                 value += 1.0
+            if name == "offset":
+                value = value * 2.0
             value = value.astype(weight.dtype)
             new.append(value)
             params[f"{name}.{suffix}"] = value  # exactly what the layer holds
         sub.set_weights(new)
     return params
+
+
+# A SAPA-D layer test case: these SAPADeform arguments, in this order (``norm`` a bool:
+# GroupNorm or none). ``official_deform_torch.random_module`` reads the same tuples.
+DEFORM_CASE = ("num_points", "groups", "up_factor", "high_offset", "norm", "data_format")
+
+
+def deform_layer(case, embedding_dim=4):
+    """The (unbuilt) SAPADeform layer of a test case (``DEFORM_CASE``)."""
+    from keras_sapa.deform import SAPADeform
+
+    settings = dict(zip(DEFORM_CASE, case, strict=True))
+    settings["norm"] = "group" if settings["norm"] else None
+    return SAPADeform(embedding_dim=embedding_dim, **settings)
 
 
 def vjp(fn, args, cotangent):

@@ -23,14 +23,16 @@ from keras_sapa import ops
 from keras_sapa.ops import _native
 
 IMPLEMENTATIONS = ["patches", "xla", "compiled"]
-# (B, H, W, s, K, d, C)
+# Each case: a valid problem (B=2 maps of 3 x 4, s=2, K=3, d=4, C=5) with the sizes
+# that make it degenerate changed.
+BASE = {"B": 2, "H": 3, "W": 4, "s": 2, "K": 3, "d": 4, "C": 5}
 DEGENERATE = {
-    "empty_batch": (0, 3, 4, 2, 3, 4, 5),
-    "zero_value_channels": (2, 3, 4, 2, 3, 4, 0),
-    "zero_key_channels": (1, 3, 3, 2, 3, 0, 5),
-    "one_by_one": (2, 1, 1, 2, 3, 3, 4),
-    "one_by_one_s1": (1, 1, 1, 1, 3, 2, 2),
-    "window_larger_than_image": (1, 2, 1, 3, 5, 3, 2),
+    "empty_batch": {"B": 0},
+    "zero_value_channels": {"C": 0},
+    "zero_key_channels": {"B": 1, "W": 3, "d": 0},
+    "one_by_one": {"H": 1, "W": 1, "d": 3, "C": 4},
+    "one_by_one_s1": {"B": 1, "H": 1, "W": 1, "s": 1, "d": 2, "C": 2},
+    "window_larger_than_image": {"B": 1, "H": 2, "W": 1, "s": 3, "K": 5, "d": 3, "C": 2},
 }
 TOL = 1e-9
 
@@ -41,7 +43,8 @@ def _needs(implementation):
 
 
 def _arrays(case, seed=0):
-    b, h, w, s, k, d, c = DEGENERATE[case]
+    sizes = {**BASE, **DEGENERATE[case]}
+    b, h, w, s, k, d, c = (sizes[n] for n in ("B", "H", "W", "s", "K", "d", "C"))
     rng = np.random.default_rng(seed)
     query = rng.standard_normal((b, s * h, s * w, d))
     key = rng.standard_normal((b, h, w, d))

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import reference_deform as ref
+from backend_utils import deform_layer
 from backend_utils import to_numpy
 from backend_utils import vjp
-from keras_sapa.deform import SAPADeform
 from keras_sapa.ops import _deform as deform_ops
 
 
@@ -215,15 +215,7 @@ def test_layer_matches_official_module(case):
     out_t = module(ty, tx)
     (out_t * torch.tensor(cot)).sum().backward()
 
-    layer = SAPADeform(
-        up_factor=s,
-        num_points=points,
-        groups=groups,
-        embedding_dim=4,
-        high_offset=high,
-        norm="group" if norm else None,
-        data_format=fmt,
-    )
+    layer = deform_layer(case)
     last = fmt == "channels_last"
     to_layer = (lambda t: np.ascontiguousarray(t.transpose(0, 2, 3, 1))) if last else (lambda t: t)
     layer.build(to_layer(x).shape, to_layer(y).shape)
