@@ -623,8 +623,8 @@ def test_gpu_ops_match_reference_on_the_gpu(dtype):
 
 # ---------------------------------------------------------------------------------------
 # The kernels themselves, run on the CPU by an emulated driver
-# (custom_ops/sapa/launcher/testing/emulated_libcuda.cc: each CUDA thread a std::thread,
-# __syncthreads a barrier), driven through the real launcher and the harness's checks
+# (custom_ops/sapa/launcher/testing/emulated_libcuda.cc on emulation.h: each CUDA thread a
+# fiber, __syncthreads a barrier of the block's scheduler), driven through the real launcher and the harness's checks
 # against tests/reference.py. This proves the kernels' indexing, tiling, halos, chunking,
 # softmax and gradients on every machine; speed and GPU-specific behaviour need a GPU.
 

@@ -24,7 +24,7 @@ tests/reference.py.
   custom_ops/build.py links it with the same flags.
 
 Built libraries are cached under the temporary directory by a hash of their sources and
-build commands, so only the first run compiles (about a minute on 2 cores).
+build commands, so only the first run compiles (about ten seconds).
 """
 
 import ctypes

@@ -1,7 +1,7 @@
 // Runs the SAPA-D CUDA kernels (kernels/cuda/sapa_deform_kernels.cuh) on the CPU with no
 // driver in between, for tests/test_deform_kernels.py, through the emulation the
-// emulated driver uses (emulation.h: every CUDA thread a std::thread, __syncthreads() a
-// std::barrier, atomicAdd a std::atomic_ref). The launcher's own SAPA-D entry points run
+// emulated driver uses (emulation.h: every CUDA thread a fiber, __syncthreads() a barrier
+// of the block's scheduler, atomicAdd a std::atomic_ref). The launcher's own SAPA-D entry points run
 // the same kernels through emulated_libcuda.cc (tests/test_launcher.py).
 //
 //   int deform_emu_launch(const char* kernel, unsigned grid, unsigned block, size_t smem,

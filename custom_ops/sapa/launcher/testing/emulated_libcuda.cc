@@ -2,8 +2,8 @@
 // tests on machines without a GPU.
 //
 // The kernel source (kernels/cuda/sapa_kernels.cu, which includes SAPA-D's) is compiled
-// here by g++ through emulation.h (every CUDA thread a std::thread, __syncthreads() a
-// std::barrier). cuLaunchKernel runs the named kernel with the launcher's grid, block and
+// here by g++ through emulation.h (every CUDA thread a fiber, __syncthreads() a barrier
+// of the block's scheduler). cuLaunchKernel runs the named kernel with the launcher's grid, block and
 // shared memory size, so a test drives the real launcher (tile choice, fallbacks,
 // arguments) and the real kernel code on host memory.
 //

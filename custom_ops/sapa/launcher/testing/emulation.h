@@ -3,11 +3,16 @@
 // SAPA-D's kernels called directly by tests/test_deform_kernels.py).
 //
 // The kernel sources are compiled by g++ with the CUDA keywords mapped to host C++:
-// every CUDA thread of a block is a std::thread (the same threads run the blocks one
-// after another), __syncthreads() a std::barrier, atomicAdd a std::atomic_ref, dynamic
-// shared memory one buffer per kernel family, filled with garbage before each block, as
-// on a GPU. It proves the kernels' logic (indexing, phases, synchronisation), not their
-// speed or anything specific to a GPU (memory model, warp behaviour).
+// every CUDA thread of a block is a fiber (a ucontext with its own stack) of the calling
+// thread; __syncthreads() switches back to the block's scheduler, which resumes every
+// fiber in turn until each has reached the barrier or returned, then starts the next
+// round (a returned thread no longer holds the barrier); blocks run one after another;
+// atomicAdd is a std::atomic_ref; dynamic shared memory one buffer per kernel family,
+// filled with garbage before each block, as on a GPU. It proves the kernels' logic
+// (indexing, phases, synchronisation), not their speed or anything specific to a GPU
+// (memory model, warp behaviour). Fibers instead of one std::thread per CUDA thread: the
+// same schedule semantics without an OS context switch per thread and barrier, so
+// blocks of 1024 threads run in milliseconds.
 //
 // Include this first, then the kernel sources.
 
@@ -15,14 +20,13 @@
 #define KERAS_SAPA_LAUNCHER_TESTING_EMULATION_H_
 
 #include <dlfcn.h>
+#include <ucontext.h>
 
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -36,8 +40,19 @@ thread_local uint3 threadIdx;
 thread_local uint3 blockIdx;
 thread_local dim3 blockDim;
 thread_local dim3 gridDim;
-thread_local std::barrier<>* t_barrier;
-inline void __syncthreads() { t_barrier->arrive_and_wait(); }
+
+namespace emu {
+// The running block's scheduler, the fiber (CUDA thread) it resumed, and whether that
+// fiber came back waiting at a barrier (else it returned).
+thread_local ucontext_t* t_scheduler = nullptr;
+thread_local ucontext_t* t_fiber = nullptr;
+thread_local bool t_waiting = false;
+}  // namespace emu
+
+inline void __syncthreads() {
+  emu::t_waiting = true;
+  swapcontext(emu::t_fiber, emu::t_scheduler);
+}
 inline float __expf(float x) { return std::exp(x); }
 template <typename A>
 inline A atomicAdd(A* address, A value) {  // SAPA-D's scatter kernels
@@ -69,34 +84,64 @@ inline void* Self() {
   return dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
 }
 
-// Runs `body` as a grid of `grid` blocks of `block` threads: host thread t is CUDA thread
-// t of every block in turn; each block has its own barrier (a thread that returns drops
-// out of it) and starts with `smem` bytes of `shared` set to all ones.
+// A CUDA thread: its context, its stack, and whether it returned.
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<char[]> stack;
+  bool done = false;
+};
+
+constexpr size_t kFiberStack = 64 * 1024;
+thread_local const void* t_body = nullptr;
+
+template <typename Body>
+void FiberMain() {
+  (*static_cast<const Body*>(t_body))();
+}
+
+// Runs `body` as a grid of `grid` blocks of `block` threads (fibers of the calling
+// thread, see above); each block starts with `smem` bytes of `shared` set to all ones.
 template <typename Body>
 void RunGrid(unsigned grid, unsigned block, unsigned char* shared, size_t smem, const Body& body) {
-  std::vector<std::unique_ptr<std::barrier<>>> barriers;
-  barriers.reserve(grid);
-  for (unsigned b = 0; b < grid; ++b) barriers.emplace_back(new std::barrier<>(block));
-  std::barrier<> phase(block);  // separates the blocks
-  std::vector<std::thread> threads;
-  threads.reserve(block);
+  thread_local std::vector<Fiber> fibers;  // stacks kept for the next launches
+  if (fibers.size() < block) fibers.resize(block);
   for (unsigned t = 0; t < block; ++t) {
-    threads.emplace_back([&, t] {
-      for (unsigned b = 0; b < grid; ++b) {
-        if (t == 0) std::memset(shared, 0xff, smem);  // garbage, as on a GPU
-        phase.arrive_and_wait();
-        threadIdx = {t, 0, 0};
-        blockIdx = {b, 0, 0};
-        blockDim = {block, 1, 1};
-        gridDim = {grid, 1, 1};
-        t_barrier = barriers[b].get();
-        body();
-        t_barrier->arrive_and_drop();  // an exited CUDA thread no longer holds a barrier
-        phase.arrive_and_wait();       // the whole block is done
-      }
-    });
+    if (!fibers[t].stack) fibers[t].stack.reset(new char[kFiberStack]);
   }
-  for (auto& thread : threads) thread.join();
+  ucontext_t scheduler;
+  t_body = &body;
+  t_scheduler = &scheduler;
+  for (unsigned b = 0; b < grid; ++b) {
+    std::memset(shared, 0xff, smem);  // garbage, as on a GPU
+    blockIdx = {b, 0, 0};
+    blockDim = {block, 1, 1};
+    gridDim = {grid, 1, 1};
+    for (unsigned t = 0; t < block; ++t) {
+      Fiber& f = fibers[t];
+      getcontext(&f.context);
+      f.context.uc_stack.ss_sp = f.stack.get();
+      f.context.uc_stack.ss_size = kFiberStack;
+      f.context.uc_link = &scheduler;  // where a returning thread goes
+      makecontext(&f.context, &FiberMain<Body>, 0);
+      f.done = false;
+    }
+    // A round resumes every live thread until its next __syncthreads() or its return.
+    for (unsigned live = block; live > 0;) {
+      live = 0;
+      for (unsigned t = 0; t < block; ++t) {
+        Fiber& f = fibers[t];
+        if (f.done) continue;
+        threadIdx = {t, 0, 0};
+        t_fiber = &f.context;
+        t_waiting = false;
+        swapcontext(&scheduler, &f.context);  // back at a barrier, or returned (uc_link)
+        f.done = !t_waiting;
+        live += f.done ? 0 : 1;
+      }
+    }
+  }
+  t_body = nullptr;
+  t_scheduler = t_fiber = nullptr;
 }
 
 template <typename Args, size_t... I>
