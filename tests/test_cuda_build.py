@@ -621,12 +621,52 @@ def test_gpu_ops_match_reference_on_the_gpu(dtype):
     )
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_gpu_deform_op_matches_reference_on_the_gpu(dtype):
+    """KerasSapa>SapaDeform and its gradient on the GPU (soft placement off) against
+    tests/reference_deform.py, at the official P=9, G=4, E=32 with C=256."""
+    tf, _ = _gpu_or_skip()
+    import reference_deform as ref
+    from keras_sapa.ops import _tf_deform_kernels as deform
+
+    rng = np.random.default_rng(12)
+    p, s, g = 9, 2, 4
+    high, low = (1, 8, 10), (1, 4, 5)
+    raw = [
+        rng.standard_normal(high + (128,)) * 0.3,
+        rng.standard_normal(low + (128,)) * 0.3,
+        rng.standard_normal(low + (256,)),
+        ref.offsets_away_from_integers(rng, high + (2 * g * p,), spread=2.0, margin=0.1),
+        rng.standard_normal(high + (256,)),
+    ]
+    tol = {"float32": 1e-4, "float64": 1e-10, "float16": 2e-2, "bfloat16": 1e-1}[dtype]
+    soft = tf.config.get_soft_device_placement()
+    tf.config.set_soft_device_placement(False)
+    try:
+        with tf.device("/GPU:0"):
+            q, k, v, off, grad = (tf.cast(x, dtype) for x in raw)
+            with tf.GradientTape() as tape:
+                tape.watch([q, k, v, off])
+                out = deform.sapa_deform(q, k, v, off, p, s, g)
+            grads = tape.gradient(out, [q, k, v, off], output_gradients=grad)
+    finally:
+        tf.config.set_soft_device_placement(soft)
+    assert "GPU" in out.device and all("GPU" in t.device for t in grads)
+    seen = [np.asarray(tf.cast(tf.cast(x, dtype), tf.float64)) for x in raw]
+    want = [ref.sapa_deform(*seen[:4], p, s, g), *ref.sapa_deform_vjp(*seen, p, s, g)]
+    for got, expected in zip([out, *grads], want, strict=True):
+        got = np.asarray(tf.cast(got, tf.float64))
+        scale = max(1.0, float(np.abs(expected).max()))
+        np.testing.assert_allclose(got, expected, rtol=tol, atol=tol * scale)
+
+
 # ---------------------------------------------------------------------------------------
 # The kernels themselves, run on the CPU by an emulated driver
-# (custom_ops/sapa/launcher/testing/emulated_libcuda.cc on emulation.h: each CUDA thread a
-# fiber, __syncthreads a barrier of the block's scheduler), driven through the real launcher and the harness's checks
-# against tests/reference.py. This proves the kernels' indexing, tiling, halos, chunking,
-# softmax and gradients on every machine; speed and GPU-specific behaviour need a GPU.
+# (custom_ops/sapa/launcher/testing/emulated_libcuda.cc on emulation.h: each CUDA thread
+# a fiber, __syncthreads a barrier of the block's scheduler), driven through the real
+# launcher and the harness's checks against tests/reference.py. This proves the kernels'
+# indexing, tiling, halos, chunking, softmax and gradients on every machine; speed and
+# GPU-specific behaviour need a GPU.
 
 
 class HostBackend:
