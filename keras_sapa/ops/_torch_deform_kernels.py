@@ -16,6 +16,8 @@ float64 (CUDA once the library has SAPA-D's CUDA entry points); :func:`sapa_defo
 computes float16 / bfloat16 in float32.
 """
 
+import torch
+
 from keras_sapa.ops import _native
 from keras_sapa.ops import _optable
 from keras_sapa.ops import _torch_kernels
@@ -25,9 +27,10 @@ _torch_kernels.define(_OPS[0])
 _state = {}
 
 
+@torch.compiler.assume_constant_result  # Dynamo runs it (it may load), then a constant
 def available():
     """True when the core library is loaded and has the SAPA-D entry points (looked up
-    once: later calls, inside ``torch.compile`` too, read a flag)."""
+    once: later calls read a flag)."""
     if not _torch_kernels.available():
         return False
     if "entries" not in _state:

@@ -70,6 +70,7 @@ _library = _native.Library(
 )
 
 
+@torch.compiler.assume_constant_result  # Dynamo runs it (it takes a lock), then a constant
 def available():
     """True when the compiled kernels are loaded (loads them on first call).
 
