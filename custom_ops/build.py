@@ -991,6 +991,51 @@ def _reusable_images(targets, nvrtc_version):
     }
 
 
+# The record entries of each GPU target of build_info.json.
+CUDA_KEYS = (
+    "nvrtc",
+    "cuda_targets",
+    "cuda_images",
+    "cuda_source_hash",
+    "ptx_isa",
+    "ptx_min_driver",
+    "cuda_resources",
+)
+LAUNCHER_KEYS = ("launcher_library", "gpu_library")
+
+
+def _partial_plan(gpu, reused):
+    """For a build of the GPU targets ``gpu`` (``reused``: the CUDA images of the last build
+    are kept as they are): (the outputs to remove before building, the entries of the last
+    record to keep). A GPU target not being built keeps its outputs and their entries in
+    build_info.json (where they all still exist): ``--only tf`` or ``--only tf,launcher``
+    never removes the CUDA images, ``--only cuda`` never the launcher."""
+    try:
+        with open(os.path.join(OUT_DIR, BUILD_INFO)) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        previous = {}
+
+    def present(names):
+        return all(os.path.isfile(os.path.join(OUT_DIR, n)) for n in names if n)
+
+    stale, kept = [CPU_LIB, BUILD_INFO], {}
+    if "cuda" in gpu:
+        if reused is None:
+            stale += [
+                os.path.basename(p) for p in glob.glob(os.path.join(OUT_DIR, "sapa_kernels.*"))
+            ]
+    elif previous.get("cuda_images") and present(previous["cuda_images"]):
+        kept.update({k: previous[k] for k in CUDA_KEYS if k in previous})
+    if "launcher" in gpu:
+        stale += [GPU_LIB, LAUNCHER_LIB]
+    else:
+        kept.update(
+            {k: previous[k] for k in LAUNCHER_KEYS if previous.get(k) and present([previous[k]])}
+        )
+    return stale, kept
+
+
 def _build_tf_part(args, targets, cxx, simd):
     """The TensorFlow library, the CUDA images, the launcher and the TensorFlow GPU
     library, recorded in build_info.json. Returns the exit status."""
@@ -1062,10 +1107,16 @@ def _build_tf_part(args, targets, cxx, simd):
         "stamp": None,
     }
     reused = None if args.force or "cuda" not in gpu else _reusable_images(cuda, nvrtc_version)
-    stale = [CPU_LIB, GPU_LIB, LAUNCHER_LIB, BUILD_INFO]
-    if reused is None:
-        stale += [os.path.basename(p) for p in glob.glob(os.path.join(OUT_DIR, "sapa_kernels.*"))]
+    stale, kept = _partial_plan(gpu, reused)
     _remove_outputs(stale)
+    info.update(kept)
+    kept_what = [
+        w
+        for w, keys in (("CUDA images", CUDA_KEYS), ("launcher", LAUNCHER_KEYS))
+        if any(k in kept for k in keys)
+    ]
+    if kept_what:
+        info["gpu_status"] = f"kept from the last build: {', '.join(kept_what)}"
     shutil.copy2(cpu_lib, os.path.join(OUT_DIR, CPU_LIB))
 
     problems = []
@@ -1110,7 +1161,9 @@ def _build_tf_part(args, targets, cxx, simd):
         info["gpu_status"] = (
             "failed: " + "; ".join(problems)
             if problems
-            else "built" + (f" (--only: {', '.join(skipped)} skipped)" if skipped else "")
+            else "built"
+            + (f" (--only: {', '.join(skipped)} skipped)" if skipped else "")
+            + (f"; kept from the last build: {', '.join(kept_what)}" if kept_what else "")
         )
     info["stamp"] = stamp
     _write_record(BUILD_INFO, info)
