@@ -22,6 +22,12 @@ A library that fails a check or does not load gives one ``RuntimeWarning`` per p
 (none when disabled on purpose) and the builtin formulation runs; the backend's
 ``unavailable_reason()`` says why.
 
+The C ABI of the core is described here once for every op of the table
+(:func:`core_sizes`, :func:`output_shapes`, :func:`call_cpu`, :func:`call_cuda`). For
+CUDA, :data:`cuda` opens the launcher ``libsapa_launcher.so`` and its kernel images
+through the core (``keras_sapa_cuda_open``) and runs its self-test
+(:mod:`._gpu_check`) on the first CUDA use of the JAX or PyTorch bindings.
+
 Environment variables: ``KERAS_SAPA_DISABLE_COMPILED`` (above),
 ``KERAS_SAPA_OPS_LIBRARY`` (path of the TensorFlow library to load instead of
 ``keras_sapa/_lib/_sapa_ops.so``, its ``build_info.json`` beside it),
