@@ -1,4 +1,4 @@
-"""SAPA-D's compiled CPU kernels on JAX: XLA FFI custom calls with a hand-written VJP.
+"""SAPA-D's compiled kernels on JAX: XLA FFI custom calls with a hand-written VJP.
 
 The handlers live in ``keras_sapa/_lib/_sapa_jax.so`` beside SAPA's (the FFI targets of
 the op table's ``SapaDeform`` / ``SapaDeformGrad`` entries):
@@ -11,8 +11,8 @@ the op table's ``SapaDeform`` / ``SapaDeformGrad`` entries):
 They are bound as every op of the table is (:func:`._jax_kernels.run`): under
 ``jax.jit``, ``jax.grad``, ``jax.vmap`` and batch sharding. The library is loaded and
 checked by :mod:`._jax_kernels` (disable switch, build record, jaxlib version, CPU
-features); this module only registers the two extra targets. float32 and float64
-natively, float16 / bfloat16 computed in float32.
+features); this module only registers the two extra targets (CPU, and CUDA where JAX
+has it). float32 and float64 natively, float16 / bfloat16 computed in float32.
 """
 
 from keras_sapa.ops import _jax_kernels

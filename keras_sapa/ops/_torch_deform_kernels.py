@@ -11,9 +11,9 @@ sapa_deform_core_c.h``), the library :mod:`._torch_kernels` loads and checks:
 
 defined as every op of the table is (:func:`._torch_kernels.define`: fake
 implementations, autograd of all four inputs), so they run eagerly and inside
-``torch.compile(fullgraph=True)`` as single opaque nodes. CPU tensors of float32 or
-float64 (CUDA once the library has SAPA-D's CUDA entry points); :func:`sapa_deform`
-computes float16 / bfloat16 in float32.
+``torch.compile(fullgraph=True)`` as single opaque nodes. Tensors of float32 or float64
+on the CPU, or on a CUDA device where PyTorch has CUDA (the launcher's SAPA-D entry
+points); :func:`sapa_deform` computes float16 / bfloat16 in float32.
 """
 
 import torch
