@@ -131,6 +131,52 @@ def test_sources_compile_and_use_public_api_only(name):
     assert setting and first_import and setting.start() < first_import.start(), name
 
 
+def _stdout(nb):
+    return "".join(
+        output.get("text", "")
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if output.get("name") == "stdout"
+    )
+
+
+def _check_deeplab_table(printed):
+    """Notebook 02's table of the DeepLab pair (``demo.format_training_table``): one row
+    per model, mIoU and boundary F in [0, 1]. The command line's DeepLab training is not
+    run again by tests/test_demo.py: this is its check."""
+    from keras_sapa.demo import train
+
+    names = f"{re.escape(train.STOCK)}|{re.escape(train.SAPA)}"
+    rows = re.findall(rf"^({names})\s+(\S+)\s+(\S+)\s+[\d,]+\s+[\d.]+$", printed, re.M)
+    assert [row[0] for row in rows] == [train.STOCK, train.SAPA], printed[-3000:]
+    for _, miou, boundary_f in rows:
+        assert 0.0 <= float(miou) <= 1.0 and 0.0 <= float(boundary_f) <= 1.0  # NaN fails
+
+
+def _check_compiled_savedmodel_processes(printed):
+    """Notebook 04, where the compiled op is built: a fresh process without the library
+    cannot load a SavedModel holding the op, one that loads it first can (the check of
+    tests/test_compiled.py::test_savedmodel_with_compiled_op_reloads that needs fresh
+    processes)."""
+    from keras_sapa import ops
+
+    if not ops.compiled_available():
+        assert "every export is already portable" in printed
+        return
+    plain = re.search(r"library not loaded -> exit code (-?\d+)", printed)
+    first = re.search(r"library loaded first -> exit code (-?\d+)", printed)
+    assert plain and first, printed[-3000:]
+    assert int(plain.group(1)) != 0 and int(first.group(1)) == 0, printed[-3000:]
+
+
+# What a notebook must print, beyond running without an error.
+PRINTED_TABLES = {
+    "02_segmentation.ipynb": _check_deeplab_table,
+    "04_export.ipynb": _check_compiled_savedmodel_processes,
+}
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, tmp_path):
     """Runs the notebook, then one more cell that prints ``sys.prefix``: the kernel is
@@ -151,6 +197,8 @@ def test_notebook_runs(name, tmp_path):
     assert not errors
     printed = [o.get("text", "") for o in nb.cells[-1].outputs if o.get("name") == "stdout"]
     assert "".join(printed).strip() == sys.prefix
+    if name in PRINTED_TABLES:
+        PRINTED_TABLES[name](_stdout(nb))
     images = sum(
         1
         for cell in nb.cells

@@ -67,17 +67,17 @@ plt.show()
 # `demo.static_dataset`), Adam with a cosine decay of the learning rate to zero. The
 # `demo.StepLog` callback records every step's loss and
 # evaluates on held-out images every few steps. With `KERAS_SAPA_NOTEBOOK_QUICK=1` (the
-# test suite) it is 6 steps of 4 images, a smoke run; the default, 400 steps of 16,
+# test suite) it is 2 steps of 2 images, a smoke run; the default, 400 steps of 16,
 # takes a few minutes on two CPU cores.
 
 # %%
-STEPS = 6 if QUICK else 400
-EVERY = 3 if QUICK else 50
+STEPS = 2 if QUICK else 400
+EVERY = 1 if QUICK else 50
 run = demo.train_and_evaluate(
     steps=STEPS,
-    batch_size=4 if QUICK else 16,
+    batch_size=2 if QUICK else 16,
     seed=0,
-    eval_images=8 if QUICK else 64,
+    eval_images=4 if QUICK else 64,
     history_every=EVERY,
     progress=not QUICK,
 )

@@ -115,7 +115,7 @@ model.compile(
     optimizer=keras.optimizers.Adam(3e-4, global_clipnorm=1.0),
     jit_compile=False,
 )
-EPOCHS = 3 if QUICK else 15
+EPOCHS = 1 if QUICK else 15
 history = model.fit(x_train, y_train, epochs=EPOCHS, batch_size=8, verbose=0)
 losses = history.history["loss"]
 print("loss per epoch:", [round(v, 3) for v in losses])

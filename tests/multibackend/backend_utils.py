@@ -54,26 +54,30 @@ def deform_layer(case, embedding_dim=4):
     return SAPADeform(embedding_dim=embedding_dim, **settings)
 
 
-def vjp(fn, args, cotangent):
-    """Gradients of ``sum(fn(*args) * cotangent)`` with respect to every array in
-    ``args``, through the running backend's autodiff, as NumPy arrays."""
+def value_and_vjp(fn, args, cotangent):
+    """``(fn(*args), gradients of sum(fn(*args) * cotangent))`` with respect to every
+    array in ``args``, through the running backend's autodiff, as NumPy arrays: the
+    forward of the same call (on JAX, one ``jax.jit`` of the forward and backward: op by
+    op, a second eager forward compiled each of its ops again)."""
     backend = keras.config.backend()
     if backend == "jax":
         import jax
 
         @jax.jit
-        def grads(arrays, cot):
-            return jax.vjp(fn, *arrays)[1](cot)
+        def run(arrays, cot):
+            out, pull = jax.vjp(fn, *arrays)
+            return out, pull(cot)
 
         arrays = [jax.numpy.asarray(a) for a in args]
-        return [np.asarray(g) for g in grads(arrays, jax.numpy.asarray(cotangent))]
+        out, grads = run(arrays, jax.numpy.asarray(cotangent))
+        return np.asarray(out), [np.asarray(g) for g in grads]
     if backend == "torch":
         import torch
 
         tensors = [torch.tensor(a, requires_grad=True) for a in args]
         out = fn(*tensors)
         grads = torch.autograd.grad(out, tensors, torch.as_tensor(cotangent))
-        return [g.detach().cpu().numpy() for g in grads]
+        return out.detach().cpu().numpy(), [g.detach().cpu().numpy() for g in grads]
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -81,8 +85,14 @@ def vjp(fn, args, cotangent):
         with tf.GradientTape() as tape:
             tape.watch(tensors)
             out = fn(*tensors)
-        return [g.numpy() for g in tape.gradient(out, tensors, tf.constant(cotangent))]
+        grads = tape.gradient(out, tensors, tf.constant(cotangent))
+        return out.numpy(), [g.numpy() for g in grads]
     raise NotImplementedError(f"no autodiff on the {backend!r} backend")
+
+
+def vjp(fn, args, cotangent):
+    """The gradients of :func:`value_and_vjp`."""
+    return value_and_vjp(fn, args, cotangent)[1]
 
 
 def _compiled(fn):
