@@ -518,25 +518,14 @@ def _shape(entries, name):
     return None if array is None else tuple(array.shape)
 
 
-def _infer_settings(entries, x_channels, guide_channels, variant):
-    """(layer kwargs, x_channels, guide_channels) read off the entries' shapes,
-    checked against what the caller gave."""
-    shapes = {name: _shape(entries, name) for name in entries}
+def _out_in(entries, module):
+    """(outputs, inputs) of the Linear or 1x1 conv ``module`` among ``entries``, or None."""
+    shape = _shape(entries, f"{module}.weight")
+    return (shape[0], shape[1]) if shape is not None and len(shape) in (2, 4) else None
 
-    def out_in(module):
-        shape = shapes.get(f"{module}.weight")
-        return (shape[0], shape[1]) if shape is not None and len(shape) in (2, 4) else None
 
-    def norm_size(module):
-        shape = shapes.get(f"{module}.weight")
-        return shape[0] if shape is not None and len(shape) == 1 else None
-
-    def first(*values):
-        return next((v for v in values if v is not None), None)
-
-    k, q, qy, qx, gate, v = (out_in(m) for m in ("k", "q", "qy", "qx", "gate", "v"))
-    cx = first(norm_size("norm_x"), k and k[1], qx and qx[1], gate and gate[1], v and v[1])
-    cy = first(norm_size("norm_y"), qy and qy[1])
+def _check_given_channels(x_channels, guide_channels, cx, cy):
+    """``ValueError`` where the caller's channel counts differ from the weights'."""
     for name, given, inferred in (
         ("x_channels", x_channels, cx),
         ("guide_channels", guide_channels, cy),
@@ -546,6 +535,24 @@ def _infer_settings(entries, x_channels, guide_channels, variant):
                 f"`{name}` does not match the checkpoint's weights. "
                 f"Received: {name}={given}, the weights have {inferred}."
             )
+
+
+def _infer_settings(entries, x_channels, guide_channels, variant):
+    """(layer kwargs, x_channels, guide_channels) read off the entries' shapes,
+    checked against what the caller gave."""
+    shapes = {name: _shape(entries, name) for name in entries}
+
+    def norm_size(module):
+        shape = shapes.get(f"{module}.weight")
+        return shape[0] if shape is not None and len(shape) == 1 else None
+
+    def first(*values):
+        return next((v for v in values if v is not None), None)
+
+    k, q, qy, qx, gate, v = (_out_in(entries, m) for m in ("k", "q", "qy", "qx", "gate", "v"))
+    cx = first(norm_size("norm_x"), k and k[1], qx and qx[1], gate and gate[1], v and v[1])
+    cy = first(norm_size("norm_y"), qy and qy[1])
+    _check_given_channels(x_channels, guide_channels, cx, cy)
     cx = first(x_channels, cx)
     cy = first(guide_channels, cy)
 
@@ -596,6 +603,17 @@ def _infer_settings(entries, x_channels, guide_channels, variant):
     return settings, variant, cx, cy
 
 
+def _build_and_load(layer, x_channels, guide_channels, state_dict, prefix):
+    """``layer`` built for ``x_channels`` and ``guide_channels`` (in its data format)
+    and loaded from the module's entries under ``prefix``, every entry required."""
+    if layer.data_format == "channels_first":
+        layer.build((None, x_channels, None, None), (None, guide_channels, None, None))
+    else:
+        layer.build((None, None, None, x_channels), (None, None, None, guide_channels))
+    load_torch_state_dict(layer, state_dict, prefix=prefix, strict=True)
+    return layer
+
+
 def _deform_from_entries(entries, state_dict, prefix, x_channels, guide_channels, layer_kwargs):
     """Builds and loads a :class:`keras_sapa.SAPADeform` from the entries of an
     official ``SAPADeform`` module. ``groups``, ``up_factor`` and ``high_offset`` leave
@@ -603,22 +621,10 @@ def _deform_from_entries(entries, state_dict, prefix, x_channels, guide_channels
     unless given; ``embedding_dim`` and ``num_points`` follow from them."""
     from keras_sapa.deform import SAPADeform
 
-    def out_in(module):
-        shape = _shape(entries, f"{module}.weight")
-        return (shape[0], shape[1]) if shape is not None and len(shape) in (2, 4) else None
-
-    q, k, offset = out_in("q"), out_in("k"), out_in("offset")
+    q, k, offset = (_out_in(entries, m) for m in ("q", "k", "offset"))
     cx = offset[1] if offset else None
     cy = q[1] if q else None
-    for name, given, inferred in (
-        ("x_channels", x_channels, cx),
-        ("guide_channels", guide_channels, cy),
-    ):
-        if given is not None and inferred is not None and given != inferred:
-            raise ValueError(
-                f"`{name}` does not match the checkpoint's weights. "
-                f"Received: {name}={given}, the weights have {inferred}."
-            )
+    _check_given_channels(x_channels, guide_channels, cx, cy)
     if q is None or k is None or offset is None:
         raise ValueError(
             f"The SAPADeform entries under {prefix!r} need q.weight, k.weight and "
@@ -640,14 +646,7 @@ def _deform_from_entries(entries, state_dict, prefix, x_channels, guide_channels
     kwargs.setdefault("num_points", offset[0] // per_point)
     kwargs.setdefault("norm", "group" if "norm_x.weight" in entries else None)
     kwargs.setdefault("use_bias", "offset.bias" in entries)
-    layer = SAPADeform(**kwargs)
-    if layer.data_format == "channels_first":
-        x_shape, guide_shape = (None, cx, None, None), (None, cy, None, None)
-    else:
-        x_shape, guide_shape = (None, None, None, cx), (None, None, None, cy)
-    layer.build(x_shape, guide_shape)
-    load_torch_state_dict(layer, state_dict, prefix=prefix, strict=True)
-    return layer
+    return _build_and_load(SAPADeform(**kwargs), cx, cy, state_dict, prefix)
 
 
 def from_torch_checkpoint(
@@ -741,11 +740,4 @@ def from_torch_checkpoint(
 
     kwargs = dict(settings)
     kwargs.update(layer_kwargs)
-    layer = SAPA(**kwargs)
-    if layer.data_format == "channels_first":
-        x_shape, guide_shape = (None, cx, None, None), (None, cy, None, None)
-    else:
-        x_shape, guide_shape = (None, None, None, cx), (None, None, None, cy)
-    layer.build(x_shape, guide_shape)
-    load_torch_state_dict(layer, state_dict, prefix=prefix, strict=True)
-    return layer
+    return _build_and_load(SAPA(**kwargs), cx, cy, state_dict, prefix)

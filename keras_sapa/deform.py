@@ -8,10 +8,9 @@ from keras_sapa.layers import nearest_up
 from keras_sapa.ops import _checks
 from keras_sapa.ops import _deform
 
-NORMS = ("group", None)
-# torch.nn.GroupNorm(32, C) with its default epsilon, as in the official module.
+# torch.nn.GroupNorm(32, C) (with the epsilon of every norm here), as in the official
+# module.
 NORM_GROUPS = 32
-NORM_EPSILON = 1e-5
 
 
 def pixel_shuffle(t, up_factor):
@@ -79,11 +78,20 @@ class SAPADeform(GuidedUpsampler):
             dispatch rule of :mod:`keras_sapa.ops`, as :class:`keras_sapa.SAPA` does.
         **kwargs: base ``keras.layers.Layer`` arguments (``name``, ``dtype``, ...).
 
+    ``use_bias``, ``data_format``, ``implementation`` and the initialisers are keyword
+    arguments, with their defaults, of the base class
+    :class:`keras_sapa.layers.GuidedUpsampler` shared with :class:`keras_sapa.SAPA`.
+
     Weights are sublayers named after the official parameters: ``q`` (guide ->
     ``G*E``), ``k`` (``x`` -> ``G*E``), ``offset`` (``x`` -> ``2*G*P*s*s`` with
     ``high_offset``, else ``2*G*P``, its output channels in the official order) and,
     with ``norm="group"``, ``norm_x`` and ``norm_y``.
     """
+
+    NORMS = ("group", None)
+    CONFIG_KEYS = ("num_points", "groups", "embedding_dim", "high_offset")
+    #: The official module's GroupNorm groups (not a constructor argument).
+    norm_groups = NORM_GROUPS
 
     @staticmethod
     def _default_kernel_initializer():
@@ -95,33 +103,16 @@ class SAPADeform(GuidedUpsampler):
         num_points=9,
         groups=4,
         embedding_dim=32,
-        use_bias=True,
         high_offset=True,
         norm=None,
-        data_format=None,
-        kernel_initializer=None,
-        bias_initializer="zeros",
-        implementation="auto",
         **kwargs,
     ):
-        super().__init__(
-            up_factor=up_factor,
-            use_bias=use_bias,
-            data_format=data_format,
-            implementation=implementation,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            **kwargs,
-        )
+        super().__init__(up_factor=up_factor, norm=norm, **kwargs)
         self.num_points = _checks.positive_int("num_points", num_points)
         self.groups = _checks.positive_int("groups", groups)
         self.embedding_dim = _checks.positive_int("embedding_dim", embedding_dim)
         self.high_offset = bool(high_offset)
-        if norm not in NORMS:
-            raise ValueError(f"`norm` must be one of {NORMS}. Received: norm={norm!r}")
-        self.norm = norm
-        for name in ("norm_x", "norm_y", "q", "k", "offset"):
-            setattr(self, name, None)
+        self.q = self.k = self.offset = None
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -130,53 +121,19 @@ class SAPADeform(GuidedUpsampler):
         per_point = 2 * self.groups * self.num_points
         return per_point * self.up_factor**2 if self.high_offset else per_point
 
-    def _check_shapes(self, x_shape, guide_shape):
-        x_shape, guide_shape = self._channels_last_shapes(x_shape, guide_shape)
-        cx, cy = x_shape[3], guide_shape[3]
-        if cx % self.groups:
+    def _check_channels(self, x_channels, guide_channels):
+        if x_channels % self.groups:
             raise ValueError(
                 f"The channels of `x` must be divisible by groups={self.groups}. "
-                f"Received: x channels={cx}"
+                f"Received: x channels={x_channels}"
             )
-        if self.norm == "group":
-            for name, c in (("x", cx), ("guide", cy)):
-                if c % NORM_GROUPS:
-                    raise ValueError(
-                        f"norm='group' uses GroupNorm with {NORM_GROUPS} groups, which "
-                        f"must divide the channels of `{name}`. Received: {name} "
-                        f"channels={c}"
-                    )
-        return x_shape, guide_shape
 
     # ------------------------------------------------------------------- build
-    def _make_norm(self, name, channels):
-        if self.norm is None:
-            return None
-        layer = keras.layers.GroupNormalization(
-            groups=NORM_GROUPS,
-            axis=-1,
-            epsilon=NORM_EPSILON,
-            dtype=self.dtype_policy,
-            name=name,
-        )
-        layer.build((None, None, None, channels))
-        return layer
-
-    def build(self, x_shape, guide_shape):
-        x_shape, guide_shape = self._check_shapes(x_shape, guide_shape)
-        cx, cy = x_shape[3], guide_shape[3]
+    def _build_projections(self, cx, cy):
         width = self.groups * self.embedding_dim
-        self._projections_made = 0
-        self.norm_x = self._make_norm("norm_x", cx)
-        self.norm_y = self._make_norm("norm_y", cy)
         self.q = self._make_dense("q", width, cy)
         self.k = self._make_dense("k", width, cx)
         self.offset = self._make_dense("offset", self.offset_channels, cx)
-        self.built = True
-
-    def compute_output_shape(self, x_shape, guide_shape):
-        x_shape, guide_shape = self._check_shapes(x_shape, guide_shape)
-        return self._output_shape(x_shape, guide_shape, x_shape[3])
 
     # -------------------------------------------------------------------- call
     def _offsets(self, x_n):
@@ -192,41 +149,17 @@ class SAPADeform(GuidedUpsampler):
         ``2k + 1`` the height shift of point ``k = g*P + p``, in low-resolution pixels
         from the anchor ``(i // s, j // s)``: where the points of every output pixel
         are sampled. They depend on ``x`` only."""
-        if self.data_format == "channels_first":
-            x = ops.transpose(x, (0, 2, 3, 1))
-        x_n = x if self.norm_x is None else self.norm_x(x)
-        return self._offsets(x_n)
+        return self._offsets(self._normalised(self._channels_last(x), self.norm_x))
 
-    def call(self, x, guide, training=None):
-        x, guide = self._inputs_channels_last(x, guide)
-        x_n = x if self.norm_x is None else self.norm_x(x)
-        y_n = guide if self.norm_y is None else self.norm_y(guide)
-        query = self.q(y_n)
-        key = self.k(x_n)
-        offsets = self._offsets(x_n)
-        out = _deform.sapa_deform(
-            query,
-            key,
+    def _upsample(self, x, x_n, y_n, training):
+        return _deform.sapa_deform(
+            self.q(y_n),
+            self.k(x_n),
             x,
-            offsets,
+            self._offsets(x_n),
             num_points=self.num_points,
             up_factor=self.up_factor,
             groups=self.groups,
             implementation=self.implementation,
             training=training,
         )
-        return self._output_in_data_format(out)
-
-    # ------------------------------------------------------------------ config
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "num_points": self.num_points,
-                "groups": self.groups,
-                "embedding_dim": self.embedding_dim,
-                "high_offset": self.high_offset,
-                "norm": self.norm,
-            }
-        )
-        return config

@@ -9,7 +9,6 @@ from keras_sapa import ops as sapa_ops
 from keras_sapa.ops import _checks
 
 VARIANTS = ("identity", "bilinear", "gated", "concat")
-NORMS = ("layer", "group", None)
 # PyTorch's LayerNorm/GroupNorm default; Keras's 1e-3 would break parity with
 # checkpoints trained with the official code.
 NORM_EPSILON = 1e-5
@@ -26,8 +25,18 @@ class GuidedUpsampler(keras.layers.Layer):
     """What the guided upsamplers (:class:`SAPA`, :class:`keras_sapa.SAPADeform`) share:
     the call convention ``layer(x, guide)`` with ``guide`` exactly ``up_factor`` times
     ``x`` spatially, ``data_format``, ``implementation`` (and the ``supports_jit`` that
-    follows it), the projections' initialisers and biases, and the config keys of
-    these arguments. Subclasses build their weights and compute in channels last."""
+    follows it), the norms of ``x`` and the guide (``norm_x``, ``norm_y``), the
+    projections' initialisers and biases, the shape checks, ``build``, ``call`` and
+    ``get_config``. A subclass checks its channels (:meth:`_check_channels`), builds
+    its projections (:meth:`_build_projections`), computes in channels last from the
+    normalised inputs (:meth:`_upsample`) and names its own config keys
+    (:attr:`CONFIG_KEYS`)."""
+
+    #: The ``norm`` values the subclass accepts.
+    NORMS = ("layer", "group", None)
+    #: The subclass's own constructor arguments (attributes of the same names), which
+    #: :meth:`get_config` stores beside the shared ones.
+    CONFIG_KEYS = ()
 
     @staticmethod
     def _default_kernel_initializer():
@@ -36,15 +45,20 @@ class GuidedUpsampler(keras.layers.Layer):
     def __init__(
         self,
         up_factor,
-        use_bias,
-        data_format,
-        implementation,
-        kernel_initializer,
-        bias_initializer,
+        norm,
+        use_bias=True,
+        data_format=None,
+        implementation="auto",
+        kernel_initializer=None,
+        bias_initializer="zeros",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.up_factor = _checks.check_up_factor(up_factor)
+        if norm not in self.NORMS:
+            raise ValueError(f"`norm` must be one of {self.NORMS}. Received: norm={norm!r}")
+        self.norm = norm
+        self.norm_x = self.norm_y = None
         self.use_bias = bool(use_bias)
         if data_format is None:
             data_format = keras.config.image_data_format()
@@ -84,23 +98,39 @@ class GuidedUpsampler(keras.layers.Layer):
             return (shape[0], shape[2], shape[3], shape[1])
         return shape
 
-    def _channels_last_shapes(self, x_shape, guide_shape):
+    def _check_shapes(self, x_shape, guide_shape):
         """Both shapes checked (rank 4, ``guide`` = ``up_factor`` x ``x``, channels
-        known) and in channels-last order."""
+        known and fit for the subclass and the norm) and in channels-last order."""
         x_shape = self._to_channels_last(_checks.check_rank4("x", x_shape))
         guide_shape = self._to_channels_last(_checks.check_rank4("guide", guide_shape))
         _checks.check_pair("guide", guide_shape, "x", x_shape, self.up_factor)
-        if x_shape[3] is None or guide_shape[3] is None:
+        cx, cy = x_shape[3], guide_shape[3]
+        if cx is None or cy is None:
             raise ValueError(
                 "The channel dimensions of `x` and `guide` must be known. "
                 f"Received: x.shape={x_shape}, guide.shape={guide_shape} "
                 f"(data_format={self.data_format!r})"
             )
+        self._check_channels(cx, cy)
+        if self.norm == "group":
+            for name, c in (("x", cx), ("guide", cy)):
+                if c % self.norm_groups:
+                    raise ValueError(
+                        f"norm='group' uses GroupNorm with norm_groups={self.norm_groups} "
+                        f"groups, which must divide the channels of `{name}`. Received: "
+                        f"norm_groups={self.norm_groups}, {name} channels={c}"
+                    )
         return x_shape, guide_shape
 
-    def _output_shape(self, x_shape, guide_shape, channels):
-        """The output shape in the layer's data format, from checked channels-last
-        input shapes."""
+    def _check_channels(self, x_channels, guide_channels):
+        """``ValueError`` for channel counts the subclass cannot take."""
+
+    def _output_channels(self, x_channels):
+        """Channels of the output, given those of ``x``."""
+        return x_channels
+
+    def compute_output_shape(self, x_shape, guide_shape):
+        x_shape, guide_shape = self._check_shapes(x_shape, guide_shape)
 
         def high(axis):
             if guide_shape[axis] is not None:
@@ -108,11 +138,44 @@ class GuidedUpsampler(keras.layers.Layer):
             return None if x_shape[axis] is None else self.up_factor * x_shape[axis]
 
         batch = x_shape[0] if x_shape[0] is not None else guide_shape[0]
+        channels = self._output_channels(x_shape[3])
         if self.data_format == "channels_first":
             return (batch, channels, high(1), high(2))
         return (batch, high(1), high(2), channels)
 
     # ------------------------------------------------------------------- build
+    def build(self, x_shape, guide_shape):
+        x_shape, guide_shape = self._check_shapes(x_shape, guide_shape)
+        cx, cy = x_shape[3], guide_shape[3]
+        self._projections_made = 0
+        self.norm_x = self._make_norm("norm_x", cx)
+        self.norm_y = self._make_norm("norm_y", cy)
+        self._build_projections(cx, cy)
+        self.built = True
+
+    def _build_projections(self, x_channels, guide_channels):
+        """Builds the subclass's projections (:meth:`_make_dense`), after the norms."""
+        raise NotImplementedError
+
+    def _make_norm(self, name, channels):
+        """The built norm sublayer ``name`` for ``norm`` (None for ``norm=None``)."""
+        if self.norm is None:
+            return None
+        if self.norm == "layer":
+            layer = keras.layers.LayerNormalization(
+                axis=-1, epsilon=NORM_EPSILON, dtype=self.dtype_policy, name=name
+            )
+        else:
+            layer = keras.layers.GroupNormalization(
+                groups=self.norm_groups,
+                axis=-1,
+                epsilon=NORM_EPSILON,
+                dtype=self.dtype_policy,
+                name=name,
+            )
+        layer.build((None, None, None, channels))
+        return layer
+
     def _sublayer_initializer(self):
         """A fresh copy of ``kernel_initializer`` for the next projection.
 
@@ -143,22 +206,30 @@ class GuidedUpsampler(keras.layers.Layer):
         return layer
 
     # -------------------------------------------------------------------- call
-    def _inputs_channels_last(self, x, guide):
-        """``x`` and ``guide`` in channels last, their sizes checked: static sizes are
-        concrete in eager mode and under ``jax.jit`` (a bad size raises ``ValueError``
-        here); sizes unknown in a TensorFlow graph are checked at run time."""
-        if self.data_format == "channels_first":
-            x = ops.transpose(x, (0, 2, 3, 1))
-            guide = ops.transpose(guide, (0, 2, 3, 1))
+    def _channels_last(self, t):
+        return ops.transpose(t, (0, 2, 3, 1)) if self.data_format == "channels_first" else t
+
+    def _normalised(self, t, norm):
+        return t if norm is None else norm(t)
+
+    def call(self, x, guide, training=None):
+        # Sizes checked: static sizes are concrete in eager mode and under ``jax.jit``
+        # (a bad size raises ValueError here); sizes unknown in a TensorFlow graph are
+        # checked at run time.
+        x, guide = self._channels_last(x), self._channels_last(guide)
         _checks.check_pair("guide", tuple(guide.shape), "x", tuple(x.shape), self.up_factor)
         guide = sapa_ops._checked_at_run_time(guide, "guide", x, "x", self.up_factor)
-        return x, guide
-
-    def _output_in_data_format(self, out):
-        out = ops.cast(out, self.compute_dtype)
+        x_n = self._normalised(x, self.norm_x)
+        y_n = self._normalised(guide, self.norm_y)
+        out = ops.cast(self._upsample(x, x_n, y_n, training), self.compute_dtype)
         if self.data_format == "channels_first":
             out = ops.transpose(out, (0, 3, 1, 2))
         return out
+
+    def _upsample(self, x, x_n, y_n, training):
+        """The channels-last output from ``x``, its normalised ``x_n`` and the
+        normalised guide ``y_n``."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ config
     @classmethod
@@ -188,11 +259,13 @@ class GuidedUpsampler(keras.layers.Layer):
         config.update(
             {
                 "up_factor": self.up_factor,
+                "norm": self.norm,
                 "use_bias": self.use_bias,
                 "data_format": self.data_format,
                 "implementation": self.implementation,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+                **{key: getattr(self, key) for key in self.CONFIG_KEYS},
             }
         )
         return config
@@ -234,11 +307,11 @@ class SAPA(GuidedUpsampler):
             ``"group"`` (GroupNorm, the extended code) or ``None``.
         norm_groups: number of groups for ``norm="group"``; must divide both
             channel counts.
-        use_bias: whether the projections have biases (official ``qkv_bias``).
         output_dim: output channels; when set and different from ``Cx``, a value
             projection ``Dense_v(norm(x))`` is added.
         value_projection: add the value projection even when ``output_dim`` is
             ``None`` or equals ``Cx`` (official ``v_embed``).
+        use_bias: whether the projections have biases (official ``qkv_bias``).
         data_format: ``"channels_last"``, ``"channels_first"`` or ``None`` (Keras's
             ``image_data_format``). With ``channels_first`` inputs and output are NCHW.
         implementation: ``"auto"``, ``"patches"``, ``"xla"`` or ``"compiled"``; see
@@ -252,10 +325,23 @@ class SAPA(GuidedUpsampler):
         bias_initializer: initialiser of the projection biases (official: zeros).
         **kwargs: base ``keras.layers.Layer`` arguments (``name``, ``dtype``, ...).
 
+    ``use_bias``, ``data_format``, ``implementation`` and the initialisers are keyword
+    arguments, with their defaults, of the base class :class:`GuidedUpsampler` shared
+    with :class:`keras_sapa.SAPADeform`.
+
     Weights are sublayers named after the official parameters: ``norm_x``,
     ``norm_y``, ``q``, ``k`` (bilinear, concat), ``qy``, ``qx``, ``gate`` (gated),
     ``v`` (value projection).
     """
+
+    CONFIG_KEYS = (
+        "kernel_size",
+        "embedding_dim",
+        "variant",
+        "norm_groups",
+        "output_dim",
+        "value_projection",
+    )
 
     def __init__(
         self,
@@ -265,87 +351,42 @@ class SAPA(GuidedUpsampler):
         variant="bilinear",
         norm="layer",
         norm_groups=32,
-        use_bias=True,
         output_dim=None,
         value_projection=False,
-        data_format=None,
-        implementation="auto",
-        kernel_initializer=None,
-        bias_initializer="zeros",
         **kwargs,
     ):
-        super().__init__(
-            up_factor=up_factor,
-            use_bias=use_bias,
-            data_format=data_format,
-            implementation=implementation,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            **kwargs,
-        )
+        super().__init__(up_factor=up_factor, norm=norm, **kwargs)
         self.kernel_size = _checks.check_kernel_size(kernel_size)
         self.embedding_dim = _checks.positive_int("embedding_dim", embedding_dim)
         if variant not in VARIANTS:
             raise ValueError(f"`variant` must be one of {VARIANTS}. Received: variant={variant!r}")
         self.variant = variant
-        if norm not in NORMS:
-            raise ValueError(f"`norm` must be one of {NORMS}. Received: norm={norm!r}")
-        self.norm = norm
         self.norm_groups = _checks.positive_int("norm_groups", norm_groups)
         self.output_dim = (
             None if output_dim is None else _checks.positive_int("output_dim", output_dim)
         )
         self.value_projection = bool(value_projection)
-        for name in ("norm_x", "norm_y", "q", "k", "qy", "qx", "gate", "v"):
+        for name in ("q", "k", "qy", "qx", "gate", "v"):
             setattr(self, name, None)
 
     # ------------------------------------------------------------------ shapes
-    def _check_shapes(self, x_shape, guide_shape):
-        x_shape, guide_shape = self._channels_last_shapes(x_shape, guide_shape)
-        cx, cy = x_shape[3], guide_shape[3]
-        if self.variant == "identity" and cx != cy:
+    def _check_channels(self, x_channels, guide_channels):
+        if self.variant == "identity" and x_channels != guide_channels:
             raise ValueError(
                 "variant='identity' compares `x` and `guide` directly, so they need the "
-                f"same number of channels. Received: x channels={cx}, guide channels={cy}"
+                f"same number of channels. Received: x channels={x_channels}, guide "
+                f"channels={guide_channels}"
             )
-        if self.norm == "group":
-            for name, c in (("x", cx), ("guide", cy)):
-                if c % self.norm_groups:
-                    raise ValueError(
-                        f"norm='group' needs norm_groups to divide the channels of `{name}`. "
-                        f"Received: norm_groups={self.norm_groups}, {name} channels={c}"
-                    )
-        return x_shape, guide_shape
 
     def _has_value_projection(self, cx):
         return self.value_projection or (self.output_dim is not None and self.output_dim != cx)
 
-    # ------------------------------------------------------------------- build
-    def _make_norm(self, name, channels):
-        if self.norm is None:
-            return None
-        if self.norm == "layer":
-            layer = keras.layers.LayerNormalization(
-                axis=-1, epsilon=NORM_EPSILON, dtype=self.dtype_policy, name=name
-            )
-        else:
-            layer = keras.layers.GroupNormalization(
-                groups=self.norm_groups,
-                axis=-1,
-                epsilon=NORM_EPSILON,
-                dtype=self.dtype_policy,
-                name=name,
-            )
-        layer.build((None, None, None, channels))
-        return layer
+    def _output_channels(self, x_channels):
+        return self.output_dim or x_channels
 
-    def build(self, x_shape, guide_shape):
-        x_shape, guide_shape = self._check_shapes(x_shape, guide_shape)
-        cx, cy = x_shape[3], guide_shape[3]
+    # ------------------------------------------------------------------- build
+    def _build_projections(self, cx, cy):
         d = self.embedding_dim
-        self._projections_made = 0
-        self.norm_x = self._make_norm("norm_x", cx)
-        self.norm_y = self._make_norm("norm_y", cy)
         if self.variant == "bilinear":
             self.q = self._make_dense("q", d, cy)
         elif self.variant == "concat":
@@ -358,20 +399,10 @@ class SAPA(GuidedUpsampler):
             self.k = self._make_dense("k", d, cx)
         if self._has_value_projection(cx):
             self.v = self._make_dense("v", self.output_dim or cx, cx)
-        self._channels = (cx, cy)
-        self.built = True
-
-    def compute_output_shape(self, x_shape, guide_shape):
-        x_shape, guide_shape = self._check_shapes(x_shape, guide_shape)
-        return self._output_shape(x_shape, guide_shape, self.output_dim or x_shape[3])
 
     # -------------------------------------------------------------------- call
-    def call(self, x, guide, training=None):
-        x, guide = self._inputs_channels_last(x, guide)
-
+    def _upsample(self, x, x_n, y_n, training):
         s = self.up_factor
-        x_n = x if self.norm_x is None else self.norm_x(x)
-        y_n = guide if self.norm_y is None else self.norm_y(guide)
         if self.variant == "identity":
             query, key = y_n, x_n
         else:
@@ -385,7 +416,7 @@ class SAPA(GuidedUpsampler):
                 gate = nearest_up(ops.sigmoid(self.gate(x_n)), s)
                 query = gate * self.qy(y_n) + (1.0 - gate) * self.qx(nearest_up(x, s))
         value = x if self.v is None else self.v(x_n)
-        out = sapa_ops.sapa(
+        return sapa_ops.sapa(
             query,
             key,
             value,
@@ -394,20 +425,3 @@ class SAPA(GuidedUpsampler):
             implementation=self.implementation,
             training=training,
         )
-        return self._output_in_data_format(out)
-
-    # ------------------------------------------------------------------ config
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "kernel_size": self.kernel_size,
-                "embedding_dim": self.embedding_dim,
-                "variant": self.variant,
-                "norm": self.norm,
-                "norm_groups": self.norm_groups,
-                "output_dim": self.output_dim,
-                "value_projection": self.value_projection,
-            }
-        )
-        return config

@@ -44,6 +44,19 @@ def _integer_option(option, check=_checks.positive_int, **requirement):
     return parse
 
 
+def _add_integer_option(
+    parser, option, check=_checks.positive_int, *, default, help, **requirement
+):
+    """``parser.add_argument(option, ...)`` for an integer option validated by ``check``
+    (see :func:`_integer_option`)."""
+    parser.add_argument(
+        option,
+        type=_integer_option(option, check, **requirement),
+        default=default,
+        help=help,
+    )
+
+
 def _kernel_size(option, value):
     try:
         return _checks.check_kernel_size(value)
@@ -107,17 +120,21 @@ def build_parser():
         help=f"a scikit-image sample ({', '.join(images.SAMPLE_IMAGES)}) or the path of an "
         "image file (default: %(default)s)",
     )
-    parser.add_argument(
+    _add_integer_option(
+        parser,
         "--scale",
-        type=_integer_option("--scale", _checks.integer, requirement="an integer >= 2", minimum=2),
+        _checks.integer,
+        requirement="an integer >= 2",
+        minimum=2,
         default=guided.DEFAULT_SCALE,
         help="integer downsampling factor >= 2 (any integer: SAPA upsamples in one step "
         f"with up_factor=scale); the low-resolution image must keep at least "
         f"{images.MIN_LOW_RES} pixels a side (default: %(default)s)",
     )
-    parser.add_argument(
+    _add_integer_option(
+        parser,
         "--kernel-size",
-        type=_integer_option("--kernel-size", _kernel_size),
+        _kernel_size,
         default=guided.DEFAULT_KERNEL_SIZE,
         help="SAPA window K (odd): each output pixel mixes K x K low-resolution pixels "
         "(default: %(default)s)",
@@ -136,9 +153,9 @@ def build_parser():
         help="spatial temperature of the SAPA similarity, in low-resolution pixels "
         "(default: %(default)s)",
     )
-    parser.add_argument(
+    _add_integer_option(
+        parser,
         "--crop",
-        type=_integer_option("--crop"),
         default=None,
         help="use the centred CROP x CROP part of the image (default: the whole image)",
     )
@@ -150,9 +167,9 @@ def build_parser():
         f"trained on another photograph ({deform.DEFAULT_TRAIN_IMAGE!r}); adds a SAPA-D "
         "row and a figure of where the points moved",
     )
-    parser.add_argument(
+    _add_integer_option(
+        parser,
         "--deform-steps",
-        type=_integer_option("--deform-steps"),
         default=deform.DEFAULT_STEPS,
         help="with --deform: training steps of the SAPA-D offsets (default: %(default)s)",
     )
@@ -172,24 +189,25 @@ def build_parser():
         action="store_true",
         help="with --train: a short smoke run (about a minute; numbers not meaningful)",
     )
-    parser.add_argument(
+    _add_integer_option(
+        parser,
         "--steps",
-        type=_integer_option("--steps"),
         default=None,
         help="with --train: training steps per model (default 400, --quick 15)",
     )
-    parser.add_argument(
+    _add_integer_option(
+        parser,
         "--batch-size",
-        type=_integer_option("--batch-size"),
         default=16,
         help="with --train: batch size (default: %(default)s)",
     )
-    parser.add_argument(
+    _add_integer_option(
+        parser,
         "--seed",
+        _checks.integer,
+        requirement="a non-negative integer",
+        minimum=0,
         default=0,
-        type=_integer_option(
-            "--seed", _checks.integer, requirement="a non-negative integer", minimum=0
-        ),
         help="with --train: seed of data and weights (default: %(default)s)",
     )
     parser.add_argument(

@@ -51,16 +51,18 @@ def require_tensorflow():
         )
 
 
-def _backbone(image_size):
+def tiny_resnet_backbone(image_size, include_rescaling=True):
+    """The tiny KerasCV ``ResNetV2Backbone`` of the DeepLab pair: two bottleneck blocks
+    per stack (KerasCV's ResNetV2 fails with one), P2..P5 with 32, 64, 128 and 256
+    channels at strides 4, 8, 16 and 32; ``include_rescaling`` maps [0, 255] images
+    to [0, 1]."""
     import keras_cv
 
-    # Two bottleneck blocks per stack (KerasCV's ResNetV2 fails with one): P2..P5 have
-    # 32, 64, 128 and 256 channels at strides 4, 8, 16 and 32.
     return keras_cv.models.ResNetV2Backbone(
         stackwise_filters=[8, 16, 32, 64],
         stackwise_blocks=[2, 2, 2, 2],
         stackwise_strides=[1, 2, 2, 2],
-        include_rescaling=True,
+        include_rescaling=include_rescaling,
         input_shape=(image_size, image_size, 3),
     )
 
@@ -86,11 +88,11 @@ def build_segmentation_models(image_size=64, num_classes=None, seed=0, variant="
 
     keras.utils.set_random_seed(seed)
     stock = keras_cv.models.DeepLabV3Plus(
-        _backbone(image_size), num_classes, spatial_pyramid_pooling=spp()
+        tiny_resnet_backbone(image_size), num_classes, spatial_pyramid_pooling=spp()
     )
     keras.utils.set_random_seed(seed)
     sapa = SAPADeepLabV3Plus(
-        _backbone(image_size),
+        tiny_resnet_backbone(image_size),
         num_classes,
         upsampler={"variant": variant},
         spatial_pyramid_pooling=spp(),
@@ -98,21 +100,28 @@ def build_segmentation_models(image_size=64, num_classes=None, seed=0, variant="
     return {STOCK: stock, SAPA: sapa}
 
 
-def _mit_encoder(image_size):
+def mit_encoder(
+    image_size, hidden_dims=(16, 32, 64, 128), depth=1, num_heads=(1, 1, 2, 2), drop_path=0.0
+):
+    """A KerasHub ``MiTBackbone`` (SegFormer's encoder) with SegFormer's stage layout:
+    one stage per entry of ``hidden_dims`` (up to four, at strides 4, 8, 16 and 32,
+    spatial reduction 8, 4, 2, 1 and patch sizes 7, 3, 3, 3), ``depth`` transformer
+    blocks each with ``num_heads`` heads. The defaults are the demo's tiny encoder;
+    ``(64, 128, 320, 512)``, depth 2, heads ``(1, 2, 5, 8)`` and drop path 0.1 give
+    SegFormer-B1's."""
     import keras_hub
 
-    # A tiny MiT (SegFormer's encoder): stages of 16, 32, 64 and 128 channels at
-    # strides 4, 8, 16 and 32, one transformer block each.
+    stages = len(hidden_dims)
     return keras_hub.models.MiTBackbone(
         image_shape=(image_size, image_size, 3),
-        num_layers=4,
-        hidden_dims=[16, 32, 64, 128],
-        layerwise_depths=[1, 1, 1, 1],
-        layerwise_num_heads=[1, 1, 2, 2],
-        layerwise_sr_ratios=[8, 4, 2, 1],
-        layerwise_patch_sizes=[7, 3, 3, 3],
-        layerwise_strides=[4, 2, 2, 2],
-        max_drop_path_rate=0.0,
+        num_layers=stages,
+        hidden_dims=list(hidden_dims),
+        layerwise_depths=[depth] * stages,
+        layerwise_num_heads=list(num_heads[:stages]),
+        layerwise_sr_ratios=[8, 4, 2, 1][:stages],
+        layerwise_patch_sizes=[7, 3, 3, 3][:stages],
+        layerwise_strides=[4, 2, 2, 2][:stages],
+        max_drop_path_rate=drop_path,
     )
 
 
@@ -142,13 +151,13 @@ def build_segformer_models(
     keras.utils.set_random_seed(seed)
     stock = keras_hub.models.SegFormerImageSegmenter(
         backbone=keras_hub.models.SegFormerBackbone(
-            image_encoder=_mit_encoder(image_size), projection_filters=projection_filters
+            image_encoder=mit_encoder(image_size), projection_filters=projection_filters
         ),
         num_classes=num_classes,
     )
     keras.utils.set_random_seed(seed)
     sapa = SAPASegFormer(
-        backbone=_mit_encoder(image_size),
+        backbone=mit_encoder(image_size),
         num_classes=num_classes,
         projection_filters=projection_filters,
         upsampler={"variant": variant, "kernel_size": kernel_size, "embedding_dim": embedding_dim},

@@ -75,6 +75,9 @@ class Upsampler:
 
     def __init__(self, upsampler, defaults, model_name):
         self.model_name = model_name
+        #: (layer, info) of each stage layer made by :meth:`stage`, in stage order; info
+        #: holds the stage's output ``level`` and input widths, for ``sapa_overhead``.
+        self.stages = []
         self._function = None
         self._templates = None  # one serialized layer config, or a list per stage
         self._per_stage = False
@@ -133,13 +136,36 @@ class Upsampler:
             )
         return config
 
-    def check_stages(self, count):
-        """Raise ``ValueError`` unless a per-stage list has ``count`` entries."""
+    def start_stages(self, count):
+        """Begin making the model's ``count`` stages: ``ValueError`` unless a per-stage
+        list has ``count`` entries, and the stages recorded before are forgotten."""
         if self._per_stage and len(self._templates) != count:
             raise ValueError(
                 f"{self.model_name} has {count} upsampling stages; a list `upsampler` "
                 f"needs one entry per stage. Received {len(self._templates)} entries."
             )
+        self.stages = []
+
+    def stage(self, name, level, x_channels, guide_channels, dtype=None):
+        """:meth:`make` the layer of the next stage and record it (see :attr:`stages`):
+        ``level`` is the pyramid level it outputs (log2 of its stride), the channels
+        those of its ``x`` and guide."""
+        layer = self.make(len(self.stages), name, dtype)
+        info = {
+            "level": int(level),
+            "x_channels": int(x_channels),
+            "guide_channels": int(guide_channels),
+        }
+        self.stages.append((layer, info))
+        return layer
+
+    def chain(self, x, stages):
+        """``x`` brought up one 2x stage per ``(name, level, guide)`` of ``stages``
+        (coarsest first), each stage's layer made by :meth:`stage` and called as
+        ``layer(x, guide)``."""
+        for name, level, guide in stages:
+            x = self.stage(name, level, x.shape[-1], guide.shape[-1])(x, guide)
+        return x
 
     def make(self, stage_index, name, dtype=None):
         """The layer of stage ``stage_index``, named ``name`` (and with the dtype
@@ -168,14 +194,14 @@ class Upsampler:
             )
         return _deserialize(config, f"`upsampler` of {self.model_name}")
 
-    def get_config(self, layers):
-        """What the model's ``get_config`` stores under ``upsampler``, given the stage
-        layers it built (in stage order)."""
+    def get_config(self):
+        """What the model's ``get_config`` stores under ``upsampler`` (for a callable:
+        the configs of the stage layers it built, in stage order)."""
         if self._function is None:
             return copy.deepcopy(self._templates)
-        if layers is None:
+        if not self.stages:
             raise ValueError(
                 f"The get_config of a {self.model_name} given a callable `upsampler` "
                 "stores the configs of the layers it built; build the model first."
             )
-        return [_serialize(layer) for layer in layers]
+        return [_serialize(layer) for layer, _ in self.stages]

@@ -32,8 +32,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from keras_sapa.ops._patches import SIMILARITY_EQUATION
 from keras_sapa.ops._patches import high4
 from keras_sapa.ops._patches import high6
+from keras_sapa.ops._patches import weighted_window_sum
+from keras_sapa.ops._patches import window_op_pair
 
 
 def _split_high(t, s):
@@ -59,16 +62,11 @@ def _similarity(hi, lo, kernel_size, s):
     # One einsum against the stacked windows (K*K copies of ``lo``): XLA's CPU
     # reductions over the minor channel axis, one per window offset, ran 2x slower.
     windows = jnp.stack([window for _, window in _shifted(lo, kernel_size)], axis=3)
-    return _merge_high(jnp.einsum("bhiwjd,bhwnd->bhiwjn", _split_high(hi, s), windows))
+    return _merge_high(jnp.einsum(SIMILARITY_EQUATION, _split_high(hi, s), windows))
 
 
 def _aggregate(w, lo, kernel_size, s):
-    w6 = _split_high(w, s)
-    out = None
-    for n, window in _shifted(lo, kernel_size):
-        term = w6[..., n : n + 1] * window[:, :, None, :, None, :]
-        out = term if out is None else out + term
-    return _merge_high(out)
+    return _merge_high(weighted_window_sum(_split_high(w, s), _shifted(lo, kernel_size)))
 
 
 def _scatter(w, hi, kernel_size, s):
@@ -111,9 +109,4 @@ def _window_op(forward, transpose, grad_is_window, doc):
     return op
 
 
-similarity_xla = _window_op(
-    _similarity, _aggregate, True, "``(B, sH, sW, d) x (B, H, W, d) -> (B, sH, sW, K*K)``."
-)
-aggregate_xla = _window_op(
-    _aggregate, _similarity, False, "``(B, sH, sW, K*K) x (B, H, W, C) -> (B, sH, sW, C)``."
-)
+similarity_xla, aggregate_xla = window_op_pair(_window_op, _similarity, _aggregate)

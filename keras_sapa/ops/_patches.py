@@ -16,6 +16,11 @@ uses :mod:`keras_sapa.ops._tf_builtin`, which also handles unknown sizes).
 
 from keras import ops
 
+#: The two contractions of the ops, on the high-resolution tensor viewed as
+#: ``(B, H, s, W, s, .)`` and the stacked windows ``(B, H, W, K*K, .)``.
+SIMILARITY_EQUATION = "bhiwjd,bhwnd->bhiwjn"
+AGGREGATE_EQUATION = "bhiwjn,bhwnc->bhiwjc"
+
 
 def high6(shape, up_factor):
     """(B, sH, sW, C) -> (B, H, s, W, s, C): the shape under which the s x s output points
@@ -54,13 +59,42 @@ def stacked_windows(t, kernel_size):
     return ops.stack(windows, axis=3)
 
 
+def weighted_window_sum(w6, windows):
+    """``sum_n w6[..., n] * window_n``, one window offset at a time, for ``w6`` of shape
+    ``(B, H, s, W, s, K*K)`` and ``windows`` yielding ``(n, window_n)`` of shape
+    ``(B, H, W, C)``: the aggregation as a loop that XLA fuses without materialising
+    the windows. Indexing and arithmetic only, so it runs on the tensors of any
+    framework (the TensorFlow and JAX formulations use it)."""
+    out = None
+    for n, window in windows:
+        term = w6[..., n : n + 1] * window[:, :, None, :, None, :]
+        out = term if out is None else out + term
+    return out
+
+
+def window_op_pair(window_op, similarity, aggregate):
+    """``(similarity_xla, aggregate_xla)`` from a backend's ``window_op(forward,
+    transpose, grad_is_window, doc)`` and its two window primitives: the gradient of
+    either op with respect to its high-resolution input is the other op applied to the
+    upstream gradient; with respect to its low-resolution input it scatters the K*K-channel
+    tensor (the upstream gradient of the similarity, the weights of the aggregation)."""
+    return (
+        window_op(
+            similarity, aggregate, True, "``(B, sH, sW, d) x (B, H, W, d) -> (B, sH, sW, K*K)``."
+        ),
+        window_op(
+            aggregate, similarity, False, "``(B, sH, sW, K*K) x (B, H, W, C) -> (B, sH, sW, C)``."
+        ),
+    )
+
+
 def similarity_patches(query, key, kernel_size, up_factor):
     q6 = split_high(query, up_factor)
     windows = stacked_windows(key, kernel_size)
-    return merge_high(ops.einsum("bhiwjd,bhwnd->bhiwjn", q6, windows))
+    return merge_high(ops.einsum(SIMILARITY_EQUATION, q6, windows))
 
 
 def aggregate_patches(weights, value, kernel_size, up_factor):
     w6 = split_high(weights, up_factor)
     windows = stacked_windows(value, kernel_size)
-    return merge_high(ops.einsum("bhiwjn,bhwnc->bhiwjc", w6, windows))
+    return merge_high(ops.einsum(AGGREGATE_EQUATION, w6, windows))

@@ -27,6 +27,10 @@ of s x s output points shares one anchor; no upsampled copy of the key is made.
 
 import tensorflow as tf
 
+from keras_sapa.ops._patches import AGGREGATE_EQUATION
+from keras_sapa.ops._patches import SIMILARITY_EQUATION
+from keras_sapa.ops._patches import weighted_window_sum
+
 
 def in_xla_context():
     """True while tracing a function that XLA compiles (``tf.function(jit_compile=True)``,
@@ -85,18 +89,17 @@ def _patches(t, kernel_size):
     return extract() if size else _stacked_windows(t, k)
 
 
-def similarity_patches(query, key, kernel_size, up_factor):
-    q6 = _split_high(query, up_factor)
-    windows = _patches(key, kernel_size)
-    sim = tf.einsum("bhiwjd,bhwnd->bhiwjn", q6, windows)
-    return _merge_high(sim)
+def _window_contraction(equation, windows):
+    """``(high, low, kernel_size, up_factor) -> (B, sH, sW, .)``: ``equation`` between
+    the high-resolution tensor and ``windows(low, kernel_size)``, the stacked K*K
+    windows of the low-resolution one."""
 
+    def contract(high, low, kernel_size, up_factor):
+        return _merge_high(
+            tf.einsum(equation, _split_high(high, up_factor), windows(low, kernel_size))
+        )
 
-def aggregate_patches(weights, value, kernel_size, up_factor):
-    w6 = _split_high(weights, up_factor)
-    windows = _patches(value, kernel_size)
-    out = tf.einsum("bhiwjn,bhwnc->bhiwjc", w6, windows)
-    return _merge_high(out)
+    return contract
 
 
 def _shifted_windows(t, kernel_size):
@@ -142,32 +145,15 @@ def _similarity_slices(query, key, kernel_size, up_factor):
 
 
 def _aggregate_slices(weights, value, kernel_size, up_factor):
-    w6 = _split_high(weights, up_factor)
-    out = None
-    for n, window in _shifted_windows(value, kernel_size):
-        term = w6[..., n : n + 1] * window[:, :, None, :, None, :]
-        out = term if out is None else out + term
-    return _merge_high(out)
-
-
-def _similarity_stacked(query, key, kernel_size, up_factor):
     return _merge_high(
-        tf.einsum(
-            "bhiwjd,bhwnd->bhiwjn",
-            _split_high(query, up_factor),
-            _stacked_windows(key, kernel_size),
-        )
+        weighted_window_sum(_split_high(weights, up_factor), _shifted_windows(value, kernel_size))
     )
 
 
-def _aggregate_stacked(weights, value, kernel_size, up_factor):
-    return _merge_high(
-        tf.einsum(
-            "bhiwjn,bhwnc->bhiwjc",
-            _split_high(weights, up_factor),
-            _stacked_windows(value, kernel_size),
-        )
-    )
+similarity_patches = _window_contraction(SIMILARITY_EQUATION, _patches)
+aggregate_patches = _window_contraction(AGGREGATE_EQUATION, _patches)
+_similarity_stacked = _window_contraction(SIMILARITY_EQUATION, _stacked_windows)
+_aggregate_stacked = _window_contraction(AGGREGATE_EQUATION, _stacked_windows)
 
 
 # Under XLA the forward passes accumulate one window offset at a time, which XLA fuses

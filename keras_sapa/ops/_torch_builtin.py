@@ -21,8 +21,11 @@ alive until the backward pass; here only the op's two inputs are saved.
 import torch
 import torch.nn.functional as F
 
+from keras_sapa.ops._patches import AGGREGATE_EQUATION
+from keras_sapa.ops._patches import SIMILARITY_EQUATION
 from keras_sapa.ops._patches import high4
 from keras_sapa.ops._patches import high6
+from keras_sapa.ops._patches import window_op_pair
 
 
 def _split_high(t, s):
@@ -48,16 +51,18 @@ def _windows(lo, kernel_size):
     )
 
 
-def _similarity(hi, lo, kernel_size, s):
-    return _merge_high(
-        torch.einsum("bhiwjd,bhwnd->bhiwjn", _split_high(hi, s), _windows(lo, kernel_size))
-    )
+def _window_contraction(equation):
+    """``(high, low, kernel_size, s) -> (B, sH, sW, .)``: ``equation`` between the
+    high-resolution tensor and the stacked windows of the low-resolution one."""
+
+    def contract(hi, lo, kernel_size, s):
+        return _merge_high(torch.einsum(equation, _split_high(hi, s), _windows(lo, kernel_size)))
+
+    return contract
 
 
-def _aggregate(w, lo, kernel_size, s):
-    return _merge_high(
-        torch.einsum("bhiwjn,bhwnc->bhiwjc", _split_high(w, s), _windows(lo, kernel_size))
-    )
+_similarity = _window_contraction(SIMILARITY_EQUATION)
+_aggregate = _window_contraction(AGGREGATE_EQUATION)
 
 
 def _scatter(w, hi, kernel_size, s):
@@ -107,9 +112,4 @@ def _window_op(forward, transpose, grad_is_window, doc):
     return op
 
 
-similarity_xla = _window_op(
-    _similarity, _aggregate, True, "``(B, sH, sW, d) x (B, H, W, d) -> (B, sH, sW, K*K)``."
-)
-aggregate_xla = _window_op(
-    _aggregate, _similarity, False, "``(B, sH, sW, K*K) x (B, H, W, C) -> (B, sH, sW, C)``."
-)
+similarity_xla, aggregate_xla = window_op_pair(_window_op, _similarity, _aggregate)

@@ -3,8 +3,8 @@
 import keras
 import keras_cv
 
+from keras_sapa.models._common import UpsamplerModel
 from keras_sapa.models._common import check_backbone
-from keras_sapa.models._common import deserialize_nested
 from keras_sapa.models._common import pyramid_extractor
 from keras_sapa.models._upsampler import SAPA_G
 from keras_sapa.models._upsampler import Upsampler
@@ -18,7 +18,7 @@ DEFAULT_UPSAMPLER = SAPA_G
 
 
 @keras.saving.register_keras_serializable(package="keras_sapa")
-class SAPADeepLabV3Plus(keras_cv.models.Task):
+class SAPADeepLabV3Plus(UpsamplerModel, keras_cv.models.Task):
     """DeepLabV3+ (Chen et al., ECCV 2018) with SAPA upsampling in the decoder.
 
     The graph is KerasCV's ``DeepLabV3Plus`` except for one step. The stock model
@@ -83,6 +83,9 @@ class SAPADeepLabV3Plus(keras_cv.models.Task):
         **kwargs: ``keras.Model`` arguments (``name``, ...).
     """
 
+    ARGUMENTS = ("num_classes", "projection_filters")
+    NESTED = ("backbone", "spatial_pyramid_pooling", "segmentation_head")
+
     def __init__(
         self,
         backbone,
@@ -97,7 +100,7 @@ class SAPADeepLabV3Plus(keras_cv.models.Task):
         num_classes = _checks.positive_int("num_classes", num_classes)
         projection_filters = _checks.positive_int("projection_filters", projection_filters)
         factory = Upsampler(upsampler, DEFAULT_UPSAMPLER, "SAPADeepLabV3Plus")
-        factory.check_stages(len(_GUIDE_LEVELS))
+        factory.start_stages(len(_GUIDE_LEVELS))
 
         inputs = backbone.input
         features = pyramid_extractor(backbone, _LEVELS)(inputs)
@@ -125,20 +128,9 @@ class SAPADeepLabV3Plus(keras_cv.models.Task):
         )
         low_level = low_level_feature_projector(features["P2"])
 
-        sapa_layers = []
-        stages = []  # what sapa_overhead needs to know of each stage
-        for index, level in enumerate(_GUIDE_LEVELS):
-            guide = features[f"P{level}"]
-            layer = factory.make(index, f"sapa_upsampling_P{level}")
-            stages.append(
-                {
-                    "level": level,
-                    "x_channels": int(x.shape[-1]),
-                    "guide_channels": int(guide.shape[-1]),
-                }
-            )
-            x = layer(x, guide)
-            sapa_layers.append(layer)
+        x = factory.chain(
+            x, [(f"sapa_upsampling_P{lv}", lv, features[f"P{lv}"]) for lv in _GUIDE_LEVELS]
+        )
 
         combined = keras.layers.Concatenate(axis=-1)([x, low_level])
 
@@ -171,55 +163,7 @@ class SAPADeepLabV3Plus(keras_cv.models.Task):
 
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
 
-        self.backbone = backbone
-        self.num_classes = num_classes
+        self._keep_arguments(locals())
+        # A plain object holding the stage layers (the replaced step: the stock 8x
+        # bilinear one): not tracked, so the layers keep their one path in saved files.
         self._upsampler = factory
-        self.projection_filters = projection_filters
-        self.spatial_pyramid_pooling = spatial_pyramid_pooling
-        self.segmentation_head = segmentation_head
-        # Names, not layers: the layers belong to the functional graph already, and a
-        # second reference would give them a second path in saved files.
-        self._sapa_layer_names = tuple(layer.name for layer in sapa_layers)
-        self._stage_info = tuple(stages)
-
-    # ------------------------------------------------------------------ counting
-    def sapa_stages(self):
-        """The SAPA stages: dicts of ``layer``, output ``level``, ``x_channels`` and
-        ``guide_channels`` (read by :func:`keras_sapa.models.sapa_overhead`)."""
-        return [
-            dict(info, layer=self.get_layer(name))
-            for info, name in zip(self._stage_info, self._sapa_layer_names, strict=False)
-        ]
-
-    def replaced_upsampling_macs(self, image_hw):
-        """Multiply-adds of the stock 8x bilinear step (4 per output value)."""
-        height, width = image_hw
-        p2 = (-(-height // 4), -(-width // 4))
-        return 4 * p2[0] * p2[1] * self._stage_info[0]["x_channels"]
-
-    # -------------------------------------------------------------------- config
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "backbone": keras.saving.serialize_keras_object(self.backbone),
-                "num_classes": self.num_classes,
-                "upsampler": self._upsampler.get_config(
-                    [self.get_layer(name) for name in self._sapa_layer_names]
-                ),
-                "projection_filters": self.projection_filters,
-                "spatial_pyramid_pooling": keras.saving.serialize_keras_object(
-                    self.spatial_pyramid_pooling
-                ),
-                "segmentation_head": keras.saving.serialize_keras_object(self.segmentation_head),
-            }
-        )
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(
-            **deserialize_nested(
-                config, "backbone", "spatial_pyramid_pooling", "segmentation_head"
-            )
-        )

@@ -5,6 +5,7 @@ import math
 import keras
 import keras_cv
 
+from keras_sapa.models._common import PyramidStages
 from keras_sapa.models._common import deserialize_nested
 from keras_sapa.models._upsampler import SAPA_B
 from keras_sapa.models._upsampler import Upsampler
@@ -16,7 +17,7 @@ DEFAULT_UPSAMPLER = SAPA_B
 
 
 @keras.saving.register_keras_serializable(package="keras_sapa")
-class SAPAFeaturePyramid(keras.layers.Layer):
+class SAPAFeaturePyramid(PyramidStages, keras.layers.Layer):
     """Feature pyramid network whose top-down upsampling is SAPA.
 
     A drop-in for ``keras_cv.models.RetinaNet(feature_pyramid=...)``: called, as
@@ -89,42 +90,29 @@ class SAPAFeaturePyramid(keras.layers.Layer):
 
         top = self.top_backbone_level
         self.input_levels = tuple(range(self.min_level, top + 1))
-        self.lateral_convs = [
-            keras.layers.Conv2D(
-                num_channels,
-                1,
-                padding="same",
-                dtype=self.dtype_policy,
-                name=f"lateral_P{level}",
-            )
-            for level in self.input_levels
-        ]
+        self.lateral_convs = self._convs("lateral_P{}", self.input_levels, 1)
         # upsamplers[i] brings merged level input_levels[i] + 1 to input_levels[i].
-        self._upsampler.check_stages(len(self.input_levels) - 1)
+        self._upsampler.start_stages(len(self.input_levels) - 1)
+        c = self.num_channels
         self.upsamplers = [
-            self._upsampler.make(index, f"sapa_P{level + 1}_to_P{level}", dtype=self.dtype_policy)
-            for index, level in enumerate(self.input_levels[:-1])
+            self._upsampler.stage(f"sapa_P{level + 1}_to_P{level}", level, c, c, self.dtype_policy)
+            for level in self.input_levels[:-1]
         ]
-        self.output_convs = [
+        self.output_convs = self._convs("output_P{}", self.input_levels, 3)
+        self.extra_convs = self._convs("output_P{}", range(top + 1, self.max_level + 1), 3, 2)
+
+    def _convs(self, name_format, levels, kernel_size, strides=1):
+        """One ``num_channels`` convolution per level, named ``name_format.format(level)``."""
+        return [
             keras.layers.Conv2D(
-                num_channels,
-                3,
+                self.num_channels,
+                kernel_size,
+                strides=strides,
                 padding="same",
                 dtype=self.dtype_policy,
-                name=f"output_P{level}",
+                name=name_format.format(level),
             )
-            for level in self.input_levels
-        ]
-        self.extra_convs = [
-            keras.layers.Conv2D(
-                num_channels,
-                3,
-                strides=2,
-                padding="same",
-                dtype=self.dtype_policy,
-                name=f"output_P{level}",
-            )
-            for level in range(top + 1, self.max_level + 1)
+            for level in levels
         ]
 
     @property
@@ -192,24 +180,6 @@ class SAPAFeaturePyramid(keras.layers.Layer):
             out.append((batch, h, w, c))
         return tuple(out)
 
-    # ---------------------------------------------------------------- counting
-    def sapa_stages(self):
-        """The SAPA stages: dicts of ``layer``, output ``level``, ``x_channels`` and
-        ``guide_channels`` (read by :func:`keras_sapa.models.sapa_overhead`)."""
-        return [
-            {
-                "layer": layer,
-                "level": level,
-                "x_channels": self.num_channels,
-                "guide_channels": self.num_channels,
-            }
-            for layer, level in zip(self.upsamplers, self.input_levels[:-1], strict=False)
-        ]
-
-    def replaced_upsampling_macs(self, image_hw):
-        """The stock nearest upsampling does no multiply-adds."""
-        return 0
-
     # ------------------------------------------------------------------ config
     def get_config(self):
         config = super().get_config()
@@ -219,7 +189,7 @@ class SAPAFeaturePyramid(keras.layers.Layer):
                 "max_level": self.max_level,
                 "num_channels": self.num_channels,
                 "backbone_max_level": self.backbone_max_level,
-                "upsampler": self._upsampler.get_config(self.upsamplers),
+                "upsampler": self._upsampler.get_config(),
             }
         )
         return config

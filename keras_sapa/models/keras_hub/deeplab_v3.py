@@ -3,8 +3,10 @@
 import keras
 import keras_hub
 
-from keras_sapa.models._common import deserialize_nested
+from keras_sapa.models._common import UpsamplerModel
+from keras_sapa.models._common import check_image_encoder
 from keras_sapa.models._common import power_of_two_log
+from keras_sapa.models._common import require_levels
 from keras_sapa.models._upsampler import SAPA_G
 from keras_sapa.models._upsampler import Upsampler
 from keras_sapa.models.keras_hub._upstream import SpatialPyramidPooling
@@ -14,7 +16,7 @@ DEFAULT_UPSAMPLER = SAPA_G
 
 
 @keras.saving.register_keras_serializable(package="keras_sapa")
-class SAPADeepLabV3Backbone(keras_hub.models.Backbone):
+class SAPADeepLabV3Backbone(UpsamplerModel, keras_hub.models.Backbone):
     """KerasHub's ``DeepLabV3Backbone`` with SAPA where its decoder upsamples.
 
     The stock backbone pools the encoder level ``spatial_pyramid_pooling_key`` (ASPP),
@@ -50,8 +52,20 @@ class SAPADeepLabV3Backbone(keras_hub.models.Backbone):
             ones left out take those defaults); a serialized layer or a layer used as
             a template; a list of these, one per stage; or a callable
             ``upsampler(stage_index, name=name)`` (see :mod:`keras_sapa.models`).
+            SAPA-D goes in the same way: ``upsampler=keras_sapa.SAPADeform()`` (its
+            ``groups`` must divide the ASPP's 256 channels).
         **kwargs: ``keras_hub.models.Backbone`` arguments (``name``, ``dtype``).
     """
+
+    ARGUMENTS = (
+        "projection_filters",
+        "dilation_rates",
+        "upsampling_size",
+        "low_level_feature_key",
+        "spatial_pyramid_pooling_key",
+        "image_shape",
+    )
+    NESTED = ("image_encoder",)
 
     def __init__(
         self,
@@ -65,14 +79,7 @@ class SAPADeepLabV3Backbone(keras_hub.models.Backbone):
         upsampler=None,
         **kwargs,
     ):
-        if not isinstance(image_encoder, keras.Model) or not isinstance(
-            getattr(image_encoder, "pyramid_outputs", None), dict
-        ):
-            raise ValueError(
-                "`image_encoder` must be a `keras.Model` with a `pyramid_outputs` dict "
-                "(a KerasHub backbone). Received: "
-                f"image_encoder={image_encoder!r} (of type {type(image_encoder).__name__})"
-            )
+        check_image_encoder(image_encoder, "SAPADeepLabV3Backbone")
         if isinstance(upsampling_size, (tuple, list)):
             if len(set(upsampling_size)) != 1:
                 raise ValueError(
@@ -96,15 +103,13 @@ class SAPADeepLabV3Backbone(keras_hub.models.Backbone):
                 f"{sorted(pyramid)}. Received: "
                 f"spatial_pyramid_pooling_key={spatial_pyramid_pooling_key!r}"
             )
-        guide_keys = [f"P{top - i}" for i in range(1, steps + 1)]
-        missing = [key for key in guide_keys if key not in pyramid]
-        if missing:
-            raise ValueError(
-                f"SAPA upsampling {spatial_pyramid_pooling_key} by {factor} is guided by "
-                f"the encoder levels {guide_keys}; the encoder lacks {missing}. "
-                f"Received: upsampling_size={upsampling_size!r}, encoder levels "
-                f"{sorted(pyramid)}"
-            )
+        guide_levels = range(top - 1, top - steps - 1, -1)
+        require_levels(
+            [f"P{level}" for level in guide_levels],
+            pyramid,
+            f"SAPA upsampling {spatial_pyramid_pooling_key} by upsampling_size={factor}",
+            "the encoder",
+        )
         if low_level_feature_key and low_level_feature_key not in pyramid:
             raise ValueError(
                 f"`low_level_feature_key` must be one of the encoder's levels "
@@ -127,22 +132,10 @@ class SAPADeepLabV3Backbone(keras_hub.models.Backbone):
         spatial_pyramid_pooling = SpatialPyramidPooling(dilation_rates=dilation_rates)
         x = spatial_pyramid_pooling(fpn_outputs[spatial_pyramid_pooling_key])
 
-        factory.check_stages(len(guide_keys))
-        stages = []
-        sapa_layers = []
-        for index, key in enumerate(guide_keys):
-            guide = fpn_outputs[key]
-            stages.append(
-                {
-                    "level": int(key[1:]),
-                    "x_channels": int(x.shape[-1]),
-                    "guide_channels": int(guide.shape[-1]),
-                }
-            )
-            layer = factory.make(index, f"sapa_upsampling_{key}")
-            x = layer(x, guide)
-            sapa_layers.append(layer)
-        encoder_outputs = x
+        factory.start_stages(steps)
+        encoder_outputs = factory.chain(
+            x, [(f"sapa_upsampling_P{lv}", lv, fpn_outputs[f"P{lv}"]) for lv in guide_levels]
+        )
 
         if low_level_feature_key:
             low = keras.layers.Conv2D(
@@ -179,52 +172,7 @@ class SAPADeepLabV3Backbone(keras_hub.models.Backbone):
         super().__init__(inputs=inputs, outputs=x, **kwargs)
 
         # === Config ===
-        self.image_shape = image_shape
-        self.image_encoder = image_encoder
-        self.projection_filters = projection_filters
-        self.upsampling_size = upsampling_size
-        self.dilation_rates = dilation_rates
-        self.low_level_feature_key = low_level_feature_key
-        self.spatial_pyramid_pooling_key = spatial_pyramid_pooling_key
+        self._keep_arguments(locals())
+        # The stage layers (replacing the stock bilinear ``encoder_output_upsampling``),
+        # held by a plain object: not tracked, one path in saved files.
         self._upsampler = factory
-        self._stage_info = tuple(stages)
-        self._sapa_layer_names = tuple(layer.name for layer in sapa_layers)
-
-    # ------------------------------------------------------------------ counting
-    def sapa_stages(self):
-        """The SAPA stages: dicts of ``layer``, output ``level``, ``x_channels`` and
-        ``guide_channels`` (read by :func:`keras_sapa.models.sapa_overhead`)."""
-        return [
-            dict(info, layer=self.get_layer(name))
-            for info, name in zip(self._stage_info, self._sapa_layer_names, strict=False)
-        ]
-
-    def replaced_upsampling_macs(self, image_hw):
-        """Multiply-adds of the stock bilinear ``encoder_output_upsampling`` (4 per
-        output value)."""
-        s = 2 ** self._stage_info[-1]["level"]
-        height, width = -(-image_hw[0] // s), -(-image_hw[1] // s)
-        return 4 * height * width * self._stage_info[0]["x_channels"]
-
-    # -------------------------------------------------------------------- config
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "image_encoder": keras.saving.serialize_keras_object(self.image_encoder),
-                "projection_filters": self.projection_filters,
-                "dilation_rates": self.dilation_rates,
-                "upsampling_size": self.upsampling_size,
-                "low_level_feature_key": self.low_level_feature_key,
-                "spatial_pyramid_pooling_key": self.spatial_pyramid_pooling_key,
-                "image_shape": self.image_shape,
-                "upsampler": self._upsampler.get_config(
-                    [self.get_layer(name) for name in self._sapa_layer_names]
-                ),
-            }
-        )
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        return super().from_config(deserialize_nested(config, "image_encoder"))

@@ -3,7 +3,10 @@
 import keras
 import keras_hub
 
-from keras_sapa.models._common import deserialize_nested
+from keras_sapa.models._common import PyramidStages
+from keras_sapa.models._common import UpsamplerModel
+from keras_sapa.models._common import check_image_encoder
+from keras_sapa.models._common import require_levels
 from keras_sapa.models._upsampler import SAPA_B
 from keras_sapa.models._upsampler import Upsampler
 from keras_sapa.models.keras_hub._upstream import FeaturePyramid
@@ -16,7 +19,7 @@ def _backbone_max_level(levels, max_level):
 
 
 @keras.saving.register_keras_serializable(package="keras_sapa")
-class SAPAKerasHubFeaturePyramid(FeaturePyramid):
+class SAPAKerasHubFeaturePyramid(PyramidStages, FeaturePyramid):
     """KerasHub's RetinaNet ``FeaturePyramid`` whose top-down upsampling is SAPA.
 
     The stock pyramid adds to each lateral 1x1 convolution the nearest 2x upsampling
@@ -31,44 +34,32 @@ class SAPAKerasHubFeaturePyramid(FeaturePyramid):
     load into all but the SAPA layers. ``channels_last`` only.
 
     Args:
-        min_level, max_level, use_p5, num_filters, activation, kernel_initializer,
-            bias_initializer, batch_norm_momentum, batch_norm_epsilon,
-            kernel_regularizer, bias_regularizer, use_batch_norm, data_format: as
-            for KerasHub's pyramid.
-        upsampler: the layer of each top-down step (stage ``i`` is
+        *args, min_level, max_level, use_p5, num_filters, activation,
+            kernel_initializer, bias_initializer, batch_norm_momentum,
+            batch_norm_epsilon, kernel_regularizer, bias_regularizer, use_batch_norm,
+            data_format: as for KerasHub's pyramid (same order, same defaults).
+        upsampler: keyword only, the layer of each top-down step (stage ``i`` is
             ``sapa_P{min_level + i + 1}_to_P{min_level + i}``), any layer called as
             ``layer(x, guide)`` and built by ``build(x_shape, guide_shape)``: ``None``
             for SAPA-B (the paper's detection variant), K=5, d=64, LayerNorm; a dict of
             SAPA arguments (the ones left out take those defaults); a serialized layer
             or a layer used as a template; a list of these, one per stage; or a
             callable ``upsampler(stage_index, name=name)`` (see
-            :mod:`keras_sapa.models`).
-        **kwargs: ``keras.layers.Layer`` arguments.
+            :mod:`keras_sapa.models`). SAPA-D goes in the same way:
+            ``upsampler=keras_sapa.SAPADeform()`` (its ``groups`` must divide
+            ``num_filters``).
+        **kwargs: the other arguments of KerasHub's pyramid and ``keras.layers.Layer``
+            arguments.
     """
 
-    def __init__(
-        self,
-        min_level,
-        max_level,
-        use_p5,
-        num_filters=256,
-        upsampler=None,
-        data_format=None,
-        **kwargs,
-    ):
-        super().__init__(
-            min_level=min_level,
-            max_level=max_level,
-            use_p5=use_p5,
-            num_filters=num_filters,
-            data_format=data_format,
-            **kwargs,
-        )
+    def __init__(self, *args, upsampler=None, **kwargs):
+        super().__init__(*args, **kwargs)
         if self.data_format != "channels_last":
             raise ValueError(
                 "SAPAKerasHubFeaturePyramid supports channels_last only. "
                 f"Received: data_format={self.data_format!r}"
             )
+        # A plain object holding the stage layers (which self.sapa_layers tracks).
         self._upsampler = Upsampler(upsampler, DEFAULT_UPSAMPLER, "SAPAKerasHubFeaturePyramid")
         self.sapa_layers = None
 
@@ -78,16 +69,13 @@ class SAPAKerasHubFeaturePyramid(FeaturePyramid):
         top = _backbone_max_level(levels, self.max_level)
         c = self.num_filters
         self.sapa_layers = {}
-        self._upsampler.check_stages(top - self.min_level)
+        self._upsampler.start_stages(top - self.min_level)
         for i in range(self.min_level, top):
-            layer = self._upsampler.make(
-                i - self.min_level, f"sapa_P{i + 1}_to_P{i}", dtype=self.dtype_policy
-            )
+            layer = self._upsampler.stage(f"sapa_P{i + 1}_to_P{i}", i, c, c, self.dtype_policy)
             layer.build((None, None, None, c), (None, None, None, c))
             self.sapa_layers[f"P{i}"] = layer
         # The stock nearest upsampling is not used: SAPA replaces it.
         self.top_down_op = None
-        self._backbone_max_level = top
 
     def call(self, inputs):
         top = _backbone_max_level(inputs, self.max_level)
@@ -118,33 +106,14 @@ class SAPAKerasHubFeaturePyramid(FeaturePyramid):
             outputs[level] = out
         return {f"P{i}": outputs[f"P{i}"] for i in range(self.min_level, self.max_level + 1)}
 
-    # ------------------------------------------------------------------ counting
-    def sapa_stages(self):
-        """The SAPA stages: dicts of ``layer``, output ``level``, ``x_channels`` and
-        ``guide_channels`` (read by :func:`keras_sapa.models.sapa_overhead`)."""
-        return [
-            {
-                "layer": self.sapa_layers[f"P{i}"],
-                "level": i,
-                "x_channels": self.num_filters,
-                "guide_channels": self.num_filters,
-            }
-            for i in range(self.min_level, self._backbone_max_level)
-        ]
-
-    def replaced_upsampling_macs(self, image_hw):
-        """The stock nearest upsampling does no multiply-adds."""
-        return 0
-
     def get_config(self):
         config = super().get_config()
-        layers = None if self.sapa_layers is None else list(self.sapa_layers.values())
-        config["upsampler"] = self._upsampler.get_config(layers)
+        config["upsampler"] = self._upsampler.get_config()
         return config
 
 
 @keras.saving.register_keras_serializable(package="keras_sapa")
-class SAPARetinaNetBackbone(keras_hub.models.Backbone):
+class SAPARetinaNetBackbone(UpsamplerModel, keras_hub.models.Backbone):
     """KerasHub's ``RetinaNetBackbone`` with a :class:`SAPAKerasHubFeaturePyramid`.
 
     Same graph, names and attributes as the stock backbone (feature extractor
@@ -162,6 +131,9 @@ class SAPARetinaNetBackbone(keras_hub.models.Backbone):
         **kwargs: ``keras_hub.models.Backbone`` arguments (``name``).
     """
 
+    ARGUMENTS = ("min_level", "max_level", "use_p5", "use_fpn_batch_norm", "image_shape")
+    NESTED = ("image_encoder",)
+
     def __init__(
         self,
         image_encoder,
@@ -175,14 +147,7 @@ class SAPARetinaNetBackbone(keras_hub.models.Backbone):
         dtype=None,
         **kwargs,
     ):
-        if not isinstance(image_encoder, keras.Model) or not isinstance(
-            getattr(image_encoder, "pyramid_outputs", None), dict
-        ):
-            raise ValueError(
-                "`image_encoder` must be a `keras.Model` with a `pyramid_outputs` dict "
-                "(a KerasHub backbone). Received: "
-                f"image_encoder={image_encoder!r} (of type {type(image_encoder).__name__})"
-            )
+        check_image_encoder(image_encoder, "SAPARetinaNetBackbone")
         if min_level > max_level:
             raise ValueError(
                 "`min_level` must be <= `max_level`. "
@@ -194,16 +159,12 @@ class SAPARetinaNetBackbone(keras_hub.models.Backbone):
                 f"The encoder's levels reach P{top}, below the pyramid's max_level="
                 f"{max_level}. Received encoder levels {sorted(image_encoder.pyramid_outputs)}"
             )
-        missing = [
-            f"P{level}"
-            for level in range(min_level, top + 1)
-            if f"P{level}" not in image_encoder.pyramid_outputs
-        ]
-        if missing:
-            raise ValueError(
-                f"SAPARetinaNetBackbone needs the encoder levels P{min_level} to P{top}; "
-                f"the encoder lacks {missing}."
-            )
+        require_levels(
+            [f"P{level}" for level in range(min_level, top + 1)],
+            image_encoder.pyramid_outputs,
+            "SAPARetinaNetBackbone",
+            "the encoder",
+        )
 
         feature_extractor = keras.Model(
             inputs=image_encoder.inputs,
@@ -227,30 +188,11 @@ class SAPARetinaNetBackbone(keras_hub.models.Backbone):
         pyramid_outputs = feature_pyramid(feature_extractor(image_input))
         super().__init__(inputs=image_input, outputs=pyramid_outputs, dtype=dtype, **kwargs)
 
-        self.min_level = min_level
-        self.max_level = max_level
-        self.use_p5 = use_p5
-        self.use_fpn_batch_norm = use_fpn_batch_norm
-        self.image_encoder = image_encoder
+        self._keep_arguments(locals())
         self.feature_pyramid = feature_pyramid
-        self.image_shape = image_shape
         self.pyramid_outputs = pyramid_outputs
+        self._upsampler = feature_pyramid._upsampler  # its stages, for sapa_overhead
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "image_encoder": keras.saving.serialize_keras_object(self.image_encoder),
-                "min_level": self.min_level,
-                "max_level": self.max_level,
-                "use_p5": self.use_p5,
-                "use_fpn_batch_norm": self.use_fpn_batch_norm,
-                "image_shape": self.image_shape,
-                "upsampler": self.feature_pyramid.get_config()["upsampler"],
-            }
-        )
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        return super().from_config(deserialize_nested(config, "image_encoder"))
+    def replaced_upsampling_macs(self, image_hw):
+        """Those of the pyramid's stages (none: they replace nearest upsampling)."""
+        return self.feature_pyramid.replaced_upsampling_macs(image_hw)

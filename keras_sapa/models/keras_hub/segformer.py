@@ -3,7 +3,9 @@
 import keras
 import keras_hub
 
-from keras_sapa.models._common import deserialize_nested
+from keras_sapa.models._common import UpsamplerModel
+from keras_sapa.models._common import bilinear_macs
+from keras_sapa.models._common import check_image_encoder
 from keras_sapa.models._upsampler import SAPA_B_SEGFORMER
 from keras_sapa.models._upsampler import Upsampler
 from keras_sapa.ops import _checks
@@ -12,14 +14,9 @@ DEFAULT_UPSAMPLER = SAPA_B_SEGFORMER
 
 
 def _check_encoder(image_encoder, model_name):
-    if not isinstance(image_encoder, keras.Model):
-        raise ValueError(
-            f"`image_encoder` of {model_name} must be a `keras.Model` (for example "
-            "`keras_hub.models.MiTBackbone`). Received: "
-            f"image_encoder={image_encoder!r} (of type {type(image_encoder).__name__})"
-        )
-    pyramid = getattr(image_encoder, "pyramid_outputs", None)
-    if not isinstance(pyramid, dict) or len(pyramid) < 2:
+    check_image_encoder(image_encoder, model_name, "keras_hub.models.MiTBackbone")
+    pyramid = image_encoder.pyramid_outputs
+    if len(pyramid) < 2:
         raise ValueError(
             f"`image_encoder` of {model_name} must have a `pyramid_outputs` dict of at "
             "least two stages, finest first, as KerasHub's MiTBackbone has. Received "
@@ -54,7 +51,7 @@ def _stage_strides(image_encoder, keys):
 
 
 @keras.saving.register_keras_serializable(package="keras_sapa")
-class SAPASegFormerBackbone(keras_hub.models.Backbone):
+class SAPASegFormerBackbone(UpsamplerModel, keras_hub.models.Backbone):
     """KerasHub's ``SegFormerBackbone`` with SAPA upsampling in its all-MLP decoder.
 
     The stock decoder projects each encoder stage to ``projection_filters`` channels
@@ -90,6 +87,9 @@ class SAPASegFormerBackbone(keras_hub.models.Backbone):
             ``upsampler(stage_index, name=name)`` (see :mod:`keras_sapa.models`).
         **kwargs: ``keras_hub.models.Backbone`` arguments (``name``, ``dtype``).
     """
+
+    ARGUMENTS = ("projection_filters",)
+    NESTED = ("image_encoder",)
 
     def __init__(
         self,
@@ -130,24 +130,15 @@ class SAPASegFormerBackbone(keras_hub.models.Backbone):
         )
         projected = [mlp(features[key]) for mlp, key in zip(self.mlp_blocks, keys, strict=False)]
 
-        factory.check_stages(len(keys) * (len(keys) - 1) // 2)
-        self.sapa_blocks = []
-        stages = []
+        factory.start_stages(len(keys) * (len(keys) - 1) // 2)
         upsampled = {0: projected[0]}
         for i in range(len(keys) - 1, 0, -1):  # coarsest stream first, as officially
-            x = projected[i]
-            for j in range(i - 1, -1, -1):
-                layer = factory.make(len(self.sapa_blocks), f"sapa_{keys[i]}_to_{keys[j]}")
-                x = layer(x, projected[j])
-                self.sapa_blocks.append(layer)
-                stages.append(
-                    {
-                        "level": strides[j].bit_length() - 1,
-                        "x_channels": projection_filters,
-                        "guide_channels": projection_filters,
-                    }
-                )
-            upsampled[i] = x
+            stages = [
+                (f"sapa_{keys[i]}_to_{keys[j]}", strides[j].bit_length() - 1, projected[j])
+                for j in range(i - 1, -1, -1)
+            ]
+            upsampled[i] = factory.chain(projected[i], stages)
+        self.sapa_blocks = [layer for layer, _ in factory.stages]
         multi_layer_outs = [upsampled[i] for i in range(len(keys))]
         concatenated = self.concat(multi_layer_outs[::-1])
         seg = self.linear_fuse(concatenated)
@@ -155,45 +146,17 @@ class SAPASegFormerBackbone(keras_hub.models.Backbone):
         super().__init__(inputs=inputs, outputs=seg, **kwargs)
 
         # === Config ===
-        self.projection_filters = projection_filters
-        self.image_encoder = image_encoder
+        self._keep_arguments(locals())
         self._upsampler = factory
-        self._stage_info = tuple(stages)
         self._finest_level = strides[0].bit_length() - 1
         self._num_stages = len(keys)
 
     # ------------------------------------------------------------------ counting
-    def sapa_stages(self):
-        """The SAPA stages: dicts of ``layer``, output ``level`` (log2 of its stride),
-        ``x_channels`` and ``guide_channels`` (read by
-        :func:`keras_sapa.models.sapa_overhead`)."""
-        return [
-            dict(info, layer=layer)
-            for info, layer in zip(self._stage_info, self.sapa_blocks, strict=False)
-        ]
-
     def replaced_upsampling_macs(self, image_hw):
         """Multiply-adds of the stock bilinear resizing of stages 2.. to the finest
         stage (4 per output value)."""
-        s = 2**self._finest_level
-        height, width = -(-image_hw[0] // s), -(-image_hw[1] // s)
-        return 4 * height * width * self.projection_filters * (self._num_stages - 1)
-
-    # -------------------------------------------------------------------- config
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "image_encoder": keras.saving.serialize_keras_object(self.image_encoder),
-                "projection_filters": self.projection_filters,
-                "upsampler": self._upsampler.get_config(self.sapa_blocks),
-            }
-        )
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        return super().from_config(deserialize_nested(config, "image_encoder"))
+        macs = bilinear_macs(image_hw, self._finest_level, self.projection_filters)
+        return macs * (self._num_stages - 1)
 
 
 @keras.saving.register_keras_serializable(package="keras_sapa")
