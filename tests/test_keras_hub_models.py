@@ -21,6 +21,7 @@ keras_hub = pytest.importorskip("keras_hub")
 
 import keras_sapa  # noqa: E402
 import keras_sapa.models as sapa_models  # noqa: E402
+from keras_sapa.demo import train  # noqa: E402  (its MiT builder)
 from keras_sapa.models.keras_hub import _upstream  # noqa: E402
 
 IMAGE = 64
@@ -45,20 +46,10 @@ pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 # ----------------------------------------------------------------------- helpers
 def mit_encoder(stages=4, image=IMAGE):
     # Strides 4, 8, 16, 32: stages of 16, 8, 4, 2 points on a side (at 64x64).
-    return keras_hub.models.MiTBackbone(
-        image_shape=(image, image, 3),
-        num_layers=stages,
-        hidden_dims=[8, 16, 32, 64][:stages],
-        layerwise_depths=[1] * stages,
-        layerwise_num_heads=[1, 1, 2, 2][:stages],
-        layerwise_sr_ratios=[8, 4, 2, 1][:stages],
-        layerwise_patch_sizes=[7, 3, 3, 3][:stages],
-        layerwise_strides=[4, 2, 2, 2][:stages],
-        max_drop_path_rate=0.0,
-    )
+    return train.mit_encoder(image, hidden_dims=[8, 16, 32, 64][:stages])
 
 
-def resnet_encoder():
+def resnet_encoder(image=IMAGE):
     # Basic blocks: P2..P5 with 64 (KerasHub requires it), 16, 16, 32 channels at
     # strides 4..32.
     return keras_hub.models.ResNetBackbone(
@@ -68,7 +59,7 @@ def resnet_encoder():
         stackwise_num_blocks=[1, 1, 1, 1],
         stackwise_num_strides=[1, 2, 2, 2],
         block_type="basic_block",
-        image_shape=(IMAGE, IMAGE, 3),
+        image_shape=(image, image, 3),
     )
 
 
@@ -93,11 +84,14 @@ def is_sapa_variable(variable):
     return "sapa_" in variable.path
 
 
-def expected_macs(variant, low_hw, cx, cy, d, k=5, s=2):
-    """Cost model of shared/SAPA_SPEC.md, written out independently of _counting.py."""
+def expected_macs(variant, low_hw, cx, cy, d, k=5, s=2, value=False):
+    """Cost model of shared/SAPA_SPEC.md, written out independently of _counting.py
+    (tests/test_models.py uses it too)."""
     n_lo = low_hw[0] * low_hw[1]
     n_hi = n_lo * s * s
     total = n_hi * k * k * d + n_hi * k * k * cx + n_lo * cx * d  # sim + agg + key
+    if value:
+        total += n_lo * cx * cx
     if variant == "bilinear":
         total += n_hi * cy * d
     elif variant == "gated":
@@ -107,17 +101,19 @@ def expected_macs(variant, low_hw, cx, cy, d, k=5, s=2):
     return total
 
 
-def deform_macs(low_hw, cx, cy, groups, points, embed, s=2):
-    """SAPA-D's cost model (shared/SAPA_SPEC.md, SAPA-D "Cost"; high offsets), written
-    out independently of _counting.py."""
+def deform_macs(low_hw, cx, cy, groups, points, embed, s=2, high_offset=True):
+    """SAPA-D's cost model (shared/SAPA_SPEC.md, SAPA-D "Cost"), written out
+    independently of _counting.py: per output point 4 taps x E channels and an E-long
+    dot product per sampled point, 4 taps x Cx for the values; q at high, k and offset
+    at low resolution."""
     n_lo = low_hw[0] * low_hw[1]
     n_hi = n_lo * s * s
-    sampled = groups * points
+    offsets = groups * points * 2 * (s * s if high_offset else 1)
     return (
-        n_hi * sampled * 5 * embed  # 4 taps x E, then the E-long dot product
-        + n_hi * points * 4 * cx  # 4 taps per value channel, P points of its group
-        + n_hi * cy * groups * embed  # q at high resolution
-        + n_lo * cx * (groups * embed + sampled * 2 * s * s)  # k and offset, low
+        n_hi * groups * points * (4 * embed + embed)
+        + n_hi * points * 4 * cx
+        + n_hi * cy * groups * embed
+        + n_lo * cx * (groups * embed + offsets)
     )
 
 
@@ -190,17 +186,27 @@ def without_encoder(config):
     )
 
 
+def outputs_np(outputs):
+    """A model's output (a tensor, or a dict of them) as a dict of NumPy arrays."""
+    if isinstance(outputs, dict):
+        return {key: to_np(value) for key, value in outputs.items()}
+    return {"output": to_np(outputs)}
+
+
 def check_keras_round_trip(model, tmp_path, x, name, cls=keras_sapa.SAPA):
     path = str(tmp_path / f"{name}.keras")
-    expected = to_np(model(x))
+    expected = outputs_np(model(x))
     model.save(path)
     restored = keras.models.load_model(path)
     assert type(restored) is type(model)
-    assert type(restored.backbone) is type(model.backbone)
+    assert type(getattr(restored, "backbone", None)) is type(getattr(model, "backbone", None))
     assert [layer.name for layer in sapa_layers_of(restored, cls)] == [
         layer.name for layer in sapa_layers_of(model, cls)
     ]
-    np.testing.assert_allclose(to_np(restored(x)), expected, rtol=1e-5, atol=1e-5)
+    got = outputs_np(restored(x))
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
     return restored
 
 
@@ -350,55 +356,27 @@ def test_segformer_stock_weights_load(segformer_pair):
     check_stock_weights_load(fresh, stock)
 
 
+def check_segmenter_fit_and_round_trip(model, tmp_path, seed, name, lr=3e-3, cls=keras_sapa.SAPA):
+    """A few fit steps with falling loss, then a .keras reload with equal outputs and
+    the same backbone config; returns the reloaded model."""
+    size = model.input.shape[1]
+    x = images(seed=seed, size=size)
+    y = np.random.default_rng(seed + 1).integers(0, NUM_CLASSES, size=(2, size, size, 1))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    check_fit_lowers_loss(model, x, y, loss, lr=lr, cls=cls)
+    restored = check_keras_round_trip(model, tmp_path, x, name, cls=cls)
+    assert without_encoder(restored.backbone.get_config()) == without_encoder(
+        model.backbone.get_config()
+    )
+    return restored
+
+
 def test_segformer_fit_and_round_trip(segformer_pair, tmp_path):
     ours, _ = segformer_pair
-    x = images(seed=4)
-    y = np.random.default_rng(5).integers(0, NUM_CLASSES, size=(2, IMAGE, IMAGE, 1))
-    check_fit_lowers_loss(ours, x, y, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    restored = check_keras_round_trip(ours, tmp_path, x, "segformer")
-    assert without_encoder(restored.backbone.get_config()) == without_encoder(
-        ours.backbone.get_config()
-    )
+    check_segmenter_fit_and_round_trip(ours, tmp_path, 4, "segformer")
     config = ours.backbone.get_config()
     clone = sapa_models.SAPASegFormerBackbone.from_config(config)
     assert without_encoder(clone.get_config()) == without_encoder(config)
-
-
-def test_segformer_with_sapa_deform(tmp_path):
-    """SAPA-D as every SegFormer stage (a layer template): its cost against the model
-    written out above, a few fit steps with falling loss that move the offset branch,
-    and a .keras reload with equal outputs. Three encoder stages at 32x32 keep it short."""
-    keras.utils.set_random_seed(6)
-    groups, points, embed = 4, 4, 4
-    template = keras_sapa.SAPADeform(num_points=points, groups=groups, embedding_dim=embed)
-    model = sapa_models.SAPASegFormer(
-        backbone=mit_encoder(3, 32),
-        num_classes=NUM_CLASSES,
-        projection_filters=FILTERS,
-        upsampler=template,
-    )
-    deform = sapa_layers_of(model, keras_sapa.SAPADeform)
-    assert len(deform) == 3 and not sapa_layers_of(model)
-    report = sapa_models.sapa_overhead(model)
-    # Stage sizes 8, 4, 2: streams P3 (2->4->8) and P2 (4->8).
-    lows = [(2, 2), (4, 4), (4, 4)]
-    assert report["macs"] == sum(
-        deform_macs(hw, FILTERS, FILTERS, groups, points, embed) for hw in lows
-    )
-    per_layer = 2 * (FILTERS + 1) * groups * embed + (FILTERS + 1) * groups * points * 8
-    assert report["params"] == 3 * per_layer
-
-    x = images(seed=7, size=32)
-    y = np.random.default_rng(8).integers(0, NUM_CLASSES, size=(2, 32, 32, 1))
-    check_fit_lowers_loss(
-        model,
-        x,
-        y,
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        lr=1e-2,
-        cls=keras_sapa.SAPADeform,
-    )
-    check_keras_round_trip(model, tmp_path, x, "segformer_deform", cls=keras_sapa.SAPADeform)
 
 
 # ---------------------------------------------------------------------- DeepLabV3
@@ -511,13 +489,7 @@ def test_deeplab_v3_stock_weights_load(deeplab_pair):
 
 def test_deeplab_v3_fit_and_round_trip(deeplab_pair, tmp_path):
     ours, _ = deeplab_pair
-    x = images(seed=6)
-    y = np.random.default_rng(7).integers(0, NUM_CLASSES, size=(2, IMAGE, IMAGE, 1))
-    check_fit_lowers_loss(ours, x, y, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    restored = check_keras_round_trip(ours, tmp_path, x, "deeplab_v3")
-    assert without_encoder(restored.backbone.get_config()) == without_encoder(
-        ours.backbone.get_config()
-    )
+    restored = check_segmenter_fit_and_round_trip(ours, tmp_path, 6, "deeplab_v3")
     assert {layer.norm_groups for layer in sapa_layers_of(restored)} == {8}
 
 
@@ -615,22 +587,135 @@ def test_retinanet_detector_fit_and_round_trip(retinanet_pair, tmp_path):
         )
 
 
+# -------------------------------------------------------------------------- SAPA-D
+# SAPA-D (keras_sapa.SAPADeform) as the upsampler of each KerasHub model, given the way
+# each model's docstring allows: a layer template, a serialized layer, a per-stage list.
+# 32x32 images. Per model: (build(upsampler), output shapes, stages as (low-resolution
+# size, x channels, guide channels), the stage layers' names).
+DEFORM = dict(num_points=4, groups=4, embedding_dim=4)
+DEFORM_IMAGE = 32
+
+
+def _deform_segformer(upsampler):
+    # Three encoder stages, sizes 8, 4, 2: streams P3 (2->4->8) and P2 (4->8).
+    return sapa_models.SAPASegFormer(
+        backbone=mit_encoder(3, DEFORM_IMAGE),
+        num_classes=NUM_CLASSES,
+        projection_filters=FILTERS,
+        upsampler=upsampler,
+    )
+
+
+def _deform_deeplab_v3(upsampler):
+    # ASPP: 256 channels at P5 (1x1); guides P4, P3, P2 have 16, 16, 64 channels.
+    return keras_hub.models.DeepLabV3ImageSegmenter(
+        backbone=sapa_models.SAPADeepLabV3Backbone(
+            image_encoder=resnet_encoder(DEFORM_IMAGE),
+            upsampler=upsampler,
+            **dict(DEEPLAB_ARGS, image_shape=(DEFORM_IMAGE, DEFORM_IMAGE, 3)),
+        ),
+        num_classes=NUM_CLASSES,
+    )
+
+
+def _deform_retinanet(upsampler):
+    # The pyramid's 256-channel laterals at P5 (1x1) and P4 (2x2).
+    return sapa_models.SAPARetinaNetBackbone(
+        image_encoder=resnet_encoder(DEFORM_IMAGE),
+        upsampler=upsampler,
+        **dict(RETINA_ARGS, image_shape=(DEFORM_IMAGE, DEFORM_IMAGE, 3)),
+    )
+
+
+DEFORM_MODELS = {
+    "segformer": (
+        _deform_segformer,
+        {"output": (2, DEFORM_IMAGE, DEFORM_IMAGE, NUM_CLASSES)},
+        [((2, 2), FILTERS, FILTERS), ((4, 4), FILTERS, FILTERS), ((4, 4), FILTERS, FILTERS)],
+        ["sapa_P3_to_P2", "sapa_P3_to_P1", "sapa_P2_to_P1"],
+    ),
+    "deeplab_v3": (
+        _deform_deeplab_v3,
+        {"output": (2, DEFORM_IMAGE, DEFORM_IMAGE, NUM_CLASSES)},
+        [((1, 1), 256, 16), ((2, 2), 256, 16), ((4, 4), 256, 64)],
+        ["sapa_upsampling_P4", "sapa_upsampling_P3", "sapa_upsampling_P2"],
+    ),
+    "retinanet": (
+        _deform_retinanet,
+        {"P3": (2, 4, 4, 256), "P4": (2, 2, 2, 256), "P5": (2, 1, 1, 256)},
+        [((2, 2), 256, 256), ((1, 1), 256, 256)],
+        ["sapa_P4_to_P3", "sapa_P5_to_P4"],
+    ),
+}
+
+
+def _deform_upsampler(form, count):
+    template = keras_sapa.SAPADeform(**DEFORM)
+    if form == "template":
+        return template
+    if form == "serialized":
+        return keras.saving.serialize_keras_object(template)
+    return [template] * count
+
+
+@pytest.mark.parametrize(
+    "model_name, form",
+    [("segformer", "template"), ("deeplab_v3", "serialized"), ("retinanet", "per_stage")],
+)
+def test_models_with_sapa_deform(model_name, form, tmp_path):
+    """SAPA-D as every stage of each KerasHub model: the stage layers, the output
+    shapes, the cost against the model written out above, a config round trip and a
+    .keras reload with equal outputs; for SegFormer also a few fit steps with falling
+    loss that move the offset branch."""
+    build, shapes, stages, names = DEFORM_MODELS[model_name]
+    keras.utils.set_random_seed(6)
+    model = build(_deform_upsampler(form, len(stages)))
+    backbone = getattr(model, "backbone", model)
+    deform = sapa_layers_of(backbone, keras_sapa.SAPADeform)
+    assert sorted(layer.name for layer in deform) == sorted(names)
+    assert not sapa_layers_of(model)
+    assert {(layer.num_points, layer.groups, layer.embedding_dim) for layer in deform} == {
+        (DEFORM["num_points"], DEFORM["groups"], DEFORM["embedding_dim"])
+    }
+
+    x = images(seed=7, size=DEFORM_IMAGE)
+    out = outputs_np(model(x))
+    assert {key: value.shape for key, value in out.items()} == shapes
+
+    groups, points, embed = DEFORM["groups"], DEFORM["num_points"], DEFORM["embedding_dim"]
+    report = sapa_models.sapa_overhead(model)
+    assert report["macs"] == sum(
+        deform_macs(hw, cx, cy, groups, points, embed) for hw, cx, cy in stages
+    )
+    # q (Cy -> G*E), k (Cx -> G*E) and offset (Cx -> G*P*2*s*s), with biases.
+    assert report["params"] == sum(
+        (cy + 1) * groups * embed + (cx + 1) * groups * (embed + points * 8)
+        for _, cx, cy in stages
+    )
+
+    config = backbone.get_config()
+    clone = type(backbone).from_config(config)
+    assert without_encoder(clone.get_config()) == without_encoder(config)
+    assert sorted(layer.name for layer in sapa_layers_of(clone, keras_sapa.SAPADeform)) == sorted(
+        names
+    )
+
+    if model_name == "segformer":
+        check_segmenter_fit_and_round_trip(
+            model, tmp_path, 7, model_name, lr=1e-2, cls=keras_sapa.SAPADeform
+        )
+    else:
+        check_keras_round_trip(model, tmp_path, x, model_name, cls=keras_sapa.SAPADeform)
+
+
 def test_overhead_of_a_segformer_b1_is_computed_without_weights():
     """SegFormer-B1's hyperparameters (MiT-B1: widths 64-128-320-512), decoder width 256,
     at 512x512: parameters are counted from the layers, multiply-adds checked against
     the cost model written out here."""
     if keras.config.backend() != "tensorflow":
         pytest.skip("one backend is enough for a count")
-    encoder = keras_hub.models.MiTBackbone(
-        image_shape=(512, 512, 3),
-        num_layers=4,
-        hidden_dims=[64, 128, 320, 512],
-        layerwise_depths=[2, 2, 2, 2],
-        layerwise_num_heads=[1, 2, 5, 8],
-        layerwise_sr_ratios=[8, 4, 2, 1],
-        layerwise_patch_sizes=[7, 3, 3, 3],
-        layerwise_strides=[4, 2, 2, 2],
-        max_drop_path_rate=0.1,
+    encoder = train.mit_encoder(
+        512, hidden_dims=(64, 128, 320, 512), depth=2, num_heads=(1, 2, 5, 8), drop_path=0.1
     )
     model = sapa_models.SAPASegFormerBackbone(image_encoder=encoder, projection_filters=256)
     report = sapa_models.sapa_overhead(model)

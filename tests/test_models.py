@@ -15,6 +15,9 @@ import pytest
 
 import keras_sapa
 import keras_sapa.models as sapa_models
+from keras_sapa.demo import train
+from test_keras_hub_models import deform_macs  # the cost models, written out once
+from test_keras_hub_models import expected_macs
 
 IMAGE = 64
 NUM_CLASSES = 3
@@ -23,15 +26,8 @@ KERNEL = 5
 
 
 def tiny_backbone(image=IMAGE):
-    # Stacks of two bottleneck blocks ("block": 4 x filters out): P2..P5 have
-    # 32, 64, 128, 256 channels at strides 4, 8, 16, 32.
-    return keras_cv.models.ResNetV2Backbone(
-        stackwise_filters=[8, 16, 32, 64],
-        stackwise_blocks=[2, 2, 2, 2],
-        stackwise_strides=[1, 2, 2, 2],
-        include_rescaling=False,
-        input_shape=(image, image, 3),
-    )
+    # The demo's: P2..P5 have 32, 64, 128, 256 channels at strides 4, 8, 16, 32.
+    return train.tiny_resnet_backbone(image, include_rescaling=False)
 
 
 def tiny_spp():
@@ -52,25 +48,33 @@ def upsampling_layers_of(model):
     ]
 
 
-def expected_macs(variant, low_hw, cx, cy, d=EMBED, k=KERNEL, s=2, value=False):
-    """The cost model of shared/SAPA_SPEC.md, written out independently."""
-    n_lo = low_hw[0] * low_hw[1]
-    n_hi = n_lo * s * s
-    total = n_hi * k * k * d + n_hi * k * k * cx  # similarity + aggregation
-    total += n_lo * cx * d  # key
-    if value:
-        total += n_lo * cx * cx
-    if variant == "bilinear":
-        total += n_hi * cy * d
-    elif variant == "gated":
-        total += n_hi * cy * d + n_hi * cx * d + n_lo * cx + 2 * n_hi * d
-    else:
-        raise AssertionError(variant)
-    return total
-
-
 def assert_close(a, b, atol=1e-5):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=atol)
+
+
+def reloaded(model, tmp_path):
+    """``model`` saved to a ``.keras`` file and loaded back, of the same class."""
+    path = str(tmp_path / f"{model.name}.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    assert type(restored) is type(model)
+    return restored
+
+
+def check_segmenter_fit(model, x, seed, epochs, variable):
+    """A few eager fit steps: finite, falling loss, and ``variable`` (a SAPA weight)
+    moved. Eager: tracing the train function costs ~30 s on a loaded 2-core machine,
+    stock DeepLabV3Plus as much as this one."""
+    y = np.random.default_rng(seed).integers(0, NUM_CLASSES, size=(len(x), IMAGE, IMAGE, 1))
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        run_eagerly=True,
+    )
+    before = np.array(variable.numpy())
+    losses = model.fit(x, y, epochs=epochs, batch_size=len(x), verbose=0).history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert not np.allclose(before, variable.numpy())
 
 
 @keras.saving.register_keras_serializable(package="keras_sapa_tests")
@@ -198,9 +202,9 @@ def test_deeplab_overhead_against_stock(deeplab):
     assert report["params"] == deeplab.count_params() - stock.count_params()
     assert report["stock_params"] == stock.count_params()
     want = (
-        expected_macs("gated", (2, 2), 32, 128, value=True)
-        + expected_macs("gated", (4, 4), 32, 64, value=True)
-        + expected_macs("gated", (8, 8), 32, 32, value=True)
+        expected_macs("gated", (2, 2), 32, 128, EMBED, value=True)
+        + expected_macs("gated", (4, 4), 32, 64, EMBED, value=True)
+        + expected_macs("gated", (8, 8), 32, 32, EMBED, value=True)
     )
     assert report["macs"] == want
     assert report["replaced_macs"] == 4 * 16 * 16 * 32
@@ -274,31 +278,13 @@ def test_deeplab_keeps_stock_names_and_loads_stock_weights():
 
 
 def test_deeplab_fit_loss_falls(deeplab):
-    x = images()
-    y = np.random.default_rng(3).integers(0, NUM_CLASSES, size=(2, IMAGE, IMAGE, 1))
-    deeplab.compile(
-        optimizer=keras.optimizers.Adam(1e-2),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        # Eager: tracing the train function costs ~30 s on a loaded 2-core machine,
-        # stock DeepLabV3Plus as much as this one. RetinaNet's fit below runs traced.
-        run_eagerly=True,
-    )
-    sapa_kernel = deeplab.get_layer("sapa_upsampling_P3").k.kernel
-    before = np.array(sapa_kernel.numpy())
-    history = deeplab.fit(x, y, epochs=10, batch_size=2, verbose=0)
-    losses = history.history["loss"]
-    assert np.all(np.isfinite(losses))
-    assert losses[-1] < losses[0]
-    # Gradients reach SAPA's projections.
-    assert not np.allclose(before, sapa_kernel.numpy())
+    # Gradients reach SAPA's projections. (RetinaNet's fit below runs traced.)
+    check_segmenter_fit(deeplab, images(), 3, 10, deeplab.get_layer("sapa_upsampling_P3").k.kernel)
 
 
 def test_deeplab_keras_round_trip(deeplab, tmp_path):
     x = images(seed=5)
-    path = str(tmp_path / "deeplab.keras")
-    deeplab.save(path)
-    restored = keras.models.load_model(path)
-    assert type(restored) is sapa_models.SAPADeepLabV3Plus
+    restored = reloaded(deeplab, tmp_path)
     assert [layer.name for layer in sapa_layers_of(restored)] == [
         layer.name for layer in sapa_layers_of(deeplab)
     ]
@@ -311,21 +297,6 @@ def test_deeplab_keras_round_trip(deeplab, tmp_path):
 
 
 # ------------------------------------------------------------------- SAPA-D in KerasCV
-def deform_macs(low_hw, cx, cy, groups, points, embed, s=2, high_offset=True):
-    """SAPA-D's cost model (shared/SAPA_SPEC.md, SAPA-D "Cost"), written out here: per
-    output point 4 taps x E channels and an E-long dot product per sampled point, 4 taps
-    x Cx for the values; q at high, k and offset at low resolution."""
-    n_lo = low_hw[0] * low_hw[1]
-    n_hi = n_lo * s * s
-    offsets = groups * points * 2 * (s * s if high_offset else 1)
-    return (
-        n_hi * groups * points * (4 * embed + embed)
-        + n_hi * points * 4 * cx
-        + n_hi * cy * groups * embed
-        + n_lo * cx * (groups * embed + offsets)
-    )
-
-
 def test_deeplab_with_sapa_deform(tmp_path):
     """SAPA-D as every DeepLabV3Plus stage, given as a serialized layer: its cost, a few
     fit steps with falling loss that move the offset branch, and a .keras reload."""
@@ -362,21 +333,10 @@ def test_deeplab_with_sapa_deform(tmp_path):
     )
     assert report["macs"] == want
 
-    y = np.random.default_rng(23).integers(0, NUM_CLASSES, size=(2, IMAGE, IMAGE, 1))
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-2),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        run_eagerly=True,
-    )
-    offset_kernel = model.get_layer("sapa_upsampling_P3").offset.kernel
-    before = np.array(offset_kernel.numpy())
-    losses = model.fit(x, y, epochs=4, batch_size=2, verbose=0).history["loss"]
-    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
-    assert not np.allclose(before, offset_kernel.numpy())  # the offsets learn
+    # The offsets learn.
+    check_segmenter_fit(model, x, 23, 4, model.get_layer("sapa_upsampling_P3").offset.kernel)
 
-    path = str(tmp_path / "deeplab_deform.keras")
-    model.save(path)
-    restored = keras.models.load_model(path)
+    restored = reloaded(model, tmp_path)
     assert isinstance(restored.get_layer("sapa_upsampling_P2"), keras_sapa.SAPADeform)
     assert_close(restored(x), model(x))
 
@@ -385,19 +345,30 @@ def test_feature_pyramid_with_sapa_deform():
     """SAPA-D in the KerasCV pyramid's top-down steps (a layer template), checked against
     the pyramid's own parts: merged P4 = lateral P4 + SAPA-D(lateral P5, lateral P4)."""
     keras.utils.set_random_seed(24)
-    rng = np.random.default_rng(25)
-    feats = {
-        f"P{level}": rng.normal(size=(1, IMAGE // 2**level, IMAGE // 2**level, c)).astype(
-            "float32"
-        )
-        for level, c in ((3, 16), (4, 16), (5, 16))
-    }
+    feats = pyramid_features(25, 1, (16, 16, 16))
     template = keras_sapa.SAPADeform(num_points=4, groups=2, embedding_dim=4, norm="group")
     pyramid = sapa_models.SAPAFeaturePyramid(num_channels=32, upsampler=template)
     outputs = pyramid(feats)
     assert all(isinstance(layer, keras_sapa.SAPADeform) for layer in pyramid.upsamplers)
     assert all(layer.norm == "group" and layer.num_points == 4 for layer in pyramid.upsamplers)
     assert not template.built  # a template, never called
+    check_pyramid_top_down(pyramid, feats, outputs)
+
+
+# ------------------------------------------------------------------------- RetinaNet
+def pyramid_features(seed, batch, channels):
+    """Random backbone levels P3, P4, P5 of ``channels`` channels at strides 8-32."""
+    rng = np.random.default_rng(seed)
+    return {
+        f"P{level}": rng.normal(size=(batch, IMAGE >> level, IMAGE >> level, c)).astype("float32")
+        for level, c in zip((3, 4, 5), channels, strict=True)
+    }
+
+
+def check_pyramid_top_down(pyramid, feats, outputs):
+    """The pyramid's P4 output against its parts: output_conv(lateral P4 + the
+    upsampler of P5 -> P4 applied to lateral P5, guided by lateral P4); and a config
+    round trip."""
     lat4 = pyramid.lateral_convs[1](feats["P4"])
     lat5 = pyramid.lateral_convs[2](feats["P5"])
     assert_close(outputs[1], pyramid.output_convs[1](lat4 + pyramid.upsamplers[1](lat5, lat4)))
@@ -405,7 +376,6 @@ def test_feature_pyramid_with_sapa_deform():
     assert clone.get_config() == pyramid.get_config()
 
 
-# ------------------------------------------------------------------------- RetinaNet
 def detection_batch():
     x = images(seed=7)
     boxes = np.array([[[4, 4, 36, 36], [24, 16, 32, 44]]] * 2, "float32")  # xywh
@@ -426,13 +396,7 @@ def retinanet():
 
 def test_feature_pyramid_standalone():
     keras.utils.set_random_seed(5)
-    rng = np.random.default_rng(8)
-    feats = {
-        f"P{level}": rng.normal(size=(2, IMAGE // 2**level, IMAGE // 2**level, c)).astype(
-            "float32"
-        )
-        for level, c in ((3, 64), (4, 128), (5, 256))
-    }
+    feats = pyramid_features(8, 2, (64, 128, 256))
     pyramid = sapa_models.SAPAFeaturePyramid(num_channels=32, upsampler={"embedding_dim": EMBED})
     outputs = pyramid(feats)
     sizes = (8, 4, 2, 1, 1)
@@ -444,14 +408,8 @@ def test_feature_pyramid_standalone():
     for a, b in zip(outputs, as_list, strict=False):
         assert_close(a, b, atol=0)
     assert [layer.name for layer in pyramid.upsamplers] == ["sapa_P4_to_P3", "sapa_P5_to_P4"]
-    # The top-down path really uses SAPA: the merged P4 is lateral + SAPA(P5 lateral).
-    lat4 = pyramid.lateral_convs[1](feats["P4"])
-    lat5 = pyramid.lateral_convs[2](feats["P5"])
-    merged4 = lat4 + pyramid.upsamplers[1](lat5, lat4)
-    assert_close(outputs[1], pyramid.output_convs[1](merged4))
-
-    clone = sapa_models.SAPAFeaturePyramid.from_config(pyramid.get_config())
-    assert clone.get_config() == pyramid.get_config()
+    # The top-down path really uses SAPA.
+    check_pyramid_top_down(pyramid, feats, outputs)
     with pytest.raises(ValueError, match="P3"):
         pyramid({"P4": feats["P4"], "P5": feats["P5"]})
     with pytest.raises(ValueError, match="max_level"):
@@ -489,9 +447,7 @@ def test_feature_pyramid_takes_any_guided_layer(tmp_path):
 
     config = pyramid.get_config()["upsampler"]
     assert config["class_name"] == "GatedNearest"
-    path = str(tmp_path / "pyramid.keras")
-    model.save(path)
-    restored = keras.models.load_model(path)
+    restored = reloaded(model, tmp_path)
     for a, b in zip(restored(feats), outputs, strict=False):
         assert_close(a, b, atol=1e-6)
 
@@ -554,8 +510,8 @@ def test_retinanet_structure_and_overhead(retinanet):
     assert report["params"] == retinanet.count_params() - stock.count_params()
     assert report["replaced_macs"] == 0
     # P5 (2x2) -> P4, then P4 (4x4) -> P3, both 256 channels.
-    assert report["macs"] == expected_macs("bilinear", (2, 2), 256, 256) + expected_macs(
-        "bilinear", (4, 4), 256, 256
+    assert report["macs"] == expected_macs("bilinear", (2, 2), 256, 256, EMBED) + expected_macs(
+        "bilinear", (4, 4), 256, 256, EMBED
     )
 
 
@@ -580,10 +536,7 @@ def test_retinanet_fit_loss_falls(retinanet):
 
 def test_retinanet_keras_round_trip_keeps_pyramid(retinanet, tmp_path):
     x = images(seed=9)
-    path = str(tmp_path / "retinanet.keras")
-    retinanet.save(path)
-    restored = keras.models.load_model(path)
-    assert type(restored) is sapa_models.SAPARetinaNet
+    restored = reloaded(retinanet, tmp_path)
     assert isinstance(restored.feature_pyramid, sapa_models.SAPAFeaturePyramid)
     assert restored.feature_pyramid.get_config() == retinanet.feature_pyramid.get_config()
     ours, theirs = restored({"images": x}), retinanet({"images": x})
