@@ -82,12 +82,18 @@ def _sampling(feature, offset, num_point, up_factor, groups):
     return grouped, _taps(kh, kw, keep, height, width)
 
 
+def _saved_sampling(ctx, high, feature, offset, num_point, up_factor, groups):
+    """A forward's start: saves its tensors and arguments for the backward, and returns
+    :func:`_sampling` of ``feature`` (the key or the value)."""
+    ctx.save_for_backward(high, feature, offset)
+    ctx.args = (num_point, up_factor, groups)
+    return _sampling(feature, offset, num_point, up_factor, groups)
+
+
 class DeformQK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, offset, num_point, up_factor, groups):
-        ctx.save_for_backward(query, key, offset)
-        ctx.args = (num_point, up_factor, groups)
-        k, taps = _sampling(key, offset, num_point, up_factor, groups)
+        k, taps = _saved_sampling(ctx, query, key, offset, num_point, up_factor, groups)
         q = query.view(k.shape[:3] + (1,) + query.shape[2:])
         out = 0
         for index, w, _, _, _ in taps:
@@ -119,9 +125,7 @@ class DeformQK(torch.autograd.Function):
 class DeformAV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, attn, value, offset, num_point, up_factor, groups):
-        ctx.save_for_backward(attn, value, offset)
-        ctx.args = (num_point, up_factor, groups)
-        v, taps = _sampling(value, offset, num_point, up_factor, groups)
+        v, taps = _saved_sampling(ctx, attn, value, offset, num_point, up_factor, groups)
         a = attn.unsqueeze(2)  # (B, G, 1, P, sH, sW)
         out = 0
         for index, w, _, _, _ in taps:

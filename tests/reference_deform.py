@@ -141,41 +141,40 @@ def sapa_deform(query, key, value, offsets, num_points, up_factor, groups):
 # ------------------------------------------------------------------ gradients
 
 
-def deform_similarity_vjp(query, key, offsets, grad, num_points, up_factor, groups):
-    """(d query, d key, d offsets) of ``deform_similarity`` for the cotangent ``grad``."""
-    q, kk, gr = (np.asarray(t, np.float64) for t in (query, key, grad))
-    height, width, channels = kk.shape[1:]
-    d_q, d_k = np.zeros_like(q), np.zeros_like(kk)
+def _pairing_grads(high, low, coef, offsets, num_points, up_factor, groups):
+    """Gradients of ``F = sum over kept points (b, i, j, k) of coef[b, i, j, k] *
+    <high[b, i, j, group g], bilinear(low[group g], position k)>`` with respect to
+    ``high``, ``low``, ``coef`` and the offsets (through the taps' weights), with the same
+    loops. Both halves' VJPs are derivatives of this form: ``deform_similarity``'s with
+    ``coef`` the cotangent (F = <grad, logits>), ``deform_aggregate``'s with ``high`` the
+    cotangent (F = <grad, out>)."""
+    hi, lo, cf = (np.asarray(t, np.float64) for t in (high, low, coef))
+    height, width, channels = lo.shape[1:]
+    d_hi, d_lo, d_cf = np.zeros_like(hi), np.zeros_like(lo), np.zeros_like(cf)
     d_o = np.zeros(np.shape(offsets))
     for b, i, j, g, k, point_taps in _kept_points(
         offsets, num_points, up_factor, groups, height, width
     ):
-        c, gk = _group(channels, groups, g), gr[b, i, j, k]
+        c, a = _group(channels, groups, g), cf[b, i, j, k]
         for r, col, w, dwh, dww in point_taps:
-            d_q[b, i, j, c] += gk * w * kk[b, r, col, c]
-            d_k[b, r, col, c] += gk * w * q[b, i, j, c]
-            dot = np.dot(q[b, i, j, c], kk[b, r, col, c])
-            d_o[b, i, j, 2 * k] += gk * dww * dot
-            d_o[b, i, j, 2 * k + 1] += gk * dwh * dot
+            dot = np.dot(hi[b, i, j, c], lo[b, r, col, c])
+            d_hi[b, i, j, c] += a * w * lo[b, r, col, c]
+            d_lo[b, r, col, c] += a * w * hi[b, i, j, c]
+            d_cf[b, i, j, k] += w * dot
+            d_o[b, i, j, 2 * k] += a * dww * dot
+            d_o[b, i, j, 2 * k + 1] += a * dwh * dot
+    return d_hi, d_lo, d_cf, d_o
+
+
+def deform_similarity_vjp(query, key, offsets, grad, num_points, up_factor, groups):
+    """(d query, d key, d offsets) of ``deform_similarity`` for the cotangent ``grad``."""
+    d_q, d_k, _, d_o = _pairing_grads(query, key, grad, offsets, num_points, up_factor, groups)
     return d_q, d_k, d_o
 
 
 def deform_aggregate_vjp(weights, value, offsets, grad, num_points, up_factor, groups):
     """(d weights, d value, d offsets) of ``deform_aggregate`` for the cotangent ``grad``."""
-    wt, v, gr = (np.asarray(t, np.float64) for t in (weights, value, grad))
-    height, width, channels = v.shape[1:]
-    d_w, d_v = np.zeros_like(wt), np.zeros_like(v)
-    d_o = np.zeros(np.shape(offsets))
-    for b, i, j, g, k, point_taps in _kept_points(
-        offsets, num_points, up_factor, groups, height, width
-    ):
-        c, a = _group(channels, groups, g), wt[b, i, j, k]
-        for r, col, w, dwh, dww in point_taps:
-            dot = np.dot(gr[b, i, j, c], v[b, r, col, c])
-            d_w[b, i, j, k] += w * dot
-            d_v[b, r, col, c] += a * w * gr[b, i, j, c]
-            d_o[b, i, j, 2 * k] += a * dww * dot
-            d_o[b, i, j, 2 * k + 1] += a * dwh * dot
+    _, d_v, d_w, d_o = _pairing_grads(grad, value, weights, offsets, num_points, up_factor, groups)
     return d_w, d_v, d_o
 
 

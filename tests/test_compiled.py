@@ -26,13 +26,13 @@ def _rand(rng, shape, dtype=np.float64):
     return rng.standard_normal(shape).astype(dtype)
 
 
-def _problem(rng, kernel_size, up_factor, batch, height, width, d, channels):
-    """float64 query, key, value, weights, and cotangents of the similarity (logits) and
-    of the aggregation (output)."""
+def _problem(rng, kernel_size, up_factor, batch, height, width, d, channels, dtype=np.float64):
+    """Query, key, value, weights, and cotangents of the similarity (logits) and of the
+    aggregation (output)."""
     high, low = (batch, up_factor * height, up_factor * width), (batch, height, width)
     kk = kernel_size * kernel_size
     shapes = [high + (d,), low + (d,), low + (channels,), high + (kk,), high + (kk,)]
-    return [_rand(rng, shape) for shape in shapes + [high + (channels,)]]
+    return [_rand(rng, shape, dtype) for shape in shapes + [high + (channels,)]]
 
 
 CASES = [
@@ -110,31 +110,22 @@ def test_zero_channels():
 @needs_compiled
 @pytest.mark.parametrize("kernel_size,up_factor", [(3, 2), (5, 3), (1, 1)])
 def test_gradient_ops_match_reference(kernel_size, up_factor):
-    s, height, width = up_factor, 3, 4
-    problem = _problem(np.random.default_rng(7), kernel_size, s, 2, height, width, 5, 7)
+    s = up_factor
+    problem = _problem(np.random.default_rng(7), kernel_size, s, 2, 3, 4, 5, 7)
     query, key, value, weights, grad_sim, grad_out = problem
 
-    grad_query, grad_key = _compiled.similarity_grad(grad_sim, query, key, kernel_size, s)
-    np.testing.assert_allclose(
-        grad_query, ref.aggregate(grad_sim, key, kernel_size, s), rtol=1e-10, atol=1e-10
-    )
-    np.testing.assert_allclose(
-        grad_key,
-        ref.window_scatter(grad_sim, query, kernel_size, s, (height, width)),
-        rtol=1e-10,
-        atol=1e-10,
-    )
-
-    grad_weights, grad_value = _compiled.aggregate_grad(grad_out, weights, value, kernel_size, s)
-    np.testing.assert_allclose(
-        grad_weights, ref.similarity(grad_out, value, kernel_size, s), rtol=1e-10, atol=1e-10
-    )
-    np.testing.assert_allclose(
-        grad_value,
-        ref.window_scatter(weights, grad_out, kernel_size, s, (height, width)),
-        rtol=1e-10,
-        atol=1e-10,
-    )
+    k = kernel_size
+    got = [  # the gradient ops
+        _compiled.similarity_grad(grad_sim, query, key, k, s),
+        _compiled.aggregate_grad(grad_out, weights, value, k, s),
+    ]
+    want = [  # the loop reference's VJPs
+        ref.similarity_vjp(query, key, grad_sim, k, s),
+        ref.aggregate_vjp(weights, value, grad_out, k, s),
+    ]
+    for grads, expected in zip(got, want, strict=True):
+        for g, e in zip(grads, expected, strict=True):
+            np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-10)
 
 
 def _check_gradients(fn, args):
@@ -194,12 +185,10 @@ def test_backward_is_deterministic():
 @needs_compiled
 @pytest.mark.parametrize("dtype,tol", [(tf.float16, 2e-2), (tf.bfloat16, 1e-1)])
 def test_half_precision_matches_float32(dtype, tol):
-    rng = np.random.default_rng(2)
     k, s = 5, 2
-    query = _rand(rng, (2, 10, 12, 16), np.float32) * 0.5
-    key = _rand(rng, (2, 5, 6, 16), np.float32) * 0.5
-    value = _rand(rng, (2, 5, 6, 24), np.float32)
-    weights = tf.nn.softmax(_rand(rng, (2, 10, 12, k * k), np.float32))
+    problem = _problem(np.random.default_rng(2), k, s, 2, 5, 6, 16, 24, np.float32)
+    query, key, value = problem[0] * 0.5, problem[1] * 0.5, problem[2]
+    weights = tf.nn.softmax(problem[3])
     cast = lambda t: tf.cast(t, dtype)  # noqa: E731
     for fn, args in (
         (_compiled.similarity, (query, key)),
@@ -416,12 +405,9 @@ def _gpu_skip_reason():
     "dtype,tol", [(tf.float32, 1e-4), (tf.float16, 3e-2), (tf.bfloat16, 1.5e-1)]
 )
 def test_gpu_matches_cpu(dtype, tol):
-    rng = np.random.default_rng(1)
     k, s = 5, 2
-    query = _rand(rng, (2, 14, 10, 16), np.float32) * 0.5
-    key = _rand(rng, (2, 7, 5, 16), np.float32) * 0.5
-    value = _rand(rng, (2, 7, 5, 40), np.float32)
-    grad_out = _rand(rng, (2, 14, 10, 40), np.float32)
+    problem = _problem(np.random.default_rng(1), k, s, 2, 7, 5, 16, 40, np.float32)
+    query, key, value, grad_out = problem[0] * 0.5, problem[1] * 0.5, problem[2], problem[5]
 
     def run(device):
         with tf.device(device):
