@@ -5,7 +5,9 @@ uses, and is skipped where the SAPA layer does not run on that backend. Tiny enc
 (64x64 images, a few channels) built from KerasHub's constructors keep it fast; no
 downloads. Each check compares against something independent of the code under test:
 the stock KerasHub model (shapes, parameters, weights), a written-out cost model, and
-the model before saving.
+the model before saving. Each model pair is built once per module; the tests that
+overwrite its weights (the stock-weight transfer) run after those that train or read
+it, in file order.
 """
 
 import collections
@@ -210,28 +212,6 @@ def check_keras_round_trip(model, tmp_path, x, name, cls=keras_sapa.SAPA):
     return restored
 
 
-# -------------------------------------------------------------- upstream classes
-def test_upstream_private_classes_are_the_stock_ones():
-    """KerasHub does not export these two classes; fail loudly if they move."""
-    stock = keras_hub.models.DeepLabV3Backbone(
-        image_encoder=resnet_encoder(),
-        spatial_pyramid_pooling_key="P5",
-        upsampling_size=8,
-        dilation_rates=[1, 2],
-        low_level_feature_key="P2",
-        image_shape=(IMAGE, IMAGE, 3),
-    )
-    assert any(type(layer) is _upstream.SpatialPyramidPooling for layer in stock.layers)
-    retina = keras_hub.models.RetinaNetBackbone(
-        image_encoder=resnet_encoder(),
-        min_level=3,
-        max_level=5,
-        use_p5=False,
-        image_shape=(IMAGE, IMAGE, 3),
-    )
-    assert type(retina.feature_pyramid) is _upstream.FeaturePyramid
-
-
 # ---------------------------------------------------------------------- SegFormer
 @pytest.fixture(scope="module")
 def segformer_pair():
@@ -342,18 +322,6 @@ def test_segformer_overhead_against_stock(segformer_pair):
     # Stock: three bilinear resizes to 16x16 at 4 multiply-adds per output value.
     assert report["replaced_macs"] == 3 * 4 * 16 * 16 * FILTERS
     assert report["net_macs"] == want - report["replaced_macs"]
-
-
-def test_segformer_stock_weights_load(segformer_pair):
-    ours, stock = segformer_pair
-    keras.utils.set_random_seed(3)
-    fresh = sapa_models.SAPASegFormer(
-        backbone=mit_encoder(),
-        num_classes=NUM_CLASSES,
-        projection_filters=FILTERS,
-        upsampler={"embedding_dim": EMBED},
-    )
-    check_stock_weights_load(fresh, stock)
 
 
 def check_segmenter_fit_and_round_trip(model, tmp_path, seed, name, lr=3e-3, cls=keras_sapa.SAPA):
@@ -475,18 +443,6 @@ def test_deeplab_v3_bad_arguments():
         )
 
 
-def test_deeplab_v3_stock_weights_load(deeplab_pair):
-    _, stock = deeplab_pair
-    keras.utils.set_random_seed(4)
-    fresh = keras_hub.models.DeepLabV3ImageSegmenter(
-        backbone=sapa_models.SAPADeepLabV3Backbone(
-            image_encoder=resnet_encoder(), upsampler={"embedding_dim": EMBED}, **DEEPLAB_ARGS
-        ),
-        num_classes=NUM_CLASSES,
-    )
-    check_stock_weights_load(fresh, stock)
-
-
 def test_deeplab_v3_fit_and_round_trip(deeplab_pair, tmp_path):
     ours, _ = deeplab_pair
     restored = check_segmenter_fit_and_round_trip(ours, tmp_path, 6, "deeplab_v3")
@@ -542,15 +498,6 @@ def test_retinanet_pyramid_structure_and_overhead(retinanet_pair):
     )
 
 
-def test_retinanet_stock_weights_load(retinanet_pair):
-    _, stock = retinanet_pair
-    keras.utils.set_random_seed(6)
-    fresh = sapa_models.SAPARetinaNetBackbone(
-        image_encoder=resnet_encoder(), upsampler={"embedding_dim": EMBED}, **RETINA_ARGS
-    )
-    check_stock_weights_load(fresh, stock)
-
-
 def test_retinanet_detector_fit_and_round_trip(retinanet_pair, tmp_path):
     ours, _ = retinanet_pair
     detector = keras_hub.models.RetinaNetObjectDetector(
@@ -585,6 +532,23 @@ def test_retinanet_detector_fit_and_round_trip(retinanet_pair, tmp_path):
         np.testing.assert_allclose(
             to_np(back_out[key]), to_np(ours_out[key]), rtol=1e-5, atol=1e-5
         )
+
+
+# ------------------------------------------- stock weights and upstream classes
+# These run after every test that trains or reads the module's model pairs: the
+# transfer overwrites the weights of both models of a pair (the stock ones scrambled).
+
+
+@pytest.mark.parametrize("pair", ["segformer_pair", "deeplab_pair", "retinanet_pair"])
+def test_stock_weights_load(pair, request):
+    check_stock_weights_load(*request.getfixturevalue(pair))
+
+
+def test_upstream_private_classes_are_the_stock_ones(deeplab_pair, retinanet_pair):
+    """KerasHub does not export these two classes; fail loudly if they move."""
+    stock_deeplab, stock_retinanet = deeplab_pair[1].backbone, retinanet_pair[1]
+    assert any(type(layer) is _upstream.SpatialPyramidPooling for layer in stock_deeplab.layers)
+    assert type(stock_retinanet.feature_pyramid) is _upstream.FeaturePyramid
 
 
 # -------------------------------------------------------------------------- SAPA-D
@@ -736,33 +700,42 @@ def test_overhead_of_a_segformer_b1_is_computed_without_weights():
 
 
 # ------------------------------------------------------------ on JAX and PyTorch
+def check_small_segformer(tmp_path):
+    """A SAPA SegFormer that builds, takes stock weights, fits, saves and reloads, with
+    two encoder stages at 32x32 (one SAPA stage): the mechanisms of the four-stage
+    model of the TensorFlow run, a fraction of its compile time on JAX."""
+    keras.utils.set_random_seed(0)
+    model = sapa_models.SAPASegFormer(
+        backbone=mit_encoder(2, 32),
+        num_classes=NUM_CLASSES,
+        projection_filters=FILTERS,
+        upsampler={"embedding_dim": EMBED},
+    )
+    stock = keras_hub.models.SegFormerImageSegmenter(
+        backbone=keras_hub.models.SegFormerBackbone(
+            image_encoder=mit_encoder(2, 32), projection_filters=FILTERS
+        ),
+        num_classes=NUM_CLASSES,
+    )
+    check_stock_weights_load(model, stock)
+    check_segmenter_fit_and_round_trip(model, tmp_path, 1, "segformer_small")
+
+
+def test_segformer_on_this_backend(tmp_path):
+    """:func:`check_small_segformer` where the suite runs on JAX or PyTorch (the
+    TensorFlow run checks the four-stage SegFormer above)."""
+    if keras.config.backend() == "tensorflow":
+        pytest.skip("the TensorFlow run checks the four-stage SegFormer above")
+    check_small_segformer(tmp_path)
+
+
 OTHER_BACKEND_SCRIPT = """
 import os, sys
-import numpy as np, keras
+import keras
 sys.path.insert(0, {tests!r})
 import test_keras_hub_models as T
 assert keras.config.backend() == {backend!r}
 assert T._SKIP is None, T._SKIP
-import keras_hub
-import keras_sapa.models as M
-
-keras.utils.set_random_seed(0)
-# Two encoder stages at 32x32 (one SAPA stage): the same mechanisms as the four-stage
-# model of the TensorFlow run, a fraction of its compile time on this backend.
-model = M.SAPASegFormer(
-    backbone=T.mit_encoder(2, 32), num_classes=T.NUM_CLASSES,
-    projection_filters=T.FILTERS, upsampler={{"embedding_dim": T.EMBED}},
-)
-stock = keras_hub.models.SegFormerImageSegmenter(
-    backbone=keras_hub.models.SegFormerBackbone(
-        image_encoder=T.mit_encoder(2, 32), projection_filters=T.FILTERS),
-    num_classes=T.NUM_CLASSES,
-)
-T.check_stock_weights_load(model, stock)
-x = T.images(seed=1, size=32)
-y = np.random.default_rng(2).integers(0, T.NUM_CLASSES, size=(2, 32, 32, 1))
-T.check_fit_lowers_loss(
-    model, x, y, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
 
 class Tmp:
@@ -770,7 +743,7 @@ class Tmp:
         return os.path.join({tmp!r}, name)
 
 
-T.check_keras_round_trip(model, Tmp(), x, "segformer")
+T.check_small_segformer(Tmp())
 assert "keras_cv" not in sys.modules
 print("BACKEND OK")
 """
@@ -779,8 +752,11 @@ print("BACKEND OK")
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_segformer_on_other_backends(backend, tmp_path):
     """The issue's promise: a SAPA SegFormer that builds, takes stock weights, fits,
-    saves and reloads on JAX (and PyTorch): one subprocess each, the SegFormer only,
-    to keep it short (the other models share every mechanism it exercises)."""
+    saves and reloads on JAX (and PyTorch): :func:`check_small_segformer` in one
+    subprocess each, the SegFormer only, to keep it short (the other models share every
+    mechanism it exercises). The subprocess only picks the backend: where the shared
+    JAX/PyTorch processes of tests/test_backends.py run test_segformer_on_this_backend,
+    this test can go."""
     if keras.config.backend() != "tensorflow":
         pytest.skip("run once per backend, from the TensorFlow run of the suite")
     pytest.importorskip(backend)
