@@ -124,11 +124,12 @@ def test_layer_real_sizes(implementation):
     np.testing.assert_allclose(to_numpy(layer(x, guide)), expected, rtol=1e-4, atol=5e-5)
 
 
-# Keras's LayerNormalization and GroupNormalization round a float64 input through
-# float32 on PyTorch (errors of order 1e-7 against the float64 reference; the SAPA ops
-# themselves are exact there): a looser bound on that backend, still far below the O(1)
-# error of a wrong gradient.
-GRADIENT_RTOL = 2e-5 if BACKEND == "torch" else 1e-6
+# Keras's normalisation layers lose float64 precision on PyTorch (they round through
+# float32) and, with Keras 3.15, on JAX: a float64 layer's forward is off the float64
+# reference by ~4e-7 with LayerNorm and exact with norm=None (the SAPA ops themselves are
+# exact there). A looser bound on those backends, still far below the O(1) error of a
+# wrong gradient.
+GRADIENT_RTOL = 1e-6 if BACKEND == "tensorflow" else 2e-5
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
