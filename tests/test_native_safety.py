@@ -222,6 +222,27 @@ def test_build_reruns_when_flags_or_outputs_change(fake_build, monkeypatch):
     assert calls["kernels"] == 4
 
 
+def test_partial_build_keeps_other_targets(fake_build):
+    """--only tf / tf,launcher keep the CUDA images, --only cuda the launcher and GPU
+    library: their files and their build_info.json entries."""
+    _, out, _ = fake_build
+    assert build.main([]) == 0
+    images = json.loads((out / build.BUILD_INFO).read_text())["cuda_images"]
+    assert images and all((out / i).is_file() for i in images)
+    for only in ("tf", "tf,launcher", "cuda", "launcher", "tf,cuda"):
+        assert build.main(["--only", only, "--force"]) == 0
+        info = json.loads((out / build.BUILD_INFO).read_text())
+        assert info["cuda_images"] == images, only
+        assert all((out / i).is_file() for i in images), only
+        assert info["launcher_library"] == build.LAUNCHER_LIB, only
+        assert info["gpu_library"] == build.GPU_LIB, only
+        assert (out / build.LAUNCHER_LIB).is_file(), only
+        assert (out / build.GPU_LIB).is_file(), only
+    assert build.main(["--only", "tf", "--force"]) == 0
+    status = json.loads((out / build.BUILD_INFO).read_text())["gpu_status"]
+    assert "kept from the last build: CUDA images, launcher" in status
+
+
 def test_stamp_covers_every_native_source():
     sources = [os.path.relpath(p, ROOT) for p in build._sources()]
     for expected in (
