@@ -206,6 +206,33 @@ Status InCompute(const Call& c, int n_in, int n_out, Fn fn) {
   return absl::OkStatus();
 }
 
+// The kernel core's storage type for T (custom_ops/sapa/kernels/cpu/simd.h): Eigen's
+// half and bfloat16 are 16-bit patterns with the core's Half / BFloat16 layout.
+template <typename T>
+struct StorageOf {
+  typedef T type;
+};
+template <>
+struct StorageOf<Eigen::half> {
+  typedef cpu::Half type;
+};
+template <>
+struct StorageOf<Eigen::bfloat16> {
+  typedef cpu::BFloat16 type;
+};
+static_assert(sizeof(Eigen::half) == sizeof(cpu::Half), "Eigen::half is not 16 bits");
+static_assert(sizeof(Eigen::bfloat16) == sizeof(cpu::BFloat16), "Eigen::bfloat16 is not 16 bits");
+
+// A tensor's data as the core's storage type.
+template <typename T>
+const typename StorageOf<T>::type* Storage(const Tensor& t) {
+  return reinterpret_cast<const typename StorageOf<T>::type*>(t.flat<T>().data());
+}
+template <typename T>
+typename StorageOf<T>::type* Storage(Tensor* t) {
+  return reinterpret_cast<typename StorageOf<T>::type*>(t->flat<T>().data());
+}
+
 // A temporary of n elements of F (the logits' gradient of the backwards).
 template <typename F>
 Status Temp(const Call& c, int64_t n, Tensor* t) {
@@ -216,15 +243,19 @@ Status Temp(const Call& c, int64_t n, Tensor* t) {
 
 namespace functor {
 
-// F (float or double) is the compute type and the type of the saved weights.
+// F (float or double) is the compute type and the type of the saved weights. The fused
+// pair takes the tensors in their own storage type: half and bfloat16 rows are converted
+// tile by tile inside the core (no whole-tensor float copies, tf_cpu::Storage).
 template <typename T, typename F>
 struct FusedOp<Fused::kSapaForward, CPUDevice, T, F> {
   Status operator()(const Call& c) const {
     const WindowDims d = c.dims(c.size("d"));
-    return tf_cpu::InCompute<T, F>(c, 3, 1, [&](const F* const* in, F* const* out) {
-      cpu::SapaForward<F>(tf_cpu::Pool(c.ctx), d, d.channels, c.size("C"), in[0], in[1], in[2],
-                          out[0], c.out_data<F>(1));
-    });
+    using S = typename tf_cpu::StorageOf<T>::type;
+    cpu::SapaForward<F, S>(tf_cpu::Pool(c.ctx), d, d.channels, c.size("C"),
+                           tf_cpu::Storage<T>(c.in(0)), tf_cpu::Storage<T>(c.in(1)),
+                           tf_cpu::Storage<T>(c.in(2)), tf_cpu::Storage<T>(c.out(0)),
+                           c.out_data<F>(1));
+    return absl::OkStatus();
   }
 };
 
@@ -232,12 +263,15 @@ template <typename T, typename F>
 struct FusedOp<Fused::kSapaBackward, CPUDevice, T, F> {
   Status operator()(const Call& c) const {
     const WindowDims d = c.dims(c.size("d"));
+    using S = typename tf_cpu::StorageOf<T>::type;
     Tensor dl;
     TF_RETURN_IF_ERROR(tf_cpu::Temp<F>(c, c.in(4).NumElements(), &dl));
-    return tf_cpu::InCompute<T, F>(c, 4, 3, [&](const F* const* in, F* const* out) {
-      cpu::SapaBackward<F>(tf_cpu::Pool(c.ctx), d, d.channels, c.size("C"), in[0], in[1], in[2],
-                           in[3], c.in_data<F>(4), dl.flat<F>().data(), out[0], out[1], out[2]);
-    });
+    cpu::SapaBackward<F, S>(tf_cpu::Pool(c.ctx), d, d.channels, c.size("C"),
+                            tf_cpu::Storage<T>(c.in(0)), tf_cpu::Storage<T>(c.in(1)),
+                            tf_cpu::Storage<T>(c.in(2)), tf_cpu::Storage<T>(c.in(3)),
+                            c.in_data<F>(4), dl.flat<F>().data(), tf_cpu::Storage<T>(c.out(0)),
+                            tf_cpu::Storage<T>(c.out(1)), tf_cpu::Storage<T>(c.out(2)));
+    return absl::OkStatus();
   }
 };
 
