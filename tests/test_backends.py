@@ -1,7 +1,8 @@
 """SAPA on the three Keras backends, from the one ``pytest tests`` run.
 
 This run's backend is TensorFlow (it collects ``tests/multibackend`` itself). The same
-backend-neutral tests, and ``tests/test_convert.py``, run again on JAX and on PyTorch in
+backend-neutral tests, ``tests/test_convert.py`` and the small KerasHub SegFormer check
+(``test_keras_hub_models.py::test_segformer_on_this_backend``) run again on JAX and on PyTorch in
 ONE fresh process per backend (``tests/multibackend/run_backend.py``; a backend is
 chosen when Keras is first imported, so it cannot change inside this process). That
 process also checks that ``import keras_sapa`` loads no TensorFlow, KerasCV or KerasHub,
@@ -29,7 +30,12 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 MULTI = os.path.join(TESTS, "multibackend")
 ROOT = os.path.dirname(TESTS)
 BACKENDS = ("jax", "torch")
-PATHS = (os.path.join("tests", "multibackend"), os.path.join("tests", "test_convert.py"))
+PATHS = (
+    os.path.join("tests", "multibackend"),
+    os.path.join("tests", "test_convert.py"),
+    # the KerasHub SegFormer (stock weights, fit, .keras reload) on this backend
+    os.path.join("tests", "test_keras_hub_models.py") + "::test_segformer_on_this_backend",
+)
 TIMEOUT = 1800  # seconds, from the start of the process
 
 _state = {}  # "exchange": folder; backend: (Popen, log path, start time); "tf_saved"

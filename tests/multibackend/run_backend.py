@@ -9,7 +9,8 @@ OTHERS PATH...`` from the repository root. In order:
    KerasHub that loaded (``IMPORTS [...]``; none may be, on these backends);
 2. saves this backend's ``.keras`` file into the folder EXCHANGE
    (``keras_files.save``);
-3. runs pytest on the PATHs (``tests/multibackend``, ``tests/test_convert.py``) with
+3. runs pytest on the PATHs (``tests/multibackend``, ``tests/test_convert.py``, the small
+   KerasHub SegFormer check of ``tests/test_keras_hub_models.py``) with
    the repository's pytest.ini;
 4. loads the files the backends in OTHERS (comma-separated) saved into EXCHANGE and
    checks their outputs here (``KERAS_FILE <other> -> <backend>: ok ...``).
