@@ -77,10 +77,17 @@ def unfold_cases(arrays, k, s):
 def segme_cases(arrays, k, s):
     """segme's LocalAttention (NHWC TensorFlow, called on [query, key, value]) on the same
     tensors, where a segme checkout imports."""
-    try:
-        from segme.common.align.sapa import LocalAttention
-    except Exception as exc:  # not installed, or a Keras 2 checkout under Keras 3
-        print(f"# segme LocalAttention not run: {type(exc).__name__}: {exc}")
+    import importlib
+
+    problems = []
+    for module in ("segme.policy.align.sapa", "segme.common.align.sapa"):  # 3.x, 2.x
+        try:
+            LocalAttention = importlib.import_module(module).LocalAttention  # noqa: N806
+            break
+        except Exception as exc:  # not installed, or a Keras 2 checkout under Keras 3
+            problems.append(f"{module}: {type(exc).__name__}: {exc}")
+    else:
+        print(f"# segme LocalAttention not run: {'; '.join(problems)}")
         return {}
     import tensorflow as tf
 
