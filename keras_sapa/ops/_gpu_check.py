@@ -20,8 +20,6 @@ import os
 import threading
 import warnings
 
-from keras_sapa.ops import _native
-
 LAUNCHER_LIBRARY = "libsapa_launcher.so"
 SAPA_OK = 0
 SELF_TEST_PER_TILE = 256  # SAPA_SELF_TEST_PER_TILE of sapa_launcher.h
@@ -39,16 +37,16 @@ def _declare(lib):
     lib.sapa_self_test.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
 
 
-def self_test(lib_dir=None, *, library=None, driver=None, device=0, dtypes=None, per_tile=False):
+def self_test(lib_dir, *, library=None, driver=None, device=0, dtypes=None, per_tile=False):
     """Runs the launcher's ``sapa_self_test`` on GPU ``device`` (an ordinal) with the
-    kernel images of ``lib_dir`` (default ``keras_sapa/_lib``); returns ``(cases, None)``
+    kernel images of ``lib_dir`` (the loaders pass ``keras_sapa/_lib``; taking it as an
+    argument keeps this module free of imports from them); returns ``(cases, None)``
     when every configuration agrees with the CPU reference, else ``(cases, why)``.
 
     ``library``: the launcher to load (default ``lib_dir/libsapa_launcher.so``);
     ``driver``: the libcuda to open (default ``libcuda.so.1``); ``dtypes``: a subset of
     ``"float32"``, ``"float16"``, ``"bfloat16"``, ``"float64"`` (default all);
     ``per_tile``: each (kernel, tile) once instead of every configuration."""
-    lib_dir = lib_dir or _native.LIB_DIR
     path = library or os.path.join(lib_dir, LAUNCHER_LIBRARY)
     if not os.path.isfile(path):
         return 0, f"no launcher at {path} (build it with `python custom_ops/build.py`)"
