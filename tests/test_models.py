@@ -538,6 +538,38 @@ def test_retinanet_fit_loss_falls(retinanet):
     assert not np.allclose(before, sapa_kernel.numpy())
 
 
+def test_retinanet_with_sapa_deform_fits_and_reloads(tmp_path):
+    """The KerasCV RetinaNet with SAPA-D in its pyramid: a few fit steps with falling
+    loss that move the SAPA-D weights (its offset branch included), then a .keras reload
+    with equal outputs."""
+    keras.utils.set_random_seed(14)
+    model = sapa_models.SAPARetinaNet(
+        tiny_backbone(),
+        NUM_CLASSES,
+        "xywh",
+        upsampler=keras_sapa.SAPADeform(num_points=4, groups=2, embedding_dim=EMBED),
+    )
+    deform = model.feature_pyramid.upsamplers
+    assert deform and all(isinstance(layer, keras_sapa.SAPADeform) for layer in deform)
+    x, y = detection_batch()
+    model.compile(
+        classification_loss="focal",
+        box_loss="smoothl1",
+        optimizer=keras.optimizers.Adam(3e-4, global_clipnorm=1.0),
+        run_eagerly=True,  # as test_retinanet_fit_loss_falls
+    )
+    before = [np.array(w.numpy()) for w in deform[0].trainable_weights]
+    losses = model.fit(x, y, epochs=6, batch_size=2, verbose=0).history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    after = [w.numpy() for w in deform[0].trainable_weights]
+    assert all(not np.allclose(b, a) for b, a in zip(before, after, strict=True))
+    restored = reloaded(model, tmp_path)
+    batch = images(seed=15)
+    ours, theirs = restored({"images": batch}), model({"images": batch})
+    for key in ("box", "classification"):
+        assert_close(ours[key], theirs[key], atol=1e-6)
+
+
 def test_retinanet_keras_round_trip_keeps_pyramid(retinanet, tmp_path):
     x = images(seed=9)
     restored = reloaded(retinanet, tmp_path)
