@@ -681,25 +681,22 @@ def _image_dir(tmp_path):
     return str(images)
 
 
-def test_python_self_test_failure_warns_once(launcher, tmp_path):
+def test_python_self_test_names_the_failure(launcher, tmp_path):
     """A kernel that disagrees fails _gpu_check's self-test by name (its passing path is
-    test_self_test_runs_every_configuration_and_passes); passes() then warns once and
-    stays False. A missing launcher or missing images say so."""
+    test_self_test_runs_every_configuration_and_passes); a missing launcher or missing
+    images say so. (Each caller warns once and falls back: TensorFlow below, JAX and
+    PyTorch through _native's CUDA Library.)"""
     from keras_sapa.ops import _gpu_check
 
     L = launcher
     kwargs = {"library": L.lib_path, "driver": L.driver_path, "dtypes": ("float64",)}
     images = _image_dir(tmp_path)
     L.emu.emu_corrupt(b"sapa_deform_forward_f64")  # the first configuration
-    _gpu_check._reset()
     try:
-        with pytest.warns(RuntimeWarning, match="sapa_deform_forward_f64") as caught:
-            assert not _gpu_check.passes("TestBackend", lib_dir=images, **kwargs)
-            assert not _gpu_check.passes("TestBackend", lib_dir=images, **kwargs)
-        assert len(caught) == 1 and "TestBackend uses the CPU kernels" in str(caught[0].message)
+        _, problem = _gpu_check.self_test(images, **kwargs)
+        assert problem is not None and "sapa_deform_forward_f64" in problem, problem
     finally:
         L.emu.emu_corrupt(None)
-        _gpu_check._reset()
     missing = str(tmp_path / "nowhere" / "libsapa_launcher.so")
     assert _gpu_check.self_test(images, library=missing) == (
         0,

@@ -8,25 +8,18 @@ dtype) runs on a small case and is compared with a float64 CPU reference inside 
 library. It returns ``(cases, None)`` when all agree, else ``(cases, why)`` with the
 launcher's ``sapa_last_error()``.
 
-:func:`passes` runs it once per process for a backend and, when it fails, gives one
-``RuntimeWarning`` naming the failure; the backend then falls back (TensorFlow to its CPU
-kernels and builtin formulations). TensorFlow's GPU op runs it at first use
-(:mod:`._tf_kernels`); the JAX and PyTorch CUDA bindings are to call :func:`passes` the
-same way before registering their GPU kernels.
+:mod:`._tf_kernels` runs it at the first use of TensorFlow's GPU op, and
+:mod:`._native` when it first opens the launcher for the JAX and PyTorch CUDA bindings;
+each caller gives one warning and falls back when it fails.
 """
 
 import ctypes
 import os
-import threading
-import warnings
 
 LAUNCHER_LIBRARY = "libsapa_launcher.so"
 SAPA_OK = 0
 SELF_TEST_PER_TILE = 256  # SAPA_SELF_TEST_PER_TILE of sapa_launcher.h
 DTYPE_FLAGS = {"float32": 1, "float16": 2, "bfloat16": 4, "float64": 8}  # 1 << SapaDtype
-
-_lock = threading.Lock()
-_passed = {}  # backend -> bool
 
 
 def _declare(lib):
@@ -81,27 +74,3 @@ def self_test(lib_dir, *, library=None, driver=None, device=0, dtypes=None, per_
             f"the GPU self-test (after {cases.value} passing cases)", status, cases.value
         )
     return cases.value, None
-
-
-def passes(backend, fallback="the CPU kernels", **kwargs):
-    """True when :func:`self_test` (with ``kwargs``) passes; run once per process for
-    ``backend`` (e.g. ``"JAX"``). On failure one ``RuntimeWarning`` says why and that
-    ``backend`` uses ``fallback`` instead, and every later call returns False."""
-    with _lock:
-        if backend not in _passed:
-            _, problem = self_test(**kwargs)
-            _passed[backend] = problem is None
-            if problem is not None:
-                warnings.warn(
-                    f"keras_sapa: the GPU kernels failed their self-test ({problem}); "
-                    f"{backend} uses {fallback} instead.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        return _passed[backend]
-
-
-def _reset():
-    """Forgets every result (tests)."""
-    with _lock:
-        _passed.clear()

@@ -41,6 +41,8 @@ import os
 import threading
 import warnings
 
+from keras_sapa.ops import _gpu_check  # the launcher's first-use self-test
+
 ENV_DISABLE = "KERAS_SAPA_DISABLE_COMPILED"
 ENV_DIR = "KERAS_SAPA_BINDINGS_DIR"
 LIB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_lib")
@@ -323,9 +325,6 @@ def unavailable_reason():
 
 
 # ------------------------------------------------------------------ CUDA
-LAUNCHER_LIBRARY = "libsapa_launcher.so"
-
-
 def launcher_dir():
     """Directory of the CUDA launcher and its kernel images (``custom_ops/build.py``'s
     GPU part writes them beside the TensorFlow library)."""
@@ -338,16 +337,12 @@ def _open_cuda():
         return None, unavailable_reason()
     if not hasattr(lib, "keras_sapa_cuda_open"):
         return None, "the core library predates its CUDA entry points: rebuild the bindings"
-    path = os.path.join(launcher_dir(), LAUNCHER_LIBRARY)
+    path = os.path.join(launcher_dir(), _gpu_check.LAUNCHER_LIBRARY)
     if not os.path.isfile(path):
         return None, f"{path} is missing (build the GPU part: `python custom_ops/build.py`)"
     rc = lib.keras_sapa_cuda_open(path.encode(), launcher_dir().encode())
     if rc != 0:
         return None, lib.keras_sapa_cuda_error().decode(errors="replace")
-    try:
-        from keras_sapa.ops import _gpu_check  # the launcher's first-use self-test
-    except ImportError:  # a package without it runs no GPU kernel unchecked
-        return None, "the GPU self-test (keras_sapa.ops._gpu_check) is missing"
     _, problem = _gpu_check.self_test(launcher_dir(), library=path)
     if problem is not None:
         return None, f"the GPU kernels failed their self-test ({problem})"
