@@ -455,6 +455,52 @@ def test_cpu_rejects_bad_sizes(capi):
         capi.forward(q[..., :5], k[..., :5], v, off, 2, 2)  # D=5 not divisible by G=2
 
 
+@pytest.fixture(scope="module")
+def tf_op():
+    """The TensorFlow op on the CPU core (``KerasSapa>SapaDeform`` and its gradient)."""
+    tf = pytest.importorskip("tensorflow")
+    from keras_sapa.ops import _deform as deform_ops
+
+    kernels = deform_ops._deform_kernels()
+    if kernels is None or not kernels.available():
+        pytest.skip("the compiled SAPA-D TensorFlow op is not built")
+    return tf, kernels
+
+
+# Half storage on the CPU core (the TensorFlow op hands float16 / bfloat16 tensors to the
+# kernels, which convert rows as they read them): absolute tolerance relative to the
+# largest expected magnitude, twice the largest error seen over these cases (float16
+# 4.5e-4, bfloat16 3.5e-3: the final rounding, 2^-11 and 2^-8 of the magnitude).
+TF_HALF_TOL = {"float16": 1e-3, "bfloat16": 8e-3}
+
+
+@pytest.mark.parametrize("case", [ODD[0], ODD[1], REAL], ids=["P4-G1", "s3-nonsquare", "real"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_tf_half_storage_matches_reference(tf_op, case, dtype):
+    """float16 / bfloat16 SAPA-D on TensorFlow's CPU op: output and the gradients of all
+    four inputs against the float64 reference of the values the kernel saw (the rounded
+    inputs); the outputs and gradients keep the input dtype, the softmax float32."""
+    tf, kernels = tf_op
+    *sizes, spread = case
+    b, h, w, s, p, g, e, c = sizes
+    q, k, v, off, grad = make_inputs(13, *sizes, spread=spread)
+    typed = [tf.cast(tf.constant(a, tf.float32), dtype) for a in (q, k, v, off, grad)]
+    seen = [tf.cast(a, tf.float64).numpy() for a in typed]
+    with tf.GradientTape() as tape:
+        tape.watch(typed[:4])
+        out, wt = kernels.sapa_deform_with_weights(*typed[:4], p, s, g)
+    got = tape.gradient(out, typed[:4], typed[4])
+    assert out.dtype == dtype and wt.dtype == tf.float32
+    tol = TF_HALF_TOL[dtype]
+    _close(out.numpy().astype(np.float64), ref.sapa_deform(*seen[:4], p, s, g), tol)
+    expected = ref.sapa_deform_vjp(*seen, p, s, g)
+    for name, a, b_ in zip(("query", "key", "value", "offsets"), got, expected, strict=True):
+        assert a.dtype == dtype, name
+        a = a.numpy().astype(np.float64)
+        assert np.isfinite(a).all(), name
+        _close(a, b_, tol)
+
+
 # ---------------------------------------------------------------------------------------
 # CUDA
 

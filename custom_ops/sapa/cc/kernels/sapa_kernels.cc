@@ -275,16 +275,19 @@ struct FusedOp<Fused::kSapaBackward, CPUDevice, T, F> {
   }
 };
 
-// SAPA-D (custom_ops/sapa/kernels/cpu/sapa_deform_cpu.h).
+// SAPA-D (custom_ops/sapa/kernels/cpu/sapa_deform_cpu.h), also in storage type: half and
+// bfloat16 rows are converted as the kernels read them.
 template <typename T, typename F>
 struct FusedOp<Fused::kDeformForward, CPUDevice, T, F> {
   Status operator()(const Call& c) const {
     DeformDims d;
     TF_RETURN_IF_ERROR(c.deform_dims(&d));
-    return tf_cpu::InCompute<T, F>(c, 4, 1, [&](const F* const* in, F* const* out) {
-      cpu::deform::DeformForward<F>(tf_cpu::Pool(c.ctx), d, in[0], in[1], in[2], in[3], out[0],
-                                    c.out_data<F>(1));
-    });
+    using S = typename tf_cpu::StorageOf<T>::type;
+    cpu::deform::DeformForward<F, S>(tf_cpu::Pool(c.ctx), d, tf_cpu::Storage<T>(c.in(0)),
+                                     tf_cpu::Storage<T>(c.in(1)), tf_cpu::Storage<T>(c.in(2)),
+                                     tf_cpu::Storage<T>(c.in(3)), tf_cpu::Storage<T>(c.out(0)),
+                                     c.out_data<F>(1));
+    return absl::OkStatus();
   }
 };
 
@@ -293,13 +296,15 @@ struct FusedOp<Fused::kDeformBackward, CPUDevice, T, F> {
   Status operator()(const Call& c) const {
     DeformDims d;
     TF_RETURN_IF_ERROR(c.deform_dims(&d));
+    using S = typename tf_cpu::StorageOf<T>::type;
     Tensor dl;
     TF_RETURN_IF_ERROR(tf_cpu::Temp<F>(c, c.in(5).NumElements(), &dl));
-    return tf_cpu::InCompute<T, F>(c, 5, 4, [&](const F* const* in, F* const* out) {
-      cpu::deform::DeformBackward<F>(tf_cpu::Pool(c.ctx), d, in[0], in[1], in[2], in[3], in[4],
-                                     c.in_data<F>(5), dl.flat<F>().data(), out[0], out[1],
-                                     out[2], out[3]);
-    });
+    cpu::deform::DeformBackward<F, S>(
+        tf_cpu::Pool(c.ctx), d, tf_cpu::Storage<T>(c.in(0)), tf_cpu::Storage<T>(c.in(1)),
+        tf_cpu::Storage<T>(c.in(2)), tf_cpu::Storage<T>(c.in(3)), tf_cpu::Storage<T>(c.in(4)),
+        c.in_data<F>(5), dl.flat<F>().data(), tf_cpu::Storage<T>(c.out(0)),
+        tf_cpu::Storage<T>(c.out(1)), tf_cpu::Storage<T>(c.out(2)), tf_cpu::Storage<T>(c.out(3)));
+    return absl::OkStatus();
   }
 };
 

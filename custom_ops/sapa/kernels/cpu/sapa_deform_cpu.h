@@ -43,7 +43,13 @@
 //     before the read-modify-write. Each element is summed by one unit in a fixed order;
 //     no (B, sH, sW, G*P, 4, ...) tensor is materialised.
 //
-// Everything computes in T (float or double); half-precision callers convert to float.
+// Everything computes in T (float or double). The fused pair also takes its tensors in a
+// storage type S (cpu::Half / cpu::BFloat16 of simd.h, computed in float): a unit of work
+// converts the rows it reads as it reads them (query, gradient and offsets rows per output
+// point; each sampled (cell, group) slice of key and value once per tile, where the tile's
+// points mostly sample the same cells) and rounds what it writes once (output rows per
+// point, key and value gradients per band); no whole-tensor copy exists. The softmax
+// weights and dlogits stay in T. The halves take T only.
 // Workspace: the fused backward needs dlogits (B, sH, sW, GP) of T from the caller; the
 // scatter allocates its row spans (2 int32 per output point and per output row).
 
@@ -55,6 +61,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "sapa_cpu.h"
@@ -309,47 +317,6 @@ class TapGeometry {
   std::vector<T> weight_, d_w_, d_h_, valid_;
 };
 
-// Per-range scratch of the per-point walks. Taps of a group are listed corner-major:
-// tap a*P + p is corner a of point p.
-template <typename T>
-struct PointScratch {
-  explicit PointScratch(const DeformShape& d)
-      : geometry(d.gp()), rows(4 * d.points), coef(4 * d.points), dots(4 * d.points),
-        dots2(4 * d.points), logits(d.points + 8), exps(d.points + 8),
-        zeros(std::max(d.group_dim(), d.group_channels()) + 8, T(0)) {}
-  TapGeometry<T> geometry;
-  std::vector<const T*> rows;
-  std::vector<T> coef, dots, dots2, logits, exps, zeros;
-};
-
-// Runs fn(point, scratch) for every output point on the pool, the taps of all its
-// points in scratch.geometry. Units of work are square tiles of output points: the key
-// and value rows that a tile gathers come from a small region of the low-resolution maps,
-// which stays in cache while the tile is walked (a whole row of output points would
-// sweep the full width of both maps).
-template <typename T, typename Fn>
-void ForEachPoint(const ParallelFor& pool, const DeformShape& d, const T* offsets, int64_t cost,
-                  Fn fn) {
-  constexpr int64_t kTile = 8;
-  const int64_t hw = d.high_width(), hh = d.high_height();
-  const int64_t tiles_h = (hh + kTile - 1) / kTile, tiles_w = (hw + kTile - 1) / kTile;
-  pool(d.batch * tiles_h * tiles_w, cost * kTile * kTile, [&](int64_t begin, int64_t end) {
-    PointScratch<T> scratch(d);
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t tj = u % tiles_w, ti = (u / tiles_w) % tiles_h, b = u / (tiles_w * tiles_h);
-      const int64_t i1 = std::min(hh, (ti + 1) * kTile), j1 = std::min(hw, (tj + 1) * kTile);
-      for (int64_t i = ti * kTile; i < i1; ++i) {
-        for (int64_t j = tj * kTile; j < j1; ++j) {
-          const int64_t point = (b * hh + i) * hw + j;
-          scratch.geometry.Set(offsets + point * 2 * d.gp(), d.gp(), static_cast<T>(i / d.up),
-                               static_cast<T>(j / d.up), d.height, d.width);
-          fn(point, scratch);
-        }
-      }
-    }
-  });
-}
-
 // rows[a*P + p] = the row (channels [c0, ...) of a map with `stride` channels, image
 // `image`) of corner a of point g*P + p, or the zero row outside the map.
 template <typename T>
@@ -363,6 +330,125 @@ inline void TapRows(const DeformShape& d, const TapGeometry<T>& geo, int64_t g, 
       rows[a * P + p] = cell[p] >= 0 ? base + static_cast<int64_t>(cell[p]) * stride : zeros;
     }
   }
+}
+
+// The tap rows of one map (key or value, `stride` channels a cell, group g's `width`
+// channels from g * width) in the compute type T, listed as TapRows lists them. Storage T:
+// pointers into the map. Storage S (half types): a (group, cell) slice is converted into
+// the buffer on its first use within a tile and reused by the tile's later taps; EndTile
+// forgets them. A null map: never read.
+template <typename T, typename S>
+class TapSource {
+ public:
+  static constexpr bool kDirect = std::is_same<T, S>::value;
+
+  TapSource(const DeformShape& d, const S* map, int64_t stride, int64_t width,
+            int64_t tile_points)
+      : d_(d), map_(map), stride_(stride), width_(width) {
+    if constexpr (!kDirect) {
+      if (map == nullptr) return;
+      const int64_t cells = d.height * d.width;
+      slot_.assign(d.groups * cells, -1);
+      // At most every slice of the image, or every tap of the tile's points a new one;
+      // left uninitialised (pages of a large bound that the tile never reaches stay
+      // untouched).
+      const int64_t capacity = std::min(d.groups * cells, tile_points * 4 * d.gp());
+      buf_.reset(new T[capacity * width + 1]);
+    }
+  }
+
+  void Rows(const TapGeometry<T>& geo, int64_t g, int64_t image, const T* zeros,
+            const T** rows) {
+    if constexpr (kDirect) {
+      TapRows<T>(d_, geo, g, map_, image, stride_, g * width_, zeros, rows);
+    } else {
+      const int64_t P = d_.points, cells = d_.height * d_.width;
+      const S* base = map_ + image * cells * stride_ + g * width_;
+      int32_t* slot = slot_.data() + g * cells;
+      for (int a = 0; a < 4; ++a) {
+        const auto* cell = geo.cell(a) + g * P;
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t c = cell[p];
+          if (c < 0) {
+            rows[a * P + p] = zeros;
+            continue;
+          }
+          if (slot[c] < 0) {
+            slot[c] = static_cast<int32_t>(touched_.size());
+            touched_.push_back(static_cast<int32_t>(g * cells + c));
+            ConvertRow<T, S>(base + c * stride_, width_, buf_.get() + slot[c] * width_);
+          }
+          rows[a * P + p] = buf_.get() + slot[c] * width_;
+        }
+      }
+    }
+  }
+
+  void EndTile() {
+    if constexpr (!kDirect) {
+      for (const int32_t i : touched_) slot_[i] = -1;
+      touched_.clear();
+    }
+  }
+
+ private:
+  const DeformShape& d_;
+  const S* map_;
+  int64_t stride_, width_;
+  std::vector<int32_t> slot_, touched_;
+  std::unique_ptr<T[]> buf_;
+};
+
+// Per-range scratch of the per-point walks. Taps of a group are listed corner-major:
+// tap a*P + p is corner a of point p. The row caches hold one output point's rows in T
+// (read: converted from S; write: rounded into S by Flush); with S = T they are the
+// tensors' own rows.
+template <typename T, typename S = T>
+struct PointScratch {
+  PointScratch(const DeformShape& d, const S* key, const S* value, int64_t tile_points)
+      : geometry(d.gp()), key(d, key, d.dim, d.group_dim(), tile_points),
+        value(d, value, d.channels, d.group_channels(), tile_points), off(1, 2 * d.gp()),
+        doff(1, 2 * d.gp()), qrow(1, d.dim), dqrow(1, d.dim), grow(1, d.channels),
+        orow(1, d.channels), rows(4 * d.points), coef(4 * d.points), dots(4 * d.points),
+        dots2(4 * d.points), logits(d.points + 8), exps(d.points + 8),
+        zeros(std::max(d.group_dim(), d.group_channels()) + 8, T(0)) {}
+  TapGeometry<T> geometry;
+  TapSource<T, S> key, value;
+  tiled::RowCache<T, S> off, doff, qrow, dqrow, grow, orow;
+  std::vector<const T*> rows;
+  std::vector<T> coef, dots, dots2, logits, exps, zeros;
+};
+
+// Runs fn(point, scratch) for every output point on the pool, the taps of all its
+// points in scratch.geometry (key and value: the maps scratch.key / scratch.value read,
+// either may be null). Units of work are square tiles of output points: the key and value
+// rows that a tile gathers come from a small region of the low-resolution maps, which
+// stays in cache while the tile is walked (a whole row of output points would sweep the
+// full width of both maps).
+template <typename T, typename S, typename Fn>
+void ForEachPoint(const ParallelFor& pool, const DeformShape& d, const S* offsets, const S* key,
+                  const S* value, int64_t cost, Fn fn) {
+  constexpr int64_t kTile = 8;
+  const int64_t hw = d.high_width(), hh = d.high_height();
+  const int64_t tiles_h = (hh + kTile - 1) / kTile, tiles_w = (hw + kTile - 1) / kTile;
+  pool(d.batch * tiles_h * tiles_w, cost * kTile * kTile, [&](int64_t begin, int64_t end) {
+    PointScratch<T, S> scratch(d, key, value, kTile * kTile);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t tj = u % tiles_w, ti = (u / tiles_w) % tiles_h, b = u / (tiles_w * tiles_h);
+      const int64_t i1 = std::min(hh, (ti + 1) * kTile), j1 = std::min(hw, (tj + 1) * kTile);
+      for (int64_t i = ti * kTile; i < i1; ++i) {
+        for (int64_t j = tj * kTile; j < j1; ++j) {
+          const int64_t point = (b * hh + i) * hw + j;
+          scratch.geometry.Set(scratch.off.Read(offsets + point * 2 * d.gp(), 0), d.gp(),
+                               static_cast<T>(i / d.up), static_cast<T>(j / d.up), d.height,
+                               d.width);
+          fn(point, scratch);
+        }
+      }
+      scratch.key.EndTile();
+      scratch.value.EndTile();
+    }
+  });
 }
 
 // out[p] = sum over corners a of coef(a)[g*P + p] * dots[a*P + p].
@@ -394,20 +480,22 @@ inline int64_t PointCost(const DeformShape& d) {
 // ---- Forward ---------------------------------------------------------------------------
 
 // Runs fn(point, g, scratch) for every output point and group g on the pool, with
-// scratch.rows holding the tap rows of the group's points in `map` (`stride` channels a
-// cell, the group's `width` channels from g * width), listed by TapRows.
+// scratch.rows holding the tap rows of the group's points in the map (key, else value),
+// listed by TapRows.
 template <typename T, typename Fn>
 void ForEachGroupTaps(const ParallelFor& pool, const DeformShape& d, const T* offsets,
-                      const T* map, int64_t stride, int64_t width, Fn fn) {
+                      const T* key, const T* value, Fn fn) {
   const int64_t image_points = d.high_height() * d.high_width();
-  ForEachPoint<T>(pool, d, offsets, d.gp() * (4 * width + 24), [&](int64_t point,
-                                                                    PointScratch<T>& sc) {
-    for (int64_t g = 0; g < d.groups; ++g) {
-      TapRows<T>(d, sc.geometry, g, map, point / image_points, stride, g * width,
-                 sc.zeros.data(), sc.rows.data());
-      fn(point, g, sc);
-    }
-  });
+  const int64_t width = key != nullptr ? d.group_dim() : d.group_channels();
+  ForEachPoint<T, T>(pool, d, offsets, key, value, d.gp() * (4 * width + 24),
+                     [&](int64_t point, PointScratch<T>& sc) {
+                       TapSource<T, T>& source = key != nullptr ? sc.key : sc.value;
+                       for (int64_t g = 0; g < d.groups; ++g) {
+                         source.Rows(sc.geometry, g, point / image_points, sc.zeros.data(),
+                                     sc.rows.data());
+                         fn(point, g, sc);
+                       }
+                     });
 }
 
 // logits = DeformSimilarity(q, key, offsets).
@@ -415,8 +503,8 @@ template <typename T>
 void DeformSimilarity(const ParallelFor& pool, const DeformShape& d, const T* q, const T* key,
                       const T* offsets, T* logits) {
   const int64_t E = d.group_dim(), P = d.points;
-  ForEachGroupTaps<T>(pool, d, offsets, key, d.dim, E, [&](int64_t point, int64_t g,
-                                                         PointScratch<T>& sc) {
+  ForEachGroupTaps<T>(pool, d, offsets, key, nullptr, [&](int64_t point, int64_t g,
+                                                          PointScratch<T>& sc) {
     const TapGeometry<T>& geo = sc.geometry;
     DotRows<T>(q + point * d.dim + g * E, sc.rows.data(), 4 * P, E, sc.zeros.data(),
                sc.dots.data());
@@ -440,8 +528,8 @@ template <typename T>
 void DeformAggregate(const ParallelFor& pool, const DeformShape& d, const T* weights,
                      const T* value, const T* offsets, T* out) {
   const int64_t Cg = d.group_channels(), P = d.points;
-  ForEachGroupTaps<T>(pool, d, offsets, value, d.channels, Cg, [&](int64_t point, int64_t g,
-                                                                 PointScratch<T>& sc) {
+  ForEachGroupTaps<T>(pool, d, offsets, nullptr, value, [&](int64_t point, int64_t g,
+                                                            PointScratch<T>& sc) {
     CornerCoef<T>(sc.geometry, g, P, weights + point * d.gp() + g * P, sc.coef.data());
     RowSum<T>(sc.coef.data(), sc.rows.data(), 4 * P, Cg, out + point * d.channels + g * Cg);
   });
@@ -449,28 +537,32 @@ void DeformAggregate(const ParallelFor& pool, const DeformShape& d, const T* wei
 
 // out = DeformAggregate(softmax_P(DeformSimilarity(q, key, offsets)), value, offsets) in one
 // pass per output point (logits and weights of a group stay in the scratch); the softmax
-// weights go to `weights` (B, sH, sW, GP) unless it is null.
-template <typename T>
-void DeformForward(const ParallelFor& pool, const DeformShape& d, const T* q, const T* key,
-                   const T* value, const T* offsets, T* out, T* weights) {
+// weights go to `weights` (B, sH, sW, GP) unless it is null. q, key, value, offsets and
+// out of storage type S (see the header comment), weights of T.
+template <typename T, typename S = T>
+void DeformForward(const ParallelFor& pool, const DeformShape& d, const S* q, const S* key,
+                   const S* value, const S* offsets, S* out, T* weights) {
   const int64_t E = d.group_dim(), Cg = d.group_channels(), P = d.points;
   const int64_t image_points = d.high_height() * d.high_width();
-  ForEachPoint<T>(pool, d, offsets, PointCost(d), [&](int64_t point, PointScratch<T>& sc) {
+  ForEachPoint<T, S>(pool, d, offsets, key, value, PointCost(d), [&](int64_t point,
+                                                                     PointScratch<T, S>& sc) {
     const TapGeometry<T>& geo = sc.geometry;
     const int64_t b = point / image_points;
+    const T* qp = sc.qrow.Read(q + point * d.dim, 0);
+    T* op = sc.orow.Write(out + point * d.channels, 0);
     for (int64_t g = 0; g < d.groups; ++g) {
-      TapRows<T>(d, geo, g, key, b, d.dim, g * E, sc.zeros.data(), sc.rows.data());
-      DotRows<T>(q + point * d.dim + g * E, sc.rows.data(), 4 * P, E, sc.zeros.data(),
-                 sc.dots.data());
+      sc.key.Rows(geo, g, b, sc.zeros.data(), sc.rows.data());
+      DotRows<T>(qp + g * E, sc.rows.data(), 4 * P, E, sc.zeros.data(), sc.dots.data());
       T* w = sc.logits.data();
       CornerSum<T>(geo.weight(0) + g * P, geo.weight(1) + g * P, geo.weight(2) + g * P,
                    geo.weight(3) + g * P, P, sc.dots.data(), w);
       Softmax<T>(w, P, sc.exps.data());
       if (weights != nullptr) std::copy(w, w + P, weights + point * d.gp() + g * P);
-      TapRows<T>(d, geo, g, value, b, d.channels, g * Cg, sc.zeros.data(), sc.rows.data());
+      sc.value.Rows(geo, g, b, sc.zeros.data(), sc.rows.data());
       CornerCoef<T>(geo, g, P, w, sc.coef.data());
-      RowSum<T>(sc.coef.data(), sc.rows.data(), 4 * P, Cg, out + point * d.channels + g * Cg);
+      RowSum<T>(sc.coef.data(), sc.rows.data(), 4 * P, Cg, op + g * Cg);
     }
+    sc.orow.Flush(out + point * d.channels, 0);
   });
 }
 
@@ -483,29 +575,33 @@ void DeformForward(const ParallelFor& pool, const DeformShape& d, const T* q, co
 //    (0 at dropped points, whose logit is a constant).
 //  - kSim only: `dl` is read (the logits' gradient given by the caller).
 //  - kAgg only: `dl` is written with the weights' gradient.
-// doffsets (B, sH, sW, 2*GP) is written whole (0 for dropped points).
-template <typename T, bool kSim, bool kAgg>
-void DeformPointBackward(const ParallelFor& pool, const DeformShape& d, const T* grad,
-                         const T* q, const T* key, const T* value, const T* offsets,
-                         const T* weights, T* dl, T* dq, T* doffsets) {
+// doffsets (B, sH, sW, 2*GP) is written whole (0 for dropped points). grad, q, key, value,
+// offsets, dq and doffsets of storage type S; weights and dl of T.
+template <typename T, typename S, bool kSim, bool kAgg>
+void DeformPointBackward(const ParallelFor& pool, const DeformShape& d, const S* grad,
+                         const S* q, const S* key, const S* value, const S* offsets,
+                         const T* weights, T* dl, S* dq, S* doffsets) {
   const int64_t E = d.group_dim(), Cg = d.group_channels(), P = d.points, GP = d.gp();
   const int64_t image_points = d.high_height() * d.high_width();
   const int64_t cost = GP * (4 * ((kSim ? 2 * E : 0) + (kAgg ? Cg : 0)) + 48);
-  ForEachPoint<T>(pool, d, offsets, cost, [&](int64_t point, PointScratch<T>& sc) {
+  ForEachPoint<T, S>(pool, d, offsets, key, value, cost, [&](int64_t point,
+                                                             PointScratch<T, S>& sc) {
     const TapGeometry<T>& geo = sc.geometry;
     const int64_t b = point / image_points;
-    T* doff = doffsets + point * 2 * GP;
+    T* doff = sc.doff.Write(doffsets + point * 2 * GP, 0);
     T* dlp = dl + point * GP;
     T* dw = sc.logits.data();  // per p: the weights' gradient, then the logits'
     T* by_w = sc.exps.data();  // per p: d/dpw, then d/dph, of the sampled dot products
+    const T* gp = kAgg ? sc.grow.Read(grad + point * d.channels, 0) : nullptr;
+    const T* qp = kSim ? sc.qrow.Read(q + point * d.dim, 0) : nullptr;
+    T* dqp = kSim ? sc.dqrow.Write(dq + point * d.dim, 0) : nullptr;
     for (int64_t g = 0; g < d.groups; ++g) {
       const int64_t k0 = g * P;
       const T* valid = geo.valid() + k0;
       if (kAgg) {
         const T* w = weights + point * GP + k0;
-        TapRows<T>(d, geo, g, value, b, d.channels, g * Cg, sc.zeros.data(), sc.rows.data());
-        DotRows<T>(grad + point * d.channels + g * Cg, sc.rows.data(), 4 * P, Cg,
-                   sc.zeros.data(), sc.dots2.data());
+        sc.value.Rows(geo, g, b, sc.zeros.data(), sc.rows.data());
+        DotRows<T>(gp + g * Cg, sc.rows.data(), 4 * P, Cg, sc.zeros.data(), sc.dots2.data());
         CornerSum<T>(geo.weight(0) + k0, geo.weight(1) + k0, geo.weight(2) + k0,
                      geo.weight(3) + k0, P, sc.dots2.data(), dw);
         CornerSum<T>(geo.d_w(0) + k0, geo.d_w(1) + k0, geo.d_w(2) + k0, geo.d_w(3) + k0, P,
@@ -528,9 +624,8 @@ void DeformPointBackward(const ParallelFor& pool, const DeformShape& d, const T*
         }
       }
       if (kSim) {
-        TapRows<T>(d, geo, g, key, b, d.dim, g * E, sc.zeros.data(), sc.rows.data());
-        DotRows<T>(q + point * d.dim + g * E, sc.rows.data(), 4 * P, E, sc.zeros.data(),
-                 sc.dots.data());
+        sc.key.Rows(geo, g, b, sc.zeros.data(), sc.rows.data());
+        DotRows<T>(qp + g * E, sc.rows.data(), 4 * P, E, sc.zeros.data(), sc.dots.data());
         CornerSum<T>(geo.d_w(0) + k0, geo.d_w(1) + k0, geo.d_w(2) + k0, geo.d_w(3) + k0, P,
                      sc.dots.data(), by_w);
         for (int64_t p = 0; p < P; ++p) doff[2 * (k0 + p)] += dw[p] * by_w[p];
@@ -538,9 +633,11 @@ void DeformPointBackward(const ParallelFor& pool, const DeformShape& d, const T*
                      sc.dots.data(), by_w);
         for (int64_t p = 0; p < P; ++p) doff[2 * (k0 + p) + 1] += dw[p] * by_w[p];
         CornerCoef<T>(geo, g, P, dw, sc.coef.data());
-        RowSum<T>(sc.coef.data(), sc.rows.data(), 4 * P, E, dq + point * d.dim + g * E);
+        RowSum<T>(sc.coef.data(), sc.rows.data(), 4 * P, E, dqp + g * E);
       }
     }
+    sc.doff.Flush(doffsets + point * 2 * GP, 0);
+    if (kSim) sc.dqrow.Flush(dq + point * d.dim, 0);
   });
 }
 
@@ -554,10 +651,13 @@ void DeformPointBackward(const ParallelFor& pool, const DeformShape& d, const T*
 // cells): it walks, in order, the output rows whose points sample that band (their span
 // of sampled rows is found first, in a cheap pass over the offsets) and adds the taps
 // that land in the band. Any offsets are handled; small ones keep the walk short.
-template <typename T>
-void DeformScatter(const ParallelFor& pool, const DeformShape& d, const T* offsets,
-                   const T* key_coef, const T* q, T* dkey, const T* value_coef, const T* grad,
-                   T* dvalue) {
+// offsets, q, grad, dkey and dvalue of storage type S (half types: the band's sums are
+// kept in T and rounded once at its end), the coefficients of T.
+template <typename T, typename S = T>
+void DeformScatter(const ParallelFor& pool, const DeformShape& d, const S* offsets,
+                   const T* key_coef, const S* q, S* dkey, const T* value_coef, const S* grad,
+                   S* dvalue) {
+  constexpr bool kDirect = std::is_same<T, S>::value;
   const int64_t E = d.group_dim(), Cg = d.group_channels(), P = d.points, GP = d.gp();
   const int64_t hh = d.high_height(), hw = d.high_width(), cells = d.height * d.width;
   const bool do_key = key_coef != nullptr, do_value = value_coef != nullptr;
@@ -567,12 +667,13 @@ void DeformScatter(const ParallelFor& pool, const DeformShape& d, const T* offse
   std::vector<int32_t> point_span(2 * d.high_points()), row_span(2 * d.batch * hh);
   pool(d.batch * hh, hw * GP * 4, [&](int64_t begin, int64_t end) {
     TapGeometry<T> geo(GP);
+    tiled::RowCache<T, S> off(1, 2 * GP);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t i = row % hh;
       int64_t row_lo = std::numeric_limits<int32_t>::max(), row_hi = -1;
       for (int64_t j = 0; j < hw; ++j) {
         const int64_t point = row * hw + j;
-        geo.Set(offsets + point * 2 * GP, GP, static_cast<T>(i / d.up),
+        geo.Set(off.Read(offsets + point * 2 * GP, 0), GP, static_cast<T>(i / d.up),
                 static_cast<T>(j / d.up), d.height, d.width);
         int64_t lo = std::numeric_limits<int32_t>::max(), hi = -1;
         for (int a = 0; a < 4; ++a) {  // cells grow with their row: min/max of cells
@@ -602,6 +703,10 @@ void DeformScatter(const ParallelFor& pool, const DeformShape& d, const T* offse
   constexpr int kSlot = 8;
   pool(units, cost, [&](int64_t begin, int64_t end) {
     TapGeometry<T> geo(GP);
+    tiled::RowCache<T, S> off(1, 2 * GP), qrow(1, d.dim), grow(1, d.channels);
+    // The band's sums in T (half storage; T storage sums in place).
+    std::vector<T> kband(kDirect || !do_key ? 0 : band * d.width * d.dim);
+    std::vector<T> vband(kDirect || !do_value ? 0 : band * d.width * d.channels);
     uint8_t used[kSlot * kSlot] = {};
     int order[kSlot * kSlot];
     int64_t slot_cell[kSlot * kSlot];
@@ -610,25 +715,37 @@ void DeformScatter(const ParallelFor& pool, const DeformShape& d, const T* offse
       const int64_t b = u / bands, r0 = (u % bands) * band;
       const int64_t r1 = std::min(d.height, r0 + band);
       const int64_t c_lo = r0 * d.width, c_hi = r1 * d.width;  // cells of the band
-      T* dk = do_key ? dkey + b * cells * d.dim : nullptr;
-      T* dv = do_value ? dvalue + b * cells * d.channels : nullptr;
-      if (do_key) std::fill(dk + c_lo * d.dim, dk + c_hi * d.dim, T(0));
-      if (do_value) std::fill(dv + c_lo * d.channels, dv + c_hi * d.channels, T(0));
+      // dk, dv: the sums of the band's first cell, c_lo.
+      S* dk_out = do_key ? dkey + (b * cells + c_lo) * d.dim : nullptr;
+      S* dv_out = do_value ? dvalue + (b * cells + c_lo) * d.channels : nullptr;
+      T* dk = nullptr;
+      T* dv = nullptr;
+      if constexpr (kDirect) {
+        dk = dk_out;
+        dv = dv_out;
+      } else {
+        dk = do_key ? kband.data() : nullptr;
+        dv = do_value ? vband.data() : nullptr;
+      }
+      if (do_key) std::fill(dk, dk + (c_hi - c_lo) * d.dim, T(0));
+      if (do_value) std::fill(dv, dv + (c_hi - c_lo) * d.channels, T(0));
       for (int64_t i = 0; i < hh; ++i) {
         const int64_t row = b * hh + i;
         if (row_span[2 * row + 1] < r0 || row_span[2 * row] >= r1) continue;
         for (int64_t j = 0; j < hw; ++j) {
           const int64_t point = row * hw + j;
           if (point_span[2 * point + 1] < r0 || point_span[2 * point] >= r1) continue;
-          geo.Set(offsets + point * 2 * GP, GP, static_cast<T>(i / d.up),
+          geo.Set(off.Read(offsets + point * 2 * GP, 0), GP, static_cast<T>(i / d.up),
                   static_cast<T>(j / d.up), d.height, d.width);
           const int64_t ah = i / d.up, aw = j / d.up;
+          const T* qp = do_key ? qrow.Read(q + point * d.dim, 0) : nullptr;
+          const T* gp = do_value ? grow.Read(grad + point * d.channels, 0) : nullptr;
           for (int64_t g = 0; g < d.groups; ++g) {
-            const T* qg = do_key ? q + point * d.dim + g * E : nullptr;
-            const T* gg = do_value ? grad + point * d.channels + g * Cg : nullptr;
+            const T* qg = do_key ? qp + g * E : nullptr;
+            const T* gg = do_value ? gp + g * Cg : nullptr;
             auto add = [&](int64_t c, T kw, T vw) {
-              if (do_key) Axpy<T>(kw, qg, E, dk + c * d.dim + g * E);
-              if (do_value) Axpy<T>(vw, gg, Cg, dv + c * d.channels + g * Cg);
+              if (do_key) Axpy<T>(kw, qg, E, dk + (c - c_lo) * d.dim + g * E);
+              if (do_value) Axpy<T>(vw, gg, Cg, dv + (c - c_lo) * d.channels + g * Cg);
             };
             // Taps of the group that share a cell are summed first (all their rows are
             // the same q and grad slices): the taps of nearby points mostly coincide, and
@@ -669,6 +786,10 @@ void DeformScatter(const ParallelFor& pool, const DeformShape& d, const T* offse
           }
         }
       }
+      if constexpr (!kDirect) {
+        if (do_key) RoundRow<S, T>(dk, (c_hi - c_lo) * d.dim, dk_out);
+        if (do_value) RoundRow<S, T>(dv, (c_hi - c_lo) * d.channels, dv_out);
+      }
     }
   });
 }
@@ -680,9 +801,9 @@ template <typename T>
 void DeformSimilarityBackward(const ParallelFor& pool, const DeformShape& d, const T* dlogits,
                               const T* q, const T* key, const T* offsets, T* dq, T* dkey,
                               T* doffsets) {
-  DeformPointBackward<T, true, false>(pool, d, nullptr, q, key, nullptr, offsets, nullptr,
-                                      const_cast<T*>(dlogits), dq, doffsets);
-  DeformScatter<T>(pool, d, offsets, dlogits, q, dkey, nullptr, nullptr, nullptr);
+  DeformPointBackward<T, T, true, false>(pool, d, nullptr, q, key, nullptr, offsets, nullptr,
+                                         const_cast<T*>(dlogits), dq, doffsets);
+  DeformScatter<T, T>(pool, d, offsets, dlogits, q, dkey, nullptr, nullptr, nullptr);
 }
 
 // (dweights, dvalue, doffsets) of DeformAggregate for the output gradient grad.
@@ -690,20 +811,21 @@ template <typename T>
 void DeformAggregateBackward(const ParallelFor& pool, const DeformShape& d, const T* grad,
                              const T* weights, const T* value, const T* offsets, T* dweights,
                              T* dvalue, T* doffsets) {
-  DeformPointBackward<T, false, true>(pool, d, grad, nullptr, nullptr, value, offsets, weights,
-                                      dweights, nullptr, doffsets);
-  DeformScatter<T>(pool, d, offsets, nullptr, nullptr, nullptr, weights, grad, dvalue);
+  DeformPointBackward<T, T, false, true>(pool, d, grad, nullptr, nullptr, value, offsets,
+                                         weights, dweights, nullptr, doffsets);
+  DeformScatter<T, T>(pool, d, offsets, nullptr, nullptr, nullptr, weights, grad, dvalue);
 }
 
 // (dq, dkey, dvalue, doffsets) of DeformForward for the output gradient grad, given the
-// forward's softmax weights. dlogits (B, sH, sW, GP) is the caller's workspace.
-template <typename T>
-void DeformBackward(const ParallelFor& pool, const DeformShape& d, const T* grad, const T* q,
-                    const T* key, const T* value, const T* offsets, const T* weights,
-                    T* dlogits, T* dq, T* dkey, T* dvalue, T* doffsets) {
-  DeformPointBackward<T, true, true>(pool, d, grad, q, key, value, offsets, weights, dlogits,
-                                     dq, doffsets);
-  DeformScatter<T>(pool, d, offsets, dlogits, q, dkey, weights, grad, dvalue);
+// forward's softmax weights. dlogits (B, sH, sW, GP) is the caller's workspace. grad, q,
+// key, value, offsets and the four gradients of storage type S; weights and dlogits of T.
+template <typename T, typename S = T>
+void DeformBackward(const ParallelFor& pool, const DeformShape& d, const S* grad, const S* q,
+                    const S* key, const S* value, const S* offsets, const T* weights,
+                    T* dlogits, S* dq, S* dkey, S* dvalue, S* doffsets) {
+  DeformPointBackward<T, S, true, true>(pool, d, grad, q, key, value, offsets, weights, dlogits,
+                                        dq, doffsets);
+  DeformScatter<T, S>(pool, d, offsets, dlogits, q, dkey, weights, grad, dvalue);
 }
 
 }  // namespace deform
