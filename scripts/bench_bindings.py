@@ -2,7 +2,7 @@
 """SAPA's compiled CPU kernels on JAX and PyTorch against their baselines, in one process.
 
     python scripts/bench_bindings.py [--rounds 7] [--calls 3] [--skip tf,torch,jax,pure]
-                                     [--profile]
+                                     [--dtypes float32,float16,bfloat16] [--profile]
 
 At W1 (B=2, 32x32 -> 64x64, C=256, d=64, K=5, s=2, float32) by default, it times, for
 each framework that imports:
@@ -23,6 +23,13 @@ the median of ``--calls`` calls, the table gives the median over rounds with the
 spread, and every ratio is computed within each round before its median is taken, so the
 ratios compare cases measured under the same load. Targets (issue 17): JAX and PyTorch
 compiled within 1.3x of TensorFlow's compiled op (issue 24: 1.2x), fwd+bwd <= 3.5x fwd.
+
+``--dtypes`` adds, for each half type listed (float16, bfloat16), JAX's and PyTorch's
+compiled kernels on inputs of that type (``jax compiled f16``: what the bindings do now,
+the arrays handed to the kernels in 16-bit storage) beside the same call with the
+conversion done outside the kernels (``jax f16 via f32``: the inputs cast to float32, the
+float32 kernels, the result cast back, which is what the bindings did before issue 24),
+and their ratios to each other and to float32.
 
 ``--profile`` adds, for PyTorch's compiled case, where the fwd+bwd time goes
 (``torch.profiler``, self CPU time per call): the C kernels run inside the two custom
@@ -65,7 +72,10 @@ def _builtin(name, skip):
         return None
 
 
-def jax_cases(arrays, k, s, skip_pure):
+SHORT = {"float16": "f16", "bfloat16": "bf16"}
+
+
+def jax_cases(arrays, k, s, skip_pure, halves=()):
     import jax
     import jax.numpy as jnp
 
@@ -90,6 +100,30 @@ def jax_cases(arrays, k, s, skip_pure):
             (0, 1, 2),
             (q, key, v),
         )
+        for name in halves:
+            dtype = getattr(jnp, name)
+            half = tuple(t.astype(dtype) for t in (q, key, v))
+            gh = g.astype(dtype)
+
+            def via_f32(a, b, c, dtype=dtype):
+                f32 = (t.astype(jnp.float32) for t in (a, b, c))
+                return _jax_kernels.sapa(*f32, k, s).astype(dtype)
+
+            for label, fwd in (
+                (f"jax compiled {SHORT[name]}", lambda a, b, c: _jax_kernels.sapa(a, b, c, k, s)),
+                (f"jax {SHORT[name]} via f32", via_f32),
+            ):
+                f = jax.jit(fwd)
+                fb = jax.jit(
+                    jax.grad(
+                        lambda *a, fwd=fwd, gh=gh: jnp.vdot(fwd(*a), gh).astype(jnp.float32),
+                        argnums=(0, 1, 2),
+                    )
+                )
+                cases[label] = (
+                    lambda f=f, half=half: jax.block_until_ready(f(*half)),
+                    lambda fb=fb, half=half: jax.block_until_ready(fb(*half)),
+                )
     pure = _builtin("_jax_builtin", skip_pure)
     if pure is not None:
         softmax = jax.nn.softmax
@@ -103,7 +137,7 @@ def jax_cases(arrays, k, s, skip_pure):
     return cases
 
 
-def torch_cases(arrays, k, s, skip_pure):
+def torch_cases(arrays, k, s, skip_pure, halves=()):
     import torch
 
     from keras_sapa.ops import _torch_kernels
@@ -131,6 +165,33 @@ def torch_cases(arrays, k, s, skip_pure):
             (q, key, v),
             grads,
         )
+        for name in halves:
+            dtype = getattr(torch, name)
+            half = tuple(t.to(dtype) for t in (q, key, v))
+            gh = g.to(dtype)
+
+            def via_f32(a, b, c, dtype=dtype):
+                return _torch_kernels.sapa(a.float(), b.float(), c.float(), k, s).to(dtype)
+
+            for label, fwd in (
+                (
+                    f"torch compiled {SHORT[name]}",
+                    lambda a, b, c: _torch_kernels.sapa(a, b, c, k, s),
+                ),
+                (f"torch {SHORT[name]} via f32", via_f32),
+            ):
+                leaves = [t.clone().requires_grad_(True) for t in half]
+
+                def fb(fwd=fwd, leaves=leaves, gh=gh):
+                    for t in leaves:
+                        t.grad = None
+                    fwd(*leaves).backward(gh)
+
+                def f(fwd=fwd, half=half):
+                    with torch.no_grad():
+                        fwd(*half)
+
+                cases[label] = (f, fb)
     pure = _builtin("_torch_builtin", skip_pure)
     if pure is not None:
         softmax = torch.softmax
@@ -236,11 +297,11 @@ def ratio(samples, num, den):
 
 def print_table(cases, samples):
     print(
-        f"{'case':<16} {'fwd ms (min-max)':>24} {'fwd+bwd ms (min-max)':>24} {'fwd+bwd/fwd':>22}"
+        f"{'case':<20} {'fwd ms (min-max)':>24} {'fwd+bwd ms (min-max)':>24} {'fwd+bwd/fwd':>22}"
     )
     for label in cases:
         print(
-            f"{label:<16} {fmt(spread(samples[(label, 'fwd')])):>24} "
+            f"{label:<20} {fmt(spread(samples[(label, 'fwd')])):>24} "
             f"{fmt(spread(samples[(label, 'fb')])):>24} "
             f"{fmt(ratio(samples, (label, 'fb'), (label, 'fwd')), 'x'):>22}"
         )
@@ -257,17 +318,26 @@ def main(argv=None):
     )
     parser.add_argument("--skip", default="", help="comma list of: jax, torch, tf, pure")
     parser.add_argument(
+        "--dtypes",
+        default="float32",
+        help="comma list: float32 (always) and the half types to add (float16, bfloat16)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="where PyTorch's compiled fwd+bwd spends its time"
     )
     args = parser.parse_args(argv)
     b, h, w, s, k, d, c = (int(x) for x in args.size.split(","))
     skip = set(filter(None, args.skip.split(",")))
+    halves = [t for t in args.dtypes.split(",") if t in SHORT]
+    unknown = set(filter(None, args.dtypes.split(","))) - set(SHORT) - {"float32"}
+    if unknown:
+        parser.error(f"--dtypes: unknown {sorted(unknown)}")
     arrays = _inputs(b, h, w, s, k, d, c)
 
     cases = {}
     for name, build in (
-        ("jax", lambda: jax_cases(arrays, k, s, "pure" in skip)),
-        ("torch", lambda: torch_cases(arrays, k, s, "pure" in skip)),
+        ("jax", lambda: jax_cases(arrays, k, s, "pure" in skip, halves)),
+        ("torch", lambda: torch_cases(arrays, k, s, "pure" in skip, halves)),
         ("tf", lambda: tf_cases(arrays, k, s)),
     ):
         if name in skip:
@@ -280,7 +350,8 @@ def main(argv=None):
 
     lib, info = _native.load_core()
     print(
-        f"# B={b} {h}x{w} -> {h * s}x{w * s}, C={c}, d={d}, K={k}, s={s}, float32; "
+        f"# B={b} {h}x{w} -> {h * s}x{w * s}, C={c}, d={d}, K={k}, s={s}, "
+        f"{','.join(['float32', *halves])}; "
         f"{args.rounds} rounds x {args.calls} calls; os.cpu_count()={os.cpu_count()}; "
         f"kernel pool threads: {lib.keras_sapa_num_threads() if lib else 'n/a'}"
         f" ({' '.join(info['cxx_flags']) if info else 'library not built'})"
@@ -297,6 +368,15 @@ def main(argv=None):
                     f"fwd {fmt(ratio(samples, (comp, 'fwd'), (other, 'fwd')), 'x')}   "
                     f"fwd+bwd {fmt(ratio(samples, (comp, 'fb'), (other, 'fb')), 'x')}"
                 )
+        for name in halves:
+            half = f"{fw} compiled {SHORT[name]}"
+            for other, what in ((f"{fw} {SHORT[name]} via f32", "via f32"), (comp, "float32")):
+                if half in cases and other in cases:
+                    print(
+                        f"  {half} / {what:<8} "
+                        f"fwd {fmt(ratio(samples, (half, 'fwd'), (other, 'fwd')), 'x')}   "
+                        f"fwd+bwd {fmt(ratio(samples, (half, 'fb'), (other, 'fb')), 'x')}"
+                    )
     if args.profile and "torch compiled" in cases:
         torch_profile(cases)
     return 0

@@ -27,8 +27,11 @@ kernel images load (:data:`._native.cuda`); a CPU-only JAX registers none.
 The library goes through the checks of :mod:`._native` (disable switch, build record,
 jaxlib version, CPU features) on the first call of :func:`available`, never at import.
 The kernels are XLA custom calls, so ``"compiled"`` runs inside ``jax.jit`` as well.
-float32 and float64 run natively; float16 / bfloat16 inputs are computed in float32 and
-the result rounded once to ``value``'s dtype.
+float32 and float64 run natively, and so do float16 / bfloat16 for the ops whose core has
+16-bit entry points (:func:`._native.stores_halves`; SAPA's): the arrays go to the kernels
+as they are, converted to float32 tile by tile inside them, the ``weights`` output in
+float32. Other ops compute half types in float32, the result rounded once to ``value``'s
+dtype.
 """
 
 import ctypes
@@ -187,13 +190,26 @@ def _reset():
 
 
 # ------------------------------------------------------------------ the calls
+HALF_TYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+
+def tensor_dtype(tensor, dtype):
+    """The dtype of the table's ``tensor`` in a call whose element type (``T``) is
+    ``dtype``: ``Tweights`` tensors (the saved softmax) are float32 for the half types."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if tensor.dtype == "Tweights" and dtype in HALF_TYPES else dtype
+
+
 def _ffi_call(op, attrs, *arrays):
     """One custom call of the table's ``op``: outputs shaped by the table, typed as the
-    first input."""
+    first input (``Tweights`` ones by :func:`tensor_dtype`)."""
     shapes = _native.output_shapes(op, [a.shape for a in arrays], attrs)
     call = jax.ffi.ffi_call(
         op.bindings.xla_ffi[0],
-        tuple(jax.ShapeDtypeStruct(s, arrays[0].dtype) for s in shapes),
+        tuple(
+            jax.ShapeDtypeStruct(s, tensor_dtype(t, arrays[0].dtype))
+            for s, t in zip(shapes, op.outputs, strict=True)
+        ),
         vmap_method="broadcast_all",
     )
     return tuple(call(*arrays, **{name: np.int64(v) for name, v in attrs.items()}))
@@ -309,14 +325,29 @@ def _fused(op_name, attr_items):
     return fused
 
 
+def compute_dtype(dtypes, stores_halves):
+    """The element type the kernels run in for inputs of ``dtypes``: their one
+    dtype where the kernels take it (a half type only where ``stores_halves``), else
+    float64 when one input is float64, else float32 (the result is then rounded to
+    ``value``'s dtype)."""
+    dtypes = {jnp.dtype(d) for d in dtypes}
+    if len(dtypes) == 1:
+        (dtype,) = dtypes
+        if dtype in (jnp.float32, jnp.float64) or (dtype in HALF_TYPES and stores_halves):
+            return dtype
+    return jnp.dtype(jnp.float64 if jnp.float64 in dtypes else jnp.float32)
+
+
 def run(op_name, tensors, attrs):
     """The table's fused op ``op_name`` on the compiled kernels, for inputs that the
     public op has checked (shapes, floating dtypes): differentiable, also under
-    ``jax.jit``, ``jax.vmap`` and batch sharding. float16 / bfloat16 are computed in
-    float32 (float64 inputs in float64), the result rounded once to ``value``'s dtype."""
+    ``jax.jit``, ``jax.vmap`` and batch sharding. float16 / bfloat16 go to the kernels
+    as they are where the core stores them (:func:`._native.stores_halves`), else they
+    are computed in float32 (float64 inputs in float64), the result rounded once to
+    ``value``'s dtype."""
     op = _optable.op(op_name)
     dtypes = [jnp.asarray(t).dtype for t in tensors]
-    compute = jnp.float64 if jnp.float64 in dtypes else jnp.float32
+    compute = compute_dtype(dtypes, _native.stores_halves(_native.core.get(), op))
     attr_items = tuple((a.name, int(attrs[a.name])) for a in op.attrs)
     out = _fused(op_name, attr_items)(*(jnp.asarray(t, compute) for t in tensors))
     return out.astype(dtypes[[t.name for t in op.inputs].index("value")])
@@ -326,8 +357,9 @@ def sapa(query, key, value, kernel_size, up_factor):
     """``aggregate(softmax(similarity(query, key)), value)`` on the compiled kernels, for
     inputs that :func:`keras_sapa.ops.sapa` has checked (shapes, one floating dtype).
 
-    Float16 and bfloat16 are computed in float32, the result rounded once to ``value``'s
-    dtype. Differentiable in all three inputs (first order); works under ``jax.jit``,
+    Float16 and bfloat16 go to the kernels in their own storage (converted to float32 per
+    tile inside them; with an older library, computed in float32 and rounded once to
+    ``value``'s dtype). Differentiable in all three inputs (first order); works under ``jax.jit``,
     ``jax.vmap`` and batch sharding. Raises ``RuntimeError`` when the kernels are
     unavailable (see :func:`available`).
     """

@@ -216,17 +216,17 @@ def output_shapes(op, shapes, attrs):
 
 def _declare(lib):
     """The C signatures of every op of the table that the library has: the CPU entry
-    points (``<c_abi>_f32`` / ``_f64``: each tensor, inputs then outputs, as a pointer,
-    then :func:`core_sizes`) and the CUDA ones (``<c_abi>_cuda``). A library built
-    before an op (SAPA-D) lacks its entry points: they stay undeclared, and
-    :func:`entry_point` returns None for them."""
+    points (``<c_abi>_f32`` / ``_f64``, and ``_f16`` / ``_bf16`` where it has them: each
+    tensor, inputs then outputs, as a pointer, then :func:`core_sizes`) and the CUDA ones
+    (``<c_abi>_cuda``). A library built before an op (SAPA-D) lacks its entry points:
+    they stay undeclared, and :func:`entry_point` returns None for them."""
     from keras_sapa.ops import _optable
 
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for spec in _optable.OPS:
         if spec.bindings.c_abi is None:
             continue
-        for dtype in ("f32", "f64"):
+        for dtype in ("f32", "f64", *HALF_SUFFIXES.values()):
             fn = getattr(lib, f"{spec.bindings.c_abi}_{dtype}", None)
             if fn is not None:
                 tensors = len(spec.inputs) + len(spec.outputs)
@@ -249,16 +249,34 @@ def _declare(lib):
         lib.keras_sapa_cuda_error.restype = ctypes.c_char_p
 
 
+# The C ABI suffixes of the 16-bit element types (storage as bits, weights float32).
+HALF_SUFFIXES = {"float16": "f16", "bfloat16": "bf16"}
+
+
+def stores_halves(lib, op):
+    """Whether the core ``lib`` takes float16 and bfloat16 tensors of the table's fused
+    ``op`` and of its gradient op in 16-bit storage (``<c_abi>_f16`` / ``_bf16``, weights
+    float32, converted per tile inside the kernels). Where not (an older library, an op
+    without them), the bindings compute half types in float32."""
+    from keras_sapa.ops import _optable
+
+    ops = (op, _optable.op(op.gradient))
+    return lib is not None and all(
+        entry_point(lib, o, s) is not None for o in ops for s in HALF_SUFFIXES.values()
+    )
+
+
 def entry_point(lib, op, suffix):
-    """The C function ``<c_abi>_<suffix>`` (``f32``, ``f64``, ``cuda``,
+    """The C function ``<c_abi>_<suffix>`` (``f32``, ``f64``, ``f16``, ``bf16``, ``cuda``,
     ``cuda_scratch``) of the table's op in ``lib``, or None when the library predates
     it."""
     return getattr(lib, f"{op.bindings.c_abi}_{suffix}", None)
 
 
 def call_cpu(lib, op, tensors, sizes, dtype):
-    """Runs the op's CPU entry point for ``dtype`` (``"f32"``, ``"f64"``) on the data
-    pointers ``tensors`` (inputs then outputs); RuntimeError on a failure code."""
+    """Runs the op's CPU entry point for ``dtype`` (``"f32"``, ``"f64"``, ``"f16"``,
+    ``"bf16"``) on the data pointers ``tensors`` (inputs then outputs); RuntimeError on a
+    failure code."""
     rc = entry_point(lib, op, dtype)(*tensors, *sizes)
     if rc != 0:
         raise RuntimeError(f"{op.bindings.c_abi}_{dtype} failed (code {rc})")

@@ -16,13 +16,17 @@ from its ``gradient`` entry (first-order gradients of its ``differentiable`` inp
 the ops run eagerly and inside ``torch.compile(fullgraph=True)`` graphs as single opaque
 nodes. Implementations:
 
-- CPU: the core's ``<c_abi>_f32`` / ``_f64`` on the tensors' data pointers;
+- CPU: the core's ``<c_abi>_f32`` / ``_f64`` / ``_f16`` / ``_bf16`` on the tensors' data
+  pointers;
 - CUDA (registered only when PyTorch is built with CUDA): the core's ``<c_abi>_cuda`` on
   ``torch.cuda.current_stream().cuda_stream``, through the CUDA launcher, which the core
   opens on the first CUDA call (:data:`._native.cuda`); :func:`run_cuda` is its body.
 
-Tensors of float32 or float64; :func:`sapa` computes float16 / bfloat16 in float32 and
-rounds the result once to ``value``'s dtype.
+Tensors of float32 or float64, or float16 / bfloat16 with the ``weights`` in float32 (the
+table's ``Tweights``) for the ops whose core has 16-bit entry points
+(:func:`._native.stores_halves`; SAPA's), converted to float32 tile by tile inside the
+kernels. For other ops :func:`run` computes half types in float32 and rounds the result
+once to ``value``'s dtype.
 
 The core library goes through the checks of :mod:`._native` (disable switch, build
 record, CPU features; ctypes ties it to no PyTorch version) on the first call of
@@ -36,8 +40,15 @@ import torch
 from keras_sapa.ops import _native
 from keras_sapa.ops import _optable
 
-_NATIVE = {torch.float32: "f32", torch.float64: "f64"}
-_LAUNCHER_DTYPES = {torch.float32: 0, torch.float64: 3}  # SapaDtype (sapa_launcher.h)
+_NATIVE = {
+    torch.float32: "f32",
+    torch.float64: "f64",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+}
+_HALF = (torch.float16, torch.bfloat16)
+# SapaDtype (sapa_launcher.h)
+_LAUNCHER_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 # CUDA implementations are registered where PyTorch has CUDA (none on a CPU-only build).
 CUDA_REGISTERED = torch.backends.cuda.is_built()
 
@@ -136,19 +147,40 @@ def _split(op, args):
     }
 
 
+def tensor_dtype(tensor, dtype):
+    """The dtype of the table's ``tensor`` in a call whose element type (``T``) is
+    ``dtype``: ``Tweights`` tensors (the saved softmax) are float32 for the half types."""
+    return torch.float32 if tensor.dtype == "Tweights" and dtype in _HALF else dtype
+
+
 def _outputs(op, tensors, attrs):
     shapes = _native.output_shapes(op, [tuple(t.shape) for t in tensors], attrs)
-    return [tensors[0].new_empty(s) for s in shapes]
+    dtype = tensors[0].dtype
+    return [
+        tensors[0].new_empty(s, dtype=tensor_dtype(t, dtype))
+        for s, t in zip(shapes, op.outputs, strict=True)
+    ]
 
 
 def _check(op, tensors, device):
-    if any(
-        t.device.type != device or t.dtype not in _NATIVE or t.dtype != tensors[0].dtype
-        for t in tensors
+    """ValueError unless the tensors are on ``device`` with one element type the op's
+    entry points take (``Tweights`` ones in its accumulation type)."""
+    dtype = tensors[0].dtype
+    types = ("float32", "float64")
+    if device == "cuda" or _native.entry_point(_library_handle(), op, "f16") is not None:
+        types += ("float16", "bfloat16")  # with float32 weights
+    if (
+        dtype not in _NATIVE
+        or str(dtype)[6:] not in types
+        or any(
+            t.device.type != device or t.dtype != tensor_dtype(spec, dtype)
+            for t, spec in zip(tensors, op.inputs, strict=True)
+        )
     ):
         raise ValueError(
-            f"{op.bindings.torch} takes {device} tensors of one dtype, float32 or "
-            f"float64. Received: {[(str(t.dtype), t.device.type) for t in tensors]}"
+            f"{op.bindings.torch} takes {device} tensors of one dtype, {', '.join(types)}, "
+            "the weights in float32 for the half types. "
+            f"Received: {[(str(t.dtype), t.device.type) for t in tensors]}"
         )
 
 
@@ -251,14 +283,32 @@ def define(op):
     torch.library.register_autograd(op.bindings.torch, backward, setup_context=setup_context)
 
 
+def compute_dtype(dtypes, stores_halves):
+    """The element type the kernels run in for tensors of ``dtypes``: their one dtype
+    where the kernels take it (a half type only where ``stores_halves``), else float64
+    when one is float64, else float32 (the result is then rounded to ``value``'s dtype)."""
+    dtypes = set(dtypes)
+    if len(dtypes) == 1:
+        (dtype,) = dtypes
+        if dtype in (torch.float32, torch.float64) or (dtype in _HALF and stores_halves):
+            return dtype
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+@torch.compiler.assume_constant_result  # Dynamo runs it (ctypes look-ups), then a constant
+def _stores_halves(op_name):
+    """:func:`._native.stores_halves` of the loaded core for the table's op ``op_name``."""
+    return _native.stores_halves(_library_handle(), _optable.op(op_name))
+
+
 def run(op, tensors, attrs):
     """The table's fused ``op`` (its first output) on the compiled kernels, for tensors
-    the public op has checked: float16 / bfloat16 computed in float32 (float64 inputs in
+    the public op has checked: float16 / bfloat16 as they are where the core stores them
+    (:func:`._native.stores_halves`), else computed in float32 (float64 inputs in
     float64), the result in ``value``'s dtype. Differentiable (first order), eagerly or
     inside ``torch.compile(fullgraph=True)``."""
     _library_handle()
-    dtypes = {t.dtype for t in tensors}
-    compute = torch.float64 if torch.float64 in dtypes else torch.float32
+    compute = compute_dtype([t.dtype for t in tensors], _stores_halves(op.name))
     values = [attrs[a.name] for a in op.attrs]
     out = torch_op(op)(*(t.to(compute) for t in tensors), *(int(v) for v in values))[0]
     return out.to(tensors[[t.name for t in op.inputs].index("value")].dtype)
@@ -272,8 +322,9 @@ def sapa(query, key, value, kernel_size, up_factor):
     """``aggregate(softmax(similarity(query, key)), value)`` on the compiled kernels, for
     tensors that :func:`keras_sapa.ops.sapa` has checked (shapes, one floating dtype).
 
-    Float16 and bfloat16 are computed in float32, the result rounded once to ``value``'s
-    dtype. Differentiable in all three inputs (first order), eagerly or inside
+    Float16 and bfloat16 go to the kernels in their own storage (converted to float32 per
+    tile inside them; with an older library, computed in float32 and rounded once to
+    ``value``'s dtype). Differentiable in all three inputs (first order), eagerly or inside
     ``torch.compile(fullgraph=True)``. Raises ``RuntimeError`` when the kernels are
     unavailable (see :func:`available`).
     """

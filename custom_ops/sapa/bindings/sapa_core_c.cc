@@ -151,20 +151,36 @@ bool MakeShape(int64_t batch, int64_t height, int64_t width, int64_t up, int64_t
   return true;
 }
 
-template <typename T>
-int Forward(const T* q, const T* k, const T* v, T* out, T* weights, int64_t batch,
+// The core's view of a C ABI tensor: S the core's storage type (cpu::Half and
+// cpu::BFloat16 for the 16-bit types, which the C ABI passes as their uint16_t bits).
+template <typename S, typename C>
+const S* As(const C* p) {
+  static_assert(sizeof(S) == sizeof(C), "storage and C types differ in size");
+  return reinterpret_cast<const S*>(p);
+}
+template <typename S, typename C>
+S* As(C* p) {
+  static_assert(sizeof(S) == sizeof(C), "storage and C types differ in size");
+  return reinterpret_cast<S*>(p);
+}
+
+// F: the accumulation type (weights, the logits' gradient); S: the core's storage type
+// of the other tensors (half types converted per tile inside the kernels); C: S's C type.
+template <typename F, typename S, typename C>
+int Forward(const C* q, const C* k, const C* v, C* out, F* weights, int64_t batch,
             int64_t height, int64_t width, int64_t up, int64_t kernel, int64_t dim,
             int64_t channels) {
   cpu::Shape shape;
   if (!MakeShape(batch, height, width, up, kernel, dim, channels, &shape)) {
     return KERAS_SAPA_BAD_SHAPE;
   }
-  cpu::SapaForward<T>(GlobalParallelFor(), shape, dim, channels, q, k, v, out, weights);
+  cpu::SapaForward<F, S>(GlobalParallelFor(), shape, dim, channels, As<S>(q), As<S>(k),
+                         As<S>(v), As<S>(out), weights);
   return KERAS_SAPA_OK;
 }
 
-template <typename T>
-int Backward(const T* g, const T* q, const T* k, const T* v, const T* w, T* dq, T* dk, T* dv,
+template <typename F, typename S, typename C>
+int Backward(const C* g, const C* q, const C* k, const C* v, const F* w, C* dq, C* dk, C* dv,
              int64_t batch, int64_t height, int64_t width, int64_t up, int64_t kernel,
              int64_t dim, int64_t channels) {
   cpu::Shape shape;
@@ -172,9 +188,10 @@ int Backward(const T* g, const T* q, const T* k, const T* v, const T* w, T* dq, 
     return KERAS_SAPA_BAD_SHAPE;
   }
   // The softmax backward's logits gradient, (B, sH, sW, K*K): scratch of the core.
-  std::unique_ptr<T[]> dlogits(new T[std::max<int64_t>(1, shape.high_points() * shape.window())]);
-  cpu::SapaBackward<T>(GlobalParallelFor(), shape, dim, channels, g, q, k, v, w, dlogits.get(),
-                       dq, dk, dv);
+  std::unique_ptr<F[]> dlogits(new F[std::max<int64_t>(1, shape.high_points() * shape.window())]);
+  cpu::SapaBackward<F, S>(GlobalParallelFor(), shape, dim, channels, As<S>(g), As<S>(q),
+                          As<S>(k), As<S>(v), w, dlogits.get(), As<S>(dq), As<S>(dk),
+                          As<S>(dv));
   return KERAS_SAPA_OK;
 }
 
@@ -400,22 +417,26 @@ __attribute__((visibility("default"))) void keras_sapa_set_num_threads(int threa
   ThreadPool::ResetGlobal(threads);
 }
 
-#define KERAS_SAPA_DEFINE(suffix, T)                                                          \
+// The entry points of one element type: C the C ABI's type of the tensors, F that of
+// the weights, S the core's storage type.
+#define KERAS_SAPA_DEFINE(suffix, C, F, S)                                                    \
   __attribute__((visibility("default"))) int keras_sapa_forward_##suffix(                     \
-      const T* q, const T* k, const T* v, T* out, T* w, int64_t batch, int64_t height,       \
+      const C* q, const C* k, const C* v, C* out, F* w, int64_t batch, int64_t height,       \
       int64_t width, int64_t up, int64_t kernel, int64_t dim, int64_t channels) {             \
-    return Forward<T>(q, k, v, out, w, batch, height, width, up, kernel, dim, channels);     \
+    return Forward<F, S>(q, k, v, out, w, batch, height, width, up, kernel, dim, channels);  \
   }                                                                                           \
   __attribute__((visibility("default"))) int keras_sapa_backward_##suffix(                    \
-      const T* g, const T* q, const T* k, const T* v, const T* w, T* dq, T* dk, T* dv,       \
+      const C* g, const C* q, const C* k, const C* v, const F* w, C* dq, C* dk, C* dv,       \
       int64_t batch, int64_t height, int64_t width, int64_t up, int64_t kernel, int64_t dim, \
       int64_t channels) {                                                                     \
-    return Backward<T>(g, q, k, v, w, dq, dk, dv, batch, height, width, up, kernel, dim,     \
-                       channels);                                                             \
+    return Backward<F, S>(g, q, k, v, w, dq, dk, dv, batch, height, width, up, kernel, dim,  \
+                          channels);                                                          \
   }
 
-KERAS_SAPA_DEFINE(f32, float)
-KERAS_SAPA_DEFINE(f64, double)
+KERAS_SAPA_DEFINE(f32, float, float, float)
+KERAS_SAPA_DEFINE(f64, double, double, double)
+KERAS_SAPA_DEFINE(f16, uint16_t, float, keras_sapa::cpu::Half)
+KERAS_SAPA_DEFINE(bf16, uint16_t, float, keras_sapa::cpu::BFloat16)
 
 #undef KERAS_SAPA_DEFINE
 

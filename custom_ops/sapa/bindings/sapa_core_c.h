@@ -10,6 +10,11 @@
  * (KERAS_SAPA_NUM_THREADS threads, else the CPUs available) and returns 0, or
  * KERAS_SAPA_BAD_SHAPE when a size is negative, up < 1 or kernel is not a positive odd
  * integer (nothing is written then). The semantics are those of shared/SAPA_SPEC.md.
+ *
+ * Element types: _f32 (float) and _f64 (double) throughout; _f16 (IEEE binary16) and
+ * _bf16 (bfloat16) take query, key, value, out, grad and the gradients as 16-bit storage
+ * (their bits, uint16_t), converted to float tile by tile inside the kernels, and
+ * weights in float32 (the accumulation type, as TensorFlow's Tweights).
  */
 #ifndef KERAS_SAPA_BINDINGS_SAPA_CORE_C_H_
 #define KERAS_SAPA_BINDINGS_SAPA_CORE_C_H_
@@ -43,7 +48,8 @@ int keras_sapa_forward_f64(const double* query, const double* key, const double*
                            int64_t width, int64_t up, int64_t kernel, int64_t dim,
                            int64_t channels);
 
-/* (grad_query, grad_key, grad_value) of the forward, given its weights. */
+/* (grad_query, grad_key, grad_value) of the forward, given its weights (the softmax's
+ * logits gradient is scratch of the library, in the weights' type). */
 int keras_sapa_backward_f32(const float* grad, const float* query, const float* key,
                             const float* value, const float* weights, float* grad_query,
                             float* grad_key, float* grad_value, int64_t batch,
@@ -54,6 +60,22 @@ int keras_sapa_backward_f64(const double* grad, const double* query, const doubl
                             double* grad_key, double* grad_value, int64_t batch,
                             int64_t height, int64_t width, int64_t up, int64_t kernel,
                             int64_t dim, int64_t channels);
+
+/* 16-bit storage (see above): inputs and outputs as bits, weights float32. */
+#define KERAS_SAPA_HALF_DECLARE(suffix)                                                      \
+  int keras_sapa_forward_##suffix(const uint16_t* query, const uint16_t* key,               \
+                                  const uint16_t* value, uint16_t* out, float* weights,     \
+                                  int64_t batch, int64_t height, int64_t width, int64_t up, \
+                                  int64_t kernel, int64_t dim, int64_t channels);           \
+  int keras_sapa_backward_##suffix(const uint16_t* grad, const uint16_t* query,             \
+                                   const uint16_t* key, const uint16_t* value,              \
+                                   const float* weights, uint16_t* grad_query,              \
+                                   uint16_t* grad_key, uint16_t* grad_value, int64_t batch, \
+                                   int64_t height, int64_t width, int64_t up,               \
+                                   int64_t kernel, int64_t dim, int64_t channels);
+
+KERAS_SAPA_HALF_DECLARE(f16)
+KERAS_SAPA_HALF_DECLARE(bf16)
 
 /* CUDA, through the launcher (custom_ops/sapa/launcher/sapa_launcher.h, its C API the
  * only contract): keras_sapa_cuda_open dlopens libsapa_launcher.so at `launcher_path`

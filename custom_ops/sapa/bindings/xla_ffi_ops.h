@@ -4,18 +4,25 @@
 // shape rule as the TensorFlow kernels) and handed, as data pointers plus the core's size
 // arguments, to the op's C entry points (sapa_core_c.h, sapa_deform_core_c.h):
 //
-//   CPU:  <c_abi>_f32 / <c_abi>_f64 (pointers..., sizes...)
+//   CPU:  <c_abi>_f32 / _f64 / _f16 / _bf16 (pointers..., sizes...)
 //   CUDA: <c_abi>_cuda (stream, dtype, pointers, sizes, scratch) with scratch memory of
 //         <c_abi>_cuda_scratch bytes, on the CUDA launcher
 //
 // An op's file then holds one line per handler:
 //
-//   KERAS_SAPA_CPU_HANDLER(KerasSapaForward, kSapa, keras_sapa_forward)
+//   KERAS_SAPA_CPU_HANDLER_HALF(KerasSapaForward, kSapa, keras_sapa_forward)
 //   KERAS_SAPA_CUDA_HANDLER(KerasSapaForwardCuda, kSapa, keras_sapa_forward)
 //
-// float32 and float64 (the Python callers convert half types). Every dimension before the
-// last three is a batch dimension, the same for every buffer, folded into B (so
-// vmap_method="broadcast_all" just adds batch dimensions). Headers: jax.ffi.include_dir().
+// Element types, by the table's dtype attributes: every tensor of dtype "T" has the
+// call's type (that of the first input), the "Tweights" ones (weights) its accumulation
+// type: float32 for float16 and bfloat16, else T. KERAS_SAPA_CPU_HANDLER serves float32
+// and float64 (for an op whose core has no 16-bit entry points: the Python callers
+// convert half types), KERAS_SAPA_CPU_HANDLER_HALF float16 and bfloat16 as well, handed
+// to the core in 16-bit storage; the CUDA handlers all four (the launcher's dtypes).
+//
+// Every dimension before the last three is a batch dimension, the same for every buffer,
+// folded into B (so vmap_method="broadcast_all" just adds batch dimensions). Headers:
+// jax.ffi.include_dir().
 
 #ifndef KERAS_SAPA_BINDINGS_XLA_FFI_OPS_H_
 #define KERAS_SAPA_BINDINGS_XLA_FFI_OPS_H_
@@ -98,8 +105,34 @@ inline ffi::Error Invalid(const std::string& message) {
   return ffi::Error::InvalidArgument("keras_sapa: " + message);
 }
 
+// The accumulation type ("Tweights") of the element type `t` ("T").
+inline ffi::DataType WeightsType(ffi::DataType t) {
+  return t == ffi::DataType::F16 || t == ffi::DataType::BF16 ? ffi::DataType::F32 : t;
+}
+
+inline const char* TypeName(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F16:
+      return "float16";
+    case ffi::DataType::BF16:
+      return "bfloat16";
+    case ffi::DataType::F32:
+      return "float32";
+    case ffi::DataType::F64:
+      return "float64";
+    default:
+      return "a type other than these four";
+  }
+}
+
+inline bool IsFloat(ffi::DataType t) {
+  return t == ffi::DataType::F16 || t == ffi::DataType::BF16 || t == ffi::DataType::F32 ||
+         t == ffi::DataType::F64;
+}
+
 // Decodes and checks a call of `op`: attributes, shapes (the table's rule, results
-// included) and one dtype, float32 or float64.
+// included) and dtypes (T of float16, bfloat16, float32 or float64; Tweights its
+// accumulation type, WeightsType).
 inline ffi::Error Decode(const OpSpec& op, ffi::RemainingArgs args, ffi::RemainingRets rets,
                          ffi::Dictionary attrs, Call* call) {
   call->op = &op;
@@ -140,15 +173,23 @@ inline ffi::Error Decode(const OpSpec& op, ffi::RemainingArgs args, ffi::Remaini
     shapes[i] = call->shapes[i];
     ranks[i] = 4;
     call->data[i] = buffer->untyped_data();
-    if (i == 0) call->dtype = buffer->element_type();
-    if (buffer->element_type() != call->dtype) {
-      return Invalid("all tensors must have one dtype");
+    if (i == 0) {
+      call->dtype = buffer->element_type();
+      if (!IsFloat(call->dtype)) {
+        return Invalid(std::string("`") + name + "` must be float16, bfloat16, float32 or "
+                       "float64, not " + TypeName(call->dtype));
+      }
+    }
+    const TensorSpec& spec = input ? op.inputs[k] : op.outputs[k];
+    const bool weights = std::strcmp(spec.dtype, "Tweights") == 0;
+    const ffi::DataType want = weights ? WeightsType(call->dtype) : call->dtype;
+    if (buffer->element_type() != want) {
+      return Invalid(std::string(input ? "`" : "result `") + name + "` must be " +
+                     TypeName(want) + " with " + TypeName(call->dtype) + " `" +
+                     op.inputs[0].name + "`, not " + TypeName(buffer->element_type()));
     }
   }
   call->num_tensors = op.num_inputs + op.num_outputs;
-  if (call->dtype != ffi::DataType::F32 && call->dtype != ffi::DataType::F64) {
-    return Invalid("only float32 and float64 are supported");
-  }
   const std::string problem = BindInputs(op, shapes, ranks, &call->sizes);
   if (!problem.empty()) return Invalid(problem);
   for (int k = 0; k < op.num_outputs; ++k) {
@@ -189,12 +230,41 @@ int Apply(int (*fn)(A...), const Call& call) {
   return Apply(fn, call, sizes, std::index_sequence_for<A...>{});
 }
 
-template <typename F32, typename F64>
-ffi::Error RunCpu(const OpSpec& op, F32 f32, F64 f64, ffi::RemainingArgs args,
-                  ffi::RemainingRets rets, ffi::Dictionary attrs) {
+// fn's call, or -2 where the op has no entry point of the type (fn is nullptr).
+template <typename Fn>
+int ApplyIf(Fn fn, const Call& call) {
+  if constexpr (std::is_same_v<Fn, std::nullptr_t>) {
+    return -2;
+  } else {
+    return Apply(fn, call);
+  }
+}
+
+// A CPU entry point per element type (F16, BF16: std::nullptr_t where the op has none).
+template <typename F32, typename F64, typename F16 = std::nullptr_t,
+          typename BF16 = std::nullptr_t>
+ffi::Error RunCpu(const OpSpec& op, F32 f32, F64 f64, F16 f16, BF16 bf16,
+                  ffi::RemainingArgs args, ffi::RemainingRets rets, ffi::Dictionary attrs) {
   Call call;
   if (ffi::Error e = Decode(op, args, rets, attrs, &call); e.failure()) return e;
-  const int rc = call.dtype == ffi::DataType::F64 ? Apply(f64, call) : Apply(f32, call);
+  int rc = -2;
+  switch (call.dtype) {
+    case ffi::DataType::F32:
+      rc = ApplyIf(f32, call);
+      break;
+    case ffi::DataType::F64:
+      rc = ApplyIf(f64, call);
+      break;
+    case ffi::DataType::F16:
+      rc = ApplyIf(f16, call);
+      break;
+    default:
+      rc = ApplyIf(bf16, call);
+  }
+  if (rc == -2) {
+    return Invalid(std::string(op.name) + " has no " + TypeName(call.dtype) +
+                   " CPU kernels (convert to float32)");
+  }
   if (rc != KERAS_SAPA_OK) {
     return ffi::Error::Internal(std::string("keras_sapa: ") + op.name + " kernel failed (code " +
                                 std::to_string(rc) + ")");
@@ -203,7 +273,18 @@ ffi::Error RunCpu(const OpSpec& op, F32 f32, F64 f64, ffi::RemainingArgs args,
 }
 
 // The launcher's dtype code (SapaDtype in launcher/sapa_launcher.h) of a float type.
-inline int LauncherDtype(ffi::DataType t) { return t == ffi::DataType::F64 ? 3 : 0; }
+inline int LauncherDtype(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F16:
+      return 1;
+    case ffi::DataType::BF16:
+      return 2;
+    case ffi::DataType::F64:
+      return 3;
+    default:
+      return 0;
+  }
+}
 
 // A CUDA entry point of the core on XLA's stream, with scratch memory of the size its
 // <c_abi>_cuda_scratch asks for from XLA's allocator.
@@ -234,17 +315,27 @@ inline ffi::Error RunCuda(const OpSpec& op, KerasSapaCudaFn fn, KerasSapaCudaScr
 }  // namespace xla_ffi
 }  // namespace keras_sapa
 
-// A CPU handler `symbol` of the table's op `op` (optable::k<Name>) on the core's
-// <entry>_f32 / <entry>_f64.
-#define KERAS_SAPA_CPU_HANDLER(symbol, op, entry)                                          \
+// A CPU handler `symbol` of the table's op `op` (optable::k<Name>) on the core's entry
+// points f32, f64, f16, bf16 (nullptr: none).
+#define KERAS_SAPA_CPU_HANDLER_OF(symbol, op, f32, f64, f16, bf16)                         \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                           \
       symbol,                                                                              \
       [](xla::ffi::RemainingArgs args, xla::ffi::RemainingRets rets,                       \
          xla::ffi::Dictionary attrs) {                                                     \
-        return keras_sapa::xla_ffi::RunCpu(keras_sapa::optable::op, entry##_f32,           \
-                                           entry##_f64, args, rets, attrs);                \
+        return keras_sapa::xla_ffi::RunCpu(keras_sapa::optable::op, f32, f64, f16, bf16,   \
+                                           args, rets, attrs);                             \
       },                                                                                   \
       xla::ffi::Ffi::Bind().RemainingArgs().RemainingRets().Attrs<xla::ffi::Dictionary>())
+
+// On the core's <entry>_f32 / <entry>_f64.
+#define KERAS_SAPA_CPU_HANDLER(symbol, op, entry) \
+  KERAS_SAPA_CPU_HANDLER_OF(symbol, op, entry##_f32, entry##_f64, nullptr, nullptr)
+
+// On the core's <entry>_f32 / _f64 / _f16 / _bf16 (the last two in 16-bit storage with
+// float32 weights).
+#define KERAS_SAPA_CPU_HANDLER_HALF(symbol, op, entry)                                 \
+  KERAS_SAPA_CPU_HANDLER_OF(symbol, op, entry##_f32, entry##_f64, entry##_f16, \
+                            entry##_bf16)
 
 // A CUDA handler on the core's <entry>_cuda (the stream from XLA, scratch memory from
 // its allocator).
