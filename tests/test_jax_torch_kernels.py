@@ -51,6 +51,9 @@ F32_TOL = 1e-5  # relative to max(1, max |reference|)
 # float accumulation: twice that bound.
 HALF_CASES = ("small", "s3_k5", "odd_c257_d65", "prod_c256_d64")
 HALF_TOL = {"float16": 1e-3, "bfloat16": 8e-3}
+# SAPA-D in float16 / bfloat16 (same tolerances), (B, H, W, G, E, P, s, C): odd sizes and
+# the real ones.
+DEFORM_HALF_CASES = {"odd": (2, 3, 5, 3, 3, 5, 3, 6), "real": (1, 4, 4, 4, 32, 9, 2, 256)}
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -134,6 +137,40 @@ def _half_cases(run, cases=HALF_CASES):
     return out
 
 
+def _deform_half_cases(run):
+    """SAPA-D's fused op in float16 and bfloat16 through ``run(q, k, v, offsets, g, points,
+    s, groups, dtype) -> (out, grads, weights, dtypes)``, as :func:`_half_cases`: errors
+    against the reference of the rounded inputs (offsets away from integer positions, where
+    the position derivative is defined)."""
+    import ml_dtypes
+
+    import reference_deform as ref
+
+    out = {}
+    for case, (b, h, w, groups, e, p, s, c) in DEFORM_HALF_CASES.items():
+        rng = np.random.default_rng(7)
+        high = (b, h * s, w * s)
+        arrays = [
+            0.5 * rng.standard_normal(high + (groups * e,)),
+            rng.standard_normal((b, h, w, groups * e)),
+            rng.standard_normal((b, h, w, c)),
+            ref.offsets_away_from_integers(rng, high + (2 * groups * p,), spread=2.5),
+            rng.standard_normal(high + (c,)),
+        ]
+        for dtype in HALF_TOL:
+            storage = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+            q, k, v, o, g = (a.astype(storage).astype(np.float64) for a in arrays)
+            fwd, grads, weights, dtypes = run(q, k, v, o, g, p, s, groups, dtype)
+            logits = ref.deform_similarity(q, k, o, p, s, groups)
+            out[f"deform_{case}/{dtype}"] = {
+                "dtypes": dtypes,
+                "forward": _err(fwd, ref.sapa_deform(q, k, v, o, p, s, groups)),
+                "grads": _max_err(grads, ref.sapa_deform_vjp(q, k, v, o, g, p, s, groups)),
+                "weights": _err(weights, ref.group_softmax(logits, groups)),
+            }
+    return out
+
+
 def _errors_value(fn):
     """The message of the ValueError fn raises (None when it raises nothing)."""
     try:
@@ -206,6 +243,28 @@ def _jax_numerics():
         out["half_bad_weights"] = None
     except Exception as exc:  # noqa: BLE001 - XLA's runtime error type varies by version
         out["half_bad_weights"] = str(exc)
+    # SAPA-D, where the core has its 16-bit entry points.
+    from keras_sapa.ops import _jax_deform_kernels as jdk
+    from keras_sapa.ops import _native
+    from keras_sapa.ops import _optable
+
+    deform = _optable.op("SapaDeform")
+    out["deform_stores_halves"] = _native.stores_halves(_native.core.get(), deform)
+    if jdk.available() and out["deform_stores_halves"]:
+
+        def run_deform(q, key, v, o, g, p, s, groups, dtype):
+            attrs = (("num_points", p), ("up_factor", s), ("groups", groups))
+
+            def both(*x):
+                fwd, vjp = jax.vjp(lambda *y: jdk.sapa_deform(*y, p, s, groups), *x[:4])
+                return fwd, vjp(x[4]), jk._partitioned("SapaDeform", attrs)(*x[:4])[1]
+
+            fwd, grads, weights = jax.jit(both)(
+                *(jnp.asarray(t, dtype) for t in (q, key, v, o, g))
+            )
+            return fwd, grads, weights, [str(t.dtype) for t in (fwd, *grads, weights)]
+
+        out["half"].update(_deform_half_cases(run_deform))
     # Bad input: ValueError naming the argument.
     from keras_sapa import ops
 
@@ -490,7 +549,6 @@ def _torch_numerics():
         return fwd.detach().double(), [t.double() for t in grads], weights.double(), dtypes
 
     out["half"] = _half_cases(run_half)
-    out["half_grad_fns"] = sorted(grad_fns)
     # The fake implementations type the outputs as the kernels do (autograd and the
     # schema are checked in float64 above).
     for dtype in (torch.float16, torch.bfloat16):
@@ -504,6 +562,28 @@ def _torch_numerics():
         )
     out["half_opcheck"] = True
     half = [torch.zeros(1, 4, 4, 2, dtype=torch.float16), torch.zeros(1, 2, 2, 2)]
+    # SAPA-D, where the core has its 16-bit entry points.
+    from keras_sapa.ops import _optable
+    from keras_sapa.ops import _torch_deform_kernels as tdk
+
+    deform = _optable.op("SapaDeform")
+    out["deform_stores_halves"] = _native.stores_halves(_native.core.get(), deform)
+    if tdk.available() and out["deform_stores_halves"]:
+
+        def run_deform(q, key, v, o, g, p, s, groups, dtype):
+            dtype = getattr(torch, dtype)
+            args = [torch.tensor(t, dtype=dtype, requires_grad=True) for t in (q, key, v, o)]
+            fwd = tdk.sapa_deform(*args, p, s, groups)
+            grad_fns.add(fwd.grad_fn.name())
+            fwd.backward(torch.tensor(g, dtype=dtype))
+            detached = [a.detach() for a in args]
+            weights = torch.ops.keras_sapa.sapa_deform_forward(*detached, p, s, groups)[1]
+            grads = [a.grad for a in args]
+            dtypes = [str(t.dtype)[6:] for t in (fwd, *grads, weights)]
+            return fwd.detach().double(), [t.double() for t in grads], weights.double(), dtypes
+
+        out["half"].update(_deform_half_cases(run_deform))
+    out["half_grad_fns"] = sorted(grad_fns)
     out["half_mixed"] = _errors_value(
         lambda: torch.ops.keras_sapa.sapa_forward(half[0], half[1], half[1], 3, 2)
     )
@@ -767,7 +847,8 @@ def _check_half(result, cases=HALF_CASES):
     for case in cases:
         for dtype, tol in HALF_TOL.items():
             entry = result[f"{case}/{dtype}"]
-            assert entry["dtypes"] == [dtype] * 4 + ["float32"], (case, entry)
+            *values, weights = entry["dtypes"]  # out and each gradient, then weights
+            assert values == [dtype] * len(values) and weights == "float32", (case, entry)
             assert entry["forward"] <= tol and entry["grads"] <= tol, (case, entry)
             assert entry["weights"] <= tol, (case, entry)
 
@@ -778,14 +859,15 @@ def test_half_types_in_their_own_storage(workers, framework):
     and gradients against the reference, weights float32."""
     r = _group(workers, framework, "numerics")
     _check_half(r["half"])
+    if r["deform_stores_halves"]:  # SAPA-D's fused op, likewise
+        _check_half(r["half"], [f"deform_{c}" for c in DEFORM_HALF_CASES])
     if framework == "jax":  # no convert around the custom call
         assert r["half_program"] == {"custom_call": True, "convert": False}, r["half_program"]
         bad = r["half_bad_weights"]
         assert bad is not None and "weights" in bad and "float32" in bad, bad
     else:  # the output comes from the custom op's autograd node, not a conversion
         assert all(
-            n.startswith("GeneratedBackwardFor_keras_sapa_sapa_forward")
-            for n in r["half_grad_fns"]
+            n.startswith("GeneratedBackwardFor_keras_sapa_sapa_") for n in r["half_grad_fns"]
         ), r["half_grad_fns"]
         assert r["half_opcheck"]
         assert "float32" in r["half_mixed"] and "weights" in r["half_mixed"], r["half_mixed"]

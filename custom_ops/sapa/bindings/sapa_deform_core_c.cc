@@ -34,6 +34,18 @@ int Run(int64_t batch, int64_t height, int64_t width, int64_t up, int64_t points
   return KERAS_SAPA_OK;
 }
 
+// The core's storage type S of a C ABI pointer (the 16-bit types pass their bits).
+template <typename S, typename C>
+const S* Storage(const C* p) {
+  static_assert(sizeof(S) == sizeof(C), "storage and C types differ in size");
+  return reinterpret_cast<const S*>(p);
+}
+template <typename S, typename C>
+S* Storage(C* p) {
+  static_assert(sizeof(S) == sizeof(C), "storage and C types differ in size");
+  return reinterpret_cast<S*>(p);
+}
+
 }  // namespace
 }  // namespace bindings
 }  // namespace keras_sapa
@@ -84,6 +96,31 @@ extern "C" {
 KERAS_SAPA_DEFORM_DEFINE(f32, float)
 KERAS_SAPA_DEFORM_DEFINE(f64, double)
 
+// The fused pair in 16-bit storage S (uint16_t bits in the C ABI), weights float32.
+#define KERAS_SAPA_DEFORM_DEFINE_HALF(suffix, S)                                              \
+  KERAS_SAPA_DEFORM_ENTRY(                                                                    \
+      forward, suffix,                                                                        \
+      (const uint16_t* q, const uint16_t* k, const uint16_t* v, const uint16_t* off,          \
+       uint16_t* out, float* w),                                                              \
+      using keras_sapa::bindings::Storage;                                                    \
+      deform::DeformForward<float, S>(pool, d, Storage<S>(q), Storage<S>(k), Storage<S>(v),   \
+                                      Storage<S>(off), Storage<S>(out), w))                   \
+  KERAS_SAPA_DEFORM_ENTRY(                                                                    \
+      backward, suffix,                                                                       \
+      (const uint16_t* g, const uint16_t* q, const uint16_t* k, const uint16_t* v,            \
+       const uint16_t* off, const float* w, uint16_t* dq, uint16_t* dk, uint16_t* dv,         \
+       uint16_t* doff),                                                                       \
+      using keras_sapa::bindings::Storage;                                                    \
+      std::unique_ptr<float[]> dl(new float[d.high_points() * d.gp() + 1]);                   \
+      deform::DeformBackward<float, S>(pool, d, Storage<S>(g), Storage<S>(q), Storage<S>(k),  \
+                                       Storage<S>(v), Storage<S>(off), w, dl.get(),           \
+                                       Storage<S>(dq), Storage<S>(dk), Storage<S>(dv),        \
+                                       Storage<S>(doff)))
+
+KERAS_SAPA_DEFORM_DEFINE_HALF(f16, keras_sapa::cpu::Half)
+KERAS_SAPA_DEFORM_DEFINE_HALF(bf16, keras_sapa::cpu::BFloat16)
+
+#undef KERAS_SAPA_DEFORM_DEFINE_HALF
 #undef KERAS_SAPA_DEFORM_DEFINE
 #undef KERAS_SAPA_DEFORM_ENTRY
 #undef KERAS_SAPA_UNPAREN

@@ -27,7 +27,7 @@
  *   keras_sapa_deform_aggregate_backward_<t>(grad, weights, value, offsets,
  *                                            grad_weights, grad_value, grad_offsets, ...)
  *
- * for <t> = f32 (float) and f64 (double).
+ * for <t> = f32 (float) and f64 (double); the fused pair also for f16 and bf16 (below).
  */
 #ifndef KERAS_SAPA_BINDINGS_SAPA_DEFORM_CORE_C_H_
 #define KERAS_SAPA_BINDINGS_SAPA_DEFORM_CORE_C_H_
@@ -66,6 +66,24 @@ extern "C" {
 
 KERAS_SAPA_DEFORM_DECLARE(f32, float)
 KERAS_SAPA_DEFORM_DECLARE(f64, double)
+
+/* The fused pair in 16-bit storage, <t> = f16 (IEEE binary16) and bf16 (bfloat16): query,
+ * key, value, offsets, out, grad and the gradients as their bits (uint16_t), converted
+ * to float as the kernels read them; weights float32 (the backward's logits gradient is
+ * the library's scratch, float32 too). */
+#define KERAS_SAPA_DEFORM_HALF_DECLARE(suffix)                                               \
+  int keras_sapa_deform_forward_##suffix(const uint16_t* query, const uint16_t* key,        \
+                                         const uint16_t* value, const uint16_t* offsets,    \
+                                         uint16_t* out, float* weights,                     \
+                                         KERAS_SAPA_DEFORM_SIZES);                          \
+  int keras_sapa_deform_backward_##suffix(                                                   \
+      const uint16_t* grad, const uint16_t* query, const uint16_t* key,                     \
+      const uint16_t* value, const uint16_t* offsets, const float* weights,                 \
+      uint16_t* grad_query, uint16_t* grad_key, uint16_t* grad_value,                       \
+      uint16_t* grad_offsets, KERAS_SAPA_DEFORM_SIZES);
+
+KERAS_SAPA_DEFORM_HALF_DECLARE(f16)
+KERAS_SAPA_DEFORM_HALF_DECLARE(bf16)
 
 /* CUDA (the forward and backward; see sapa_core_c.h's <c_abi>_cuda), on the launcher's
  * sapa_deform_forward / sapa_deform_backward; the backward's scratch is the launcher's

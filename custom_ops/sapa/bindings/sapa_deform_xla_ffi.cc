@@ -15,8 +15,9 @@
 #include "sapa_deform_core_c.h"
 #include "xla_ffi_ops.h"
 
-KERAS_SAPA_CPU_HANDLER(KerasSapaDeformForward, kSapaDeform, keras_sapa_deform_forward);
-KERAS_SAPA_CPU_HANDLER(KerasSapaDeformBackward, kSapaDeformGrad, keras_sapa_deform_backward);
+KERAS_SAPA_CPU_HANDLER_HALF(KerasSapaDeformForward, kSapaDeform, keras_sapa_deform_forward);
+KERAS_SAPA_CPU_HANDLER_HALF(KerasSapaDeformBackward, kSapaDeformGrad,
+                            keras_sapa_deform_backward);
 KERAS_SAPA_CUDA_HANDLER(KerasSapaDeformForwardCuda, kSapaDeform, keras_sapa_deform_forward);
 KERAS_SAPA_CUDA_HANDLER(KerasSapaDeformBackwardCuda, kSapaDeformGrad,
                         keras_sapa_deform_backward);
