@@ -350,7 +350,8 @@ def run(op_name, tensors, attrs):
     compute = compute_dtype(dtypes, _native.stores_halves(_native.core.get(), op))
     attr_items = tuple((a.name, int(attrs[a.name])) for a in op.attrs)
     out = _fused(op_name, attr_items)(*(jnp.asarray(t, compute) for t in tensors))
-    return out.astype(dtypes[[t.name for t in op.inputs].index("value")])
+    names = [t.name for t in op.inputs]
+    return out.astype(dtypes[names.index("value")]) if "value" in names else out
 
 
 def sapa(query, key, value, kernel_size, up_factor):

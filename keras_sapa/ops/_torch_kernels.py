@@ -311,7 +311,8 @@ def run(op, tensors, attrs):
     compute = compute_dtype([t.dtype for t in tensors], _stores_halves(op.name))
     values = [attrs[a.name] for a in op.attrs]
     out = torch_op(op)(*(t.to(compute) for t in tensors), *(int(v) for v in values))[0]
-    return out.to(tensors[[t.name for t in op.inputs].index("value")].dtype)
+    names = [t.name for t in op.inputs]
+    return out.to(tensors[names.index("value")].dtype) if "value" in names else out
 
 
 _OPS = (_optable.op("Sapa"), _optable.op("SapaGrad"))
