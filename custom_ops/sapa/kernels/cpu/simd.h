@@ -71,6 +71,21 @@ inline T HorizontalSum(typename Simd<T>::V v) {
   return s;
 }
 
+// sums[i] = horizontal sum of the i-th vector, i < 4 (for AVX floats: three hadds and one
+// 128-bit add, where four HorizontalSum calls take a lane loop each).
+template <typename T, typename V>
+inline void HorizontalSum4(V a0, V a1, V a2, V a3, T* sums) {
+#if defined(__AVX__)
+  if constexpr (std::is_same<T, float>::value) {
+    const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+    return;
+  }
+#endif
+  const V v[4] = {a0, a1, a2, a3};
+  for (int i = 0; i < 4; ++i) sums[i] = HorizontalSum<T>(v[i]);
+}
+
 // sums[i] = horizontal sum of the i-th vector, i < 8 (a transpose-add tree for AVX floats).
 template <typename T, typename V>
 inline void HorizontalSum8(V a0, V a1, V a2, V a3, V a4, V a5, V a6, V a7, T* sums) {
@@ -88,14 +103,19 @@ inline void HorizontalSum8(V a0, V a1, V a2, V a3, V a4, V a5, V a6, V a7, T* su
     return;
   }
 #endif
-  sums[0] = HorizontalSum<T>(a0);
-  sums[1] = HorizontalSum<T>(a1);
-  sums[2] = HorizontalSum<T>(a2);
-  sums[3] = HorizontalSum<T>(a3);
-  sums[4] = HorizontalSum<T>(a4);
-  sums[5] = HorizontalSum<T>(a5);
-  sums[6] = HorizontalSum<T>(a6);
-  sums[7] = HorizontalSum<T>(a7);
+  HorizontalSum4<T>(a0, a1, a2, a3, sums);
+  HorizontalSum4<T>(a4, a5, a6, a7, sums + 4);
+}
+
+// sums[i] = horizontal sum of v[i] for i < n: eight at a time, then four, then one.
+template <typename T, typename V>
+inline void HorizontalSums(const V* v, int n, T* sums) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    HorizontalSum8<T>(v[i], v[i + 1], v[i + 2], v[i + 3], v[i + 4], v[i + 5], v[i + 6],
+                      v[i + 7], sums + i);
+  for (; i + 4 <= n; i += 4) HorizontalSum4<T>(v[i], v[i + 1], v[i + 2], v[i + 3], sums + i);
+  for (; i < n; ++i) sums[i] = HorizontalSum<T>(v[i]);
 }
 
 // exp of 8 floats (Cephes' expf polynomial, within 2 ulp of std::exp for x in [-87, 88];
@@ -309,12 +329,7 @@ void MultiDotRows(const T* const* xs, const T* const* rows, int64_t m, int64_t d
       }
     }
     T sums[G * RC];
-    if constexpr (G * RC == 8) {
-      HorizontalSum8<T>(acc[0 / RC][0 % RC], acc[1 / RC][1 % RC], acc[2 / RC][2 % RC], acc[3 / RC][3 % RC], acc[4 / RC][4 % RC], acc[5 / RC][5 % RC], acc[6 / RC][6 % RC], acc[7 / RC][7 % RC], sums);
-    } else {
-      for (int g = 0; g < G; ++g)
-        for (int r = 0; r < RC; ++r) sums[g * RC + r] = HorizontalSum<T>(acc[g][r]);
-    }
+    HorizontalSums<T>(&acc[0][0], G * RC, sums);
     for (int g = 0; g < G; ++g) {
       for (int r = 0; r < RC; ++r) {
         T t = sums[g * RC + r];
