@@ -9,6 +9,7 @@ the fraction of the FMA peak::
     python scripts/bench_cpu_kernels.py                      # W1 and M1, 1 and 2 threads
     python scripts/bench_cpu_kernels.py --shapes W1 --reps 31 --baseline HEAD~3
     python scripts/bench_cpu_kernels.py --check              # float64 reference check only
+    python scripts/bench_cpu_kernels.py --shapes W1 --threads 1 --parts   # and each primitive
 
 Shapes: ``W1`` = B=2, 32x32 -> 64x64 (s=2), K=5, d=64, C=256; ``M1`` = the same at
 128x128 -> 256x256; or ``B,H,W,s,K,d,C``. FLOPs: 2 * K*K * (d + C) per output point for
@@ -38,6 +39,23 @@ KERNELS = os.path.join(ROOT, "custom_ops", "sapa", "kernels", "cpu")
 SOURCE = os.path.join(ROOT, "scripts", "bench_cpu_kernels.cc")
 SHAPES = {"W1": (2, 32, 32, 2, 5, 64, 256), "M1": (2, 128, 128, 2, 5, 64, 256)}
 FLOP_PER_CYCLE = 32  # fp32: 8 lanes x 2 (multiply and add) x 2 FMA pipes
+# The window primitives timed by --parts, with the width of their rows (d or C).
+PARTS = {
+    "dot_qk": "d",
+    "gather_wv": "C",
+    "dot_gv": "C",
+    "gather_lk": "d",
+    "scatter_lq": "d",
+    "scatter_wg": "C",
+}
+PARTS_DOC = {
+    "dot_qk": "forward logits, Dot(q, k)",
+    "gather_wv": "forward aggregation, Gather(w, v)",
+    "dot_gv": "backward dw, Dot(g, v)",
+    "gather_lk": "backward dq, Gather(dl, k)",
+    "scatter_lq": "backward dk, Scatter(dl, q)",
+    "scatter_wg": "backward dv, Scatter(w, g)",
+}
 
 
 def simd_flags(cxx):
@@ -106,6 +124,11 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--baseline", help="git revision whose kernels run beside")
     parser.add_argument("--check", action="store_true", help="only the reference check")
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="also time the window primitives one by one (the pieces of the fused pair)",
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as workdir:
@@ -122,6 +145,7 @@ def main(argv=None):
         )
         entries = "fwd,bwd,fwd_f16,bwd_f16,fma_peak"
         entries += ",base_fwd,base_bwd" if args.baseline else ""
+        entries += "," + ",".join(PARTS) if args.parts else ""
         for name in args.shapes.split(","):
             shape = SHAPES.get(name) or tuple(int(x) for x in name.split(","))
             b, h, w, s, k, d, c = shape
@@ -175,6 +199,15 @@ def main(argv=None):
                         for key in ("fwd", "bwd")
                     )
                 )
+                if args.parts:
+                    points = b * h * w * s * s
+                    for key, width in PARTS.items():
+                        cpu = t[key]["cpu_median_ms"] / threads
+                        flop = 2.0 * points * k * k * {"d": d, "C": c}[width]
+                        print(
+                            f"  part {key:10s} ({PARTS_DOC[key]}) CPU/thread {cpu:7.3f} ms "
+                            f"{flop / cpu / 1e6:6.1f} GFLOP/s"
+                        )
                 if args.baseline:
                     for key in ("fwd", "bwd"):
                         print(
