@@ -28,10 +28,10 @@ The library goes through the checks of :mod:`._native` (disable switch, build re
 jaxlib version, CPU features) on the first call of :func:`available`, never at import.
 The kernels are XLA custom calls, so ``"compiled"`` runs inside ``jax.jit`` as well.
 float32 and float64 run natively, and so do float16 / bfloat16 for the ops whose core has
-16-bit entry points (:func:`._native.stores_halves`; SAPA's): the arrays go to the kernels
-as they are, converted to float32 tile by tile inside them, the ``weights`` output in
-float32. Other ops compute half types in float32, the result rounded once to ``value``'s
-dtype.
+16-bit entry points (:func:`._native.stores_halves`: the fused SAPA and SAPA-D pairs):
+the arrays go to the kernels as they are, converted to float32 as the kernels read them,
+the ``weights`` output in float32. Other ops compute half types in float32, the result
+rounded once to ``value``'s dtype.
 """
 
 import ctypes

@@ -24,9 +24,9 @@ nodes. Implementations:
 
 Tensors of float32 or float64, or float16 / bfloat16 with the ``weights`` in float32 (the
 table's ``Tweights``) for the ops whose core has 16-bit entry points
-(:func:`._native.stores_halves`; SAPA's), converted to float32 tile by tile inside the
-kernels. For other ops :func:`run` computes half types in float32 and rounds the result
-once to ``value``'s dtype.
+(:func:`._native.stores_halves`: the fused SAPA and SAPA-D pairs), converted to float32
+as the kernels read them. For other ops :func:`run` computes half types in float32 and
+rounds the result once to ``value``'s dtype.
 
 The core library goes through the checks of :mod:`._native` (disable switch, build
 record, CPU features; ctypes ties it to no PyTorch version) on the first call of
