@@ -104,3 +104,55 @@ def test_op_checks_shapes_by_the_table():
         kernels.sapa_deform_with_weights(q, k, v, o, 3, 2, 2)
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="offsets"):
         kernels.sapa_deform_with_weights(q, k, tf.zeros((1, 2, 2, 4)), o[..., :10], 3, 2, 2)
+
+
+def test_halves_ops_check_shapes_by_the_table():
+    """KerasSapa>DeformSimilarity / DeformAggregate check their inputs by the op table,
+    naming the input."""
+    q, k, o = tf.zeros((1, 4, 4, 4)), tf.zeros((1, 2, 2, 4)), tf.zeros((1, 4, 4, 12))
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="offsets"):
+        kernels.deform_similarity(q, k, o[..., :10], 3, 2, 2)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="value"):
+        kernels.deform_aggregate(tf.zeros((1, 4, 4, 6)), tf.zeros((1, 2, 2, 5)), o, 3, 2, 2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_halves_run_on_the_gpu(dtype):
+    """DeformSimilarity / DeformAggregate and their gradient ops on the GPU (soft placement
+    off) against tests/reference_deform.py at the official P=9, G=4, E=32, C=256."""
+    if not tf.config.list_physical_devices("GPU"):
+        pytest.skip("no GPU visible to TensorFlow")
+    from keras_sapa.ops import _tf_kernels
+
+    if not _tf_kernels.gpu_op_usable():
+        pytest.skip(f"the GPU kernels are not usable: {_tf_kernels.gpu_status()}")
+    rng = np.random.default_rng(14)
+    p, s, g = 9, 2, 4
+    high, low = (1, 8, 10), (1, 4, 5)
+    off = ref.offsets_away_from_integers(rng, high + (2 * g * p,), spread=2.0, margin=0.1)
+    cases = [
+        (kernels.deform_similarity, ref.deform_similarity, ref.deform_similarity_vjp)
+        + ([rng.standard_normal(high + (128,)) * 0.3, rng.standard_normal(low + (128,)), off],),
+        (kernels.deform_aggregate, ref.deform_aggregate, ref.deform_aggregate_vjp)
+        + ([rng.standard_normal(high + (g * p,)), rng.standard_normal(low + (256,)), off],),
+    ]
+    tol = {"float32": 1e-4, "float64": 1e-10}[dtype]
+    soft = tf.config.get_soft_device_placement()
+    tf.config.set_soft_device_placement(False)
+    try:
+        for op, forward, backward, raw in cases:
+            want = forward(*raw, p, s, g)
+            cotangent = rng.standard_normal(want.shape)
+            with tf.device("/GPU:0"):
+                inputs = [tf.constant(x, dtype) for x in raw]
+                with tf.GradientTape() as tape:
+                    tape.watch(inputs)
+                    out = op(*inputs, p, s, g)
+                grads = tape.gradient(out, inputs, output_gradients=tf.constant(cotangent, dtype))
+            assert "GPU" in out.device and all("GPU" in t.device for t in grads)
+            expected = [want, *backward(*raw, cotangent, p, s, g)]
+            for got, exp in zip([out, *grads], expected, strict=True):
+                scale = max(1.0, float(np.abs(exp).max()))
+                np.testing.assert_allclose(got.numpy(), exp, rtol=tol, atol=tol * scale)
+    finally:
+        tf.config.set_soft_device_placement(soft)

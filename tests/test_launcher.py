@@ -89,7 +89,14 @@ OPS = {  # entry point: number of pointer arguments
     "sapa_softmax_backward": 4,
 }
 TILED_MAX_UP = 8
-DEFORM_OPS = {"sapa_deform_forward": 6, "sapa_deform_backward": 11}  # pointer arguments
+DEFORM_OPS = {  # pointer arguments
+    "sapa_deform_forward": 6,
+    "sapa_deform_backward": 11,
+    "sapa_deform_similarity": 4,
+    "sapa_deform_similarity_backward": 7,
+    "sapa_deform_aggregate": 4,
+    "sapa_deform_aggregate_backward": 7,
+}
 ACC_SIZE = {"float32": 4, "float16": 4, "bfloat16": 4, "float64": 8}
 
 
@@ -651,6 +658,97 @@ def _storage_back(stored, dtype):
     if dtype == "bfloat16" and stored.dtype == np.uint16:
         return (stored.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
     return stored.astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_deform_halves_match_the_reference(launcher, dtype):
+    """SAPA-D's halves (sapa_deform_similarity / _aggregate and their backwards, which the
+    GPU ops of DeformSimilarity / DeformAggregate launch) on the emulated GPU against
+    tests/reference_deform.py: forward and the gradients of all three inputs; G=2, P=3,
+    s=2, offsets that drop points near the border. Other dtypes are refused."""
+    L = launcher
+    batch, height, width, up, points, groups, embed, cg = 2, 3, 4, 2, 3, 2, 3, 5
+    rng = np.random.default_rng(21)
+    high = (batch, up * height, up * width)
+    low = (batch, height, width)
+    f = lambda *shape: np.ascontiguousarray(rng.standard_normal(shape), dtype)  # noqa: E731
+    off = reference_deform.offsets_away_from_integers(
+        rng, high + (2 * groups * points,), spread=2.5, margin=0.1
+    ).astype(dtype)
+    cases = [  # (entry point, sizes' dim and channels, inputs, reference, reference VJP)
+        (
+            "sapa_deform_similarity",
+            (groups * embed, 0),
+            [f(*high, groups * embed), f(*low, groups * embed), off],
+            reference_deform.deform_similarity,
+            reference_deform.deform_similarity_vjp,
+        ),
+        (
+            "sapa_deform_aggregate",
+            (0, groups * cg),
+            [f(*high, groups * points), f(*low, groups * cg), off],
+            reference_deform.deform_aggregate,
+            reference_deform.deform_aggregate_vjp,
+        ),
+    ]
+    tol = {"float64": 1e-10, "float32": 1e-4}[dtype]
+    args = (points, up, groups)
+    for name, (dim, channels), inputs, forward, reference_vjp in cases:
+        dims = SapaDeformDims(batch, height, width, up, points, groups, dim, channels)
+        want = forward(*inputs, *args)
+        out = np.full(want.shape, np.nan, dtype)  # unwritten elements fail
+        fn = getattr(L.lib, name)
+        L.check(fn(None, DTYPES[dtype], ctypes.byref(dims), *map(_ptr, (*inputs, out))))
+        grad = f(*want.shape)
+        grads = [np.full_like(a, np.nan) for a in inputs]
+        backward = getattr(L.lib, name + "_backward")
+        L.check(
+            backward(None, DTYPES[dtype], ctypes.byref(dims), *map(_ptr, (grad, *inputs, *grads)))
+        )
+        expected = reference_vjp(*inputs, grad, *args)
+        for index, (a, b) in enumerate(zip((out, *grads), (want, *expected), strict=True)):
+            assert np.isfinite(a).all(), (name, index)
+            scale = max(1.0, float(np.abs(b).max()))
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale, err_msg=f"{name} {index}")
+        status = fn(None, DTYPES["float16"], ctypes.byref(dims), *map(_ptr, (*inputs, out)))
+        assert status == SAPA_ERR_INVALID and "float32 or float64" in L.error(), L.error()
+    assert L.current() is None  # the launcher popped the context it pushed
+
+
+def test_core_deform_halves_run_on_the_launcher(launcher):
+    """The kernel core's CUDA entry points of SAPA-D's halves
+    (keras_sapa_deform_similarity_cuda, ..., which the JAX CUDA handlers and the PyTorch
+    CUDA implementations call) through this launcher on the emulated GPU, with the op
+    table's size rule (_native.core_sizes), against tests/reference_deform.py (float64)."""
+    from keras_sapa.ops import _native
+    from keras_sapa.ops import _optable
+
+    lib = _native.core.get()
+    if lib is None or _native.entry_point(lib, _optable.op("DeformSimilarity"), "cuda") is None:
+        pytest.skip("the core library has no CUDA entry points for SAPA-D's halves")
+    assert lib.keras_sapa_cuda_open(launcher.lib_path.encode(), None) == 0
+    rng = np.random.default_rng(22)
+    points, up, groups = 2, 2, 2
+    high, low = (1, 4, 6), (1, 2, 3)
+    off = reference_deform.offsets_away_from_integers(rng, high + (2 * groups * points,))
+    cases = {
+        "DeformSimilarity": ([rng.normal(size=high + (4,)), rng.normal(size=low + (4,)), off],)
+        + (reference_deform.deform_similarity, reference_deform.deform_similarity_vjp),
+        "DeformAggregate": ([rng.normal(size=high + (4,)), rng.normal(size=low + (6,)), off],)
+        + (reference_deform.deform_aggregate, reference_deform.deform_aggregate_vjp),
+    }
+    attrs = {"num_points": points, "up_factor": up, "groups": groups}
+    for name, (inputs, forward, reference_vjp) in cases.items():
+        want = forward(*inputs, points, up, groups)
+        grad = rng.normal(size=want.shape)
+        expected = (want, *reference_vjp(*inputs, grad, points, up, groups))
+        got = [np.full_like(want, np.nan)] + [np.full_like(a, np.nan) for a in inputs]
+        sizes = _native.core_sizes(_optable.op(name), [a.shape for a in inputs], attrs)
+        for op, tensors in ((name, (*inputs, got[0])), (name + "Grad", (grad, *inputs, *got[1:]))):
+            pointers = [np.ascontiguousarray(a).ctypes.data for a in tensors]
+            _native.call_cuda(lib, _optable.op(op), None, DTYPES["float64"], pointers, sizes)
+        for index, (a, b) in enumerate(zip(got, expected, strict=True)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=f"{name} {index}")
 
 
 def test_deform_rejects_bad_sizes(launcher):

@@ -28,17 +28,23 @@ replaced by a constant before anything is computed from it, so its value and eve
 gradient are 0, NaN offsets included. It does gather ``P * 4`` copies of the key and
 value per output point.
 
-The compiled kernels (``custom_ops/sapa/kernels/cpu/sapa_deform_cpu.h``, fused forward and
-backward that never materialise those copies) serve the fused :func:`sapa_deform`: the
-``KerasSapa>SapaDeform`` custom op on TensorFlow (:mod:`._tf_deform_kernels`), XLA FFI
-custom calls on JAX (:mod:`._jax_deform_kernels`) and ``torch.library`` ops on PyTorch
-(:mod:`._torch_deform_kernels`), all on the CPU. ``implementation`` is resolved by the
-one dispatch rule of :func:`keras_sapa.ops.resolve_implementation`, as for ``sapa``:
-``"auto"`` takes the compiled kernels for eager calls and training traces where they are
-loaded, and this builtin formulation in exports and under XLA (``"patches"`` and
-``"xla"`` both name it). The halves :func:`deform_similarity` and
-:func:`deform_aggregate` always run the builtin formulation (no compiled halves are
-bound), as SAPA's halves do on JAX and PyTorch.
+The compiled kernels (``custom_ops/sapa/kernels/cpu/sapa_deform_cpu.h`` on the CPU,
+``kernels/cuda/sapa_deform_kernels.cuh`` on a GPU: forwards and backwards that never
+materialise those copies) serve all three ops: the fused :func:`sapa_deform`
+(``KerasSapa>SapaDeform``) and the halves :func:`deform_similarity`
+(``KerasSapa>DeformSimilarity``) and :func:`deform_aggregate`
+(``KerasSapa>DeformAggregate``), each with a gradient op giving the gradients of all its
+inputs, offsets included. They are custom ops on TensorFlow
+(:mod:`._tf_deform_kernels`), XLA FFI custom calls on JAX
+(:mod:`._jax_deform_kernels`) and ``torch.library`` ops on PyTorch
+(:mod:`._torch_deform_kernels`). ``implementation`` is resolved for each of the three by
+the one dispatch rule of :func:`keras_sapa.ops.resolve_implementation`, as for ``sapa``
+and its halves: ``"auto"`` takes the compiled kernels for eager calls and training
+traces where they are loaded, and this builtin formulation in exports and under XLA
+(``"patches"`` and ``"xla"`` both name it). A library built before the halves' kernels
+serves the fused op only; the halves then run the builtin formulation. The halves'
+kernels take float32 and float64: half-precision inputs are computed in float32, as
+here.
 """
 
 import keras
@@ -105,6 +111,16 @@ def resolve_deform_implementation(implementation="auto", training=None, like=Non
             "implementation='auto'."
         )
     return "builtin"
+
+
+def _compiled_halves(implementation, training, tensors):
+    """The kernel bindings that run :func:`deform_similarity` / :func:`deform_aggregate`
+    on ``tensors`` here and now (the rule picks ``"compiled"`` and the loaded library has
+    the halves for these tensors' device), else None (the builtin formulation)."""
+    if resolve_deform_implementation(implementation, training, like=tensors[0]) != "compiled":
+        return None
+    kernels = _deform_kernels()
+    return kernels if kernels.halves_usable(*tensors) else None
 
 
 # ------------------------------------------------------------------ checks
@@ -315,9 +331,9 @@ def deform_similarity(
         num_points: points per group ``P``.
         up_factor: integer upsampling factor ``s``.
         groups: ``G``.
-        implementation: ``"auto"``, ``"xla"``, ``"patches"`` or ``"compiled"``, checked
-            and resolved by the dispatch rule (see the module docs); the halves always
-            run the builtin formulation.
+        implementation: ``"auto"``, ``"xla"``, ``"patches"`` or ``"compiled"``, resolved
+            by the dispatch rule (see the module docs): the compiled kernels (forward and
+            backward) or this module's builtin formulation.
         training: whether the caller trains (a Keras layer's argument), as for
             :func:`keras_sapa.ops.sapa`.
 
@@ -329,8 +345,11 @@ def deform_similarity(
     num_points, up_factor, groups = _check_args(num_points, up_factor, groups)
     _checks.check_implementation(implementation)
     query, key, offsets = _prepare_similarity(query, key, offsets, num_points, up_factor, groups)
-    resolve_deform_implementation(implementation, training, like=query)  # raises only
+    kernels = _compiled_halves(implementation, training, (query, key, offsets))
     dtype = _compute_dtype(_dtype("query", query), _dtype("offsets", offsets))
+    if kernels is not None:
+        tensors = (ops.cast(t, dtype) for t in (query, key, offsets))
+        return kernels.deform_similarity(*tensors, num_points, up_factor, groups)
     height, width = _low_size(key)
     index, tap_w = _sampling(offsets, height, width, num_points, up_factor, groups, dtype)
     return _similarity(
@@ -367,9 +386,13 @@ def deform_aggregate(
     weights, value, offsets = _prepare_aggregate(
         weights, value, offsets, num_points, up_factor, groups
     )
-    resolve_deform_implementation(implementation, training, like=weights)  # raises only
+    kernels = _compiled_halves(implementation, training, (weights, value, offsets))
     out_dtype = _dtype("value", value)
     dtype = _compute_dtype(out_dtype, _dtype("weights", weights), _dtype("offsets", offsets))
+    if kernels is not None:
+        tensors = (ops.cast(t, dtype) for t in (weights, value, offsets))
+        out = kernels.deform_aggregate(*tensors, num_points, up_factor, groups)
+        return ops.cast(out, out_dtype)
     height, width = _low_size(value)
     index, tap_w = _sampling(offsets, height, width, num_points, up_factor, groups, dtype)
     out = _aggregate(

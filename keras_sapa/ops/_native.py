@@ -177,23 +177,25 @@ def num_core_sizes(op):
 
 def core_sizes(op, shapes, attrs):
     """The size arguments of an op's C entry points (``custom_ops/sapa/bindings/``), by
-    one rule for every op of the table: batch, height and width of ``key``,
-    ``up_factor``, the op's other attributes in the table's order, then the channels of
-    ``key`` and of ``value``. ``shapes`` are the inputs' shapes in the op's order (every
-    dimension before the last three a batch dimension), ``attrs`` a dict by name."""
-    names = [t.name for t in op.inputs]
-    key, value = shapes[names.index("key")], shapes[names.index("value")]
+    one rule for every op of the table: batch, height and width of ``key`` (else
+    ``value``), ``up_factor``, the op's other attributes in the table's order, then the
+    channels of ``key`` and of ``value`` (0 where the op has none: SAPA-D's halves).
+    ``shapes`` are the inputs' shapes in the op's order (every dimension before the last
+    three a batch dimension), ``attrs`` a dict by name."""
+    named = dict(zip((t.name for t in op.inputs), shapes, strict=True))
+    key, value = named.get("key"), named.get("value")
+    low = key if key is not None else value
     batch = 1
-    for dim in key[:-3]:
+    for dim in low[:-3]:
         batch *= int(dim)
     others = [int(attrs[a.name]) for a in op.attrs if a.name != "up_factor"]
     return (
         batch,
-        *(int(d) for d in key[-3:-1]),
+        *(int(d) for d in low[-3:-1]),
         int(attrs["up_factor"]),
         *others,
-        int(key[-1]),
-        int(value[-1]),
+        0 if key is None else int(key[-1]),
+        0 if value is None else int(value[-1]),
     )
 
 

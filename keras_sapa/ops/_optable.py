@@ -78,13 +78,14 @@ class Op:
 
     ``name`` is the TensorFlow op name without its namespace (registered as
     ``KerasSapa>{name}``); ``family`` the public op it serves (``sapa``, ``similarity``,
-    ``aggregate``, ``sapa_deform``); ``gradient`` the name of the op computing its
-    gradient (None for gradient ops), which takes ``grad`` of each differentiable output
-    followed by the inputs listed in ``gradient_inputs`` and returns one gradient per
-    ``differentiable`` input, in order. ``type_pairs`` lists the (T, Tweights) kernel
-    instantiations of ops with a ``Tweights`` attribute. ``devices`` lists where
-    TensorFlow has kernels for it (``"cpu"``, ``"gpu"``): the CPU and GPU adapters each
-    register the ops of their device."""
+    ``aggregate``, ``sapa_deform``, ``deform_similarity``, ``deform_aggregate``);
+    ``gradient`` the name of the op computing its gradient (None for gradient ops),
+    which takes ``grad`` of each differentiable output followed by the inputs listed in
+    ``gradient_inputs`` and returns one gradient per ``differentiable`` input, in order.
+    ``type_pairs`` lists the (T, Tweights) kernel instantiations of ops with a
+    ``Tweights`` attribute. ``devices`` lists where TensorFlow has kernels for it
+    (``"cpu"``, ``"gpu"``): the CPU and GPU adapters each register the ops of their
+    device."""
 
     name: str
     family: str
@@ -143,22 +144,27 @@ def with_gradient(forward, doc=None, bindings=None):
     return forward, grad
 
 
-def window_op(name, inputs, output, doc):
-    """A window op (``WINDOW_ATTRS``, any float type) and its gradient ``<name>Grad``,
-    differentiable in both inputs, which it takes again."""
+def window_op(name, inputs, output, doc, attrs=WINDOW_ATTRS, stem=None, **fields):
+    """An op with one output (``attrs``; any float type unless ``fields`` say otherwise)
+    and its gradient ``<name>Grad``, differentiable in every input, which it takes again.
+    With ``stem``, both are bound as ``stem`` and ``<stem>_backward`` (:func:`bindings`)
+    and serve the public op ``stem``; else they serve ``name.lower()``."""
     names = tuple(t.name for t in inputs)
     return with_gradient(
         Op(
             name=name,
-            family=name.lower(),
+            family=stem or name.lower(),
             inputs=inputs,
             outputs=(output,),
-            attrs=WINDOW_ATTRS,
+            attrs=attrs,
             doc=doc,
             gradient=name + "Grad",
             differentiable=names,
             gradient_inputs=names,
-        )
+            bindings=bindings(stem, name) if stem else Bindings(),
+            **fields,
+        ),
+        bindings=bindings(stem + "_backward", name + "Backward") if stem else None,
     )
 
 
@@ -269,6 +275,45 @@ OPS += fused_op(
     bindings("deform_backward", "DeformBackward"),
     grad_doc="Gradient of KerasSapa>SapaDeform with respect to query, key, value and offsets "
     "(a position's derivative taken in the cell of floor, as the official kernels do).",
+)
+
+
+# SAPA-D's halves, float and double (the public ops compute half types in float32).
+DEFORM_HALVES = (
+    "DeformSimilarity",
+    "DeformSimilarityGrad",
+    "DeformAggregate",
+    "DeformAggregateGrad",
+)
+OPS += window_op(
+    "DeformSimilarity",
+    (
+        Tensor("query", HIGH + ("groups*E",)),
+        Tensor("key", LOW + ("groups*E",)),
+        Tensor("offsets", HIGH + (DEFORM_OFFSETS,)),
+    ),
+    Tensor("logits", HIGH + (DEFORM_POINTS,)),
+    "SAPA-D's similarity: logits[b,i,j,k] = <query[b,i,j, group g], key[b, group g] sampled "
+    "bilinearly (zero padding) at the anchor (i/s, j/s) plus the offsets of point k = g*P + p>; "
+    "a point outside (-1, H) x (-1, W) is dropped (logit 0).",
+    DEFORM_ATTRS,
+    "deform_similarity",
+    type_attrs={"T": ACCUMULATION_TYPES},
+)
+OPS += window_op(
+    "DeformAggregate",
+    (
+        Tensor("weights", HIGH + (DEFORM_POINTS,)),
+        Tensor("value", LOW + ("groups*Cg",)),
+        Tensor("offsets", HIGH + (DEFORM_OFFSETS,)),
+    ),
+    Tensor("output", HIGH + ("groups*Cg",)),
+    "SAPA-D's aggregation: output[b,i,j, group g] = sum_p weights[b,i,j,g*P + p] * value[b, "
+    "group g] sampled bilinearly (zero padding) at the anchor (i/s, j/s) plus the offsets of "
+    "point g*P + p; a dropped point contributes zero.",
+    DEFORM_ATTRS,
+    "deform_aggregate",
+    type_attrs={"T": ACCUMULATION_TYPES},
 )
 
 BY_NAME = {op.name: op for op in OPS}

@@ -1,6 +1,8 @@
 """SAPA-D's compiled kernels on TensorFlow: the ``KerasSapa>SapaDeform`` custom op and
-its gradient ``KerasSapa>SapaDeformGrad``, from the same library as SAPA's
-(:mod:`._tf_kernels` loads it; the op table :mod:`._optable` describes both ops).
+its gradient ``KerasSapa>SapaDeformGrad``, and the halves ``KerasSapa>DeformSimilarity``
+and ``KerasSapa>DeformAggregate`` with their gradient ops, from the same library as
+SAPA's (:mod:`._tf_kernels` loads it and registers every op's gradient; the op table
+:mod:`._optable` describes them).
 
 The op runs the fused kernels: on the CPU those of
 ``custom_ops/sapa/kernels/cpu/sapa_deform_cpu.h``, on a GPU the CUDA kernels of
@@ -9,7 +11,10 @@ library's ``DEVICE_GPU`` kernels, checked at first use with SAPA's: :mod:`._tf_k
 Forward ``(query, key, value, offsets) -> (output, weights)``, the per-group softmax
 ``weights`` kept for the backward, which gives the gradients of all four inputs without
 materialising any sampled copy of key or value. float16 and bfloat16 compute in float32
-inside the kernel (the softmax stays float32), float64 in float64.
+inside the kernel (the softmax stays float32), float64 in float64. The halves
+(:func:`deform_similarity`, :func:`deform_aggregate`) take float32 or float64 (the public
+ops compute half types in float32); their gradient ops give the gradients of all three
+inputs, offsets included.
 """
 
 import tensorflow as tf
@@ -19,6 +24,7 @@ from keras_sapa.ops import _tf_kernels
 
 _FORWARD = _optable.op("SapaDeform")
 _FORWARD_FN = _tf_kernels._python_name(_FORWARD.name)  # keras_sapa_sapa_deform
+_HALVES = ("DeformSimilarity", "DeformAggregate")
 
 
 def available():
@@ -44,6 +50,36 @@ def usable(*tensors):
     GPU library passed its first-use check; else the library is not used at all)."""
     del tensors
     return available()
+
+
+def halves_usable(*tensors):
+    """Whether :func:`deform_similarity` and :func:`deform_aggregate` serve these tensors:
+    the loaded library has the halves' ops (on the CPU, and on a GPU as :func:`usable`
+    says)."""
+    module = _tf_kernels.load_library() if usable(*tensors) else None
+    return module is not None and all(
+        hasattr(module, _tf_kernels._python_name(n)) for n in _HALVES
+    )
+
+
+def _half(name, tensors, num_points, up_factor, groups):
+    return getattr(_tf_kernels._ops(), _tf_kernels._python_name(name))(
+        *tensors, **_attrs(num_points, up_factor, groups)
+    )
+
+
+def deform_similarity(query, key, offsets, num_points, up_factor, groups):
+    """``KerasSapa>DeformSimilarity`` -> logits ``(B, sH, sW, G*P)``, for float32 or
+    float64 tensors of one dtype that :func:`keras_sapa.ops.deform_similarity` has
+    checked; differentiable in all three."""
+    return _half("DeformSimilarity", (query, key, offsets), num_points, up_factor, groups)
+
+
+def deform_aggregate(weights, value, offsets, num_points, up_factor, groups):
+    """``KerasSapa>DeformAggregate`` -> ``(B, sH, sW, C)``, for float32 or float64 tensors
+    of one dtype that :func:`keras_sapa.ops.deform_aggregate` has checked; differentiable
+    in all three."""
+    return _half("DeformAggregate", (weights, value, offsets), num_points, up_factor, groups)
 
 
 def _attrs(num_points, up_factor, groups):
@@ -74,5 +110,5 @@ def sapa_deform(query, key, value, offsets, num_points, up_factor, groups):
     return sapa_deform_with_weights(query, key, value, offsets, num_points, up_factor, groups)[0]
 
 
-# The gradient (KerasSapa>SapaDeformGrad, as the op table states it) is registered with
-# the other ops' in _tf_kernels.
+# The gradients (KerasSapa>SapaDeformGrad, DeformSimilarityGrad and DeformAggregateGrad, as
+# the op table states them) are registered with the other ops' in _tf_kernels.

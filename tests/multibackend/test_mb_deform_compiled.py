@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import reference_deform as ref
+from backend_utils import _compiled as jitted
 from backend_utils import to_numpy
+from backend_utils import value_and_vjp
 from backend_utils import vjp
 from keras_sapa.ops import _deform as deform_ops
 
@@ -236,4 +238,119 @@ def test_framework_transforms_keep_the_kernels():
         out = jax.jit(jax.vmap(lambda *a: kernels.sapa_deform(*a, points, s, groups)))(*stacked)
         np.testing.assert_allclose(
             np.asarray(out)[:, 0], np.concatenate(expected), rtol=1e-10, atol=1e-11
+        )
+
+
+# ------------------------------------------------------------------ the halves
+
+
+def _halves():
+    """The bindings when they serve SAPA-D's halves on this backend (else None)."""
+    kernels = _kernels()
+    return kernels if kernels is not None and kernels.halves_usable() else None
+
+
+halves = pytest.mark.skipif(
+    _halves() is None, reason="the compiled SAPA-D halves are not built for this backend"
+)
+
+
+def _half_fns(points, s, groups, implementation="compiled"):
+    args = dict(num_points=points, up_factor=s, groups=groups, implementation=implementation)
+    return (
+        lambda q, k, o: deform_ops.deform_similarity(q, k, o, **args),
+        lambda w, v, o: deform_ops.deform_aggregate(w, v, o, **args),
+    )
+
+
+def _half_cases(rng, case, dtype=np.float64, away=False):
+    """((query, key, offsets), (weights, value, offsets)) of a case."""
+    q, k, v, o = _inputs(rng, *case, dtype=dtype, away=away)
+    _, _, _, groups, _, points, _, _ = case
+    w = rng.standard_normal(q.shape[:3] + (groups * points,)).astype(dtype)
+    return (q, k, o), (w, v, o)
+
+
+@halves
+@pytest.mark.parametrize("implementation", ["compiled", "xla"])
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_halves_match_reference(case, implementation, monkeypatch):
+    """Both halves, compiled and builtin, forward (float64 and float32) and the gradients
+    of all three inputs against the reference's loops and chain-rule VJPs (integer
+    positions, a dropped and a NaN point included)."""
+    kernels = _halves()
+    calls = []
+    for name in ("deform_similarity", "deform_aggregate"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, f=original: calls.append(1) or f(*a))
+    _, _, _, groups, _, points, s, _ = case
+    rng = np.random.default_rng(sum(case) + 1)
+    fns = _half_fns(points, s, groups, implementation)
+    refs = (ref.deform_similarity, ref.deform_aggregate)
+    vjps = (ref.deform_similarity_vjp, ref.deform_aggregate_vjp)
+    for fn, reference, reference_vjp, args in zip(
+        fns, refs, vjps, _half_cases(rng, case), strict=True
+    ):
+        want = reference(*args, points, s, groups)
+        g = rng.standard_normal(want.shape)
+        out, grads = value_and_vjp(fn, list(args), g)  # one jax.jit on JAX
+        np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-11)
+        expected = reference_vjp(*args, g, points, s, groups)
+        for index, (got, exp) in enumerate(zip(grads, expected, strict=True)):
+            assert np.isfinite(got).all(), index
+            np.testing.assert_allclose(got, exp, rtol=1e-9, atol=1e-10, err_msg=str(index))
+        got32 = to_numpy(jitted(fn)(*(a.astype(np.float32) for a in args)))
+        assert got32.dtype == np.float32
+        np.testing.assert_allclose(got32, want, rtol=1e-4, atol=1e-4)
+    # The kernels ran exactly when asked for.
+    assert bool(calls) == (implementation == "compiled"), calls
+
+
+@halves
+def test_halves_gradients_match_central_differences():
+    """float64 central differences of the compiled halves (positions away from integers),
+    spot-checked: a few elements of every input."""
+    rng = np.random.default_rng(12)
+    case = (1, 2, 3, 2, 2, 3, 2, 4)
+    _, _, _, groups, _, points, s, _ = case
+    for fn, args in zip(
+        _half_fns(points, s, groups), _half_cases(rng, case, away=True), strict=True
+    ):
+        g = rng.standard_normal(np.shape(to_numpy(fn(*args))))
+        grads = vjp(fn, list(args), g)
+        eps = 1e-6
+        for index, arg in enumerate(args):
+            flat = rng.choice(arg.size, size=min(arg.size, 6), replace=False)
+            for position in zip(*np.unravel_index(flat, arg.shape), strict=True):
+                plus, minus = [a.copy() for a in args], [a.copy() for a in args]
+                plus[index][position] += eps
+                minus[index][position] -= eps
+                numeric = np.sum((to_numpy(fn(*plus)) - to_numpy(fn(*minus))) * g) / (2 * eps)
+                np.testing.assert_allclose(grads[index][position], numeric, rtol=1e-6, atol=1e-7)
+
+
+@halves
+def test_halves_half_inputs_compute_in_float32():
+    """float16 inputs: the similarity's logits come back in float32, the aggregation in
+    the value's dtype, both from float32 computations of the rounded inputs."""
+    rng = np.random.default_rng(13)
+    case = (1, 3, 3, 2, 8, 4, 2, 8)
+    _, _, _, groups, _, points, s, _ = case
+    similarity, aggregate = _half_fns(points, s, groups)
+    for fn, reference, args, out_dtype in zip(
+        (similarity, aggregate),
+        (ref.deform_similarity, ref.deform_aggregate),
+        _half_cases(rng, case, dtype=np.float32),
+        ("float32", "float16"),
+        strict=True,
+    ):
+        half = [keras.ops.cast(a, "float16") for a in args]
+        out = fn(*half)
+        assert keras.backend.standardize_dtype(out.dtype) == out_dtype
+        rounded = [to_numpy(keras.ops.cast(a, "float32")).astype(np.float64) for a in half]
+        np.testing.assert_allclose(
+            to_numpy(keras.ops.cast(out, "float32")),
+            reference(*rounded, points, s, groups),
+            rtol=2e-2,
+            atol=2e-2,
         )

@@ -3,6 +3,7 @@
 // launcher (opened with dlopen: the core links no CUDA). Built with g++ alone.
 
 #include "sapa_core_c.h"
+#include "sapa_deform_core_c.h"  // KERAS_SAPA_DEFORM_HALVES
 
 #include <dlfcn.h>
 #include <sched.h>
@@ -211,6 +212,11 @@ struct Launcher {
   decltype(&sapa_deform_forward) deform_forward = nullptr;
   decltype(&sapa_deform_workspace) deform_workspace = nullptr;
   decltype(&sapa_deform_backward) deform_backward = nullptr;
+  // SAPA-D's halves (NULL where the launcher predates them).
+  decltype(&sapa_deform_similarity) deform_similarity = nullptr;
+  decltype(&sapa_deform_similarity_backward) deform_similarity_backward = nullptr;
+  decltype(&sapa_deform_aggregate) deform_aggregate = nullptr;
+  decltype(&sapa_deform_aggregate_backward) deform_aggregate_backward = nullptr;
 };
 
 std::mutex launcher_mu;
@@ -255,6 +261,10 @@ int OpenLauncher(const char* path, const char* image_dir) {
   sym(&l->deform_forward, "sapa_deform_forward", false);
   sym(&l->deform_workspace, "sapa_deform_workspace", false);
   sym(&l->deform_backward, "sapa_deform_backward", false);
+  sym(&l->deform_similarity, "sapa_deform_similarity", false);
+  sym(&l->deform_similarity_backward, "sapa_deform_similarity_backward", false);
+  sym(&l->deform_aggregate, "sapa_deform_aggregate", false);
+  sym(&l->deform_aggregate_backward, "sapa_deform_aggregate_backward", false);
   if (image_dir != nullptr) {
     int count = 0;
     if (l->load_image_dir(image_dir, &count) != SAPA_OK) {
@@ -395,6 +405,36 @@ int DeformScratch(int dtype, const int64_t* z, int64_t* bytes) {
   return KERAS_SAPA_OK;
 }
 
+// SAPA-D's halves: the launcher's entry `entry` (sapa_deform_similarity, ...) on the
+// tensors, inputs then outputs in the table's order (3 + 1 for a forward, 4 + 3 for a
+// backward), with the sizes of the SAPA-D entry points (dim or channels 0).
+template <typename Fn>
+int DeformHalfCuda(Fn Launcher::*entry, void* stream, int dtype, void* const* t,
+                   const int64_t* z) {
+  const SapaDeformDims d = DeformDims(z);
+  std::shared_ptr<const Launcher> current = CurrentLauncher();
+  if (current && current.get()->*entry == nullptr) {
+    return CudaFail(KERAS_SAPA_NO_LAUNCHER, current->path + " has no SAPA-D halves");
+  }
+  return WithLauncher(
+      true,
+      [&](const Launcher& l) {
+        if constexpr (std::is_same_v<Fn, decltype(&sapa_deform_similarity)>) {
+          return (l.*entry)(stream, dtype, &d, t[0], t[1], t[2], t[3]);
+        } else {
+          return (l.*entry)(stream, dtype, &d, t[0], t[1], t[2], t[3], t[4], t[5], t[6]);
+        }
+      },
+      true);
+}
+
+#define KERAS_SAPA_DEFORM_HALF_CUDA(Name, OpName, entry, stem)                   \
+  int Name##Cuda(void* stream, int dtype, void* const* t, const int64_t* z, void*) { \
+    return DeformHalfCuda(&Launcher::stem, stream, dtype, t, z);                   \
+  }
+KERAS_SAPA_DEFORM_HALVES(KERAS_SAPA_DEFORM_HALF_CUDA)
+#undef KERAS_SAPA_DEFORM_HALF_CUDA
+
 }  // namespace
 }  // namespace bindings
 }  // namespace keras_sapa
@@ -464,6 +504,10 @@ KERAS_SAPA_CUDA_DEFINE(keras_sapa_forward, ForwardCuda, NoScratch)
 KERAS_SAPA_CUDA_DEFINE(keras_sapa_backward, BackwardCuda, BackwardScratch)
 KERAS_SAPA_CUDA_DEFINE(keras_sapa_deform_forward, DeformForwardCuda, NoScratch)
 KERAS_SAPA_CUDA_DEFINE(keras_sapa_deform_backward, DeformBackwardCuda, DeformScratch)
+#define KERAS_SAPA_DEFORM_HALF_DEFINE(Name, OpName, entry, stem) \
+  KERAS_SAPA_CUDA_DEFINE(entry, Name##Cuda, NoScratch)
+KERAS_SAPA_DEFORM_HALVES(KERAS_SAPA_DEFORM_HALF_DEFINE)
+#undef KERAS_SAPA_DEFORM_HALF_DEFINE
 
 #undef KERAS_SAPA_CUDA_DEFINE
 

@@ -18,7 +18,8 @@
  *   keras_sapa_deform_backward_<t>(grad, query, key, value, offsets, weights,
  *                                  grad_query, grad_key, grad_value, grad_offsets, ...)
  *
- * and the fused op's two halves (the frameworks bind the fused op; tests call these):
+ * and the fused op's two halves (the frameworks bind them as ops of their own,
+ * DeformSimilarity / DeformAggregate of the op table, float32 and float64):
  *
  *   keras_sapa_deform_similarity_<t>(query, key, offsets, logits, sizes...)
  *   keras_sapa_deform_similarity_backward_<t>(grad_logits, query, key, offsets,
@@ -85,11 +86,26 @@ KERAS_SAPA_DEFORM_DECLARE(f64, double)
 KERAS_SAPA_DEFORM_HALF_DECLARE(f16)
 KERAS_SAPA_DEFORM_HALF_DECLARE(bf16)
 
-/* CUDA (the forward and backward; see sapa_core_c.h's <c_abi>_cuda), on the launcher's
- * sapa_deform_forward / sapa_deform_backward; the backward's scratch is the launcher's
- * sapa_deform_workspace. KERAS_SAPA_NO_LAUNCHER where the launcher has no SAPA-D. */
+/* CUDA (see sapa_core_c.h's <c_abi>_cuda), on the launcher's entry points of the same
+ * names (sapa_deform_forward, ..., sapa_deform_aggregate_backward); the fused backward's
+ * scratch is the launcher's sapa_deform_workspace, the halves need none (dtype 0 or 3
+ * only). KERAS_SAPA_NO_LAUNCHER where the launcher lacks the entry point. */
 KERAS_SAPA_CUDA_DECLARE(keras_sapa_deform_forward)
 KERAS_SAPA_CUDA_DECLARE(keras_sapa_deform_backward)
+
+/* The halves' ops, X(Name, OpName, entry, stem): the op table's k<OpName>, the C entry
+ * prefix <entry> and the launcher's sapa_<stem> (the bindings' handlers are named from
+ * Name). */
+#define KERAS_SAPA_DEFORM_HALVES(X)                                                         \
+  X(DeformSimilarity, DeformSimilarity, keras_sapa_deform_similarity, deform_similarity)    \
+  X(DeformSimilarityBackward, DeformSimilarityGrad, keras_sapa_deform_similarity_backward,  \
+    deform_similarity_backward)                                                             \
+  X(DeformAggregate, DeformAggregate, keras_sapa_deform_aggregate, deform_aggregate)        \
+  X(DeformAggregateBackward, DeformAggregateGrad, keras_sapa_deform_aggregate_backward,     \
+    deform_aggregate_backward)
+#define KERAS_SAPA_DEFORM_HALVES_DECLARE(Name, OpName, entry, stem) KERAS_SAPA_CUDA_DECLARE(entry)
+KERAS_SAPA_DEFORM_HALVES(KERAS_SAPA_DEFORM_HALVES_DECLARE)
+#undef KERAS_SAPA_DEFORM_HALVES_DECLARE
 
 #ifdef __cplusplus
 }  /* extern "C" */

@@ -72,13 +72,17 @@ struct Call {
   }
 
   // The core's size arguments (sapa_core_c.h, sapa_deform_core_c.h): batch, height and
-  // width of `key`, up_factor, the op's other attributes in the table's order, then the
-  // channels of `key` and of `value`. Returns their number.
+  // width of `key` (else `value`), up_factor, the op's other attributes in the table's
+  // order, then the channels of `key` and of `value` (0 where the op has none: SAPA-D's
+  // halves). Returns their number.
   int CoreSizes(int64_t* out) const {
-    const int64_t* key = shapes[Input("key")];
-    const int64_t* value = shapes[Input("value")];
+    static const int64_t kNone[4] = {};
+    const int k = Input("key"), v = Input("value");
+    const int64_t* key = k >= 0 ? shapes[k] : kNone;
+    const int64_t* value = v >= 0 ? shapes[v] : kNone;
+    const int64_t* low = k >= 0 ? key : value;
     int n = 0;
-    for (int j = 0; j < 3; ++j) out[n++] = key[j];
+    for (int j = 0; j < 3; ++j) out[n++] = low[j];
     out[n++] = sizes.attrs[optable::kAttr_up_factor];
     for (int i = 0; i < op->num_attrs; ++i) {
       if (op->attrs[i].index != optable::kAttr_up_factor) out[n++] = sizes.attrs[op->attrs[i].index];

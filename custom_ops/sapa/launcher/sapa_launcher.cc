@@ -985,6 +985,40 @@ int DeformBackward(CUstream stream, int dtype, const SapaDeformDims* d, const vo
   return status;
 }
 
+// --- SAPA-D's halves (float32 and float64) ---------------------------------------------
+
+// One half: the per-output-point kernel sapa_deform_<stem>_<t> on `ptrs`; for a backward
+// (dst not null; the offsets are its fourth tensor) then dst = scatter(coef, src) over the
+// low-resolution map's `channels` channels, zeroed first (f32/f64 accumulate in place). d->dim / d->channels: 0 where the
+// half has no such tensor.
+int DeformHalf(CUstream stream, int dtype, const SapaDeformDims* d, const char* stem,
+               std::vector<void*> ptrs, const void* coef = nullptr, const void* src = nullptr,
+               void* dst = nullptr, int64_t channels = 0) {
+  if (dtype != SAPA_F32 && dtype != SAPA_F64) {
+    return Fail(SAPA_ERR_INVALID, std::string("sapa_deform_") + stem +
+                                      " takes float32 or float64. Received: dtype " +
+                                      std::to_string(dtype));
+  }
+  ContextScope scope;
+  DeviceState* dev = nullptr;
+  DeformKernels k;
+  int status = DeformPrepare(&scope, stream, dtype, d, &dev, &k);
+  if (status != SAPA_OK) return status;
+  Choice point;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    status = DeformChooseLocked(dev, std::string("sapa_deform_") + stem + "_" + DtypeName(dtype),
+                                dtype, d->groups * d->points, true, &point);
+  }
+  if (status == SAPA_OK) status = DeformLaunch(stream, dev, point, d, DeformHighPoints(d), 0, ptrs);
+  if (dst == nullptr || status != SAPA_OK) return status;
+  const int64_t count = d->batch * d->height * d->width * channels;
+  status = DeformLaunch(stream, dev, k.zero, d, count, count, {dst});
+  if (status != SAPA_OK) return status;
+  return DeformLaunch(stream, dev, k.scatter, d, DeformHighPoints(d), channels,
+                      {const_cast<void*>(coef), const_cast<void*>(src), ptrs[3], dst});
+}
+
 // --- Launch configurations and the self-test ----------------------------------------
 
 struct PlanEntry {
@@ -1953,6 +1987,45 @@ int sapa_deform_backward(void* stream, int dtype, const SapaDeformDims* dims, co
   return DeformBackward(static_cast<CUstream>(stream), dtype, dims, grad, query, key, value,
                         offsets, attn, workspace, grad_query, grad_key, grad_value,
                         grad_offsets);
+}
+
+// SAPA-D's halves (DeformHalf).
+int sapa_deform_similarity(void* stream, int dtype, const SapaDeformDims* dims,
+                           const void* query, const void* key, const void* offsets,
+                           void* logits) {
+  return DeformHalf(static_cast<CUstream>(stream), dtype, dims, "similarity",
+                    {const_cast<void*>(query), const_cast<void*>(key),
+                     const_cast<void*>(offsets), logits});
+}
+
+int sapa_deform_similarity_backward(void* stream, int dtype, const SapaDeformDims* dims,
+                                    const void* grad_logits, const void* query, const void* key,
+                                    const void* offsets, void* grad_query, void* grad_key,
+                                    void* grad_offsets) {
+  return DeformHalf(static_cast<CUstream>(stream), dtype, dims, "similarity_backward",
+                    {const_cast<void*>(grad_logits), const_cast<void*>(query),
+                     const_cast<void*>(key), const_cast<void*>(offsets), grad_query,
+                     grad_offsets},
+                    grad_logits, query, grad_key, dims ? dims->dim : 0);
+}
+
+int sapa_deform_aggregate(void* stream, int dtype, const SapaDeformDims* dims,
+                          const void* weights, const void* value, const void* offsets,
+                          void* output) {
+  return DeformHalf(static_cast<CUstream>(stream), dtype, dims, "aggregate",
+                    {const_cast<void*>(weights), const_cast<void*>(value),
+                     const_cast<void*>(offsets), output});
+}
+
+int sapa_deform_aggregate_backward(void* stream, int dtype, const SapaDeformDims* dims,
+                                   const void* grad, const void* weights, const void* value,
+                                   const void* offsets, void* grad_weights, void* grad_value,
+                                   void* grad_offsets) {
+  return DeformHalf(static_cast<CUstream>(stream), dtype, dims, "aggregate_backward",
+                    {const_cast<void*>(grad), const_cast<void*>(weights),
+                     const_cast<void*>(value), const_cast<void*>(offsets), grad_weights,
+                     grad_offsets},
+                    weights, grad, grad_value, dims ? dims->channels : 0);
 }
 
 }  // extern "C"

@@ -176,6 +176,33 @@ int sapa_deform_backward(void* stream, int dtype, const SapaDeformDims* dims, co
                          void* grad_query, void* grad_key, void* grad_value,
                          void* grad_offsets);
 
+// --- SAPA-D's halves (float32 and float64 only: SAPA_ERR_INVALID for the others), with
+// sapa_deform_forward's sizes (dim 0 for the aggregation's, channels 0 for the
+// similarity's; each checks them). logits and weights: (B, up*H, up*W, groups*points).
+
+// logits = the similarity of each query group with the key sampled at each of its points
+// (0 for a dropped point). One launch.
+int sapa_deform_similarity(void* stream, int dtype, const SapaDeformDims* dims,
+                           const void* query, const void* key, const void* offsets,
+                           void* logits);
+// Its gradients with respect to query, key and offsets from the logits' gradient: per
+// output point, then the key's (a scatter with atomics: its summation order is not
+// fixed). Three launches, no workspace.
+int sapa_deform_similarity_backward(void* stream, int dtype, const SapaDeformDims* dims,
+                                    const void* grad_logits, const void* query, const void* key,
+                                    const void* offsets, void* grad_query, void* grad_key,
+                                    void* grad_offsets);
+// output = sum over each group's points of weights * the value sampled there. One launch.
+int sapa_deform_aggregate(void* stream, int dtype, const SapaDeformDims* dims,
+                          const void* weights, const void* value, const void* offsets,
+                          void* output);
+// Its gradients with respect to weights, value and offsets from the output's gradient
+// (the value's a scatter with atomics). Three launches, no workspace.
+int sapa_deform_aggregate_backward(void* stream, int dtype, const SapaDeformDims* dims,
+                                   const void* grad, const void* weights, const void* value,
+                                   const void* offsets, void* grad_weights, void* grad_value,
+                                   void* grad_offsets);
+
 #ifdef __cplusplus
 }
 #endif

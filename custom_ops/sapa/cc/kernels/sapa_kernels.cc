@@ -308,6 +308,36 @@ struct FusedOp<Fused::kDeformBackward, CPUDevice, T, F> {
   }
 };
 
+// SAPA-D's halves (sapa_op_kernels.h's DeformHalf, float and double): the core's
+// DeformSimilarity / DeformAggregate and their backwards on the call's tensors.
+template <DeformHalf kOp, typename T>
+struct DeformHalfOp<kOp, CPUDevice, T> {
+  Status operator()(const Call& c) const {
+    DeformDims d;
+    TF_RETURN_IF_ERROR(c.deform_dims(&d));
+    const cpu::ParallelFor pool = tf_cpu::Pool(c.ctx);
+    const T *a = c.in_data<T>(0), *b = c.in_data<T>(1), *x = c.in_data<T>(2);
+    namespace deform = cpu::deform;
+    switch (kOp) {
+      case DeformHalf::kSimilarity:
+        deform::DeformSimilarity<T>(pool, d, a, b, x, c.out_data<T>(0));
+        break;
+      case DeformHalf::kAggregate:
+        deform::DeformAggregate<T>(pool, d, a, b, x, c.out_data<T>(0));
+        break;
+      case DeformHalf::kSimilarityBackward:
+        deform::DeformSimilarityBackward<T>(pool, d, a, b, x, c.in_data<T>(3), c.out_data<T>(0),
+                                            c.out_data<T>(1), c.out_data<T>(2));
+        break;
+      case DeformHalf::kAggregateBackward:
+        deform::DeformAggregateBackward<T>(pool, d, a, b, x, c.in_data<T>(3), c.out_data<T>(0),
+                                           c.out_data<T>(1), c.out_data<T>(2));
+        break;
+    }
+    return absl::OkStatus();
+  }
+};
+
 }  // namespace functor
 
 // Every op of the table, for every type it lists, on DEVICE_CPU.

@@ -218,6 +218,35 @@ struct FusedOp<Fused::kDeformBackward, GpuTag, T, F> {
   }
 };
 
+// SAPA-D's halves (sapa_op_kernels.h's DeformHalf, float and double): the launcher's
+// sapa_deform_similarity / _aggregate and their backwards, the call's tensors in the
+// table's order (no workspace).
+template <DeformHalf kOp, typename T>
+struct DeformHalfOp<kOp, GpuTag, T> {
+  Status operator()(const Call& c) const {
+    SapaDeformDims d;
+    TF_RETURN_IF_ERROR(gpu_adapter::Dims(c, &d));
+    const int dtype = gpu_adapter::Dtype<T>::value;
+    const T *a = c.in_data<T>(0), *b = c.in_data<T>(1), *x = c.in_data<T>(2);
+    return gpu_adapter::OnStream(c.ctx, [&](void* stream) {
+      switch (kOp) {
+        case DeformHalf::kSimilarity:
+          return sapa_deform_similarity(stream, dtype, &d, a, b, x, c.out_data<T>(0));
+        case DeformHalf::kAggregate:
+          return sapa_deform_aggregate(stream, dtype, &d, a, b, x, c.out_data<T>(0));
+        case DeformHalf::kSimilarityBackward:
+          return sapa_deform_similarity_backward(stream, dtype, &d, a, b, x, c.in_data<T>(3),
+                                                 c.out_data<T>(0), c.out_data<T>(1),
+                                                 c.out_data<T>(2));
+        default:
+          return sapa_deform_aggregate_backward(stream, dtype, &d, a, b, x, c.in_data<T>(3),
+                                                c.out_data<T>(0), c.out_data<T>(1),
+                                                c.out_data<T>(2));
+      }
+    });
+  }
+};
+
 }  // namespace functor
 
 // Every op of the table, for every type it lists, on DEVICE_GPU.

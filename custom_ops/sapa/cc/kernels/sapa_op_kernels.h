@@ -83,8 +83,10 @@ struct Call {
     d->up = sizes.attrs[optable::kAttr_up_factor];
     d->points = sizes.attrs[optable::kAttr_num_points];
     d->groups = sizes.attrs[optable::kAttr_groups];
-    d->dim = d->groups * size("E");
-    d->channels = d->groups * size("Cg");
+    // The halves lack E (DeformAggregate) or Cg (DeformSimilarity): 0 channels there.
+    const int64_t e = size("E"), cg = size("Cg");
+    d->dim = e < 0 ? 0 : d->groups * e;
+    d->channels = cg < 0 ? 0 : d->groups * cg;
     if (!d->Valid()) {
       return tsl::errors::InvalidArgument(
           "SAPA-D: the low-resolution maps are too large for the kernels ((H+1)*(W+1) must "
@@ -206,6 +208,37 @@ using SapaBody = FusedBody<optable::kSapa, functor::Fused::kSapaForward>;
 using SapaGradBody = FusedBody<optable::kSapaGrad, functor::Fused::kSapaBackward>;
 using SapaDeformBody = FusedBody<optable::kSapaDeform, functor::Fused::kDeformForward>;
 using SapaDeformGradBody = FusedBody<optable::kSapaDeformGrad, functor::Fused::kDeformBackward>;
+
+// SAPA-D's halves, float and double (the table's DeformSimilarity (query, key, offsets)
+// -> logits, DeformSimilarityGrad (grad, query, key, offsets) -> (grad_query, grad_key,
+// grad_offsets), DeformAggregate (weights, value, offsets) -> output, DeformAggregateGrad
+// (grad, weights, value, offsets) -> (grad_weights, grad_value, grad_offsets)): each
+// device's functor::DeformHalfOp runs one on the call's tensors in the table's order, with
+// Call::deform_dims. Nothing to do when the offsets are empty (every output is then).
+enum class DeformHalf { kSimilarity, kSimilarityBackward, kAggregate, kAggregateBackward };
+
+namespace functor {
+template <DeformHalf kOp, typename Device, typename T>
+struct DeformHalfOp {
+  Status operator()(const Call& c) const;
+};
+}  // namespace functor
+
+template <const OpSpec& Spec, DeformHalf kOp>
+struct DeformHalfBody {
+  static constexpr const OpSpec& kSpec = Spec;
+  template <typename Device, typename T, typename F>
+  static Status Run(const Call& c) {
+    return c.named("offsets")->NumElements() == 0 ? absl::OkStatus()
+                                                  : functor::DeformHalfOp<kOp, Device, T>()(c);
+  }
+};
+using DeformSimilarityBody = DeformHalfBody<optable::kDeformSimilarity, DeformHalf::kSimilarity>;
+using DeformSimilarityGradBody =
+    DeformHalfBody<optable::kDeformSimilarityGrad, DeformHalf::kSimilarityBackward>;
+using DeformAggregateBody = DeformHalfBody<optable::kDeformAggregate, DeformHalf::kAggregate>;
+using DeformAggregateGradBody =
+    DeformHalfBody<optable::kDeformAggregateGrad, DeformHalf::kAggregateBackward>;
 
 // Registers every op of the table for DEVICE_NAME with the functors of DEVICE, for each
 // type instantiation the table lists (F = void: no Tweights attribute).
