@@ -162,6 +162,12 @@ def _outputs(op, tensors, attrs):
     ]
 
 
+def _returned(outs):
+    """An implementation's result: the tensor of a one-output op (torch reads the schema
+    ``-> (Tensor)`` as one Tensor), else the tuple."""
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
 def _check(op, tensors, device):
     """ValueError unless the tensors are on ``device`` with one element type the op's
     entry points take (``Tweights`` ones in its accumulation type)."""
@@ -196,7 +202,7 @@ def _cpu_impl(op):
             _native.core_sizes(op, [t.shape for t in tensors], attrs),
             _NATIVE[tensors[0].dtype],
         )
-        return tuple(outs)
+        return _returned(outs)
 
     return impl
 
@@ -221,7 +227,7 @@ def run_cuda(op, tensors, attrs, stream):
         sizes,
         None if scratch is None else ctypes.c_void_p(scratch.data_ptr()),
     )
-    return tuple(outs)
+    return _returned(outs)
 
 
 def _cuda_impl(op):
@@ -243,6 +249,7 @@ def _autograd(op):
     gradient = _optable.op(op.gradient)
 
     def setup_context(ctx, inputs, output):
+        output = output if isinstance(output, tuple) else (output,)
         named = dict(zip(names, (*inputs[:n], *output), strict=True))
         ctx.save_for_backward(*(named[x] for x in op.gradient_inputs))
         for extra in output[1:]:
@@ -276,7 +283,7 @@ def define(op):
             torch.library.impl(name, "cuda", _cuda_impl(spec))
 
         def fake(*args, spec=spec):
-            return tuple(_outputs(spec, *_split(spec, args)))
+            return _returned(_outputs(spec, *_split(spec, args)))
 
         torch.library.register_fake(name, fake)
     backward, setup_context = _autograd(op)
