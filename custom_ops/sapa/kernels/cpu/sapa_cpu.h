@@ -404,7 +404,8 @@ void ScatterTiled(const ParallelFor& pool, const Shape& d, int64_t channels, con
   const int64_t H = d.height, W = d.width;
   // Runs of rows: at least kScatterUnits units per call, more on tall maps while runs stay
   // kScatterRun rows long (each unit reads 2r anchor rows of its neighbours again).
-  const int64_t want = std::max((kScatterUnits + d.batch - 1) / d.batch, H / kScatterRun);
+  const int64_t batch = std::max<int64_t>(1, d.batch);  // (no units at all when 0)
+  const int64_t want = std::max((kScatterUnits + batch - 1) / batch, H / kScatterRun);
   const int64_t runs0 = std::max<int64_t>(1, std::min(H, want));
   const int64_t run = std::max<int64_t>(1, (H + runs0 - 1) / runs0);
   const int64_t runs = (H + run - 1) / run;
