@@ -538,14 +538,19 @@ def test_self_test_runs_every_configuration_and_passes(launcher, dtype, per_tile
     )
     assert problem is None
     log = L.log()
-    # SAPA: one launch per case; SAPA-D: a forward and a backward case per tile, the
-    # backward launching the backward kernel, then zero/scatter[/cast] for key and value.
+    # SAPA: one launch per case, then sapa_backward's two cases (tiled, untiled) of four
+    # launches each; SAPA-D: a forward and a backward case per tile, the backward
+    # launching the backward kernel, then zero/scatter[/cast] for key and value.
     sapa = [entry for entry in log if not entry[0].startswith("sapa_deform_")]
+    sapa, backward = sapa[:-8], [entry[0] for entry in sapa[-8:]]
+    kinds = [name.split("_")[1] for name in backward]
+    assert kinds == ["dsoftmax", "gather", "scatter", "scatter"] * 2, backward
+    assert not backward[0].endswith("_any") and all(n.endswith("_any") for n in backward[4:])
     deform_tiles = {tile for name, _, _, _, tile in log if "deform_forward" in name}
     per_backward = 7 if dtype in ("float16", "bfloat16") else 5
     assert len(deform_tiles) == 9
-    assert len(log) - len(sapa) == len(deform_tiles) * (1 + per_backward)
-    assert cases == len(sapa) + 2 * len(deform_tiles)
+    assert len(log) - len(sapa) - len(backward) == len(deform_tiles) * (1 + per_backward)
+    assert cases == len(sapa) + 2 + 2 * len(deform_tiles)
     if per_tile:
         ran = {(name, tile) for name, _, _, _, tile in log}
         assert ran == {(name, tile) for name, tile, _, _, _, _ in configs}
@@ -765,6 +770,133 @@ def test_deform_rejects_bad_sizes(launcher):
     dims = SapaDeformDims(0, 2, 2, 2, 800, 1, 4, 4)  # 800 points: too much shared memory
     status = L.lib.sapa_deform_forward(None, 3, ctypes.byref(dims), *[None] * 6)
     assert status == SAPA_ERR_INVALID and "groups*num_points=800" in L.error(), L.error()
+
+
+# ---------------------------------------------------------------------------------------
+# SAPA's fused backward (sapa_backward)
+
+
+def _backward_entry_points(L):
+    L.lib.sapa_backward.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(SapaDims)] + [
+        ctypes.c_void_p
+    ] * 9
+    L.lib.sapa_backward_workspace.argtypes = [
+        ctypes.c_int,
+        ctypes.POINTER(SapaDims),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
+
+
+@pytest.mark.parametrize(
+    "dtype,untiled",
+    [("float32", 0), ("float32", 1), ("float16", 0), ("bfloat16", 0), ("float64", 0)],
+)
+def test_backward_entry_point_matches_the_reference(launcher, dtype, untiled):
+    """sapa_backward (what the TensorFlow GPU op and the JAX/PyTorch CUDA bindings call)
+    on the emulated GPU, from sapa_forward's weights, against tests/reference.py's
+    sapa_vjp: the gradients of query, key and value; query/key and value of different
+    odd widths, K=5, s=3, on the tiled kernels and on the untiled ones. Its four launches
+    are the logits' gradient, the gather and the two scatters; its scratch is
+    sapa_backward_workspace bytes."""
+    L = launcher
+    _backward_entry_points(L)
+    L.lib.sapa_set_untiled(untiled)
+    batch, height, width, up, k, d, c = 2, 3, 4, 3, 5, 7, 9
+    rng = np.random.default_rng(21)
+    high, low = (batch, up * height, up * width), (batch, height, width)
+    raw = [
+        rng.standard_normal(high + (d,)) * 0.5,
+        rng.standard_normal(low + (d,)) * 0.5,
+        rng.standard_normal(low + (c,)),
+        rng.standard_normal(high + (c,)),
+    ]
+    stored, seen = zip(*(_storage(x, dtype) for x in raw), strict=True)
+    q, key, v, grad = stored
+    acc = np.float64 if dtype == "float64" else np.float32
+    dims = SapaDims(batch, height, width, up, k, d, c)
+    nan = 0x7FFF if dtype == "bfloat16" else np.nan  # unwritten elements fail
+    out = np.full_like(grad, nan)
+    attn = np.full(high + (k * k,), np.nan, acc)
+    L.check(
+        L.lib.sapa_forward(
+            None, DTYPES[dtype], ctypes.byref(dims), *map(_ptr, (q, key, v, out, attn))
+        )
+    )
+    size = ctypes.c_size_t()
+    L.check(L.lib.sapa_backward_workspace(DTYPES[dtype], ctypes.byref(dims), ctypes.byref(size)))
+    assert size.value == attn.nbytes
+    dlogits = np.full(size.value // 4, np.nan, np.float32)
+    grads = [np.full_like(a, nan) for a in (q, key, v)]
+    L.emu.emu_log_clear()
+    L.check(
+        L.lib.sapa_backward(
+            None,
+            DTYPES[dtype],
+            ctypes.byref(dims),
+            *map(_ptr, (grad, q, key, v, attn, dlogits, *grads)),
+        )
+    )
+    L.lib.sapa_set_untiled(0)
+    short = ("f32", "f16", "bf16", "f64")[DTYPES[dtype]]
+    acc_weights = "_wacc" if short in ("f16", "bf16") else ""
+    any_ = "_any" if untiled else ""
+    assert [entry[0] for entry in L.log()] == [
+        f"sapa_dsoftmax_{short}_{'any' if untiled else f'k{k}'}",
+        f"sapa_gather_{short}{acc_weights}{any_}",
+        f"sapa_scatter_{short}{acc_weights}{any_}",
+        f"sapa_scatter_{short}{acc_weights}{any_}",
+    ]
+    want = reference.sapa_vjp(seen[0], seen[1], seen[2], seen[3], k, up)
+    tol = {"float64": 1e-10, "float32": 1e-4, "float16": 4e-3, "bfloat16": 3e-2}[dtype]
+    for name, got, expected in zip(
+        ("grad_query", "grad_key", "grad_value"), grads, want, strict=True
+    ):
+        got = _storage_back(got, dtype)
+        assert np.isfinite(got).all(), name
+        scale = max(1.0, float(np.abs(expected).max()))
+        np.testing.assert_allclose(got, expected, rtol=tol, atol=tol * scale, err_msg=name)
+    assert L.current() is None  # the launcher popped the contexts it pushed
+
+
+def test_backward_rejects_bad_arguments(launcher):
+    """sapa_backward and its workspace: a clear SAPA_ERR_INVALID for bad sizes and a
+    missing scratch, nothing launched."""
+    L = launcher
+    _backward_entry_points(L)
+    size = ctypes.c_size_t(7)
+    even = SapaDims(1, 2, 2, 2, 4, 3, 3)
+    assert L.lib.sapa_backward_workspace(0, ctypes.byref(even), ctypes.byref(size)) == (
+        SAPA_ERR_INVALID
+    )
+    assert "kernel odd" in L.error() and size.value == 0
+    dims = SapaDims(1, 2, 2, 2, 3, 3, 3)
+    assert L.lib.sapa_backward_workspace(9, ctypes.byref(dims), ctypes.byref(size)) == (
+        SAPA_ERR_INVALID
+    )
+    assert "dtype=9" in L.error()
+    L.check(L.lib.sapa_backward_workspace(3, ctypes.byref(dims), ctypes.byref(size)))
+    assert size.value == 1 * 4 * 4 * 9 * 8  # (B, sH, sW, K*K) float64
+    scratch = np.zeros(8)
+    args = [_ptr(scratch)] * 9
+    args[5] = None  # dlogits
+    L.emu.emu_log_clear()
+    assert L.lib.sapa_backward(None, 0, ctypes.byref(dims), *args) == SAPA_ERR_INVALID
+    assert "sapa_backward needs a dlogits buffer" in L.error()
+    assert L.log() == []
+
+
+def test_the_op_tables_launcher_entry_points_exist(launcher_build):
+    """Every launcher entry point the op table names (keras_sapa/ops/_optable.py,
+    ``Bindings.launcher``) for an op with GPU kernels is exported by the launcher: the
+    fused SAPA pair's sapa_forward / sapa_backward and SAPA-D's."""
+    from keras_sapa.ops import _optable
+
+    lib = ctypes.CDLL(launcher_build)
+    names = {op.bindings.launcher for op in _optable.OPS if "gpu" in op.devices}
+    names.discard(None)
+    assert {"sapa_forward", "sapa_backward"} <= names
+    for name in sorted(names):
+        assert hasattr(lib, name), name
 
 
 # ---------------------------------------------------------------------------------------

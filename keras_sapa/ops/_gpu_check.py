@@ -4,8 +4,9 @@
 (``keras_sapa/_lib/libsapa_launcher.so``) through ctypes, registers the kernel images
 beside it and calls its ``sapa_self_test``: every launch configuration the launcher can
 choose on the GPU (each kernel and tile of SAPA and SAPA-D, forward and backward, every
-dtype) runs on a small case and is compared with a float64 CPU reference inside the
-library. It returns ``(cases, None)`` when all agree, else ``(cases, why)`` with the
+dtype), and SAPA's fused backward entry point ``sapa_backward`` on the tiled and on the
+untiled kernels, runs on a small case and is compared with a float64 CPU reference inside
+the library. It returns ``(cases, None)`` when all agree, else ``(cases, why)`` with the
 launcher's ``sapa_last_error()``.
 
 :mod:`._tf_kernels` runs it at the first use of TensorFlow's GPU op, and

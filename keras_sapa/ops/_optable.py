@@ -240,7 +240,7 @@ OPS = (
         "Tweights (float for half and bfloat16), kept for the gradient; it is not "
         "differentiable.",
         bindings("forward", "SapaForward"),
-        bindings("backward", "SapaBackward", launcher="sapa_softmax_backward"),
+        bindings("backward", "SapaBackward"),
     ),
 )
 

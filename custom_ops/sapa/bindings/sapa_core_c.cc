@@ -205,9 +205,8 @@ struct Launcher {
   decltype(&sapa_load_image_dir) load_image_dir = nullptr;
   decltype(&sapa_last_error) last_error = nullptr;
   decltype(&sapa_forward) forward = nullptr;
-  decltype(&sapa_softmax_backward) softmax_backward = nullptr;
-  decltype(&sapa_gather_acc) gather_acc = nullptr;
-  decltype(&sapa_scatter_acc) scatter_acc = nullptr;
+  decltype(&sapa_backward_workspace) backward_workspace = nullptr;
+  decltype(&sapa_backward) backward = nullptr;
   // SAPA-D (NULL where the launcher predates them).
   decltype(&sapa_deform_forward) deform_forward = nullptr;
   decltype(&sapa_deform_workspace) deform_workspace = nullptr;
@@ -254,9 +253,8 @@ int OpenLauncher(const char* path, const char* image_dir) {
   sym(&l->load_image_dir, "sapa_load_image_dir");
   sym(&l->last_error, "sapa_last_error");
   sym(&l->forward, "sapa_forward");
-  sym(&l->softmax_backward, "sapa_softmax_backward");
-  sym(&l->gather_acc, "sapa_gather_acc");
-  sym(&l->scatter_acc, "sapa_scatter_acc");
+  sym(&l->backward_workspace, "sapa_backward_workspace");
+  sym(&l->backward, "sapa_backward");
   if (!ok) return KERAS_SAPA_NO_LAUNCHER;
   sym(&l->deform_forward, "sapa_deform_forward", false);
   sym(&l->deform_workspace, "sapa_deform_workspace", false);
@@ -280,10 +278,10 @@ int OpenLauncher(const char* path, const char* image_dir) {
   return KERAS_SAPA_OK;
 }
 
-// SapaDims of SAPA's core sizes (batch, height, width, up, kernel, dim, channels), with
-// `channels` channels on both sides.
-SapaDims CudaDims(const int64_t* z, int64_t channels) {
-  return SapaDims{z[0], z[1], z[2], z[3], z[4], channels, channels};
+// The launcher's SapaDims of SAPA's core sizes (batch, height, width, up, kernel, dim,
+// channels): query and key have `dim` channels, value and output `channels`.
+SapaDims CudaDims(const int64_t* z) {
+  return SapaDims{z[0], z[1], z[2], z[3], z[4], z[5], z[6]};
 }
 
 bool ValidSizes(const int64_t* z) {
@@ -326,24 +324,18 @@ int WithLauncher(bool valid, Fn launch, bool deform = false) {
 // tensors: query, key, value, out, weights.
 int ForwardCuda(void* stream, int dtype, void* const* t, const int64_t* z, void*) {
   return WithLauncher(ValidSizes(z), [&](const Launcher& l) {
-    SapaDims d = CudaDims(z, z[5]);
-    d.channels_v = z[6];
+    const SapaDims d = CudaDims(z);
     return l.forward(stream, dtype, &d, t[0], t[1], t[2], t[3], t[4]);
   });
 }
 
-// tensors: grad, query, key, value, weights, dquery, dkey, dvalue. The logits' gradient
-// (scratch), then grad_query = gather(dlogits, key), grad_key = scatter(dlogits, query),
-// grad_value = scatter(weights, grad), as the TensorFlow GPU adapter does.
+// tensors: grad, query, key, value, weights, dquery, dkey, dvalue; scratch: the logits'
+// gradient. The launcher's sapa_backward, as the TensorFlow GPU adapter calls it.
 int BackwardCuda(void* stream, int dtype, void* const* t, const int64_t* z, void* scratch) {
   return WithLauncher(ValidSizes(z), [&](const Launcher& l) {
-    const SapaDims dq = CudaDims(z, z[5]);
-    const SapaDims dv = CudaDims(z, z[6]);
-    int status = l.softmax_backward(stream, dtype, &dv, t[0], t[3], t[4], scratch);
-    if (status == SAPA_OK) status = l.gather_acc(stream, dtype, &dq, scratch, t[2], t[5]);
-    if (status == SAPA_OK) status = l.scatter_acc(stream, dtype, &dq, scratch, t[1], t[6]);
-    if (status == SAPA_OK) status = l.scatter_acc(stream, dtype, &dv, t[4], t[0], t[7]);
-    return status;
+    const SapaDims d = CudaDims(z);
+    return l.backward(stream, dtype, &d, t[0], t[1], t[2], t[3], t[4], scratch, t[5], t[6],
+                      t[7]);
   });
 }
 
@@ -352,11 +344,31 @@ int NoScratch(int, const int64_t*, int64_t* bytes) {
   return KERAS_SAPA_OK;
 }
 
-// The logits' gradient, (B, sH, sW, K*K) in the accumulation type.
-int BackwardScratch(int dtype, const int64_t* z, int64_t* bytes) {
-  if (!ValidSizes(z)) return CudaFail(KERAS_SAPA_BAD_SHAPE, "bad sizes");
-  *bytes = (dtype == SAPA_F64 ? 8 : 4) * z[0] * z[1] * z[3] * z[2] * z[3] * z[4] * z[4];
+// Bytes of a launcher workspace: query(launcher, &size), the launcher's entry point
+// `name`, on the open launcher (with SAPA-D's entry points when `deform`).
+template <typename Fn>
+int LauncherWorkspace(bool deform, const char* name, Fn query, int64_t* bytes) {
+  *bytes = 0;
+  int rc = KERAS_SAPA_OK;
+  std::shared_ptr<const Launcher> l = OpenOr(deform, &rc);
+  if (!l) return rc;
+  size_t size = 0;
+  if (query(*l, &size) != SAPA_OK) {
+    return CudaFail(KERAS_SAPA_BAD_SHAPE, std::string(name) + ": " + l->last_error());
+  }
+  *bytes = static_cast<int64_t>(size);
   return KERAS_SAPA_OK;
+}
+
+// The logits' gradient, as the launcher's sapa_backward_workspace sizes it.
+int BackwardScratch(int dtype, const int64_t* z, int64_t* bytes) {
+  *bytes = 0;
+  if (!ValidSizes(z)) return CudaFail(KERAS_SAPA_BAD_SHAPE, "bad sizes");
+  const SapaDims d = CudaDims(z);
+  return LauncherWorkspace(
+      false, "sapa_backward_workspace",
+      [&](const Launcher& l, size_t* size) { return l.backward_workspace(dtype, &d, size); },
+      bytes);
 }
 
 // SAPA-D: the sizes (batch, height, width, up, points, groups, dim, channels) are
@@ -390,19 +402,11 @@ int DeformBackwardCuda(void* stream, int dtype, void* const* t, const int64_t* z
 }
 
 int DeformScratch(int dtype, const int64_t* z, int64_t* bytes) {
-  *bytes = 0;
-  int rc = KERAS_SAPA_OK;
-  std::shared_ptr<const Launcher> l = OpenOr(true, &rc);
-  if (!l) return rc;
   const SapaDeformDims d = DeformDims(z);
-  size_t size = 0;
-  const int status = l->deform_workspace(dtype, &d, &size);
-  if (status != SAPA_OK) {
-    return CudaFail(KERAS_SAPA_BAD_SHAPE,
-                    std::string("sapa_deform_workspace: ") + l->last_error());
-  }
-  *bytes = static_cast<int64_t>(size);
-  return KERAS_SAPA_OK;
+  return LauncherWorkspace(
+      true, "sapa_deform_workspace",
+      [&](const Launcher& l, size_t* size) { return l.deform_workspace(dtype, &d, size); },
+      bytes);
 }
 
 // SAPA-D's halves: the launcher's entry `entry` (sapa_deform_similarity, ...) on the

@@ -652,6 +652,7 @@ int64_t StrideGrid(const DeviceState* dev, int64_t work, int block) {
 // The public entry points, by what they launch.
 enum Op { kOpDot, kOpGather, kOpScatter, kOpGatherAcc, kOpScatterAcc, kOpForward,
           kOpSoftmaxBackward, kOpCount,
+          kOpBackward,                            // SAPA's fused backward: four of the above
           kOpDeformForward, kOpDeformBackward };  // SAPA-D's (not SAPA's window kernels)
 
 std::string Name(const char* op, int dtype, const std::string& suffix) {
@@ -781,6 +782,58 @@ int Run(CUstream stream, Op op, int dtype, const SapaDims* d, std::vector<void*>
   }
   return Launch(stream, choice.name, choice.fn, StrideGrid(dev, UntiledWork(op, d), 256), 256,
                 0, params.data());
+}
+
+// --- SAPA's fused backward ------------------------------------------------------------
+
+// sapa_backward's dlogits scratch: (B, sH, sW, K*K) in the accumulation type.
+int64_t BackwardScratchBytes(int dtype, const SapaDims* d) {
+  return d->batch * d->height * d->up * d->width * d->up * d->kernel * d->kernel *
+         AccSize(dtype);
+}
+
+// The sizes of the backward's launches over the query and key (`channels` on both
+// sides) and over the value and the output's gradient (`channels_v` on both sides).
+SapaDims OverQueryKey(const SapaDims* d) {
+  SapaDims out = *d;
+  out.channels_v = d->channels;
+  return out;
+}
+
+SapaDims OverValue(const SapaDims* d) {
+  SapaDims out = *d;
+  out.channels = d->channels_v;
+  return out;
+}
+
+// The logits' gradient, then grad_query = gather(dlogits, key), grad_key =
+// scatter(dlogits, query), grad_value = scatter(attn, grad): deterministic launches.
+int Backward(CUstream stream, int dtype, const SapaDims* d, const void* grad, const void* q,
+             const void* k, const void* v, const void* attn, void* dlogits, void* dq, void* dk,
+             void* dv) {
+  int status = Check(dtype, d);
+  if (status != SAPA_OK) return status;
+  if (dlogits == nullptr && BackwardScratchBytes(dtype, d) > 0) {
+    return Fail(SAPA_ERR_INVALID, "sapa_backward needs a dlogits buffer "
+                                  "(sapa_backward_workspace bytes)");
+  }
+  const SapaDims qk = OverQueryKey(d), value = OverValue(d);
+  auto in = [](const void* p) { return const_cast<void*>(p); };
+  status = Run(stream, kOpSoftmaxBackward, dtype, &value, {in(grad), in(v), in(attn), dlogits});
+  if (status == SAPA_OK) status = Run(stream, kOpGatherAcc, dtype, &qk, {dlogits, in(k), dq});
+  if (status == SAPA_OK) status = Run(stream, kOpScatterAcc, dtype, &qk, {dlogits, in(q), dk});
+  if (status == SAPA_OK) {
+    status = Run(stream, kOpScatterAcc, dtype, &value, {in(attn), in(grad), dv});
+  }
+  return status;
+}
+
+// A *_workspace entry point: *bytes = size() where the sizes' check gave `status` SAPA_OK,
+// else 0 (and that status).
+template <typename Fn>
+int Workspace(int status, Fn size, size_t* bytes) {
+  if (bytes) *bytes = status == SAPA_OK ? static_cast<size_t>(size()) : 0;
+  return status;
 }
 
 // --- SAPA-D ---------------------------------------------------------------------------
@@ -1079,6 +1132,23 @@ int EnumerateLocked(DeviceState* dev, int dtype, bool per_tile, std::vector<Plan
     const int status = add(static_cast<Op>(op), 2, 3, true, &tiled);
     if (status != SAPA_OK) return status;
   }
+  // SAPA's fused backward (sapa_backward) last, at up 2 and K 5, once on the tiled kernels
+  // and once on the untiled ones: the kernels listed above, composed (no new
+  // configuration).
+  for (const bool untiled : {false, true}) {
+    PlanEntry entry{kOpBackward, 2, 5, untiled, Choice{}, {}};
+    for (const Op part : {kOpSoftmaxBackward, kOpGatherAcc, kOpScatterAcc}) {
+      Choice choice;
+      const int status = ChooseLocked(dev, part, dtype, 2, 5, untiled, &choice);
+      if (status != SAPA_OK) return status;
+      if (part == kOpSoftmaxBackward) {
+        entry.choice = choice;
+      } else {
+        entry.also.push_back(choice);
+      }
+    }
+    plan->push_back(entry);
+  }
   return SAPA_OK;
 }
 
@@ -1290,6 +1360,22 @@ std::vector<double> RefSoftmaxRuns(const std::vector<double>& logits, int64_t ru
 
 std::vector<double> RefSoftmax(const Geometry& g, const std::vector<double>& logits) {
   return RefSoftmaxRuns(logits, g.Taps());
+}
+
+// The logits' gradient attn * (dot(grad, v) - <attn, dot(grad, v)>), from gv = dot(grad,
+// v) (RefDot).
+std::vector<double> RefSoftmaxBackward(const Geometry& g, const std::vector<double>& attn,
+                                       const std::vector<double>& gv) {
+  const size_t taps = g.Taps();
+  std::vector<double> out(attn.size());
+  for (size_t p = 0; p < static_cast<size_t>(g.HighPoints()); ++p) {
+    double inner = 0.0;
+    for (size_t n = 0; n < taps; ++n) inner += attn[p * taps + n] * gv[p * taps + n];
+    for (size_t n = 0; n < taps; ++n) {
+      out[p * taps + n] = attn[p * taps + n] * (gv[p * taps + n] - inner);
+    }
+  }
+  return out;
 }
 
 // SAPA-D's float64 reference (the loops of tests/reference_deform.py, the kernels'
@@ -1517,6 +1603,16 @@ int Compare(const PlanEntry& e, int dtype, const std::string& case_text, const O
   return SAPA_OK;
 }
 
+// run() with this thread's untiled switch set to `untiled`, then restored.
+template <typename Fn>
+int Untiled(bool untiled, Fn run) {
+  const bool was_untiled = t_untiled;
+  t_untiled = untiled;
+  const int status = run();
+  t_untiled = was_untiled;
+  return status;
+}
+
 // Runs an entry point (`run`), checks that it launched exactly the kernels the plan
 // lists for it, waits for the GPU and compares every output with its reference.
 template <typename Fn>
@@ -1547,6 +1643,24 @@ int RunAndCompare(CUstream stream, int dtype, const PlanEntry& e, const std::str
     if (status != SAPA_OK) return status;
   }
   return SAPA_OK;
+}
+
+// Softmax weights as a forward saves them: in the accumulation type `acc`, rounded.
+HostTensor RandomAttn(const Geometry& g, int acc, uint64_t* seed) {
+  HostTensor attn{acc, RefSoftmax(g, Random(acc, g.HighPoints() * g.Taps(), seed, 2.0).values)};
+  attn.Decode(attn.Encode());
+  return attn;
+}
+
+// "B=.. HxW s=.. K=.. C=.. Cv=.." of a SAPA self-test case.
+std::string CaseText(const SapaDims& d) {
+  char text[128];
+  std::snprintf(text, sizeof text, "B=%lld %lldx%lld s=%lld K=%lld C=%lld Cv=%lld",
+                static_cast<long long>(d.batch), static_cast<long long>(d.height),
+                static_cast<long long>(d.width), static_cast<long long>(d.up),
+                static_cast<long long>(d.kernel), static_cast<long long>(d.channels),
+                static_cast<long long>(d.channels_v));
+  return text;
 }
 
 // Runs one plan entry on a small case and compares it with the CPU reference.
@@ -1602,19 +1716,10 @@ int SelfTestEntry(CUstream stream, int dtype, const PlanEntry& e, uint64_t* seed
     }
     default: {  // softmax backward
       HostTensor grad = Random(dtype, high * ch, seed, 0.5), v = Random(dtype, low * ch, seed, 0.5);
-      HostTensor attn{acc, RefSoftmax(g, Random(acc, high * taps, seed, 2.0).values)};
-      attn.Decode(attn.Encode());
+      const HostTensor attn = RandomAttn(g, acc, seed);
       status = upload(grad) | upload(v) | upload(attn);
       out = HostTensor{acc, std::vector<double>(high * taps, 0.0)};
-      const std::vector<double> gv = RefDot(g, grad.values, v.values, ch);
-      want.resize(high * taps);
-      for (size_t p = 0; p < high; ++p) {
-        double inner = 0.0;
-        for (size_t n = 0; n < taps; ++n) inner += attn.values[p * taps + n] * gv[p * taps + n];
-        for (size_t n = 0; n < taps; ++n) {
-          want[p * taps + n] = attn.values[p * taps + n] * (gv[p * taps + n] - inner);
-        }
-      }
+      want = RefSoftmaxBackward(g, attn.values, RefDot(g, grad.values, v.values, ch));
       break;
     }
   }
@@ -1627,18 +1732,47 @@ int SelfTestEntry(CUstream stream, int dtype, const PlanEntry& e, uint64_t* seed
     if (status != SAPA_OK) return status;
     ptrs.push_back(o.device);
   }
-  char case_text[128];
-  std::snprintf(case_text, sizeof case_text, "B=%lld %lldx%lld s=%lld K=%lld C=%lld Cv=%lld",
-                static_cast<long long>(d.batch), static_cast<long long>(d.height),
-                static_cast<long long>(d.width), static_cast<long long>(d.up),
-                static_cast<long long>(d.kernel), static_cast<long long>(d.channels),
-                static_cast<long long>(d.channels_v));
-  return RunAndCompare(stream, dtype, e, case_text, &buffers, &outputs, [&] {
-    const bool was_untiled = t_untiled;
-    t_untiled = e.untiled;
-    const int run = Run(stream, e.op, dtype, &d, ptrs);
-    t_untiled = was_untiled;
-    return run;
+  return RunAndCompare(stream, dtype, e, CaseText(d), &buffers, &outputs, [&] {
+    return Untiled(e.untiled, [&] { return Run(stream, e.op, dtype, &d, ptrs); });
+  });
+}
+
+// SAPA's fused backward (sapa_backward) on a small case (query/key and value of different
+// widths) against the CPU reference: the gradients of query, key and value.
+int SelfTestBackward(CUstream stream, int dtype, const PlanEntry& e, uint64_t* seed) {
+  const int tile = e.choice.tile > 0 ? e.choice.tile : 3;
+  const SapaDims d = {2, tile + 1, tile + 2, e.up, e.kernel, 19, 37};
+  const Geometry g = {d.batch, d.height, d.width, d.up, d.kernel};
+  const int acc = dtype == SAPA_F64 ? SAPA_F64 : SAPA_F32;
+  const size_t high = g.HighPoints(), low = g.LowPoints();
+  HostTensor grad = Random(dtype, high * d.channels_v, seed, 0.5);
+  HostTensor q = Random(dtype, high * d.channels, seed, 0.5);
+  HostTensor k = Random(dtype, low * d.channels, seed, 0.5);
+  HostTensor v = Random(dtype, low * d.channels_v, seed, 0.5);
+  const HostTensor attn = RandomAttn(g, acc, seed);
+  const std::vector<double> dlogits =
+      RefSoftmaxBackward(g, attn.values, RefDot(g, grad.values, v.values, d.channels_v));
+  std::vector<Output> outputs = {
+      {"grad_query", nullptr, HostTensor{dtype, std::vector<double>(high * d.channels)},
+       RefWindow(g, dlogits, k.values, d.channels, false)},
+      {"grad_key", nullptr, HostTensor{dtype, std::vector<double>(low * d.channels)},
+       RefWindow(g, dlogits, q.values, d.channels, true)},
+      {"grad_value", nullptr, HostTensor{dtype, std::vector<double>(low * d.channels_v)},
+       RefWindow(g, attn.values, grad.values, d.channels_v, true)}};
+  DeviceBuffers buffers;
+  void *in[5] = {}, *scratch = nullptr;
+  const HostTensor* inputs[5] = {&grad, &q, &k, &v, &attn};
+  int status = buffers.Alloc(static_cast<size_t>(BackwardScratchBytes(dtype, &d)), &scratch);
+  for (int i = 0; i < 5 && status == SAPA_OK; ++i) status = buffers.Upload(*inputs[i], &in[i]);
+  for (Output& o : outputs) {
+    if (status == SAPA_OK) status = buffers.Unwritten(o.got, &o.device);
+  }
+  if (status != SAPA_OK) return status;
+  return RunAndCompare(stream, dtype, e, CaseText(d), &buffers, &outputs, [&] {
+    return Untiled(e.untiled, [&] {
+      return Backward(stream, dtype, &d, in[0], in[1], in[2], in[3], in[4], scratch,
+                      outputs[0].device, outputs[1].device, outputs[2].device);
+    });
   });
 }
 
@@ -1910,8 +2044,9 @@ int sapa_self_test(void* stream, int flags, int* cases) {
     if (status != SAPA_OK) return status;
     for (const PlanEntry& entry : plan) {
       const bool deform = entry.op == kOpDeformForward || entry.op == kOpDeformBackward;
-      status = deform ? SelfTestDeform(s, dtype, entry, &seed)
-                      : SelfTestEntry(s, dtype, entry, &seed);
+      status = deform                       ? SelfTestDeform(s, dtype, entry, &seed)
+               : entry.op == kOpBackward ? SelfTestBackward(s, dtype, entry, &seed)
+                                         : SelfTestEntry(s, dtype, entry, &seed);
       if (status != SAPA_OK) return status;
       if (cases) ++*cases;
     }
@@ -1964,6 +2099,17 @@ int sapa_softmax_backward(void* stream, int dtype, const SapaDims* d, const void
              {const_cast<void*>(grad), const_cast<void*>(v), const_cast<void*>(attn), out});
 }
 
+int sapa_backward_workspace(int dtype, const SapaDims* dims, size_t* bytes) {
+  return Workspace(Check(dtype, dims), [&] { return BackwardScratchBytes(dtype, dims); }, bytes);
+}
+
+int sapa_backward(void* stream, int dtype, const SapaDims* dims, const void* grad,
+                  const void* query, const void* key, const void* value, const void* attn,
+                  void* dlogits, void* grad_query, void* grad_key, void* grad_value) {
+  return Backward(static_cast<CUstream>(stream), dtype, dims, grad, query, key, value, attn,
+                  dlogits, grad_query, grad_key, grad_value);
+}
+
 int sapa_deform_forward(void* stream, int dtype, const SapaDeformDims* dims, const void* query,
                         const void* key, const void* value, const void* offsets, void* output,
                         void* attn) {
@@ -1972,11 +2118,8 @@ int sapa_deform_forward(void* stream, int dtype, const SapaDeformDims* dims, con
 }
 
 int sapa_deform_workspace(int dtype, const SapaDeformDims* dims, size_t* bytes) {
-  if (bytes) *bytes = 0;
-  const int status = CheckDeform(dtype, dims);
-  if (status != SAPA_OK) return status;
-  if (bytes) *bytes = static_cast<size_t>(DeformWorkspaceBytes(dtype, dims));
-  return SAPA_OK;
+  return Workspace(CheckDeform(dtype, dims), [&] { return DeformWorkspaceBytes(dtype, dims); },
+                   bytes);
 }
 
 int sapa_deform_backward(void* stream, int dtype, const SapaDeformDims* dims, const void* grad,

@@ -2,7 +2,8 @@
 // (keras_sapa/_lib/sapa_kernels.<target>.{cubin,ptx}) and launches them on a caller's
 // CUDA stream through the driver API, which it opens with dlopen("libcuda.so.1"). No
 // framework, no CUDA runtime, no CUDA headers: callers are the TensorFlow GPU adapter
-// (custom_ops/sapa/cc/kernels/sapa_kernels_gpu.cc) and, through ctypes,
+// (custom_ops/sapa/cc/kernels/sapa_kernels_gpu.cc), the JAX/PyTorch CUDA bindings
+// (custom_ops/sapa/bindings/sapa_core_c.cc, through dlopen) and, through ctypes,
 // scripts/gpu_harness.py.
 //
 // Every function returns a SapaStatus; on failure sapa_last_error() (per thread) says
@@ -111,8 +112,9 @@ int sapa_launch_configs(void* stream, int dtype, SapaLaunchConfig* out, int capa
 // every configuration of sapa_launch_configs. Each configuration runs through the public
 // entry points on a small case (two tiles per side, the second partial; batch 2; channels
 // past one 16/32-wide chunk; SAPA-D: forward and backward, two or more tiles, offsets
-// that drop some points) on the stream's device (it allocates, copies and synchronises
-// itself) and is compared with a float64 CPU loop reference in this library (tolerance
+// that drop some points; SAPA's fused backward, sapa_backward, once on the tiled kernels
+// and once on the untiled ones) on the stream's device (it allocates, copies and
+// synchronises itself) and is compared with a float64 CPU loop reference in this library (tolerance
 // relative to 1 + |reference|: f64 1e-10, f32 1e-4, f16 4e-3, bf16 3e-2; unwritten
 // elements fail). SAPA_OK when all agree; SAPA_ERR_MISMATCH with the first difference in
 // sapa_last_error() (kernel, tile, block, shared memory, dtype, case, element, both
@@ -143,6 +145,23 @@ int sapa_forward(void* stream, int dtype, const SapaDims* dims, const void* q, c
 // <attn, dot(grad, v)>); grad and v have `channels` channels, attn is the forward's.
 int sapa_softmax_backward(void* stream, int dtype, const SapaDims* dims, const void* grad,
                           const void* v, const void* attn, void* out);
+
+// --- Added with SAPA's fused backward entry point (all earlier functions unchanged).
+
+// Bytes of the dlogits scratch sapa_backward needs for these sizes: the logits' gradient,
+// (B, sH, sW, K*K) in the accumulation type (4 bytes per element; 8 for F64).
+int sapa_backward_workspace(int dtype, const SapaDims* dims, size_t* bytes);
+// Gradients of the fused forward with respect to query, key and value, from the
+// output's gradient and the forward's attn (accumulation type), for the sizes of
+// sapa_forward: query and key have `channels` channels (d), value, grad and grad_value
+// `channels_v` (C). Four launches on the stream: dlogits = sapa_softmax_backward(grad,
+// value, attn), grad_query = gather(dlogits, key), grad_key = scatter(dlogits, query),
+// grad_value = scatter(attn, grad), each deterministic (no atomics). dlogits: device
+// memory of sapa_backward_workspace bytes (its contents on return are the logits'
+// gradient). The TensorFlow GPU adapter and the JAX/PyTorch CUDA bindings call this.
+int sapa_backward(void* stream, int dtype, const SapaDims* dims, const void* grad,
+                  const void* query, const void* key, const void* value, const void* attn,
+                  void* dlogits, void* grad_query, void* grad_key, void* grad_value);
 
 // --- SAPA-D (dynamic point selection; shared/SAPA_SPEC.md, section "SAPA-D").
 //

@@ -5,10 +5,10 @@
 //
 // The kernels (shape checks, output allocation) are the device-generic ones of
 // sapa_op_kernels.h; this file supplies their GpuTag functors: the window primitives, the
-// fused KerasSapa>Sapa / SapaGrad (one fused forward launch; the backward is the logits
-// gradient, then three deterministic gathers) and SAPA-D's SapaDeform / SapaDeformGrad
-// (the launcher's sapa_deform_forward / sapa_deform_backward). The kernel images are
-// looked up once, in the directory of this library (keras_sapa/_lib/).
+// fused KerasSapa>Sapa / SapaGrad (the launcher's sapa_forward / sapa_backward) and SAPA-D's
+// SapaDeform / SapaDeformGrad (the launcher's sapa_deform_forward / sapa_deform_backward)
+// and its halves DeformSimilarity / DeformAggregate with their gradients.
+// The kernel images are looked up once, in the directory of this library (keras_sapa/_lib/).
 
 #include <dlfcn.h>
 
@@ -109,6 +109,16 @@ tensorflow::Status OnStream(tensorflow::OpKernelContext* ctx, Fn launch) {
   return Launched(launch(stream));
 }
 
+// A launcher workspace from TensorFlow's allocator: size(dtype, &dims, &bytes) bytes.
+template <typename Dims>
+tensorflow::Status Workspace(const Call& c, int (*size)(int, const Dims*, size_t*), int dtype,
+                             const Dims& dims, Tensor* out) {
+  size_t bytes = 0;
+  TF_RETURN_IF_ERROR(Launched(size(dtype, &dims, &bytes)));
+  return c.ctx->allocate_temp(tensorflow::DT_INT8,
+                              TensorShape({static_cast<int64_t>(bytes)}), out);
+}
+
 // A window primitive: launch(stream, dtype, dims, a, b, out).
 template <typename T>
 tensorflow::Status Window(tensorflow::OpKernelContext* ctx, const WindowDims& dims,
@@ -158,26 +168,20 @@ struct FusedOp<Fused::kSapaForward, GpuTag, T, F> {
   }
 };
 
-// dlogits = weights * (Dot(grad, v) - <weights, .>), then grad_query = Gather(dlogits,
-// key), grad_key = Scatter(dlogits, query), grad_value = Scatter(weights, grad).
+// The launcher's sapa_backward (the logits' gradient, then three deterministic gathers),
+// its dlogits scratch (sapa_backward_workspace bytes) from TensorFlow's allocator.
 template <typename T, typename F>
 struct FusedOp<Fused::kSapaBackward, GpuTag, T, F> {
   Status operator()(const Call& c) const {
-    Tensor dlogits;
-    TF_RETURN_IF_ERROR(c.ctx->allocate_temp(tensorflow::DataTypeToEnum<F>::value,
-                                            c.in(4).shape(), &dlogits));
     const int dtype = gpu_adapter::Dtype<T>::value;
-    const SapaDims dq = gpu_adapter::Dims(c.dims(c.size("d")));  // query/key channels
-    const SapaDims dv = gpu_adapter::Dims(c.dims(c.size("C")));  // value channels
-    const T *grad = c.in_data<T>(0), *query = c.in_data<T>(1), *key = c.in_data<T>(2);
-    const F* w = c.in_data<F>(4);
-    F* dl = dlogits.flat<F>().data();
-    return gpu_adapter::OnStream(c.ctx, [&](void* s) {
-      int status = sapa_softmax_backward(s, dtype, &dv, grad, c.in_data<T>(3), w, dl);
-      if (status == SAPA_OK) status = sapa_gather_acc(s, dtype, &dq, dl, key, c.out_data<T>(0));
-      if (status == SAPA_OK) status = sapa_scatter_acc(s, dtype, &dq, dl, query, c.out_data<T>(1));
-      if (status == SAPA_OK) status = sapa_scatter_acc(s, dtype, &dv, w, grad, c.out_data<T>(2));
-      return status;
+    SapaDims d = gpu_adapter::Dims(c.dims(c.size("d")));  // query/key channels
+    d.channels_v = c.size("C");                           // value channels
+    Tensor dlogits;
+    TF_RETURN_IF_ERROR(gpu_adapter::Workspace(c, sapa_backward_workspace, dtype, d, &dlogits));
+    return gpu_adapter::OnStream(c.ctx, [&](void* stream) {
+      return sapa_backward(stream, dtype, &d, c.in_data<T>(0), c.in_data<T>(1), c.in_data<T>(2),
+                           c.in_data<T>(3), c.in_data<F>(4), dlogits.flat<int8_t>().data(),
+                           c.out_data<T>(0), c.out_data<T>(1), c.out_data<T>(2));
     });
   }
 };
@@ -203,11 +207,8 @@ struct FusedOp<Fused::kDeformBackward, GpuTag, T, F> {
     const int dtype = gpu_adapter::Dtype<T>::value;
     SapaDeformDims d;
     TF_RETURN_IF_ERROR(gpu_adapter::Dims(c, &d));
-    size_t bytes = 0;
-    TF_RETURN_IF_ERROR(gpu_adapter::Launched(sapa_deform_workspace(dtype, &d, &bytes)));
     Tensor workspace;
-    TF_RETURN_IF_ERROR(c.ctx->allocate_temp(
-        tensorflow::DT_INT8, TensorShape({static_cast<int64_t>(bytes)}), &workspace));
+    TF_RETURN_IF_ERROR(gpu_adapter::Workspace(c, sapa_deform_workspace, dtype, d, &workspace));
     return gpu_adapter::OnStream(c.ctx, [&](void* stream) {
       return sapa_deform_backward(stream, dtype, &d, c.in_data<T>(0), c.in_data<T>(1),
                                   c.in_data<T>(2), c.in_data<T>(3), c.in_data<T>(4),
