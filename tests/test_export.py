@@ -18,6 +18,12 @@ loop reference, and the promise that exports hold builtin ops only.
   run eagerly. Their ONNX
   and LiteRT conversions take minutes on a small CI machine, so they are marked
   ``benchmark`` (``python -m pytest -m benchmark tests/test_export.py``).
+- Every model with SAPA-D as its upsampler (issue 22): KerasHub's ``SAPASegFormer``,
+  DeepLabV3 and RetinaNet backbones, KerasCV's ``SAPADeepLabV3Plus`` and ``SAPARetinaNet``
+  (its SAPA-D feature pyramid), each at its smallest, are the outputs of one functional
+  model on shared images: one SavedModel (in the same fresh process, each output against
+  its own model run eagerly, each model's SAPA-D sampling found in the saved graph), and
+  with ``-m benchmark`` one ONNX and one LiteRT conversion, cover all five.
 
 One model holds every variant (one SAPA layer per output) and SAPA-D, so each format is
 converted once. Inputs and weights come from fixed seeds.
@@ -25,6 +31,7 @@ converted once. Inputs and weights come from fixed seeds.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -39,6 +46,7 @@ import reference as ref
 import reference_deform as ref_deform
 from multibackend.backend_utils import randomise
 from savedmodel_utils import custom_op_types
+from savedmodel_utils import saved_nodes
 
 CX = CY = 8
 EMBED = 4
@@ -171,10 +179,117 @@ def kerascv_models():
     return {"deeplab": deeplab, "retinanet": retinanet}, images
 
 
+# ------------------------------------------------------------ the models with SAPA-D
+# Every model that takes SAPA-D as its upsampler, at its smallest: the KerasHub ones as
+# tests/test_keras_hub_models.py builds them with SAPA-D (32x32 images, tiny encoders),
+# the KerasCV ones on a stand-in backbone of four strided convolutions (all KerasCV reads
+# of a backbone is its pyramid_level_inputs), the RetinaNet with a 16-channel pyramid and
+# one-conv heads. Their SAPA-D weights get random values (offsets of about a pixel), so
+# that points fall between pixels and some drop out.
+MODEL_IMAGE = 32
+MODEL_DEFORM = {"num_points": 4, "groups": 4, "embedding_dim": 4}
+
+
+def _standin_backbone():
+    x = inputs = keras.Input((MODEL_IMAGE, MODEL_IMAGE, 3))
+    levels = {}
+    strides_filters = ((4, 8), (2, 16), (2, 16), (2, 16))
+    for level, (stride, filters) in zip(range(2, 6), strides_filters, strict=True):
+        x = keras.layers.Conv2D(
+            filters, 3, strides=stride, padding="same", activation="relu", name=f"c{level}"
+        )(x)
+        levels[f"P{level}"] = f"c{level}"
+    backbone = keras.Model(inputs, x, name="standin_backbone")
+    backbone.pyramid_level_inputs = levels
+    return backbone
+
+
+def _deform_models():
+    """{name: model} of the five models, SAPA-D as every upsampling stage."""
+    import keras_cv
+
+    from keras_sapa import models
+    from test_keras_hub_models import DEFORM_MODELS
+
+    hub = {
+        name: build(keras_sapa.SAPADeform(**MODEL_DEFORM))
+        for name, (build, *_) in DEFORM_MODELS.items()
+    }
+    head = keras_cv.models.retinanet.PredictionHead
+    return {
+        "hub_segformer": hub["segformer"],
+        "hub_deeplab_v3": hub["deeplab_v3"],
+        "hub_retinanet": hub["retinanet"],
+        "cv_deeplab_v3_plus": models.SAPADeepLabV3Plus(
+            _standin_backbone(),
+            3,
+            upsampler=keras_sapa.SAPADeform(**MODEL_DEFORM),
+            spatial_pyramid_pooling=keras_cv.layers.SpatialPyramidPooling(
+                dilation_rates=[1], num_channels=16
+            ),
+        ),
+        "cv_retinanet": models.SAPARetinaNet(
+            _standin_backbone(),
+            3,
+            "xywh",
+            feature_pyramid=models.SAPAFeaturePyramid(
+                num_channels=16, upsampler=keras_sapa.SAPADeform(**MODEL_DEFORM)
+            ),
+            classification_head=head(9 * 3, keras.initializers.Zeros(), num_conv_layers=1),
+            box_head=head(9 * 4, keras.initializers.Zeros(), num_conv_layers=1),
+        ),
+    }
+
+
 @pytest.fixture(scope="module")
-def savedmodels(variants, kerascv_models, tmp_path_factory):
+def deform_models():
+    """(the five models, one functional model whose outputs are theirs on shared images,
+    the function to export: that model with ``training=False``, the images, each model's
+    eager outputs by the combined model's output name)."""
+    keras.utils.set_random_seed(11)
+    members = _deform_models()
+    rng = np.random.default_rng(12)
+    for model in members.values():
+        for layer in model._flatten_layers():
+            if isinstance(layer, keras_sapa.SAPADeform):
+                randomise(layer, rng, scale=0.05)
+    images = keras.Input((MODEL_IMAGE, MODEL_IMAGE, 3), name="images")
+    outputs = {}
+    for name, model in members.items():
+        out = model(images)
+        outputs.update(
+            {f"{name}_{k}": v for k, v in out.items()} if isinstance(out, dict) else {name: out}
+        )
+    combined = keras.Model(images, outputs)
+    # Called without `training`, the combined model runs some nested layers as in
+    # training (batch statistics, and "auto"'s compiled ops in a trace): export it with
+    # training=False, as a serving function does.
+    serve = tf.function(
+        lambda x: combined(x, training=False),
+        input_signature=[tf.TensorSpec((None, MODEL_IMAGE, MODEL_IMAGE, 3), name="images")],
+    )
+    batch = np.random.default_rng(13).uniform(size=(2, MODEL_IMAGE, MODEL_IMAGE, 3))
+    batch = batch.astype("float32")
+    expected = {}
+    for name, model in members.items():  # each model alone, eagerly: another implementation
+        out = model(batch, training=False)
+        out = {f"{name}_{k}": v for k, v in out.items()} if isinstance(out, dict) else {name: out}
+        expected.update({k: np.asarray(v) for k, v in out.items()})
+    assert sorted(expected) == sorted(outputs)
+    return members, combined, serve, batch, expected
+
+
+def _check_model_outputs(got, expected, atol=1e-4):
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=atol, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def savedmodels(variants, kerascv_models, deform_models, tmp_path_factory):
     """Writes the SavedModels (three routes for the variants model, model.export for
-    the KerasCV models) and runs them all in one fresh process."""
+    the KerasCV models, the models with SAPA-D as one module with a serving signature)
+    and runs them all in one fresh process."""
     dynamic, _, _ = variants
     root = tmp_path_factory.mktemp("savedmodels")
     paths = {route: str(root / route) for route in ("export", "save", "concrete")}
@@ -202,6 +317,25 @@ def savedmodels(variants, kerascv_models, tmp_path_factory):
         cases.append(
             {"name": name, "path": paths[name], "inputs": {"a": [str(root / "images.npy")]}}
         )
+    # The models with SAPA-D: a module holding their variables and the serving function
+    # (cheaper to write than model.export, which walks every layer's trackables).
+    _, combined, serve, batch, _ = deform_models
+    module = tf.Module()
+    module.model_variables = list(combined.variables)
+    paths["deform_models"] = str(root / "deform_models")
+    tf.saved_model.save(
+        module,
+        paths["deform_models"],
+        signatures={"serving_default": serve.get_concrete_function()},
+    )
+    np.save(root / "deform_batch.npy", batch)
+    cases.append(
+        {
+            "name": "deform_models",
+            "path": paths["deform_models"],
+            "inputs": {"a": [str(root / "deform_batch.npy")]},
+        }
+    )
     (root / "cases.json").write_text(json.dumps(cases))
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
@@ -225,7 +359,9 @@ def savedmodels(variants, kerascv_models, tmp_path_factory):
     return paths, inputs, results
 
 
-@pytest.mark.parametrize("route", ["export", "save", "concrete", "deeplab", "retinanet"])
+@pytest.mark.parametrize(
+    "route", ["export", "save", "concrete", "deeplab", "retinanet", "deform_models"]
+)
 def test_savedmodel_holds_builtin_ops_only(savedmodels, route):
     paths, _, _ = savedmodels
     assert custom_op_types(paths[route]) == []
@@ -253,6 +389,27 @@ def test_kerascv_savedmodel_in_fresh_process(kerascv_models, savedmodels, name):
         np.testing.assert_allclose(
             results[f"{name}/a/{key}"], np.asarray(value), rtol=1e-4, atol=1e-4, err_msg=key
         )
+
+
+def test_models_with_sapa_deform_savedmodel_in_fresh_process(deform_models, savedmodels):
+    """The five models with SAPA-D in one SavedModel, served by the process without
+    keras_sapa: every output matches its own model run eagerly, and every model's SAPA-D
+    layers are in the saved graph (gathers under the model's and the layer's name)."""
+    members, _, _, _, expected = deform_models
+    paths, _, results = savedmodels
+    got = {key.split("/")[-1]: value for key, value in results.items()}
+    got = {key: value for key, value in got.items() if key in expected}
+    _check_model_outputs(got, expected)
+    gathers = [node.name for node in saved_nodes(paths["deform_models"]) if "Gather" in node.op]
+    for name, model in members.items():
+        deform = [
+            layer for layer in model._flatten_layers() if isinstance(layer, keras_sapa.SAPADeform)
+        ]
+        assert len(deform) >= 2, name
+        scope = re.compile(rf"(^|/){re.escape(model.name)}(_\d+)?/")
+        for layer in deform:
+            within = re.compile(rf"/{re.escape(layer.name)}(_\d+)?/")
+            assert any(scope.search(n) and within.search(n) for n in gathers), (name, layer.name)
 
 
 def test_export_keeps_compiled_op_when_asked(variants, tmp_path):
@@ -343,3 +500,41 @@ def test_kerascv_onnx_and_litert(kerascv_models, tmp_path, name, fmt):
         assert candidates, value.shape
         err = min(np.abs(g - value).max() for g in candidates)
         assert err < 1e-3, err
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("fmt", ["onnx", "litert"])
+def test_models_with_sapa_deform_onnx_and_litert(deform_models, tmp_path, fmt):
+    """The five models with SAPA-D in one ONNX file (tf2onnx on the serving function:
+    Keras's ONNX export traces the combined model without ``training=False``) run by
+    onnxruntime, and in one LiteRT file (``model.export(format="litert")``) run by the
+    plain interpreter; every output against its own model run eagerly. Minutes on a
+    2-core machine (-m benchmark)."""
+    _, combined, serve, batch, expected = deform_models
+    if fmt == "onnx":
+        import onnxruntime
+        import tf2onnx
+
+        path = str(tmp_path / "models.onnx")
+        tf2onnx.convert.from_function(
+            serve, input_signature=serve.input_signature, output_path=path
+        )
+        _run_onnx(path, [batch])  # standard domains only
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        names = [output.name for output in session.get_outputs()]
+        got = dict(
+            zip(names, session.run(None, {session.get_inputs()[0].name: batch}), strict=True)
+        )
+    else:
+        from ai_edge_litert.interpreter import Interpreter
+
+        path = str(tmp_path / "models.tflite")
+        combined.export(path, format="litert", verbose=False)
+        runner = Interpreter(model_path=path).get_signature_runner()
+        (name,) = runner.get_input_details()
+        got = {}
+        for image in batch:  # LiteRT's exported batch is 1 where the input's was None
+            for key, value in runner(**{name: image[None]}).items():
+                got.setdefault(key, []).append(value)
+        got = {key: np.concatenate(value) for key, value in got.items()}
+    _check_model_outputs(got, expected, atol=2e-4)
