@@ -612,25 +612,33 @@ void Scatter(const ParallelFor& pool, const Shape& d, int64_t channels, const T*
 // Softmax over the K*K window of G points, of which m are in the map (logits
 // dots[g * m + k]) and K*K - m padded (logit 0). Writes weights[k * G + g] for the
 // in-map points and, where full is non-null, the whole row full[g][n] (padded n
-// included). `exps` is room for m values.
+// included). `exps` is room for G * m values. Vector passes per point (max, exp and sum,
+// scale); an interior window (m = K*K, index[k] = k) computes its exps in the full row
+// itself, scaled there in place, so only the interleaved copy for the aggregation is
+// scalar.
 template <typename T, int G>
 inline void WindowSoftmax(const T* dots, int64_t m, int64_t kk, const int64_t* index,
                           T* exps, T* weights, T* const* full) {
+  const bool interior = m == kk && full != nullptr;
+  const T* es[G];
   for (int g = 0; g < G; ++g) {
     const T* l = dots + g * m;
-    T mx = m < kk ? T(0) : -std::numeric_limits<T>::infinity();
-    for (int64_t k = 0; k < m; ++k) mx = std::max(mx, l[k]);
-    T total = ExpShiftedSum<T>(l, m, mx, exps);
+    const T mx = MaxOf<T>(l, m, m < kk ? T(0) : -std::numeric_limits<T>::infinity());
+    T* e = interior ? full[g] : exps + g * m;
+    T total = ExpShiftedSum<T>(l, m, mx, e);
     const T pad = m < kk ? std::exp(-mx) : T(0);
     total += T(kk - m) * pad;
     const T inv = T(1) / total;
-    for (int64_t k = 0; k < m; ++k) weights[k * G + g] = exps[k] * inv;
-    if (full != nullptr) {
+    for (int64_t k = 0; k < m; ++k) e[k] *= inv;
+    es[g] = e;
+    if (full != nullptr && !interior) {
       T* row = full[g];
-      if (m < kk) std::fill(row, row + kk, pad * inv);
-      for (int64_t k = 0; k < m; ++k) row[index[k]] = weights[k * G + g];
+      std::fill(row, row + kk, pad * inv);
+      for (int64_t k = 0; k < m; ++k) row[index[k]] = e[k];
     }
   }
+  for (int64_t k = 0; k < m; ++k)
+    for (int g = 0; g < G; ++g) weights[k * G + g] = es[g][k];
 }
 
 // out = Gather(softmax(Dot(q, k)), v) in one pass over tiles (tiled::Grid): per row of a
@@ -651,7 +659,7 @@ void SapaForward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t c
     std::vector<T> dots, exps, row_weights;  // row_weights: the softmax of the row's anchors
   };
   auto make_scratch = [&](const tiled::Grid& grid) {
-    return Scratch{{4, dim}, {4, channels}, std::vector<T>(4 * kk), std::vector<T>(kk),
+    return Scratch{{4, dim}, {4, channels}, std::vector<T>(4 * kk), std::vector<T>(4 * kk),
                    std::vector<T>(grid.tile * ss * kk)};
   };
   auto row = [&](auto& halo, const tiled::Unit& unit, int64_t p, Scratch& sc, auto windows) {

@@ -8,6 +8,7 @@
 #ifndef KERAS_SAPA_KERNELS_CPU_SIMD_H_
 #define KERAS_SAPA_KERNELS_CPU_SIMD_H_
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -161,6 +162,35 @@ inline void ExpShifted(const T* x, int64_t n, T shift, T* out) {
   } else {
     for (int64_t i = 0; i < n; ++i) out[i] = std::exp(x[i] - shift);
   }
+}
+
+// max(init, x[0], ..., x[n - 1]) (vector compares for float under AVX2, the tail of fewer
+// than 8 values masked in as init; exact, so the same in any order).
+template <typename T>
+inline T MaxOf(const T* x, int64_t n, T init) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    constexpr int L = Simd<float>::kLanes;
+    const __m256 iv = _mm256_set1_ps(init);
+    __m256 mv = iv;
+    int64_t i = 0;
+    for (; i + L <= n; i += L) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + i));
+    if (i < n) {
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - i)), lane);
+      const __m256 t = _mm256_blendv_ps(iv, _mm256_maskload_ps(x + i, mask),
+                                        _mm256_castsi256_ps(mask));
+      mv = _mm256_max_ps(mv, t);
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+  }
+#endif
+  T mx = init;
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, x[i]);
+  return mx;
 }
 
 // out[i] = exp(x[i] - shift) for i < n; returns the sum of out[0 : n]. For float under AVX2
