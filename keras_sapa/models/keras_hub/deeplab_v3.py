@@ -176,3 +176,16 @@ class SAPADeepLabV3Backbone(UpsamplerModel, keras_hub.models.Backbone):
         # The stage layers (replacing the stock bilinear ``encoder_output_upsampling``),
         # held by a plain object: not tracked, one path in saved files.
         self._upsampler = factory
+
+    def call(self, inputs, training=False, mask=None):
+        """Runs the backbone; ``training`` defaults to False (inference), not None.
+
+        The stock spatial pyramid pooling calls a ``keras.layers.Resizing`` made inside
+        its ``call``, whose own ``training`` defaults to True. With the outer call's
+        ``training`` left unset (``model.export``, ``tf.function(lambda x: model(x))``),
+        Keras would take that True for the layers called after it: the SAPA stages'
+        ``"auto"`` then takes the training path, which puts the compiled op into an
+        exported graph. An explicit False here is what every layer inherits instead;
+        ``fit`` and an explicit ``training=True`` are unchanged.
+        """
+        return super().call(inputs, training=training, mask=mask)
