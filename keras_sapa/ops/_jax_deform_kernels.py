@@ -17,8 +17,9 @@ They are bound as every op of the table is (:func:`._jax_kernels.run`): under
 checked by :mod:`._jax_kernels` (disable switch, build record, jaxlib version, CPU
 features); this module only registers the SAPA-D targets (CPU, and CUDA where JAX has
 it): the fused pair's, and the halves' apart (a library built before the halves still
-serves the fused op). float32 and float64 natively; the fused op computes float16 /
-bfloat16 in float32, as the public halves do before calling theirs.
+serves the fused op). float32 and float64 natively; the fused op also takes float16 /
+bfloat16 in their own storage (converted row by row inside the kernels, weights in
+float32); the public halves cast those to float32 before calling theirs.
 """
 
 from keras_sapa.ops import _jax_kernels
@@ -102,7 +103,7 @@ def sapa_deform(query, key, value, offsets, num_points, up_factor, groups):
     """The fused SAPA-D forward on the compiled kernels, for inputs that
     :func:`keras_sapa.ops.sapa_deform` has checked; differentiable in all four inputs
     (first order), also inside ``jax.jit`` and ``jax.vmap``. The result has ``value``'s
-    dtype (half types computed in float32)."""
+    dtype (half types stored as they are, computed in float32)."""
     if not available():
         raise RuntimeError(
             f"keras_sapa: the compiled SAPA-D kernels for JAX are unavailable: "

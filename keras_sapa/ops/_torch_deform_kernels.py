@@ -17,7 +17,8 @@ defined as every op of the table is (:func:`._torch_kernels.define`: fake
 implementations, autograd of all four inputs), so they run eagerly and inside
 ``torch.compile(fullgraph=True)`` as single opaque nodes. Tensors of float32 or float64
 on the CPU, or on a CUDA device where PyTorch has CUDA (the launcher's SAPA-D entry
-points); :func:`sapa_deform` computes float16 / bfloat16 in float32.
+points); :func:`sapa_deform` also takes float16 / bfloat16 in their own storage
+(converted row by row inside the kernels, computed in float32).
 """
 
 import torch
@@ -93,6 +94,6 @@ def sapa_deform(query, key, value, offsets, num_points, up_factor, groups):
     """The fused SAPA-D forward on the compiled kernels, for tensors that
     :func:`keras_sapa.ops.sapa_deform` has checked; differentiable in all four inputs
     (first order), eagerly or inside ``torch.compile``. The result has ``value``'s dtype
-    (half types computed in float32)."""
+    (half types stored as they are, computed in float32)."""
     attrs = {"num_points": num_points, "up_factor": up_factor, "groups": groups}
     return _torch_kernels.run(_OPS[0], (query, key, value, offsets), attrs)
