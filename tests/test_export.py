@@ -412,14 +412,12 @@ def test_models_with_sapa_deform_savedmodel_in_fresh_process(deform_models, save
             assert any(scope.search(n) and within.search(n) for n in gathers), (name, layer.name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KerasHub's DeepLabV3 spatial pyramid pooling calls a keras.layers.Resizing, "
-    "whose call defaults to training=True; Keras keeps it for the later SAPA-D stages, so "
-    "model.export's trace (training unset) takes 'auto' to the compiled op",
-)
 def test_keras_hub_deeplab_v3_model_export_holds_builtin_ops_only(deform_models, tmp_path):
-    """``model.export`` of the KerasHub DeepLabV3 with SAPA-D, as a user makes it."""
+    """``model.export`` of the KerasHub DeepLabV3 with SAPA-D, as a user makes it (its
+    trace leaves ``training`` unset): KerasHub's spatial pyramid pooling calls a
+    ``keras.layers.Resizing``, whose call defaults to ``training=True``, and Keras kept
+    that for the later SAPA-D stages, so "auto" put the compiled op into the export until
+    the backbone's call defaulted ``training`` to False (5b302fc)."""
     members = deform_models[0]
     members["hub_deeplab_v3"].export(str(tmp_path / "deeplab_v3"), verbose=False)
     assert custom_op_types(str(tmp_path / "deeplab_v3")) == []
