@@ -131,6 +131,7 @@ class Launcher:
             ("sapa_scatter_acc", 3),
             ("sapa_forward", 5),
             ("sapa_softmax_backward", 4),
+            ("sapa_backward", 9),
         ):
             getattr(lib, name).argtypes = [p, ctypes.c_int, ctypes.POINTER(SapaDims)] + [
                 p
@@ -489,6 +490,18 @@ class Checker:
             grads = [be.to_host(x) for x in (gq, gk, gv)]
             for name, got in zip(("grad query", "grad key", "grad value"), grads, strict=True):
                 self.expect(f"{mode} {name}", got, refs[name], tol * max(1, c**0.5) * kk**0.25)
+            # The same backward through its one entry point (what the bindings call), into
+            # fresh buffers.
+            fresh = [be.empty(be.to_host(x).shape, dtype) for x in (gq, gk, gv)]
+            tensors = (dg, dq, dk, dv, attn, be.empty((batch, hs, ws, kk), acc), *fresh)
+            L.call("backward", stream, dtype, dd, *(P(x) for x in tensors))
+            for name, x in zip(("grad query", "grad key", "grad value"), fresh, strict=True):
+                self.expect(
+                    f"{mode} sapa_backward {name}",
+                    be.to_host(x),
+                    refs[name],
+                    tol * max(1, c**0.5) * kk**0.25,
+                )
             if dtype == "float64":
                 self.directional(q, key, v, g, grads, k, s)
         L.set_untiled(False)
@@ -903,16 +916,13 @@ def run_bench(launcher, backend, log, official_path):
             gq, gk, gv = torch.empty_like(q), torch.empty_like(key), torch.empty_like(v)
             P = backend.pointer
             dd = dims(batch, height, width, s, k, d, c)
-            dc = dims(batch, height, width, s, k, c, c)
 
             def forward():
                 launcher.call("forward", stream, dtype, dd, P(q), P(key), P(v), P(out), P(attn))
 
             def backward():
-                launcher.call("softmax_backward", stream, dtype, dc, P(g), P(v), P(attn), P(dl))
-                launcher.call("gather_acc", stream, dtype, dd, P(dl), P(key), P(gq))
-                launcher.call("scatter_acc", stream, dtype, dd, P(dl), P(q), P(gk))
-                launcher.call("scatter_acc", stream, dtype, dc, P(attn), P(g), P(gv))
+                pointers = (g, q, key, v, attn, dl, gq, gk, gv)
+                launcher.call("backward", stream, dtype, dd, *(P(x) for x in pointers))
 
             def both():
                 forward()

@@ -97,6 +97,8 @@ DEFORM_OPS = {  # pointer arguments
     "sapa_deform_aggregate": 4,
     "sapa_deform_aggregate_backward": 7,
 }
+# The entry points whose kernels sapa_launch_configs lists (the halves' are not listed yet).
+FUSED_DEFORM_OPS = ("sapa_deform_forward", "sapa_deform_backward")
 ACC_SIZE = {"float32": 4, "float16": 4, "bfloat16": 4, "float64": 8}
 
 
@@ -458,8 +460,8 @@ def _choices(L, dtype):
 
 
 def _deform_choices(L, dtype):
-    """(kernel, tile, block) of the SAPA-D launches over G*P = 1..300 (zero-batch calls):
-    the forward's, and the last of the backward's (the value's scatter, or the cast into
+    """(kernel, tile, block) of the fused SAPA-D launches over G*P = 1..300 (zero-batch
+    calls): the forward's, and the last of the backward's (the value's scatter, or the cast into
     the value's gradient for f16/bf16). The tile is read back from the shared memory,
     G*P * (7 accumulators + 2 ints) per output point."""
     chosen = set()
@@ -471,7 +473,8 @@ def _deform_choices(L, dtype):
     for gp in range(1, 301):
         groups = 2 if gp % 2 == 0 else 1
         dims = SapaDeformDims(0, 3, 4, 2, gp // groups, groups, 2 * groups, 3 * groups)
-        for op, n in DEFORM_OPS.items():
+        for op in FUSED_DEFORM_OPS:
+            n = DEFORM_OPS[op]
             L.check(getattr(L.lib, op)(None, DTYPES[dtype], ctypes.byref(dims), *dummy[:n]))
             L.lib.sapa_last_launch(name, 64, None, ctypes.byref(block), ctypes.byref(smem))
             chosen.add((name.value.decode(), smem.value // (gp * per_point), block.value))

@@ -1042,8 +1042,8 @@ int DeformBackward(CUstream stream, int dtype, const SapaDeformDims* d, const vo
 
 // One half: the per-output-point kernel sapa_deform_<stem>_<t> on `ptrs`; for a backward
 // (dst not null; the offsets are its fourth tensor) then dst = scatter(coef, src) over the
-// low-resolution map's `channels` channels, zeroed first (f32/f64 accumulate in place). d->dim / d->channels: 0 where the
-// half has no such tensor.
+// low-resolution map's `channels` channels, zeroed first (f32/f64 accumulate in place).
+// d->dim / d->channels: 0 where the half has no such tensor.
 int DeformHalf(CUstream stream, int dtype, const SapaDeformDims* d, const char* stem,
                std::vector<void*> ptrs, const void* coef = nullptr, const void* src = nullptr,
                void* dst = nullptr, int64_t channels = 0) {

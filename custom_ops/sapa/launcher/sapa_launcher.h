@@ -101,9 +101,11 @@ typedef struct SapaLaunchConfig {
 // for each entry point, up in 1..SAPA_TILED_MAX_UP and each odd K for which a tiled
 // kernel fits, the kernel and tile it picks (block and shared memory depend on tile, up
 // and K), each distinct (kernel, tile, up, K) once, and each untiled kernel once; then
-// SAPA-D's kernels (sapa_deform_*), each tile once (its shared memory grows with G*P: the
-// entry lists it for the G*P the self-test runs). Writes min(*count, capacity) entries;
-// *count is the total.
+// SAPA-D's fused kernels (sapa_deform_forward / _backward and the kernels they launch),
+// each tile once (its shared memory grows with G*P: the entry lists it for the G*P the
+// self-test runs). The halves' per-point kernels (sapa_deform_similarity / _aggregate and
+// their backwards) are not listed yet, nor run by sapa_self_test: they are tested under the
+// emulated driver only. Writes min(*count, capacity) entries; *count is the total.
 int sapa_launch_configs(void* stream, int dtype, SapaLaunchConfig* out, int capacity,
                         int* count);
 
