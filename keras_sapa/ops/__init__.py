@@ -31,8 +31,9 @@ facts the rule below needs. What ``implementation`` means on each backend:
 On JAX and PyTorch, ``"compiled"`` binds only the fused ``sapa``; ``similarity`` and
 ``aggregate`` use ``"xla"`` there. SAPA-D's ops (``sapa_deform``, ``deform_similarity``,
 ``deform_aggregate``, :mod:`._deform`) take the same rule; their compiled kernels (the
-fused op and both halves, forward and backward) are bound on every backend. The dispatch rule, one function for every backend
-(:func:`resolve_implementation`), decides what ``"auto"`` stands for, in this order:
+fused op and both halves, forward and backward) are bound on every backend. The dispatch
+rule, one function for every backend (:func:`resolve_implementation`), decides what
+``"auto"`` stands for, in this order:
 
 ====  ==========================================================  ===========================
 step  when                                                        ``"auto"`` resolves to
