@@ -17,6 +17,7 @@
 
 #include "../kernels/cpu/sapa_cpu.h"
 #include "../launcher/sapa_launcher.h"  // types and signatures only: dlsym'd at open
+#include "storage.h"
 #include "thread_pool.h"
 
 namespace keras_sapa {
@@ -152,19 +153,6 @@ bool MakeShape(int64_t batch, int64_t height, int64_t width, int64_t up, int64_t
   return true;
 }
 
-// The core's view of a C ABI tensor: S the core's storage type (cpu::Half and
-// cpu::BFloat16 for the 16-bit types, which the C ABI passes as their uint16_t bits).
-template <typename S, typename C>
-const S* As(const C* p) {
-  static_assert(sizeof(S) == sizeof(C), "storage and C types differ in size");
-  return reinterpret_cast<const S*>(p);
-}
-template <typename S, typename C>
-S* As(C* p) {
-  static_assert(sizeof(S) == sizeof(C), "storage and C types differ in size");
-  return reinterpret_cast<S*>(p);
-}
-
 // F: the accumulation type (weights, the logits' gradient); S: the core's storage type
 // of the other tensors (half types converted per tile inside the kernels); C: S's C type.
 template <typename F, typename S, typename C>
@@ -175,8 +163,8 @@ int Forward(const C* q, const C* k, const C* v, C* out, F* weights, int64_t batc
   if (!MakeShape(batch, height, width, up, kernel, dim, channels, &shape)) {
     return KERAS_SAPA_BAD_SHAPE;
   }
-  cpu::SapaForward<F, S>(GlobalParallelFor(), shape, dim, channels, As<S>(q), As<S>(k),
-                         As<S>(v), As<S>(out), weights);
+  cpu::SapaForward<F, S>(GlobalParallelFor(), shape, dim, channels, Storage<S>(q),
+                         Storage<S>(k), Storage<S>(v), Storage<S>(out), weights);
   return KERAS_SAPA_OK;
 }
 
@@ -190,9 +178,9 @@ int Backward(const C* g, const C* q, const C* k, const C* v, const F* w, C* dq, 
   }
   // The softmax backward's logits gradient, (B, sH, sW, K*K): scratch of the core.
   std::unique_ptr<F[]> dlogits(new F[std::max<int64_t>(1, shape.high_points() * shape.window())]);
-  cpu::SapaBackward<F, S>(GlobalParallelFor(), shape, dim, channels, As<S>(g), As<S>(q),
-                          As<S>(k), As<S>(v), w, dlogits.get(), As<S>(dq), As<S>(dk),
-                          As<S>(dv));
+  cpu::SapaBackward<F, S>(GlobalParallelFor(), shape, dim, channels, Storage<S>(g),
+                          Storage<S>(q), Storage<S>(k), Storage<S>(v), w, dlogits.get(),
+                          Storage<S>(dq), Storage<S>(dk), Storage<S>(dv));
   return KERAS_SAPA_OK;
 }
 

@@ -8,6 +8,7 @@
 #include <memory>
 
 #include "../kernels/cpu/sapa_deform_cpu.h"
+#include "storage.h"
 #include "thread_pool.h"
 
 namespace keras_sapa {
@@ -32,18 +33,6 @@ int Run(int64_t batch, int64_t height, int64_t width, int64_t up, int64_t points
   if (groups < 1 || !d.Valid()) return KERAS_SAPA_BAD_SHAPE;
   kernel(GlobalParallelFor(), d);
   return KERAS_SAPA_OK;
-}
-
-// The core's storage type S of a C ABI pointer (the 16-bit types pass their bits).
-template <typename S, typename C>
-const S* Storage(const C* p) {
-  static_assert(sizeof(S) == sizeof(C), "storage and C types differ in size");
-  return reinterpret_cast<const S*>(p);
-}
-template <typename S, typename C>
-S* Storage(C* p) {
-  static_assert(sizeof(S) == sizeof(C), "storage and C types differ in size");
-  return reinterpret_cast<S*>(p);
 }
 
 }  // namespace
