@@ -6,9 +6,10 @@
 // core's Dot / Gather / Scatter), the fused pair Sapa / SapaGrad (the core's SapaForward /
 // SapaBackward) and SAPA-D's SapaDeform / SapaDeformGrad (sapa_deform_cpu.h).
 //
-// float and double compute in their own type; half and bfloat16 are converted to float,
-// computed in float, and the results rounded once. The fused ops' saved weights (the
-// softmax) stay in float (double for double inputs).
+// float and double compute in their own type. For half and bfloat16, the window ops work
+// on whole-tensor float copies (ViaFloat) with the results rounded once; the fused ops
+// hand the 16-bit tensors to the core, which converts them tile by tile. The fused ops'
+// saved weights (the softmax) stay in float (double for double inputs).
 
 #define EIGEN_USE_THREADS
 
@@ -143,68 +144,6 @@ struct WindowScatter<CPUDevice, T> {
 // ------------------------------------------------------------------------ fused ops
 
 namespace tf_cpu {
-
-// A float (or T) view of an input: the input itself when T is the compute type F, else a
-// converted temporary.
-template <typename T, typename F>
-Status ComputeView(OpKernelContext* ctx, const Tensor& in, Tensor* tmp, const F** out) {
-  if constexpr (std::is_same<T, F>::value) {
-    *out = in.flat<T>().data();
-    return absl::OkStatus();
-  } else {
-    TF_RETURN_IF_ERROR(ToFloat(ctx, in.flat<T>().data(), in.NumElements(), tmp));
-    *out = tmp->flat<float>().data();
-    return absl::OkStatus();
-  }
-}
-
-// An output of type T computed in F: the output itself, or a float temporary rounded into
-// it by Finish().
-template <typename T, typename F>
-struct ComputeOut {
-  Tensor tmp;
-  Tensor* target = nullptr;
-  F* data = nullptr;
-
-  Status Init(OpKernelContext* ctx, Tensor* out) {
-    target = out;
-    if constexpr (std::is_same<T, F>::value) {
-      data = out->flat<T>().data();
-    } else {
-      TF_RETURN_IF_ERROR(ctx->allocate_temp(tensorflow::DataTypeToEnum<F>::value,
-                                            TensorShape({out->NumElements()}), &tmp));
-      data = tmp.flat<F>().data();
-    }
-    return absl::OkStatus();
-  }
-
-  void Finish(OpKernelContext* ctx) {
-    if constexpr (!std::is_same<T, F>::value) {
-      FromFloat(ctx, tmp, target->NumElements(), target->flat<T>().data());
-    }
-  }
-};
-
-// fn(inputs, outputs) on compute-type (F) views of the call's first n_in inputs and
-// compute-type buffers of its first n_out outputs, which are then rounded into the
-// outputs (nothing to convert where T is F).
-template <typename T, typename F, typename Fn>
-Status InCompute(const Call& c, int n_in, int n_out, Fn fn) {
-  Tensor tmp[6];
-  const F* in[6] = {};
-  ComputeOut<T, F> out[4];
-  F* data[4] = {};
-  for (int i = 0; i < n_in; ++i) {
-    TF_RETURN_IF_ERROR((ComputeView<T, F>(c.ctx, c.in(i), &tmp[i], &in[i])));
-  }
-  for (int i = 0; i < n_out; ++i) {
-    TF_RETURN_IF_ERROR(out[i].Init(c.ctx, c.out(i)));
-    data[i] = out[i].data;
-  }
-  fn(in, data);
-  for (int i = 0; i < n_out; ++i) out[i].Finish(c.ctx);
-  return absl::OkStatus();
-}
 
 // The kernel core's storage type for T (custom_ops/sapa/kernels/cpu/simd.h): Eigen's
 // half and bfloat16 are 16-bit patterns with the core's Half / BFloat16 layout.
