@@ -206,54 +206,38 @@ void Scatter(const ParallelFor& pool, const Shape& d, int64_t channels, const T*
              T* out);
 
 // ---------------------------------------------------------------------------------------
-// The fused pass (SapaForward, SapaBackward) works on tiles: a unit of work is a run of
-// low-resolution rows of one column tile (up to kTileCols anchors) of one image. Walking
-// down the rows, it keeps the K rows of the window halo (tile + K - 1 points wide) that the
-// current row needs packed in a ring buffer: each packed row is copied once per run
-// (converted to the compute type there, for half-precision storage), is contiguous (no
-// cache-set collisions between window rows that lie a power of two apart in the tensor)
-// and zero outside the map. The forward and the backward's first pass list the in-map
+// The fused pass (SapaForward, SapaBackward) and the scatter work on runs of rows: a unit
+// of work is a run of whole low-resolution rows of one image. Walking down the rows, the
+// fused pass reads the K key and value rows that the current row's windows need in place,
+// or, for half-precision storage, keeps them packed in a ring buffer (W + K - 1 points
+// wide): each packed row is converted once per run, is contiguous and zero outside the
+// map. The forward and the backward's first pass list the in-map
 // points of each window, as the anchor walks do (padded points enter the softmax with
 // logit 0 analytically, SAPA_SPEC.md's border rule, and cost no work); the scatter reads
 // full K x K windows of packed children with zero weights for anchors outside the map.
 
 namespace tiled {
 
-constexpr int64_t kTileCols = 8;   // anchors per column tile
-constexpr int64_t kRunUnits = 48;  // units of work wanted per call: the pool balances them
-
-// The split of a call into units (b, column tile, run of rows).
+// The split of a call into units of work, runs of whole rows: at least min_units units per
+// call where the map has the rows (the pool balances them), and runs of at most max_run
+// rows.
 struct Grid {
-  int64_t tile = 1, tiles = 1, runs = 1, run = 1, parts = 1;
+  int64_t runs = 1, run = 1;
 
-  Grid(const Shape& d, int64_t parts_per_run, int64_t tile_cols = kTileCols)
-      : parts(std::max<int64_t>(1, parts_per_run)) {
-    tile = std::max<int64_t>(1, std::min(tile_cols, d.width));
-    tiles = (d.width + tile - 1) / tile;
-    const int64_t per_image = std::max<int64_t>(1, d.batch * tiles * parts);
-    runs = std::min<int64_t>(std::max<int64_t>(1, d.height),
-                             std::max<int64_t>(1, (kRunUnits + per_image - 1) / per_image));
-    run = (d.height + runs - 1) / std::max<int64_t>(1, runs);
-    runs = run > 0 ? (d.height + run - 1) / run : 1;
+  Grid(const Shape& d, int64_t min_units, int64_t max_run) {
+    const int64_t H = std::max<int64_t>(1, d.height), B = std::max<int64_t>(1, d.batch);
+    const int64_t want = std::max((min_units + B - 1) / B, (H + max_run - 1) / max_run);
+    run = (H + std::min(H, want) - 1) / std::min(H, want);
+    runs = (H + run - 1) / run;
   }
-  int64_t units(const Shape& d) const { return d.batch * tiles * runs * parts; }
+  int64_t units(const Shape& d) const { return d.batch * runs; }
 };
 
-// One unit: image b, anchor columns [x0, x0 + tw), rows [h0, h1), part p (a channel slice).
+// One unit: image b, low-resolution rows [h0, h1).
 struct Unit {
-  int64_t b, x0, tw, h0, h1, part;
-  Unit(const Shape& d, const Grid& g, int64_t u) {
-    part = u % g.parts;
-    u /= g.parts;
-    const int64_t t = u % g.tiles;
-    u /= g.tiles;
-    const int64_t run = u % g.runs;
-    b = u / g.runs;
-    x0 = t * g.tile;
-    tw = std::min(d.width, x0 + g.tile) - x0;
-    h0 = run * g.run;
-    h1 = std::min(d.height, h0 + g.run);
-  }
+  int64_t b, h0, h1;
+  Unit(const Shape& d, const Grid& g, int64_t u)
+      : b(u / g.runs), h0((u % g.runs) * g.run), h1(std::min(d.height, h0 + g.run)) {}
 };
 
 // Packs anchors [u0, u0 + n) of row h of the low-resolution map src (B, H, W, ch), converted
@@ -385,131 +369,140 @@ constexpr int64_t kScatterUnits = 4;   // units of work wanted per scatter call,
 constexpr int64_t kScatterRun = 16;    // rows per unit on tall maps
 constexpr int64_t kScatterGroup = 256; // channels per pass over a row of anchors
 
-// lo = Scatter(w, hi) in scatter form, the owner computing: a unit of work is a run of
-// low-resolution rows [h0, h1) of one image, whole rows; it walks the anchor rows
-// h0 - r .. h1 + r - 1 and adds each in-map anchor's children, weighted, into the rows of
-// its window that lie in [h0, h1) (so every product is formed once, by the unit that owns
-// its output row, and each output point sums its terms in the same order, anchor row by
-// anchor row, whatever the split: deterministic, no atomics). The sums build up in a ring
-// of K float rows (row p in slot p mod K, zeroed when anchor row p - r starts, written to
-// the tensor, rounded for half storage, when anchor row p + r is done), a pass per channel
-// group of up to 256 so that the window's accumulators (K*K x 1 KiB at K = 5) stay in L1
-// from one anchor to the next. hi and lo of storage type In (hi rows converted per anchor
-// and group). Measured against the gather form it replaced (packed halo rings of the
-// children, 100 child rows read per output point): W1's dv 4.4 -> 2.5 ms, dk 1.2 -> 0.7.
+// lo = Scatter(w, hi) in scatter form, the owner computing, for one unit of work: output
+// rows [h0, h1) of image b. AddRow is fed the anchor rows h0 - r .. h1 + r - 1 in order and
+// adds each in-map anchor's children, weighted, into the rows of its window that lie in
+// [h0, h1) (so every product is formed once, by the unit that owns its output row, and each
+// output point sums its terms in the same order, anchor row by anchor row, whatever the
+// split: deterministic, no atomics). The sums build up in a ring of K float rows (row p in
+// slot p mod K, zeroed when anchor row p - r starts, written to the tensor, rounded for half
+// storage, when anchor row p + r is done), a pass per channel group of up to 256 so that
+// the window's accumulators (K*K x 1 KiB at K = 5) stay in L1 from one anchor to the next.
+// hi and lo of storage type In (hi rows converted per anchor and group). Measured against
+// the gather form it replaced (packed halo rings of the children, 100 child rows read per
+// output point): W1's dv 4.4 -> 2.5 ms, dk 1.2 -> 0.7.
 template <typename T, typename In = T>
-void ScatterTiled(const ParallelFor& pool, const Shape& d, int64_t channels, const T* wt,
-                  const In* hi, In* out) {
-  const int64_t s = d.up, ss = s * s, K = d.kernel, r = d.radius(), kk = K * K;
-  const int64_t H = d.height, W = d.width;
-  // Runs of rows: at least kScatterUnits units per call, more on tall maps while runs stay
-  // kScatterRun rows long (each unit reads 2r anchor rows of its neighbours again).
-  const int64_t batch = std::max<int64_t>(1, d.batch);  // (no units at all when 0)
-  const int64_t want = std::max((kScatterUnits + batch - 1) / batch, H / kScatterRun);
-  const int64_t runs0 = std::max<int64_t>(1, std::min(H, want));
-  const int64_t run = std::max<int64_t>(1, (H + runs0 - 1) / runs0);
-  const int64_t runs = (H + run - 1) / run;
-  const int64_t gw = std::min(kScatterGroup, channels);
+class ScatterRows {
+ public:
+  ScatterRows(const Shape& d, int64_t channels)
+      : d_(d), channels_(channels), group_(std::min(kScatterGroup, channels)),
+        point_(channels + kLine), pitch_(d.width * point_ + 4 * kLine),
+        ring_(d.kernel * pitch_), wl_(d.width * d.window() * d.up * d.up),
+        conv_(kScatterGroup * d.up * d.up), offs_(d.width * d.window()), count_(d.width),
+        nidx_(d.window()), xs_(d.up * d.up) {}
+
+  void AddRow(int64_t b, int64_t h0, int64_t h1, int64_t ah, const T* wt, const In* hi,
+              In* out) {
+    const Shape& d = d_;
+    const int64_t ss = d.up * d.up, K = d.kernel, r = d.radius(), kk = K * K;
+    const int64_t H = d.height, W = d.width, channels = channels_;
+    T* ring = ring_.data();
+    if (ah + r >= h0 && ah + r < h1) std::fill_n(ring + ((ah + r) % K) * pitch_, W * point_, T(0));
+    if (ah >= 0 && ah < H) {
+      // The window points of each anchor of the row that lie in rows [h0, h1) and in the
+      // map: their accumulator offsets, and the weights each child gives them.
+      const int64_t a0 = std::max<int64_t>(0, h0 - ah + r), a1 = std::min<int64_t>(K, h1 - ah + r);
+      for (int64_t aw = 0; aw < W; ++aw) {
+        const int64_t c0 = std::max<int64_t>(0, r - aw), c1 = std::min<int64_t>(K, W - aw + r);
+        int64_t m = 0;
+        int64_t* o = offs_.data() + aw * kk;
+        for (int64_t a = a0; a < a1; ++a) {
+          const int64_t base = ((ah + a - r) % K) * pitch_ + (aw - r) * point_;
+          for (int64_t c = c0; c < c1; ++c, ++m) {
+            o[m] = base + c * point_;
+            nidx_[m] = a * K + c;
+          }
+        }
+        count_[aw] = m;
+        T* wa = wl_.data() + aw * kk * ss;
+        ForGroups(ss, [&](auto group, int64_t first) {
+          constexpr int G = decltype(group)::value;
+          for (int g = 0; g < G; ++g) {
+            const T* w = wt + ChildPoint(d, b, ah, aw, first + g) * kk;
+            for (int64_t k = 0; k < m; ++k) wa[first * m + k * G + g] = w[nidx_[k]];
+          }
+        });
+      }
+      for (int64_t c0 = 0; c0 < channels; c0 += group_) {
+        const int64_t cw = std::min(group_, channels - c0);
+        for (int64_t aw = 0; aw < W; ++aw) {
+          const int64_t m = count_[aw];
+          if (m == 0) continue;
+          for (int64_t i = 0; i < ss; ++i) {
+            const In* row = hi + ChildPoint(d, b, ah, aw, i) * channels + c0;
+            if constexpr (std::is_same<T, In>::value) {
+              xs_[i] = row;
+            } else {
+              ConvertRow<T, In>(row, cw, conv_.data() + i * kScatterGroup);
+              xs_[i] = conv_.data() + i * kScatterGroup;
+            }
+          }
+          ForGroups(ss, [&](auto group, int64_t first) {
+            constexpr int G = decltype(group)::value;
+            ScatterChildren<T, G>(xs_.data() + first, wl_.data() + aw * kk * ss + first * m,
+                                  offs_.data() + aw * kk, m, cw, ring + c0);
+          });
+        }
+      }
+    }
+    const int64_t p = ah - r;  // complete now
+    if (p >= h0 && p < h1) {
+      for (int64_t q = 0; q < W; ++q)
+        RoundRow<In, T>(ring + (p % K) * pitch_ + q * point_, channels,
+                        out + ((b * H + p) * W + q) * channels);
+    }
+  }
+
+ private:
   // Accumulator rows one cache line more than `channels` apart and ring slots four lines
   // more than a map row: the points of a window then fall into different L1 sets, and no
   // two of them lie a multiple of 4 KiB apart (a load would wait on the store to the other).
-  constexpr int64_t kLine = 64 / sizeof(T);
-  const int64_t point = channels + kLine, pitch = W * point + 4 * kLine;
-  const int64_t cost = run * W * ss * kk * (channels + 4);
-  WithKernel(K, [&](auto kc) {
-    constexpr int KC = decltype(kc)::value;
-    const int64_t Kc = KC > 0 ? KC : K;
-    pool(d.batch * runs, cost, [&](int64_t begin, int64_t end) {
-      std::vector<T> ring(Kc * pitch), wl(W * kk * ss), conv(kScatterGroup * ss);
-      std::vector<int64_t> offs(W * kk), count(W);
-      std::vector<int64_t> nidx(kk);
-      std::vector<const T*> xs(ss);
-      for (int64_t u = begin; u < end; ++u) {
-        const int64_t b = u / runs, h0 = (u % runs) * run, h1 = std::min(H, h0 + run);
-        for (int64_t ah = h0 - r; ah < h1 + r; ++ah) {
-          if (ah + r >= h0 && ah + r < h1)
-            std::fill_n(ring.data() + ((ah + r) % Kc) * pitch, W * point, T(0));
-          if (ah >= 0 && ah < H) {
-            // The window points of each anchor of the row that lie in rows [h0, h1) and in
-            // the map: their accumulator offsets, and the weights each child gives them.
-            const int64_t a0 = std::max<int64_t>(0, h0 - ah + r);
-            const int64_t a1 = std::min<int64_t>(Kc, h1 - ah + r);
-            for (int64_t aw = 0; aw < W; ++aw) {
-              const int64_t c0 = std::max<int64_t>(0, r - aw);
-              const int64_t c1 = std::min<int64_t>(Kc, W - aw + r);
-              int64_t m = 0;
-              int64_t* o = offs.data() + aw * kk;
-              for (int64_t a = a0; a < a1; ++a) {
-                const int64_t base = ((ah + a - r) % Kc) * pitch + (aw - r) * point;
-                for (int64_t c = c0; c < c1; ++c, ++m) {
-                  o[m] = base + c * point;
-                  nidx[m] = a * Kc + c;
-                }
-              }
-              count[aw] = m;
-              T* wa = wl.data() + aw * kk * ss;
-              ForGroups(ss, [&](auto group, int64_t first) {
-                constexpr int G = decltype(group)::value;
-                for (int g = 0; g < G; ++g) {
-                  const T* w = wt + ChildPoint(d, b, ah, aw, first + g) * kk;
-                  for (int64_t k = 0; k < m; ++k) wa[first * m + k * G + g] = w[nidx[k]];
-                }
-              });
-            }
-            for (int64_t c0 = 0; c0 < channels; c0 += gw) {
-              const int64_t cw = std::min(gw, channels - c0);
-              for (int64_t aw = 0; aw < W; ++aw) {
-                const int64_t m = count[aw];
-                if (m == 0) continue;
-                for (int64_t i = 0; i < ss; ++i) {
-                  const In* row = hi + ChildPoint(d, b, ah, aw, i) * channels + c0;
-                  if constexpr (std::is_same<T, In>::value) {
-                    xs[i] = row;
-                  } else {
-                    ConvertRow<T, In>(row, cw, conv.data() + i * kScatterGroup);
-                    xs[i] = conv.data() + i * kScatterGroup;
-                  }
-                }
-                ForGroups(ss, [&](auto group, int64_t first) {
-                  constexpr int G = decltype(group)::value;
-                  ScatterChildren<T, G>(xs.data() + first, wl.data() + aw * kk * ss + first * m,
-                                        offs.data() + aw * kk, m, cw, ring.data() + c0);
-                });
-              }
-            }
-          }
-          const int64_t p = ah - r;  // complete now
-          if (p >= h0 && p < h1) {
-            for (int64_t q = 0; q < W; ++q)
-              RoundRow<In, T>(ring.data() + (p % Kc) * pitch + q * point, channels,
-                              out + ((b * H + p) * W + q) * channels);
-          }
-        }
-      }
-    });
+  static constexpr int64_t kLine = 64 / sizeof(T);
+  Shape d_;
+  int64_t channels_, group_, point_, pitch_;
+  std::vector<T> ring_, wl_, conv_;
+  std::vector<int64_t> offs_, count_, nidx_;
+  std::vector<const T*> xs_;
+};
+
+// lo = Scatter(w, hi) on the pool: at least kScatterUnits units per call, runs of at most
+// kScatterRun rows on tall maps (each unit reads 2r anchor rows of its neighbours again).
+template <typename T, typename In = T>
+void ScatterTiled(const ParallelFor& pool, const Shape& d, int64_t channels, const T* wt,
+                  const In* hi, In* out) {
+  const Grid grid(d, kScatterUnits, kScatterRun);
+  const int64_t r = d.radius();
+  const int64_t cost = grid.run * d.width * d.up * d.up * d.window() * (channels + 4);
+  pool(grid.units(d), cost, [&](int64_t begin, int64_t end) {
+    ScatterRows<T, In> rows(d, channels);
+    for (int64_t u = begin; u < end; ++u) {
+      const Unit unit(d, grid, u);
+      for (int64_t ah = unit.h0 - r; ah < unit.h1 + r; ++ah)
+        rows.AddRow(unit.b, unit.h0, unit.h1, ah, wt, hi, out);
+    }
   });
 }
 
 // The key and value rows of a unit's windows, walked down the unit's rows: Walk runs fn(p)
 // for each anchor row p of the unit once the rows of its windows are at hand; then
-// Window<KC>(p, x) lists the m in-map points of the window of the anchor at column x of
-// the tile: their key and value rows and their window indices (row-major). Storage of the
-// compute type is read in place; half-precision storage is converted into K packed rows
-// (a ring, PackRow), each row once per run of rows. The fused pair walks whole rows
-// (Grid tile = W): each unit then streams the query / gradient and output rows in order,
-// as the anchor walk does; column tiles of 8 anchors measured 5-15% slower at M1 (writes
-// of 16 KiB chunks 256 KiB apart), reading in place 5-10% faster than packing.
+// Window<KC>(p, x) lists the m in-map points of the window of the anchor at column x: their
+// key and value rows and their window indices (row-major). Storage of the compute type is
+// read in place; half-precision storage is converted into K packed rows (a ring, PackRow),
+// each row once per run of rows. Units are whole rows: each then streams the query /
+// gradient and output rows in order, as the anchor walk does; column tiles of 8 anchors
+// measured 5-15% slower at M1 (writes of 16 KiB chunks 256 KiB apart), reading in place
+// 5-10% faster than packing.
 template <typename T>
 class KeyValueHalo {
  public:
-  KeyValueHalo(const Shape& d, const Grid& grid, int64_t dim, int64_t channels)
-      : d_(d), dim_(dim), channels_(channels), halo_(grid.tile + 2 * d.radius()),
+  KeyValueHalo(const Shape& d, int64_t dim, int64_t channels)
+      : d_(d), dim_(dim), channels_(channels), halo_(d.width + 2 * d.radius()),
         kslots_(d.kernel), vslots_(d.kernel), krows(d.window()), vrows(d.window()),
         index(d.window()) {}
 
   template <typename In, typename Fn>
   void Walk(const Unit& unit, const In* k, const In* v, Fn fn) {
-    const int64_t r = d_.radius(), n = unit.tw + 2 * r, u0 = unit.x0 - r;
+    const int64_t r = d_.radius(), n = d_.width + 2 * r, u0 = -r;
     const int64_t row = d_.width;  // points per map row
     for (int64_t h = unit.h0 - r; h < unit.h1 + r; ++h) {
       if constexpr (!std::is_same<T, In>::value) {
@@ -534,14 +527,13 @@ class KeyValueHalo {
           vslots_[a] = vring_[0].Slot(p - r + a);
         }
       }
-      x0_ = unit.x0;
       fn(p);
     }
   }
 
   template <int KC>
   void Window(int64_t p, int64_t x) {
-    const int64_t K = KC > 0 ? KC : d_.kernel, r = K / 2, w0 = x0_ + x;
+    const int64_t K = KC > 0 ? KC : d_.kernel, r = K / 2, w0 = x;
     const int64_t a0 = std::max<int64_t>(0, r - p), a1 = std::min<int64_t>(K, d_.height - p + r);
     const int64_t c0 = std::max<int64_t>(0, r - w0), c1 = std::min<int64_t>(K, d_.width - w0 + r);
     m = 0;
@@ -558,7 +550,7 @@ class KeyValueHalo {
 
  private:
   Shape d_;
-  int64_t dim_, channels_, halo_, x0_ = 0, shift_ = 0;
+  int64_t dim_, channels_, halo_, shift_ = 0;
   std::vector<Ring<T>> kring_, vring_;  // one each, for half-precision storage only
   std::vector<const T*> kslots_, vslots_;
 
@@ -568,28 +560,30 @@ class KeyValueHalo {
   std::vector<int64_t> index;
 };
 
-// The walk of the fused pair: on the pool, for every anchor row p of every unit (runs of
-// whole rows), row(halo, unit, p, scratch, windows), where scratch = make_scratch(grid) is
-// made once per pool range and windows(fn) runs fn(x, group, first) for every anchor x of
-// the row (halo.Window set for it) and every group of its children (group:
+constexpr int64_t kRunUnits = 48;  // units of work wanted per forward call
+
+// The walk of the fused pair: on the pool, for every anchor row p of every unit of grid,
+// row(halo, unit, p, scratch, windows), where scratch = make_scratch() is made once per
+// pool range and windows(fn) runs fn(x, group, first) for every anchor x of the row
+// (halo.Window set for it) and every group of its children (group:
 // std::integral_constant<int, G>, children first .. first + G - 1). extra_cost: cycles per
 // window point besides the dim + channels multiply-adds.
 template <typename T, typename In, typename Make, typename Row>
-void FusedWalk(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t channels,
-               int64_t extra_cost, const In* k, const In* v, Make make_scratch, Row row) {
-  const Grid grid(d, 1, d.width);  // whole rows (see KeyValueHalo)
+void FusedWalk(const ParallelFor& pool, const Shape& d, const Grid& grid, int64_t dim,
+               int64_t channels, int64_t extra_cost, const In* k, const In* v,
+               Make make_scratch, Row row) {
   const int64_t ss = d.up * d.up;
-  const int64_t cost = grid.run * grid.tile * ss * d.window() * (dim + channels + extra_cost);
+  const int64_t cost = grid.run * d.width * ss * d.window() * (dim + channels + extra_cost);
   WithKernel(d.kernel, [&](auto kc) {
     constexpr int KC = decltype(kc)::value;
     pool(grid.units(d), cost, [&](int64_t begin, int64_t end) {
-      KeyValueHalo<T> halo(d, grid, dim, channels);
-      auto scratch = make_scratch(grid);
+      KeyValueHalo<T> halo(d, dim, channels);
+      auto scratch = make_scratch();
       for (int64_t u = begin; u < end; ++u) {
         const Unit unit(d, grid, u);
         halo.Walk(unit, k, v, [&](int64_t p) {
           auto windows = [&](auto fn) {
-            for (int64_t x = 0; x < unit.tw; ++x) {
+            for (int64_t x = 0; x < d.width; ++x) {
               halo.template Window<KC>(p, x);
               ForGroups(ss, [&](auto group, int64_t first) { fn(x, group, first); });
             }
@@ -641,14 +635,14 @@ inline void WindowSoftmax(const T* dots, int64_t m, int64_t kk, const int64_t* i
     for (int g = 0; g < G; ++g) weights[k * G + g] = es[g][k];
 }
 
-// out = Gather(softmax(Dot(q, k)), v) in one pass over tiles (tiled::Grid): per row of a
-// tile, first for each anchor the logits of its s x s children over the full K x K window
-// of the packed halo (padded points read zero rows, so their logit is 0, as the spec's
-// border rule wants) and their softmax, kept for the row; then for each anchor the
-// aggregation of the window's value rows. (Two phases per row rather than per anchor: the
-// key rows and the value rows of one window together overflow L1 at d=64, C=256.)
+// out = Gather(softmax(Dot(q, k)), v) in one pass over runs of rows (tiled::Grid): per
+// anchor row, first for each anchor the logits of its s x s children over the in-map
+// points of its window and their softmax (padded points enter it with logit 0, the spec's
+// border rule), kept for the row; then for each anchor the aggregation of the window's
+// value rows. (Two phases per row rather than per anchor: the key rows and the value rows
+// of one window together overflow L1 at d=64, C=256.)
 // q (B,sH,sW,dim), k (B,H,W,dim), v (B,H,W,channels) -> out (B,sH,sW,channels), all of
-// storage type In (half types: converted per tile, out rounded per row); weights
+// storage type In (half types: converted per row, out rounded per row); weights
 // (B,sH,sW,K*K) of type T, the softmax that the backward needs, written unless null.
 template <typename T, typename In = T>
 void SapaForward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t channels,
@@ -658,9 +652,9 @@ void SapaForward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t c
     tiled::RowCache<T, In> qrows, orows;
     std::vector<T> dots, exps, row_weights;  // row_weights: the softmax of the row's anchors
   };
-  auto make_scratch = [&](const tiled::Grid& grid) {
+  auto make_scratch = [&] {
     return Scratch{{4, dim}, {4, channels}, std::vector<T>(4 * kk), std::vector<T>(4 * kk),
-                   std::vector<T>(grid.tile * ss * kk)};
+                   std::vector<T>(d.width * ss * kk)};
   };
   auto row = [&](auto& halo, const tiled::Unit& unit, int64_t p, Scratch& sc, auto windows) {
     windows([&](int64_t x, auto group, int64_t first) {  // logits and softmax
@@ -668,7 +662,7 @@ void SapaForward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t c
       const T* xs[G];
       T* full[G];
       for (int g = 0; g < G; ++g) {
-        const int64_t point = tiled::ChildPoint(d, unit.b, p, unit.x0 + x, first + g);
+        const int64_t point = tiled::ChildPoint(d, unit.b, p, x, first + g);
         xs[g] = sc.qrows.Read(q + point * dim, g);
         full[g] = weights == nullptr ? nullptr : weights + point * kk;
       }
@@ -682,7 +676,7 @@ void SapaForward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t c
       In* rows[G];
       T* outs[G];
       for (int g = 0; g < G; ++g) {
-        rows[g] = out + tiled::ChildPoint(d, unit.b, p, unit.x0 + x, first + g) * channels;
+        rows[g] = out + tiled::ChildPoint(d, unit.b, p, x, first + g) * channels;
         outs[g] = sc.orows.Write(rows[g], g);
       }
       MultiWeightedRowSum<T, G>(sc.row_weights.data() + x * ss * kk + first * halo.m,
@@ -690,37 +684,48 @@ void SapaForward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t c
       for (int g = 0; g < G; ++g) sc.orows.Flush(rows[g], g);
     });
   };
-  tiled::FusedWalk<T>(pool, d, dim, channels, 12, k, v, make_scratch, row);
+  const tiled::Grid grid(d, tiled::kRunUnits, d.height);
+  tiled::FusedWalk<T>(pool, d, grid, dim, channels, 12, k, v, make_scratch, row);
 }
 
 // Backward of SapaForward, given the upstream gradient g (B,sH,sW,channels) and the
-// forward's weights. Two passes over tiles, both scatter-free:
-//  1. per anchor: dw = Dot(g, v) on the packed window, the softmax backward
-//     dlogits = w * (dw - <w, dw>) (zero at padded points, which have no logit to
-//     differentiate), and dq = Gather(dlogits, k); dlogits is kept (B,sH,sW,K*K).
-//  2. per low-resolution point: dk = Scatter(dlogits, q), dv = Scatter(w, g), in gather
-//     form (ScatterTiled).
+// forward's weights. Two passes over runs of whole rows, deterministic, without atomics:
+//  1. per anchor row p of a unit: for each anchor dw = Dot(g, v) on its window, the softmax
+//     backward dlogits = w * (dw - <w, dw>) (zero at padded points, which have no logit to
+//     differentiate), and dq = Gather(dlogits, k); dlogits is kept (B,sH,sW,K*K). Then
+//     dv = Scatter(w, g) takes the same row of children while their g rows are in cache
+//     (ScatterRows: the unit owns dv's rows [h0, h1) and also feeds it the r anchor rows
+//     on either side, whose g rows it reads once more), so g streams from memory once.
+//  2. dk = Scatter(dlogits, q) (ScatterTiled).
 // grad, q, k, v and the gradients of storage type In; weights and dlogits of type T.
 template <typename T, typename In = T>
 void SapaBackward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t channels,
                   const In* grad, const In* q, const In* k, const In* v, const T* weights,
                   T* dlogits, In* dq, In* dk, In* dv) {
   const int64_t kk = d.window();
+  const int64_t r = d.radius();
   struct Scratch {
     tiled::RowCache<T, In> grows, dqrows;
     std::vector<T> dw, dl;
+    tiled::ScatterRows<T, In> dvrows;
   };
-  auto make_scratch = [&](const tiled::Grid&) {
-    return Scratch{{4, channels}, {4, dim}, std::vector<T>(4 * kk), std::vector<T>(4 * kk)};
+  auto make_scratch = [&] {
+    return Scratch{{4, channels}, {4, dim}, std::vector<T>(4 * kk), std::vector<T>(4 * kk),
+                   tiled::ScatterRows<T, In>(d, channels)};
   };
   auto row = [&](auto& halo, const tiled::Unit& unit, int64_t p, Scratch& sc, auto windows) {
+    auto add_dv = [&](int64_t ah) {
+      sc.dvrows.AddRow(unit.b, unit.h0, unit.h1, ah, weights, grad, dv);
+    };
+    if (p == unit.h0)  // the r anchor rows above the unit
+      for (int64_t ah = p - r; ah < p; ++ah) add_dv(ah);
     windows([&](int64_t x, auto group, int64_t first) {
       constexpr int G = decltype(group)::value;
       const T* gs[G];
       T* dqs[G];
       int64_t pts[G];
       for (int g = 0; g < G; ++g) {
-        pts[g] = tiled::ChildPoint(d, unit.b, p, unit.x0 + x, first + g);
+        pts[g] = tiled::ChildPoint(d, unit.b, p, x, first + g);
         gs[g] = sc.grows.Read(grad + pts[g] * channels, g);
         dqs[g] = sc.dqrows.Write(dq + pts[g] * dim, g);
       }
@@ -743,10 +748,13 @@ void SapaBackward(const ParallelFor& pool, const Shape& d, int64_t dim, int64_t 
       MultiWeightedRowSum<T, G>(sc.dl.data(), halo.krows.data(), m, dim, dqs);
       for (int g = 0; g < G; ++g) sc.dqrows.Flush(dq + pts[g] * dim, g);
     });
+    add_dv(p);
+    if (p == unit.h1 - 1)  // the r anchor rows below the unit
+      for (int64_t ah = p + 1; ah <= p + r; ++ah) add_dv(ah);
   };
-  tiled::FusedWalk<T>(pool, d, dim, channels, 16, k, v, make_scratch, row);
+  const tiled::Grid grid(d, tiled::kScatterUnits, tiled::kScatterRun);
+  tiled::FusedWalk<T>(pool, d, grid, dim, channels, 16 + channels, k, v, make_scratch, row);
   tiled::ScatterTiled<T, In>(pool, d, dim, dlogits, q, dk);
-  tiled::ScatterTiled<T, In>(pool, d, channels, weights, grad, dv);
 }
 
 }  // namespace cpu
