@@ -342,6 +342,10 @@ def train_and_evaluate(
             # KerasHub's constructor compiled in (Keras keeps earlier metrics on None).
             metrics=[],
         )
+        # The optimizer's slots now, not in the first step: a tf.function that creates
+        # variables is traced twice, and that second trace was half of a short run's time
+        # (a 2-step fit of the SAPA DeepLab: 34.7 s -> 17.7 s).
+        net.optimizer.build(net.trainable_variables)
         if progress:
             print(f"{name}:")
         log = StepLog(model_x, eval_y, history_every, steps)
