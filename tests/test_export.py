@@ -13,11 +13,12 @@ loop reference, and the promise that exports hold builtin ops only.
 - SAPA-D (``keras_sapa.SAPADeform``) is one more output of the same model, so it goes
   through every route above (SavedModel in the fresh process, ONNX, LiteRT), checked
   against the loop reference of ``tests/reference_deform.py``.
-- The KerasCV models (``SAPADeepLabV3Plus``; ``SAPARetinaNet`` with SAPA-D in its
-  pyramid; tiny backbones): SavedModel in the same fresh process, against the Keras model
-  run eagerly. Their ONNX
-  and LiteRT conversions take minutes on a small CI machine, so they are marked
-  ``benchmark`` (``python -m pytest -m benchmark tests/test_export.py``).
+- The KerasCV models (``SAPADeepLabV3Plus`` with SAPA-B; ``SAPARetinaNet`` with SAPA-D in
+  its pyramid; tiny ResNetV2 backbones): SavedModel in a fresh process, ONNX and LiteRT,
+  against the Keras model run eagerly. Both models are also among the five below (with
+  SAPA-D), whose SavedModel the default run checks; these conversions of larger models
+  take minutes on a small CI machine, so they are marked ``benchmark``
+  (``python -m pytest -m benchmark tests/test_export.py``).
 - Every model with SAPA-D as its upsampler (issue 22): KerasHub's ``SAPASegFormer``,
   DeepLabV3 and RetinaNet backbones, KerasCV's ``SAPADeepLabV3Plus`` and ``SAPARetinaNet``
   (its SAPA-D feature pyramid), each at its smallest, are the outputs of one functional
@@ -285,57 +286,9 @@ def _check_model_outputs(got, expected, atol=1e-4):
         np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=atol, err_msg=key)
 
 
-@pytest.fixture(scope="module")
-def savedmodels(variants, kerascv_models, deform_models, tmp_path_factory):
-    """Writes the SavedModels (three routes for the variants model, model.export for
-    the KerasCV models, the models with SAPA-D as one module with a serving signature)
-    and runs them all in one fresh process."""
-    dynamic, _, _ = variants
-    root = tmp_path_factory.mktemp("savedmodels")
-    paths = {route: str(root / route) for route in ("export", "save", "concrete")}
-    dynamic.export(paths["export"], verbose=False)
-    tf.saved_model.save(dynamic, paths["save"])
-    traced = tf.function(lambda x, guide: dynamic([x, guide]))
-    spec = tf.TensorSpec((None, None, None, CX))
-    concrete = traced.get_concrete_function(spec, spec)  # traced before saving
-    tf.saved_model.save(dynamic, paths["concrete"], signatures=concrete)
-
-    inputs = {size: _inputs(shapes, seed) for seed, (size, shapes) in enumerate(SIZES.items())}
-    files = {}
-    for size, arrays in inputs.items():
-        files[size] = []
-        for index, array in enumerate(arrays):
-            files[size].append(str(root / f"input_{size}_{index}.npy"))
-            np.save(files[size][-1], array)
-    cases = [{"name": route, "path": path, "inputs": files} for route, path in paths.items()]
-
-    models, images = kerascv_models
-    np.save(root / "images.npy", images)
-    for name, model in models.items():
-        paths[name] = str(root / name)
-        model.export(paths[name], verbose=False)
-        cases.append(
-            {"name": name, "path": paths[name], "inputs": {"a": [str(root / "images.npy")]}}
-        )
-    # The models with SAPA-D: a module holding their variables and the serving function
-    # (cheaper to write than model.export, which walks every layer's trackables).
-    _, combined, serve, batch, _ = deform_models
-    module = tf.Module()
-    module.model_variables = list(combined.variables)
-    paths["deform_models"] = str(root / "deform_models")
-    tf.saved_model.save(
-        module,
-        paths["deform_models"],
-        signatures={"serving_default": serve.get_concrete_function()},
-    )
-    np.save(root / "deform_batch.npy", batch)
-    cases.append(
-        {
-            "name": "deform_models",
-            "path": paths["deform_models"],
-            "inputs": {"a": [str(root / "deform_batch.npy")]},
-        }
-    )
+def _serve_in_fresh_process(root, cases):
+    """Runs ``cases`` (name, SavedModel path, input files by size) in a fresh process
+    without keras_sapa (RUNNER); returns its outputs by ``name/size/output``."""
     (root / "cases.json").write_text(json.dumps(cases))
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
@@ -355,13 +308,55 @@ def savedmodels(variants, kerascv_models, deform_models, tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "keras_sapa imported: False" in proc.stdout, proc.stdout
-    results = dict(np.load(root / "results.npz"))
-    return paths, inputs, results
+    return dict(np.load(root / "results.npz"))
 
 
-@pytest.mark.parametrize(
-    "route", ["export", "save", "concrete", "deeplab", "retinanet", "deform_models"]
-)
+@pytest.fixture(scope="module")
+def savedmodels(variants, deform_models, tmp_path_factory):
+    """Writes the SavedModels (three routes for the variants model, the models with
+    SAPA-D as one module with a serving signature) and runs them all in one fresh
+    process."""
+    dynamic, _, _ = variants
+    root = tmp_path_factory.mktemp("savedmodels")
+    paths = {route: str(root / route) for route in ("export", "save", "concrete")}
+    dynamic.export(paths["export"], verbose=False)
+    tf.saved_model.save(dynamic, paths["save"])
+    traced = tf.function(lambda x, guide: dynamic([x, guide]))
+    spec = tf.TensorSpec((None, None, None, CX))
+    concrete = traced.get_concrete_function(spec, spec)  # traced before saving
+    tf.saved_model.save(dynamic, paths["concrete"], signatures=concrete)
+
+    inputs = {size: _inputs(shapes, seed) for seed, (size, shapes) in enumerate(SIZES.items())}
+    files = {}
+    for size, arrays in inputs.items():
+        files[size] = []
+        for index, array in enumerate(arrays):
+            files[size].append(str(root / f"input_{size}_{index}.npy"))
+            np.save(files[size][-1], array)
+    cases = [{"name": route, "path": path, "inputs": files} for route, path in paths.items()]
+    # The models with SAPA-D: a module holding their variables and the serving function
+    # (cheaper to write than model.export, which walks every layer's trackables).
+    _, combined, serve, batch, _ = deform_models
+    module = tf.Module()
+    module.model_variables = list(combined.variables)
+    paths["deform_models"] = str(root / "deform_models")
+    tf.saved_model.save(
+        module,
+        paths["deform_models"],
+        signatures={"serving_default": serve.get_concrete_function()},
+    )
+    np.save(root / "deform_batch.npy", batch)
+    cases.append(
+        {
+            "name": "deform_models",
+            "path": paths["deform_models"],
+            "inputs": {"a": [str(root / "deform_batch.npy")]},
+        }
+    )
+    return paths, inputs, _serve_in_fresh_process(root, cases)
+
+
+@pytest.mark.parametrize("route", ["export", "save", "concrete", "deform_models"])
 def test_savedmodel_holds_builtin_ops_only(savedmodels, route):
     paths, _, _ = savedmodels
     assert custom_op_types(paths[route]) == []
@@ -378,17 +373,33 @@ def test_savedmodel_dynamic_sizes_in_fresh_process(variants, savedmodels, route)
         _assert_outputs(got, reference(x, guide))
 
 
-@pytest.mark.parametrize("name", ["deeplab", "retinanet"])
-def test_kerascv_savedmodel_in_fresh_process(kerascv_models, savedmodels, name):
+@pytest.mark.benchmark
+def test_kerascv_savedmodel_in_fresh_process(kerascv_models, tmp_path):
+    """model.export of each KerasCV model: builtin ops only, and served by the process
+    without keras_sapa as the eager Keras model computes it (40-50 s on 2 cores; the same
+    two models with SAPA-D are in the default run's SavedModel)."""
     models, images = kerascv_models
-    _, _, results = savedmodels
-    expected = models[name](images)  # eager Keras model: another implementation
-    if not isinstance(expected, dict):
-        expected = {"output_0": expected}
-    for key, value in expected.items():
-        np.testing.assert_allclose(
-            results[f"{name}/a/{key}"], np.asarray(value), rtol=1e-4, atol=1e-4, err_msg=key
+    np.save(tmp_path / "images.npy", images)
+    cases = []
+    for name, model in models.items():
+        model.export(str(tmp_path / name), verbose=False)
+        assert custom_op_types(str(tmp_path / name)) == [], name
+        cases.append(
+            {
+                "name": name,
+                "path": str(tmp_path / name),
+                "inputs": {"a": [str(tmp_path / "images.npy")]},
+            }
         )
+    results = _serve_in_fresh_process(tmp_path, cases)
+    for name, model in models.items():
+        expected = model(images)  # eager Keras model: another implementation
+        if not isinstance(expected, dict):
+            expected = {"output_0": expected}
+        for key, value in expected.items():
+            np.testing.assert_allclose(
+                results[f"{name}/a/{key}"], np.asarray(value), rtol=1e-4, atol=1e-4, err_msg=key
+            )
 
 
 def test_models_with_sapa_deform_savedmodel_in_fresh_process(deform_models, savedmodels):
