@@ -67,8 +67,11 @@ setup(
         "cuda-build": ["nvidia-cuda-nvrtc-cu12", "nvidia-cuda-runtime-cu12"],
         # ruff is the linter and formatter CI runs (pyproject.toml); one minor series,
         # because a new minor may change the formatting `ruff format --check` expects.
+        # pytest-xdist: the suite runs in one worker per core (pytest.ini), about half
+        # its time on the two-core CI machine.
         "test": [
             "pytest",
+            "pytest-xdist",
             "hypothesis",
             "nbclient",
             "nbformat",

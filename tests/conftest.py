@@ -6,7 +6,10 @@
 A test module that defines ``start_in_background(config)`` (``tests/test_backends.py``:
 the JAX and PyTorch processes) has it called once collection ends, and its tests moved
 to the end of the run, so that the work it started runs beside the other tests. Its
-processes' slowest durations are printed in the terminal summary.
+processes' slowest durations are printed in the terminal summary. Under pytest-xdist
+(pytest.ini) every worker collects every test, so nothing starts at collection: the
+module's tests go first instead, and its first test starts the work, in the worker that
+runs the module, which then waits on it while the other workers go on.
 """
 
 import os
@@ -38,7 +41,7 @@ def implementation(request):
     return request.param
 
 
-_STARTED = pytest.StashKey[list]()  # the modules whose background work started
+_STARTED = pytest.StashKey[list]()  # the modules whose background work started (or may)
 
 
 def _background_modules(items):
@@ -50,19 +53,24 @@ def _background_modules(items):
     return modules
 
 
+def _xdist_worker(config):
+    return hasattr(config, "workerinput")
+
+
 def pytest_collection_modifyitems(config, items):
     modules = _background_modules(items)
     if modules:
-        items[:] = [i for i in items if getattr(i, "module", None) not in modules] + [
-            i for i in items if getattr(i, "module", None) in modules
-        ]
+        background = [i for i in items if getattr(i, "module", None) in modules]
+        rest = [i for i in items if getattr(i, "module", None) not in modules]
+        items[:] = background + rest if _xdist_worker(config) else rest + background
 
 
 def pytest_collection_finish(session):
     if session.config.option.collectonly:
         return
     for module in _background_modules(session.items):
-        module.start_in_background(session.config)
+        if not _xdist_worker(session.config):
+            module.start_in_background(session.config)
         session.config.stash.setdefault(_STARTED, []).append(module)
 
 
@@ -74,5 +82,5 @@ def pytest_terminal_summary(terminalreporter, config):
 
 
 def pytest_unconfigure(config):
-    for module in config.stash.get(_STARTED, []):
+    for module in config.stash.get(_STARTED, []):  # (under xdist: started if a test did)
         module.stop_background()

@@ -70,7 +70,9 @@ def main(exchange, others, *paths):
 
     import pytest
 
-    status = pytest.main(["-p", "no:cacheprovider", *paths])
+    # In this process (-n 0: no pytest-xdist workers), which the import check above and
+    # the .keras exchange describe.
+    status = pytest.main(["-p", "no:cacheprovider", "-n", "0", *paths])
     sys.stdout.flush()
 
     others = [o for o in others.split(",") if o]
