@@ -211,10 +211,9 @@ void Scatter(const ParallelFor& pool, const Shape& d, int64_t channels, const T*
 // fused pass reads the K key and value rows that the current row's windows need in place,
 // or, for half-precision storage, keeps them packed in a ring buffer (W + K - 1 points
 // wide): each packed row is converted once per run, is contiguous and zero outside the
-// map. The forward and the backward's first pass list the in-map
-// points of each window, as the anchor walks do (padded points enter the softmax with
-// logit 0 analytically, SAPA_SPEC.md's border rule, and cost no work); the scatter reads
-// full K x K windows of packed children with zero weights for anchors outside the map.
+// map. The forward, the backward's first pass and the scatter list the in-map points of
+// each window, as the anchor walks do (padded points enter the softmax with logit 0
+// analytically, SAPA_SPEC.md's border rule, and cost no work).
 
 namespace tiled {
 
