@@ -6,7 +6,8 @@
 A test module that defines ``start_in_background(config)`` (``tests/test_backends.py``:
 the JAX and PyTorch processes) has it called once collection ends, and its tests moved
 to the end of the run, so that the work it started runs beside the other tests. Its
-processes' slowest durations are printed in the terminal summary. Under pytest-xdist
+processes' slowest durations are printed in the terminal summary of a run in one process
+(``-n 0``; a failure shows the process's output either way). Under pytest-xdist
 (pytest.ini) every worker collects every test, so nothing starts at collection: the
 module's tests go first instead, and its first test starts the work, in the worker that
 runs the module, which then waits on it while the other workers go on.
