@@ -665,10 +665,9 @@ def test_top_level_usage(capsys):
 
 
 # ----------------------------------------------------------------------- train
-# The command line's --train runs here on the SegFormer pair. The DeepLab pair trains
-# through the same train.train_and_evaluate in notebook 02 at the same size (2 steps of 2
-# images), whose printed table tests/test_notebooks.py checks: a command-line run of it
-# here repeated that training (the suite's slowest test).
+# Both pairs train through train.train_and_evaluate in notebook 02 (the DeepLab pair for
+# 2 steps of 2 images, the SegFormer pair for 1), whose printed tables
+# tests/test_notebooks.py checks; here the command line's part around it.
 
 
 def _segformer_table_rows(printed):
@@ -709,12 +708,41 @@ SEGFORMER_QUICK = [
 ]
 
 
-def test_train_segformer_quick_tensorflow(tmp_path, capsys):
-    # One seed keeps the suite's time down; the several-seed table is checked with exact
-    # values by test_seed_table_reports_each_seed_mean_and_wins.
-    code = demo.main(SEGFORMER_QUICK + ["--seeds", "0", "--out", str(tmp_path)])
-    assert code == 0
-    _check_segformer_run(capsys.readouterr().out, tmp_path, seeds=1)
+def test_train_command_line_hands_its_arguments_to_the_trainer(tmp_path, capsys, monkeypatch):
+    """``demo --train`` on the SegFormer pair with two seeds: what the command line does
+    around ``train.train_and_evaluate`` (the arguments it hands on, a table per seed, the
+    seed table, the figure), with the trainer replaced by one that records its arguments.
+    The training itself runs on that same function in notebook 02, whose DeepLab and
+    SegFormer tables tests/test_notebooks.py checks; a real command-line run here (59 s on
+    two cores) repeated it. ``-m benchmark`` runs the whole command on JAX below."""
+    calls = []
+    rng = np.random.default_rng(0)
+
+    def recording_trainer(**kwargs):
+        calls.append(kwargs)
+        masks = rng.integers(0, 4, size=(3, 16, 16))
+        return {
+            "results": {
+                name: {"miou": 0.2 + 0.1 * i, "boundary_f": 0.5, "params": 1000, "seconds": 1.0}
+                for i, name in enumerate((train.STOCK, train.SAPA))
+            },
+            "eval": (rng.uniform(0, 255, size=(3, 16, 16, 3)), masks),
+            "predictions": {train.STOCK: masks, train.SAPA: masks[::-1]},
+        }
+
+    monkeypatch.setattr(train, "train_and_evaluate", recording_trainer)
+    assert demo.main(SEGFORMER_QUICK + ["--seeds", "0,5", "--out", str(tmp_path)]) == 0
+    assert [call.pop("seed") for call in calls] == [0, 5]
+    expected = dict(
+        steps=2,
+        batch_size=2,
+        eval_images=32,
+        progress=False,
+        model="segformer",
+        variant=train.DEFAULT_VARIANTS["segformer"],
+    )
+    assert calls == [expected, expected]
+    _check_segformer_run(capsys.readouterr().out, tmp_path, seeds=2)
 
 
 # 100 s on 2 cores: out of the default run (the SAPA SegFormer's fit on JAX is covered by

@@ -154,6 +154,20 @@ def _check_deeplab_table(printed):
         assert 0.0 <= float(miou) <= 1.0 and 0.0 <= float(boundary_f) <= 1.0  # NaN fails
 
 
+def _check_segmentation_tables(printed):
+    """Notebook 02's two tables: the DeepLab pair's, and the SegFormer pair's per seed
+    (``train.format_seed_table``; one seed under KERAS_SAPA_NOTEBOOK_QUICK): both models'
+    mIoU and boundary F in [0, 1] and the differences SAPA minus stock."""
+    _check_deeplab_table(printed)
+    rows = re.findall(r"^\s+0((?:\s+[+-]?\d+\.\d+){6})$", printed, re.M)
+    assert len(rows) == 1, printed[-3000:]
+    miou_stock, miou_sapa, miou_diff, bf_stock, bf_sapa, bf_diff = map(float, rows[0].split())
+    for value in (miou_stock, miou_sapa, bf_stock, bf_sapa):
+        assert 0.0 <= value <= 1.0  # NaN fails too
+    assert abs(miou_diff - (miou_sapa - miou_stock)) <= 1.5e-3
+    assert abs(bf_diff - (bf_sapa - bf_stock)) <= 1.5e-3
+
+
 def _check_compiled_savedmodel_processes(printed):
     """Notebook 04, where the compiled op is built: a fresh process without the library
     cannot load a SavedModel holding the op, one that loads it first can (the check of
@@ -172,7 +186,7 @@ def _check_compiled_savedmodel_processes(printed):
 
 # What a notebook must print, beyond running without an error.
 PRINTED_TABLES = {
-    "02_segmentation.ipynb": _check_deeplab_table,
+    "02_segmentation.ipynb": _check_segmentation_tables,
     "04_export.ipynb": _check_compiled_savedmodel_processes,
 }
 
