@@ -18,7 +18,8 @@ NumPy and PyTorch or CuPy; no TensorFlow, no Keras, no CUDA toolkit.
    reference of ``tests/reference.py`` (plus a float64 directional derivative of the
    reference for the gradients); SAPA-D's entry points (forward, and the gradients of
    query, key, value and offsets) at the official P=9, G=4, E=32 with C=256 and at odd
-   sizes against ``tests/reference_deform.py``; and one case whose output is past 2**31
+   sizes against ``tests/reference_deform.py``, and in float32 / float64 its halves
+   (similarity, aggregation and their backwards); and one case whose output is past 2**31
    elements (checked on sampled points, including the last ones).
 2. Benchmark M1 (B=4, 64x64 -> 128x128, C=256, d=64, K=5, s=2), float32 and float16
    (PyTorch backend):
@@ -139,6 +140,10 @@ class Launcher:
         deform = ctypes.POINTER(SapaDeformDims)
         lib.sapa_deform_forward.argtypes = [p, ctypes.c_int, deform] + [p] * 6
         lib.sapa_deform_backward.argtypes = [p, ctypes.c_int, deform] + [p] * 11
+        for name in ("sapa_deform_similarity", "sapa_deform_aggregate"):
+            getattr(lib, name).argtypes = [p, ctypes.c_int, deform] + [p] * 4
+        for name in ("sapa_deform_similarity_backward", "sapa_deform_aggregate_backward"):
+            getattr(lib, name).argtypes = [p, ctypes.c_int, deform] + [p] * 7
         lib.sapa_deform_workspace.argtypes = [
             ctypes.c_int,
             deform,
@@ -590,6 +595,41 @@ class Checker:
             self.expect(
                 f"SAPA-D {name}", be.to_host(got), expected, tol * (4 if "grad" in name else 1)
             )
+        if dtype in ("float32", "float64"):  # the halves take these two
+            self.deform_halves(dtype, d, (q, key, v, off, g), args, want[1], rng)
+
+    def deform_halves(self, dtype, d, tensors, args, weights, rng):
+        """SAPA-D's halves (sapa_deform_similarity, sapa_deform_aggregate and their
+        backwards: the per-output-point kernels, then the scatter for the low-resolution
+        gradient) against tests/reference_deform.py, on deform_case's tensors."""
+        be, L, ref = self.backend, self.launcher, self.deform_ref
+        q, key, v, off, g = tensors
+        grad_logits = quantise(rng.standard_normal(weights.shape), dtype, be)
+        weights = quantise(weights, dtype, be)
+        want = {
+            "similarity": [ref.deform_similarity(q, key, off, *args)],
+            "aggregate": [ref.deform_aggregate(weights, v, off, *args)],
+            "similarity backward": ref.deform_similarity_vjp(q, key, off, grad_logits, *args),
+            "aggregate backward": ref.deform_aggregate_vjp(weights, v, off, g, *args),
+        }
+        calls = {  # entry point, inputs, outputs shaped as the wanted arrays
+            "similarity": ("sapa_deform_similarity", (q, key, off)),
+            "aggregate": ("sapa_deform_aggregate", (weights, v, off)),
+            "similarity backward": ("sapa_deform_similarity_backward", (grad_logits, q, key, off)),
+            "aggregate backward": ("sapa_deform_aggregate_backward", (g, weights, v, off)),
+        }
+        code, P = DTYPES[dtype], be.pointer
+        for name, (entry, inputs) in calls.items():
+            arrays = [be.to_device(x, dtype) for x in inputs]  # kept alive
+            outputs = [be.empty(w.shape, dtype) for w in want[name]]
+            L._check(
+                getattr(L.lib, entry)(
+                    be.stream_handle(), code, ctypes.byref(d), *map(P, arrays), *map(P, outputs)
+                )
+            )
+            for i, (got, expected) in enumerate(zip(outputs, want[name], strict=True)):
+                tol = TOLERANCES[dtype] * (4 if "backward" in name else 1)
+                self.expect(f"SAPA-D {name} [{i}]", be.to_host(got), expected, tol)
 
     def big_case(self, dtype="float16"):
         """Output past 2**31 elements: B=1, 512x512 -> 2048x2048, C=520, d=8, K=3, s=4."""
