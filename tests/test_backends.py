@@ -37,6 +37,11 @@ PATHS = (
     os.path.join("tests", "test_keras_hub_models.py") + "::test_segformer_on_this_backend",
 )
 TIMEOUT = 1800  # seconds, from the start of the process
+# Added to the JAX process's XLA_FLAGS: LLVM's optimisations off. Its programs are small
+# and run a few times, so compiling is most of its cost (318 -> 215 CPU-seconds, the same
+# 271 tests passing). Not for tests/test_jax_torch_kernels.py's workers, whose kernels at
+# real sizes then ran slower (31 -> 41 s). Users keep XLA's defaults.
+JAX_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 _state = {}  # "exchange": folder; backend: (Popen, log path, start time); "tf_saved"
 
@@ -63,6 +68,8 @@ def start_in_background(config=None):
         others = ",".join(["tensorflow"] + [b for b in launched if b != backend])
         log = os.path.join(exchange, f"{backend}.log")
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        if backend == "jax":
+            env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {JAX_XLA_FLAGS}".strip()
         with open(log, "w") as out:
             proc = subprocess.Popen(
                 [sys.executable, os.path.join(MULTI, "run_backend.py"), exchange, others, *PATHS],
