@@ -353,6 +353,36 @@ def _compile(tmp_path, name, source, flags=()):
     return exe
 
 
+_EMPTY_DRIVER = r"""
+// The fused pair on maps with nothing in them (no batch, no rows, no columns): returns
+// without touching memory. Built at -O0, where an integer division by zero traps.
+#include <cstdio>
+#include "sapa_cpu.h"
+using namespace keras_sapa::cpu;
+int main() {
+  const long sizes[][3] = {{0, 4, 5}, {2, 0, 5}, {2, 4, 0}, {0, 0, 0}};
+  for (const auto& z : sizes) {
+    Shape d;
+    d.batch = z[0], d.height = z[1], d.width = z[2], d.up = 2, d.kernel = 5;
+    SapaForward<double, double>(Serial(), d, 3, 4, nullptr, nullptr, nullptr, nullptr, nullptr);
+    SapaBackward<double, double>(Serial(), d, 3, 4, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                 nullptr, nullptr, nullptr, nullptr);
+    std::printf("ok %ld %ld %ld\n", z[0], z[1], z[2]);
+  }
+}
+"""
+
+
+@needs_cxx
+def test_core_runs_empty_maps(tmp_path):
+    """Empty maps reach the core from the C bindings (JAX, PyTorch): the forward's whole-
+    height runs of rows once divided by a height of 0 there."""
+    exe = _compile(tmp_path, "empty", _EMPTY_DRIVER)
+    result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    assert result.stdout.split("\n")[:4] == ["ok 0 4 5", "ok 2 0 5", "ok 2 4 0", "ok 0 0 0"]
+
+
 @needs_cxx
 def test_core_builds_and_runs_without_tensorflow(tmp_path):
     """The CPU core compiles with nothing but the C++ standard library (no TensorFlow or

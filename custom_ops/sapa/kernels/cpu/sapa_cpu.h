@@ -219,13 +219,14 @@ namespace tiled {
 
 // The split of a call into units of work, runs of whole rows: at least min_units units per
 // call where the map has the rows (the pool balances them), and runs of at most max_run
-// rows.
+// rows. Empty maps (no batch, no rows, max_run 0 for "the whole height") get one run.
 struct Grid {
   int64_t runs = 1, run = 1;
 
   Grid(const Shape& d, int64_t min_units, int64_t max_run) {
     const int64_t H = std::max<int64_t>(1, d.height), B = std::max<int64_t>(1, d.batch);
-    const int64_t want = std::max((min_units + B - 1) / B, (H + max_run - 1) / max_run);
+    const int64_t R = std::max<int64_t>(1, max_run);
+    const int64_t want = std::max((min_units + B - 1) / B, (H + R - 1) / R);
     run = (H + std::min(H, want) - 1) / std::min(H, want);
     runs = (H + run - 1) / run;
   }
